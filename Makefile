@@ -1,0 +1,33 @@
+# `make demo` and `make test` set everything up first (see scripts/setup.sh).
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test lint typecheck unit bench clean
+
+$(STAMP): scripts/setup.sh requirements-dev.txt pyproject.toml
+	bash scripts/setup.sh
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m jobs.demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest
+
+test: lint typecheck unit
+
+bench: setup
+	$(PY) -m benchmarks.step_time
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
