@@ -1,0 +1,158 @@
+"""Per-layer maths: one helper per supported layer type.
+
+A helper turns what a layer sees in the forward and backward pass into its two Kronecker factors, and moves the
+layer's gradient in and out of the matrix form ``grad = [dL/dW, dL/db]`` (shape ``g_dim x a_dim``) that the
+preconditioning methods work on. Helpers hold no state of their own beyond the module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerHelper(ABC):
+    """The maths of one layer type. ``a_dim`` includes the bias column; ``g_dim`` is the number of outputs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.has_bias = getattr(module, "bias", None) is not None
+
+    @property
+    @abstractmethod
+    def a_dim(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def g_dim(self) -> int: ...
+
+    @property
+    def weight(self) -> torch.Tensor:
+        weight = self.module.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias = self.module.bias
+        assert bias is None or isinstance(bias, torch.Tensor)
+        return bias
+
+    @abstractmethod
+    def a_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's inputs as rows ``a`` (with a trailing 1 when the layer has a bias): ``rows x a_dim``."""
+
+    @abstractmethod
+    def g_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """Autograd's gradient at the layer's output as rows: ``rows x g_dim`` (not yet scaled by N)."""
+
+    def a_factor(self, x: torch.Tensor) -> torch.Tensor:
+        """``A_b = (1/rows) sum a a^T`` over every row of the batch."""
+        a = self.a_rows(x)
+        return torch.mm(a.t(), a).mul_(1.0 / a.shape[0])
+
+    def g_factor(self, grad_output: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``G_b = (1/rows) sum g g^T`` with ``g = N * grad_output`` (N examples, mean-reduced loss)."""
+        g = self.g_rows(grad_output)
+        return torch.mm(g.t(), g).mul_(batch_size * batch_size / g.shape[0])
+
+    def has_grad(self) -> bool:
+        return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
+
+    def read_grad(self, out: torch.Tensor) -> None:
+        """Copy ``[dL/dW, dL/db]`` into ``out`` (``g_dim x a_dim``, any float dtype)."""
+        assert self.weight.grad is not None
+        weight_cols = self.a_dim - int(self.has_bias)
+        out[:, :weight_cols].copy_(self.weight.grad.reshape(self.g_dim, weight_cols))
+        if self.bias is not None:
+            assert self.bias.grad is not None
+            out[:, weight_cols].copy_(self.bias.grad)
+
+    def write_grad(self, matrix: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Set the gradients from ``matrix`` (``g_dim x a_dim``), times ``scale`` when given, in place."""
+        weight_cols = self.a_dim - int(self.has_bias)
+        targets = [(self.weight.grad, matrix[:, :weight_cols])]
+        if self.bias is not None:
+            targets.append((self.bias.grad, matrix[:, weight_cols]))
+        for grad, value in targets:
+            assert grad is not None
+            flat = grad.view(value.shape)
+            if scale is None:
+                flat.copy_(value)
+            else:
+                # One fused kernel per tensor: multiply and cast into the gradient's own storage.
+                flat.copy_(value * scale)
+
+
+class LinearHelper(LayerHelper):
+    """``nn.Linear``: one row per example (inputs with extra leading dimensions give one row per position)."""
+
+    module: nn.Linear
+
+    @property
+    def a_dim(self) -> int:
+        return self.module.in_features + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.out_features
+
+    def a_rows(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, self.module.in_features)
+        if self.has_bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        return x
+
+    def g_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output.reshape(-1, self.module.out_features)
+
+
+class Conv2dHelper(LayerHelper):
+    """``nn.Conv2d`` with ``groups=1``: one row per example and output position (im2col)."""
+
+    module: nn.Conv2d
+
+    @property
+    def a_dim(self) -> int:
+        m = self.module
+        kh, kw = m.kernel_size
+        return m.in_channels * kh * kw + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.out_channels
+
+    def a_rows(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if x.dim() != 4:
+            raise ValueError(f"distkfac: Conv2d expects batched 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        padding = m.padding
+        if isinstance(padding, str) or m.padding_mode != "zeros":
+            # 'same'/'valid' and non-zero padding modes: pad exactly as the layer does, then unfold unpadded.
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+        n, width, positions = patches.shape
+        # One copy into (N*T) x a_dim rows, the bias column included, rather than a transpose plus a cat.
+        rows = patches.new_empty(n, positions, self.a_dim)
+        rows[:, :, :width].copy_(patches.transpose(1, 2))
+        if self.has_bias:
+            rows[:, :, width].fill_(1.0)
+        return rows.view(n * positions, self.a_dim)
+
+    def g_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
+        # (N, C, H, W) -> (N*H*W, C); the transpose is the only copy.
+        return grad_output.permute(0, 2, 3, 1).reshape(-1, self.module.out_channels)
+
+
+def helper_for(module: nn.Module) -> LayerHelper | None:
+    """The helper for a supported layer, or None for layers that keep their plain gradients."""
+    if isinstance(module, nn.Linear):
+        return LinearHelper(module)
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return Conv2dHelper(module)
+    return None

@@ -1,0 +1,527 @@
+"""The K-FAC preconditioner: it orchestrates layer helpers, a compute method and a communicator.
+
+Contract (tested against a dense float64 reference in ``tests/test_contract.py``)
+---------------------------------------------------------------------------------
+For ``nn.Linear`` with weight ``W`` (out x in) and bias ``b``, and a mean-reduced loss ``L = (1/N) sum_i l_i`` over
+the N examples of a batch:
+
+- ``a_i = [x_i; 1]`` (the 1 only with a bias); ``g_i = dl_i/ds_i``, the per-example gradient at the layer's output,
+  which is N times autograd's ``grad_output``. Inputs with extra leading dimensions give one row per position.
+- ``A_b = (1/N) sum a_i a_i^T``, ``G_b = (1/N) sum g_i g_i^T``. The running factors follow
+  ``F <- factor_decay * F + (1 - factor_decay) * F_b`` on factor-update steps; the first update sets ``F = F_b``.
+  Several forward/backward passes between two ``step()`` calls (gradient accumulation) contribute the mean of their
+  batch factors.
+- ``grad = [dL/dW, dL/db]``, shape ``out x (in+1)``.
+- ``compute_method="eigen"``: ``V`` solves ``G V A + damping V = grad`` exactly,
+  ``V = Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T``; eigenvalues are clamped at 0.
+- ``compute_method="inverse"``: ``V = (G + sqrt(damping) I)^-1 grad (A + sqrt(damping) I)^-1``.
+- ``nn.Conv2d`` (groups=1): the same over the T output positions of each example (im2col rows), averaged over N*T:
+  ``A_b = (1/NT) sum_{i,t} a_it a_it^T``, ``G_b = (1/NT) sum_{i,t} g_it g_it^T`` with ``g_it = N dL/ds_it``.
+- ``kl_clip``: ``nu = min(1, sqrt(kl_clip / (lr^2 * sum over layers of <V, grad>)))``; gradients become ``nu V``.
+  ``kl_clip=None`` leaves ``V``.
+- ``fisher="mc"``: G comes from a backward pass with labels sampled from the model's own predictive distribution
+  (``mc_backward(logits)``), on factor-update steps only; ``"empirical"`` uses the training loss's backward.
+- Step counting: ``step()`` number ``k`` (from 0) updates the factors when ``k % factor_update_steps == 0`` and the
+  decompositions when ``k % inv_update_steps == 0``; every step preconditions. Hyperparameters given as callables
+  are evaluated with ``k``.
+- Decompositions run in ``inv_dtype`` (default float32, float64 for float64 models); factors are stored in
+  ``factor_dtype`` (default: the layer's dtype; bf16/fp16 allowed). Before each decomposition every factor is checked
+  (one host synchronisation for all layers): a NaN or Inf raises ``FloatingPointError`` naming the layers. An
+  ``eigh`` that fails in float32 is retried in float64; if that fails too, ``DecompositionError`` names the layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from distkfac.comm import Communicator, SingleProcessCommunicator
+from distkfac.layers import LayerHelper, helper_for
+from distkfac.methods import METHODS, ComputeMethod, DecompositionError
+
+Hyperparameter = float | Callable[[int], float]
+
+
+@dataclass(eq=False)
+class _Layer:
+    """One preconditioned layer: its helper, running factors and what the current step has captured."""
+
+    name: str
+    helper: LayerHelper
+    slot: int = 0
+    a_factor: torch.Tensor | None = None
+    g_factor: torch.Tensor | None = None
+    a_batch: torch.Tensor | None = None
+    g_batch: torch.Tensor | None = None
+    a_passes: int = 0
+    g_passes: int = 0
+    decomposed: bool = False
+
+
+@dataclass(eq=False)
+class _Group:
+    """Layers of one gradient shape and device: their gradients and decompositions are stacked, one batch."""
+
+    layers: list[_Layer]
+    grads: torch.Tensor
+    a_state: list[torch.Tensor]
+    g_state: list[torch.Tensor]
+
+
+def _check_positive(name: str, value: float) -> float:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"distkfac: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_decay(name: str, value: float) -> float:
+    if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
+        raise ValueError(
+            f"distkfac: {name} must be in [0, 1), got {value!r} (0 keeps only the newest batch; 0.95 is typical)"
+        )
+    return float(value)
+
+
+class KFACPreconditioner:
+    """Turns each supported layer's gradient into its K-FAC natural-gradient direction, in place.
+
+    Use it between ``loss.backward()`` and ``optimizer.step()``::
+
+        precond = KFACPreconditioner(model, lr=0.1)
+        loss.backward(); precond.step(); optimizer.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: Hyperparameter = 1e-3,
+        factor_decay: Hyperparameter = 0.95,
+        factor_update_steps: int = 1,
+        inv_update_steps: int = 10,
+        kl_clip: Hyperparameter | None = 1e-3,
+        lr: Hyperparameter = 0.1,
+        compute_method: Literal["eigen", "inverse"] = "eigen",
+        fisher: Literal["empirical", "mc"] = "empirical",
+        skip_layers: Iterable[str | type[nn.Module]] = (),
+        factor_dtype: torch.dtype | None = None,
+        inv_dtype: torch.dtype | None = None,
+        comm: Communicator | None = None,
+    ) -> None:
+        if compute_method not in METHODS:
+            raise ValueError(f"distkfac: compute_method must be one of {sorted(METHODS)}, got {compute_method!r}")
+        if fisher not in ("empirical", "mc"):
+            raise ValueError(f"distkfac: fisher must be 'empirical' or 'mc', got {fisher!r}")
+        for name, steps in (("factor_update_steps", factor_update_steps), ("inv_update_steps", inv_update_steps)):
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise ValueError(f"distkfac: {name} must be an integer >= 1, got {steps!r}")
+        for dtype_name, dtype in (("factor_dtype", factor_dtype), ("inv_dtype", inv_dtype)):
+            if dtype is not None and not dtype.is_floating_point:
+                raise ValueError(f"distkfac: {dtype_name} must be a floating-point dtype, got {dtype}")
+        if inv_dtype is not None and inv_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"distkfac: inv_dtype must be torch.float32 or torch.float64, got {inv_dtype}")
+
+        self.damping = damping
+        self.factor_decay = factor_decay
+        self.kl_clip = kl_clip
+        self.lr = lr
+        # Fixed values are checked now; schedules are checked each time they are evaluated.
+        self._hyper(damping, "damping", 0)
+        self._hyper(factor_decay, "factor_decay", 0)
+        self._hyper(lr, "lr", 0)
+        if kl_clip is not None:
+            self._hyper(kl_clip, "kl_clip", 0)
+
+        self.factor_update_steps = factor_update_steps
+        self.inv_update_steps = inv_update_steps
+        self.compute_method = compute_method
+        self.fisher = fisher
+        self.factor_dtype = factor_dtype
+        self.inv_dtype = inv_dtype
+        self.comm: Communicator = comm if comm is not None else SingleProcessCommunicator()
+        self._method: ComputeMethod = METHODS[compute_method]()
+        self._steps = 0
+        self._sampling = False
+
+        self._layers = self._find_layers(model, tuple(skip_layers))
+        self._groups = self._make_groups(self._layers)
+        self._hooks: list[RemovableHandle] = [
+            layer.helper.module.register_forward_hook(self._make_forward_hook(layer)) for layer in self._layers
+        ]
+
+    # ------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _find_layers(model: nn.Module, skip: tuple[str | type[nn.Module], ...]) -> list[_Layer]:
+        named = dict(model.named_modules())
+        class_names = {type(m).__name__ for m in named.values()}
+        for entry in skip:
+            if isinstance(entry, str) and entry not in named and entry not in class_names:
+                raise ValueError(
+                    f"distkfac: skip_layers entry {entry!r} names no module or module type of the model; "
+                    f"module names are e.g. {list(named)[1:6]}"
+                )
+            if not isinstance(entry, str | type):
+                raise TypeError(f"distkfac: skip_layers takes module names or types, got {entry!r}")
+
+        def skipped(name: str, module: nn.Module) -> bool:
+            for entry in skip:
+                if isinstance(entry, str) and entry in (name, type(module).__name__):
+                    return True
+                if isinstance(entry, type) and isinstance(module, entry):
+                    return True
+            return False
+
+        layers = []
+        for name, module in named.items():
+            helper = helper_for(module)
+            if helper is not None and not skipped(name, module) and helper.weight.requires_grad:
+                layers.append(_Layer(name=name, helper=helper))
+        if not layers:
+            raise ValueError(
+                "distkfac: the model has no layer K-FAC can precondition (nn.Linear, or nn.Conv2d with groups=1, "
+                "with trainable weights and not in skip_layers); use a plain optimizer for this model"
+            )
+        return layers
+
+    def _compute_dtype(self, helper: LayerHelper) -> torch.dtype:
+        if self.inv_dtype is not None:
+            return self.inv_dtype
+        return torch.float64 if helper.weight.dtype == torch.float64 else torch.float32
+
+    def _make_groups(self, layers: list[_Layer]) -> list[_Group]:
+        by_shape: dict[tuple[Any, ...], list[_Layer]] = defaultdict(list)
+        for layer in layers:
+            h = layer.helper
+            by_shape[(h.g_dim, h.a_dim, h.weight.device, self._compute_dtype(h))].append(layer)
+        groups = []
+        for (g_dim, a_dim, device, dtype), members in by_shape.items():
+            for slot, layer in enumerate(members):
+                layer.slot = slot
+            k = len(members)
+            groups.append(
+                _Group(
+                    layers=members,
+                    grads=torch.zeros(k, g_dim, a_dim, dtype=dtype, device=device),
+                    a_state=[
+                        torch.zeros((k, *s), dtype=dtype, device=device) for s in self._method.state_shapes(a_dim)
+                    ],
+                    g_state=[
+                        torch.zeros((k, *s), dtype=dtype, device=device) for s in self._method.state_shapes(g_dim)
+                    ],
+                )
+            )
+        return groups
+
+    def _group_of(self, layer: _Layer) -> _Group:
+        return next(g for g in self._groups if any(m is layer for m in g.layers))
+
+    # ------------------------------------------------------------------ hyperparameters
+
+    def _hyper(self, value: Hyperparameter, name: str, step: int) -> float:
+        resolved = value(step) if callable(value) else value
+        if name == "factor_decay":
+            return _check_decay(name, resolved)
+        return _check_positive(name, resolved)
+
+    # ------------------------------------------------------------------ capture
+
+    def _is_factor_step(self) -> bool:
+        return self._steps % self.factor_update_steps == 0
+
+    def _make_forward_hook(self, layer: _Layer) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if not (module.training and torch.is_grad_enabled() and self._is_factor_step()):
+                return
+            if not inputs or not isinstance(inputs[0], torch.Tensor):
+                raise TypeError(f"distkfac: layer {layer.name!r} must be called with its input tensor positionally")
+            x = inputs[0].detach()
+            batch_size = x.shape[0]
+            a_batch = layer.helper.a_factor(x)
+            layer.a_batch = a_batch if layer.a_batch is None else layer.a_batch.add_(a_batch)
+            layer.a_passes += 1
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                # A tensor hook registered before any in-place op on the output (ReLU(inplace=True)) receives the
+                # gradient at the layer's own output, which is what G needs.
+                output.register_hook(lambda grad: self._capture_g(layer, grad, batch_size))
+
+        return hook
+
+    def _capture_g(self, layer: _Layer, grad_output: torch.Tensor, batch_size: int) -> None:
+        if self.fisher == "mc" and not self._sampling:
+            return  # the training loss's backward: with fisher="mc", G comes from mc_backward() only
+        g_batch = layer.helper.g_factor(grad_output.detach(), batch_size)
+        layer.g_batch = g_batch if layer.g_batch is None else layer.g_batch.add_(g_batch)
+        layer.g_passes += 1
+
+    def mc_backward(self, logits: torch.Tensor, likelihood: Literal["categorical", "gaussian"] = "categorical") -> None:
+        """For ``fisher="mc"``: capture G from a backward pass with targets sampled from the model's prediction.
+
+        Call it after the forward pass and before ``loss.backward()``; it keeps the graph and leaves ``.grad``
+        untouched. ``categorical`` samples labels from ``softmax(logits)`` (cross-entropy models); ``gaussian``
+        samples ``y ~ N(logits, I)`` (squared-error models). On steps that update no factors it does nothing.
+        Sampling uses torch's global random generator.
+        """
+        if self.fisher != "mc":
+            raise RuntimeError("distkfac: mc_backward() is for fisher='mc'; this preconditioner uses the empirical one")
+        if not self._is_factor_step():
+            return
+        if not any(layer.a_passes for layer in self._layers):
+            raise RuntimeError(
+                "distkfac: mc_backward() found no forward pass to sample from: run the model in training mode, "
+                "with gradients enabled, before calling it"
+            )
+        with torch.no_grad():
+            if likelihood == "categorical":
+                probs = torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), dim=-1)
+                sampled = torch.multinomial(probs, 1).view(-1)
+            elif likelihood == "gaussian":
+                sampled_values = logits.detach() + torch.randn_like(logits)
+            else:
+                raise ValueError(f"distkfac: likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
+        if likelihood == "categorical":
+            sample_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), sampled)
+        else:
+            sample_loss = 0.5 * (logits - sampled_values).pow(2).sum(-1).mean()
+        # Asking for the weights' gradients walks the whole graph, so every layer's output hook fires; the
+        # returned gradients are dropped and .grad stays untouched.
+        self._sampling = True
+        try:
+            torch.autograd.grad(
+                sample_loss, [layer.helper.weight for layer in self._layers], retain_graph=True, allow_unused=True
+            )
+        finally:
+            self._sampling = False
+
+    # ------------------------------------------------------------------ the step
+
+    @property
+    def steps(self) -> int:
+        """How many times ``step()`` has run."""
+        return self._steps
+
+    def step(self) -> None:
+        """Precondition the gradients of every supported layer in place (after backward, before the optimizer)."""
+        step = self._steps
+        if not any(layer.helper.has_grad() for layer in self._layers):
+            raise RuntimeError(
+                "distkfac: step() found no gradients: call loss.backward() before precond.step() "
+                "(and precond.step() before optimizer.step())"
+            )
+        if step % self.factor_update_steps == 0:
+            self._update_factors(step)
+        if step % self.inv_update_steps == 0 or not any(layer.decomposed for layer in self._layers):
+            self._update_decompositions(step)
+        self._precondition(step)
+        self._steps += 1
+
+    def _update_factors(self, step: int) -> None:
+        ready = [layer for layer in self._layers if layer.a_batch is not None and layer.g_batch is not None]
+        captured_a = any(layer.a_batch is not None for layer in self._layers)
+        if not ready:
+            if self.fisher == "mc" and captured_a:
+                raise RuntimeError(
+                    "distkfac: fisher='mc' needs precond.mc_backward(logits) after the forward pass and before "
+                    f"loss.backward() on factor-update steps (step {step})"
+                )
+            raise RuntimeError(
+                "distkfac: step() found no factor statistics: run the forward and backward pass in training mode "
+                "(model.train(), gradients enabled) through the model given to KFACPreconditioner before step()"
+            )
+        batch: list[torch.Tensor] = []
+        for layer in ready:
+            assert layer.a_batch is not None and layer.g_batch is not None
+            if layer.a_passes > 1:
+                layer.a_batch.div_(layer.a_passes)
+            if layer.g_passes > 1:
+                layer.g_batch.div_(layer.g_passes)
+            batch += [layer.a_batch, layer.g_batch]
+        self.comm.average_factors(batch)
+
+        decay = self._hyper(self.factor_decay, "factor_decay", step)
+        running: list[torch.Tensor] = []
+        updates: list[torch.Tensor] = []
+        for layer in ready:
+            assert layer.a_batch is not None and layer.g_batch is not None
+            dtype = self.factor_dtype or layer.helper.weight.dtype
+            if layer.a_factor is None or layer.g_factor is None:
+                layer.a_factor, layer.g_factor = layer.a_batch.to(dtype), layer.g_batch.to(dtype)
+                continue
+            for factor, new in ((layer.a_factor, layer.a_batch), (layer.g_factor, layer.g_batch)):
+                if factor.dtype == new.dtype:
+                    running.append(factor)
+                    updates.append(new)
+                else:
+                    # Low-precision storage: average in the batch factor's precision, then store.
+                    factor.copy_(factor.to(new.dtype).lerp_(new, 1.0 - decay))
+        if running:
+            # One multi-tensor kernel for every layer: F <- F + (1 - decay) (F_b - F).
+            torch._foreach_lerp_(running, updates, 1.0 - decay)
+        for layer in self._layers:
+            layer.a_batch = layer.g_batch = None
+            layer.a_passes = layer.g_passes = 0
+
+    def _update_decompositions(self, step: int) -> None:
+        damping = self._hyper(self.damping, "damping", step)
+        by_size: dict[tuple[Any, ...], list[tuple[_Layer, str]]] = defaultdict(list)
+        for layer in self._layers:
+            if layer.a_factor is None or layer.g_factor is None:
+                continue
+            dtype = self._compute_dtype(layer.helper)
+            device = layer.a_factor.device
+            by_size[(layer.helper.a_dim, device, dtype)].append((layer, "A"))
+            by_size[(layer.helper.g_dim, device, dtype)].append((layer, "G"))
+
+        stacks = {}
+        finite = []
+        for key, members in by_size.items():
+            factors = torch.stack([self._factor(layer, kind).to(key[2]) for layer, kind in members])
+            stacks[key] = factors
+            finite.append(torch.isfinite(factors).flatten(1).all(1).cpu())
+        if finite and not bool(torch.cat(finite).all()):  # one host synchronisation for all layers
+            bad = [
+                f"{layer.name}.{kind}"
+                for (key, members), ok in zip(by_size.items(), finite, strict=True)
+                for (layer, kind), good in zip(members, ok.tolist(), strict=True)
+                if not good
+            ]
+            raise FloatingPointError(
+                f"distkfac: Kronecker factors contain NaN or Inf at step {step}: {', '.join(bad)}. The activations "
+                "or gradients diverged: lower the learning rate, raise damping, or check the inputs and the loss"
+            )
+
+        states: list[list[torch.Tensor]] = []
+        for key, members in by_size.items():
+            try:
+                decomposed = self._method.decompose(stacks[key], damping)
+            except torch.linalg.LinAlgError as error:
+                names = ", ".join(f"{layer.name}.{kind}" for layer, kind in members)
+                raise DecompositionError(
+                    f"distkfac: the {self.compute_method} decomposition failed at step {step} for {names} even in "
+                    f"float64 ({error}); raise damping or check the factors for extreme values"
+                ) from error
+            for index, (layer, kind) in enumerate(members):
+                group = self._group_of(layer)
+                target = group.a_state if kind == "A" else group.g_state
+                for dst, src in zip(target, decomposed, strict=True):
+                    dst[layer.slot].copy_(src[index])
+                layer.decomposed = True
+            states.append(decomposed)
+        self.comm.share_decompositions(states)
+
+    @staticmethod
+    def _factor(layer: _Layer, kind: str) -> torch.Tensor:
+        factor = layer.a_factor if kind == "A" else layer.g_factor
+        assert factor is not None
+        return factor
+
+    def _precondition(self, step: int) -> None:
+        damping = self._hyper(self.damping, "damping", step)
+        results: list[tuple[_Group, list[_Layer], torch.Tensor]] = []
+        for group in self._groups:
+            active = [layer for layer in group.layers if layer.decomposed and layer.helper.has_grad()]
+            if not active:
+                continue
+            if len(active) < len(group.layers):
+                group.grads.zero_()  # absent layers then contribute V = 0 and nothing to the KL sum
+            for layer in active:
+                layer.helper.read_grad(group.grads[layer.slot])
+            preconditioned = self._method.precondition(group.grads, group.a_state, group.g_state, damping)
+            results.append((group, active, preconditioned))
+        self.comm.share_gradients([v for _, _, v in results])
+
+        scale: torch.Tensor | None = None
+        if self.kl_clip is not None and results:
+            kl_clip = self._hyper(self.kl_clip, "kl_clip", step)
+            lr = self._hyper(self.lr, "lr", step)
+            vg_sum = torch.stack([torch.dot(v.view(-1), g.grads.view(-1)) for g, _, v in results]).sum()
+            # No host synchronisation: nu stays a tensor. <V, grad> >= 0 up to rounding; 0 means nu = 1.
+            scale = torch.sqrt(kl_clip / (lr * lr * vg_sum.clamp(min=0.0))).clamp(max=1.0)
+        for _, active, preconditioned in results:
+            for layer in active:
+                layer.helper.write_grad(preconditioned[layer.slot], scale)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, running factors and current decompositions: enough to resume bit for bit.
+
+        Hyperparameters are not included: they come from the constructor, so schedules keep working.
+        """
+        layers: dict[str, Any] = {}
+        for layer in self._layers:
+            group = self._group_of(layer)
+            layers[layer.name] = {
+                "A": None if layer.a_factor is None else layer.a_factor.clone(),
+                "G": None if layer.g_factor is None else layer.g_factor.clone(),
+                "a_state": [t[layer.slot].clone() for t in group.a_state] if layer.decomposed else None,
+                "g_state": [t[layer.slot].clone() for t in group.g_state] if layer.decomposed else None,
+            }
+        return {"steps": self._steps, "compute_method": self.compute_method, "layers": layers}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict()`` returned, checking that it belongs to the same model and method."""
+        if not isinstance(state, Mapping) or not {"steps", "compute_method", "layers"} <= set(state):
+            raise ValueError("distkfac: not a KFACPreconditioner state_dict (needs steps, compute_method, layers)")
+        if state["compute_method"] != self.compute_method:
+            raise ValueError(
+                f"distkfac: the checkpoint was made with compute_method={state['compute_method']!r}, this "
+                f"preconditioner uses {self.compute_method!r}; construct it with the checkpoint's method"
+            )
+        saved = state["layers"]
+        ours = {layer.name for layer in self._layers}
+        if set(saved) != ours:
+            raise ValueError(
+                "distkfac: the checkpoint's layers do not match this model's: missing "
+                f"{sorted(ours - set(saved))}, unexpected {sorted(set(saved) - ours)}"
+            )
+        for layer in self._layers:
+            entry = saved[layer.name]
+            h = layer.helper
+            for kind, dim in (("A", h.a_dim), ("G", h.g_dim)):
+                value = entry[kind]
+                if value is not None and tuple(value.shape) != (dim, dim):
+                    raise ValueError(
+                        f"distkfac: checkpoint factor {layer.name}.{kind} has shape {tuple(value.shape)}, "
+                        f"the model needs {(dim, dim)}"
+                    )
+            device = h.weight.device
+            layer.a_factor = None if entry["A"] is None else entry["A"].to(device).clone()
+            layer.g_factor = None if entry["G"] is None else entry["G"].to(device).clone()
+            layer.decomposed = entry["a_state"] is not None
+            if layer.decomposed:
+                group = self._group_of(layer)
+                for dst, src in zip(group.a_state, entry["a_state"], strict=True):
+                    dst[layer.slot].copy_(src)
+                for dst, src in zip(group.g_state, entry["g_state"], strict=True):
+                    dst[layer.slot].copy_(src)
+            layer.a_batch = layer.g_batch = None
+            layer.a_passes = layer.g_passes = 0
+        self._steps = int(state["steps"])
+
+    # ------------------------------------------------------------------ misc
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The names of the preconditioned layers, in model order."""
+        return [layer.name for layer in self._layers]
+
+    def remove_hooks(self) -> None:
+        """Detach from the model: later forward passes capture nothing."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def __repr__(self) -> str:
+        return (
+            f"KFACPreconditioner(layers={len(self._layers)}, compute_method={self.compute_method!r}, "
+            f"fisher={self.fisher!r}, steps={self._steps})"
+        )

@@ -1,0 +1,175 @@
+"""A dense float64 reference of the K-FAC contract, written independently of distkfac's code paths.
+
+It runs the model functionally (F.linear / F.conv2d, so no module hooks fire), takes per-example output gradients
+from a sum-reduced loss, builds im2col rows by explicit slicing, and solves the preconditioning systems as dense
+Kronecker products with torch.linalg.solve.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_rows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """im2col by slicing: (N, T, C*kh*kw) rows in the (C, kh, kw) order of conv.weight.view(out, -1)."""
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    if isinstance(conv.padding, str):
+        assert conv.padding == "same"
+        total_h, total_w = dh * (kh - 1), dw * (kw - 1)
+        pads = (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+    else:
+        ph, pw = conv.padding
+        pads = (pw, pw, ph, ph)
+    xp = F.pad(x, pads)
+    n, c, hp, wp = xp.shape
+    out_h = (hp - dh * (kh - 1) - 1) // sh + 1
+    out_w = (wp - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for i in range(out_h):
+        for j in range(out_w):
+            patch = xp[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+            rows.append(patch.reshape(n, c * kh * kw))
+    return torch.stack(rows, dim=1)
+
+
+@dataclass
+class LayerStats:
+    a: torch.Tensor  # (N, T, a_dim) rows, T = 1 for Linear
+    g: torch.Tensor  # (N, T, out) per-example output gradients dl_i/ds
+    grad: torch.Tensor  # out x a_dim gradient of the mean loss
+
+
+def per_example_stats(
+    model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, sampled_y: torch.Tensor | None = None
+) -> list[LayerStats]:
+    """Per-example rows and output gradients of every Linear/Conv2d layer, by a functional forward pass."""
+    n = x.shape[0]
+    model.zero_grad(set_to_none=True)
+    layers: list[tuple[nn.Linear | nn.Conv2d, torch.Tensor, torch.Tensor]] = []
+    h = x
+    for module in model:
+        if isinstance(module, nn.Linear):
+            s = F.linear(h, module.weight, module.bias)
+        elif isinstance(module, nn.Conv2d):
+            s = F.conv2d(h, module.weight, module.bias, module.stride, module.padding, module.dilation)
+        else:
+            h = F.relu(h) if isinstance(module, nn.ReLU) else module(h)
+            continue
+        s.retain_grad()
+        layers.append((module, h.detach(), s))
+        h = s
+    # Sum-reduced loss: the gradient at each output is exactly the per-example dl_i/ds_i.
+    F.cross_entropy(h, y, reduction="sum").backward(retain_graph=sampled_y is not None)
+    grads = []
+    for module, _, _ in layers:
+        assert isinstance(module, nn.Linear | nn.Conv2d) and module.weight.grad is not None
+        cols = [module.weight.grad.reshape(module.weight.shape[0], -1) / n]
+        if module.bias is not None:
+            assert module.bias.grad is not None
+            cols.append(module.bias.grad.reshape(-1, 1) / n)
+        grads.append(torch.cat(cols, dim=1))
+        module.zero_grad(set_to_none=True)
+    g_of = [s.grad for _, _, s in layers]
+    if sampled_y is not None:
+        for _, _, s in layers:
+            s.grad = None
+        F.cross_entropy(h, sampled_y, reduction="sum").backward()
+        g_of = [s.grad for _, _, s in layers]
+        model.zero_grad(set_to_none=True)
+    stats = []
+    for (module, inp, _), g, grad in zip(layers, g_of, grads, strict=True):
+        assert g is not None
+        if isinstance(module, nn.Conv2d):
+            a = conv_rows(inp, module)
+            g_rows = g.detach().flatten(2).transpose(1, 2)
+        else:
+            a = inp.unsqueeze(1)
+            g_rows = g.detach().unsqueeze(1)
+        if module.bias is not None:
+            a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], dim=2)
+        stats.append(LayerStats(a=a, g=g_rows, grad=grad))
+    return stats
+
+
+def batch_factors(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_b and G_b as explicit averages over all N*T rows."""
+    n, t = stats.a.shape[:2]
+    a_b = sum(torch.outer(stats.a[i, p], stats.a[i, p]) for i in range(n) for p in range(t)) / (n * t)
+    g_b = sum(torch.outer(stats.g[i, p], stats.g[i, p]) for i in range(n) for p in range(t)) / (n * t)
+    assert isinstance(a_b, torch.Tensor) and isinstance(g_b, torch.Tensor)
+    return a_b, g_b
+
+
+def solve_eigen(grad: torch.Tensor, a: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
+    """V with G V A + damping V = grad, from the dense system (A^T kron G + damping I) vec(V) = vec(grad)."""
+    out, cols = grad.shape
+    system = torch.kron(a.t().contiguous(), g) + damping * torch.eye(out * cols, dtype=grad.dtype)
+    vec = torch.linalg.solve(system, grad.t().reshape(-1))
+    return vec.reshape(cols, out).t()
+
+
+def solve_inverse(grad: torch.Tensor, a: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
+    """V = (G + sqrt(d) I)^-1 grad (A + sqrt(d) I)^-1, as two dense solves."""
+    shift = math.sqrt(damping)
+    g_damped = g + shift * torch.eye(g.shape[0], dtype=g.dtype)
+    a_damped = a + shift * torch.eye(a.shape[0], dtype=a.dtype)
+    left = torch.linalg.solve(g_damped, grad)
+    return torch.linalg.solve(a_damped.t(), left.t()).t()
+
+
+@dataclass
+class ReferenceKFAC:
+    damping: float
+    factor_decay: float
+    factor_update_steps: int
+    inv_update_steps: int
+    kl_clip: float | None
+    lr: float
+    compute_method: str
+    steps: int = 0
+    factors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    snapshot: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    last_nu: float = 1.0
+
+    def step(self, stats: list[LayerStats]) -> list[torch.Tensor]:
+        if self.steps % self.factor_update_steps == 0:
+            new = [batch_factors(s) for s in stats]
+            if not self.factors:
+                self.factors = new
+            else:
+                d = self.factor_decay
+                self.factors = [
+                    (d * a + (1 - d) * a_b, d * g + (1 - d) * g_b)
+                    for (a, g), (a_b, g_b) in zip(self.factors, new, strict=True)
+                ]
+        if self.steps % self.inv_update_steps == 0:
+            self.snapshot = [(a.clone(), g.clone()) for a, g in self.factors]
+        solve = solve_eigen if self.compute_method == "eigen" else solve_inverse
+        vs = [solve(s.grad, a, g, self.damping) for s, (a, g) in zip(stats, self.snapshot, strict=True)]
+        if self.kl_clip is not None:
+            vg = sum(float((v * s.grad).sum()) for v, s in zip(vs, stats, strict=True))
+            self.last_nu = min(1.0, math.sqrt(self.kl_clip / (self.lr**2 * vg)))
+            vs = [self.last_nu * v for v in vs]
+        self.steps += 1
+        return vs
+
+
+def layer_grads(model: nn.Sequential) -> list[torch.Tensor]:
+    """The model's current gradients as out x a_dim matrices."""
+    out = []
+    for module in model:
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            assert module.weight.grad is not None
+            cols = [module.weight.grad.reshape(module.weight.shape[0], -1)]
+            if module.bias is not None:
+                assert module.bias.grad is not None
+                cols.append(module.bias.grad.reshape(-1, 1))
+            out.append(torch.cat(cols, dim=1))
+    return out

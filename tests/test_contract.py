@@ -1,0 +1,185 @@
+"""distkfac against the dense float64 reference of its documented contract (distkfac/preconditioner.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distkfac import KFACPreconditioner
+from tests.kfac_reference import ReferenceKFAC, layer_grads, per_example_stats
+
+torch.set_default_dtype(torch.float64)
+
+N = 12
+
+
+def linear_model(bias: bool) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(6, 5, bias=bias), nn.ReLU(inplace=True), nn.Linear(5, 5, bias=bias), nn.Linear(5, 3, bias=bias)
+    )
+
+
+def conv_model() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 2, dilation=2, bias=False, padding="same"),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    )
+
+
+def batch(model: nn.Sequential, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    first = model[0]
+    assert isinstance(first, nn.Linear | nn.Conv2d)
+    shape = [N, 2, 7, 7] if isinstance(first, nn.Conv2d) else [N, first.in_features]
+    return torch.randn(shape, generator=gen), torch.randint(0, 3, (N,), generator=gen)
+
+
+def run_against_reference(
+    make_model: Callable[[], nn.Sequential], steps: int, **options: float | int | str | None
+) -> ReferenceKFAC:
+    torch.manual_seed(0)
+    model = make_model()
+    precond = KFACPreconditioner(model, **options)  # type: ignore[arg-type]
+    reference = ReferenceKFAC(
+        damping=float(options.get("damping", 1e-3)),  # type: ignore[arg-type]
+        factor_decay=float(options.get("factor_decay", 0.95)),  # type: ignore[arg-type]
+        factor_update_steps=int(options.get("factor_update_steps", 1)),  # type: ignore[arg-type]
+        inv_update_steps=int(options.get("inv_update_steps", 10)),  # type: ignore[arg-type]
+        kl_clip=options.get("kl_clip", 1e-3),  # type: ignore[arg-type]
+        lr=float(options.get("lr", 0.1)),  # type: ignore[arg-type]
+        compute_method=str(options.get("compute_method", "eigen")),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        x, y = batch(model, step)
+        expected = reference.step(per_example_stats(model, x, y))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        precond.step()
+        for layer, (got, want) in enumerate(zip(layer_grads(model), expected, strict=True)):
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11, msg=f"step {step}, layer {layer}")
+        optimizer.step()
+    return reference
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_reference(method: str, bias: bool) -> None:
+    run_against_reference(lambda: linear_model(bias), steps=3, compute_method=method, kl_clip=None, damping=3e-2)
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_conv2d_matches_reference(method: str) -> None:
+    run_against_reference(conv_model, steps=3, compute_method=method, kl_clip=None, damping=1e-2)
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_kl_clip_scales_by_nu(method: str) -> None:
+    reference = run_against_reference(
+        lambda: linear_model(True), steps=3, compute_method=method, kl_clip=1e-4, lr=0.5, damping=1e-2
+    )
+    assert reference.last_nu < 0.5, "kl_clip was meant to bite in this test"
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_decay_and_update_intervals(method: str) -> None:
+    run_against_reference(
+        conv_model,
+        steps=7,
+        compute_method=method,
+        factor_decay=0.7,
+        factor_update_steps=2,
+        inv_update_steps=3,
+        kl_clip=1e-2,
+        damping=1e-2,
+    )
+
+
+def test_mc_fisher_uses_sampled_labels_and_leaves_grads() -> None:
+    torch.manual_seed(0)
+    model = linear_model(True)
+    precond = KFACPreconditioner(model, fisher="mc", kl_clip=None, damping=1e-2)
+    x, y = batch(model, 0)
+    with torch.no_grad():  # no_grad: the preconditioner's hooks must not see this pass
+        logits_for_sampling = model(x)
+    torch.manual_seed(7)
+    sampled = torch.multinomial(torch.softmax(logits_for_sampling.float(), -1), 1).view(-1)
+    stats = per_example_stats(model, x, y, sampled_y=sampled)
+    reference = ReferenceKFAC(1e-2, 0.95, 1, 10, None, 0.1, "eigen")
+    expected = reference.step(stats)
+
+    logits = model(x)
+    torch.manual_seed(7)
+    precond.mc_backward(logits)
+    assert all(p.grad is None for p in model.parameters()), "mc_backward must not touch .grad"
+    F.cross_entropy(logits, y).backward()
+    precond.step()
+    for got, want in zip(layer_grads(model), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11)
+
+
+def test_mc_fisher_without_sampling_is_an_error() -> None:
+    model = linear_model(True)
+    precond = KFACPreconditioner(model, fisher="mc")
+    x, y = batch(model, 0)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="mc_backward"):
+        precond.step()
+
+
+def test_gradient_accumulation_averages_batch_factors() -> None:
+    torch.manual_seed(0)
+    model = linear_model(True)
+    precond = KFACPreconditioner(model, kl_clip=None, damping=1e-2)
+    (x1, y1), (x2, y2) = batch(model, 0), batch(model, 1)
+    s1, s2 = per_example_stats(model, x1, y1), per_example_stats(model, x2, y2)
+    reference = ReferenceKFAC(1e-2, 0.95, 1, 10, None, 0.1, "eigen")
+    for one, two in zip(s1, s2, strict=True):
+        # Two mean losses summed: the gradient is the sum, the factors the mean of the two passes.
+        one.a, one.g, one.grad = torch.cat([one.a, two.a]), torch.cat([one.g, two.g]), one.grad + two.grad
+    expected = reference.step(s1)
+    (F.cross_entropy(model(x1), y1) + F.cross_entropy(model(x2), y2)).backward()
+    precond.step()
+    for got, want in zip(layer_grads(model), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11)
+
+
+def test_damping_schedule_is_read_every_step_by_eigen() -> None:
+    schedule = [3e-2, 1e-2, 5e-3]
+    torch.manual_seed(0)
+    model = linear_model(True)
+    precond = KFACPreconditioner(model, damping=lambda step: schedule[step], kl_clip=None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    reference = ReferenceKFAC(0.0, 0.95, 1, 10, None, 0.1, "eigen")
+    for step, damping in enumerate(schedule):
+        reference.damping = damping
+        x, y = batch(model, step)
+        expected = reference.step(per_example_stats(model, x, y))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        precond.step()
+        for got, want in zip(layer_grads(model), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11)
+        optimizer.step()
+
+
+def test_skipped_and_unsupported_layers_keep_plain_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 4), nn.Linear(4, 3))
+    precond = KFACPreconditioner(model, skip_layers=("2", nn.LayerNorm))
+    assert precond.layer_names == ["0", "3"]
+    x, y = torch.randn(N, 6), torch.randint(0, 3, (N,))
+    F.cross_entropy(model(x), y).backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    precond.step()
+    for name, p in model.named_parameters():
+        assert p.grad is not None
+        changed = not torch.equal(p.grad, plain[name])
+        assert changed == (name.split(".")[0] in ("0", "3")), name
