@@ -42,22 +42,22 @@ class LayerHelper(ABC):
         return bias
 
     @abstractmethod
-    def a_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's inputs as rows ``a`` (with a trailing 1 when the layer has a bias): ``rows x a_dim``."""
+    def a_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's inputs as columns ``a`` (with a 1 last when the layer has a bias): ``a_dim x rows``."""
 
     @abstractmethod
-    def g_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
-        """Autograd's gradient at the layer's output as rows: ``rows x g_dim`` (not yet scaled by N)."""
+    def g_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """Autograd's gradient at the layer's output as columns: ``g_dim x rows`` (not yet scaled by N)."""
 
-    def a_factor(self, x: torch.Tensor) -> torch.Tensor:
-        """``A_b = (1/rows) sum a a^T`` over every row of the batch."""
-        a = self.a_rows(x)
-        return torch.mm(a.t(), a).mul_(1.0 / a.shape[0])
+    def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``A_b = (1/rows) sum a a^T`` over every row of the batch, computed in ``dtype`` (default: x's)."""
+        a = self.a_columns(x).to(dtype or x.dtype)
+        return torch.mm(a, a.t()).mul_(1.0 / a.shape[1])
 
-    def g_factor(self, grad_output: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def g_factor(self, grad_output: torch.Tensor, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``G_b = (1/rows) sum g g^T`` with ``g = N * grad_output`` (N examples, mean-reduced loss)."""
-        g = self.g_rows(grad_output)
-        return torch.mm(g.t(), g).mul_(batch_size * batch_size / g.shape[0])
+        g = self.g_columns(grad_output).to(dtype or grad_output.dtype)
+        return torch.mm(g, g.t()).mul_(batch_size * batch_size / g.shape[1])
 
     def has_grad(self) -> bool:
         return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
@@ -88,7 +88,7 @@ class LayerHelper(ABC):
 
 
 class LinearHelper(LayerHelper):
-    """``nn.Linear``: one row per example (inputs with extra leading dimensions give one row per position)."""
+    """``nn.Linear``: one column per example (extra leading input dimensions give one per position)."""
 
     module: nn.Linear
 
@@ -100,18 +100,18 @@ class LinearHelper(LayerHelper):
     def g_dim(self) -> int:
         return self.module.out_features
 
-    def a_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def a_columns(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, self.module.in_features)
         if self.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        return x
+        return x.t()  # a view: the matrix product reads it transposed, nothing is copied
 
-    def g_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output.reshape(-1, self.module.out_features)
+    def g_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output.reshape(-1, self.module.out_features).t()
 
 
 class Conv2dHelper(LayerHelper):
-    """``nn.Conv2d`` with ``groups=1``: one row per example and output position (im2col)."""
+    """``nn.Conv2d`` with ``groups=1``: one column per example and output position (im2col)."""
 
     module: nn.Conv2d
 
@@ -125,28 +125,33 @@ class Conv2dHelper(LayerHelper):
     def g_dim(self) -> int:
         return self.module.out_channels
 
-    def a_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def a_columns(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         if x.dim() != 4:
             raise ValueError(f"distkfac: Conv2d expects batched 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-        padding = m.padding
-        if isinstance(padding, str) or m.padding_mode != "zeros":
-            # 'same'/'valid' and non-zero padding modes: pad exactly as the layer does, then unfold unpadded.
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        if any(m._reversed_padding_repeated_twice):
             x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-            padding = (0, 0)
-        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        n, width, positions = patches.shape
-        # One copy into (N*T) x a_dim rows, the bias column included, rather than a transpose plus a cat.
-        rows = patches.new_empty(n, positions, self.a_dim)
-        rows[:, :, :width].copy_(patches.transpose(1, 2))
+        x = x.contiguous()
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        stride_n, stride_c, stride_h, stride_w = x.stride()
+        # im2col as a strided view (C, kh, kw, N, H_out, W_out) and one copy into the columns. This order keeps the
+        # innermost copy loop on image rows (long contiguous runs); rows-first layouts copy 3-5 floats at a time.
+        patches = x.as_strided(
+            (c, kh, kw, n, out_h, out_w),
+            (stride_c, stride_h * dh, stride_w * dw, stride_n, stride_h * sh, stride_w * sw),
+        )
+        columns = x.new_empty(self.a_dim, n * out_h * out_w)
+        columns[: c * kh * kw].view(c, kh, kw, n, out_h, out_w).copy_(patches)
         if self.has_bias:
-            rows[:, :, width].fill_(1.0)
-        return rows.view(n * positions, self.a_dim)
+            columns[-1].fill_(1.0)
+        return columns
 
-    def g_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
-        # (N, C, H, W) -> (N*H*W, C); the transpose is the only copy.
-        return grad_output.permute(0, 2, 3, 1).reshape(-1, self.module.out_channels)
+    def g_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
+        # (N, C, H, W) -> (C, N*H*W): one copy whose inner loop runs over whole feature maps.
+        return grad_output.transpose(0, 1).reshape(self.module.out_channels, -1)
 
 
 def helper_for(module: nn.Module) -> LayerHelper | None:

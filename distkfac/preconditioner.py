@@ -24,10 +24,12 @@ the N examples of a batch:
 - Step counting: ``step()`` number ``k`` (from 0) updates the factors when ``k % factor_update_steps == 0`` and the
   decompositions when ``k % inv_update_steps == 0``; every step preconditions. Hyperparameters given as callables
   are evaluated with ``k``.
-- Decompositions run in ``inv_dtype`` (default float32, float64 for float64 models); factors are stored in
-  ``factor_dtype`` (default: the layer's dtype; bf16/fp16 allowed). Before each decomposition every factor is checked
-  (one host synchronisation for all layers): a NaN or Inf raises ``FloatingPointError`` naming the layers. An
-  ``eigh`` that fails in float32 is retried in float64; if that fails too, ``DecompositionError`` names the layers.
+- Decompositions run in ``inv_dtype`` (default float32, float64 for float64 models). Factors are computed and stored
+  in ``factor_dtype`` (default: the layer's dtype); bf16/fp16 make the factor products several times faster where the
+  hardware has bf16/fp16 matrix units, at those types' precision.
+- Before each decomposition every factor is checked (one host synchronisation for all layers): a NaN or Inf raises
+  ``FloatingPointError`` naming the layers. An ``eigh`` that fails in float32 is retried in float64; if that fails
+  too, ``DecompositionError`` names the layers.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ class KFACPreconditioner:
                 raise TypeError(f"distkfac: layer {layer.name!r} must be called with its input tensor positionally")
             x = inputs[0].detach()
             batch_size = x.shape[0]
-            a_batch = layer.helper.a_factor(x)
+            a_batch = layer.helper.a_factor(x, self.factor_dtype)
             layer.a_batch = a_batch if layer.a_batch is None else layer.a_batch.add_(a_batch)
             layer.a_passes += 1
             if isinstance(output, torch.Tensor) and output.requires_grad:
@@ -258,7 +260,7 @@ class KFACPreconditioner:
     def _capture_g(self, layer: _Layer, grad_output: torch.Tensor, batch_size: int) -> None:
         if self.fisher == "mc" and not self._sampling:
             return  # the training loss's backward: with fisher="mc", G comes from mc_backward() only
-        g_batch = layer.helper.g_factor(grad_output.detach(), batch_size)
+        g_batch = layer.helper.g_factor(grad_output.detach(), batch_size, self.factor_dtype)
         layer.g_batch = g_batch if layer.g_batch is None else layer.g_batch.add_(g_batch)
         layer.g_passes += 1
 

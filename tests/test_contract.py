@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -12,9 +12,16 @@ from torch import nn
 from distkfac import KFACPreconditioner
 from tests.kfac_reference import ReferenceKFAC, layer_grads, per_example_stats
 
-torch.set_default_dtype(torch.float64)
-
 N = 12
+
+
+@pytest.fixture(autouse=True)
+def float64_default() -> Iterator[None]:
+    """The contract is checked in float64; the default dtype is restored for the other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def linear_model(bias: bool) -> nn.Sequential:
