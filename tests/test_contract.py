@@ -190,3 +190,21 @@ def test_skipped_and_unsupported_layers_keep_plain_gradients() -> None:
         assert p.grad is not None
         changed = not torch.equal(p.grad, plain[name])
         assert changed == (name.split(".")[0] in ("0", "3")), name
+
+
+def test_mc_fisher_gaussian_likelihood_uses_sampled_noise() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    precond = KFACPreconditioner(nn.Sequential(layer), fisher="mc")
+    x = torch.randn(N, 4)
+    out = layer(x)
+    torch.manual_seed(5)
+    noise = torch.randn_like(out)
+    torch.manual_seed(5)
+    precond.mc_backward(out, likelihood="gaussian")
+    ((out - torch.randn(N, 3)) ** 2).mean().backward()
+    precond.step()
+    # Loss 0.5 |f - y|^2 with y = f + noise: the per-example output gradient is -noise.
+    g_factor = precond._layers[0].g_factor
+    assert g_factor is not None
+    torch.testing.assert_close(g_factor, noise.t() @ noise / N, rtol=1e-10, atol=1e-12)
