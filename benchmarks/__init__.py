@@ -1,0 +1,1 @@
+"""Benchmarks for distkfac (run them as modules, e.g. ``python -m benchmarks.step_time``)."""

@@ -1,0 +1,438 @@
+"""Time per training step, side by side: momentum SGD, distkfac's K-FAC and ASDL's K-FAC (one process).
+
+Run from the repository root::
+
+    python -m benchmarks.step_time                      # all models, all methods
+    python -m benchmarks.step_time --models mlp --methods sgd,asdl --threads 1
+
+Every method trains its own copy of the same freshly initialised model on one fixed random batch (a speed
+benchmark: the data do not matter, only the shapes). After a warm-up, the methods are timed in rounds of
+``BLOCK_STEPS`` steps each, round-robin and with the order rotated every round, so that drift in the machine's
+speed (turbo, other load) hits all methods alike. One block holds exactly one inverse/decomposition update, so
+its cost is amortised as in training. The reported time is the median over blocks of the per-step time.
+
+K-FAC settings, the same for both libraries: damping 1e-3, Kronecker factors updated every step as a running
+average that gives the new batch weight 0.05, inverses/decompositions refreshed every 10 steps, empirical Fisher.
+Each K-FAC step is followed by the same momentum-SGD step as the SGD baseline (lr: see ``DEFAULT_LR``).
+After timing, each K-FAC method is checked to really precondition (its gradient differs from the plain one).
+Results are recorded in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import itertools
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Inverse/decomposition interval; a timing block has exactly this many steps so that it holds one update.
+INV_UPDATE_STEPS = 10
+BLOCK_STEPS = INV_UPDATE_STEPS
+DAMPING = 1e-3
+FACTOR_DECAY = 0.95  # distkfac: F <- 0.95 F + 0.05 F_batch
+ASDL_EMA_DECAY = 0.05  # ASDL: F <- (1 - 0.05) F + 0.05 F_batch, the same running average
+KL_CLIP = 1e-3
+KFAC_LR = 0.1  # distkfac's lr argument (it only enters the KL clip), as specified for this benchmark
+MOMENTUM = 0.9
+# Learning rate of the momentum-SGD step of every method. The cost of a step does not depend on it, but the
+# values must stay finite: at lr 0.1 (and 1e-2, and 1e-3 on mlp6x100) ASDL's K-FAC diverges to NaN within a few
+# steps on this fixed batch (it has no KL clip, and its running average of the factors starts from zero, so the
+# first inverses are those of 0.05 F), and its Cholesky factorisation then fails. 1e-4 keeps every method finite.
+DEFAULT_LR = 1e-4
+NUM_CLASSES = 10
+
+MODELS: dict[str, str] = {
+    "mlp": "4-layer MLP 784-256-256-256-10, ReLU",
+    "mlp6x100": "linear MLP 784-100-100-100-100-100-10 (6 Linear layers, no nonlinearity)",
+    "cnn": "LeNet-5, CIFAR-10 shapes (3x32x32)",
+}
+METHODS: dict[str, str] = {
+    "sgd": "SGD (momentum 0.9)",
+    "distkfac-eigen": "distkfac K-FAC, eigen",
+    "distkfac-inverse": "distkfac K-FAC, inverse",
+    "asdl": "ASDL K-FAC (KfacGradientMaker)",
+}
+
+
+# ---------------------------------------------------------------------------------------------- models and data
+
+
+def build_model(name: str) -> nn.Module:
+    if name == "mlp":
+        return nn.Sequential(
+            nn.Linear(784, 256),
+            nn.ReLU(),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, NUM_CLASSES),
+        )
+    if name == "mlp6x100":
+        widths = [784, 100, 100, 100, 100, 100, NUM_CLASSES]
+        return nn.Sequential(*[nn.Linear(i, o) for i, o in itertools.pairwise(widths)])
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(400, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, NUM_CLASSES),
+        )
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def make_batch(name: str, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed random batch of inputs and labels, the same for every method."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch_size, 3, 32, 32) if name == "cnn" else (batch_size, 784)
+    x = torch.randn(shape, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
+    return x, y
+
+
+# ------------------------------------------------------------------------------------------------ the methods
+
+
+class Runner(Protocol):
+    key: str
+    last_loss: torch.Tensor | None
+
+    def step(self) -> None: ...
+
+    def check(self) -> str:
+        """After timing: show that the method did what it claims (raise if it did not)."""
+        ...
+
+
+def _sgd(model: nn.Module, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+
+
+def _relative_change(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> float:
+    diff = torch.stack([(a - b).pow(2).sum() for a, b in zip(after, before, strict=True)]).sum().sqrt()
+    norm = torch.stack([b.pow(2).sum() for b in before]).sum().sqrt()
+    return float(diff / norm)
+
+
+def _require_preconditioned(key: str, change: float) -> None:
+    if not change > 1e-4:
+        raise RuntimeError(
+            f"{key}: the 'preconditioned' gradient equals the plain gradient (relative change {change:.2e}): "
+            "the method fell back to plain SGD"
+        )
+
+
+class SGDRunner:
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        self.key = "sgd"
+        self.model, self.x, self.y = model, x, y
+        self.opt = _sgd(model, lr)
+        self.last_loss: torch.Tensor | None = None
+
+    def step(self) -> None:
+        self.opt.zero_grad()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        self.last_loss = loss.detach()
+
+    def check(self) -> str:
+        return "plain momentum SGD"
+
+
+class DistKfacRunner:
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, compute_method: str) -> None:
+        from distkfac import KFACPreconditioner
+
+        self.key = f"distkfac-{compute_method}"
+        self.model, self.x, self.y = model, x, y
+        self.opt = _sgd(model, lr)
+        self.precond = KFACPreconditioner(
+            model,
+            damping=DAMPING,
+            factor_decay=FACTOR_DECAY,
+            factor_update_steps=1,
+            inv_update_steps=INV_UPDATE_STEPS,
+            kl_clip=KL_CLIP,
+            lr=KFAC_LR,
+            compute_method="eigen" if compute_method == "eigen" else "inverse",
+            fisher="empirical",
+        )
+        self.last_loss: torch.Tensor | None = None
+
+    def step(self) -> None:
+        self.opt.zero_grad()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.precond.step()
+        self.opt.step()
+        self.last_loss = loss.detach()
+
+    def check(self) -> str:
+        self.opt.zero_grad()
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        plain = _grads(self.model)
+        self.precond.step()
+        change = _relative_change(plain, _grads(self.model))
+        _require_preconditioned(self.key, change)
+        return (
+            f"{len(self.precond.layer_names)} layers preconditioned; "
+            f"|g_kfac - g| / |g| = {change:.3g} on one extra step"
+        )
+
+
+def _install_nvtx_stub() -> None:
+    """Make ``torch.cuda.nvtx`` ranges no-ops when this torch build has no NVTX (CPU-only builds).
+
+    ASDL wraps its work in NVTX profiler ranges (``with nvtx.range(...)``, and ``@nvtx.range(...)`` decorators
+    evaluated when asdl is imported). On a CPU build of torch every range call raises "NVTX functions not
+    installed", so ASDL cannot run at all. The ranges are only profiler annotations with no effect on the
+    computation, so for this benchmark (and only here) they are replaced with no-ops before asdl is imported.
+    """
+    nvtx = torch.cuda.nvtx
+    try:
+        nvtx.range_push("distkfac-benchmark-probe")
+        nvtx.range_pop()
+        return  # a build with NVTX: leave it alone
+    except RuntimeError:
+        pass
+
+    @contextlib.contextmanager
+    def no_op_range(msg: str, *args: Any, **kwargs: Any) -> Iterator[None]:
+        yield
+
+    def no_op_push(msg: str) -> int:
+        return 0
+
+    def no_op_pop() -> int:
+        return 0
+
+    stubs: dict[str, Callable[..., Any]] = {"range": no_op_range, "range_push": no_op_push, "range_pop": no_op_pop}
+    for name, stub in stubs.items():
+        setattr(nvtx, name, stub)
+
+
+class AsdlRunner:
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        _install_nvtx_stub()
+        # ASDL registers module backward hooks that torch calls deprecated; the warning is about ASDL, not timing.
+        warnings.filterwarnings("ignore", message="Using a non-full backward hook", category=FutureWarning)
+        from asdl import FISHER_EMP, KfacGradientMaker, PreconditioningConfig
+
+        self.key = "asdl"
+        self.model, self.x, self.y = model, x, y
+        self.opt = _sgd(model, lr)
+        config = PreconditioningConfig(
+            data_size=x.shape[0],  # ASDL sums the loss over the batch and divides by data_size
+            damping=DAMPING,
+            ema_decay=ASDL_EMA_DECAY,
+            curvature_upd_interval=1,
+            preconditioner_upd_interval=INV_UPDATE_STEPS,
+        )
+        self.grad_maker = KfacGradientMaker(model, config, fisher_type=FISHER_EMP)
+        self.last_loss: torch.Tensor | None = None
+
+    def step(self) -> None:
+        self.opt.zero_grad()
+        dummy_logits = self.grad_maker.setup_model_call(self.model, self.x)
+        self.grad_maker.setup_loss_call(F.cross_entropy, dummy_logits, self.y)
+        _, loss = self.grad_maker.forward_and_backward()
+        self.opt.step()
+        self.last_loss = loss.detach()
+
+    def check(self) -> str:
+        # Every Linear/Conv2d must hold Kronecker factors A, B and their inverses (curvature was computed) ...
+        modules = self.grad_maker.modules_for_curvature
+        missing = [
+            type(m).__name__
+            for m in modules
+            if getattr(m, "fisher", None) is None or m.fisher.kron is None or not m.fisher.kron.has_inv
+        ]
+        if not modules or missing:
+            raise RuntimeError(f"asdl: no K-FAC curvature/inverse for {missing or 'any module'}")
+        # ... and the gradient it hands to SGD must differ from the plain one (no silent fallback to SGD).
+        self.opt.zero_grad()
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        plain = _grads(self.model)
+        self.step_without_optimizer()
+        change = _relative_change(plain, _grads(self.model))
+        _require_preconditioned(self.key, change)
+        return (
+            f"{len(modules)} layers with Kronecker factors and inverses; "
+            f"|g_kfac - g| / |g| = {change:.3g} on one extra step"
+        )
+
+    def step_without_optimizer(self) -> None:
+        self.opt.zero_grad()
+        dummy_logits = self.grad_maker.setup_model_call(self.model, self.x)
+        self.grad_maker.setup_loss_call(F.cross_entropy, dummy_logits, self.y)
+        self.grad_maker.forward_and_backward()
+
+
+def make_runner(key: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> Runner:
+    if key == "sgd":
+        return SGDRunner(model, x, y, lr)
+    if key == "distkfac-eigen":
+        return DistKfacRunner(model, x, y, lr, "eigen")
+    if key == "distkfac-inverse":
+        return DistKfacRunner(model, x, y, lr, "inverse")
+    if key == "asdl":
+        return AsdlRunner(model, x, y, lr)
+    raise ValueError(f"unknown method {key!r}; choose from {', '.join(METHODS)}")
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+
+def time_interleaved(runners: Sequence[Runner], warmup: int, steps: int) -> dict[str, list[float]]:
+    """Per-step times in ms, one entry per block of ``BLOCK_STEPS`` steps, methods interleaved in rounds."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner.step()
+    block_ms: dict[str, list[float]] = {runner.key: [] for runner in runners}
+    for round_index in range(steps // BLOCK_STEPS):
+        shift = round_index % len(runners)
+        for runner in [*runners[shift:], *runners[:shift]]:
+            gc.collect()
+            gc.disable()
+            try:
+                start = time.perf_counter()
+                for _ in range(BLOCK_STEPS):
+                    runner.step()
+                elapsed = time.perf_counter() - start
+            finally:
+                gc.enable()
+            block_ms[runner.key].append(1e3 * elapsed / BLOCK_STEPS)
+    return block_ms
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_model(
+    name: str, methods: Sequence[str], batch_size: int, warmup: int, steps: int, seed: int, lr: float
+) -> None:
+    torch.manual_seed(seed)
+    base = build_model(name)
+    x, y = make_batch(name, batch_size, seed)
+    runners = [make_runner(key, copy.deepcopy(base), x, y, lr) for key in methods]
+    block_ms = time_interleaved(runners, warmup, steps)
+    median = {key: statistics.median(times) for key, times in block_ms.items()}
+
+    print(f"### {name}: {MODELS[name]}, batch {batch_size}\n")
+    print("| method | ms/step | x SGD |")
+    print("|---|---:|---:|")
+    for key in methods:
+        ratio = f"{median[key] / median['sgd']:.2f}" if "sgd" in median else "n/a"
+        print(f"| {METHODS[key]} | {median[key]:.2f} | {ratio} |")
+    print()
+    for runner in runners:
+        times = block_ms[runner.key]
+        loss = float(runner.last_loss) if runner.last_loss is not None else float("nan")
+        finite = "" if math.isfinite(loss) else " (NOT FINITE: the timing of this method is suspect)"
+        print(
+            f"- {runner.key}: blocks min/median/max {min(times):.2f}/{median[runner.key]:.2f}/{max(times):.2f} "
+            f"ms/step; last loss {loss:.4f}{finite}; {runner.check()}"
+        )
+    print(flush=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=200, help=f"timed steps per method, a multiple of {BLOCK_STEPS}")
+    parser.add_argument(
+        "--warmup", type=int, default=20, help=f"untimed steps per method first, a multiple of {BLOCK_STEPS}"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lr", type=float, default=DEFAULT_LR, help="lr of the momentum-SGD step of every method (see DEFAULT_LR)"
+    )
+    args = parser.parse_args(argv)
+
+    def split(value: str, known: dict[str, str], what: str) -> list[str]:
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        unknown = [item for item in items if item not in known]
+        if unknown or not items:
+            parser.error(f"--{what}: unknown or empty {unknown}; choose from {', '.join(known)}")
+        return list(dict.fromkeys(items))
+
+    args.models = split(args.models, MODELS, "models")
+    args.methods = split(args.methods, METHODS, "methods")
+    if args.steps < BLOCK_STEPS or args.steps % BLOCK_STEPS:
+        parser.error(f"--steps must be a positive multiple of {BLOCK_STEPS}, got {args.steps}")
+    if args.warmup < 0 or args.warmup % BLOCK_STEPS:
+        parser.error(f"--warmup must be a multiple of {BLOCK_STEPS}, got {args.warmup}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    command = " ".join(["python -m benchmarks.step_time", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    print("## Step time: SGD vs distkfac vs ASDL (single process, CPU)\n")
+    print(f"- command: `{command}`")
+    print(f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
+    print(f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores")
+    # Other processes on the machine distort CPU timings badly (OpenMP threads then wait for cores): show it.
+    print("- load average (1, 5, 15 min) at start: " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
+    print(f"- Python {platform.python_version()}, {platform.system()} {platform.machine()}")
+    print(
+        f"- batch {args.batch_size}, warm-up {args.warmup} steps, then {args.steps} timed steps per method in "
+        f"interleaved blocks of {BLOCK_STEPS}; ms/step = median over blocks"
+    )
+    print(
+        f"- K-FAC: damping {DAMPING}, factors every step (new-batch weight {ASDL_EMA_DECAY}), inverses every "
+        f"{INV_UPDATE_STEPS} steps, empirical Fisher, distkfac kl_clip {KL_CLIP} with lr {KFAC_LR}; "
+        f"every method ends with momentum SGD (lr {args.lr}, momentum {MOMENTUM})\n",
+        flush=True,
+    )
+    for name in args.models:
+        run_model(name, args.methods, args.batch_size, args.warmup, args.steps, args.seed, args.lr)
+
+
+if __name__ == "__main__":
+    main()
