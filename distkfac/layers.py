@@ -82,8 +82,9 @@ class LayerHelper(ABC):
             flat = grad.view(value.shape)
             if scale is None:
                 flat.copy_(value)
+            elif flat.dtype == value.dtype:
+                torch.mul(value, scale, out=flat)  # straight into the gradient's storage, no temporary
             else:
-                # One fused kernel per tensor: multiply and cast into the gradient's own storage.
                 flat.copy_(value * scale)
 
 
