@@ -65,6 +65,7 @@ METHODS: dict[str, str] = {
     "sgd": "SGD (momentum 0.9)",
     "distkfac-eigen": "distkfac K-FAC, eigen",
     "distkfac-inverse": "distkfac K-FAC, inverse",
+    "distkfac-eigen-bf16": "distkfac K-FAC, eigen, bf16 factors",
     "asdl": "ASDL K-FAC (KfacGradientMaker)",
 }
 
@@ -168,10 +169,18 @@ class SGDRunner:
 
 
 class DistKfacRunner:
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, compute_method: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lr: float,
+        compute_method: str,
+        factor_dtype: torch.dtype | None = None,
+    ) -> None:
         from distkfac import KFACPreconditioner
 
-        self.key = f"distkfac-{compute_method}"
+        self.key = f"distkfac-{compute_method}" + ("-bf16" if factor_dtype == torch.bfloat16 else "")
         self.model, self.x, self.y = model, x, y
         self.opt = _sgd(model, lr)
         self.precond = KFACPreconditioner(
@@ -184,6 +193,7 @@ class DistKfacRunner:
             lr=KFAC_LR,
             compute_method="eigen" if compute_method == "eigen" else "inverse",
             fisher="empirical",
+            factor_dtype=factor_dtype,
         )
         self.last_loss: torch.Tensor | None = None
 
@@ -303,6 +313,8 @@ def make_runner(key: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr
         return DistKfacRunner(model, x, y, lr, "eigen")
     if key == "distkfac-inverse":
         return DistKfacRunner(model, x, y, lr, "inverse")
+    if key == "distkfac-eigen-bf16":
+        return DistKfacRunner(model, x, y, lr, "eigen", factor_dtype=torch.bfloat16)
     if key == "asdl":
         return AsdlRunner(model, x, y, lr)
     raise ValueError(f"unknown method {key!r}; choose from {', '.join(METHODS)}")

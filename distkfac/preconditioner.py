@@ -26,7 +26,8 @@ the N examples of a batch:
   are evaluated with ``k``.
 - Decompositions run in ``inv_dtype`` (default float32, float64 for float64 models). Factors are computed and stored
   in ``factor_dtype`` (default: the layer's dtype); bf16/fp16 make the factor products several times faster where the
-  hardware has bf16/fp16 matrix units, at those types' precision.
+  hardware has bf16/fp16 matrix units, at those types' precision; the running average is formed in float32. Pair
+  low-precision factors with ``eigen`` (it clamps the small negative eigenvalues rounding creates) or more damping.
 - Before each decomposition every factor is checked (one host synchronisation for all layers): a NaN or Inf raises
   ``FloatingPointError`` naming the layers. An ``eigh`` that fails in float32 is retried in float64; if that fails
   too, ``DecompositionError`` names the layers.
@@ -358,12 +359,13 @@ class KFACPreconditioner:
                 layer.a_factor, layer.g_factor = layer.a_batch.to(dtype), layer.g_batch.to(dtype)
                 continue
             for factor, new in ((layer.a_factor, layer.a_batch), (layer.g_factor, layer.g_batch)):
-                if factor.dtype == new.dtype:
+                if factor.dtype in (torch.float32, torch.float64) and factor.dtype == new.dtype:
                     running.append(factor)
                     updates.append(new)
                 else:
-                    # Low-precision storage: average in the batch factor's precision, then store.
-                    factor.copy_(factor.to(new.dtype).lerp_(new, 1.0 - decay))
+                    # bf16/fp16 storage: averaging in that precision compounds rounding step after step until
+                    # the factor is indefinite; average in float32 and round only what is stored.
+                    factor.copy_(factor.float().lerp_(new.float(), 1.0 - decay))
         if running:
             # One multi-tensor kernel for every layer: F <- F + (1 - decay) (F_b - F).
             torch._foreach_lerp_(running, updates, 1.0 - decay)
