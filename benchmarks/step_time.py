@@ -161,14 +161,18 @@ class SGDRunner:
         self.opt.zero_grad()
         loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
+        self.after_backward()
         self.opt.step()
         self.last_loss = loss.detach()
+
+    def after_backward(self) -> None:
+        """Between backward and the optimizer step: nothing for plain SGD."""
 
     def check(self) -> str:
         return "plain momentum SGD"
 
 
-class DistKfacRunner:
+class DistKfacRunner(SGDRunner):
     def __init__(
         self,
         model: nn.Module,
@@ -180,9 +184,8 @@ class DistKfacRunner:
     ) -> None:
         from distkfac import KFACPreconditioner
 
+        super().__init__(model, x, y, lr)
         self.key = f"distkfac-{compute_method}" + ("-bf16" if factor_dtype == torch.bfloat16 else "")
-        self.model, self.x, self.y = model, x, y
-        self.opt = _sgd(model, lr)
         self.precond = KFACPreconditioner(
             model,
             damping=DAMPING,
@@ -195,15 +198,9 @@ class DistKfacRunner:
             fisher="empirical",
             factor_dtype=factor_dtype,
         )
-        self.last_loss: torch.Tensor | None = None
 
-    def step(self) -> None:
-        self.opt.zero_grad()
-        loss = F.cross_entropy(self.model(self.x), self.y)
-        loss.backward()
+    def after_backward(self) -> None:
         self.precond.step()
-        self.opt.step()
-        self.last_loss = loss.detach()
 
     def check(self) -> str:
         self.opt.zero_grad()
