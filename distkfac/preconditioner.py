@@ -59,7 +59,8 @@ class _Layer:
 
     name: str
     helper: LayerHelper
-    slot: int = 0
+    group: int = 0  # index of its _Group in the preconditioner
+    slot: int = 0  # its position in that group's stacks
     a_factor: torch.Tensor | None = None
     g_factor: torch.Tensor | None = None
     a_batch: torch.Tensor | None = None
@@ -206,9 +207,9 @@ class KFACPreconditioner:
             h = layer.helper
             by_shape[(h.g_dim, h.a_dim, h.weight.device, self._compute_dtype(h))].append(layer)
         groups = []
-        for (g_dim, a_dim, device, dtype), members in by_shape.items():
+        for index, ((g_dim, a_dim, device, dtype), members) in enumerate(by_shape.items()):
             for slot, layer in enumerate(members):
-                layer.slot = slot
+                layer.group, layer.slot = index, slot
             k = len(members)
             groups.append(
                 _Group(
@@ -225,7 +226,7 @@ class KFACPreconditioner:
         return groups
 
     def _group_of(self, layer: _Layer) -> _Group:
-        return next(g for g in self._groups if any(m is layer for m in g.layers))
+        return self._groups[layer.group]
 
     # ------------------------------------------------------------------ hyperparameters
 
