@@ -139,7 +139,7 @@ class KFACPreconditioner:
         self.lr = lr
         # Fixed values are checked now; schedules are checked each time they are evaluated.
         self._hyper(damping, "damping", 0)
-        self._hyper(factor_decay, "factor_decay", 0)
+        self._hyper(factor_decay, "factor_decay", 0, _check_decay)
         self._hyper(lr, "lr", 0)
         if kl_clip is not None:
             self._hyper(kl_clip, "kl_clip", 0)
@@ -230,11 +230,12 @@ class KFACPreconditioner:
 
     # ------------------------------------------------------------------ hyperparameters
 
-    def _hyper(self, value: Hyperparameter, name: str, step: int) -> float:
-        resolved = value(step) if callable(value) else value
-        if name == "factor_decay":
-            return _check_decay(name, resolved)
-        return _check_positive(name, resolved)
+    @staticmethod
+    def _hyper(
+        value: Hyperparameter, name: str, step: int, check: Callable[[str, float], float] = _check_positive
+    ) -> float:
+        """The hyperparameter's value at ``step`` (a schedule is called), validated by ``check``."""
+        return check(name, value(step) if callable(value) else value)
 
     # ------------------------------------------------------------------ capture
 
@@ -283,18 +284,17 @@ class KFACPreconditioner:
                 "distkfac: mc_backward() found no forward pass to sample from: run the model in training mode, "
                 "with gradients enabled, before calling it"
             )
-        with torch.no_grad():
-            if likelihood == "categorical":
-                probs = torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), dim=-1)
-                sampled = torch.multinomial(probs, 1).view(-1)
-            elif likelihood == "gaussian":
-                sampled_values = logits.detach() + torch.randn_like(logits)
-            else:
-                raise ValueError(f"distkfac: likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
         if likelihood == "categorical":
-            sample_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), sampled)
+            flat = logits.reshape(-1, logits.shape[-1])
+            with torch.no_grad():
+                sampled = torch.multinomial(torch.softmax(flat.detach().float(), dim=-1), 1).view(-1)
+            sample_loss = F.cross_entropy(flat, sampled)
+        elif likelihood == "gaussian":
+            with torch.no_grad():
+                target = logits.detach() + torch.randn_like(logits)
+            sample_loss = 0.5 * (logits - target).pow(2).sum(-1).mean()
         else:
-            sample_loss = 0.5 * (logits - sampled_values).pow(2).sum(-1).mean()
+            raise ValueError(f"distkfac: likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
         # Asking for the weights' gradients walks the whole graph, so every layer's output hook fires; the
         # returned gradients are dropped and .grad stays untouched.
         self._sampling = True
@@ -320,7 +320,7 @@ class KFACPreconditioner:
                 "distkfac: step() found no gradients: call loss.backward() before precond.step() "
                 "(and precond.step() before optimizer.step())"
             )
-        if step % self.factor_update_steps == 0:
+        if self._is_factor_step():
             self._update_factors(step)
         if step % self.inv_update_steps == 0 or not any(layer.decomposed for layer in self._layers):
             self._update_decompositions(step)
@@ -350,7 +350,7 @@ class KFACPreconditioner:
             batch += [layer.a_batch, layer.g_batch]
         self.comm.average_factors(batch)
 
-        decay = self._hyper(self.factor_decay, "factor_decay", step)
+        decay = self._hyper(self.factor_decay, "factor_decay", step, _check_decay)
         running: list[torch.Tensor] = []
         updates: list[torch.Tensor] = []
         for layer in ready:
@@ -365,7 +365,8 @@ class KFACPreconditioner:
                     updates.append(new)
                 else:
                     # bf16/fp16 storage: averaging in that precision compounds rounding step after step until
-                    # the factor is indefinite; average in float32 and round only what is stored.
+                    # the factor is indefinite; average in float32 and round only what is stored. Also the path
+                    # for a batch in another dtype than its factor (a float32 layer fed bf16 under autocast).
                     factor.copy_(factor.float().lerp_(new.float(), 1.0 - decay))
         if running:
             # One multi-tensor kernel for every layer: F <- F + (1 - decay) (F_b - F).
