@@ -35,6 +35,7 @@ the N examples of a batch:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -46,7 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from distkfac.comm import Communicator, SingleProcessCommunicator
+from distkfac.assignment import Strategy, assign_work, grad_workers_for
+from distkfac.comm import Communicator, resolve_communicator
+from distkfac.exchange import DecompositionExchange, FactorExchange, FactorKey, GradientExchange
 from distkfac.layers import LayerHelper, helper_for
 from distkfac.methods import METHODS, ComputeMethod, DecompositionError
 
@@ -59,7 +62,8 @@ class _Layer:
 
     name: str
     helper: LayerHelper
-    group: int = 0  # index of its _Group in the preconditioner
+    index: int = 0  # position in the model's list of preconditioned layers (the same on every rank)
+    group: int = -1  # index of its _Group in the preconditioner; -1 where another rank preconditions it
     slot: int = 0  # its position in that group's stacks
     a_factor: torch.Tensor | None = None
     g_factor: torch.Tensor | None = None
@@ -67,6 +71,7 @@ class _Layer:
     g_batch: torch.Tensor | None = None
     a_passes: int = 0
     g_passes: int = 0
+    has_factors: bool = False  # its factors have been updated at least once (known on every rank)
     decomposed: bool = False
 
 
@@ -118,7 +123,15 @@ class KFACPreconditioner:
         skip_layers: Iterable[str | type[nn.Module]] = (),
         factor_dtype: torch.dtype | None = None,
         inv_dtype: torch.dtype | None = None,
-        comm: Communicator | None = None,
+        strategy: Strategy = "comm-opt",
+        grad_worker_fraction: float | None = None,
+        comm: Communicator | Literal["single", "torch", "horovod"] | None = None,
+        comm_dtype: torch.dtype | None = None,
+        bucket_cap_mb: float = 8.0,
+        overlap_comm: bool = True,
+        allreduce_grads: bool | None = None,
+        factor_reduction: Literal["owner", "allreduce"] = "owner",
+        pack_factors: bool = True,
     ) -> None:
         if compute_method not in METHODS:
             raise ValueError(f"distkfac: compute_method must be one of {sorted(METHODS)}, got {compute_method!r}")
@@ -150,13 +163,46 @@ class KFACPreconditioner:
         self.fisher = fisher
         self.factor_dtype = factor_dtype
         self.inv_dtype = inv_dtype
-        self.comm: Communicator = comm if comm is not None else SingleProcessCommunicator()
+        if comm_dtype is not None and comm_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(f"distkfac: comm_dtype must be float32, float64, bfloat16 or float16, got {comm_dtype}")
+        if factor_reduction not in ("owner", "allreduce"):
+            raise ValueError(f"distkfac: factor_reduction must be 'owner' or 'allreduce', got {factor_reduction!r}")
+        _check_positive("bucket_cap_mb", bucket_cap_mb)
+
+        self.comm: Communicator = resolve_communicator(comm)
         self._method: ComputeMethod = METHODS[compute_method]()
         self._steps = 0
         self._sampling = False
 
         self._layers = self._find_layers(model, tuple(skip_layers))
-        self._groups = self._make_groups(self._layers)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.strategy = strategy
+        grad_workers = grad_workers_for(strategy, grad_worker_fraction, self.comm.world_size)
+        dims = [(layer.helper.a_dim, layer.helper.g_dim) for layer in self._layers]
+        self.assignment = assign_work(dims, self.comm.world_size, grad_workers)
+        self.overlap_comm = overlap_comm and self.comm.world_size > 1
+        self.allreduce_grads = (
+            not isinstance(model, nn.parallel.DistributedDataParallel) if allreduce_grads is None else allreduce_grads
+        )
+        if self.comm.world_size > 1:
+            self._check_same_everywhere(model, strategy, grad_workers, factor_reduction, pack_factors, comm_dtype)
+            self.comm.prepare_groups([*self.assignment.worker_groups, *self.assignment.receiver_groups])
+        self._factor_exchange = FactorExchange(
+            self.comm,
+            self.assignment,
+            dims,
+            comm_dtype=comm_dtype,
+            bucket_bytes=int(bucket_cap_mb * 2**20),
+            reduction=factor_reduction,
+            pack=pack_factors,
+        )
+        self._decomposition_exchange = DecompositionExchange(
+            self.comm, self.assignment, dims, self._method.state_shapes
+        )
+        self._gradient_exchange = GradientExchange(self.comm, self.assignment, dims)
+        rank = self.comm.rank
+        self._local = [layer for layer in self._layers if rank in self.assignment.layers[layer.index].grad_workers]
+        self._groups = self._make_groups(self._local)
         self._hooks: list[RemovableHandle] = [
             layer.helper.module.register_forward_hook(self._make_forward_hook(layer)) for layer in self._layers
         ]
@@ -184,17 +230,41 @@ class KFACPreconditioner:
                     return True
             return False
 
-        layers = []
+        layers: list[_Layer] = []
         for name, module in named.items():
             helper = helper_for(module)
             if helper is not None and not skipped(name, module) and helper.weight.requires_grad:
-                layers.append(_Layer(name=name, helper=helper))
+                layers.append(_Layer(name=name, helper=helper, index=len(layers)))
         if not layers:
             raise ValueError(
                 "distkfac: the model has no layer K-FAC can precondition (nn.Linear, or nn.Conv2d with groups=1, "
                 "with trainable weights and not in skip_layers); use a plain optimizer for this model"
             )
         return layers
+
+    def _check_same_everywhere(self, model: nn.Module, *settings: object) -> None:
+        """Every rank must build the same layers and settings; a mismatch would pair up the wrong buffers."""
+        layers = [(layer.name, layer.helper.a_dim, layer.helper.g_dim) for layer in self._layers]
+        devices = {(layer.helper.weight.device, self._compute_dtype(layer.helper)) for layer in self._layers}
+        if len(devices) > 1:
+            raise ValueError(
+                f"distkfac: distributed K-FAC needs every preconditioned layer on one device and dtype per rank, "
+                f"found {sorted(map(str, devices))}; move the model with model.to(device, dtype)"
+            )
+        description = repr(
+            (layers, self.compute_method, self.factor_update_steps, self.inv_update_steps, self.fisher, settings)
+        )
+        digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:8], "little", signed=True)
+        everyone = self.comm.allgather_ints([digest, len(layers)])
+        different = [rank for rank, (other, _) in enumerate(everyone) if other != everyone[0][0]]
+        if different:
+            summary = ", ".join(f"{name} ({g}x{a})" for name, a, g in layers[:8])
+            raise ValueError(
+                f"distkfac: the ranks disagree on the model or the K-FAC settings: ranks {different} differ from "
+                f"rank 0 (layer counts by rank: {[count for _, count in everyone]}). This rank (rank {self.comm.rank}) "
+                f"has {len(layers)} layers: {summary}{', ...' if len(layers) > 8 else ''}. Build the same model with "
+                "the same KFACPreconditioner settings on every rank"
+            )
 
     def _compute_dtype(self, helper: LayerHelper) -> torch.dtype:
         if self.inv_dtype is not None:
@@ -224,9 +294,6 @@ class KFACPreconditioner:
                 )
             )
         return groups
-
-    def _group_of(self, layer: _Layer) -> _Group:
-        return self._groups[layer.group]
 
     # ------------------------------------------------------------------ hyperparameters
 
@@ -266,6 +333,9 @@ class KFACPreconditioner:
         g_batch = layer.helper.g_factor(grad_output.detach(), batch_size, self.factor_dtype)
         layer.g_batch = g_batch if layer.g_batch is None else layer.g_batch.add_(g_batch)
         layer.g_passes += 1
+        if self.overlap_comm and layer.g_passes == layer.a_passes:
+            # Every call of the layer in this pass has its G: start reducing while backward goes on.
+            self._hand_off(layer, launch=True)
 
     def mc_backward(self, logits: torch.Tensor, likelihood: Literal["categorical", "gaussian"] = "categorical") -> None:
         """For ``fisher="mc"``: capture G from a backward pass with targets sampled from the model's prediction.
@@ -313,13 +383,18 @@ class KFACPreconditioner:
         return self._steps
 
     def step(self) -> None:
-        """Precondition the gradients of every supported layer in place (after backward, before the optimizer)."""
+        """Precondition the gradients of every supported layer in place (after backward, before the optimizer).
+
+        In a distributed run every rank must call it at the same point: it runs collectives.
+        """
         step = self._steps
         if not any(layer.helper.has_grad() for layer in self._layers):
             raise RuntimeError(
                 "distkfac: step() found no gradients: call loss.backward() before precond.step() "
                 "(and precond.step() before optimizer.step())"
             )
+        if self.allreduce_grads and self.comm.world_size > 1:
+            self._average_gradients()
         if self._is_factor_step():
             self._update_factors(step)
         if step % self.inv_update_steps == 0 or not any(layer.decomposed for layer in self._layers):
@@ -327,11 +402,42 @@ class KFACPreconditioner:
         self._precondition(step)
         self._steps += 1
 
+    def _average_gradients(self) -> None:
+        """For a model without DDP: average every parameter's gradient over the ranks, one buffer per dtype."""
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        for param in self._params:
+            if param.grad is not None:
+                by_kind[(param.grad.device, param.grad.dtype)].append(param.grad)
+        pending = []
+        for grads in by_kind.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            pending.append((grads, flat, self.comm.allreduce_sum(flat, "gradient averaging")))
+        for grads, flat, handle in pending:
+            handle.wait()
+            flat.div_(self.comm.world_size)
+            offset = 0
+            for grad in grads:
+                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+
+    def _hand_off(self, layer: _Layer, launch: bool) -> None:
+        """Give the exchange this pass's batch factors of ``layer`` (the mean over its calls in the pass)."""
+        assert layer.a_batch is not None and layer.g_batch is not None
+        if layer.a_passes > 1:
+            layer.a_batch.div_(layer.a_passes)
+        if layer.g_passes > 1:
+            layer.g_batch.div_(layer.g_passes)
+        self._factor_exchange.hand_off(layer.index, layer.a_batch, layer.g_batch, launch=launch)
+        layer.a_batch = layer.g_batch = None
+        layer.a_passes = layer.g_passes = 0
+
     def _update_factors(self, step: int) -> None:
-        ready = [layer for layer in self._layers if layer.a_batch is not None and layer.g_batch is not None]
-        captured_a = any(layer.a_batch is not None for layer in self._layers)
-        if not ready:
-            if self.fisher == "mc" and captured_a:
+        for layer in self._layers:
+            if layer.a_batch is not None and layer.g_batch is not None:
+                self._hand_off(layer, launch=False)
+        handed = self._factor_exchange.handed_off
+        if not handed:
+            if self.fisher == "mc" and any(layer.a_batch is not None for layer in self._layers):
                 raise RuntimeError(
                     "distkfac: fisher='mc' needs precond.mc_backward(logits) after the forward pass and before "
                     f"loss.backward() on factor-update steps (step {step})"
@@ -340,141 +446,169 @@ class KFACPreconditioner:
                 "distkfac: step() found no factor statistics: run the forward and backward pass in training mode "
                 "(model.train(), gradients enabled) through the model given to KFACPreconditioner before step()"
             )
-        batch: list[torch.Tensor] = []
-        for layer in ready:
-            assert layer.a_batch is not None and layer.g_batch is not None
-            if layer.a_passes > 1:
-                layer.a_batch.div_(layer.a_passes)
-            if layer.g_passes > 1:
-                layer.g_batch.div_(layer.g_passes)
-            batch += [layer.a_batch, layer.g_batch]
-        self.comm.average_factors(batch)
+        batches = self._factor_exchange.finish()  # this rank's factors, averaged over ranks and passes
 
         decay = self._hyper(self.factor_decay, "factor_decay", step, _check_decay)
         running: list[torch.Tensor] = []
         updates: list[torch.Tensor] = []
-        for layer in ready:
-            assert layer.a_batch is not None and layer.g_batch is not None
+        for (index, kind), new in batches.items():
+            layer = self._layers[index]
+            factor = layer.a_factor if kind == 0 else layer.g_factor
             dtype = self.factor_dtype or layer.helper.weight.dtype
-            if layer.a_factor is None or layer.g_factor is None:
-                layer.a_factor, layer.g_factor = layer.a_batch.to(dtype), layer.g_batch.to(dtype)
-                continue
-            for factor, new in ((layer.a_factor, layer.a_batch), (layer.g_factor, layer.g_batch)):
-                if factor.dtype in (torch.float32, torch.float64) and factor.dtype == new.dtype:
-                    running.append(factor)
-                    updates.append(new)
+            if factor is None:
+                if kind == 0:
+                    layer.a_factor = new.to(dtype)
                 else:
-                    # bf16/fp16 storage: averaging in that precision compounds rounding step after step until
-                    # the factor is indefinite; average in float32 and round only what is stored. Also the path
-                    # for a batch in another dtype than its factor (a float32 layer fed bf16 under autocast).
-                    factor.copy_(factor.float().lerp_(new.float(), 1.0 - decay))
+                    layer.g_factor = new.to(dtype)
+            elif factor.dtype in (torch.float32, torch.float64) and factor.dtype == new.dtype:
+                running.append(factor)
+                updates.append(new)
+            else:
+                # bf16/fp16 storage: averaging in that precision compounds rounding step after step until the
+                # factor is indefinite; average in float32 and round only what is stored. Also the path for a batch
+                # in another dtype than its factor (a float32 layer fed bf16 under autocast).
+                factor.copy_(factor.float().lerp_(new.float(), 1.0 - decay))
         if running:
-            # One multi-tensor kernel for every layer: F <- F + (1 - decay) (F_b - F).
+            # One multi-tensor kernel for every factor: F <- F + (1 - decay) (F_b - F).
             torch._foreach_lerp_(running, updates, 1.0 - decay)
         for layer in self._layers:
+            layer.has_factors = layer.has_factors or layer.index in handed
             layer.a_batch = layer.g_batch = None
             layer.a_passes = layer.g_passes = 0
 
     def _update_decompositions(self, step: int) -> None:
         damping = self._hyper(self.damping, "damping", step)
-        by_size: dict[tuple[Any, ...], list[tuple[_Layer, str]]] = defaultdict(list)
-        for layer in self._layers:
-            if layer.a_factor is None or layer.g_factor is None:
+        ready = {layer.index for layer in self._layers if layer.has_factors}
+        by_size: dict[tuple[Any, ...], list[FactorKey]] = defaultdict(list)
+        for index, kind in sorted(self._factor_exchange.owned):
+            layer = self._layers[index]
+            factor = layer.a_factor if kind == 0 else layer.g_factor
+            if factor is None or index not in ready:
                 continue
-            dtype = self._compute_dtype(layer.helper)
-            device = layer.a_factor.device
-            by_size[(layer.helper.a_dim, device, dtype)].append((layer, "A"))
-            by_size[(layer.helper.g_dim, device, dtype)].append((layer, "G"))
+            by_size[(factor.shape[0], factor.device, self._compute_dtype(layer.helper))].append((index, kind))
 
         stacks = {}
         finite = []
         for key, members in by_size.items():
-            factors = torch.stack([self._factor(layer, kind).to(key[2]) for layer, kind in members])
-            stacks[key] = factors
-            finite.append(torch.isfinite(factors).flatten(1).all(1).cpu())
-        if finite and not bool(torch.cat(finite).all()):  # one host synchronisation for all layers
-            bad = [
-                f"{layer.name}.{kind}"
-                for (key, members), ok in zip(by_size.items(), finite, strict=True)
-                for (layer, kind), good in zip(members, ok.tolist(), strict=True)
-                if not good
-            ]
-            raise FloatingPointError(
-                f"distkfac: Kronecker factors contain NaN or Inf at step {step}: {', '.join(bad)}. The activations "
-                "or gradients diverged: lower the learning rate, raise damping, or check the inputs and the loss"
-            )
+            stacks[key] = torch.stack([self._factor(index, kind).to(key[2]) for index, kind in members])
+            finite.append(torch.isfinite(stacks[key]).flatten(1).all(1))
+        self._check_finite(step, list(by_size.values()), finite)
 
-        states: list[list[torch.Tensor]] = []
+        mine: dict[FactorKey, list[torch.Tensor]] = {}
         for key, members in by_size.items():
             try:
                 decomposed = self._method.decompose(stacks[key], damping)
             except torch.linalg.LinAlgError as error:
-                names = ", ".join(f"{layer.name}.{kind}" for layer, kind in members)
+                names = ", ".join(f"{self._layers[i].name}.{'AG'[kind]}" for i, kind in members)
                 raise DecompositionError(
                     f"distkfac: the {self.compute_method} decomposition failed at step {step} for {names} even in "
                     f"float64 ({error}); raise damping or check the factors for extreme values"
                 ) from error
-            for index, (layer, kind) in enumerate(members):
-                group = self._group_of(layer)
-                target = group.a_state if kind == "A" else group.g_state
-                for dst, src in zip(target, decomposed, strict=True):
-                    dst[layer.slot].copy_(src[index])
-                layer.decomposed = True
-            states.append(decomposed)
-        self.comm.share_decompositions(states)
+            for position, member in enumerate(members):
+                mine[member] = [state[position] for state in decomposed]
+        if self.comm.world_size > 1:
+            first = self._layers[0].helper.weight
+            received = self._decomposition_exchange.share(
+                mine, ready, self._compute_dtype(self._layers[0].helper), first.device
+            )
+            mine.update(received)
+        for (index, kind), states in mine.items():
+            layer = self._layers[index]
+            if layer.group < 0:
+                continue  # factor reduction "allreduce" keeps every factor, but this rank does not precondition it
+            group = self._groups[layer.group]
+            for dst, src in zip(group.a_state if kind == 0 else group.g_state, states, strict=True):
+                dst[layer.slot].copy_(src)
+        for layer in self._layers:
+            layer.decomposed = layer.decomposed or layer.index in ready
 
-    @staticmethod
-    def _factor(layer: _Layer, kind: str) -> torch.Tensor:
-        factor = layer.a_factor if kind == "A" else layer.g_factor
+    def _check_finite(self, step: int, members: list[list[FactorKey]], finite: list[torch.Tensor]) -> None:
+        """Raise on every rank if any rank's factors hold NaN or Inf: one small allreduce, one host sync."""
+        bad = torch.zeros(2 * len(self._layers), dtype=torch.int32)
+        for keys, ok in zip(members, finite, strict=True):
+            positions = torch.tensor([2 * index + kind for index, kind in keys])
+            bad[positions] = (~ok).to(torch.int32).cpu()
+        if self.comm.world_size > 1:
+            self.comm.allreduce_sum(bad, "finiteness check").wait()
+        if bool(bad.any()):
+            names = [f"{self._layers[p // 2].name}.{'AG'[p % 2]}" for p in bad.nonzero().view(-1).tolist()]
+            raise FloatingPointError(
+                f"distkfac: Kronecker factors contain NaN or Inf at step {step}: {', '.join(names)}. The activations "
+                "or gradients diverged: lower the learning rate, raise damping, or check the inputs and the loss"
+            )
+
+    def _factor(self, index: int, kind: int) -> torch.Tensor:
+        layer = self._layers[index]
+        factor = layer.a_factor if kind == 0 else layer.g_factor
         assert factor is not None
         return factor
 
     def _precondition(self, step: int) -> None:
         damping = self._hyper(self.damping, "damping", step)
-        results: list[tuple[_Group, list[_Layer], torch.Tensor]] = []
+        active = {layer.index for layer in self._layers if layer.decomposed and layer.helper.has_grad()}
+        first = self._layers[0].helper
+        vg = torch.zeros(len(self._layers), dtype=self._compute_dtype(first), device=first.weight.device)
+        directions: dict[int, torch.Tensor] = {}
         for group in self._groups:
-            active = [layer for layer in group.layers if layer.decomposed and layer.helper.has_grad()]
-            if not active:
+            members = [layer for layer in group.layers if layer.index in active]
+            if not members:
                 continue
-            if len(active) < len(group.layers):
+            if len(members) < len(group.layers):
                 group.grads.zero_()  # absent layers then contribute V = 0 and nothing to the KL sum
-            for layer in active:
+            for layer in members:
                 layer.helper.read_grad(group.grads[layer.slot])
             preconditioned = self._method.precondition(group.grads, group.a_state, group.g_state, damping)
-            results.append((group, active, preconditioned))
-        self.comm.share_gradients([v for _, _, v in results])
+            slots = torch.tensor([layer.slot for layer in members], device=vg.device)
+            indices = torch.tensor([layer.index for layer in members], device=vg.device)
+            per_layer = (preconditioned * group.grads).flatten(1).sum(1)
+            vg[indices] = per_layer[slots].to(vg.dtype)
+            for layer in members:
+                directions[layer.index] = preconditioned[layer.slot]
+        if self.comm.world_size > 1:
+            directions.update(self._gradient_exchange.share(directions, vg, active))
 
         scale: torch.Tensor | None = None
-        if self.kl_clip is not None and results:
+        if self.kl_clip is not None and directions:
             kl_clip = self._hyper(self.kl_clip, "kl_clip", step)
             lr = self._hyper(self.lr, "lr", step)
-            vg_sum = torch.stack([torch.dot(v.view(-1), g.grads.view(-1)) for g, _, v in results]).sum()
-            # No host synchronisation: nu stays a tensor. <V, grad> >= 0 up to rounding; 0 means nu = 1.
-            scale = torch.sqrt(kl_clip / (lr * lr * vg_sum.clamp(min=0.0))).clamp(max=1.0)
-        for _, active, preconditioned in results:
-            for layer in active:
-                layer.helper.write_grad(preconditioned[layer.slot], scale)
+            # No host synchronisation: nu stays a tensor. <V, grad> >= 0 up to rounding; 0 means nu = 1. Summed in
+            # layer order, so every rank computes the same nu from the same values.
+            scale = torch.sqrt(kl_clip / (lr * lr * vg.sum().clamp(min=0.0))).clamp(max=1.0)
+        for index in sorted(directions):
+            self._layers[index].helper.write_grad(directions[index], scale)
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
         """Step count, running factors and current decompositions: enough to resume bit for bit.
 
+        In a distributed run it holds this rank's part only (the factors it owns, the decompositions it keeps):
+        save one file per rank and load each into the same rank of a run with the same world size and strategy.
         Hyperparameters are not included: they come from the constructor, so schedules keep working.
         """
         layers: dict[str, Any] = {}
         for layer in self._layers:
-            group = self._group_of(layer)
+            local = layer.group >= 0 and layer.decomposed
+            group = self._groups[layer.group] if local else None
             layers[layer.name] = {
+                "has_factors": layer.has_factors,
+                "decomposed": layer.decomposed,
                 "A": None if layer.a_factor is None else layer.a_factor.clone(),
                 "G": None if layer.g_factor is None else layer.g_factor.clone(),
-                "a_state": [t[layer.slot].clone() for t in group.a_state] if layer.decomposed else None,
-                "g_state": [t[layer.slot].clone() for t in group.g_state] if layer.decomposed else None,
+                "a_state": [t[layer.slot].clone() for t in group.a_state] if group is not None else None,
+                "g_state": [t[layer.slot].clone() for t in group.g_state] if group is not None else None,
             }
-        return {"steps": self._steps, "compute_method": self.compute_method, "layers": layers}
+        return {
+            "steps": self._steps,
+            "compute_method": self.compute_method,
+            "rank": self.comm.rank,
+            "world_size": self.comm.world_size,
+            "grad_workers": len(self.assignment.worker_groups[0]),
+            "layers": layers,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what ``state_dict()`` returned, checking that it belongs to the same model and method."""
+        """Restore what ``state_dict()`` returned, checking that it belongs to the same model, method and rank."""
         if not isinstance(state, Mapping) or not {"steps", "compute_method", "layers"} <= set(state):
             raise ValueError("distkfac: not a KFACPreconditioner state_dict (needs steps, compute_method, layers)")
         if state["compute_method"] != self.compute_method:
@@ -482,12 +616,20 @@ class KFACPreconditioner:
                 f"distkfac: the checkpoint was made with compute_method={state['compute_method']!r}, this "
                 f"preconditioner uses {self.compute_method!r}; construct it with the checkpoint's method"
             )
+        layout = (state.get("rank", 0), state.get("world_size", 1), state.get("grad_workers", 1))
+        ours = (self.comm.rank, self.comm.world_size, len(self.assignment.worker_groups[0]))
+        if layout[1:] != ours[1:] or (layout[1] > 1 and layout[0] != ours[0]):
+            raise ValueError(
+                f"distkfac: the checkpoint holds rank {layout[0]}'s part of a run with {layout[1]} ranks and "
+                f"{layout[2]} gradient workers per layer; this is rank {ours[0]} of {ours[1]} with {ours[2]}. Resume "
+                "with the same world size and strategy, each rank loading its own file"
+            )
         saved = state["layers"]
-        ours = {layer.name for layer in self._layers}
-        if set(saved) != ours:
+        names = {layer.name for layer in self._layers}
+        if set(saved) != names:
             raise ValueError(
                 "distkfac: the checkpoint's layers do not match this model's: missing "
-                f"{sorted(ours - set(saved))}, unexpected {sorted(set(saved) - ours)}"
+                f"{sorted(names - set(saved))}, unexpected {sorted(set(saved) - names)}"
             )
         for layer in self._layers:
             entry = saved[layer.name]
@@ -502,9 +644,10 @@ class KFACPreconditioner:
             device = h.weight.device
             layer.a_factor = None if entry["A"] is None else entry["A"].to(device).clone()
             layer.g_factor = None if entry["G"] is None else entry["G"].to(device).clone()
-            layer.decomposed = entry["a_state"] is not None
-            if layer.decomposed:
-                group = self._group_of(layer)
+            layer.has_factors = entry.get("has_factors", entry["A"] is not None)
+            layer.decomposed = entry.get("decomposed", entry["a_state"] is not None)
+            if entry["a_state"] is not None and layer.group >= 0:
+                group = self._groups[layer.group]
                 for dst, src in zip(group.a_state, entry["a_state"], strict=True):
                     dst[layer.slot].copy_(src)
                 for dst, src in zip(group.g_state, entry["g_state"], strict=True):
@@ -514,6 +657,21 @@ class KFACPreconditioner:
         self._steps = int(state["steps"])
 
     # ------------------------------------------------------------------ misc
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank keeps for K-FAC: running factors, and decompositions with their gradient stacks."""
+        factors = sum(
+            t.numel() * t.element_size()
+            for layer in self._layers
+            for t in (layer.a_factor, layer.g_factor)
+            if t is not None
+        )
+        decompositions = sum(
+            t.numel() * t.element_size()
+            for group in self._groups
+            for t in (*group.a_state, *group.g_state, group.grads)
+        )
+        return {"factors": factors, "decompositions": decompositions}
 
     @property
     def layer_names(self) -> list[str]:

@@ -1,0 +1,104 @@
+"""Collectives through torch.distributed: gloo on CPU, NCCL on GPUs, MPI where torch was built with it."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from distkfac.comm.base import CommStats, Done, Pending, guarded, nbytes
+
+
+class _TorchPending:
+    def __init__(self, works: list[dist.Work], comm: TorchDistCommunicator, what: str) -> None:
+        self._works = works
+        self._comm = comm
+        self._what = what
+
+    def wait(self) -> None:
+        for work in self._works:
+            guarded(self._comm.rank, self._comm.world_size, self._what, functools.partial(self._comm.wait_work, work))
+        self._works = []
+
+
+class TorchDistCommunicator:
+    """Uses the default process group that the user initialised (``torch.distributed.init_process_group``).
+
+    ``timeout`` bounds every wait: a rank that hangs makes the others raise CommunicationError after it, a rank
+    that dies makes them raise as soon as the backend notices the broken connection.
+    """
+
+    def __init__(self, timeout: timedelta = timedelta(minutes=5)) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "distkfac: TorchDistCommunicator needs torch.distributed.init_process_group() to have been called "
+                "(torchrun, or mpirun/srun with MASTER_ADDR/MASTER_PORT set); for one process use comm='single'"
+            )
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.timeout = timeout
+        self.backend = str(dist.get_backend())
+        self.stats = CommStats()
+        self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {tuple(range(self.world_size)): None}
+
+    def wait_work(self, work: dist.Work) -> None:
+        if self.backend == "gloo":
+            work.wait(self.timeout)
+        else:  # NCCL and MPI take their timeout from the process group
+            work.wait()
+
+    def prepare_groups(self, groups: Sequence[tuple[int, ...]]) -> None:
+        # new_group is collective over the whole world: every rank creates every group, in the same order.
+        for group in groups:
+            if len(group) > 1 and group not in self._groups:
+                self._groups[group] = guarded(
+                    self.rank,
+                    self.world_size,
+                    f"creating process group {group}",
+                    functools.partial(dist.new_group, group),
+                )
+
+    def allgather_ints(self, values: Sequence[int]) -> list[list[int]]:
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        mine = torch.tensor(list(values), dtype=torch.int64, device=device)
+        everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
+        guarded(self.rank, self.world_size, "allgather (set-up check)", lambda: dist.all_gather(everyone, mine))
+        return [t.tolist() for t in everyone]
+
+    def allreduce_sum(self, tensor: torch.Tensor, purpose: str) -> Pending:
+        what = f"allreduce of {purpose}"
+        self.stats.record(purpose, 2 * nbytes(tensor) * (self.world_size - 1) / self.world_size)
+        work = guarded(self.rank, self.world_size, what, lambda: dist.all_reduce(tensor, async_op=True))
+        assert work is not None
+        return _TorchPending([work], self, what)
+
+    def reduce_to_owners(self, segments: Sequence[torch.Tensor], purpose: str) -> Pending:
+        what = f"reduction of {purpose} to their owners"
+        works = []
+        for owner, segment in enumerate(segments):
+            if segment.numel() == 0:
+                continue
+            self.stats.record(purpose, nbytes(segment) * (self.world_size - 1) / self.world_size)
+            work = guarded(
+                self.rank,
+                self.world_size,
+                what,
+                functools.partial(dist.reduce, segment, dst=owner, async_op=True),
+            )
+            works.append(work)
+        return _TorchPending(works, self, what)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, group: tuple[int, ...], purpose: str) -> Pending:
+        if len(group) == 1:
+            return Done()
+        what = f"broadcast of {purpose} from rank {src} to ranks {list(group)}"
+        if group not in self._groups:
+            raise RuntimeError(f"distkfac: internal error: process group {group} was not prepared")
+        self.stats.record(purpose, nbytes(tensor) * (len(group) - 1) / len(group))
+        pg = self._groups[group]
+        work = guarded(self.rank, self.world_size, what, lambda: dist.broadcast(tensor, src, group=pg, async_op=True))
+        assert work is not None
+        return _TorchPending([work], self, what)

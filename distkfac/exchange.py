@@ -1,0 +1,294 @@
+"""What travels between ranks in a K-FAC step, and when. Each exchange is a plan fixed at construction (identical
+on every rank) plus explicit collectives through the communicator.
+
+- ``FactorExchange``: each pass's batch factors are packed (upper triangles of the symmetric matrices) into static
+  buckets in backward order. A bucket is launched as soon as its last layer's G is captured, so reductions overlap
+  the rest of the backward pass; buckets launch strictly in order, like DDP's, so every rank issues the same
+  collectives in the same order. Each factor is reduced only to the rank that decomposes it, so a rank keeps the
+  running averages of its own factors only (about 1/P of them).
+- ``DecompositionExchange``: the owner of a factor broadcasts its decomposition to the other gradient workers of the
+  layer (all ranks for comm-opt, nobody for mem-opt).
+- ``GradientExchange``: each gradient worker broadcasts the preconditioned gradients it computed to its receiver group
+  (everyone for mem-opt, nobody for comm-opt), with each layer's ``<V, grad>`` for the KL clip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+from distkfac.assignment import WorkAssignment
+from distkfac.comm.base import Communicator, Pending
+
+FactorKey = tuple[int, int]  # (layer index, 0 for A / 1 for G)
+
+_triu_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _triu(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (n, device)
+    if key not in _triu_cache:
+        rows, cols = torch.triu_indices(n, n, device=device)
+        _triu_cache[key] = (rows, cols)
+    return _triu_cache[key]
+
+
+def packed_size(n: int, pack: bool) -> int:
+    return n * (n + 1) // 2 if pack else n * n
+
+
+def pack_symmetric(matrix: torch.Tensor, pack: bool) -> torch.Tensor:
+    """The upper triangle of a symmetric matrix, row by row (or the whole matrix when ``pack`` is off)."""
+    if not pack:
+        return matrix.reshape(-1)
+    rows, cols = _triu(matrix.shape[0], matrix.device)
+    return matrix[rows, cols]
+
+
+def unpack_symmetric(flat: torch.Tensor, n: int, pack: bool, dtype: torch.dtype) -> torch.Tensor:
+    if not pack:
+        return flat.view(n, n).to(dtype)
+    rows, cols = _triu(n, flat.device)
+    out = torch.empty(n, n, dtype=dtype, device=flat.device)
+    values = flat.to(dtype)
+    out[rows, cols] = values
+    out[cols, rows] = values
+    return out
+
+
+class FactorExchange:
+    """Averages batch factors over ranks and passes; each rank gets the factors it owns (all of them in one process)."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        assignment: WorkAssignment,
+        dims: Sequence[tuple[int, int]],
+        *,
+        comm_dtype: torch.dtype | None,
+        bucket_bytes: int,
+        reduction: Literal["owner", "allreduce"] = "owner",
+        pack: bool = True,
+    ) -> None:
+        self.comm = comm
+        self.dims = list(dims)
+        self.comm_dtype = comm_dtype
+        self.reduction = reduction
+        self.pack = pack
+        self.distributed = comm.world_size > 1
+        layers = assignment.layers
+        self.owner: dict[FactorKey, int] = {}
+        for index, work in enumerate(layers):
+            self.owner[(index, 0)] = work.a_owner
+            self.owner[(index, 1)] = work.g_owner
+        everything = reduction == "allreduce" or not self.distributed
+        self.owned: set[FactorKey] = {key for key, rank in self.owner.items() if everything or rank == comm.rank}
+
+        # Static buckets in backward order (last layer first), closed when they pass bucket_bytes.
+        element = torch.tensor([], dtype=comm_dtype or torch.float32).element_size()
+        self.buckets: list[list[int]] = [[]]
+        size = 0
+        for index in reversed(range(len(dims))):
+            if self.buckets[-1] and size >= bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(index)
+            size += element * sum(packed_size(n, pack) for n in dims[index])
+        self.bucket_of = {index: b for b, members in enumerate(self.buckets) for index in members}
+
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._next_bucket = 0
+        self._inflight: list[tuple[list[FactorKey], list[torch.Tensor], Pending]] = []
+        self._sums: dict[FactorKey, torch.Tensor] = {}
+        self._passes: dict[int, int] = {}
+        self._dtypes: dict[FactorKey, torch.dtype] = {}
+
+    @property
+    def handed_off(self) -> set[int]:
+        """Layers with at least one pass handed off since the last ``finish()``."""
+        return set(self._passes)
+
+    def hand_off(self, layer: int, a_batch: torch.Tensor, g_batch: torch.Tensor, *, launch: bool) -> None:
+        """One pass's batch factors of ``layer``. With ``launch``, complete buckets start reducing right away."""
+        self._passes[layer] = self._passes.get(layer, 0) + 1
+        if not self.distributed:
+            for kind, batch in enumerate((a_batch, g_batch)):
+                key = (layer, kind)
+                self._sums[key] = batch if key not in self._sums else self._sums[key].add_(batch)
+            return
+        self._dtypes[(layer, 0)], self._dtypes[(layer, 1)] = a_batch.dtype, g_batch.dtype
+        self._staged[layer] = (a_batch, g_batch)
+        if launch:
+            while self._next_bucket < len(self.buckets) and all(
+                index in self._staged for index in self.buckets[self._next_bucket]
+            ):
+                self._launch(self.buckets[self._next_bucket])
+                self._next_bucket += 1
+            if self._next_bucket == len(self.buckets):
+                self._next_bucket = 0  # the next pass (gradient accumulation) starts over
+
+    def _launch(self, members: list[int]) -> None:
+        staged = [index for index in members if index in self._staged]
+        if not staged:
+            return
+        keys_by_rank: list[list[FactorKey]] = [[] for _ in range(self.comm.world_size)]
+        for index in staged:
+            for kind in (0, 1):
+                target = 0 if self.reduction == "allreduce" else self.owner[(index, kind)]
+                keys_by_rank[target].append((index, kind))
+        first = self._staged[staged[0]][0]
+        dtype = self.comm_dtype or first.dtype
+        segments = []
+        for keys in keys_by_rank:
+            parts = [pack_symmetric(self._staged[index][kind], self.pack).to(dtype) for index, kind in keys]
+            segments.append(torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=first.device))
+        for index in staged:
+            del self._staged[index]
+        if self.reduction == "allreduce":
+            pending = self.comm.allreduce_sum(segments[0], "factors")
+            keys = keys_by_rank[0]
+            self._inflight.append((keys, [segments[0]], pending))
+        else:
+            pending = self.comm.reduce_to_owners(segments, "factors")
+            self._inflight.append((keys_by_rank[self.comm.rank], [segments[self.comm.rank]], pending))
+
+    def finish(self) -> dict[FactorKey, torch.Tensor]:
+        """Wait for every reduction; the mean batch factor of each owned factor, over ranks and passes."""
+        for members in self.buckets:  # buckets the backward pass did not complete (unused layers, no overlap)
+            self._launch(members)
+        self._next_bucket = 0
+        for keys, (segment,), pending in self._inflight:
+            pending.wait()
+            offset = 0
+            for key in keys:
+                n = self.dims[key[0]][key[1]]
+                length = packed_size(n, self.pack)
+                dtype = self._dtypes[key]
+                accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+                value = unpack_symmetric(segment[offset : offset + length], n, self.pack, accumulate)
+                offset += length
+                self._sums[key] = value if key not in self._sums else self._sums[key].add_(value)
+        self._inflight = []
+        result = {}
+        for key, total in self._sums.items():
+            count = self._passes[key[0]] * self.comm.world_size
+            result[key] = total.div_(count) if count > 1 else total
+        self._sums = {}
+        self._passes = {}
+        return result
+
+
+class DecompositionExchange:
+    """Owners broadcast their decompositions to the other gradient workers of each layer."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        assignment: WorkAssignment,
+        dims: Sequence[tuple[int, int]],
+        state_shapes: Callable[[int], list[tuple[int, ...]]],
+    ) -> None:
+        self.comm = comm
+        self.dims = list(dims)
+        self.state_shapes = state_shapes
+        # (group, source rank, factors that source decomposes for the group's layers), in a fixed order.
+        self.plan: list[tuple[tuple[int, ...], int, list[FactorKey]]] = []
+        for group in assignment.worker_groups:
+            if comm.rank not in group or len(group) == 1:
+                continue
+            for src in group:
+                keys = [
+                    (index, kind)
+                    for index, work in enumerate(assignment.layers)
+                    if work.grad_workers == group
+                    for kind, owner in enumerate((work.a_owner, work.g_owner))
+                    if owner == src
+                ]
+                if keys:
+                    self.plan.append((group, src, keys))
+
+    def _numel(self, key: FactorKey) -> list[int]:
+        n = self.dims[key[0]][key[1]]
+        return [int(torch.Size(shape).numel()) for shape in self.state_shapes(n)]
+
+    def share(
+        self,
+        mine: dict[FactorKey, list[torch.Tensor]],
+        ready: set[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> dict[FactorKey, list[torch.Tensor]]:
+        """Send ``mine`` (this rank's decompositions) and return the ones other ranks sent, for ``ready`` layers."""
+        received: list[tuple[list[FactorKey], torch.Tensor, Pending]] = []
+        for group, src, all_keys in self.plan:
+            keys = [key for key in all_keys if key[0] in ready]
+            if not keys:
+                continue
+            if src == self.comm.rank:
+                buffer = torch.cat([t.reshape(-1).to(dtype) for key in keys for t in mine[key]])
+            else:
+                buffer = torch.empty(sum(sum(self._numel(key)) for key in keys), dtype=dtype, device=device)
+            pending = self.comm.broadcast(buffer, src, group, "decompositions")
+            if src != self.comm.rank:
+                received.append((keys, buffer, pending))
+            else:
+                received.append(([], buffer, pending))
+        out: dict[FactorKey, list[torch.Tensor]] = {}
+        for keys, buffer, pending in received:
+            pending.wait()
+            offset = 0
+            for key in keys:
+                n = self.dims[key[0]][key[1]]
+                tensors = []
+                for shape in self.state_shapes(n):
+                    numel = int(torch.Size(shape).numel())
+                    tensors.append(buffer[offset : offset + numel].view(shape))
+                    offset += numel
+                out[key] = tensors
+        return out
+
+
+class GradientExchange:
+    """Gradient workers broadcast preconditioned gradients, and each layer's ``<V, grad>``, to their receivers."""
+
+    def __init__(self, comm: Communicator, assignment: WorkAssignment, dims: Sequence[tuple[int, int]]) -> None:
+        self.comm = comm
+        self.shapes = [(g, a) for a, g in dims]
+        self.receivers = assignment.receiver_group_of(comm.rank)
+        # For each member of this rank's receiver group: the layers it preconditions (it serves the whole group).
+        self.plan: list[tuple[int, list[int]]] = []
+        if len(self.receivers) > 1:
+            for src in self.receivers:
+                layers = [index for index, work in enumerate(assignment.layers) if src in work.grad_workers]
+                if layers:
+                    self.plan.append((src, layers))
+
+    def share(self, mine: dict[int, torch.Tensor], vg: torch.Tensor, active: set[int]) -> dict[int, torch.Tensor]:
+        """Send ``mine`` (layer -> V); return the V of ``active`` layers from other ranks, filling their ``vg``."""
+        received: list[tuple[list[int], torch.Tensor, Pending]] = []
+        for src, all_layers in self.plan:
+            layers = [index for index in all_layers if index in active]
+            if not layers:
+                continue
+            numel = sum(self.shapes[i][0] * self.shapes[i][1] for i in layers) + len(layers)
+            index_tensor = torch.tensor(layers, device=vg.device)
+            if src == self.comm.rank:
+                buffer = torch.cat([*(mine[i].reshape(-1) for i in layers), vg[index_tensor]])
+            else:
+                buffer = torch.empty(numel, dtype=vg.dtype, device=vg.device)
+            pending = self.comm.broadcast(buffer, src, self.receivers, "gradients")
+            received.append((layers if src != self.comm.rank else [], buffer, pending))
+        out: dict[int, torch.Tensor] = {}
+        for layers, buffer, pending in received:
+            pending.wait()
+            if not layers:
+                continue
+            offset = 0
+            for index in layers:
+                rows, cols = self.shapes[index]
+                out[index] = buffer[offset : offset + rows * cols].view(rows, cols)
+                offset += rows * cols
+            vg[torch.tensor(layers, device=vg.device)] = buffer[offset:]
+        return out
