@@ -107,6 +107,8 @@ class HorovodCommunicator:
         if longest == 0:
             return Done()
         mine = segments[self.rank]
+        if mine.dtype == torch.bfloat16 and mine.device.type == "cpu":
+            raise ValueError("distkfac: Horovod has no bfloat16 collectives on CPU; use comm_dtype=torch.float16")
         padded = torch.zeros(self.world_size, longest, dtype=mine.dtype, device=mine.device)
         for owner, segment in enumerate(segments):
             padded[owner, : segment.numel()] = segment

@@ -1,0 +1,171 @@
+"""One rank of a distributed K-FAC test run, started by torchrun, mpirun or the tests directly.
+
+    python -m tests.dist_worker --backend torch|horovod --out DIR --scenario equivalence|die|hang|mismatch
+
+``equivalence`` trains every configuration of ``CONFIGS`` for a few steps on real Fashion-MNIST images, each rank on
+its shard of every batch, and saves each rank's final parameters; the test compares them with ``train(..., world=1)``
+run in one process on the full batches. The other scenarios make one rank fail on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distkfac import KFACPreconditioner
+from jobs.data import FASHION_MNIST_ROOT, load_mnist_like
+
+STEPS = 4
+BATCH = 48  # divisible by 2, 4, and by 2 passes of each
+CONFIGS: dict[str, dict[str, Any]] = {
+    "comm-opt": {"strategy": "comm-opt", "ddp": True},
+    "mem-opt": {"strategy": "mem-opt", "compute_method": "inverse"},
+    "hybrid": {"strategy": "hybrid", "grad_worker_fraction": 0.5, "ddp": True},
+    # Two passes per step, tiny buckets (several reductions in flight), no DDP: the preconditioner averages gradients.
+    "comm-opt-accumulate": {"strategy": "comm-opt", "passes": 2, "bucket_cap_mb": 0.01},
+    # Factors travel in float16: not equivalent to float64, but every rank must still apply the same update.
+    "mem-opt-fp16-comm": {"strategy": "mem-opt", "comm_dtype": torch.float16, "ddp": True},
+    # The KAISA-like baseline of the benchmark: full factors allreduced to every rank.
+    "hybrid-allreduce-baseline": {
+        "strategy": "hybrid",
+        "grad_worker_fraction": 0.5,
+        "factor_reduction": "allreduce",
+        "pack_factors": False,
+        "overlap_comm": False,
+    },
+}
+EXACT = ["comm-opt", "mem-opt", "hybrid", "comm-opt-accumulate", "hybrid-allreduce-baseline"]
+HOROVOD_CONFIGS = ["comm-opt", "mem-opt", "hybrid", "comm-opt-accumulate", "mem-opt-fp16-comm"]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 5, stride=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(144, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    ).double()
+
+
+def load_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    images, labels = load_mnist_like(FASHION_MNIST_ROOT, "train")
+    x = images[: STEPS * BATCH].double().reshape(-1, 1, 28, 28) / 255.0
+    y = labels[: STEPS * BATCH].long()
+    return [(x[k * BATCH : (k + 1) * BATCH], y[k * BATCH : (k + 1) * BATCH]) for k in range(STEPS)]
+
+
+def train(config: dict[str, Any], rank: int, world: int, comm: Any, die_at: int | None = None) -> nn.Module:
+    """Train ``STEPS`` steps; rank ``rank`` of ``world`` sees its equal shard of every batch."""
+    settings = {k: v for k, v in config.items() if k not in ("ddp", "passes")}
+    model = make_model()
+    trained: nn.Module = model
+    if config.get("ddp") and world > 1 and torch.distributed.is_initialized():  # Horovod runs use plain models
+        trained = nn.parallel.DistributedDataParallel(model)
+    precond = KFACPreconditioner(
+        trained, lr=0.1, damping=1e-2, inv_update_steps=2, kl_clip=1e-2, comm=comm, **settings
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    passes = config.get("passes", 1)
+    for step, (x, y) in enumerate(load_batches()):
+        shard = BATCH // world
+        x, y = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
+        optimizer.zero_grad()
+        part = shard // passes
+        for p in range(passes):
+            logits = trained(x[p * part : (p + 1) * part])
+            F.cross_entropy(logits, y[p * part : (p + 1) * part]).backward()
+        if die_at is not None and step == die_at:
+            if rank == 1:
+                os._exit(3)
+            time.sleep(0.5)  # let rank 1 go first, so that the others meet a dead peer in step()
+        precond.step()
+        optimizer.step()
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", choices=["torch", "horovod"], required=True)
+    parser.add_argument("--scenario", choices=["equivalence", "die", "hang", "mismatch"], default="equivalence")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    comm: Any
+    if args.backend == "torch":
+        import torch.distributed as dist
+
+        from distkfac.comm.torch_dist import TorchDistCommunicator
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        comm = TorchDistCommunicator(timeout=timedelta(seconds=args.timeout))
+        names = list(CONFIGS)
+    else:
+        import horovod.torch as hvd
+
+        from distkfac.comm.horovod import HorovodCommunicator
+
+        hvd.init(process_sets="dynamic")
+        rank, world = hvd.rank(), hvd.size()
+        comm = HorovodCommunicator()
+        names = HOROVOD_CONFIGS
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.scenario == "equivalence":
+        for name in names:
+            comm.stats.reset()
+            model = train(CONFIGS[name], rank, world, comm)
+            torch.save(model.state_dict(), args.out / f"{name}.rank{rank}.pt")
+            stats = {"bytes": dict(comm.stats.bytes_sent), "calls": dict(comm.stats.calls)}
+            (args.out / f"{name}.rank{rank}.json").write_text(json.dumps(stats))
+        errors = {}
+        try:  # a fraction that leaves no whole number of gradient workers
+            KFACPreconditioner(make_model(), comm=comm, strategy="hybrid", grad_worker_fraction=0.3)
+        except ValueError as error:
+            errors["fraction"] = str(error)
+        (args.out / f"errors.rank{rank}.json").write_text(json.dumps(errors))
+    elif args.scenario == "mismatch":
+        model = make_model()
+        if rank == 1:
+            model[8] = nn.Linear(32, 16).double()  # rank 1 builds another model
+            model[10] = nn.Linear(16, 10).double()
+        try:
+            KFACPreconditioner(model, comm=comm)
+        except ValueError as error:
+            print(f"rank {rank}: ValueError: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    elif args.scenario == "die":
+        train(CONFIGS["comm-opt"], rank, world, comm, die_at=2)
+    elif args.scenario == "hang":
+        config = CONFIGS["mem-opt"]
+        model = make_model()
+        precond = KFACPreconditioner(model, comm=comm, strategy=config["strategy"])
+        x, y = load_batches()[0]
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+        if rank == 1:
+            time.sleep(3600)  # alive but stuck: the others must give up after the timeout
+        precond.step()
+
+
+if __name__ == "__main__":
+    main()
