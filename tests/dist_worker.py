@@ -79,9 +79,7 @@ def train(config: dict[str, Any], rank: int, world: int, comm: Any, die_at: int 
     trained: nn.Module = model
     if config.get("ddp") and world > 1 and torch.distributed.is_initialized():  # Horovod runs use plain models
         trained = nn.parallel.DistributedDataParallel(model)
-    precond = KFACPreconditioner(
-        trained, lr=0.1, damping=1e-2, inv_update_steps=2, kl_clip=1e-2, comm=comm, **settings
-    )
+    precond = KFACPreconditioner(trained, lr=0.1, damping=1e-2, inv_update_steps=2, kl_clip=1e-2, comm=comm, **settings)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     passes = config.get("passes", 1)
     for step, (x, y) in enumerate(load_batches()):
