@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-done
 
 .PHONY: setup demo test lint typecheck unit bench clean
 
-$(STAMP): scripts/setup.sh requirements-dev.txt pyproject.toml
+$(STAMP): scripts/setup.sh scripts/build_horovod.sh requirements-dev.txt pyproject.toml
 	bash scripts/setup.sh
 	touch $@
 

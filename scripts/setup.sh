@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3 python3-venv python3-pip dataset-fashion-mnist)
+# Open MPI and a compiler toolchain: mpirun for the distributed tests, and the Horovod build (scripts/build_horovod.sh).
+APT_PACKAGES=(python3 python3-venv python3-pip python3-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev cmake g++ make)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -32,6 +33,8 @@ echo "setup: installing pinned Python packages into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+# Horovod is an optional extra for users; the project's own environment builds it so that its tests run.
+bash scripts/build_horovod.sh
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.split("+")[0] == "2.13.0", f"expected torch 2.13.0, found {torch.__version__}"
