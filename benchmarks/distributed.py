@@ -83,7 +83,11 @@ def eigh_seconds(sizes: set[int]) -> dict[int, float]:
 
 
 def balance_table(worlds: Sequence[int]) -> list[str]:
-    rows = ["| layer set | P | strategy | max/mean, n^3 model | max/mean, measured eigh |", "|---|---:|---|---:|---:|"]
+    rows = [
+        "| layer set | P | strategy | cost max/mean, n^3 model | cost max/mean, measured eigh | "
+        "factor memory of the fullest rank / all factors |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for name, dims in (("ResNet-50", resnet50_dims()), ("ResNet-32", resnet32_dims())):
         measured = eigh_seconds({n for pair in dims for n in pair})
         for world in worlds:
@@ -93,11 +97,18 @@ def balance_table(worlds: Sequence[int]) -> list[str]:
                 workers = grad_workers_for(strategy, settings.get("grad_worker_fraction"), world)
                 work = assign_work(dims, world, workers)
                 seconds = [0.0] * world
+                elements = [0] * world  # running factors are kept by their owner only
                 for (a, g), layer in zip(dims, work.layers, strict=True):
                     seconds[layer.a_owner] += measured[a]
                     seconds[layer.g_owner] += measured[g]
+                    elements[layer.a_owner] += a * a
+                    elements[layer.g_owner] += g * g
                 timed = max(seconds) / (sum(seconds) / world)
-                rows.append(f"| {name} | {world} | {strategy} | {work.balance():.3f} | {timed:.3f} |")
+                memory = max(elements) / sum(elements)
+                rows.append(
+                    f"| {name} | {world} | {strategy} | {work.balance():.3f} | {timed:.3f} | {memory:.3f} "
+                    f"(1/P = {1 / world:.3f}) |"
+                )
     return rows
 
 
@@ -145,6 +156,8 @@ def worker(args: argparse.Namespace) -> None:
         }
         precond.remove_hooks()
     Path(args.out).joinpath(f"rank{rank}.json").write_text(json.dumps(results))
+    # Without a barrier and an explicit teardown, gloo can abort the process at exit (seen with torch 2.13).
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -169,7 +182,9 @@ def run_world(world: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]
             str(args.warmup),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"torchrun with {world} processes failed:\n{result.stderr[-5000:]}")
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     merged = {}
     for name in ranks[0]:

@@ -28,10 +28,11 @@ _triu_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] =
 
 
 def _triu(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions of the upper triangle of an ``n x n`` matrix, row by row, and of its mirror image."""
     key = (n, device)
     if key not in _triu_cache:
         rows, cols = torch.triu_indices(n, n, device=device)
-        _triu_cache[key] = (rows, cols)
+        _triu_cache[key] = (rows * n + cols, cols * n + rows)
     return _triu_cache[key]
 
 
@@ -43,19 +44,20 @@ def pack_symmetric(matrix: torch.Tensor, pack: bool) -> torch.Tensor:
     """The upper triangle of a symmetric matrix, row by row (or the whole matrix when ``pack`` is off)."""
     if not pack:
         return matrix.reshape(-1)
-    rows, cols = _triu(matrix.shape[0], matrix.device)
-    return matrix[rows, cols]
+    upper, _ = _triu(matrix.shape[0], matrix.device)
+    # 1-D index_select/index_copy_ are several times faster than 2-D advanced indexing on CPU.
+    return matrix.reshape(-1).index_select(0, upper)
 
 
 def unpack_symmetric(flat: torch.Tensor, n: int, pack: bool, dtype: torch.dtype) -> torch.Tensor:
     if not pack:
         return flat.view(n, n).to(dtype)
-    rows, cols = _triu(n, flat.device)
-    out = torch.empty(n, n, dtype=dtype, device=flat.device)
+    upper, lower = _triu(n, flat.device)
     values = flat.to(dtype)
-    out[rows, cols] = values
-    out[cols, rows] = values
-    return out
+    out = torch.empty(n * n, dtype=dtype, device=flat.device)
+    out.index_copy_(0, upper, values)
+    out.index_copy_(0, lower, values)
+    return out.view(n, n)
 
 
 class FactorExchange:

@@ -162,6 +162,16 @@ def main() -> None:
         if rank == 1:
             time.sleep(3600)  # alive but stuck: the others must give up after the timeout
         precond.step()
+    if args.backend == "torch":
+        import torch.distributed as dist
+
+        # Without a barrier and an explicit teardown, gloo can abort the process at exit (seen with torch 2.13).
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        import horovod.torch as hvd
+
+        hvd.shutdown()
 
 
 if __name__ == "__main__":
