@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck unit bench bench-dist clean
 
 $(STAMP): scripts/setup.sh scripts/build_horovod.sh requirements-dev.txt pyproject.toml
 	bash scripts/setup.sh
@@ -28,6 +28,9 @@ test: lint typecheck unit
 
 bench: setup
 	$(PY) -m benchmarks.step_time
+
+bench-dist: setup
+	$(PY) -m benchmarks.distributed
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
