@@ -72,8 +72,12 @@ def load_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[k * BATCH : (k + 1) * BATCH], y[k * BATCH : (k + 1) * BATCH]) for k in range(STEPS)]
 
 
+IN_FLIGHT_AFTER_BACKWARD: list[int] = []  # factor reductions already started when backward returned, per step
+
+
 def train(config: dict[str, Any], rank: int, world: int, comm: Any, die_at: int | None = None) -> nn.Module:
     """Train ``STEPS`` steps; rank ``rank`` of ``world`` sees its equal shard of every batch."""
+    IN_FLIGHT_AFTER_BACKWARD.clear()
     settings = {k: v for k, v in config.items() if k not in ("ddp", "passes")}
     model = make_model()
     trained: nn.Module = model
@@ -90,6 +94,7 @@ def train(config: dict[str, Any], rank: int, world: int, comm: Any, die_at: int 
         for p in range(passes):
             logits = trained(x[p * part : (p + 1) * part])
             F.cross_entropy(logits, y[p * part : (p + 1) * part]).backward()
+        IN_FLIGHT_AFTER_BACKWARD.append(len(precond._factor_exchange._inflight))  # white-box: is there overlap?
         if die_at is not None and step == die_at:
             if rank == 1:
                 os._exit(3)
@@ -134,7 +139,11 @@ def main() -> None:
             comm.stats.reset()
             model = train(CONFIGS[name], rank, world, comm)
             torch.save(model.state_dict(), args.out / f"{name}.rank{rank}.pt")
-            stats = {"bytes": dict(comm.stats.bytes_sent), "calls": dict(comm.stats.calls)}
+            stats = {
+                "bytes": dict(comm.stats.bytes_sent),
+                "calls": dict(comm.stats.calls),
+                "in_flight_after_backward": IN_FLIGHT_AFTER_BACKWARD,
+            }
             (args.out / f"{name}.rank{rank}.json").write_text(json.dumps(stats))
         errors = {}
         try:  # a fraction that leaves no whole number of gradient workers

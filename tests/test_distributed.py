@@ -132,6 +132,20 @@ def test_strategies_send_what_they_promise(world: int, out_root: Path) -> None:
     assert fp16["factors"] == pytest.approx(mem_opt["factors"] / 4)  # float16 against float64
 
 
+@pytest.mark.parametrize(("backend", "world"), [("torch", 2), ("torch", 4), ("horovod", 2)])
+def test_factor_reductions_start_during_backward(backend: str, world: int, out_root: Path) -> None:
+    out = launched(backend, world, out_root)
+
+    def in_flight(name: str) -> list[int]:
+        return list(json.loads((out / f"{name}.rank0.json").read_text())["in_flight_after_backward"])
+
+    assert all(n >= 1 for n in in_flight("comm-opt")), "backward returned with no factor reduction started"
+    # Tiny buckets, two passes: every bucket of both passes has started by the end of backward.
+    assert all(n >= 4 for n in in_flight("comm-opt-accumulate"))
+    if backend == "torch":
+        assert in_flight("hybrid-allreduce-baseline") == [0] * dist_worker.STEPS  # overlap_comm=False
+
+
 def test_bad_gradient_worker_fraction_is_refused_on_every_rank(out_root: Path) -> None:
     out = launched("torch", 4, out_root)
     for rank in range(4):
