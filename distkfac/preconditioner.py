@@ -185,7 +185,16 @@ class KFACPreconditioner:
             not isinstance(model, nn.parallel.DistributedDataParallel) if allreduce_grads is None else allreduce_grads
         )
         if self.comm.world_size > 1:
-            self._check_same_everywhere(model, strategy, grad_workers, factor_reduction, pack_factors, comm_dtype)
+            self._check_same_everywhere(
+                strategy,
+                grad_workers,
+                factor_reduction,
+                pack_factors,
+                comm_dtype,
+                bucket_cap_mb,
+                self.overlap_comm,
+                self.allreduce_grads,
+            )
             self.comm.prepare_groups([*self.assignment.worker_groups, *self.assignment.receiver_groups])
         self._factor_exchange = FactorExchange(
             self.comm,
@@ -242,7 +251,7 @@ class KFACPreconditioner:
             )
         return layers
 
-    def _check_same_everywhere(self, model: nn.Module, *settings: object) -> None:
+    def _check_same_everywhere(self, *settings: object) -> None:
         """Every rank must build the same layers and settings; a mismatch would pair up the wrong buffers."""
         layers = [(layer.name, layer.helper.a_dim, layer.helper.g_dim) for layer in self._layers]
         devices = {(layer.helper.weight.device, self._compute_dtype(layer.helper)) for layer in self._layers}
@@ -480,7 +489,8 @@ class KFACPreconditioner:
         damping = self._hyper(self.damping, "damping", step)
         ready = {layer.index for layer in self._layers if layer.has_factors}
         by_size: dict[tuple[Any, ...], list[FactorKey]] = defaultdict(list)
-        for index, kind in sorted(self._factor_exchange.owned):
+        owner = self._factor_exchange.owner
+        for index, kind in sorted(key for key, rank in owner.items() if rank == self.comm.rank):
             layer = self._layers[index]
             factor = layer.a_factor if kind == 0 else layer.g_factor
             if factor is None or index not in ready:
@@ -524,10 +534,11 @@ class KFACPreconditioner:
 
     def _check_finite(self, step: int, members: list[list[FactorKey]], finite: list[torch.Tensor]) -> None:
         """Raise on every rank if any rank's factors hold NaN or Inf: one small allreduce, one host sync."""
-        bad = torch.zeros(2 * len(self._layers), dtype=torch.int32)
+        device = self._layers[0].helper.weight.device  # NCCL needs the flags on the GPU
+        bad = torch.zeros(2 * len(self._layers), dtype=torch.int32, device=device)
         for keys, ok in zip(members, finite, strict=True):
-            positions = torch.tensor([2 * index + kind for index, kind in keys])
-            bad[positions] = (~ok).to(torch.int32).cpu()
+            positions = torch.tensor([2 * index + kind for index, kind in keys], device=device)
+            bad[positions] = (~ok).to(device=device, dtype=torch.int32)
         if self.comm.world_size > 1:
             self.comm.allreduce_sum(bad, "finiteness check").wait()
         if bool(bad.any()):
