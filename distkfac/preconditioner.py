@@ -209,9 +209,11 @@ class KFACPreconditioner:
             self.comm, self.assignment, dims, self._method.state_shapes
         )
         self._gradient_exchange = GradientExchange(self.comm, self.assignment, dims)
+        # This rank preconditions, and keeps the decompositions of, the layers whose worker group it is in.
         rank = self.comm.rank
-        self._local = [layer for layer in self._layers if rank in self.assignment.layers[layer.index].grad_workers]
-        self._groups = self._make_groups(self._local)
+        self._groups = self._make_groups(
+            [layer for layer in self._layers if rank in self.assignment.layers[layer.index].grad_workers]
+        )
         self._hooks: list[RemovableHandle] = [
             layer.helper.module.register_forward_hook(self._make_forward_hook(layer)) for layer in self._layers
         ]
@@ -255,24 +257,27 @@ class KFACPreconditioner:
         """Every rank must build the same layers and settings; a mismatch would pair up the wrong buffers."""
         layers = [(layer.name, layer.helper.a_dim, layer.helper.g_dim) for layer in self._layers]
         devices = {(layer.helper.weight.device, self._compute_dtype(layer.helper)) for layer in self._layers}
-        if len(devices) > 1:
-            raise ValueError(
-                f"distkfac: distributed K-FAC needs every preconditioned layer on one device and dtype per rank, "
-                f"found {sorted(map(str, devices))}; move the model with model.to(device, dtype)"
-            )
         description = repr(
             (layers, self.compute_method, self.factor_update_steps, self.inv_update_steps, self.fisher, settings)
         )
         digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:8], "little", signed=True)
-        everyone = self.comm.allgather_ints([digest, len(layers)])
-        different = [rank for rank, (other, _) in enumerate(everyone) if other != everyone[0][0]]
+        # Gathered before anything is raised, so that every rank raises rather than one raising and the rest waiting.
+        everyone = self.comm.allgather_ints([digest, len(layers), len(devices)])
+        mixed = [rank for rank, (_, _, kinds) in enumerate(everyone) if kinds > 1]
+        if mixed:
+            raise ValueError(
+                f"distkfac: distributed K-FAC needs every preconditioned layer on one device and dtype per rank; "
+                f"ranks {mixed} have several (this rank: {sorted(map(str, devices))}). Move the model with "
+                "model.to(device, dtype)"
+            )
+        different = [rank for rank, (other, _, _) in enumerate(everyone) if other != everyone[0][0]]
         if different:
-            summary = ", ".join(f"{name} ({g}x{a})" for name, a, g in layers[:8])
+            summary = ", ".join(f"{name} ({g}x{a})" for name, a, g in layers[:8]) + (", ..." if len(layers) > 8 else "")
             raise ValueError(
                 f"distkfac: the ranks disagree on the model or the K-FAC settings: ranks {different} differ from "
-                f"rank 0 (layer counts by rank: {[count for _, count in everyone]}). This rank (rank {self.comm.rank}) "
-                f"has {len(layers)} layers: {summary}{', ...' if len(layers) > 8 else ''}. Build the same model with "
-                "the same KFACPreconditioner settings on every rank"
+                f"rank 0 (layer counts by rank: {[count for _, count, _ in everyone]}). This rank "
+                f"(rank {self.comm.rank}) has {len(layers)} layers: {summary}. Build the same model with the same "
+                "KFACPreconditioner settings on every rank"
             )
 
     def _compute_dtype(self, helper: LayerHelper) -> torch.dtype:
