@@ -5,7 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Open MPI and a compiler toolchain: mpirun for the distributed tests, and the Horovod build (scripts/build_horovod.sh).
-APT_PACKAGES=(python3 python3-venv python3-pip python3-dev dataset-fashion-mnist openmpi-bin libopenmpi-dev cmake g++ make)
+# Slurm, munge and Slurm's PBS wrappers (qsub): the tests start a single-node cluster (tests/slurm_cluster.py).
+APT_PACKAGES=(
+    python3 python3-venv python3-pip python3-dev dataset-fashion-mnist
+    openmpi-bin libopenmpi-dev cmake g++ make
+    slurm-wlm munge slurm-wlm-torque
+)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
