@@ -1,0 +1,439 @@
+"""The training configuration: a TOML file with sections, command-line overrides, and their validation.
+
+A config file has up to five tables; every key is optional and falls back to the defaults below::
+
+    [model]  name, hidden, activation, residual (mlp); activation (lenet5); depth, width (resnet)
+    [data]   name, path, format, cache_dir, batch_size (global), eval_batch_size, train_examples,
+             test_examples, normalize, augment, synthetic_*
+    [optim]  name, lr, momentum, nesterov, weight_decay, betas, eps, schedule, milestones, gamma, end_lr,
+             warmup_steps, warmup_epochs, base_batch_size
+    [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac")
+    [run]    out_dir, epochs or steps, seed, checkpoint_every, keep_checkpoints, eval_every, log_every, resume,
+             stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic
+    [job]    not read here: the batch job's resources, for ``python -m launch submit`` (docs/launch.md)
+
+Overrides are ``section.key=value`` with the value read as a TOML value (``optim.lr=0.1``,
+``optim.milestones=[30, 60]``, ``model.name=lenet5``: a bare word that is not TOML is taken as a string).
+Unknown sections or keys, values of the wrong type and out-of-range values raise :class:`ConfigError`, whose
+message names the key and says what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "ACTIVATIONS",
+    "DATASET_NAMES",
+    "MODEL_NAMES",
+    "OPTIMIZER_NAMES",
+    "SCHEDULE_NAMES",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "KFACConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "build_config",
+    "ignored_keys",
+    "load_config",
+    "parse_override",
+    "trajectory_differences",
+]
+
+MODEL_NAMES: Final = ("mlp", "lenet5", "resnet")
+ACTIVATIONS: Final = ("relu", "tanh", "none")
+DATASET_NAMES: Final = ("fashion-mnist", "mnist", "cifar10", "synthetic")
+CIFAR_FORMATS: Final = ("auto", "python", "folder")
+OPTIMIZER_NAMES: Final = ("sgd", "adam", "adamw", "kfac")
+SCHEDULE_NAMES: Final = ("constant", "step", "linear")
+DTYPE_NAMES: Final = ("", "float32", "float64", "bfloat16", "float16")
+BACKENDS: Final = ("auto", "gloo", "nccl", "horovod", "single")
+
+
+class ConfigError(ValueError):
+    """The configuration is not valid; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [256, 128])  # mlp: widths of the hidden layers
+    activation: str = "relu"  # mlp, lenet5: relu | tanh | none (a linear network)
+    residual: bool = False  # mlp: skip connections around hidden layers whose input and output widths are equal
+    depth: int = 20  # resnet: 6n + 2 (20, 32, 44, 56, 110)
+    width: int = 16  # resnet: channels of the first stage (16, 32, 64 in the three stages by default)
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    path: str = ""  # "" = the data set's default location
+    format: str = "auto"  # cifar10: auto | python (cifar-10-batches-py) | folder (<split>/<class>/*.jpg, or .tar.gz)
+    cache_dir: str = ""  # where tarballs are extracted and decoded images cached; "" = <repo>/build/data
+    batch_size: int = 128  # global: split equally over the ranks
+    eval_batch_size: int = 1000
+    train_examples: int = 0  # use only the first N training examples (0 = all)
+    test_examples: int = 0  # evaluate on the first N test examples (0 = all)
+    normalize: bool = True  # subtract the training set's per-channel mean, divide by its standard deviation
+    augment: bool = False  # images: random crop (4 pixels of zero padding) and horizontal flip
+    synthetic_shape: list[int] = field(default_factory=lambda: [32])
+    synthetic_classes: int = 10
+    synthetic_train_size: int = 4096
+    synthetic_test_size: int = 1024
+    synthetic_separation: float = 2.0  # distance scale of the class means (noise has unit variance)
+    synthetic_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam | adamw | kfac (K-FAC preconditioning + momentum SGD)
+    lr: float = 0.1  # base learning rate (before the linear scaling rule)
+    momentum: float = 0.9  # sgd, kfac
+    nesterov: bool = False  # sgd, kfac
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8  # adam, adamw
+    schedule: str = "constant"  # constant | step | linear
+    milestones: list[int] = field(default_factory=list)  # step: epochs at which the lr is multiplied by gamma
+    gamma: float = 0.1  # step
+    end_lr: float = 0.0  # linear: the lr the decay heads for (reached one step after the last; see optim.py)
+    warmup_steps: int = 0  # linear warmup from lr / warmup to lr; give steps or epochs, not both
+    warmup_epochs: float = 0.0
+    base_batch_size: int = 0  # linear scaling rule: lr * batch_size / base_batch_size (0 = off)
+
+
+@dataclass
+class KFACConfig:
+    damping: float = 1e-3
+    factor_decay: float = 0.95
+    factor_update_steps: int = 1
+    inv_update_steps: int = 10
+    kl_clip: float = 1e-3  # 0 = no KL clipping
+    compute_method: str = "eigen"
+    fisher: str = "empirical"
+    skip_layers: list[str] = field(default_factory=list)
+    strategy: str = "comm-opt"
+    grad_worker_fraction: float = 0.0  # 0 = the strategy's own
+    factor_dtype: str = ""  # "" = the layer's dtype
+    inv_dtype: str = ""
+    comm_dtype: str = ""
+    bucket_cap_mb: float = 8.0
+    overlap_comm: bool = True
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = ""  # "" = runs/<config file name without .toml>
+    epochs: int = 0  # give epochs or steps
+    steps: int = 0
+    seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # the newest N are kept (0 = all)
+    eval_every: int = 1  # epochs between evaluations on the test split (0 = only at the end)
+    log_every: int = 1  # steps between per-step metric records
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    stop_after_steps: int = 0  # stop after this many steps without a final checkpoint, as if killed (tests)
+    progress: bool = True  # progress line on stderr (rank 0, terminals only)
+    backend: str = "auto"  # launch.distributed backend: auto | gloo | nccl | horovod | single
+    ddp: bool = True  # wrap the model in DistributedDataParallel under torch.distributed
+    threads: int = 0  # torch.set_num_threads (0 = leave as is)
+    tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is installed
+    deterministic: bool = True  # cuDNN deterministic algorithms, no autotuning
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kfac: KFACConfig = field(default_factory=KFACConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    #: ``section.key`` names set by the file or an override (not defaults).
+    explicit: frozenset[str] = frozenset()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+SECTIONS: Final[dict[str, type]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "kfac": KFACConfig,
+    "run": RunConfig,
+}
+
+#: Tables of a config file that other tools read and training ignores: [job] is the batch job's resources, read by
+#: ``python -m launch submit`` (see docs/launch.md), so one file can describe a whole run.
+OTHER_TOOLS_SECTIONS: Final = frozenset({"job"})
+
+# Keys that only make sense for some models or optimizers: setting them for another one is reported as ignored.
+_MODEL_KEYS: Final[dict[str, set[str]]] = {
+    "mlp": {"hidden", "activation", "residual"},
+    "lenet5": {"activation"},
+    "resnet": {"depth", "width"},
+}
+_OPTIM_KEYS: Final[dict[str, set[str]]] = {
+    "sgd": {"momentum", "nesterov"},
+    "kfac": {"momentum", "nesterov"},
+    "adam": {"betas", "eps"},
+    "adamw": {"betas", "eps"},
+}
+# Run keys that do not change what a run computes: they may differ between a run and its resumption.
+_BOOKKEEPING_RUN_KEYS: Final = frozenset(
+    {"out_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "resume", "stop_after_steps"}
+    | {"progress", "tensorboard", "backend", "threads"}
+)
+_BARE_WORD = re.compile(r"[A-Za-z0-9_.:/+\-]+")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (int, float, str, bool or list of them); TOML integers are accepted as floats."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional fields today
+        raise ConfigError(f"{key}: unsupported type {tp}")
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _closest(name: str, options: Sequence[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _section_types(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def _set(raw: dict[str, dict[str, Any]], dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(
+            f"{where}: key {dotted!r} must be section.key with a section among {', '.join(SECTIONS)} "
+            "(e.g. optim.lr=0.1)"
+        )
+    section, key = parts
+    if section not in SECTIONS:
+        raise ConfigError(
+            f"{where}: unknown section {section!r}{_closest(section, list(SECTIONS))}; "
+            f"sections are {', '.join(SECTIONS)}"
+        )
+    types_ = _section_types(section)
+    if key not in types_:
+        raise ConfigError(
+            f"{where}: unknown key {dotted!r}{_closest(key, list(types_))}; [{section}] has: {', '.join(types_)}"
+        )
+    raw.setdefault(section, {})[key] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=0.1"`` -> ``("optim.lr", 0.1)``; the value is read as TOML, or else taken as a bare string."""
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. optim.lr=0.1 or data.batch_size=256)")
+    value_text = value_text.strip()
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if value_text and not _BARE_WORD.fullmatch(value_text):
+            raise ConfigError(
+                f"override {text!r}: {value_text!r} is not a TOML value (strings with spaces or symbols need "
+                "quotes: key='a b'; lists look like [1, 2])"
+            ) from None
+        value = value_text
+    return key, value
+
+
+def build_config(
+    file_values: Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    *,
+    source: str = "config",
+    default_out_dir: str = "runs/default",
+) -> Config:
+    """The validated configuration from a parsed TOML document and ``section.key=value`` overrides."""
+    raw: dict[str, dict[str, Any]] = {}
+    for section, table in file_values.items():
+        if section in OTHER_TOOLS_SECTIONS:
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section [{section}]{_closest(section, list(SECTIONS))}; "
+                f"sections are {', '.join(f'[{s}]' for s in SECTIONS)}"
+            )
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: {section} must be a table ([{section}] followed by key = value lines)")
+        for key, value in table.items():
+            _set(raw, f"{section}.{key}", value, source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(raw, key, value, f"override {text!r}")
+
+    sections: dict[str, Any] = {}
+    explicit: set[str] = set()
+    for section, cls in SECTIONS.items():
+        types_ = _section_types(section)
+        values = {key: _coerce(f"{section}.{key}", value, types_[key]) for key, value in raw.get(section, {}).items()}
+        explicit.update(f"{section}.{key}" for key in values)
+        sections[section] = cls(**values)
+    config = Config(**sections, explicit=frozenset(explicit))
+    if not config.run.out_dir:
+        config.run.out_dir = default_out_dir
+    _validate(config)
+    return config
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Reads a TOML config file and applies the overrides; ``run.out_dir`` defaults to ``runs/<file stem>``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see jobs/configs/ for examples)")
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    return build_config(document, overrides, source=str(path), default_out_dir=f"runs/{path.stem}")
+
+
+def _choice(key: str, value: str, options: Sequence[str]) -> None:
+    if value not in options:
+        shown = ", ".join(repr(o) for o in options)
+        raise ConfigError(f"{key} = {value!r} is not known{_closest(value, options)}; choose one of {shown}")
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def _validate(c: Config) -> None:
+    _choice("model.name", c.model.name, MODEL_NAMES)
+    _choice("model.activation", c.model.activation, ACTIVATIONS)
+    if not c.model.hidden and c.model.residual:
+        raise ConfigError("model.residual = true needs hidden layers: set model.hidden, e.g. [256, 256, 256]")
+    for i, width in enumerate(c.model.hidden):
+        _positive(f"model.hidden[{i}]", width)
+    if c.model.name == "resnet" and (c.model.depth < 8 or (c.model.depth - 2) % 6):
+        raise ConfigError(f"model.depth = {c.model.depth}: a CIFAR ResNet has depth 6n + 2 (8, 14, 20, 32, 44, 56)")
+    _positive("model.width", c.model.width)
+
+    _choice("data.name", c.data.name, DATASET_NAMES)
+    _choice("data.format", c.data.format, CIFAR_FORMATS)
+    _positive("data.batch_size", c.data.batch_size)
+    _positive("data.eval_batch_size", c.data.eval_batch_size)
+    _positive("data.train_examples", c.data.train_examples, zero_ok=True)
+    _positive("data.test_examples", c.data.test_examples, zero_ok=True)
+    if not c.data.synthetic_shape or any(s <= 0 for s in c.data.synthetic_shape):
+        raise ConfigError(f"data.synthetic_shape must be a non-empty list of sizes > 0, got {c.data.synthetic_shape}")
+    if c.data.synthetic_classes < 2:
+        raise ConfigError(f"data.synthetic_classes must be >= 2, got {c.data.synthetic_classes}")
+    _positive("data.synthetic_train_size", c.data.synthetic_train_size)
+    _positive("data.synthetic_test_size", c.data.synthetic_test_size)
+    _positive("data.synthetic_separation", c.data.synthetic_separation, zero_ok=True)
+
+    _choice("optim.name", c.optim.name, OPTIMIZER_NAMES)
+    _choice("optim.schedule", c.optim.schedule, SCHEDULE_NAMES)
+    _positive("optim.lr", c.optim.lr)
+    if not 0 <= c.optim.momentum < 1:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {c.optim.momentum}")
+    if c.optim.nesterov and c.optim.momentum == 0:
+        raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
+    _positive("optim.weight_decay", c.optim.weight_decay, zero_ok=True)
+    if len(c.optim.betas) != 2 or not all(0 <= b < 1 for b in c.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {c.optim.betas}")
+    _positive("optim.eps", c.optim.eps)
+    if c.optim.milestones != sorted(set(c.optim.milestones)) or any(m <= 0 for m in c.optim.milestones):
+        raise ConfigError(f"optim.milestones must be increasing epochs > 0, got {c.optim.milestones}")
+    if c.optim.schedule == "step" and not c.optim.milestones:
+        raise ConfigError("optim.schedule = 'step' needs optim.milestones (epochs), e.g. [30, 60]")
+    _positive("optim.gamma", c.optim.gamma)
+    _positive("optim.end_lr", c.optim.end_lr, zero_ok=True)
+    _positive("optim.warmup_steps", c.optim.warmup_steps, zero_ok=True)
+    _positive("optim.warmup_epochs", c.optim.warmup_epochs, zero_ok=True)
+    if c.optim.warmup_steps and c.optim.warmup_epochs:
+        raise ConfigError("give optim.warmup_steps or optim.warmup_epochs, not both")
+    _positive("optim.base_batch_size", c.optim.base_batch_size, zero_ok=True)
+
+    _positive("kfac.damping", c.kfac.damping)
+    if not 0 <= c.kfac.factor_decay < 1:
+        raise ConfigError(f"kfac.factor_decay must be in [0, 1), got {c.kfac.factor_decay}")
+    _positive("kfac.factor_update_steps", c.kfac.factor_update_steps)
+    _positive("kfac.inv_update_steps", c.kfac.inv_update_steps)
+    _positive("kfac.kl_clip", c.kfac.kl_clip, zero_ok=True)
+    _choice("kfac.compute_method", c.kfac.compute_method, ("eigen", "inverse"))
+    _choice("kfac.fisher", c.kfac.fisher, ("empirical", "mc"))
+    _choice("kfac.strategy", c.kfac.strategy, ("comm-opt", "mem-opt", "hybrid"))
+    for key in ("factor_dtype", "inv_dtype", "comm_dtype"):
+        _choice(f"kfac.{key}", getattr(c.kfac, key), DTYPE_NAMES)
+    _positive("kfac.bucket_cap_mb", c.kfac.bucket_cap_mb)
+
+    if (c.run.epochs > 0) == (c.run.steps > 0) or c.run.epochs < 0 or c.run.steps < 0:
+        raise ConfigError(
+            f"give exactly one of run.epochs and run.steps (> 0); got epochs = {c.run.epochs}, steps = {c.run.steps}"
+        )
+    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads"):
+        _positive(f"run.{key}", getattr(c.run, key), zero_ok=True)
+    _positive("run.log_every", c.run.log_every)
+    _choice("run.backend", c.run.backend, BACKENDS)
+
+
+def ignored_keys(config: Config) -> list[str]:
+    """Explicitly set keys that the chosen model or optimizer does not use (reported, not an error)."""
+    ignored = []
+    used_model = _MODEL_KEYS[config.model.name]
+    for key in sorted(set().union(*_MODEL_KEYS.values()) - used_model):
+        if f"model.{key}" in config.explicit:
+            ignored.append(f"model.{key} (not used by {config.model.name})")
+    used_optim = _OPTIM_KEYS[config.optim.name]
+    for key in sorted(set().union(*_OPTIM_KEYS.values()) - used_optim):
+        if f"optim.{key}" in config.explicit:
+            ignored.append(f"optim.{key} (not used by {config.optim.name})")
+    if config.optim.name != "kfac":
+        ignored += [f"{key} (optim.name is not kfac)" for key in sorted(config.explicit) if key.startswith("kfac.")]
+    return ignored
+
+
+def trajectory_differences(saved: Mapping[str, Mapping[str, Any]], current: Config) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and ``current``, ignoring bookkeeping keys of [run]."""
+    differences = []
+    now = current.to_dict()
+    for section, values in now.items():
+        for key, value in values.items():
+            if section == "run" and key in _BOOKKEEPING_RUN_KEYS:
+                continue
+            before = saved.get(section, {}).get(key)
+            if before != value:
+                differences.append(f"{section}.{key}: checkpoint {before!r}, now {value!r}")
+    return differences

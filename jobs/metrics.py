@@ -1,0 +1,158 @@
+"""What a run reports: metric records (JSONL, CSV, TensorBoard when installed) and a progress line.
+
+One record per logged step (``kind = "step"``), per epoch (``"epoch"``: means over the epoch, all ranks) and per
+evaluation (``"eval"``), in ``metrics.jsonl`` and ``metrics.csv`` of the run's folder, written by rank 0 only.
+Columns that do not apply to a kind are empty in the CSV and absent from the JSON line.
+
+When a run resumes from the checkpoint taken after step ``N``, records after step ``N`` (written before the
+interruption, and about to be written again) are dropped first, so the files read like one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+__all__ = ["CSV_COLUMNS", "METRICS_CSV", "METRICS_JSONL", "MetricsWriter", "ProgressLine", "read_metrics"]
+
+METRICS_JSONL: Final = "metrics.jsonl"
+METRICS_CSV: Final = "metrics.csv"
+CSV_COLUMNS: Final = (
+    "kind",
+    "step",
+    "epoch",
+    "loss",
+    "accuracy",
+    "lr",
+    "test_loss",
+    "test_accuracy",
+    "seconds",
+    "examples_per_second",
+)
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``out_dir/metrics.jsonl`` (an unfinished last line, from a killed run, is skipped)."""
+    path = Path(out_dir) / METRICS_JSONL
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _csv_row(record: dict[str, Any]) -> list[Any]:
+    return ["" if record.get(c) is None else record[c] for c in CSV_COLUMNS]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends records to the run's JSONL and CSV files (and TensorBoard); does nothing when not ``enabled``."""
+
+    def __init__(
+        self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
+        self.enabled = enabled
+        self._jsonl: TextIO | None = None
+        self._csv: TextIO | None = None
+        self._tb: Any = None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(out_dir) if r.get("step", 0) <= resume_step] if resume_step is not None else []
+        _atomic_write_text(out_dir / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in kept))
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(_csv_row(r) for r in kept)
+        _atomic_write_text(out_dir / METRICS_CSV, table.getvalue())
+        self._jsonl = (out_dir / METRICS_JSONL).open("a", buffering=1)
+        self._csv = (out_dir / METRICS_CSV).open("a", buffering=1, newline="")
+        self._csv_writer = csv.writer(self._csv)
+        if tensorboard:
+            self._tb = _tensorboard_writer(out_dir / "tensorboard", purge_step=resume_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Appends one record (``kind``, ``step`` and any of :data:`CSV_COLUMNS`)."""
+        if not self.enabled:
+            return
+        unknown = set(record) - set(CSV_COLUMNS)
+        if unknown:
+            raise ValueError(f"metric record has unknown fields {sorted(unknown)}; known: {CSV_COLUMNS}")
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        assert self._jsonl is not None
+        self._jsonl.write(json.dumps({k: v for k, v in clean.items() if v is not None}) + "\n")
+        self._csv_writer.writerow(_csv_row(clean))
+        if self._tb is not None:
+            for key in ("loss", "accuracy", "lr", "test_loss", "test_accuracy"):
+                if clean.get(key) is not None:
+                    self._tb.add_scalar(f"{record['kind']}/{key}", clean[key], record["step"])
+
+    def close(self) -> None:
+        for stream in (self._jsonl, self._csv):
+            if stream is not None:
+                stream.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._jsonl = self._csv = self._tb = None
+
+
+def _tensorboard_writer(log_dir: Path, purge_step: int | None) -> Any:
+    """A TensorBoard SummaryWriter, or None when the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
+
+
+class ProgressLine:
+    """A one-line progress display on stderr, redrawn with a carriage return (at most 10 times a second).
+
+    Silent unless ``enabled`` and the stream is a terminal.
+    """
+
+    def __init__(self, total: int, *, start: int = 0, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.total = total
+        self.start = start
+        self.enabled = enabled and self.stream.isatty()
+        self._last = 0.0
+        self._start = time.perf_counter()
+        self._width = 0
+
+    def update(self, step: int, text: str = "", *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last < 0.1 and step < self.total:
+            return
+        self._last = now
+        rate = (step - self.start) / max(now - self._start, 1e-9)
+        line = f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) {rate:.1f} it/s {text}".rstrip()
+        self.stream.write("\r" + line.ljust(self._width))
+        self.stream.flush()
+        self._width = len(line)
+
+    def close(self) -> None:
+        if self.enabled and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0

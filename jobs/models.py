@@ -1,0 +1,179 @@
+"""The models the studies train: an MLP of any depth and width, LeNet-5, and a CIFAR ResNet (6n + 2 layers).
+
+:func:`build_model` makes one from a :class:`~jobs.config.ModelConfig`, the input shape of one example and the
+number of classes. The parameters are drawn from the global torch RNG: seed it first for reproducible weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from jobs.config import ACTIVATIONS, MODEL_NAMES, ModelConfig
+
+__all__ = ["MLP", "BasicBlock", "CifarResNet", "LeNet5", "ResidualLinear", "activation_layer", "build_model"]
+
+
+def activation_layer(name: str) -> nn.Module:
+    """``relu``, ``tanh``, or ``none`` (identity: a linear network)."""
+    if name == "relu":
+        return nn.ReLU()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+class ResidualLinear(nn.Module):
+    """``x + act(linear(x))`` for a square linear layer."""
+
+    def __init__(self, width: int, activation: str) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.act = activation_layer(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.linear(x))
+
+
+class MLP(nn.Sequential):
+    """Flatten, then ``inputs - hidden[0] - ... - hidden[-1] - classes`` with the activation after each hidden layer.
+
+    With ``residual``, a hidden layer whose input width equals its output width (every hidden layer after the
+    first of equal widths) adds its input to its output.
+    """
+
+    def __init__(
+        self, inputs: int, hidden: Sequence[int], classes: int, activation: str = "relu", residual: bool = False
+    ) -> None:
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = inputs
+        skips = 0
+        for h in hidden:
+            if residual and h == width:
+                layers.append(ResidualLinear(h, activation))
+                skips += 1
+            else:
+                layers += [nn.Linear(width, h), activation_layer(activation)]
+            width = h
+        if residual and skips == 0:
+            raise ValueError(
+                f"model.residual = true but no hidden layer has equal input and output widths (hidden = "
+                f"{list(hidden)}): repeat a width, e.g. hidden = [256, 256, 256]"
+            )
+        layers.append(nn.Linear(width, classes))
+        super().__init__(*layers)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) with max pooling: conv 5x5 6 - pool - conv 5x5 16 - pool - 120 - 84 - classes.
+
+    Inputs smaller than 32 x 32 (MNIST's 28 x 28) are zero-padded by 2 in the first convolution, as in the paper.
+    """
+
+    def __init__(self, input_shape: Sequence[int], classes: int, activation: str = "relu") -> None:
+        super().__init__()
+        channels, height, width = _image_shape(input_shape, "lenet5")
+        pad = 2 if min(height, width) < 32 else 0
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 6, 5, padding=pad),
+            activation_layer(activation),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            activation_layer(activation),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            features = self.features(torch.zeros(1, channels, height, width)).shape[1]
+        self.classifier = nn.Sequential(
+            nn.Linear(features, 120),
+            activation_layer(activation),
+            nn.Linear(120, 84),
+            activation_layer(activation),
+            nn.Linear(84, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm; a 1x1 convolution on the shortcut when the shape changes."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.relu = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016): a 3x3 stem, three stages of n blocks (width, 2 width, 4 width
+    channels; stride 2 at the start of stages 2 and 3), global average pooling, one linear layer. depth = 6n + 2.
+    """
+
+    def __init__(self, input_shape: Sequence[int], classes: int, depth: int = 20, width: int = 16) -> None:
+        super().__init__()
+        channels, _, _ = _image_shape(input_shape, "resnet")
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"resnet depth {depth}: must be 6n + 2 (8, 14, 20, 32, 44, 56, 110)")
+        blocks = (depth - 2) // 6
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        stages: list[nn.Module] = []
+        inputs = width
+        for stage in range(3):
+            outputs = width * 2**stage
+            for block in range(blocks):
+                stride = 2 if stage > 0 and block == 0 else 1
+                stages.append(BasicBlock(inputs, outputs, stride))
+                inputs = outputs
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(inputs, classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.stages(self.stem(x))))
+
+
+def _image_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
+    if len(input_shape) != 3 or min(input_shape[1:]) < 8:
+        raise ValueError(
+            f"model {model} needs images (channels x height x width, at least 8 x 8); the data has examples of "
+            f"shape {tuple(input_shape)} (for synthetic data set data.synthetic_shape, e.g. [1, 28, 28])"
+        )
+    return int(input_shape[0]), int(input_shape[1]), int(input_shape[2])
+
+
+def build_model(config: ModelConfig, input_shape: Sequence[int], classes: int) -> nn.Module:
+    """The model named by ``config.name`` for examples of ``input_shape`` and ``classes`` outputs."""
+    if config.name == "mlp":
+        inputs = 1
+        for size in input_shape:
+            inputs *= int(size)
+        return MLP(inputs, config.hidden, classes, config.activation, config.residual)
+    if config.name == "lenet5":
+        return LeNet5(input_shape, classes, config.activation)
+    if config.name == "resnet":
+        return CifarResNet(input_shape, classes, config.depth, config.width)
+    raise ValueError(f"unknown model {config.name!r}; choose one of {', '.join(MODEL_NAMES)} (model.name)")

@@ -1,0 +1,124 @@
+"""Optimizers (momentum SGD, Adam, AdamW, K-FAC + momentum SGD) and learning-rate schedules.
+
+A schedule is a callable of the step count (0 for the first step), so the same object sets the optimizer's
+learning rate each step and is handed to ``KFACPreconditioner(lr=...)`` for KL clipping. Its value is::
+
+    peak = lr * global_batch / base_batch_size      (linear scaling rule; peak = lr when base_batch_size = 0)
+    lr(step) = peak * decay(step) * min(1, (step + 1) / warmup_steps)
+
+with ``decay`` 1 (``constant``), ``gamma ** (milestones passed)`` (``step``: milestones in epochs), or, for
+``linear``, a straight line from ``peak`` at the end of warmup to ``end_lr`` at step ``total_steps`` (never
+reached: the last step, ``total_steps - 1``, still has a positive rate). Warmup can be given in steps or epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distkfac import KFACPreconditioner
+from jobs.config import KFACConfig, OptimConfig
+
+__all__ = ["LRSchedule", "build_kfac", "build_optimizer", "make_lr_schedule", "peak_lr", "set_lr"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate at each step; see the module docstring."""
+
+    peak: float
+    total_steps: int
+    kind: str = "constant"  # constant | step | linear
+    warmup_steps: int = 0
+    milestones: tuple[int, ...] = ()  # in steps
+    gamma: float = 0.1
+    end_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "step", "linear"):
+            raise ValueError(f"unknown schedule {self.kind!r}; choose constant, step or linear (optim.schedule)")
+        if self.kind == "linear" and self.warmup_steps >= self.total_steps:
+            raise ValueError(
+                f"linear decay after {self.warmup_steps} warmup steps leaves nothing of a {self.total_steps}-step run:"
+                " shorten the warmup (optim.warmup_steps / optim.warmup_epochs)"
+            )
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "step":
+            lr = self.peak * self.gamma ** sum(1 for m in self.milestones if step >= m)
+        elif self.kind == "linear":
+            progress = max(0, step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+            lr = self.end_lr + (self.peak - self.end_lr) * (1.0 - progress)
+        else:
+            lr = self.peak
+        if step < self.warmup_steps:
+            lr *= (step + 1) / self.warmup_steps
+        return lr
+
+
+def peak_lr(config: OptimConfig, global_batch: int) -> float:
+    """``config.lr``, scaled by the linear scaling rule when ``config.base_batch_size`` is set."""
+    if config.base_batch_size:
+        return config.lr * global_batch / config.base_batch_size
+    return config.lr
+
+
+def make_lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int, global_batch: int) -> LRSchedule:
+    """The schedule of ``config`` for a run of ``total_steps`` steps of ``steps_per_epoch`` per epoch."""
+    warmup = config.warmup_steps or round(config.warmup_epochs * steps_per_epoch)
+    return LRSchedule(
+        peak=peak_lr(config, global_batch),
+        total_steps=total_steps,
+        kind=config.schedule,
+        warmup_steps=warmup,
+        milestones=tuple(m * steps_per_epoch for m in config.milestones),
+        gamma=config.gamma,
+        end_lr=config.end_lr,
+    )
+
+
+def build_optimizer(config: OptimConfig, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The torch optimizer for ``config.name`` (``kfac`` steps with momentum SGD), starting at ``lr``."""
+    if config.name in ("sgd", "kfac"):
+        return torch.optim.SGD(
+            params, lr=lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+        )
+    betas = (config.betas[0], config.betas[1])
+    if config.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay)
+    if config.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.name!r}; choose sgd, adam, adamw or kfac (optim.name)")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule) -> KFACPreconditioner:
+    """The K-FAC preconditioner of ``config`` on ``model`` (plain or DDP), KL-clipped with the schedule ``lr``."""
+    return KFACPreconditioner(
+        model,
+        damping=config.damping,
+        factor_decay=config.factor_decay,
+        factor_update_steps=config.factor_update_steps,
+        inv_update_steps=config.inv_update_steps,
+        kl_clip=config.kl_clip or None,
+        lr=lr,
+        compute_method=config.compute_method,  # type: ignore[arg-type]
+        fisher=config.fisher,  # type: ignore[arg-type]
+        skip_layers=tuple(config.skip_layers),
+        factor_dtype=_DTYPES.get(config.factor_dtype),
+        inv_dtype=_DTYPES.get(config.inv_dtype),
+        strategy=config.strategy,  # type: ignore[arg-type]
+        grad_worker_fraction=config.grad_worker_fraction or None,
+        comm_dtype=_DTYPES.get(config.comm_dtype),
+        bucket_cap_mb=config.bucket_cap_mb,
+        overlap_comm=config.overlap_comm,
+    )
