@@ -10,7 +10,9 @@ steps as the uninterrupted run, on the same number of ranks and threads, and end
 from __future__ import annotations
 
 import json
+import os
 import platform
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -183,6 +185,31 @@ def _wrap(model: nn.Module, config: Config, context: Context) -> nn.Module:
     return model
 
 
+def _write_rank_record(out_dir: Path, context: Context, batches: ShardedBatches, start_step: int) -> None:
+    """``ranks/rank<r>.json``: where this rank ran and which examples of its first global batch it took.
+
+    One small file per rank, so that a job's log of who did what survives the job (and tests can check the shards).
+    """
+    epoch, step_in_epoch = divmod(start_step, batches.steps_per_epoch)
+    record = {
+        "rank": context.rank,
+        "world_size": context.world_size,
+        "local_rank": context.local_rank,
+        "distributed": context.kind,
+        "launcher": getattr(getattr(context, "environment", None), "launcher", "single"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(context.device),
+        "step": start_step,
+        "indices": batches.indices(epoch, step_in_epoch).tolist(),
+    }
+    folder = out_dir / "ranks"
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".rank{context.rank}.json.tmp"
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, folder / f"rank{context.rank}.json")
+
+
 def run_training(config: Config, context: Context, log: Callable[[str], None] | None = None) -> RunSummary:
     """Trains as ``config`` says, on this rank; returns what rank 0 reports."""
     started = time.perf_counter()
@@ -268,6 +295,7 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
         + (f", resuming after step {start_step}" if shared is not None else "")
     )
 
+    _write_rank_record(out_dir, context, batches, start_step)
     step = start_step
     test_loss: float | None = None
     test_accuracy: float | None = None
