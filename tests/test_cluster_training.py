@@ -7,10 +7,8 @@ the examples it took from its first global batch; the tests check those shards a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,19 +17,11 @@ import pytest
 import torch
 
 from jobs.datasets import ShardedBatches
+from tests.processes import MPI_ENV, PYTHON, ROOT
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture: a real single-node Slurm)
 
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 SMOKE = ROOT / "jobs" / "configs" / "smoke.toml"
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": str(ROOT),
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-}
+ENV = MPI_ENV  # some of these runs use mpirun
 # The smoke config: 512 training images, global batch 64, seed 0 (see jobs/configs/smoke.toml).
 TRAIN_EXAMPLES, BATCH, SEED = 512, 64, 0
 

@@ -7,10 +7,8 @@ one process trained on the full batches.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 from functools import cache
 from pathlib import Path
@@ -20,16 +18,8 @@ import pytest
 import torch
 
 from tests import dist_worker
+from tests.processes import ENV, MPI_ENV, PYTHON, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-MPI_ENV = {
-    **ENV,
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-}
 LAUNCH_TIMEOUT = 600
 
 

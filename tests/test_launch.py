@@ -4,12 +4,10 @@ the variables of launchers that cannot run here, job scripts, and submission to 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,18 +17,10 @@ import pytest
 from launch.cli import main
 from launch.environment import Environment, LaunchError, detect, expand_first_host
 from launch.submit import wait_for_job
+from tests.processes import ENV, MPI_ENV, PYTHON, ROOT
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture: a real single-node Slurm)
 
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 VENV_BIN = Path(PYTHON).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-MPI_ENV = {
-    **ENV,
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-}
 TIMEOUT = 180
 
 
