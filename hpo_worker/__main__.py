@@ -1,0 +1,3 @@
+from hpo_worker.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Command line: ``python -m hpo_worker driver|worker|server ...`` (docs/hpo.md).
+
+Where the MongoDB URL comes from, first match wins: ``--mongo URL``, ``--mongo-file FILE`` (a file holding the URL:
+keeps credentials out of ``ps`` and shell history), the environment variable ``HPO_MONGO_URL``, and otherwise the
+embedded server of ``--data-dir`` (default ``hpo_data``): the driver starts one there (or reuses the one whose URL
+is in ``<data-dir>/mongo-url``) and stops it when it ends; workers read ``<data-dir>/mongo-url``.
+Exit status 2 with a one-line message for every setup error (unreachable server, credentials, unknown space, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
+from hpo_worker.store import StoreError, TrialStore, connect, mask_url
+
+__all__ = ["main"]
+
+ENV_URL = "HPO_MONGO_URL"
+
+
+class UsageError(Exception):
+    pass
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("MongoDB (default: the embedded server of --data-dir)")
+    group.add_argument("--mongo", metavar="URL", help="mongodb://[user:password@]host[:port]/database[?options]")
+    group.add_argument("--mongo-file", metavar="FILE", help="file holding the URL (keeps passwords out of ps)")
+    group.add_argument("--data-dir", default="hpo_data", help="embedded server's directory (default: hpo_data)")
+    group.add_argument("--timeout", type=float, default=5.0, help="seconds to reach the server (default: 5)")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpo_worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    driver = sub.add_parser("driver", help="propose trials with TPE and wait for max-evals results")
+    _add_connection(driver)
+    driver.add_argument("--exp", required=True, help="experiment name (exp_key)")
+    driver.add_argument("--space", required=True, help="sgd | adam | kfac | path of a .toml space file")
+    driver.add_argument("--config", required=True, help="base jobs.train TOML config of every trial")
+    driver.add_argument("--max-evals", type=int, required=True)
+    driver.add_argument("--queue-size", type=int, default=4, help="queued trials kept ready for workers (default 4)")
+    driver.add_argument("--seed", type=int, default=0)
+    driver.add_argument("--grace", type=float, default=60.0, help="seconds without heartbeat before a requeue")
+    driver.add_argument("--max-retries", type=int, default=2, help="requeues of a trial before it is failed")
+    driver.add_argument("--objective", choices=("test_loss", "test_error"), default="test_loss")
+    driver.add_argument("--poll", type=float, default=0.5, help="seconds between rounds (default 0.5)")
+
+    worker = sub.add_parser("worker", help="run queued trials as jobs training runs")
+    _add_connection(worker)
+    worker.add_argument("--exp", help="only this experiment (default: any)")
+    worker.add_argument("--idle-timeout", type=float, default=60.0, help="exit after this long without work")
+    worker.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats (default 5)")
+    worker.add_argument("--workdir", default="hpo_runs", help="where trial runs are written (default hpo_runs)")
+    worker.add_argument("--max-trials", type=int, default=0, help="exit after this many trials (0 = no limit)")
+    worker.add_argument(
+        "--grace",
+        type=float,
+        default=60.0,
+        help="while idle, requeue trials without heartbeat for this long (0 = leave it to the driver)",
+    )
+    worker.add_argument("--max-retries", type=int, default=2)
+    worker.add_argument("--poll", type=float, default=0.2, help="seconds between polls of an empty queue")
+
+    server = sub.add_parser("server", help="run the embedded nx-27017 server in the foreground")
+    server.add_argument("--data-dir", default="hpo_data")
+    server.add_argument("--port", type=int, default=0, help="default: a free port (written to DATA_DIR/mongo-url)")
+    return parser.parse_args(argv)
+
+
+def _explicit_url(args: argparse.Namespace) -> str | None:
+    if args.mongo:
+        return str(args.mongo)
+    if args.mongo_file:
+        return read_url_file(args.mongo_file)
+    return os.environ.get(ENV_URL) or None
+
+
+@contextlib.contextmanager
+def _store(args: argparse.Namespace, *, may_start: bool) -> Iterator[TrialStore]:
+    url = _explicit_url(args)
+    server: EmbeddedServer | None = None
+    if url is None:
+        url_file = Path(args.data_dir) / "mongo-url"
+        if url_file.exists():
+            url = read_url_file(url_file)
+            if may_start:
+                try:
+                    connect(url, timeout_s=1.0).close()
+                except StoreError:  # a stale file from a server that is gone
+                    url = None
+        elif not may_start:
+            raise ServerError(
+                f"no embedded server in {args.data_dir} ({url_file} is missing): start the driver first, or "
+                f"`python -m hpo_worker server --data-dir {args.data_dir}`, or pass --mongo URL"
+            )
+        if url is None:
+            server = EmbeddedServer(args.data_dir)
+            url = server.start()
+            print(f"hpo_worker: embedded nx-27017 at {url} (data in {server.data_dir})", file=sys.stderr, flush=True)
+    try:
+        store = connect(url, timeout_s=args.timeout)
+        try:
+            yield store
+        finally:
+            store.close()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _driver(args: argparse.Namespace) -> int:
+    from hpo_worker.driver import DriverOptions, run_driver
+    from hpo_worker.spaces import load_space
+
+    if args.max_evals < 1 or args.queue_size < 1:
+        raise UsageError("--max-evals and --queue-size must be at least 1")
+    try:
+        space = load_space(args.space)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if not Path(args.config).is_file():
+        raise UsageError(f"base config {args.config} does not exist: give a jobs.train TOML file (jobs/configs/)")
+    from jobs.config import ConfigError, load_config
+
+    try:
+        load_config(args.config)
+    except (ConfigError, FileNotFoundError) as exc:
+        raise UsageError(f"base config {args.config}: {exc}") from exc
+    options = DriverOptions(
+        exp_key=args.exp, space=space, config_path=args.config, max_evals=args.max_evals,
+        queue_size=args.queue_size, seed=args.seed, grace_s=args.grace, max_retries=args.max_retries,
+        objective=args.objective, poll_s=args.poll,
+    )  # fmt: skip
+    with _store(args, may_start=True) as store:
+        return run_driver(store, options)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from hpo_worker.worker import WorkerOptions, run_worker
+
+    options = WorkerOptions(
+        exp_key=args.exp, workdir=args.workdir, idle_timeout_s=args.idle_timeout, heartbeat_s=args.heartbeat,
+        poll_s=args.poll, max_trials=args.max_trials, grace_s=args.grace, max_retries=args.max_retries,
+    )  # fmt: skip
+    with _store(args, may_start=False) as store:
+        return run_worker(store, options)
+
+
+def _server(args: argparse.Namespace) -> int:
+    server = EmbeddedServer(args.data_dir, port=args.port)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with server:
+        print(f"hpo_worker: nx-27017 at {server.url}, URL in {server.url_file}; Ctrl-C stops it", flush=True)
+        while not stop.wait(0.5):
+            if server.process is None or server.process.poll() is not None:
+                print("hpo_worker server: error: nx-27017 exited", file=sys.stderr)
+                return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    handlers = {"driver": _driver, "worker": _worker, "server": _server}
+    try:
+        return handlers[args.command](args)
+    except (UsageError, StoreError, ServerError) as exc:
+        message = mask_url(str(exc))
+        print(f"hpo_worker {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,225 @@
+"""The driver: hyperopt's TPE proposes trials, which are queued in the store; it waits for max-evals results.
+
+Each round it reads the experiment's trial documents, builds an in-memory ``hyperopt.Trials`` from them, requeues
+trials whose worker stopped beating (:class:`StaleMonitor`), and tops the queue up to ``queue_size`` new trials
+with ``hyperopt.tpe.suggest``. Trial ids come from an atomic counter in the database, so a restarted driver
+continues the experiment without reusing a tid; the experiment ends when ``max_evals`` trials are done or failed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hyperopt
+import numpy as np
+from hyperopt import tpe
+
+from hpo_worker.spaces import SearchSpace
+from hpo_worker.store import (
+    JOB_STATE_DONE,
+    JOB_STATE_ERROR,
+    JOB_STATE_NEW,
+    JOB_STATE_RUNNING,
+    TrialStore,
+    utcnow,
+)
+
+__all__ = ["DriverOptions", "StaleMonitor", "build_trials", "make_trial_docs", "run_driver"]
+
+CMD = ["hpo_worker", "jobs.train"]  # misc.cmd: what runs a trial (a name, never code)
+
+
+def _hyperopt_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
+    out = {key: value for key, value in doc.items() if key != "_id"}
+    for key in ("book_time", "refresh_time"):
+        if isinstance(out.get(key), dt.datetime):
+            out[key] = out[key].replace(tzinfo=None)
+    return out
+
+
+def build_trials(docs: Sequence[Mapping[str, Any]], exp_key: str) -> hyperopt.Trials:
+    """An in-memory ``hyperopt.Trials`` holding the stored documents (what hyperopt's own tools read)."""
+    trials = hyperopt.Trials(exp_key=exp_key)
+    trials.insert_trial_docs([_hyperopt_doc(doc) for doc in docs if doc.get("exp_key") == exp_key])
+    trials.refresh()
+    return trials
+
+
+def _never_called(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("the driver never evaluates trials: workers run them as jobs training runs")
+
+
+def make_trial_docs(
+    space: SearchSpace,
+    exp_key: str,
+    tids: Sequence[int],
+    trials: hyperopt.Trials,
+    seed: int,
+    algo: Callable[..., Any] = tpe.suggest,
+) -> list[dict[str, Any]]:
+    """New trial documents for ``tids``, proposed by ``algo`` (TPE) from the finished ``trials``."""
+    domain = hyperopt.Domain(_never_called, space.hyperopt_space)
+    docs: list[dict[str, Any]] = []
+    for tid in tids:
+        rng_seed = int(np.random.default_rng([seed, tid]).integers(2**31 - 1))
+        proposed = algo([tid], domain, trials, rng_seed)
+        for doc in proposed:
+            misc = doc["misc"]
+            values = space.evaluate(misc["vals"])
+            spec = {
+                "space": space.name,
+                "params": {k: _jsonable(v) for k, v in values.items()},
+                "overrides": space.to_overrides(values),
+            }
+            docs.append(
+                {
+                    "state": JOB_STATE_NEW,
+                    "tid": tid,
+                    "spec": spec,
+                    "result": {"status": "new"},
+                    "misc": {
+                        "tid": tid,
+                        "cmd": CMD,
+                        "workdir": None,
+                        "idxs": {k: [int(i) for i in v] for k, v in misc["idxs"].items()},
+                        "vals": {k: [_jsonable(x) for x in v] for k, v in misc["vals"].items()},
+                    },
+                    "exp_key": exp_key,
+                    "owner": None,
+                    "version": 0,
+                    "book_time": None,
+                    "refresh_time": None,
+                    "heartbeat": 0,
+                    "attempts": 0,
+                }
+            )
+    return docs
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class StaleMonitor:
+    """Finds running trials whose heartbeat has not moved for ``grace_s`` seconds and requeues them (or marks them
+    failed after ``max_retries`` requeues). Time is measured on this machine's monotonic clock from the moment a
+    beat value was first seen, so clocks of other machines do not matter."""
+
+    store: TrialStore
+    grace_s: float
+    max_retries: int
+    log: Callable[[str], None] = print
+    _seen: dict[Any, tuple[Any, float]] = field(default_factory=dict)
+
+    def check(self, docs: Sequence[Mapping[str, Any]]) -> int:
+        now = time.monotonic()
+        changed = 0
+        running = set()
+        for doc in docs:
+            if doc.get("state") != JOB_STATE_RUNNING:
+                continue
+            key = doc["_id"]
+            running.add(key)
+            beat = (doc.get("owner"), doc.get("version"), doc.get("heartbeat"))
+            previous = self._seen.get(key)
+            if previous is None or previous[0] != beat:
+                self._seen[key] = (beat, now)
+                continue
+            if now - previous[1] < self.grace_s:
+                continue
+            reason = f"worker {doc.get('owner')} sent no heartbeat for {now - previous[1]:.0f} s"
+            outcome = self.store.requeue_if_unchanged(doc, max_retries=self.max_retries, reason=reason)
+            if outcome is not None:
+                changed += 1
+                self.log(f"trial {doc['tid']}: {reason}: {outcome}")
+            self._seen.pop(key, None)
+        for key in set(self._seen) - running:
+            del self._seen[key]
+        return changed
+
+
+@dataclass
+class DriverOptions:
+    exp_key: str
+    space: SearchSpace
+    config_path: str
+    max_evals: int
+    queue_size: int = 4
+    seed: int = 0
+    grace_s: float = 60.0
+    max_retries: int = 2
+    objective: str = "test_loss"
+    poll_s: float = 0.5
+
+
+def experiment_meta(options: DriverOptions) -> dict[str, Any]:
+    path = Path(options.config_path)
+    return {
+        "space": options.space.name,
+        "space_source": str(getattr(options.space, "source", "")),
+        "config_name": path.stem,
+        "config_text": path.read_text(),
+        "objective": options.objective,
+        "seed": options.seed,
+        "max_evals": options.max_evals,
+        "driver": f"{socket.gethostname()}:{os.getpid()}",
+    }
+
+
+def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], None] | None = None) -> int:
+    say = log or (lambda message: print(f"hpo_worker driver: {message}", file=sys.stderr, flush=True))
+    store.ensure_indexes()
+    meta = experiment_meta(options)
+    created = store.create_or_check_experiment(
+        options.exp_key, meta, compare=("space", "config_text", "objective", "seed")
+    )
+    store.update_experiment(options.exp_key, {"max_evals": options.max_evals, "driver": meta["driver"]})
+    say(
+        f"{'new' if created else 'resuming'} experiment {options.exp_key!r}: space {options.space.name}, "
+        f"max-evals {options.max_evals}, queue {options.queue_size}"
+    )
+    monitor = StaleMonitor(store, options.grace_s, options.max_retries, log=say)
+    last_line = ""
+    while True:
+        docs = store.trial_docs(options.exp_key, curves=False)
+        if monitor.check(docs):
+            docs = store.trial_docs(options.exp_key, curves=False)
+        counts = {s: sum(1 for d in docs if d["state"] == s) for s in range(4)}
+        finished = counts[JOB_STATE_DONE] + counts[JOB_STATE_ERROR]
+        line = (
+            f"{finished}/{options.max_evals} finished ({counts[JOB_STATE_ERROR]} failed), "
+            f"{counts[JOB_STATE_RUNNING]} running, {counts[JOB_STATE_NEW]} queued"
+        )
+        if line != last_line:
+            say(line)
+            last_line = line
+        if finished >= options.max_evals:
+            break
+        wanted = min(options.queue_size - counts[JOB_STATE_NEW], options.max_evals - len(docs))
+        if wanted > 0:
+            trials = build_trials(docs, options.exp_key)
+            tids = store.new_tids(options.exp_key, wanted)
+            new_docs = make_trial_docs(options.space, options.exp_key, tids, trials, options.seed)
+            store.insert_trials(new_docs)
+            continue
+        time.sleep(options.poll_s)
+    store.update_experiment(options.exp_key, {"finished": utcnow()})
+    trials = build_trials(store.trial_docs(options.exp_key, curves=False), options.exp_key)
+    ok = [t for t in trials.trials if t["result"].get("status") == "ok"]
+    if ok:
+        best = min(ok, key=lambda t: t["result"]["loss"])
+        say(f"best: trial {best['tid']} loss {best['result']['loss']:.6g} {best['spec']['overrides']}")
+    return 0

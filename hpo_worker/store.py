@@ -1,0 +1,242 @@
+"""MongoDB trial store, written directly on pymongo 4, in hyperopt's document schema.
+
+Collections of the database (the URL's database, default ``hpo``):
+
+- ``jobs``: one document per trial, as hyperopt's ``mongoexp`` writes them: ``tid``, ``state``
+  (0 new, 1 running, 2 done, 3 error), ``spec``, ``result``, ``misc`` (``tid``, ``cmd``, ``workdir``, ``idxs``,
+  ``vals``), ``exp_key``, ``owner``, ``version``, ``book_time``, ``refresh_time``; plus ``heartbeat`` (the
+  owner's beat counter) and ``attempts``. ``spec`` is JSON (the overrides of the trial), never pickled code.
+- ``hpo_experiments``: one document per experiment (``_id`` = exp_key): the space, the base config's text, ...
+- ``hpo_counters``: the next tid of each experiment (a restarted driver never reuses a tid).
+
+Every state change is one conditional ``update_one``/``find_one_and_update`` on the trial's ``_id`` and the
+fields the caller last saw, so racing workers and drivers cannot both win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pymongo
+import pymongo.errors
+from pymongo import ReturnDocument
+
+__all__ = [
+    "JOB_STATE_DONE",
+    "JOB_STATE_ERROR",
+    "JOB_STATE_NEW",
+    "JOB_STATE_RUNNING",
+    "StoreError",
+    "TrialStore",
+    "connect",
+    "mask_url",
+]
+
+# hyperopt.base's values, repeated so that the store does not import hyperopt (checked in the tests).
+JOB_STATE_NEW = 0
+JOB_STATE_RUNNING = 1
+JOB_STATE_DONE = 2
+JOB_STATE_ERROR = 3
+
+TRIALS = "jobs"
+EXPERIMENTS = "hpo_experiments"
+COUNTERS = "hpo_counters"
+
+
+class StoreError(RuntimeError):
+    """MongoDB cannot be used (unreachable, authentication failed, ...); the message says what to do."""
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (safe to print)."""
+    return re.sub(r"(mongodb(?:\+srv)?://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def utcnow() -> dt.datetime:
+    """Milliseconds precision, as BSON stores it (hyperopt's ``coarse_utcnow``)."""
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def connect(url: str, timeout_s: float = 5.0, database: str | None = None) -> TrialStore:
+    """Connects and checks the connection (and the credentials) within about ``timeout_s`` seconds."""
+    masked = mask_url(url)
+    ms = max(1, int(timeout_s * 1000))
+    try:
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+            url, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=max(ms, 30000), appname="hpo_worker"
+        )
+    except (pymongo.errors.ConfigurationError, pymongo.errors.InvalidURI, ValueError) as exc:
+        raise StoreError(f"invalid MongoDB URL {masked}: {exc}") from exc
+    try:
+        client.admin.command("ping")
+    except pymongo.errors.ServerSelectionTimeoutError as exc:
+        client.close()
+        raise StoreError(
+            f"cannot reach MongoDB at {masked} within {timeout_s:g} s: check host, port, firewall and TLS options "
+            "(or omit --mongo to use the embedded server)"
+        ) from exc
+    except pymongo.errors.OperationFailure as exc:
+        client.close()
+        if exc.code in (18, 13) or "auth" in str(exc).lower():
+            raise StoreError(
+                f"MongoDB at {masked} refused the credentials (authentication failed): check the user, the password "
+                "and authSource in the URL"
+            ) from exc
+        raise StoreError(f"MongoDB at {masked} refused the connection check: {exc}") from exc
+    except (pymongo.errors.PyMongoError, KeyError, ValueError) as exc:
+        client.close()
+        has_user = "@" in url.split("//", 1)[-1].split("/", 1)[0]
+        what = "authentication failed" if has_user else "the server's reply was not understood"
+        raise StoreError(f"MongoDB at {masked}: {what} ({type(exc).__name__}: {exc})") from exc
+    name = database or client.get_default_database(default="hpo").name
+    return TrialStore(client, name)
+
+
+class TrialStore:
+    def __init__(self, client: pymongo.MongoClient[dict[str, Any]], database: str = "hpo") -> None:
+        self.client = client
+        self.db = client[database]
+        self.trials = self.db[TRIALS]
+        self.experiments = self.db[EXPERIMENTS]
+        self.counters = self.db[COUNTERS]
+
+    def close(self) -> None:
+        self.client.close()
+
+    def ensure_indexes(self) -> None:
+        self.trials.create_index([("exp_key", 1), ("tid", 1)], unique=True)
+        self.trials.create_index([("state", 1), ("exp_key", 1)])
+
+    # -- experiments -------------------------------------------------------------------------------------------
+
+    def get_experiment(self, exp_key: str) -> dict[str, Any] | None:
+        return self.experiments.find_one({"_id": exp_key})
+
+    def create_or_check_experiment(self, exp_key: str, meta: Mapping[str, Any], compare: Sequence[str]) -> bool:
+        """Stores the experiment; for an existing one, checks that ``compare`` keys agree. True when created."""
+        try:
+            self.experiments.insert_one({"_id": exp_key, **meta, "created": utcnow()})
+            return True
+        except pymongo.errors.DuplicateKeyError:
+            pass
+        existing = self.get_experiment(exp_key) or {}
+        different = [key for key in compare if existing.get(key) != meta.get(key)]
+        if different:
+            raise StoreError(
+                f"experiment {exp_key!r} already exists with another {', '.join(different)}: choose another --exp "
+                "name, or pass the same settings to resume it"
+            )
+        return False
+
+    def update_experiment(self, exp_key: str, fields: Mapping[str, Any]) -> None:
+        self.experiments.update_one({"_id": exp_key}, {"$set": dict(fields)})
+
+    # -- trials ------------------------------------------------------------------------------------------------
+
+    def new_tids(self, exp_key: str, n: int) -> list[int]:
+        """``n`` tids never handed out before for this experiment (atomic counter)."""
+        doc = self.counters.find_one_and_update(
+            {"_id": exp_key}, {"$inc": {"next_tid": n}}, upsert=True, return_document=ReturnDocument.AFTER
+        )
+        end = int(doc["next_tid"]) if doc else n
+        return list(range(end - n, end))
+
+    def insert_trials(self, docs: Sequence[Mapping[str, Any]]) -> None:
+        if docs:
+            self.trials.insert_many([dict(d) for d in docs])
+
+    def trial_docs(self, exp_key: str, *, curves: bool = True) -> list[dict[str, Any]]:
+        """The experiment's trials by tid; ``curves=False`` leaves out the learning curves (the driver's rounds)."""
+        projection = None if curves else {"result.learning_curve": 0}
+        return list(self.trials.find({"exp_key": exp_key}, projection).sort("tid", 1))
+
+    def count_states(self, exp_key: str) -> dict[int, int]:
+        counts = dict.fromkeys((JOB_STATE_NEW, JOB_STATE_RUNNING, JOB_STATE_DONE, JOB_STATE_ERROR), 0)
+        for doc in self.trials.find({"exp_key": exp_key}, {"state": 1}):
+            counts[int(doc["state"])] = counts.get(int(doc["state"]), 0) + 1
+        return counts
+
+    def reserve(self, owner: str, exp_key: str | None = None) -> dict[str, Any] | None:
+        """Atomically moves the oldest queued trial to running, owned by ``owner``; None when none is queued."""
+        query: dict[str, Any] = {"state": JOB_STATE_NEW}
+        if exp_key is not None:
+            query["exp_key"] = exp_key
+        now = utcnow()
+        return self.trials.find_one_and_update(
+            query,
+            {
+                "$set": {"state": JOB_STATE_RUNNING, "owner": owner, "book_time": now, "refresh_time": now},
+                "$inc": {"version": 1, "heartbeat": 1, "attempts": 1},
+            },
+            sort=[("tid", 1)],
+            return_document=ReturnDocument.AFTER,
+        )
+
+    def _mine(self, doc: Mapping[str, Any], owner: str) -> dict[str, Any]:
+        return {"_id": doc["_id"], "state": JOB_STATE_RUNNING, "owner": owner, "version": doc["version"]}
+
+    def beat(self, doc: Mapping[str, Any], owner: str) -> bool:
+        """Heartbeat; False when the trial is no longer this owner's (it was requeued)."""
+        result = self.trials.update_one(
+            self._mine(doc, owner), {"$set": {"refresh_time": utcnow()}, "$inc": {"heartbeat": 1}}
+        )
+        return result.matched_count == 1
+
+    def finish(
+        self, doc: Mapping[str, Any], owner: str, result: Mapping[str, Any], *, error: tuple[str, str] | None = None
+    ) -> bool:
+        """Stores the result (state done, or error when ``error`` is given). False when no longer the owner's."""
+        fields: dict[str, Any] = {
+            "state": JOB_STATE_ERROR if error else JOB_STATE_DONE,
+            "result": dict(result),
+            "refresh_time": utcnow(),
+        }
+        if error:
+            fields["misc.error"] = list(error)
+        if result.get("out_dir"):
+            fields["misc.workdir"] = str(result["out_dir"])
+        updated = self.trials.update_one(self._mine(doc, owner), {"$set": fields, "$inc": {"version": 1}})
+        return updated.matched_count == 1
+
+    def release(self, doc: Mapping[str, Any], owner: str) -> bool:
+        """Puts a running trial back in the queue (SIGTERM); it does not count as a failed attempt."""
+        updated = self.trials.update_one(
+            self._mine(doc, owner),
+            {
+                "$set": {"state": JOB_STATE_NEW, "owner": None, "book_time": None, "refresh_time": None},
+                "$inc": {"version": 1, "attempts": -1},
+            },
+        )
+        return updated.matched_count == 1
+
+    def requeue_if_unchanged(self, doc: Mapping[str, Any], *, max_retries: int, reason: str) -> str | None:
+        """Requeues (or, after ``max_retries`` failed attempts, fails) a running trial whose heartbeat has not moved
+        since ``doc`` was read. Returns "requeued", "error" or None (it changed meanwhile)."""
+        query = {
+            "_id": doc["_id"],
+            "state": JOB_STATE_RUNNING,
+            "owner": doc.get("owner"),
+            "version": doc.get("version"),
+            "heartbeat": doc.get("heartbeat"),
+        }
+        attempts = int(doc.get("attempts", 1))
+        if attempts > max_retries:
+            message = f"{reason}; gave up after {attempts} attempts (--max-retries {max_retries})"
+            fields: dict[str, Any] = {
+                "state": JOB_STATE_ERROR,
+                "result": {"status": "fail", "failure": message},
+                "misc.error": ["WorkerLost", message],
+                "refresh_time": utcnow(),
+            }
+            outcome = "error"
+        else:
+            fields = {"state": JOB_STATE_NEW, "owner": None, "book_time": None, "refresh_time": None}
+            outcome = "requeued"
+        updated = self.trials.update_one(
+            query, {"$set": fields, "$inc": {"version": 1}, "$push": {"misc.lost_owners": doc.get("owner")}}
+        )
+        return outcome if updated.matched_count == 1 else None

@@ -1,0 +1,294 @@
+"""hpo_worker against a real nx-27017 server process: driver, workers, faults, errors, hyperopt's schema."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+
+from tests.mongo_server import free_port, mongo_server
+
+pytest.importorskip("hyperopt")
+pytest.importorskip("nx_27017")
+
+from hpo_worker.driver import build_trials
+from hpo_worker.store import JOB_STATE_DONE, JOB_STATE_NEW, JOB_STATE_RUNNING, mask_url
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE_CONFIG = """
+[model]
+name = "mlp"
+hidden = [16]
+[data]
+name = "synthetic"
+batch_size = 64
+synthetic_shape = [8]
+synthetic_classes = 4
+synthetic_train_size = 256
+synthetic_test_size = 128
+[optim]
+name = "sgd"
+lr = 0.05
+[run]
+steps = {steps}
+eval_every = 0
+progress = false
+tensorboard = false
+"""
+
+SPACE = """
+[fixed]
+"optim.schedule" = "constant"
+[params."optim.lr"]
+dist = "loguniform"
+low = 1e-3
+high = 1.0
+[params."optim.momentum"]
+dist = "uniform"
+low = 0.0
+high = 0.95
+"""
+
+
+@pytest.fixture
+def mongo(tmp_path: Path) -> Iterator[str]:
+    with mongo_server(tmp_path / "mongo") as url:
+        yield url
+
+
+@pytest.fixture
+def db(mongo: str) -> Iterator[Any]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo, serverSelectionTimeoutMS=5000)
+    yield client.get_default_database()
+    client.close()
+
+
+def _files(tmp_path: Path, steps: int = 8) -> tuple[Path, Path]:
+    config = tmp_path / "base.toml"
+    config.write_text(BASE_CONFIG.format(steps=steps))
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    return config, space
+
+
+def _start(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("HPO_MONGO_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo_worker", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _driver(mongo: str, tmp_path: Path, exp: str, max_evals: int, *extra: str, steps: int = 8) -> subprocess.Popen[str]:
+    config, space = _files(tmp_path, steps)
+    return _start(
+        "driver", "--mongo", mongo, "--exp", exp, "--space", str(space), "--config", str(config),
+        "--max-evals", str(max_evals), "--poll", "0.1", *extra, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def _worker(mongo: str, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    return _start(
+        "worker", "--mongo", mongo, "--workdir", str(tmp_path / "runs"), "--poll", "0.05", "--heartbeat", "0.2",
+        *extra, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def _finish(process: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        raise AssertionError(f"timed out: {out}") from None
+    return process.returncode, out
+
+
+def _wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _check_complete(db: Any, exp: str, n: int) -> list[dict[str, Any]]:
+    docs = list(db.jobs.find({"exp_key": exp}))
+    tids = [d["tid"] for d in docs]
+    assert len(tids) == n and len(set(tids)) == n, tids
+    assert all(d["state"] == JOB_STATE_DONE for d in docs), [(d["tid"], d["state"], d["result"]) for d in docs]
+    return docs
+
+
+def test_mask_url() -> None:
+    assert mask_url("mongodb://alice:s3cr%40t@db.example:27017/hpo?tls=true") == (
+        "mongodb://alice:***@db.example:27017/hpo?tls=true"
+    )
+    assert mask_url("mongodb://db:27017/") == "mongodb://db:27017/"
+
+
+def test_driver_and_three_workers(mongo: str, db: Any, tmp_path: Path) -> None:
+    import hyperopt
+
+    driver = _driver(mongo, tmp_path, "three", 8, "--queue-size", "3")
+    workers = [_worker(mongo, tmp_path, "--idle-timeout", "2") for _ in range(3)]
+    rc, out = _finish(driver)
+    assert rc == 0, out
+    assert "8/8 finished" in out and "best: trial" in out
+    outs = [_finish(w) for w in workers]
+    assert all(rc == 0 for rc, _ in outs), outs
+    docs = _check_complete(db, "three", 8)
+    owners = {d["owner"].split(":")[1] for d in docs}
+    assert len(owners) >= 2, owners  # the work was shared
+    for doc in docs:
+        result = doc["result"]
+        assert result["status"] == "ok" and result["loss"] == pytest.approx(result["test_loss"])
+        assert 0 <= result["test_accuracy"] <= 1
+        assert [r["kind"] for r in result["learning_curve"]][-2:] == ["epoch", "eval"]
+        assert any(o.startswith("optim.schedule=") for o in doc["spec"]["overrides"])
+        assert any(o.startswith("optim.lr=") for o in doc["spec"]["overrides"])
+        assert doc["misc"]["tid"] == doc["tid"] and set(doc["misc"]["vals"]) == {"optim.lr", "optim.momentum"}
+        assert doc["book_time"] is not None and doc["refresh_time"] is not None
+    # hyperopt's own Trials reads the stored documents
+    trials = hyperopt.Trials(exp_key="three")
+    trials.insert_trial_docs([{k: v for k, v in d.items() if k != "_id"} for d in docs])
+    trials.refresh()
+    assert len(trials.losses()) == 8 and None not in trials.losses()
+    assert trials.best_trial["result"]["loss"] == min(d["result"]["loss"] for d in docs)
+    assert set(trials.argmin) == {"optim.lr", "optim.momentum"}
+    assert len(build_trials(docs, "three").trials) == 8
+
+
+def test_sigkill_worker_trial_is_requeued(mongo: str, db: Any, tmp_path: Path) -> None:
+    driver = _driver(mongo, tmp_path, "kill", 3, "--queue-size", "1", "--grace", "1", steps=400)
+    victim = _worker(mongo, tmp_path, "--idle-timeout", "20", "--grace", "0")
+    running = _wait_for(
+        lambda: db.jobs.find_one(
+            {"exp_key": "kill", "state": JOB_STATE_RUNNING, "owner": {"$regex": f":{victim.pid}:"}}
+        ),
+        what="the victim's trial",
+    )
+    victim.kill()
+    victim.wait()
+    other = _worker(mongo, tmp_path, "--idle-timeout", "2", "--grace", "0")
+    rc, out = _finish(driver, 60)
+    assert rc == 0, out
+    assert "sent no heartbeat" in out
+    _finish(other)
+    docs = _check_complete(db, "kill", 3)
+    again = next(d for d in docs if d["tid"] == running["tid"])
+    assert again["owner"] != running["owner"] and again["attempts"] == 2
+    assert running["owner"] in again["misc"]["lost_owners"]
+
+
+def test_driver_restart_resumes_without_duplicates(mongo: str, db: Any, tmp_path: Path) -> None:
+    driver = _driver(mongo, tmp_path, "restart", 6, "--queue-size", "2")
+    worker = _worker(mongo, tmp_path, "--idle-timeout", "6")
+    _wait_for(lambda: db.jobs.count_documents({"exp_key": "restart", "state": JOB_STATE_DONE}) >= 2, what="2 done")
+    driver.kill()
+    driver.wait()
+    driver = _driver(mongo, tmp_path, "restart", 6, "--queue-size", "2")
+    rc, out = _finish(driver)
+    assert rc == 0, out
+    assert "resuming experiment 'restart'" in out
+    _finish(worker)
+    _check_complete(db, "restart", 6)
+
+
+def test_two_experiments_stay_apart(mongo: str, db: Any, tmp_path: Path) -> None:
+    a = _driver(mongo, tmp_path, "exp-a", 2, "--queue-size", "2")
+    b = _driver(mongo, tmp_path, "exp-b", 3, "--queue-size", "2", "--seed", "1")
+    wa = _worker(mongo, tmp_path, "--exp", "exp-a", "--idle-timeout", "2")
+    wb = _worker(mongo, tmp_path, "--exp", "exp-b", "--idle-timeout", "2")
+    for process in (a, b, wa, wb):
+        rc, out = _finish(process)
+        assert rc == 0, out
+    docs_a = _check_complete(db, "exp-a", 2)
+    docs_b = _check_complete(db, "exp-b", 3)
+    assert {d["owner"].split(":")[1] for d in docs_a} == {str(wa.pid)}
+    assert {d["owner"].split(":")[1] for d in docs_b} == {str(wb.pid)}
+    assert len(build_trials(docs_a + docs_b, "exp-a").trials) == 2
+
+
+def test_sigterm_puts_trial_back(mongo: str, db: Any, tmp_path: Path) -> None:
+    driver = _driver(mongo, tmp_path, "term", 1, "--queue-size", "1", steps=400)
+    worker = _worker(mongo, tmp_path, "--idle-timeout", "20")
+    _wait_for(lambda: db.jobs.find_one({"exp_key": "term", "state": JOB_STATE_RUNNING}), what="a running trial")
+    worker.send_signal(signal.SIGTERM)
+    rc, out = _finish(worker, 20)
+    assert rc == 143, out
+    assert "back in the queue" in out
+    doc = db.jobs.find_one({"exp_key": "term"})
+    assert doc["state"] == JOB_STATE_NEW and doc["owner"] is None and doc["attempts"] == 0
+    driver.kill()
+    driver.wait()
+
+
+def test_unreachable_url_is_a_clear_error(tmp_path: Path) -> None:
+    config, space = _files(tmp_path)
+    url = f"mongodb://alice:hunter2@127.0.0.1:{free_port()}/hpo"
+    started = time.monotonic()
+    process = _start(
+        "driver", "--mongo", url, "--exp", "x", "--space", str(space), "--config", str(config), "--max-evals", "1",
+        "--timeout", "1", cwd=tmp_path,
+    )  # fmt: skip
+    rc, out = _finish(process, 30)
+    assert rc == 2, out
+    assert time.monotonic() - started < 15
+    assert "cannot reach MongoDB at mongodb://alice:***@127.0.0.1" in out and "hunter2" not in out
+    assert len(out.strip().splitlines()) == 1, out
+
+
+def test_wrong_credentials_are_a_clear_error(mongo: str, tmp_path: Path) -> None:
+    # nx-27017 does not implement SCRAM: a client that authenticates gets a reply it cannot parse. A real MongoDB
+    # answers with code 18 (AuthenticationFailed); both are reported as an authentication failure, exit status 2.
+    url = mongo.replace("mongodb://", "mongodb://alice:wrong-pw@") + "?authSource=admin"
+    process = _start("worker", "--mongo", url, "--timeout", "2", cwd=tmp_path)
+    rc, out = _finish(process, 30)
+    assert rc == 2, out
+    assert "authentication failed" in out and "wrong-pw" not in out and "alice:***@" in out
+
+
+def test_unknown_space_and_missing_embedded_server(tmp_path: Path) -> None:
+    config, _ = _files(tmp_path)
+    process = _start(
+        "driver", "--exp", "x", "--space", "nonesuch", "--config", str(config), "--max-evals", "1", cwd=tmp_path
+    )
+    rc, out = _finish(process, 30)
+    assert rc == 2 and "unknown search space 'nonesuch'" in out, out
+    process = _start("worker", "--data-dir", str(tmp_path / "nothing"), cwd=tmp_path)
+    rc, out = _finish(process, 30)
+    assert rc == 2 and "no embedded server" in out, out
+
+
+def test_embedded_server_shared_through_data_dir(tmp_path: Path) -> None:
+    """No --mongo: the driver starts nx-27017 in --data-dir and writes its URL there; the worker reads it."""
+    config, space = _files(tmp_path)
+    data = tmp_path / "hpo_data"
+    driver = _start(
+        "driver", "--data-dir", str(data), "--exp", "emb", "--space", str(space), "--config", str(config),
+        "--max-evals", "2", "--poll", "0.1", cwd=tmp_path,
+    )  # fmt: skip
+    _wait_for(lambda: (data / "mongo-url").exists(), what="the embedded server's URL file")
+    worker = _start("worker", "--data-dir", str(data), "--idle-timeout", "2", "--poll", "0.05", cwd=tmp_path)
+    rc, out = _finish(driver)
+    assert rc == 0 and "embedded nx-27017 at mongodb://127.0.0.1:" in out and "2/2 finished" in out, out
+    assert not (data / "mongo-url").exists()  # removed when the driver stopped its server
+    assert list((data / "db").glob("*.db"))
+    _finish(worker)
