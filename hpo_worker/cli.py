@@ -1,4 +1,4 @@
-"""Command line: ``python -m hpo_worker driver|worker|server ...`` (docs/hpo.md).
+"""Command line: ``python -m hpo_worker driver|worker|report|server ...`` (docs/hpo.md).
 
 Where the MongoDB URL comes from, first match wins: ``--mongo URL``, ``--mongo-file FILE`` (a file holding the URL:
 keeps credentials out of ``ps`` and shell history), the environment variable ``HPO_MONGO_URL``, and otherwise the
@@ -73,6 +73,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     worker.add_argument("--max-retries", type=int, default=2)
     worker.add_argument("--poll", type=float, default=0.2, help="seconds between polls of an empty queue")
+
+    report = sub.add_parser("report", help="best trials, the mean of the top k, CSV and plots of an experiment")
+    _add_connection(report)
+    report.add_argument("--exp", required=True, help="experiment name")
+    report.add_argument("--top-k", type=int, default=100, help="how many of the best trials to average (default 100)")
+    report.add_argument("--csv", metavar="FILE", help="write one row per trial here")
+    report.add_argument("--plots", metavar="DIR", help="write loss-by-trial and parameter-vs-loss PNGs here")
 
     server = sub.add_parser("server", help="run the embedded nx-27017 server in the foreground")
     server.add_argument("--data-dir", default="hpo_data")
@@ -159,6 +166,24 @@ def _worker(args: argparse.Namespace) -> int:
         return run_worker(store, options)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from hpo_worker import report
+
+    if args.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    with _store(args, may_start=False) as store:
+        if store.get_experiment(args.exp) is None:
+            raise UsageError(f"no experiment {args.exp!r} in this database: check --exp (and the URL)")
+        trials = store.trial_docs(args.exp)
+    print(report.format_report(report.summarize(trials, top_k=args.top_k)))
+    if args.csv:
+        print(f"csv: {report.write_csv(trials, args.csv)}")
+    if args.plots:
+        for path in report.plot(trials, args.plots):
+            print(f"plot: {path}")
+    return 0
+
+
 def _server(args: argparse.Namespace) -> int:
     server = EmbeddedServer(args.data_dir, port=args.port)
     stop = threading.Event()
@@ -179,7 +204,7 @@ def _server(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    handlers = {"driver": _driver, "worker": _worker, "server": _server}
+    handlers = {"driver": _driver, "worker": _worker, "report": _report, "server": _server}
     try:
         return handlers[args.command](args)
     except (UsageError, StoreError, ServerError) as exc:

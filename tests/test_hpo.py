@@ -174,6 +174,23 @@ def test_driver_and_three_workers(mongo: str, db: Any, tmp_path: Path) -> None:
     assert set(trials.argmin) == {"optim.lr", "optim.momentum"}
     assert len(build_trials(docs, "three").trials) == 8
 
+    # The report reads the same documents back from the server.
+    shown = subprocess.run(
+        [sys.executable, "-m", "hpo_worker", "report", "--mongo", mongo, "--exp", "three", "--top-k", "3",
+         "--csv", str(tmp_path / "trials.csv"), "--plots", str(tmp_path / "plots")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    best = min(docs, key=lambda d: d["result"]["loss"])
+    assert f"{best['tid']}" in shown.stdout and "top 3" in shown.stdout.lower(), shown.stdout
+    assert len((tmp_path / "trials.csv").read_text().splitlines()) == 1 + 8
+    assert (tmp_path / "plots" / "loss_by_trial.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run(
+        [sys.executable, "-m", "hpo_worker", "report", "--mongo", mongo, "--exp", "nope"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "no experiment 'nope'" in missing.stderr
+
 
 def test_sigkill_worker_trial_is_requeued(mongo: str, db: Any, tmp_path: Path) -> None:
     driver = _driver(mongo, tmp_path, "kill", 3, "--queue-size", "1", "--grace", "1", steps=400)
