@@ -22,7 +22,7 @@ import hyperopt
 import numpy as np
 from hyperopt import tpe
 
-from hpo_worker.spaces import SearchSpace
+from hpo_worker.spaces import SearchSpace, plain_value
 from hpo_worker.store import (
     JOB_STATE_DONE,
     JOB_STATE_ERROR,
@@ -76,7 +76,7 @@ def make_trial_docs(
             values = space.evaluate(misc["vals"])
             spec = {
                 "space": space.name,
-                "params": {k: _jsonable(v) for k, v in values.items()},
+                "params": {k: plain_value(v) for k, v in values.items()},
                 "overrides": space.to_overrides(values),
             }
             docs.append(
@@ -90,7 +90,7 @@ def make_trial_docs(
                         "cmd": CMD,
                         "workdir": None,
                         "idxs": {k: [int(i) for i in v] for k, v in misc["idxs"].items()},
-                        "vals": {k: [_jsonable(x) for x in v] for k, v in misc["vals"].items()},
+                        "vals": {k: [plain_value(x) for x in v] for k, v in misc["vals"].items()},
                     },
                     "exp_key": exp_key,
                     "owner": None,
@@ -102,14 +102,6 @@ def make_trial_docs(
                 }
             )
     return docs
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 @dataclass

@@ -155,7 +155,7 @@ class SearchSpace:
         settings: dict[str, Any] = dict(self.fixed)
         list_parts: dict[str, dict[int, Any]] = {}
         for param in self.params:
-            value = _plain(values[param.label])
+            value = plain_value(values[param.label])
             if param.list_index is None:
                 settings[param.config_key] = value
             else:
@@ -167,12 +167,12 @@ class SearchSpace:
         return [f"{key}={toml_value(_cast(key, value))}" for key, value in settings.items()]
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """numpy scalars (what hyperopt returns) as Python ones, so repr and TOML see plain numbers."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     return value
 
 
@@ -198,7 +198,7 @@ def _cast_scalar(key: str, value: Any, tp: Any) -> Any:
 
 def toml_value(value: Any) -> str:
     """``value`` written as a TOML value, as jobs.config's overrides read it (strings quoted, lists bracketed)."""
-    value = _plain(value)
+    value = plain_value(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
