@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test lint typecheck unit bench bench-dist clean
+.PHONY: setup demo test lint typecheck unit bench bench-dist bench-hpo clean
 
 $(STAMP): scripts/setup.sh scripts/build_horovod.sh requirements-dev.txt pyproject.toml
 	bash scripts/setup.sh
@@ -31,6 +31,9 @@ bench: setup
 
 bench-dist: setup
 	$(PY) -m benchmarks.distributed
+
+bench-hpo: setup
+	$(PY) -m benchmarks.hpo_dispatch
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -21,6 +23,7 @@ from typing import Any
 
 from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
 from hpo_worker.store import StoreError, TrialStore, connect, mask_url
+from hpo_worker.trial import LAUNCHERS, TrialLaunch
 
 __all__ = ["main"]
 
@@ -73,6 +76,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     worker.add_argument("--max-retries", type=int, default=2)
     worker.add_argument("--poll", type=float, default=0.2, help="seconds between polls of an empty queue")
+    trials = worker.add_argument_group("distributed trials (default: each trial in this process, one rank)")
+    trials.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="none",
+        help="run each trial as --ranks ranks of `python -m jobs.train` under srun (inside the worker's allocation), "
+        "mpirun or torchrun",
+    )
+    trials.add_argument("--ranks", type=int, default=1, help="ranks per trial (default 1)")
+    trials.add_argument(
+        "--launcher-args", default="", help="extra launcher words, as shell text (e.g. '--bind-to none')"
+    )
 
     report = sub.add_parser("report", help="best trials, the mean of the top k, CSV and plots of an experiment")
     _add_connection(report)
@@ -158,9 +173,16 @@ def _driver(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from hpo_worker.worker import WorkerOptions, run_worker
 
+    try:
+        launch = TrialLaunch(args.launcher, args.ranks, tuple(shlex.split(args.launcher_args)))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if launch.launcher != "none" and shutil.which(launch.command([])[0]) is None:
+        raise UsageError(f"--launcher {launch.launcher}: {launch.command([])[0]} is not on PATH")
     options = WorkerOptions(
         exp_key=args.exp, workdir=args.workdir, idle_timeout_s=args.idle_timeout, heartbeat_s=args.heartbeat,
         poll_s=args.poll, max_trials=args.max_trials, grace_s=args.grace, max_retries=args.max_retries,
+        launch=launch,
     )  # fmt: skip
     with _store(args, may_start=False) as store:
         return run_worker(store, options)

@@ -4,6 +4,7 @@ Each round it reads the experiment's trial documents, builds an in-memory ``hype
 trials whose worker stopped beating (:class:`StaleMonitor`), and tops the queue up to ``queue_size`` new trials
 with ``hyperopt.tpe.suggest``. Trial ids come from an atomic counter in the database, so a restarted driver
 continues the experiment without reusing a tid; the experiment ends when ``max_evals`` trials are done or failed.
+One driver per experiment: it holds a lease on the experiment document (see ``LEASE_S``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from hpo_worker.store import (
     JOB_STATE_ERROR,
     JOB_STATE_NEW,
     JOB_STATE_RUNNING,
+    StoreError,
     TrialStore,
     utcnow,
 )
@@ -35,6 +37,9 @@ from hpo_worker.store import (
 __all__ = ["DriverOptions", "StaleMonitor", "build_trials", "make_trial_docs", "run_driver"]
 
 CMD = ["hpo_worker", "jobs.train"]  # misc.cmd: what runs a trial (a name, never code)
+# A driver renews its lease on the experiment every round; a second driver is refused while the lease is valid.
+# A killed driver's lease is taken over at once on the same host (its pid is gone), else after LEASE_S.
+LEASE_S = 30.0
 
 
 def _hyperopt_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,14 +183,42 @@ def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], N
     created = store.create_or_check_experiment(
         options.exp_key, meta, compare=("space", "config_text", "objective", "seed")
     )
-    store.update_experiment(options.exp_key, {"max_evals": options.max_evals, "driver": meta["driver"]})
     say(
         f"{'new' if created else 'resuming'} experiment {options.exp_key!r}: space {options.space.name}, "
         f"max-evals {options.max_evals}, queue {options.queue_size}"
     )
+    holder = meta["driver"]
+    previous_dead = _dead_on_this_host(store.lease_holder(options.exp_key))
+    store.acquire_driver_lease(options.exp_key, holder, LEASE_S, previous_dead)
+    store.update_experiment(options.exp_key, {"max_evals": options.max_evals, "driver": meta["driver"]})
+    try:
+        return _drive(store, options, holder, say)
+    finally:
+        store.release_driver_lease(options.exp_key, holder)
+
+
+def _dead_on_this_host(holder: str | None) -> bool:
+    """True when ``holder`` (``host:pid``) is a driver process of this host that no longer runs."""
+    if not holder or holder.count(":") != 1:
+        return False
+    host, pid = holder.split(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable[[str], None]) -> int:
     monitor = StaleMonitor(store, options.grace_s, options.max_retries, log=say)
     last_line = ""
     while True:
+        if not store.renew_driver_lease(options.exp_key, holder, LEASE_S):
+            raise StoreError(f"another driver took over experiment {options.exp_key!r}: this one stops")
         docs = store.trial_docs(options.exp_key, curves=False)
         if monitor.check(docs):
             docs = store.trial_docs(options.exp_key, curves=False)

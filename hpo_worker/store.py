@@ -6,7 +6,8 @@ Collections of the database (the URL's database, default ``hpo``):
   (0 new, 1 running, 2 done, 3 error), ``spec``, ``result``, ``misc`` (``tid``, ``cmd``, ``workdir``, ``idxs``,
   ``vals``), ``exp_key``, ``owner``, ``version``, ``book_time``, ``refresh_time``; plus ``heartbeat`` (the
   owner's beat counter) and ``attempts``. ``spec`` is JSON (the overrides of the trial), never pickled code.
-- ``hpo_experiments``: one document per experiment (``_id`` = exp_key): the space, the base config's text, ...
+- ``hpo_experiments``: one document per experiment (``_id`` = exp_key): the space, the base config's text, ...,
+  and the driver's lease (``lease_holder``, ``lease_expires``): one driver per experiment.
 - ``hpo_counters``: the next tid of each experiment (a restarted driver never reuses a tid).
 
 Every state change is one conditional ``update_one``/``find_one_and_update`` on the trial's ``_id`` and the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -134,6 +136,45 @@ class TrialStore:
 
     def update_experiment(self, exp_key: str, fields: Mapping[str, Any]) -> None:
         self.experiments.update_one({"_id": exp_key}, {"$set": dict(fields)})
+
+    def acquire_driver_lease(self, exp_key: str, holder: str, lease_s: float, holder_is_dead: bool = False) -> None:
+        """Makes ``holder`` the experiment's only driver, or raises StoreError naming the live one.
+
+        The lease (``lease_holder``, ``lease_expires`` in epoch seconds) is taken with a compare-and-swap on the
+        values just read, so two drivers starting together cannot both win. ``holder_is_dead``: the caller checked
+        that the current holder's process is gone (same host), so its lease need not run out first.
+        """
+        doc = self.get_experiment(exp_key) or {}
+        current, expires = doc.get("lease_holder"), doc.get("lease_expires")
+        now = time.time()
+        if current not in (None, holder) and not holder_is_dead and float(expires or 0) > now:
+            raise StoreError(
+                f"experiment {exp_key!r} already has a driver ({current}, lease valid for another "
+                f"{float(expires or 0) - now:.0f} s): run one driver per experiment; if that driver is dead, "
+                "start this one again after its lease runs out"
+            )
+        taken = self.experiments.update_one(
+            {"_id": exp_key, "lease_holder": current, "lease_expires": expires},
+            {"$set": {"lease_holder": holder, "lease_expires": now + lease_s}},
+        )
+        if taken.matched_count != 1:
+            raise StoreError(f"another driver took experiment {exp_key!r} at the same moment: run one driver")
+
+    def lease_holder(self, exp_key: str) -> str | None:
+        holder = (self.get_experiment(exp_key) or {}).get("lease_holder")
+        return str(holder) if holder else None
+
+    def renew_driver_lease(self, exp_key: str, holder: str, lease_s: float) -> bool:
+        """False when another driver has taken the experiment over."""
+        renewed = self.experiments.update_one(
+            {"_id": exp_key, "lease_holder": holder}, {"$set": {"lease_expires": time.time() + lease_s}}
+        )
+        return renewed.matched_count == 1
+
+    def release_driver_lease(self, exp_key: str, holder: str) -> None:
+        self.experiments.update_one(
+            {"_id": exp_key, "lease_holder": holder}, {"$set": {"lease_holder": None, "lease_expires": None}}
+        )
 
     # -- trials ------------------------------------------------------------------------------------------------
 

@@ -1,9 +1,8 @@
-"""The worker: reserves queued trials one at a time and runs each as a ``jobs`` training run in this process.
+"""The worker: reserves queued trials one at a time and runs each as a ``jobs`` training run.
 
-A trial's configuration is the experiment's base config (its TOML text is stored with the experiment, so the worker
-needs no file from the driver's machine) plus the trial's ``spec.overrides`` plus
-``run.out_dir=<workdir>/<exp>/trial<tid>.<attempt>``. The result (``loss``, ``status``, ``test_accuracy``,
-``test_loss``, the learning curve from the run's ``metrics.jsonl``) is stored in the trial document.
+Each trial runs in ``<workdir>/<exp>/trial<tid>.<attempt>``, in this process or under a launcher as a distributed run
+(:mod:`hpo_worker.trial`). The result (``loss``, ``status``, ``test_accuracy``, ``test_loss``, the learning curve
+from the run's ``metrics.jsonl``) is stored in the trial document.
 
 While a trial runs, a thread refreshes its heartbeat; if the trial was taken away meanwhile (requeued after a
 missed grace period) its result is discarded. SIGTERM (e.g. a scheduler's walltime) stops the training, puts the
@@ -13,7 +12,6 @@ the queue recovers without a driver, and exits after ``idle_timeout_s`` seconds 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -23,7 +21,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -32,10 +30,12 @@ import pymongo.errors
 
 from hpo_worker.driver import StaleMonitor
 from hpo_worker.store import JOB_STATE_RUNNING, TrialStore
+from hpo_worker.trial import TrialLaunch, run_trial
 
 __all__ = ["WorkerOptions", "WorkerTerminated", "make_owner", "run_worker"]
 
 EXIT_TERMINATED = 143
+TrialFn = Callable[[Mapping[str, Any], Mapping[str, Any], Path, TrialLaunch], dict[str, Any]]
 
 
 class WorkerTerminated(BaseException):
@@ -43,7 +43,15 @@ class WorkerTerminated(BaseException):
 
 
 def make_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """``host:pid:random``, plus ``:job=<id>`` under a scheduler, so that a trial names the job that ran it."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    array_task = (
+        os.environ.get("SLURM_ARRAY_TASK_ID") or os.environ.get("PBS_ARRAYID") or os.environ.get("PBS_ARRAY_INDEX")
+    )
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
+    if job:
+        owner += f":job={job}" + (f"_{array_task}" if array_task else "")
+    return owner
 
 
 @dataclass
@@ -56,6 +64,9 @@ class WorkerOptions:
     max_trials: int = 0  # 0 = no limit
     grace_s: float = 60.0  # for requeueing other workers' trials while idle (0 = never)
     max_retries: int = 2
+    launch: TrialLaunch = field(default_factory=TrialLaunch)
+    # What runs a trial: jobs training (the default). The dispatch benchmark swaps in a trivial objective.
+    trial_fn: TrialFn = run_trial
 
 
 class _Heartbeat:
@@ -83,59 +94,10 @@ class _Heartbeat:
         self._thread.join()
 
 
-def learning_curve(out_dir: Path) -> list[dict[str, Any]]:
-    """The epoch and evaluation records of the run's metrics.jsonl (step records are left in the file)."""
-    path = out_dir / "metrics.jsonl"
-    curve: list[dict[str, Any]] = []
-    if not path.exists():
-        return curve
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") in ("epoch", "eval"):
-            curve.append({k: v for k, v in record.items() if k != "seconds"})
-    return curve
-
-
-def run_trial(experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Trains the trial in this process; returns its hyperopt result. Config errors raise ``ValueError``."""
-    from jobs.config import load_config
-    from jobs.datasets import resolve_data_path
-    from jobs.loop import TrainingDiverged, run_training
-    from jobs.parallel import SingleContext
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / f"{experiment.get('config_name') or 'base'}.toml"
-    base.write_text(str(experiment["config_text"]))
-    overrides = [*doc["spec"]["overrides"], f"run.out_dir={json.dumps(str(out_dir / 'run'))}", "run.progress=false"]
-    config = load_config(base, overrides)
-    resolve_data_path(config.data)
-    started = time.time()
-    try:
-        summary = run_training(config, SingleContext(), log=lambda message: None)
-    except TrainingDiverged as exc:
-        return {
-            "status": "fail",
-            "failure": f"diverged: {exc}",
-            "learning_curve": learning_curve(out_dir / "run"),
-            "seconds": time.time() - started,
-        }
-    objective = str(experiment.get("objective", "test_loss"))
-    if summary.test_loss is None or summary.test_accuracy is None:
-        raise ValueError("the run was not evaluated on the test split")
-    loss = summary.test_loss if objective == "test_loss" else 1.0 - summary.test_accuracy
-    return {
-        "status": "ok",
-        "loss": float(loss),
-        "test_loss": float(summary.test_loss),
-        "test_accuracy": float(summary.test_accuracy),
-        "steps": summary.steps,
-        "seconds": summary.seconds,
-        "learning_curve": learning_curve(out_dir / "run"),
-        "out_dir": str(out_dir),
-    }
+def _describe(launch: TrialLaunch) -> str:
+    if launch.launcher == "none":
+        return "trials in this process"
+    return f"trials as {launch.ranks} rank(s) under {launch.launcher}"
 
 
 def run_worker(store: TrialStore, options: WorkerOptions, log: Callable[[str], None] | None = None) -> int:
@@ -154,7 +116,7 @@ def run_worker(store: TrialStore, options: WorkerOptions, log: Callable[[str], N
     experiments: dict[str, dict[str, Any]] = {}
     done = 0
     idle_since = time.monotonic()
-    say(f"{owner} started (exp {options.exp_key or 'any'}, workdir {options.workdir})")
+    say(f"{owner} started (exp {options.exp_key or 'any'}, workdir {options.workdir}, {_describe(options.launch)})")
     try:
         while not state["terminate"] and (not options.max_trials or done < options.max_trials):
             try:
@@ -188,7 +150,7 @@ def run_worker(store: TrialStore, options: WorkerOptions, log: Callable[[str], N
                 try:
                     state["running"] = True
                     try:
-                        result = run_trial(experiment, doc, out_dir)
+                        result = options.trial_fn(experiment, doc, out_dir, options.launch)
                     finally:
                         state["running"] = False
                 except WorkerTerminated:

@@ -112,6 +112,13 @@ def _write_config(out_dir: Path, config: Config, derived: dict[str, Any]) -> Non
     tmp.replace(out_dir / "config.json")
 
 
+def _write_summary(out_dir: Path, summary: RunSummary) -> None:
+    """``summary.json``: what the run reports, for programs that started it as a separate process (hpo_worker)."""
+    temporary = out_dir / ".summary.json.tmp"
+    temporary.write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    temporary.replace(out_dir / "summary.json")
+
+
 def _check_resumable(shared: dict[str, Any], config: Config, context: Context, ref: ckpt.CheckpointRef) -> None:
     if shared["world_size"] != context.world_size:
         raise ConfigError(
@@ -397,7 +404,7 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
         if precond is not None:
             precond.remove_hooks()
 
-    return RunSummary(
+    summary = RunSummary(
         steps=step,
         total_steps=total_steps,
         epochs=round(step / steps_per_epoch, 3),
@@ -408,3 +415,6 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
         stopped_early=stopped_early,
         resumed_from=start_step if shared is not None else None,
     )
+    if context.rank == 0:
+        _write_summary(out_dir, summary)
+    return summary

@@ -8,9 +8,9 @@ Examples::
     python -m jobs.train --config runs/x/config.toml --resume      # continue from runs/x's newest checkpoint
 
 The run's folder (``run.out_dir``, default ``runs/<config name>``) receives ``config.json`` (the resolved
-configuration), ``metrics.jsonl`` and ``metrics.csv`` and ``checkpoints/`` (layout: :mod:`jobs.checkpoint`). Keys
-and defaults: :mod:`jobs.config`. Exit status: 0 on success, 2 for a configuration error (nothing was trained),
-1 when training failed (the message says why).
+configuration), ``metrics.jsonl``, ``metrics.csv``, ``summary.json`` (at the end) and ``checkpoints/`` (layout:
+:mod:`jobs.checkpoint`). Keys and defaults: :mod:`jobs.config`. Exit status: 0 on success, 2 for a configuration
+error (nothing was trained), 1 when training failed (the message says why).
 """
 
 from __future__ import annotations

@@ -7,14 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pymongo
 import pytest
 
-from tests.mongo_server import free_port, mongo_server
+from tests.mongo_server import free_port
+from tests.processes import MPI_ENV
 
 pytest.importorskip("hyperopt")
 pytest.importorskip("nx_27017")
@@ -59,19 +59,6 @@ high = 0.95
 """
 
 
-@pytest.fixture
-def mongo(tmp_path: Path) -> Iterator[str]:
-    with mongo_server(tmp_path / "mongo") as url:
-        yield url
-
-
-@pytest.fixture
-def db(mongo: str) -> Iterator[Any]:
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo, serverSelectionTimeoutMS=5000)
-    yield client.get_default_database()
-    client.close()
-
-
 def _files(tmp_path: Path, steps: int = 8) -> tuple[Path, Path]:
     config = tmp_path / "base.toml"
     config.write_text(BASE_CONFIG.format(steps=steps))
@@ -81,7 +68,7 @@ def _files(tmp_path: Path, steps: int = 8) -> tuple[Path, Path]:
 
 
 def _start(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = dict(MPI_ENV)  # some workers start their trials under mpirun
     env.pop("HPO_MONGO_URL", None)
     return subprocess.Popen(
         [sys.executable, "-m", "hpo_worker", *args],
@@ -226,6 +213,24 @@ def test_driver_restart_resumes_without_duplicates(mongo: str, db: Any, tmp_path
     assert "resuming experiment 'restart'" in out
     _finish(worker)
     _check_complete(db, "restart", 6)
+
+
+def test_a_second_driver_on_one_experiment_is_refused(mongo: str, db: Any, tmp_path: Path) -> None:
+    first = _driver(mongo, tmp_path, "one", 2, "--queue-size", "2")
+    _wait_for(lambda: db.jobs.count_documents({"exp_key": "one"}) == 2, what="the first driver's trials")
+    second = _driver(mongo, tmp_path, "one", 2, "--queue-size", "2")
+    rc, out = _finish(second, 30)
+    assert rc == 2 and f"already has a driver ({os.uname().nodename}:{first.pid}" in out, out
+    assert db.hpo_experiments.find_one({"_id": "one"})["driver"].endswith(f":{first.pid}")
+    first.kill()  # SIGKILL leaves the lease behind; a driver on the same host sees its pid is gone and takes over
+    first.wait()
+    third = _driver(mongo, tmp_path, "one", 2, "--queue-size", "2")
+    worker = _worker(mongo, tmp_path, "--idle-timeout", "2")
+    rc, out = _finish(third)
+    assert rc == 0 and "resuming experiment 'one'" in out, out
+    _finish(worker)
+    _check_complete(db, "one", 2)
+    assert db.hpo_experiments.find_one({"_id": "one"})["lease_holder"] is None  # released at the end
 
 
 def test_two_experiments_stay_apart(mongo: str, db: Any, tmp_path: Path) -> None:

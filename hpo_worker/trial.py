@@ -1,0 +1,184 @@
+"""Running one trial: a ``jobs`` training run, in this process or as a distributed run under a launcher.
+
+A trial's configuration is the experiment's base config (its TOML text is stored with the experiment, so the worker
+needs no file from the driver's machine) plus the trial's ``spec.overrides`` plus ``run.out_dir=<out_dir>/run``.
+
+- ``TrialLaunch("none")``: ``jobs.loop.run_training`` in this process (one rank).
+- ``TrialLaunch("srun" | "mpirun" | "torchrun", ranks=N)``: ``python -m jobs.train`` as N ranks under that launcher,
+  in its own process group (so SIGTERM reaches every rank); rank 0's ``summary.json`` carries the result. ``srun``
+  runs inside the worker's allocation (an ``sbatch`` job with ``--ntasks`` of at least N); ``mpirun`` and
+  ``torchrun`` start the ranks on this node (``mpirun`` also on the hosts its ``args`` name).
+
+The result is what hyperopt expects in ``result`` (``status``, ``loss``) plus ``test_loss``, ``test_accuracy``,
+``steps``, ``seconds``, the learning curve (epoch and eval records of ``metrics.jsonl``) and ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LAUNCHERS", "TrialLaunch", "learning_curve", "run_trial"]
+
+LAUNCHERS = ("none", "srun", "mpirun", "torchrun")
+STOP_GRACE_S = 10.0  # how long the ranks get to exit after SIGTERM before SIGKILL
+STDERR_TAIL = 2000  # characters of a failed run's stderr kept in the trial's failure message
+
+
+@dataclass(frozen=True)
+class TrialLaunch:
+    launcher: str = "none"
+    ranks: int = 1
+    args: tuple[str, ...] = ()  # extra launcher words, e.g. ("--bind-to", "none")
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"unknown trial launcher {self.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
+        if self.ranks < 1:
+            raise ValueError(f"--ranks must be at least 1, not {self.ranks}")
+        if self.launcher == "none" and (self.ranks != 1 or self.args):
+            raise ValueError(
+                "trials run in this process (--launcher none) have one rank and no launcher arguments: "
+                "choose --launcher srun, mpirun or torchrun for --ranks > 1"
+            )
+
+    def command(self, train_args: Sequence[str]) -> list[str]:
+        """The command line that starts the trial's ranks (``train_args`` go to ``jobs.train``)."""
+        if self.launcher == "torchrun":
+            prefix = [self.python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.ranks}"]
+            return [*prefix, *self.args, "-m", "jobs.train", *train_args]
+        if self.launcher == "srun":
+            # --kill-on-bad-exit: one failed rank ends the step instead of leaving the others waiting in a collective.
+            prefix = ["srun", f"--ntasks={self.ranks}", "--kill-on-bad-exit=1"]
+        else:
+            prefix = ["mpirun", "-np", str(self.ranks)]
+        return [*prefix, *self.args, self.python, "-m", "jobs.train", *train_args]
+
+
+def learning_curve(out_dir: Path) -> list[dict[str, Any]]:
+    """The epoch and evaluation records of the run's metrics.jsonl (step records are left in the file)."""
+    path = out_dir / "metrics.jsonl"
+    curve: list[dict[str, Any]] = []
+    if not path.exists():
+        return curve
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") in ("epoch", "eval"):
+            curve.append({k: v for k, v in record.items() if k != "seconds"})
+    return curve
+
+
+def _result(summary: Mapping[str, Any], objective: str, out_dir: Path) -> dict[str, Any]:
+    test_loss, test_accuracy = summary.get("test_loss"), summary.get("test_accuracy")
+    if test_loss is None or test_accuracy is None:
+        raise ValueError("the run was not evaluated on the test split")
+    loss = test_loss if objective == "test_loss" else 1.0 - test_accuracy
+    return {
+        "status": "ok",
+        "loss": float(loss),
+        "test_loss": float(test_loss),
+        "test_accuracy": float(test_accuracy),
+        "steps": int(summary["steps"]),
+        "seconds": float(summary["seconds"]),
+        "learning_curve": learning_curve(out_dir / "run"),
+        "out_dir": str(out_dir),
+    }
+
+
+def _diverged(message: str, out_dir: Path, started: float) -> dict[str, Any]:
+    return {
+        "status": "fail",
+        "failure": f"diverged: {message}",
+        "learning_curve": learning_curve(out_dir / "run"),
+        "seconds": time.time() - started,
+    }
+
+
+def _prepare(experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path) -> tuple[Path, list[str]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / f"{experiment.get('config_name') or 'base'}.toml"
+    base.write_text(str(experiment["config_text"]))
+    overrides = [*doc["spec"]["overrides"], f"run.out_dir={json.dumps(str(out_dir / 'run'))}", "run.progress=false"]
+    return base, overrides
+
+
+def run_trial(
+    experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path, launch: TrialLaunch | None = None
+) -> dict[str, Any]:
+    """Trains the trial and returns its hyperopt result. Bad configs and failed runs raise ``ValueError``."""
+    launch = launch or TrialLaunch()
+    base, overrides = _prepare(experiment, doc, out_dir)
+    objective = str(experiment.get("objective", "test_loss"))
+    if launch.launcher == "none":
+        return _run_here(base, overrides, out_dir, objective)
+    return _run_launched(launch, base, overrides, out_dir, objective)
+
+
+def _run_here(base: Path, overrides: list[str], out_dir: Path, objective: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from jobs.config import load_config
+    from jobs.datasets import resolve_data_path
+    from jobs.loop import TrainingDiverged, run_training
+    from jobs.parallel import SingleContext
+
+    config = load_config(base, overrides)
+    resolve_data_path(config.data)
+    started = time.time()
+    try:
+        summary = run_training(config, SingleContext(), log=lambda message: None)
+    except TrainingDiverged as exc:
+        return _diverged(str(exc), out_dir, started)
+    return _result(asdict(summary), objective, out_dir)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the ranks' process group, SIGKILL after the grace period."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _run_launched(
+    launch: TrialLaunch, base: Path, overrides: list[str], out_dir: Path, objective: str
+) -> dict[str, Any]:
+    command = launch.command(["--config", str(base), *overrides])
+    (out_dir / "command.sh").write_text(shlex.join(command) + "\n")
+    stderr_path = out_dir / "stderr.log"
+    started = time.time()
+    with open(out_dir / "stdout.log", "wb") as stdout, open(stderr_path, "wb") as stderr:
+        try:
+            process = subprocess.Popen(command, stdout=stdout, stderr=stderr, start_new_session=True)
+        except FileNotFoundError as exc:
+            message = f"cannot start the trial: {command[0]} is not on PATH (--launcher {launch.launcher})"
+            raise ValueError(message) from exc
+        try:
+            code = process.wait()
+        except BaseException:  # SIGTERM (WorkerTerminated) or Ctrl-C: the ranks must not outlive the worker
+            _stop_group(process)
+            raise
+    summary_path = out_dir / "run" / "summary.json"
+    if code == 0 and summary_path.exists():
+        return _result(json.loads(summary_path.read_text()), objective, out_dir)
+    tail = stderr_path.read_text(errors="replace")[-STDERR_TAIL:].strip()
+    if "TrainingDiverged" in tail:
+        return _diverged(tail.splitlines()[-1], out_dir, started)
+    raise ValueError(f"{shlex.join(command[:4])} ... exited with status {code}: {tail or 'no output'}")
