@@ -38,7 +38,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -173,6 +174,7 @@ class KFACPreconditioner:
         self._method: ComputeMethod = METHODS[compute_method]()
         self._steps = 0
         self._sampling = False
+        self._paused = False
 
         self._layers = self._find_layers(model, tuple(skip_layers))
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -325,7 +327,7 @@ class KFACPreconditioner:
 
     def _make_forward_hook(self, layer: _Layer) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if not (module.training and torch.is_grad_enabled() and self._is_factor_step()):
+            if self._paused or not (module.training and torch.is_grad_enabled() and self._is_factor_step()):
                 return
             if not inputs or not isinstance(inputs[0], torch.Tensor):
                 raise TypeError(f"distkfac: layer {layer.name!r} must be called with its input tensor positionally")
@@ -388,6 +390,21 @@ class KFACPreconditioner:
             )
         finally:
             self._sampling = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward (and so backward) passes inside the block capture no factors.
+
+        For extra passes between training steps that must not count as K-FAC statistics, e.g. measuring the
+        gradient noise scale or a look at the training loss: without it, their activations and output gradients
+        would be averaged into the next ``step()``'s factors. Nesting is allowed.
+        """
+        previous = self._paused
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = previous
 
     # ------------------------------------------------------------------ the step
 

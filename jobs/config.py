@@ -5,11 +5,12 @@ A config file has up to five tables; every key is optional and falls back to the
     [model]  name, hidden, activation, residual (mlp); activation (lenet5); depth, width (resnet)
     [data]   name, path, format, cache_dir, batch_size (global), eval_batch_size, train_examples,
              test_examples, normalize, augment, synthetic_*
-    [optim]  name, lr, momentum, nesterov, weight_decay, betas, eps, schedule, milestones, gamma, end_lr,
+    [optim]  name, lr, momentum, nesterov, weight_decay, betas, eps, schedule, milestones, gamma, end_lr, end_factor,
              warmup_steps, warmup_epochs, base_batch_size
     [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac")
-    [run]    out_dir, epochs or steps, seed, checkpoint_every, keep_checkpoints, eval_every, log_every, resume,
-             stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic
+    [run]    out_dir, epochs or steps, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
+             log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic,
+             target_accuracy, stop_at_target, noise_every, train_eval_examples
     [job]    not read here: the batch job's resources, for ``python -m launch submit`` (docs/launch.md)
 
 Overrides are ``section.key=value`` with the value read as a TOML value (``optim.lr=0.1``,
@@ -107,6 +108,7 @@ class OptimConfig:
     milestones: list[int] = field(default_factory=list)  # step: epochs at which the lr is multiplied by gamma
     gamma: float = 0.1  # step
     end_lr: float = 0.0  # linear: the lr the decay heads for (reached one step after the last; see optim.py)
+    end_factor: float = 0.0  # linear: when > 0, the decay heads for end_factor x the peak lr instead of end_lr
     warmup_steps: int = 0  # linear warmup from lr / warmup to lr; give steps or epochs, not both
     warmup_epochs: float = 0.0
     base_batch_size: int = 0  # linear scaling rule: lr * batch_size / base_batch_size (0 = off)
@@ -149,6 +151,12 @@ class RunConfig:
     threads: int = 0  # torch.set_num_threads (0 = leave as is)
     tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is installed
     deterministic: bool = True  # cuDNN deterministic algorithms, no autotuning
+    # Batch-size scaling study (docs/train.md):
+    eval_every_steps: int = 0  # also evaluate on the test split every N steps (0 = off), for a fine steps-to-target
+    target_accuracy: float = 0.0  # record the first evaluated step whose test accuracy reaches it (0 = no target)
+    stop_at_target: bool = True  # with a target: end the run (checkpoint, summary) at the step that reaches it
+    noise_every: int = 0  # measure the gradient noise scale every N steps (0 = off; jobs.noise_scale)
+    train_eval_examples: int = 10000  # at the end, evaluate on the first N training examples (0 = all)
 
 
 @dataclass
@@ -190,9 +198,14 @@ _OPTIM_KEYS: Final[dict[str, set[str]]] = {
     "adamw": {"betas", "eps"},
 }
 # Run keys that do not change what a run computes: they may differ between a run and its resumption.
+# Evaluations never change the parameters, so eval_every and eval_every_steps are here although, with
+# stop_at_target, they decide at which steps the run may stop: changing them on resume changes only the resolution
+# of steps_to_target after the checkpoint, never the steps computed. train_eval_examples is read once, at the end.
+# Not here: target_accuracy and stop_at_target (they decide where the run ends and what steps_to_target means) and
+# noise_every (the noise-scale average in the checkpoint is only meaningful for one measuring interval).
 _BOOKKEEPING_RUN_KEYS: Final = frozenset(
     {"out_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "resume", "stop_after_steps"}
-    | {"progress", "tensorboard", "backend", "threads"}
+    | {"progress", "tensorboard", "backend", "threads", "eval_every_steps", "train_eval_examples"}
 )
 _BARE_WORD = re.compile(r"[A-Za-z0-9_.:/+\-]+")
 
@@ -380,6 +393,8 @@ def _validate(c: Config) -> None:
         raise ConfigError("optim.schedule = 'step' needs optim.milestones (epochs), e.g. [30, 60]")
     _positive("optim.gamma", c.optim.gamma)
     _positive("optim.end_lr", c.optim.end_lr, zero_ok=True)
+    if not 0.0 <= c.optim.end_factor <= 1.0:
+        raise ConfigError(f"optim.end_factor must be in [0, 1] (a fraction of the peak lr), not {c.optim.end_factor}")
     _positive("optim.warmup_steps", c.optim.warmup_steps, zero_ok=True)
     _positive("optim.warmup_epochs", c.optim.warmup_epochs, zero_ok=True)
     if c.optim.warmup_steps and c.optim.warmup_epochs:
@@ -406,6 +421,18 @@ def _validate(c: Config) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads"):
         _positive(f"run.{key}", getattr(c.run, key), zero_ok=True)
     _positive("run.log_every", c.run.log_every)
+    for key in ("eval_every_steps", "noise_every", "train_eval_examples"):
+        _positive(f"run.{key}", getattr(c.run, key), zero_ok=True)
+    if not 0.0 <= c.run.target_accuracy <= 1.0:
+        raise ConfigError(
+            f"run.target_accuracy must be in (0, 1] (a fraction of the test split: 0.9 for 90%), or 0 for no "
+            f"target; got {c.run.target_accuracy}"
+        )
+    if c.run.noise_every and c.data.batch_size < 2:
+        raise ConfigError(
+            f"run.noise_every needs a local batch of at least 2 examples to split in two halves, but "
+            f"data.batch_size = {c.data.batch_size}: raise data.batch_size or set run.noise_every = 0"
+        )
     _choice("run.backend", c.run.backend, BACKENDS)
 
 

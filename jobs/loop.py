@@ -5,11 +5,17 @@ from ``run.seed``; the data order of each epoch and the augmentation of each ste
 ``(seed, epoch[, step])`` (:mod:`jobs.datasets`); everything else that evolves (model, optimizer, K-FAC state,
 random states, the epoch's running sums) is in the checkpoint. So a run resumed from a checkpoint computes the same
 steps as the uninterrupted run, on the same number of ranks and threads, and ends with the same parameters.
+
+For batch-size scaling studies a run can also stop at a target test accuracy (``run.target_accuracy``), record the
+gradient noise scale every ``run.noise_every`` steps (:mod:`jobs.noise_scale`) and evaluate its final accuracy on the
+training split (``run.train_eval_examples``); docs/train.md says what each measures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import platform
 import socket
@@ -30,6 +36,7 @@ from jobs.config import Config, ConfigError, ignored_keys, trajectory_difference
 from jobs.datasets import Dataset, ShardedBatches, augment_shard, derive_seed, load_dataset
 from jobs.metrics import MetricsWriter, ProgressLine
 from jobs.models import build_model
+from jobs.noise_scale import NoiseScaleEstimator, measure_noise
 from jobs.optim import LRSchedule, build_kfac, build_optimizer, make_lr_schedule, set_lr
 from jobs.parallel import Context, all_reduce_sum, average_gradients, barrier, broadcast_buffers
 
@@ -51,6 +58,14 @@ class RunSummary:
     out_dir: str
     stopped_early: bool  # run.stop_after_steps ended it before total_steps
     resumed_from: int | None  # the step of the checkpoint this invocation started from
+    # On the first run.train_eval_examples training examples, at the end (None when stopped early).
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    target_accuracy: float | None = None  # run.target_accuracy (None when 0, no target)
+    steps_to_target: int | None = None  # the first evaluated step whose test accuracy reached the target
+    examples_to_target: int | None = None  # steps_to_target x the global batch
+    noise_scale: float | None = None  # the last B_simple (None when not measured or not yet positive)
+    reached_target: bool = False
 
     def line(self) -> str:
         if self.stopped_early:
@@ -63,24 +78,46 @@ class RunSummary:
             if self.test_accuracy is not None and self.test_loss is not None
             else "not evaluated"
         )
+        if self.train_accuracy is not None:
+            test += f", train accuracy {self.train_accuracy:.4f}"
         resumed = f", resumed from step {self.resumed_from}" if self.resumed_from is not None else ""
+        target = ""
+        if self.target_accuracy is not None:
+            if self.steps_to_target is not None:
+                early = ", stopped there" if self.steps < self.total_steps else ""
+                target = (
+                    f"; target accuracy {self.target_accuracy:g} reached at step {self.steps_to_target} "
+                    f"({self.examples_to_target} examples){early}"
+                )
+            else:
+                target = f"; target accuracy {self.target_accuracy:g} not reached"
         return (
-            f"done: {self.steps} steps ({self.epochs:g} epochs) in {self.seconds:.1f} s{resumed}; {test}; "
+            f"done: {self.steps} steps ({self.epochs:g} epochs) in {self.seconds:.1f} s{resumed}; {test}{target}; "
             f"out_dir {self.out_dir}"
         )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int, context: Context) -> tuple[float, float]:
-    """(mean loss, accuracy) on the test split; each rank evaluates an equal part, and the sums are reduced."""
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    batch_size: int,
+    context: Context,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """(mean loss, accuracy) on ``split`` (examples, labels; default the test split) in eval mode.
+
+    Each rank evaluates an equal part and the sums are reduced, so every rank must call it.
+    """
+    xs, ys = split if split is not None else (data.test_x, data.test_y)
     was_training = model.training
     model.eval()
-    part = torch.tensor_split(torch.arange(len(data.test_x)), context.world_size)[context.rank]
+    part = torch.tensor_split(torch.arange(len(xs)), context.world_size)[context.rank]
     totals = torch.zeros(3, dtype=torch.float64, device=context.device)
     for start in range(0, len(part), batch_size):
         idx = part[start : start + batch_size]
-        x = data.prepare(data.test_x[idx], context.device)
-        y = data.test_y[idx].to(context.device)
+        x = data.prepare(xs[idx], context.device)
+        y = ys[idx].to(context.device)
         logits = model(x)
         totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
         totals[1] += (logits.argmax(1) == y).sum()
@@ -88,6 +125,11 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int, context: Context)
     model.train(was_training)
     loss_sum, correct, count = all_reduce_sum(totals, context).tolist()
     return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    # NaN (B_simple while the |G|^2 estimate is not positive) would make summary.json invalid JSON.
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _log(context: Context, message: str) -> None:
@@ -149,6 +191,8 @@ class _Checkpointer:
         precond: KFACPreconditioner | None,
         epoch_totals: torch.Tensor,
         config: Config,
+        steps_to_target: int | None,
+        noise: NoiseScaleEstimator | None,
     ) -> None:
         name = ckpt.checkpoint_name(step)
         rank = self.context.rank
@@ -160,6 +204,8 @@ class _Checkpointer:
             "kfac": precond.state_dict() if precond is not None else None,
             "rng": ckpt.capture_rng(),
             "epoch_totals": epoch_totals.cpu(),
+            # The same on every rank (it averages all-reduced norms); kept per rank like the epoch sums.
+            "noise": noise.state_dict() if noise is not None else None,
         }
         ckpt.atomic_torch_save(mine, ckpt.rank_file(self.folder, name, rank))
         if rank == 0:
@@ -171,12 +217,36 @@ class _Checkpointer:
                 "config": config.to_dict(),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                # So that a resumed run that had reached its target still reports it (and, with stop_at_target,
+                # stops at once); evaluations are all-reduced, so every rank knows the same step.
+                "steps_to_target": steps_to_target,
             }
             ckpt.atomic_torch_save(shared, ckpt.shared_file(self.folder, name))
         barrier(self.context)
         if rank == 0:
             ckpt.mark_latest(self.folder, name)
             ckpt.prune_checkpoints(self.folder, self.keep)
+
+
+def _noise_record(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    context: Context,
+    precond: KFACPreconditioner | None,
+    estimator: NoiseScaleEstimator,
+) -> dict[str, float | None]:
+    """Measures the noise scale on this step's batch, updates ``estimator``; the fields for the step's record."""
+    # The extra passes must not add to the K-FAC factors of the coming step.
+    with precond.paused() if precond is not None else contextlib.nullcontext():
+        small, b_small, big, b_big = measure_noise(model, x, y, context)
+    small_sq, big_sq = torch.stack([small, big]).tolist()  # the measurement's one host synchronisation
+    estimator.update(small_sq, b_small, big_sq, b_big)
+    return {
+        "noise_scale": estimator.b_simple,
+        "noise_trace": estimator.trace_sigma,
+        "noise_grad_sq": estimator.grad_sq_norm,
+    }
 
 
 def _wrap(model: nn.Module, config: Config, context: Context) -> nn.Module:
@@ -244,6 +314,12 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
     batches = ShardedBatches(len(data.train_x), config.data.batch_size, context.rank, context.world_size, run.seed)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = run.steps or run.epochs * steps_per_epoch
+    if run.noise_every and batches.local_batch < 2:
+        raise ConfigError(
+            f"run.noise_every needs at least 2 examples per rank (it splits each rank's batch in two halves); the "
+            f"local batch is data.batch_size / ranks = {config.data.batch_size} / {context.world_size} = "
+            f"{batches.local_batch}: raise data.batch_size or set run.noise_every = 0"
+        )
     schedule: LRSchedule = make_lr_schedule(config.optim, steps_per_epoch, total_steps, config.data.batch_size)
 
     torch.manual_seed(run.seed)  # the same initial weights on every rank
@@ -260,12 +336,18 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
     optimizer = build_optimizer(config.optim, train_model.parameters(), schedule(min(start_step, total_steps - 1)))
     precond = build_kfac(config.kfac, train_model, schedule) if config.optim.name == "kfac" else None
     epoch_totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss sum, correct, examples
+    target = run.target_accuracy or None
+    steps_to_target: int | None = None
+    noise = NoiseScaleEstimator() if run.noise_every else None
     if shared is not None and mine is not None:
         optimizer.load_state_dict(shared["optimizer"])
         if precond is not None:
             precond.load_state_dict(mine["kfac"])
         ckpt.restore_rng(mine["rng"])
         epoch_totals.copy_(mine["epoch_totals"])
+        steps_to_target = shared.get("steps_to_target")
+        if noise is not None and mine.get("noise") is not None:
+            noise.load_state_dict(mine["noise"])
 
     is_main = context.rank == 0
     if is_main:
@@ -307,9 +389,28 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
     test_loss: float | None = None
     test_accuracy: float | None = None
     stopped_early = False
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    # A resumed run that had stopped at its target is finished: it only reports.
+    at_target = run.stop_at_target and steps_to_target is not None
     train_model.train()
+
+    def write_epoch_record(step: int, epoch: int, lr: float) -> None:
+        loss_sum, correct, count = all_reduce_sum(epoch_totals.clone(), context).tolist()
+        metrics.write(
+            {
+                "kind": "epoch",
+                "step": step,
+                "epoch": epoch + 1,
+                "loss": loss_sum / count,
+                "accuracy": correct / count,
+                "lr": lr,
+            }
+        )
+        epoch_totals.zero_()
+
     try:
-        while step < total_steps:
+        while step < total_steps and not at_target:
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
             tick = time.perf_counter()
             idx = batches.indices(epoch, step_in_epoch)
@@ -319,6 +420,10 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
                     x, batches.shard_slice(), batches.global_batch, derive_seed(run.seed, epoch, step_in_epoch, 2)
                 )
             x, y = data.prepare(x, context.device), y.to(context.device)
+            noise_fields: dict[str, float | None] = {}
+            if noise is not None and (step + 1) % run.noise_every == 0:
+                # Before the training pass, on the unwrapped model: no gradient sync, .grad untouched.
+                noise_fields = _noise_record(model, x, y, context, precond, noise)
             lr = schedule(step)
             set_lr(optimizer, lr)
             optimizer.zero_grad(set_to_none=True)
@@ -338,7 +443,7 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
                 epoch_totals += batch_totals
             step += 1
 
-            if step % run.log_every == 0 or step == total_steps:
+            if step % run.log_every == 0 or step == total_steps or noise_fields:
                 loss_sum, correct, count = all_reduce_sum(batch_totals, context).tolist()
                 if not torch.isfinite(torch.tensor(loss_sum)):
                     raise TrainingDiverged(
@@ -356,25 +461,17 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
                         "lr": lr,
                         "seconds": seconds,
                         "examples_per_second": count / max(seconds, 1e-9),
+                        **noise_fields,
                     }
                 )
                 progress.update(step, f"epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.4g}")
 
             epoch_done = step % steps_per_epoch == 0
             if epoch_done or step == total_steps:
-                loss_sum, correct, count = all_reduce_sum(epoch_totals.clone(), context).tolist()
-                metrics.write(
-                    {
-                        "kind": "epoch",
-                        "step": step,
-                        "epoch": epoch + 1,
-                        "loss": loss_sum / count,
-                        "accuracy": correct / count,
-                        "lr": lr,
-                    }
-                )
-                epoch_totals.zero_()
-            eval_now = epoch_done and run.eval_every and (epoch + 1) % run.eval_every == 0
+                write_epoch_record(step, epoch, lr)
+            eval_now = (epoch_done and run.eval_every and (epoch + 1) % run.eval_every == 0) or (
+                run.eval_every_steps and step % run.eval_every_steps == 0
+            )
             if eval_now or step == total_steps:
                 eval_start = time.perf_counter()
                 broadcast_buffers(model, context)
@@ -390,14 +487,34 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
                     }
                 )
                 progress.update(step, f"epoch {epoch + 1} test acc {test_accuracy:.4f}", force=True)
-            if step == total_steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
-                checkpointer.save(step, epoch + int(epoch_done), model, optimizer, precond, epoch_totals, config)
-            if run.stop_after_steps and step >= run.stop_after_steps and step < total_steps:
+                if target is not None and steps_to_target is None and test_accuracy >= target:
+                    steps_to_target = step
+                    at_target = run.stop_at_target
+                    if at_target and not (epoch_done or step == total_steps):
+                        write_epoch_record(step, epoch, lr)  # the partial epoch, as at the end of a run
+            if at_target or step == total_steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
+                checkpointer.save(
+                    step,
+                    epoch + int(epoch_done),
+                    model,
+                    optimizer,
+                    precond,
+                    epoch_totals,
+                    config,
+                    steps_to_target,
+                    noise,
+                )
+            if run.stop_after_steps and step >= run.stop_after_steps and step < total_steps and not at_target:
                 stopped_early = True
                 break
-        if test_accuracy is None and not stopped_early:  # resumed a finished run: report its final accuracy
+        if not stopped_early:
             broadcast_buffers(model, context)
-            test_loss, test_accuracy = evaluate(model, data, config.data.eval_batch_size, context)
+            if test_accuracy is None:  # resumed a finished run: report its final accuracy
+                test_loss, test_accuracy = evaluate(model, data, config.data.eval_batch_size, context)
+            first = run.train_eval_examples or len(data.train_x)
+            train_loss, train_accuracy = evaluate(
+                model, data, config.data.eval_batch_size, context, (data.train_x[:first], data.train_y[:first])
+            )
     finally:
         progress.close()
         metrics.close()
@@ -414,6 +531,13 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
         out_dir=str(out_dir),
         stopped_early=stopped_early,
         resumed_from=start_step if shared is not None else None,
+        train_loss=train_loss,
+        train_accuracy=train_accuracy,
+        target_accuracy=target,
+        steps_to_target=steps_to_target,
+        examples_to_target=steps_to_target * config.data.batch_size if steps_to_target is not None else None,
+        noise_scale=_finite_or_none(noise.b_simple) if noise is not None else None,
+        reached_target=steps_to_target is not None,
     )
     if context.rank == 0:
         _write_summary(out_dir, summary)

@@ -35,6 +35,9 @@ CSV_COLUMNS: Final = (
     "test_accuracy",
     "seconds",
     "examples_per_second",
+    "noise_scale",  # B_simple, the gradient noise scale (run.noise_every; jobs/noise_scale.py)
+    "noise_trace",  # its tr(Sigma) estimate
+    "noise_grad_sq",  # its |G|^2 estimate
 )
 
 
@@ -101,7 +104,7 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({k: v for k, v in clean.items() if v is not None}) + "\n")
         self._csv_writer.writerow(_csv_row(clean))
         if self._tb is not None:
-            for key in ("loss", "accuracy", "lr", "test_loss", "test_accuracy"):
+            for key in ("loss", "accuracy", "lr", "test_loss", "test_accuracy", "noise_scale"):
                 if clean.get(key) is not None:
                     self._tb.add_scalar(f"{record['kind']}/{key}", clean[key], record["step"])
 

@@ -71,14 +71,15 @@ def peak_lr(config: OptimConfig, global_batch: int) -> float:
 def make_lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int, global_batch: int) -> LRSchedule:
     """The schedule of ``config`` for a run of ``total_steps`` steps of ``steps_per_epoch`` per epoch."""
     warmup = config.warmup_steps or round(config.warmup_epochs * steps_per_epoch)
+    peak = peak_lr(config, global_batch)
     return LRSchedule(
-        peak=peak_lr(config, global_batch),
+        peak=peak,
         total_steps=total_steps,
         kind=config.schedule,
         warmup_steps=warmup,
         milestones=tuple(m * steps_per_epoch for m in config.milestones),
         gamma=config.gamma,
-        end_lr=config.end_lr,
+        end_lr=peak * config.end_factor if config.end_factor > 0 else config.end_lr,
     )
 
 

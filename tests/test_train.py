@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from jobs.checkpoint import find_latest, shared_file
-from jobs.config import DataConfig, ModelConfig, OptimConfig, build_config, load_config, parse_override
+from jobs.config import ConfigError, DataConfig, ModelConfig, OptimConfig, build_config, load_config, parse_override
 from jobs.data import FASHION_MNIST_ROOT, MNIST_ROOT
 from jobs.datasets import (
     CIFAR10_TARBALL,
@@ -294,6 +294,18 @@ def test_linear_decay() -> None:
     assert schedule(99) == pytest.approx(0.002)  # the last step still moves
     to_floor = LRSchedule(peak=0.2, total_steps=100, kind="linear", end_lr=0.1)
     assert to_floor(50) == pytest.approx(0.15)
+
+
+def test_linear_decay_to_a_fraction_of_the_peak() -> None:
+    # end_factor: the decay heads for a fraction of the peak lr, after the linear scaling rule (the skip study's
+    # "linear decay coefficient"); it replaces end_lr.
+    config = OptimConfig(lr=0.1, schedule="linear", end_factor=0.25, end_lr=0.05, base_batch_size=128)
+    schedule = make_lr_schedule(config, steps_per_epoch=10, total_steps=100, global_batch=256)
+    assert schedule.end_lr == pytest.approx(0.05) and schedule(0) == pytest.approx(0.2)
+    assert schedule(50) == pytest.approx(0.125)
+    assert make_lr_schedule(OptimConfig(lr=0.1, schedule="linear", end_lr=0.05), 10, 100, 256).end_lr == 0.05
+    with pytest.raises(ConfigError, match=r"optim.end_factor must be in \[0, 1\]"):
+        load_config(CONFIGS / "smoke.toml", ["optim.end_factor=1.5"])
 
 
 def test_warmup_in_steps_and_epochs() -> None:
