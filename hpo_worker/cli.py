@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -23,7 +24,7 @@ from typing import Any
 
 from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
 from hpo_worker.store import StoreError, TrialStore, connect, mask_url
-from hpo_worker.trial import LAUNCHERS, TrialLaunch
+from hpo_worker.trial import LAUNCHERS, OBJECTIVES, TrialLaunch
 
 __all__ = ["main"]
 
@@ -58,7 +59,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     driver.add_argument("--seed", type=int, default=0)
     driver.add_argument("--grace", type=float, default=60.0, help="seconds without heartbeat before a requeue")
     driver.add_argument("--max-retries", type=int, default=2, help="requeues of a trial before it is failed")
-    driver.add_argument("--objective", choices=("test_loss", "test_error"), default="test_loss")
+    driver.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="test_loss",
+        help="what TPE minimises: test_loss, test_error (1 - test accuracy), train_error (1 - train accuracy), "
+        "steps_to_target (fraction of the step budget to reach run.target_accuracy; misses rank last)",
+    )
     driver.add_argument("--poll", type=float, default=0.5, help="seconds between rounds (default 0.5)")
 
     worker = sub.add_parser("worker", help="run queued trials as jobs training runs")
@@ -95,6 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     report.add_argument("--top-k", type=int, default=100, help="how many of the best trials to average (default 100)")
     report.add_argument("--csv", metavar="FILE", help="write one row per trial here")
     report.add_argument("--plots", metavar="DIR", help="write loss-by-trial and parameter-vs-loss PNGs here")
+    report.add_argument("--json", metavar="FILE", help="write every trial (params, result, no curves) as JSON here")
 
     server = sub.add_parser("server", help="run the embedded nx-27017 server in the foreground")
     server.add_argument("--data-dir", default="hpo_data")
@@ -158,9 +166,13 @@ def _driver(args: argparse.Namespace) -> int:
     from jobs.config import ConfigError, load_config
 
     try:
-        load_config(args.config)
+        base = load_config(args.config)
     except (ConfigError, FileNotFoundError) as exc:
         raise UsageError(f"base config {args.config}: {exc}") from exc
+    if args.objective == "steps_to_target" and not base.run.target_accuracy:
+        raise UsageError(
+            f"--objective steps_to_target needs run.target_accuracy (and run.eval_every_steps) in {args.config}"
+        )
     options = DriverOptions(
         exp_key=args.exp, space=space, config_path=args.config, max_evals=args.max_evals,
         queue_size=args.queue_size, seed=args.seed, grace_s=args.grace, max_retries=args.max_retries,
@@ -203,6 +215,13 @@ def _report(args: argparse.Namespace) -> int:
     if args.plots:
         for path in report.plot(trials, args.plots):
             print(f"plot: {path}")
+    if args.json:
+        target = Path(args.json)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.tmp")
+        temporary.write_text(json.dumps(report.trials_json(trials), indent=1) + "\n")
+        temporary.replace(target)
+        print(f"json: {target}")
     return 0
 
 

@@ -19,7 +19,9 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["STATE_DONE", "STATE_ERROR", "format_report", "plot", "summarize", "trial_params", "write_csv"]
+__all__ = [
+    "STATE_DONE", "STATE_ERROR", "format_report", "plot", "summarize", "trial_params", "trials_json", "write_csv",
+]  # fmt: skip
 
 # hyperopt.base.JOB_STATE_*: 0 new, 1 running, 2 done, 3 error (also 4 cancel in newer hyperopt).
 STATE_DONE: Final = 2
@@ -112,6 +114,34 @@ def summarize(trials: Sequence[Mapping[str, Any]], top_k: int = 100) -> dict[str
             "test_accuracy_std": acc_std,
         },
     }
+
+
+def _timestamp(value: Any) -> str | None:
+    """ISO text of a stored time (a datetime from MongoDB; some servers hand back text already)."""
+    if value is None:
+        return None
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def trials_json(trials: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One plain-JSON record per trial (learning curves left out): what other programs (``jobs.study``) read."""
+    records = []
+    for trial in trials:
+        result = {k: v for k, v in (trial.get("result") or {}).items() if k != "learning_curve"}
+        records.append(
+            {
+                "tid": trial.get("tid"),
+                "state": trial.get("state"),
+                "params": trial_params(trial),
+                "overrides": list((trial.get("spec") or {}).get("overrides", [])),
+                "result": result,
+                "error": (trial.get("misc") or {}).get("error"),
+                "owner": trial.get("owner"),
+                "attempts": trial.get("attempts"),
+                **{k: _timestamp(trial.get(k)) for k in ("book_time", "refresh_time")},
+            }
+        )
+    return records
 
 
 def _param_labels(trials: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -9,8 +9,8 @@ needs no file from the driver's machine) plus the trial's ``spec.overrides`` plu
   runs inside the worker's allocation (an ``sbatch`` job with ``--ntasks`` of at least N); ``mpirun`` and
   ``torchrun`` start the ranks on this node (``mpirun`` also on the hosts its ``args`` name).
 
-The result is what hyperopt expects in ``result`` (``status``, ``loss``) plus ``test_loss``, ``test_accuracy``,
-``steps``, ``seconds``, the learning curve (epoch and eval records of ``metrics.jsonl``) and ``out_dir``.
+The result is what hyperopt expects in ``result`` (``status``, ``loss``: see ``objective_value``) plus the run's
+summary (``SUMMARY_KEYS``), the learning curve (epoch and eval records of ``metrics.jsonl``) and ``out_dir``.
 """
 
 from __future__ import annotations
@@ -27,11 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAUNCHERS", "TrialLaunch", "learning_curve", "run_trial"]
+__all__ = ["LAUNCHERS", "OBJECTIVES", "TrialLaunch", "learning_curve", "objective_value", "run_trial"]
 
 LAUNCHERS = ("none", "srun", "mpirun", "torchrun")
 STOP_GRACE_S = 10.0  # how long the ranks get to exit after SIGTERM before SIGKILL
 STDERR_TAIL = 2000  # characters of a failed run's stderr kept in the trial's failure message
+OBJECTIVES = ("test_loss", "test_error", "train_error", "steps_to_target")
+# What a trial's result keeps of the run's summary.json (besides loss, status, learning curve and out_dir).
+SUMMARY_KEYS = (
+    "test_loss", "test_accuracy", "train_loss", "train_accuracy", "steps", "total_steps", "seconds",
+    "target_accuracy", "reached_target", "steps_to_target", "examples_to_target", "noise_scale",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,21 +87,40 @@ def learning_curve(out_dir: Path) -> list[dict[str, Any]]:
     return curve
 
 
-def _result(summary: Mapping[str, Any], objective: str, out_dir: Path) -> dict[str, Any]:
+def objective_value(summary: Mapping[str, Any], objective: str) -> float:
+    """The loss TPE minimises, from a run's summary (``jobs.loop.RunSummary`` fields)."""
     test_loss, test_accuracy = summary.get("test_loss"), summary.get("test_accuracy")
     if test_loss is None or test_accuracy is None:
         raise ValueError("the run was not evaluated on the test split")
-    loss = test_loss if objective == "test_loss" else 1.0 - test_accuracy
-    return {
-        "status": "ok",
-        "loss": float(loss),
-        "test_loss": float(test_loss),
-        "test_accuracy": float(test_accuracy),
-        "steps": int(summary["steps"]),
-        "seconds": float(summary["seconds"]),
-        "learning_curve": learning_curve(out_dir / "run"),
-        "out_dir": str(out_dir),
-    }
+    if objective == "test_loss":
+        return float(test_loss)
+    if objective == "test_error":
+        return 1.0 - float(test_accuracy)
+    if objective == "train_error":
+        if summary.get("train_accuracy") is None:
+            raise ValueError("the run did not evaluate its training accuracy (run.train_eval_examples)")
+        return 1.0 - float(summary["train_accuracy"])
+    if objective == "steps_to_target":
+        target = summary.get("target_accuracy")
+        if not target:
+            raise ValueError("objective steps_to_target needs run.target_accuracy in the base config")
+        if summary.get("steps_to_target") is not None:
+            # In (0, 1]: the fraction of the step budget used to reach the target.
+            return float(summary["steps_to_target"]) / max(int(summary["total_steps"]), 1)
+        # Above 1: every run that misses the target ranks behind every run that reaches it, closer misses first.
+        return 1.0 + max(float(target) - float(test_accuracy), 0.0)
+    raise ValueError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+
+
+def _result(summary: Mapping[str, Any], objective: str, out_dir: Path) -> dict[str, Any]:
+    loss = objective_value(summary, objective)
+    result = {"status": "ok", "loss": float(loss)}
+    for key in SUMMARY_KEYS:
+        if summary.get(key) is not None:
+            result[key] = summary[key]
+    result["learning_curve"] = learning_curve(out_dir / "run")
+    result["out_dir"] = str(out_dir)
+    return result
 
 
 def _diverged(message: str, out_dir: Path, started: float) -> dict[str, Any]:

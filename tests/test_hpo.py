@@ -294,6 +294,12 @@ def test_unknown_space_and_missing_embedded_server(tmp_path: Path) -> None:
     )
     rc, out = _finish(process, 30)
     assert rc == 2 and "unknown search space 'nonesuch'" in out, out
+    process = _start(
+        "driver", "--exp", "x", "--space", "sgd", "--config", str(config), "--max-evals", "1",
+        "--objective", "steps_to_target", cwd=tmp_path,
+    )  # fmt: skip
+    rc, out = _finish(process, 30)
+    assert rc == 2 and "steps_to_target needs run.target_accuracy" in out, out
     process = _start("worker", "--data-dir", str(tmp_path / "nothing"), cwd=tmp_path)
     rc, out = _finish(process, 30)
     assert rc == 2 and "no embedded server" in out, out
