@@ -1,0 +1,349 @@
+"""Study files: which optimizers, batch sizes and variants; the target or step budget; tuning or given values.
+
+A study file is TOML (examples: ``jobs/configs/studies/``)::
+
+    [study]
+    name = "demo"                                 # the study's name (experiment names start with it)
+    base_config = "../fashion_mlp_study.toml"     # a jobs.train config, relative to this file
+    optimizers = ["sgd", "adam", "kfac"]          # sgd | adam | adamw | kfac
+    batch_sizes = [128, 512, 2048]
+    target_accuracy = 0.80                        # on the test split; 0 = none (then only the step budget)
+    max_steps = 300                               # step budget of every run (or max_epochs)
+    eval_every_steps = 10                         # evaluations that place steps-to-target
+    noise_every = 10                              # gradient noise scale every N steps (0 = off)
+    out_dir = "runs/study-demo"                   # relative to the current directory
+    top_k = 100                                   # top-k means of the skip-connection study's tables
+    overrides = ["run.seed=0"]                    # for every run
+
+    [study.variants]                              # optional: model variants, each a list of overrides
+    plain = ["model.residual=false"]
+    residual = ["model.residual=true"]
+
+    [study.optimizer_overrides]                   # optional: per optimizer, for every run of it
+    kfac = ["kfac.inv_update_steps=10"]
+
+    [tune]                                        # optional: tune every cell with TPE (python -m hpo_worker)
+    trials = 8                                    # per cell
+    workers = 2                                   # local workers the study starts; 0 = external workers
+    objective = "steps_to_target"                 # or test_loss, test_error, train_error
+    spaces = { sgd = "sgd", adam = "adam", kfac = "kfac" }   # built-in names or .toml files (relative)
+    mongo = ""                                    # a MongoDB URL; "" = embedded server in <out_dir>/hpo_data
+    seed = 0
+
+    [given.sgd]                                   # without [tune]: the values of each optimizer's runs
+    "optim.lr" = 0.1
+
+Every mistake is found by :func:`load_study` (and :func:`check_cells`, which builds every run's config) before any
+training, with a message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from jobs.config import Config, ConfigError, load_config, parse_override
+
+__all__ = [
+    "OPTIMIZERS", "Cell", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "load_study",
+]  # fmt: skip
+
+OPTIMIZERS: Final = ("sgd", "adam", "adamw", "kfac")
+OBJECTIVES: Final = ("steps_to_target", "test_loss", "test_error", "train_error")  # hpo_worker's --objective
+_STUDY_KEYS: Final = frozenset(
+    {"name", "base_config", "optimizers", "batch_sizes", "target_accuracy", "max_steps", "max_epochs"}
+    | {"eval_every_steps", "noise_every", "out_dir", "top_k", "overrides", "variants", "optimizer_overrides"}
+)
+_TUNE_KEYS: Final = frozenset({"trials", "workers", "objective", "spaces", "mongo", "seed", "queue_size", "grace"})
+
+
+class StudyError(ValueError):
+    """The study file is wrong; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    trials: int
+    workers: int = 2
+    objective: str = "steps_to_target"
+    spaces: Mapping[str, str] = field(default_factory=dict)  # optimizer -> space name or absolute path
+    mongo: str = ""
+    seed: int = 0
+    queue_size: int = 0  # 0 = the number of workers (at least 2)
+    grace: float = 120.0  # seconds without heartbeat before a trial is requeued
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (variant, optimizer, batch size) of the study, and the overrides of its runs."""
+
+    variant: str
+    optimizer: str
+    batch_size: int
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "/".join(filter(None, [self.variant, self.optimizer, f"b{self.batch_size}"]))
+
+    @property
+    def slug(self) -> str:
+        """The name as a file and experiment name: ``residual-kfac-b256``."""
+        return self.name.replace("/", "-")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    path: Path
+    base_config: Path
+    optimizers: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    target_accuracy: float
+    max_steps: int
+    max_epochs: int
+    eval_every_steps: int
+    noise_every: int
+    out_dir: Path
+    top_k: int
+    overrides: tuple[str, ...]
+    variants: Mapping[str, tuple[str, ...]]  # {"": ()} when the study has no variants
+    optimizer_overrides: Mapping[str, tuple[str, ...]]
+    tune: TuneSettings | None
+    given: Mapping[str, tuple[str, ...]]  # optimizer -> overrides
+
+    def cells(self) -> list[Cell]:
+        # Both keys: the study's budget replaces whichever one the base config gives.
+        budget = [f"run.steps={self.max_steps}", f"run.epochs={self.max_epochs}"]
+        run = [
+            *budget,
+            f"run.target_accuracy={self.target_accuracy}",
+            f"run.eval_every_steps={self.eval_every_steps}",
+            f"run.noise_every={self.noise_every}",
+            "run.progress=false",
+        ]
+        cells = []
+        for variant, variant_overrides in self.variants.items():
+            for optimizer in self.optimizers:
+                given = () if self.tune is not None else self.given.get(optimizer, ())
+                for batch in self.batch_sizes:
+                    overrides = (
+                        *self.overrides, *variant_overrides, f'optim.name="{optimizer}"',
+                        *self.optimizer_overrides.get(optimizer, ()), *given, f"data.batch_size={batch}", *run,
+                    )  # fmt: skip
+                    cells.append(Cell(variant, optimizer, batch, overrides))
+        return cells
+
+
+def _fail(path: Path, key: str, problem: str) -> StudyError:
+    return StudyError(f"{path}: {key}: {problem}")
+
+
+def _int(path: Path, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(path, key, f"must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+def _strings(path: Path, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(path, key, f'must be a list of strings such as ["optim.lr=0.1"], not {value!r}')
+    return tuple(value)
+
+
+def _unknown(path: Path, table: str, keys: Sequence[str], known: frozenset[str]) -> None:
+    extra = sorted(set(keys) - known)
+    if extra:
+        raise _fail(path, f"[{table}] {extra[0]}", f"unknown key; the keys are {', '.join(sorted(known))}")
+
+
+def _given(path: Path, raw: Any, optimizers: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    if not isinstance(raw, dict):
+        raise _fail(path, "[given]", 'must be a table of tables, e.g. [given.sgd] with "optim.lr" = 0.1')
+    given: dict[str, tuple[str, ...]] = {}
+    for optimizer, values in raw.items():
+        if optimizer not in optimizers:
+            raise _fail(path, f"[given.{optimizer}]", f"is not one of the study's optimizers {list(optimizers)}")
+        if not isinstance(values, dict):
+            raise _fail(path, f"[given.{optimizer}]", 'must be a table of "section.key" = value')
+        given[optimizer] = tuple(f"{key}={json.dumps(value)}" for key, value in values.items())
+    return given
+
+
+def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
+    if not isinstance(raw, dict):
+        raise _fail(path, "[tune]", "must be a table")
+    _unknown(path, "tune", list(raw), _TUNE_KEYS)
+    trials = _int(path, "tune.trials", raw.get("trials"), 1)
+    workers = _int(path, "tune.workers", raw.get("workers", 2), 0)
+    objective = raw.get("objective", "steps_to_target")
+    if objective not in OBJECTIVES:
+        raise _fail(path, "tune.objective", f"{objective!r} is not one of {', '.join(OBJECTIVES)}")
+    spaces_raw = raw.get("spaces", {})
+    if not isinstance(spaces_raw, dict) or not all(isinstance(v, str) for v in spaces_raw.values()):
+        raise _fail(path, "tune.spaces", 'must be a table such as { sgd = "sgd", kfac = "my_space.toml" }')
+    spaces: dict[str, str] = {}
+    for optimizer in optimizers:
+        space = spaces_raw.get(optimizer, "adam" if optimizer == "adamw" else optimizer)
+        if space.endswith(".toml"):
+            resolved = (path.parent / space).resolve()
+            if not resolved.is_file():
+                raise _fail(path, f"tune.spaces.{optimizer}", f"{resolved} does not exist")
+            space = str(resolved)
+        spaces[optimizer] = space
+    extra = sorted(set(spaces_raw) - set(optimizers))
+    if extra:
+        raise _fail(path, f"tune.spaces.{extra[0]}", f"is not one of the study's optimizers {list(optimizers)}")
+    mongo = raw.get("mongo", "")
+    if not isinstance(mongo, str):
+        raise _fail(path, "tune.mongo", 'must be a mongodb:// URL string, or "" for the embedded server')
+    grace = raw.get("grace", 120.0)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace <= 0:
+        raise _fail(path, "tune.grace", f"must be a positive number of seconds, not {grace!r}")
+    return TuneSettings(
+        trials=trials, workers=workers, objective=objective, spaces=spaces, mongo=mongo,
+        seed=_int(path, "tune.seed", raw.get("seed", 0), 0),
+        queue_size=_int(path, "tune.queue_size", raw.get("queue_size", 0), 0), grace=float(grace),
+    )  # fmt: skip
+
+
+def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConfig:
+    """Reads and checks a study file; ``out_dir`` replaces the file's ``study.out_dir``."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist (examples: jobs/configs/studies/)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyError(f"{path}: not valid TOML: {exc}") from exc
+    unknown_tables = sorted(set(raw) - {"study", "tune", "given"})
+    if unknown_tables:
+        raise _fail(path, f"[{unknown_tables[0]}]", "unknown table; a study file has [study], [tune] and [given]")
+    study = raw.get("study")
+    if not isinstance(study, dict):
+        raise _fail(path, "[study]", "missing: the study file needs a [study] table")
+    _unknown(path, "study", list(study), _STUDY_KEYS)
+
+    name = study.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise _fail(path, "study.name", f"{name!r}: use letters, digits, '_', '.', '-'")
+    if "base_config" not in study:
+        raise _fail(path, "study.base_config", "missing: the jobs.train config every run starts from")
+    base = (path.parent / str(study["base_config"])).resolve()
+    if not base.is_file():
+        raise _fail(path, "study.base_config", f"{base} does not exist")
+
+    optimizers = study.get("optimizers")
+    if not isinstance(optimizers, list) or not optimizers:
+        raise _fail(path, "study.optimizers", f"must be a non-empty list of {', '.join(OPTIMIZERS)}")
+    for optimizer in optimizers:
+        if optimizer not in OPTIMIZERS:
+            choices = ", ".join(OPTIMIZERS)
+            raise _fail(path, "study.optimizers", f"unknown optimizer {optimizer!r}; choose from {choices}")
+    if len(set(optimizers)) != len(optimizers):
+        raise _fail(path, "study.optimizers", "lists an optimizer twice")
+
+    batches = study.get("batch_sizes")
+    if not isinstance(batches, list) or not batches:
+        raise _fail(path, "study.batch_sizes", "must be a non-empty list of batch sizes, e.g. [128, 512, 2048]")
+    batch_sizes = tuple(_int(path, "study.batch_sizes", b, 1) for b in batches)
+    if len(set(batch_sizes)) != len(batch_sizes):
+        raise _fail(path, "study.batch_sizes", "lists a batch size twice")
+
+    target = study.get("target_accuracy", 0.0)
+    if isinstance(target, bool) or not isinstance(target, int | float) or not 0 <= target < 1 or math.isnan(target):
+        raise _fail(
+            path, "study.target_accuracy",
+            f"{target!r} cannot be reached: give an accuracy in [0, 1) (0 = no target, only the step budget)",
+        )  # fmt: skip
+    max_steps = _int(path, "study.max_steps", study.get("max_steps", 0), 0)
+    max_epochs = _int(path, "study.max_epochs", study.get("max_epochs", 0), 0)
+    if bool(max_steps) == bool(max_epochs):
+        raise _fail(path, "study.max_steps", "give exactly one budget: max_steps or max_epochs (a positive integer)")
+    eval_every = _int(path, "study.eval_every_steps", study.get("eval_every_steps", 0), 0)
+    if target and not eval_every:
+        raise _fail(path, "study.eval_every_steps", "a target accuracy needs evaluations every N steps (N >= 1)")
+
+    variants_raw = study.get("variants", {})
+    if not isinstance(variants_raw, dict):
+        raise _fail(path, "study.variants", 'must be a table such as { plain = ["model.residual=false"] }')
+    variants = {str(k): _strings(path, f"study.variants.{k}", v) for k, v in variants_raw.items()} or {"": ()}
+    per_optimizer = study.get("optimizer_overrides", {})
+    if not isinstance(per_optimizer, dict) or set(per_optimizer) - set(optimizers):
+        raise _fail(path, "study.optimizer_overrides", f"must be a table keyed by the study's optimizers {optimizers}")
+    tune = _tune(path, raw["tune"], optimizers) if "tune" in raw else None
+    if tune is not None and "given" in raw:
+        raise _fail(path, "[given]", "a study either tunes ([tune]) or takes given values ([given]), not both")
+    if tune is not None and tune.objective == "steps_to_target" and not target:
+        raise _fail(path, "tune.objective", "steps_to_target needs study.target_accuracy > 0")
+    return StudyConfig(
+        name=name, path=path.resolve(), base_config=base, optimizers=tuple(optimizers), batch_sizes=batch_sizes,
+        target_accuracy=float(target), max_steps=max_steps, max_epochs=max_epochs, eval_every_steps=eval_every,
+        noise_every=_int(path, "study.noise_every", study.get("noise_every", 0), 0),
+        out_dir=Path(out_dir if out_dir is not None else study.get("out_dir", f"runs/study-{name}")),
+        top_k=_int(path, "study.top_k", study.get("top_k", 100), 1),
+        overrides=_strings(path, "study.overrides", study.get("overrides", [])),
+        variants=variants,
+        optimizer_overrides={k: _strings(path, f"study.optimizer_overrides.{k}", v) for k, v in per_optimizer.items()},
+        tune=tune, given=_given(path, raw.get("given", {}), optimizers),
+    )  # fmt: skip
+
+
+def check_cells(study: StudyConfig) -> dict[str, Config]:
+    """Every cell's resolved training config, by cell name; a bad override or missing data fails here, before any
+    training."""
+    configs: dict[str, Config] = {}
+    for cell in study.cells():
+        try:
+            config = load_config(study.base_config, cell.overrides)
+        except ConfigError as exc:
+            raise StudyError(f"{study.path}: cell {cell.name}: {exc}") from exc
+        if config.data.train_examples and cell.batch_size > config.data.train_examples:
+            raise StudyError(
+                f"{study.path}: batch size {cell.batch_size} is larger than the {config.data.train_examples} training "
+                "examples of the base config (data.train_examples): lower the batch size or use more examples"
+            )
+        configs[cell.name] = config
+    from jobs.datasets import resolve_data_path  # torch: only once the file itself is known to be good
+
+    for config in {c.data.name: c for c in configs.values()}.values():
+        try:
+            resolve_data_path(config.data)
+        except (ValueError, FileNotFoundError) as exc:
+            raise StudyError(f"{study.path}: {exc}") from exc
+    return configs
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are a subset of TOML's
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise StudyError(f"cannot write {value!r} ({type(value).__name__}) into a TOML config")
+
+
+def cell_toml(study: StudyConfig, cell: Cell) -> str:
+    """The base config's TOML document with the cell's overrides applied: the config file of the cell's runs
+    (hpo_worker stores it with the experiment, so workers on other machines need no file of ours)."""
+    document: dict[str, Any] = tomllib.loads(study.base_config.read_text())
+    for text in cell.overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        document.setdefault(section, {})[name] = value
+    lines = [f"# {study.name}, cell {cell.name}: {study.base_config.name} + the study's overrides (jobs.study)."]
+    for section, table in document.items():
+        lines += ["", f"[{section}]"]
+        lines += [f"{json.dumps(key)} = {_toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,630 @@
+"""Artefacts of a batch-size scaling study: runs CSV, critical-batch fits, plots and a markdown report.
+
+The input is a list of run records, one dict per training run, with the keys of :data:`RUN_COLUMNS`. A *cell* is one
+(variant, optimizer, batch size); its *best run* is the one used for the scaling curves (see :func:`best_runs`).
+Missing values (None, NaN, a run that never reached the target) render as "–" and are left out of plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from jobs.study.fit import ScalingFit, fit_steps_to_target
+
+__all__ = [
+    "RUN_COLUMNS",
+    "best_runs",
+    "compute_fits",
+    "format_table",
+    "read_metrics_file",
+    "top_k_means",
+    "write_csv",
+    "write_report",
+]
+
+RUN_COLUMNS: Final = (
+    "cell",  # str: "kfac/b512", or "residual/kfac/b256" when the study has several variants
+    "variant",  # str: "" when the study has one variant, else e.g. "plain" / "residual"
+    "optimizer",  # "sgd" | "adam" | "kfac"
+    "batch_size",  # int: global batch size
+    "source",  # "tuned" (an HPO trial) or "given" (hyperparameters from the config)
+    "trial",  # int or None: the trial id when tuned
+    "lr",  # float: base learning rate
+    "hparams",  # str: JSON object of all tuned values
+    "target_accuracy",  # float or None: the validation accuracy that counts as reached
+    "reached",  # bool: whether the validation accuracy reached the target
+    "steps_to_target",  # int or None: optimizer steps at the first evaluation at or above the target
+    "examples_to_target",  # int or None: steps_to_target * batch_size
+    "steps",  # int: steps run
+    "wall_seconds",  # float: wall-clock time of the run
+    "train_accuracy",  # float: final (fractions, not percent)
+    "val_accuracy",  # float: final
+    "train_loss",  # float: final
+    "val_loss",  # float: final
+    "generalization_gap",  # float: train_accuracy - val_accuracy
+    "noise_scale",  # float or None: the last B_simple estimate
+    "metrics_path",  # str: the run's metrics.jsonl, or ""
+)
+
+CellKey = tuple[str, str, int]  # (variant, optimizer, batch_size)
+SeriesKey = tuple[str, str]  # (variant, optimizer)
+
+MISSING: Final = "–"
+_OPTIMIZER_ORDER: Final = ("sgd", "adam", "kfac")
+_OPTIMIZER_LABELS: Final = {"sgd": "SGD", "adam": "Adam", "kfac": "K-FAC"}
+FIT_FORMULA: Final = "S(B) = S_min * (1 + B_crit / B)"
+PLOTS: Final = ("steps_to_target.png", "best_lr.png", "final_accuracy.png", "learning_curves.png", "noise_scale.png")
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for None, NaN, inf, booleans and anything that is not a number."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _key(run: Mapping[str, Any]) -> CellKey:
+    return (str(run.get("variant") or ""), str(run.get("optimizer") or ""), int(run.get("batch_size") or 0))
+
+
+def _optimizer_rank(name: str) -> tuple[int, str]:
+    return (_OPTIMIZER_ORDER.index(name) if name in _OPTIMIZER_ORDER else len(_OPTIMIZER_ORDER), name)
+
+
+def _sorted_keys(keys: Iterable[CellKey]) -> list[CellKey]:
+    return sorted(keys, key=lambda k: (k[0], _optimizer_rank(k[1]), k[2]))
+
+
+def _series_label(variant: str, optimizer: str) -> str:
+    """ "kfac", or "residual/kfac" with variants: the cell name without its batch part."""
+    return f"{variant}/{optimizer}" if variant else optimizer
+
+
+def _series_title(variant: str, optimizer: str) -> str:
+    name = _OPTIMIZER_LABELS.get(optimizer, optimizer)
+    return f"{name} ({variant})" if variant else name
+
+
+def _reached(run: Mapping[str, Any]) -> bool:
+    return bool(run.get("reached")) and _num(run.get("steps_to_target")) is not None
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    x = _num(value)
+    return MISSING if x is None else format(x, spec)
+
+
+def _fmt_int(value: Any) -> str:
+    x = _num(value)
+    return MISSING if x is None else str(round(x))
+
+
+def _fmt_scale(value: Any) -> str:
+    """Noise scales as whole numbers (no exponent) from 1 up: they are batch sizes."""
+    x = _num(value)
+    if x is None:
+        return MISSING
+    return f"{x:.0f}" if abs(x) >= 1 else f"{x:.3g}"
+
+
+def _fmt_pct(value: Any) -> str:
+    x = _num(value)
+    return MISSING if x is None else f"{100 * x:.2f}%"
+
+
+def _fmt_pt(value: Any) -> str:
+    x = _num(value)
+    return MISSING if x is None else f"{100 * x:+.2f}"
+
+
+def _by_cell(runs: Iterable[Mapping[str, Any]]) -> dict[CellKey, list[Mapping[str, Any]]]:
+    cells: dict[CellKey, list[Mapping[str, Any]]] = {}
+    for run in runs:
+        cells.setdefault(_key(run), []).append(run)
+    return cells
+
+
+# ------------------------------------------------------------------------------------------------------- selection
+
+
+def best_runs(runs: Iterable[Mapping[str, Any]]) -> dict[CellKey, Mapping[str, Any]]:
+    """The best run of each (variant, optimizer, batch_size) cell.
+
+    Among runs that reached the target: the fewest steps_to_target (ties: higher val_accuracy). When none reached:
+    the highest val_accuracy (runs without one rank last).
+    """
+
+    def val(run: Mapping[str, Any]) -> float:
+        v = _num(run.get("val_accuracy"))
+        return -math.inf if v is None else v
+
+    best: dict[CellKey, Mapping[str, Any]] = {}
+    for key, cell in _by_cell(runs).items():
+        reached = [r for r in cell if _reached(r)]
+        if reached:
+            best[key] = min(reached, key=lambda r: (_num(r.get("steps_to_target")) or 0.0, -val(r)))
+        else:
+            best[key] = max(cell, key=val)
+    return {k: best[k] for k in _sorted_keys(best)}
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); std is None below two values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def top_k_means(runs: Iterable[Mapping[str, Any]], k: int, by: str = "train_accuracy") -> dict[CellKey, dict[str, Any]]:
+    """Mean and std of train and val accuracy over the ``k`` runs of each cell with the highest ``by`` accuracy.
+
+    The protocol of the skip-connection study (Nagase & Naganuma): 300 tuned trials per cell, the mean over the top
+    100. That paper ranks the trials by *training* accuracy, hence the default; pass ``by="val_accuracy"`` to rank by
+    validation accuracy. Runs without a ``by`` value are not ranked. Each value is a dict with ``n`` (runs averaged,
+    fewer than ``k`` when the cell has fewer), ``k``, ``by``, and ``{train,val}_accuracy_{mean,std}`` (std: n - 1,
+    None below two runs; a mean is None when no ranked run has that value).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}: e.g. 100 averages the top 100 runs of each cell")
+    if by not in ("train_accuracy", "val_accuracy"):
+        raise ValueError(f"by must be 'train_accuracy' or 'val_accuracy', got {by!r}")
+    out: dict[CellKey, dict[str, Any]] = {}
+    for key, cell in _by_cell(runs).items():
+        ranked = sorted(
+            (r for r in cell if _num(r.get(by)) is not None), key=lambda r: _num(r.get(by)) or 0.0, reverse=True
+        )
+        top = ranked[:k]
+        entry: dict[str, Any] = {"n": len(top), "k": k, "by": by}
+        for metric in ("train_accuracy", "val_accuracy"):
+            mean, std = _mean_std([x for r in top if (x := _num(r.get(metric))) is not None])
+            entry[f"{metric}_mean"] = mean
+            entry[f"{metric}_std"] = std
+        out[key] = entry
+    return {key: out[key] for key in _sorted_keys(out)}
+
+
+# ------------------------------------------------------------------------------------------------------------- fits
+
+
+def compute_fits(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The critical-batch fit per (variant, optimizer), on the best run of each batch size that reached the target.
+
+    Keyed by ``"kfac"`` or ``"residual/kfac"``. Each entry has variant, optimizer, batch_sizes and steps_to_target
+    (the points used), and either s_min, b_crit, rms_log_residual, points (``reason`` None) or the ``reason`` the
+    fit was not possible (those numbers None).
+    """
+    best = best_runs(runs)
+    series: dict[SeriesKey, list[tuple[int, float]]] = {}
+    for (variant, optimizer, batch), run in best.items():
+        points = series.setdefault((variant, optimizer), [])
+        steps = _num(run.get("steps_to_target"))
+        if _reached(run) and steps is not None and steps > 0:
+            points.append((batch, steps))
+    fits: dict[str, dict[str, Any]] = {}
+    for (variant, optimizer), points in series.items():
+        entry: dict[str, Any] = {
+            "variant": variant,
+            "optimizer": optimizer,
+            "batch_sizes": [b for b, _ in points],
+            "steps_to_target": [s for _, s in points],
+            "s_min": None,
+            "b_crit": None,
+            "rms_log_residual": None,
+            "points": len(points),
+            "reason": None,
+        }
+        if len(points) < 2:
+            entry["reason"] = (
+                f"only {len(points)} batch size(s) reached the target; the fit needs at least 2 "
+                "(lower the target accuracy or give the runs more steps)"
+            )
+        else:
+            try:
+                fit = fit_steps_to_target([b for b, _ in points], [s for _, s in points])
+            except ValueError as err:  # pragma: no cover - points are pre-filtered; kept so a report never crashes
+                entry["reason"] = str(err)
+            else:
+                entry.update(s_min=fit.s_min, b_crit=fit.b_crit, rms_log_residual=fit.rms_log_residual)
+        fits[_series_label(variant, optimizer)] = entry
+    return fits
+
+
+def _fit_of(entry: Mapping[str, Any]) -> ScalingFit | None:
+    if entry.get("reason") is not None or entry.get("s_min") is None:
+        return None
+    return ScalingFit(
+        s_min=float(entry["s_min"]),
+        b_crit=float(entry["b_crit"]),
+        rms_log_residual=float(entry["rms_log_residual"]),
+        points=int(entry["points"]),
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- CSV, text
+
+
+def write_csv(runs: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """One row per run: the :data:`RUN_COLUMNS`, then any other keys in order of first appearance; None is empty."""
+    runs = list(runs)
+    columns = list(RUN_COLUMNS)
+    for run in runs:
+        columns.extend(c for c in run if c not in columns)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for run in runs:
+            row = []
+            for column in columns:
+                value = run.get(column)
+                if value is None:
+                    row.append("")
+                elif isinstance(value, dict | list):
+                    row.append(json.dumps(value, sort_keys=True))  # hparams given as a dict rather than JSON text
+                else:
+                    row.append(value)
+            writer.writerow(row)
+    return path
+
+
+_TABLE_HEADER: Final = (
+    "optimizer",
+    "batch",
+    "reached",
+    "steps to target",
+    "examples to target",
+    "lr",
+    "val acc",
+    "gap (pt)",
+    "noise scale",
+    "runs",
+)
+
+
+def _table_rows(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    cells = _by_cell(runs)
+    best = best_runs(runs)
+    with_variant = len({k[0] for k in best}) > 1
+    header = (["variant"] if with_variant else []) + list(_TABLE_HEADER)
+    rows = []
+    for (variant, optimizer, batch), run in best.items():
+        row = [variant] if with_variant else []
+        row += [
+            _OPTIMIZER_LABELS.get(optimizer, optimizer),
+            str(batch),
+            "yes" if _reached(run) else "no",
+            _fmt_int(run.get("steps_to_target")) if _reached(run) else MISSING,
+            _fmt_int(run.get("examples_to_target")) if _reached(run) else MISSING,
+            _fmt(run.get("lr"), ".3g"),
+            _fmt_pct(run.get("val_accuracy")),
+            _fmt_pt(run.get("generalization_gap")),
+            _fmt_scale(run.get("noise_scale")),
+            str(len(cells[(variant, optimizer, batch)])),
+        ]
+        rows.append(row)
+    return header, rows
+
+
+def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Fixed-width text table of the best run of each cell (what a study prints when it ends)."""
+    header, rows = _table_rows(list(runs))
+    if not rows:
+        return "(no runs)"
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    # Text columns left-aligned, numbers right-aligned, as a reader scans them.
+    left = {i for i, h in enumerate(header) if h in ("variant", "optimizer", "reached")}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------ plots
+
+
+def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl; [] when the path is empty or missing; bad lines are skipped."""
+    if not path:
+        return []
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # an unfinished last line of a killed run
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _curve(records: Iterable[Mapping[str, Any]], kind: str, field: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        step, value = _num(r.get("step")), _num(r.get(field))
+        if r.get("kind") == kind and step is not None and value is not None:
+            xs.append(step)
+            ys.append(value)
+    return xs, ys
+
+
+def _plot_all(
+    out_dir: Path, runs: Sequence[Mapping[str, Any]], fits: Mapping[str, Mapping[str, Any]]
+) -> dict[str, str]:
+    """Writes the plots that have data; returns the reason for each plot not written."""
+    try:
+        import matplotlib
+    except ImportError:
+        return {name: "matplotlib is not installed (pip install matplotlib)" for name in PLOTS}
+    matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    best = best_runs(runs)
+    series: dict[SeriesKey, list[tuple[int, Mapping[str, Any]]]] = {}
+    for (variant, optimizer, batch), run in best.items():
+        series.setdefault((variant, optimizer), []).append((batch, run))
+    colors = {key: f"C{i % 10}" for i, key in enumerate(series)}
+    # Variants also differ in marker / line style, so that overlapping series of two variants stay distinguishable.
+    variant_index = {v: i for i, v in enumerate(sorted({k[0] for k in series}))}
+    markers = {key: "osD^v"[variant_index[key[0]] % 5] + "-" for key in series}
+    styles = {key: ("-", "-.", "--")[variant_index[key[0]] % 3] for key in series}
+    skipped: dict[str, str] = {}
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+
+    # Steps to target, with perfect scaling from each series' smallest batch and the fitted S(B).
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    drawn = False
+    for (variant, optimizer), points in series.items():
+        pts = [(b, s) for b, r in points if _reached(r) and (s := _num(r.get("steps_to_target"))) and s > 0]
+        if not pts:
+            continue
+        drawn = True
+        color = colors[(variant, optimizer)]
+        bs, ss = [b for b, _ in pts], [s for _, s in pts]
+        ax.plot(bs, ss, markers[(variant, optimizer)], color=color, label=_series_title(variant, optimizer))
+        b0, s0 = pts[0]
+        grid = [b0 * 2 ** (i / 8) for i in range(round(8 * math.log2(max(bs) / b0)) + 1)] if max(bs) > b0 else [b0]
+        ax.plot(grid, [s0 * b0 / b for b in grid], "--", color=color, alpha=0.6, linewidth=1)
+        fit = _fit_of(fits.get(_series_label(variant, optimizer), {}))
+        if fit is not None:
+            ax.plot(grid, [float(fit.predict(b)) for b in grid], ":", color=color, linewidth=1.5)
+    if drawn:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("steps to target")
+        ax.set_title("Steps to target (dashed: perfect scaling, dotted: fit)")
+        ax.legend(fontsize="small")
+        save(fig, "steps_to_target.png")
+    else:
+        plt.close(fig)
+        skipped["steps_to_target.png"] = "no run reached the target accuracy"
+
+    def per_batch_plot(name: str, field: str, ylabel: str, title: str, log_y: bool, scale: float = 1.0) -> None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        drawn = False
+        for (variant, optimizer), points in series.items():
+            pts = [(b, v * scale) for b, r in points if (v := _num(r.get(field))) is not None and (v > 0 or not log_y)]
+            if pts:
+                drawn = True
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    markers[(variant, optimizer)],
+                    color=colors[(variant, optimizer)],
+                    label=_series_title(variant, optimizer),
+                )
+        if not drawn:
+            plt.close(fig)
+            skipped[name] = f"no best run has a {field}"
+            return
+        ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+        save(fig, name)
+
+    per_batch_plot("best_lr.png", "lr", "learning rate", "Learning rate of the best run", log_y=True)
+    per_batch_plot(
+        "final_accuracy.png", "val_accuracy", "validation accuracy (%)", "Final accuracy of the best run", False, 100.0
+    )
+
+    # Learning curves of each series' best run at its largest batch size.
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    drawn = False
+    for (variant, optimizer), points in series.items():
+        batch, run = max(points, key=lambda p: p[0])
+        xs, ys = _curve(read_metrics_file(str(run.get("metrics_path") or "")), "eval", "test_accuracy")
+        if xs:
+            drawn = True
+            label = f"{_series_title(variant, optimizer)}, B={batch}"
+            ax.plot(
+                xs, [100 * y for y in ys], styles[(variant, optimizer)], color=colors[(variant, optimizer)], label=label
+            )
+    if drawn:
+        targets = {t for r in runs if (t := _num(r.get("target_accuracy"))) is not None}
+        for t in targets:
+            ax.axhline(100 * t, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title("Learning curves of the best runs at the largest batch")
+        ax.legend(fontsize="small")
+        save(fig, "learning_curves.png")
+    else:
+        plt.close(fig)
+        skipped["learning_curves.png"] = (
+            "no evaluation records in the metrics files of the best runs at the largest batch"
+        )
+
+    # Noise scale over steps, only for studies that measured it.
+    if not any(_num(r.get("noise_scale")) is not None for r in runs):
+        skipped["noise_scale.png"] = "no run measured the gradient noise scale"
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        drawn = False
+        for (variant, optimizer), points in series.items():
+            for i, (batch, run) in enumerate(points):
+                xs, ys = _curve(read_metrics_file(str(run.get("metrics_path") or "")), "step", "noise_scale")
+                # Early estimates can be negative (|G|^2 or tr(Sigma) below 0): a log axis cannot show them.
+                kept = [(x, y) for x, y in zip(xs, ys, strict=True) if y > 0]
+                if kept:
+                    drawn = True
+                    alpha = 0.4 + 0.6 * (i + 1) / len(points)  # darker: larger batch
+                    ax.plot(
+                        *zip(*kept, strict=True),
+                        styles[(variant, optimizer)],
+                        color=colors[(variant, optimizer)],
+                        alpha=alpha,
+                        label=f"{_series_title(variant, optimizer)}, B={batch}",
+                    )
+        if drawn:
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel("B_simple = tr(Σ) / |G|²")
+            ax.set_title("Gradient noise scale of the best runs")
+            ax.legend(fontsize="x-small")
+            save(fig, "noise_scale.png")
+        else:
+            plt.close(fig)
+            skipped["noise_scale.png"] = "no positive noise_scale in the step records of the best runs' metrics files"
+    return skipped
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+
+
+def _top_k_tables(runs: Sequence[Mapping[str, Any]], top_k: int) -> list[str]:
+    """The skip-connection paper's layout: per batch size, one table of train and one of val accuracy; rows are the
+    variants (plus, with exactly two, the difference last − first in points), columns the optimizers."""
+    means = top_k_means(runs, top_k)
+    variants = sorted({k[0] for k in means})
+    optimizers = sorted({k[1] for k in means}, key=_optimizer_rank)
+    batches = sorted({k[2] for k in means})
+    by = next(iter(means.values()))["by"] if means else "train_accuracy"
+    lines = [
+        f"Mean over the top {top_k} runs of each cell ranked by {by.replace('_', ' ')} "
+        "(Nagase & Naganuma: 300 trials, top 100); n = runs averaged.",
+        "",
+    ]
+    header = ["", *(_OPTIMIZER_LABELS.get(o, o) for o in optimizers)]
+    for batch in batches:
+        for metric, name in (("train_accuracy", "Training"), ("val_accuracy", "Validation")):
+            rows = []
+            for variant in variants:
+                row = [variant]
+                for optimizer in optimizers:
+                    entry = means.get((variant, optimizer, batch))
+                    mean = None if entry is None else entry[f"{metric}_mean"]
+                    if mean is None or entry is None:
+                        row.append(MISSING)
+                        continue
+                    std = entry[f"{metric}_std"]
+                    spread = "" if std is None else f" ± {100 * std:.2f}"
+                    row.append(f"{100 * mean:.2f}%{spread} (n={entry['n']})")
+                rows.append(row)
+            if len(variants) == 2:
+                first, last = variants
+                row = [f"{last} − {first} (pt)"]
+                for optimizer in optimizers:
+                    a, b = means.get((first, optimizer, batch)), means.get((last, optimizer, batch))
+                    ma = None if a is None else a[f"{metric}_mean"]
+                    mb = None if b is None else b[f"{metric}_mean"]
+                    row.append(MISSING if ma is None or mb is None else f"{100 * (mb - ma):+.2f}")
+                rows.append(row)
+            lines += [f"**Average {name} Accuracy (BS={batch})**", "", _markdown_table(header, rows), ""]
+    return lines
+
+
+def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: int = 100) -> Path:
+    """Write runs.csv, fits.json, the plots and report.md into ``out_dir``; returns the path of report.md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(runs, out_dir / "runs.csv")
+    fits = compute_fits(runs)
+    (out_dir / "fits.json").write_text(json.dumps({"formula": FIT_FORMULA, "fits": fits}, indent=2) + "\n")
+    skipped = _plot_all(out_dir, runs, fits) if runs else {name: "no runs" for name in PLOTS}
+
+    variants = sorted({str(r.get("variant") or "") for r in runs})
+    optimizers = sorted({str(r.get("optimizer") or "") for r in runs}, key=_optimizer_rank)
+    batches = sorted({int(r.get("batch_size") or 0) for r in runs})
+    targets = sorted({t for r in runs if (t := _num(r.get("target_accuracy"))) is not None})
+    lines = [
+        f"# {title}",
+        "",
+        f"- runs: {len(runs)} in {len(_by_cell(runs))} cells",
+        f"- optimizers: {', '.join(_OPTIMIZER_LABELS.get(o, o) for o in optimizers) or MISSING}",
+        f"- batch sizes: {', '.join(map(str, batches)) or MISSING}",
+    ]
+    if any(variants):
+        lines.append(f"- variants: {', '.join(variants)}")
+    lines += [
+        f"- target accuracy: {', '.join(_fmt_pct(t) for t in targets) or MISSING}",
+        "",
+        "## Best run per cell",
+        "",
+        "The best run reached the target in the fewest steps (ties: higher val accuracy); where none reached it, the "
+        "highest final val accuracy. gap = train − val accuracy in points; noise scale = last B_simple estimate.",
+        "",
+        _markdown_table(*_table_rows(runs)) if runs else "(no runs)",
+        "",
+        "## Critical batch size",
+        "",
+        f"Fit of {FIT_FORMULA} (McCandlish et al. 2018) to the best runs' steps to target, least squares in log space. "
+        "Below B_crit doubling the batch almost halves the steps; above it the steps approach S_min.",
+        "",
+    ]
+    fit_rows = []
+    for label, entry in fits.items():
+        fit_rows.append(
+            [
+                label,
+                str(entry["points"]),
+                _fmt(entry["s_min"], ".4g"),
+                _fmt(entry["b_crit"], ".4g"),
+                _fmt(entry["rms_log_residual"], ".3f"),
+                entry["reason"] or "",
+            ]
+        )
+    header = ["series", "points", "S_min", "B_crit", "rms log residual", "note"]
+    lines += [_markdown_table(header, fit_rows) if fit_rows else "(no runs)", "", "## Plots", ""]
+    for name in PLOTS:
+        if name in skipped:
+            lines.append(f"- `{name}` not drawn: {skipped[name]}.")
+        else:
+            lines += [f"![{name[:-4].replace('_', ' ')}]({name})", ""]
+    if len(variants) > 1:
+        lines += [f"## Top-{top_k} means", "", *_top_k_tables(runs, top_k)]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path

@@ -1,0 +1,189 @@
+"""jobs.study end to end: a tiny tuned study through the real embedded MongoDB server and worker processes, a
+given-values study with variants on real MNIST that continues where it stopped, and bad study files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.processes import ENV, PYTHON, ROOT
+
+pytest.importorskip("hyperopt")
+pytest.importorskip("nx_27017")
+
+BASE = """
+[model]
+name = "mlp"
+hidden = [16]
+[data]
+name = "synthetic"
+batch_size = 32
+synthetic_shape = [8]
+synthetic_classes = 4
+synthetic_train_size = 512
+synthetic_test_size = 256
+[optim]
+name = "sgd"
+lr = 0.1
+[run]
+steps = 40
+eval_every = 0
+tensorboard = false
+"""
+
+SPACE = """
+[fixed]
+"optim.schedule" = "constant"
+[params."optim.lr"]
+dist = "loguniform"
+low = 0.05
+high = 0.5
+"""
+
+TUNED = """
+[study]
+name = "tiny"
+base_config = "base.toml"
+optimizers = ["sgd", "kfac"]
+batch_sizes = [32, 128]
+target_accuracy = 0.6
+max_steps = 40
+eval_every_steps = 5
+noise_every = 5
+top_k = 2
+overrides = ["run.train_eval_examples=256"]
+[tune]
+trials = 2
+workers = 2
+spaces = { sgd = "space.toml", kfac = "space.toml" }
+"""
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _study(tmp_path: Path, text: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "space.toml").write_text(SPACE)
+    study = tmp_path / "study.toml"
+    study.write_text(text)
+    command = [PYTHON, "-m", "jobs.study", "scaling", "--config", str(study), "--out", str(tmp_path / "out"), *args]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
+    result = _study(tmp_path, TUNED)
+    out = tmp_path / "out"
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"report: {out / 'report.md'}" in result.stdout
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(rows) == 2 * 2 * 2  # cells x trials: every trial is a run of the study
+    assert {(r["optimizer"], r["batch_size"]) for r in rows} == {("sgd", "32"), ("sgd", "128"), ("kfac", "32"),
+                                                                 ("kfac", "128")}  # fmt: skip
+    assert all(r["source"] == "tuned" and r["trial"] != "" for r in rows)
+    noise_measured = 0
+    for row in rows:
+        metrics = [json.loads(line) for line in Path(row["metrics_path"]).read_text().splitlines()]
+        evals = [m for m in metrics if m["kind"] == "eval"]
+        if row["reached"] == "True":
+            first = next(m["step"] for m in evals if m["test_accuracy"] >= 0.6)
+            assert int(row["steps_to_target"]) == first and int(row["examples_to_target"]) == first * int(
+                row["batch_size"]
+            )
+        assert float(row["generalization_gap"]) == pytest.approx(
+            float(row["train_accuracy"]) - float(row["val_accuracy"])
+        )
+        noise_measured += any("noise_trace" in m for m in metrics if m["kind"] == "step")
+    assert any(r["reached"] == "True" for r in rows), "the target is easy: some run must reach it"
+    assert noise_measured >= len(rows) // 2, "noise_every = 5: runs longer than 5 steps measure the noise scale"
+    for name in ("steps_to_target.png", "best_lr.png", "final_accuracy.png", "learning_curves.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+        assert name in (out / "report.md").read_text()
+    fits = json.loads((out / "fits.json").read_text())
+    assert set(fits["fits"]) == {"sgd", "kfac"}
+    # The table of every cell's best run on the terminal.
+    assert "sgd" in result.stdout.lower() and "k-fac" in result.stdout.lower()
+    assert sorted(p.name for p in (out / "configs").glob("*.toml")) == [
+        "kfac-b128.toml", "kfac-b32.toml", "sgd-b128.toml", "sgd-b32.toml",
+    ]  # fmt: skip
+    assert not (out / "hpo_data" / "mongo-url").exists(), "the embedded server was stopped"
+
+    # Run again: the experiments are complete, so nothing is trained again and the report is the same.
+    started = time.monotonic()
+    again = _study(tmp_path, TUNED)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert len(list(csv.DictReader((out / "runs.csv").open()))) == 8
+    assert time.monotonic() - started < 120
+
+
+GIVEN = """
+[study]
+name = "skip"
+base_config = "{base}"
+optimizers = ["sgd", "kfac"]
+batch_sizes = [64, 256]
+max_steps = 12
+eval_every_steps = 4
+top_k = 1
+overrides = [
+    "data.train_examples=1024", "data.test_examples=512", "run.train_eval_examples=512", "model.hidden=[32, 32]",
+]
+[study.variants]
+plain = ["model.residual=false"]
+residual = ["model.residual=true"]
+[given.sgd]
+"optim.lr" = 0.05
+[given.kfac]
+"optim.lr" = 0.05
+"optim.momentum" = 0.5
+"""
+
+
+def test_given_study_with_variants_on_real_mnist_continues_where_it_stopped(tmp_path: Path) -> None:
+    text = GIVEN.format(base=ROOT / "jobs" / "configs" / "mnist_linear_mlp.toml")
+    result = _study(tmp_path, text)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "out"
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(rows) == 2 * 2 * 2 and {r["variant"] for r in rows} == {"plain", "residual"}
+    assert all(r["source"] == "given" and int(r["steps"]) == 12 for r in rows)
+    assert all(r["reached"] == "False" and r["steps_to_target"] == "" for r in rows)  # no target: the budget only
+    residual = json.loads((out / "runs" / "residual-kfac-b64" / "config.json").read_text())
+    assert residual["model"]["residual"] is True and residual["optim"]["lr"] == 0.05
+    report = (out / "report.md").read_text()
+    assert "plain" in report and "residual" in report  # the skip-connection study's tables
+
+    # A study stopped half-way: remove two runs' results; only those two are trained again.
+    for cell in ("plain-sgd-b64", "residual-kfac-b256"):
+        (out / "runs" / cell / "summary.json").unlink()
+    again = _study(tmp_path, text)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stderr.count("done before") == 6 and again.stderr.count(": training") == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('optimizers = ["sgd", "kfac"]', 'optimizers = ["sgd", "lamb"]'), "unknown optimizer 'lamb'"),
+        (("batch_sizes = [32, 128]", "batch_sizes = []"), "study.batch_sizes: must be a non-empty list"),
+        (("target_accuracy = 0.6", "target_accuracy = 1.5"), "1.5 cannot be reached"),
+        (("eval_every_steps = 5", "eval_every_steps = 0"), "a target accuracy needs evaluations every N steps"),
+        (('base_config = "base.toml"', 'base_config = "nope.toml"'), "nope.toml does not exist"),
+        (("max_steps = 40", "max_stepz = 40"), "[study] max_stepz: unknown key"),
+        (("[tune]", '[given.sgd]\n"optim.lr" = 0.1\n[tune]'), "either tunes ([tune]) or takes given values"),
+        (('overrides = ["run.train_eval_examples=256"]', 'overrides = ["optim.lrr=1"]'), "unknown key 'optim.lrr'"),
+    ],
+)
+def test_bad_study_files_fail_before_any_training(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    assert change[0] in TUNED
+    started = time.monotonic()
+    result = _study(tmp_path, TUNED.replace(*change), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists(), "nothing may be written or trained"
+    assert time.monotonic() - started < 30
