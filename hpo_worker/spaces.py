@@ -29,7 +29,6 @@ quantized distributions return floats; a scalar sampled for a list field becomes
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tomllib
 import typing
@@ -42,7 +41,8 @@ from typing import Any, Final
 import numpy as np
 from hyperopt import hp
 
-from jobs.config import Config
+from jobs.config import Config, ConfigError
+from jobs.config import toml_value as config_toml_value
 
 __all__ = ["DISTRIBUTIONS", "ParamSpec", "SearchSpace", "load_space", "space_names", "toml_value"]
 
@@ -197,23 +197,11 @@ def _cast_scalar(key: str, value: Any, tp: Any) -> Any:
 
 
 def toml_value(value: Any) -> str:
-    """``value`` written as a TOML value, as jobs.config's overrides read it (strings quoted, lists bracketed)."""
-    value = plain_value(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)  # shortest round-trip form, valid TOML (0.1, 1e-05, 3.0)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string: JSON escapes are a subset of TOML's
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise ValueError(f"cannot write {value!r} ({type(value).__name__}) as a TOML value")
+    """``value`` (numpy scalars too) written as a TOML value, as jobs.config's overrides read it."""
+    try:
+        return config_toml_value(plain_value(value))
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # --- built-in spaces -------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ message names the key and says what is expected.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 import tomllib
 import types
@@ -48,6 +50,7 @@ __all__ = [
     "ignored_keys",
     "load_config",
     "parse_override",
+    "toml_value",
     "trajectory_differences",
 ]
 
@@ -287,6 +290,26 @@ def parse_override(text: str) -> tuple[str, Any]:
             ) from None
         value = value_text
     return key, value
+
+
+def toml_value(value: Any) -> str:
+    """``value`` written as a TOML value, as :func:`parse_override` and TOML files read it back (strings quoted,
+    lists bracketed, floats in their shortest round-trip form)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are a subset of TOML's
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) as a TOML value")
 
 
 def build_config(

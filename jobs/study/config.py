@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from jobs.config import Config, ConfigError, load_config, parse_override
+from jobs.config import Config, ConfigError, load_config, parse_override, toml_value
 
 __all__ = [
     "OPTIMIZERS", "Cell", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "load_study",
@@ -172,7 +172,10 @@ def _given(path: Path, raw: Any, optimizers: Sequence[str]) -> dict[str, tuple[s
             raise _fail(path, f"[given.{optimizer}]", f"is not one of the study's optimizers {list(optimizers)}")
         if not isinstance(values, dict):
             raise _fail(path, f"[given.{optimizer}]", 'must be a table of "section.key" = value')
-        given[optimizer] = tuple(f"{key}={json.dumps(value)}" for key, value in values.items())
+        try:
+            given[optimizer] = tuple(f"{key}={toml_value(value)}" for key, value in values.items())
+        except ConfigError as exc:
+            raise _fail(path, f"[given.{optimizer}]", f"{exc}: give numbers, strings, booleans or lists") from None
     return given
 
 
@@ -320,20 +323,6 @@ def check_cells(study: StudyConfig) -> dict[str, Config]:
     return configs
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string: JSON's escapes are a subset of TOML's
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise StudyError(f"cannot write {value!r} ({type(value).__name__}) into a TOML config")
-
-
 def cell_toml(study: StudyConfig, cell: Cell) -> str:
     """The base config's TOML document with the cell's overrides applied: the config file of the cell's runs
     (hpo_worker stores it with the experiment, so workers on other machines need no file of ours)."""
@@ -345,5 +334,5 @@ def cell_toml(study: StudyConfig, cell: Cell) -> str:
     lines = [f"# {study.name}, cell {cell.name}: {study.base_config.name} + the study's overrides (jobs.study)."]
     for section, table in document.items():
         lines += ["", f"[{section}]"]
-        lines += [f"{json.dumps(key)} = {_toml_value(value)}" for key, value in table.items()]
+        lines += [f"{json.dumps(key)} = {toml_value(value)}" for key, value in table.items()]
     return "\n".join(lines) + "\n"
