@@ -52,7 +52,9 @@ def test_sigterm_stops_every_rank_and_requeues(mongo: str, db: Any, tmp_path: Pa
     worker = _worker(mongo, tmp_path, "--idle-timeout", "30", "--launcher", "mpirun", "--ranks", "2")
     doc = _wait_for(lambda: db.jobs.find_one({"exp_key": "mpiterm", "state": JOB_STATE_RUNNING}), what="a trial")
     trial_dir = tmp_path / "runs" / "mpiterm" / f"trial{doc['tid']}.{doc['version']}"
-    _wait_for(lambda: (trial_dir / "run" / "ranks" / "rank1.json").exists(), 60, "both ranks training")
+    # Each rank writes its record on its own schedule: wait for both, not only the last one.
+    ranks = trial_dir / "run" / "ranks"
+    _wait_for(lambda: all((ranks / f"rank{r}.json").exists() for r in range(2)), 60, "both ranks training")
     pids = [r["pid"] for r in _rank_records(trial_dir, 2)]
     worker.send_signal(signal.SIGTERM)
     rc, out = _finish(worker, 30)
