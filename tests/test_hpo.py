@@ -134,7 +134,7 @@ def test_driver_and_three_workers(mongo: str, db: Any, tmp_path: Path) -> None:
     import hyperopt
 
     driver = _driver(mongo, tmp_path, "three", 8, "--queue-size", "3")
-    workers = [_worker(mongo, tmp_path, "--idle-timeout", "2") for _ in range(3)]
+    workers = [_worker(mongo, tmp_path, "--idle-timeout", "5") for _ in range(3)]
     rc, out = _finish(driver)
     assert rc == 0, out
     assert "8/8 finished" in out and "best: trial" in out
@@ -190,7 +190,7 @@ def test_sigkill_worker_trial_is_requeued(mongo: str, db: Any, tmp_path: Path) -
     )
     victim.kill()
     victim.wait()
-    other = _worker(mongo, tmp_path, "--idle-timeout", "2", "--grace", "0")
+    other = _worker(mongo, tmp_path, "--idle-timeout", "8", "--grace", "0")
     rc, out = _finish(driver, 60)
     assert rc == 0, out
     assert "sent no heartbeat" in out
@@ -203,7 +203,7 @@ def test_sigkill_worker_trial_is_requeued(mongo: str, db: Any, tmp_path: Path) -
 
 def test_driver_restart_resumes_without_duplicates(mongo: str, db: Any, tmp_path: Path) -> None:
     driver = _driver(mongo, tmp_path, "restart", 6, "--queue-size", "2")
-    worker = _worker(mongo, tmp_path, "--idle-timeout", "6")
+    worker = _worker(mongo, tmp_path, "--idle-timeout", "15")
     _wait_for(lambda: db.jobs.count_documents({"exp_key": "restart", "state": JOB_STATE_DONE}) >= 2, what="2 done")
     driver.kill()
     driver.wait()
@@ -225,7 +225,7 @@ def test_a_second_driver_on_one_experiment_is_refused(mongo: str, db: Any, tmp_p
     first.kill()  # SIGKILL leaves the lease behind; a driver on the same host sees its pid is gone and takes over
     first.wait()
     third = _driver(mongo, tmp_path, "one", 2, "--queue-size", "2")
-    worker = _worker(mongo, tmp_path, "--idle-timeout", "2")
+    worker = _worker(mongo, tmp_path, "--idle-timeout", "5")
     rc, out = _finish(third)
     assert rc == 0 and "resuming experiment 'one'" in out, out
     _finish(worker)
@@ -236,8 +236,8 @@ def test_a_second_driver_on_one_experiment_is_refused(mongo: str, db: Any, tmp_p
 def test_two_experiments_stay_apart(mongo: str, db: Any, tmp_path: Path) -> None:
     a = _driver(mongo, tmp_path, "exp-a", 2, "--queue-size", "2")
     b = _driver(mongo, tmp_path, "exp-b", 3, "--queue-size", "2", "--seed", "1")
-    wa = _worker(mongo, tmp_path, "--exp", "exp-a", "--idle-timeout", "2")
-    wb = _worker(mongo, tmp_path, "--exp", "exp-b", "--idle-timeout", "2")
+    wa = _worker(mongo, tmp_path, "--exp", "exp-a", "--idle-timeout", "5")
+    wb = _worker(mongo, tmp_path, "--exp", "exp-b", "--idle-timeout", "5")
     for process in (a, b, wa, wb):
         rc, out = _finish(process)
         assert rc == 0, out
@@ -314,7 +314,7 @@ def test_embedded_server_shared_through_data_dir(tmp_path: Path) -> None:
         "--max-evals", "2", "--poll", "0.1", cwd=tmp_path,
     )  # fmt: skip
     _wait_for(lambda: (data / "mongo-url").exists(), what="the embedded server's URL file")
-    worker = _start("worker", "--data-dir", str(data), "--idle-timeout", "2", "--poll", "0.05", cwd=tmp_path)
+    worker = _start("worker", "--data-dir", str(data), "--idle-timeout", "5", "--poll", "0.05", cwd=tmp_path)
     rc, out = _finish(driver)
     assert rc == 0 and "embedded nx-27017 at mongodb://127.0.0.1:" in out and "2/2 finished" in out, out
     assert not (data / "mongo-url").exists()  # removed when the driver stopped its server

@@ -32,7 +32,7 @@ def _rank_records(trial_dir: Path, world: int) -> list[dict[str, Any]]:
 
 def test_worker_runs_each_trial_as_mpirun_ranks(mongo: str, db: Any, tmp_path: Path) -> None:
     driver = _driver(mongo, tmp_path, "mpi", 2, "--queue-size", "2")
-    worker = _worker(mongo, tmp_path, "--idle-timeout", "3", "--launcher", "mpirun", "--ranks", "2",
+    worker = _worker(mongo, tmp_path, "--idle-timeout", "6", "--launcher", "mpirun", "--ranks", "2",
                      "--launcher-args", "-x OMP_NUM_THREADS -x PYTHONPATH")  # fmt: skip
     rc, out = _finish(driver, 120)
     assert rc == 0, out
@@ -72,7 +72,7 @@ def test_a_failing_launched_trial_is_an_error_with_its_stderr(mongo: str, db: An
     config.write_text(config.read_text().replace("batch_size = 64", "batch_size = 65"))
     driver = _start("driver", "--mongo", mongo, "--exp", "bad", "--space", str(space), "--config", str(config),
                     "--max-evals", "1", "--poll", "0.1", cwd=tmp_path)  # fmt: skip
-    worker = _worker(mongo, tmp_path, "--idle-timeout", "3", "--launcher", "mpirun", "--ranks", "2")
+    worker = _worker(mongo, tmp_path, "--idle-timeout", "6", "--launcher", "mpirun", "--ranks", "2")
     rc, out = _finish(driver, 60)
     assert rc == 0, out
     _finish(worker, 30)
