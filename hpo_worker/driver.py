@@ -167,6 +167,7 @@ def experiment_meta(options: DriverOptions) -> dict[str, Any]:
     return {
         "space": options.space.name,
         "space_source": str(getattr(options.space, "source", "")),
+        "space_definition": options.space.definition,
         "config_name": path.stem,
         "config_text": path.read_text(),
         "objective": options.objective,
@@ -181,7 +182,7 @@ def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], N
     store.ensure_indexes()
     meta = experiment_meta(options)
     created = store.create_or_check_experiment(
-        options.exp_key, meta, compare=("space", "config_text", "objective", "seed")
+        options.exp_key, meta, compare=("space", "space_definition", "config_text", "objective", "seed")
     )
     say(
         f"{'new' if created else 'resuming'} experiment {options.exp_key!r}: space {options.space.name}, "

@@ -119,6 +119,20 @@ class SearchSpace:
         return {param.label: param.hyperopt_expression() for param in self.params}
 
     @property
+    def definition(self) -> dict[str, Any]:
+        """What the space searches, as plain JSON (stored with an experiment: a resumed one must search the same)."""
+        return {
+            "params": [
+                {
+                    "label": p.label, "dist": p.dist, "config_key": p.config_key, "low": p.low, "high": p.high,
+                    "q": p.q, "options": plain_value(list(p.options)), "list_index": p.list_index,
+                }
+                for p in self.params
+            ],
+            "fixed": {key: plain_value(value) for key, value in sorted(self.fixed.items())},
+        }  # fmt: skip
+
+    @property
     def labels(self) -> list[str]:
         return [param.label for param in self.params]
 

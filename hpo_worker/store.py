@@ -119,14 +119,16 @@ class TrialStore:
         return self.experiments.find_one({"_id": exp_key})
 
     def create_or_check_experiment(self, exp_key: str, meta: Mapping[str, Any], compare: Sequence[str]) -> bool:
-        """Stores the experiment; for an existing one, checks that ``compare`` keys agree. True when created."""
+        """Stores the experiment; for an existing one, checks that ``compare`` keys agree. True when created.
+
+        A key the stored experiment lacks (made by an older version) is not compared."""
         try:
             self.experiments.insert_one({"_id": exp_key, **meta, "created": utcnow()})
             return True
         except pymongo.errors.DuplicateKeyError:
             pass
         existing = self.get_experiment(exp_key) or {}
-        different = [key for key in compare if existing.get(key) != meta.get(key)]
+        different = [key for key in compare if key in existing and existing[key] != meta.get(key)]
         if different:
             raise StoreError(
                 f"experiment {exp_key!r} already exists with another {', '.join(different)}: choose another --exp "

@@ -233,6 +233,36 @@ def test_a_second_driver_on_one_experiment_is_refused(mongo: str, db: Any, tmp_p
     assert db.hpo_experiments.find_one({"_id": "one"})["lease_holder"] is None  # released at the end
 
 
+def test_a_changed_space_or_config_does_not_resume_an_experiment(mongo: str, db: Any, tmp_path: Path) -> None:
+    """Resuming with other ranges under the same space name would mix two searches in one TPE history."""
+    driver = _driver(mongo, tmp_path, "same", 1)
+    worker = _worker(mongo, tmp_path, "--idle-timeout", "5")
+    rc, out = _finish(driver)
+    assert rc == 0, out
+    _finish(worker)
+    config, space = tmp_path / "base.toml", tmp_path / "space.toml"
+    original_space, original_config = space.read_text(), config.read_text()
+
+    def drive() -> tuple[int, str]:
+        return _finish(_start("driver", "--mongo", mongo, "--exp", "same", "--space", str(space), "--config",
+                              str(config), "--max-evals", "1", "--poll", "0.1", cwd=tmp_path), 30)  # fmt: skip
+
+    space.write_text(original_space.replace("high = 1.0", "high = 0.5"))
+    rc, out = drive()
+    assert rc == 2 and "already exists with another space_definition" in out and "another --exp" in out, out
+    space.write_text(original_space)
+    config.write_text(original_config.replace("lr = 0.05", "lr = 0.1"))
+    rc, out = drive()
+    assert rc == 2 and "already exists with another config_text" in out, out
+    config.write_text(original_config)
+    rc, out = drive()
+    assert rc == 0 and "resuming experiment 'same'" in out and "1/1 finished" in out, out
+    assert db.jobs.count_documents({"exp_key": "same"}) == 1
+    stored = db.hpo_experiments.find_one({"_id": "same"})["space_definition"]
+    assert [p["label"] for p in stored["params"]] == ["optim.lr", "optim.momentum"], stored
+    assert stored["fixed"] == {"optim.schedule": "constant"}
+
+
 def test_two_experiments_stay_apart(mongo: str, db: Any, tmp_path: Path) -> None:
     a = _driver(mongo, tmp_path, "exp-a", 2, "--queue-size", "2")
     b = _driver(mongo, tmp_path, "exp-b", 3, "--queue-size", "2", "--seed", "1")

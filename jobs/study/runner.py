@@ -230,6 +230,11 @@ def _wait_for_drivers(
             code = driver.poll()
             if code not in (None, 0):
                 output = _tail(logs / f"driver-{slug}.log")
+                if "already exists with another" in output:  # the driver's advice (--exp) is not a study option
+                    output += (
+                        " -- this study's settings changed since its experiments were made: restore them to continue,"
+                        " or start a new study (another [study] name or --out folder)"
+                    )
                 raise StudyError(f"the driver of cell {slug} failed (exit {code}): {output}")
         if all(driver.poll() == 0 for driver in drivers.values()):
             return
