@@ -362,6 +362,18 @@ def test_report_survives_missing_values(tmp_path: Path) -> None:
     assert compute_fits([]) == {}
 
 
+def test_fit_notes_a_critical_batch_outside_the_measured_range(tmp_path: Path) -> None:
+    flat = [_run(tmp_path, "", "sgd", batch, 0, 70, 0.9) for batch in (512, 2048)]  # no speed-up at all
+    perfect = [_run(tmp_path, "", "kfac", batch, 0, 51200 / batch, 0.9) for batch in (128, 512, 2048)]  # all 1/B
+    knee = [_run(tmp_path, "", "adam", b, 0, 20 * (1 + 500 / b), 0.9) for b in (128, 512, 2048)]
+    fits = compute_fits(flat + perfect + knee)
+    assert fits["sgd"]["b_crit"] < 256 and "below the smallest batch measured (512)" in fits["sgd"]["note"]
+    assert fits["kfac"]["b_crit"] > 4096 and "above the largest batch measured (2048)" in fits["kfac"]["note"]
+    assert fits["adam"]["b_crit"] == pytest.approx(500, rel=0.05) and fits["adam"]["note"] is None
+    text = write_report(tmp_path / "report", flat + perfect + knee, "Range").read_text()
+    assert "larger batches hardly cut the steps" in text and "still near perfect scaling" in text
+
+
 def test_write_csv_keeps_extra_columns(tmp_path: Path) -> None:
     run = _run(tmp_path, "", "sgd", 128, 0, 10, 0.9)
     run["hparams"] = {"lr": 0.1}

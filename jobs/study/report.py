@@ -203,8 +203,8 @@ def compute_fits(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     """The critical-batch fit per (variant, optimizer), on the best run of each batch size that reached the target.
 
     Keyed by ``"kfac"`` or ``"residual/kfac"``. Each entry has variant, optimizer, batch_sizes and steps_to_target
-    (the points used), and either s_min, b_crit, rms_log_residual, points (``reason`` None) or the ``reason`` the
-    fit was not possible (those numbers None).
+    (the points used), and either s_min, b_crit, rms_log_residual, points (``reason`` None; ``note`` says when
+    B_crit lies outside the measured batch sizes) or the ``reason`` the fit was not possible (those numbers None).
     """
     best = best_runs(runs)
     series: dict[SeriesKey, list[tuple[int, float]]] = {}
@@ -225,6 +225,7 @@ def compute_fits(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
             "rms_log_residual": None,
             "points": len(points),
             "reason": None,
+            "note": None,
         }
         if len(points) < 2:
             entry["reason"] = (
@@ -238,8 +239,24 @@ def compute_fits(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
                 entry["reason"] = str(err)
             else:
                 entry.update(s_min=fit.s_min, b_crit=fit.b_crit, rms_log_residual=fit.rms_log_residual)
+                entry["note"] = _range_note(fit.b_crit, [b for b, _ in points])
         fits[_series_label(variant, optimizer)] = entry
     return fits
+
+
+def _range_note(b_crit: float, batch_sizes: Sequence[int]) -> str | None:
+    """What a B_crit outside the measured batch sizes means: the fit extrapolates, the data show no knee."""
+    if b_crit < min(batch_sizes) / 2:
+        return (
+            f"B_crit below the smallest batch measured ({min(batch_sizes)}): larger batches hardly cut the steps "
+            "here; measure smaller batches to place it"
+        )
+    if b_crit > 2 * max(batch_sizes):
+        return (
+            f"B_crit above the largest batch measured ({max(batch_sizes)}): still near perfect scaling; measure "
+            "larger batches to place it"
+        )
+    return None
 
 
 def _fit_of(entry: Mapping[str, Any]) -> ScalingFit | None:
@@ -613,7 +630,7 @@ def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: i
                 _fmt(entry["s_min"], ".4g"),
                 _fmt(entry["b_crit"], ".4g"),
                 _fmt(entry["rms_log_residual"], ".3f"),
-                entry["reason"] or "",
+                entry["reason"] or entry.get("note") or "",
             ]
         )
     header = ["series", "points", "S_min", "B_crit", "rms log residual", "note"]
