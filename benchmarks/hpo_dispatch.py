@@ -20,6 +20,12 @@ Reported per worker count, all from timestamps the objective itself takes (``tim
   from queued-and-a-worker-free to started. (A worker that finds the queue empty sleeps ``--poll``, default 0.2 s,
   between polls: that wait is not dispatch overhead, and a full queue avoids it.)
 - **throughput**: trials per second from the first start to the last end, and the ratio to one worker.
+
+``--experiments D --history H[,H2,...]`` measures a study's shape instead: D experiments, each with its own driver
+(one per cell of a study) and H finished trials already stored (each with a 100-point learning curve), served by the
+same workers (no ``--exp``). It reports the dispatch gap and throughput per history length and, from the server
+process's CPU time, the server's work per dispatched trial: a driver whose rounds read every stored trial makes both
+grow with H, which is what the comparison between history lengths shows.
 """
 
 from __future__ import annotations
@@ -56,36 +62,84 @@ def _worker_main(url: str, exp: str) -> int:
     from hpo_worker.worker import WorkerOptions, run_worker
 
     store = connect(url)
-    options = WorkerOptions(exp_key=exp, workdir=tempfile.mkdtemp(), idle_timeout_s=3.0, trial_fn=sleep_trial)
+    options = WorkerOptions(exp_key=exp or None, workdir=tempfile.mkdtemp(), idle_timeout_s=3.0, trial_fn=sleep_trial)
     return run_worker(store, options, log=lambda message: None)
 
 
-def _run(url: str, exp: str, workers: int, trials: int, sleep: float, poll: float) -> dict[str, Any]:
+def _prefill(url: str, exp: str, history: int) -> None:
+    """``history`` finished trials of ``exp``, as a worker stores them (random proposals, a learning curve each)."""
+    from hpo_worker.driver import build_trials, make_trial_docs
+    from hpo_worker.spaces import load_space
+    from hpo_worker.store import JOB_STATE_DONE, connect
+
+    store = connect(url)
+    docs = make_trial_docs(load_space("sgd"), exp, list(range(history)), build_trials([], exp), seed=1)
+    curve = [{"kind": "eval", "step": 10 * i, "epoch": i, "test_loss": 1.0, "test_accuracy": 0.5} for i in range(100)]
+    for doc in docs:
+        lr = float(doc["spec"]["params"].get("optim.lr", 0.1))
+        doc.update(
+            state=JOB_STATE_DONE,
+            owner="prefill",
+            result={"status": "ok", "loss": abs(lr - 0.1), "learning_curve": curve},
+        )
+    if docs:
+        store.insert_trials(docs)
+        store.counters.insert_one({"_id": exp, "next_tid": history})  # the driver goes on from tid H
+    store.close()
+
+
+def _run(
+    url: str,
+    exp: str,
+    workers: int,
+    trials: int,
+    sleep: float,
+    poll: float,
+    experiments: int = 1,
+    history: int = 0,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """``trials`` new trials in each of ``experiments`` experiments (``exp``, or ``exp-0``...), each already holding
+    ``history`` finished ones, run by ``workers`` workers."""
+    import psutil
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HPO_BENCH_SLEEP": str(sleep)}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "hpo_worker", "driver", "--mongo", url, "--exp", exp, "--space", "sgd",
-         "--config", str(CONFIG), "--max-evals", str(trials), "--queue-size", str(4 * workers),
-         "--poll", str(poll)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    exps = [exp] if experiments == 1 else [f"{exp}-{i}" for i in range(experiments)]
+    for name in exps:
+        _prefill(url, name, history)
+    server = psutil.Process(server_pid) if server_pid else None
+    cpu_before = sum(server.cpu_times()[:2]) if server else 0.0
+    drivers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "hpo_worker", "driver", "--mongo", url, "--exp", name, "--space", "sgd",
+             "--config", str(CONFIG), "--max-evals", str(history + trials),
+             "--queue-size", str(max(4 * workers // experiments, 2)), "--poll", str(poll)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for name in exps
+    ]  # fmt: skip
+    serve = exp if experiments == 1 else ""  # several experiments: every worker takes trials of any of them
     procs = [
-        subprocess.Popen([sys.executable, "-m", "benchmarks.hpo_dispatch", "--worker", url, exp], env=env)
+        subprocess.Popen([sys.executable, "-m", "benchmarks.hpo_dispatch", "--worker", url, serve], env=env)
         for _ in range(workers)
     ]
-    _, err = driver.communicate(timeout=600)
-    if driver.returncode != 0:
-        raise RuntimeError(f"driver failed: {err}")
+    for driver in drivers:
+        _, err = driver.communicate(timeout=600)
+        if driver.returncode != 0:
+            raise RuntimeError(f"driver failed: {err}")
     for proc in procs:
         proc.wait(60)
+    server_cpu = sum(server.cpu_times()[:2]) - cpu_before if server else float("nan")
 
     from hpo_worker.store import connect
 
     store = connect(url)
-    docs = store.trial_docs(exp)
+    docs = [d for name in exps for d in store.trial_docs(name) if d["tid"] >= history]
     store.close()
     results = [d["result"] for d in docs if d["result"].get("status") == "ok"]
-    if len(results) != trials:
-        raise RuntimeError(f"{len(results)} of {trials} trials finished")
+    if len(results) != trials * len(exps):
+        raise RuntimeError(f"{len(results)} of {trials * len(exps)} trials finished")
+    trials = len(results)
     gaps: list[float] = []
     by_owner: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
@@ -98,6 +152,9 @@ def _run(url: str, exp: str, workers: int, trials: int, sleep: float, poll: floa
     gaps_ms = sorted(1000 * g for g in gaps)
     return {
         "workers": workers,
+        "experiments": experiments,
+        "history": history,
+        "server_cpu_ms_per_trial": 1000 * server_cpu / trials,
         "trials": trials,
         "gap_median_ms": statistics.median(gaps_ms),
         "gap_p95_ms": gaps_ms[int(0.95 * (len(gaps_ms) - 1))],
@@ -113,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=48, help="trials per worker count (default 48)")
     parser.add_argument("--sleep", type=float, default=0.25, help="seconds the objective sleeps (default 0.25)")
     parser.add_argument("--poll", type=float, default=0.1, help="the driver's --poll (default 0.1)")
+    parser.add_argument("--experiments", type=int, default=1, help="experiments, one driver each (default 1)")
+    parser.add_argument("--history", default="", help="finished trials already stored per experiment, e.g. 0,300")
     parser.add_argument("--worker", nargs=2, metavar=("URL", "EXP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -122,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"# {shlex.join(['python', '-m', 'benchmarks.hpo_dispatch', *(argv or sys.argv[1:])])}")
     print(f"# {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    if args.history:
+        return _history_main(args)
     rows = []
     with tempfile.TemporaryDirectory() as data, EmbeddedServer(data) as server:
         for workers in [int(w) for w in args.workers.split(",")]:
@@ -134,6 +195,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"| {row['workers']} | {row['gap_median_ms']:.1f} | {row['gap_p95_ms']:.1f} | {row['throughput']:.2f} | "
             f"{row['ideal']:.2f} | {row['throughput'] / one:.2f} |"
+        )
+    return 0
+
+
+def _history_main(args: argparse.Namespace) -> int:
+    """One row per history length, each on a fresh server; ratios against the first (shortest) history."""
+    from hpo_worker.server import EmbeddedServer
+
+    workers = int(args.workers.split(",")[-1])
+    rows = []
+    for history in [int(h) for h in args.history.split(",")]:
+        with tempfile.TemporaryDirectory() as data, EmbeddedServer(data) as server:
+            assert server.process is not None
+            rows.append(_run(server.url, f"study-{history}", workers, args.trials, args.sleep, args.poll,
+                             args.experiments, history, server.process.pid))  # fmt: skip
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    first = rows[0]
+    print(f"{args.experiments} experiments (one driver each), {workers} workers, {args.trials} new trials each")
+    print("| finished trials stored | dispatch gap median (ms) | p95 (ms) | trials/s | server CPU per trial (ms) |"
+          " gap vs first | server CPU vs first |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['history']} | {row['gap_median_ms']:.1f} | {row['gap_p95_ms']:.1f} | {row['throughput']:.2f} | "
+            f"{row['server_cpu_ms_per_trial']:.1f} | {row['gap_median_ms'] / first['gap_median_ms']:.2f} | "
+            f"{row['server_cpu_ms_per_trial'] / first['server_cpu_ms_per_trial']:.2f} |"
         )
     return 0
 

@@ -1,10 +1,11 @@
 """The driver: hyperopt's TPE proposes trials, which are queued in the store; it waits for max-evals results.
 
-Each round it reads the experiment's trial documents, builds an in-memory ``hyperopt.Trials`` from them, requeues
-trials whose worker stopped beating (:class:`StaleMonitor`), and tops the queue up to ``queue_size`` new trials
-with ``hyperopt.tpe.suggest``. Trial ids come from an atomic counter in the database, so a restarted driver
-continues the experiment without reusing a tid; the experiment ends when ``max_evals`` trials are done or failed.
-One driver per experiment: it holds a lease on the experiment document (see ``LEASE_S``).
+Each round it brings its copy of the experiment's trials up to date (:class:`ExperimentView`: only the queued and
+running ones are read), requeues trials whose worker stopped beating (:class:`StaleMonitor`), and tops the queue up
+to ``queue_size`` new trials with ``hyperopt.tpe.suggest`` on an in-memory ``hyperopt.Trials``. Trial ids come from
+an atomic counter in the database, so a restarted driver continues the experiment without reusing a tid; the
+experiment ends when ``max_evals`` trials are done or failed. One driver per experiment: it holds a lease on the
+experiment document (see ``LEASE_S``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from hpo_worker.store import (
     utcnow,
 )
 
-__all__ = ["DriverOptions", "StaleMonitor", "build_trials", "make_trial_docs", "run_driver"]
+__all__ = ["DriverOptions", "ExperimentView", "StaleMonitor", "build_trials", "make_trial_docs", "run_driver"]
 
 CMD = ["hpo_worker", "jobs.train"]  # misc.cmd: what runs a trial (a name, never code)
 # A driver renews its lease on the experiment every round; a second driver is refused while the lease is valid.
@@ -148,6 +149,67 @@ class StaleMonitor:
         return changed
 
 
+_FINISHED_STATES = (JOB_STATE_DONE, JOB_STATE_ERROR)
+
+
+def _without_curve(doc: dict[str, Any]) -> dict[str, Any]:
+    """The document less its learning curve (TPE needs the loss; the curve only costs memory and copying)."""
+    result = doc.get("result")
+    if isinstance(result, dict) and "learning_curve" in result:
+        return {**doc, "result": {k: v for k, v in result.items() if k != "learning_curve"}}
+    return doc
+
+
+@dataclass
+class ExperimentView:
+    """The driver's copy of its experiment's trials, kept current by reading only the queued and running ones.
+
+    Reading every trial document each round costs the server O(trials): on nx-27017 about 0.4 ms a document, so
+    120 ms a round at 300 trials, for each driver of a study. Finished trials never change, so the view reads them
+    once: each round it reads the queued and running trials (an indexed query on ``state``) and fetches, by tid,
+    those that left that set since the last round. A full read every ``resync_s`` seconds (and at the start) catches
+    anything changed behind its back.
+    """
+
+    store: TrialStore
+    exp_key: str
+    resync_s: float = 60.0
+    finished: dict[int, dict[str, Any]] = field(default_factory=dict)
+    active: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _synced_at: float | None = None
+
+    def refresh(self) -> None:
+        if self._synced_at is None or time.monotonic() - self._synced_at >= self.resync_s:
+            docs = self.store.trial_docs(self.exp_key, curves=False)
+            self.finished = {d["tid"]: _without_curve(d) for d in docs if d["state"] in _FINISHED_STATES}
+            self.active = {d["tid"]: d for d in docs if d["state"] not in _FINISHED_STATES}
+            self._synced_at = time.monotonic()
+            return
+        current = {d["tid"]: d for d in self.store.active_docs(self.exp_key)}
+        gone = [tid for tid in self.active if tid not in current]
+        for doc in self.store.docs_by_tid(self.exp_key, gone) if gone else []:
+            if doc["state"] in _FINISHED_STATES:
+                self.finished[doc["tid"]] = _without_curve(doc)
+            else:  # it went back in the queue between the two reads
+                current[doc["tid"]] = doc
+        self.active = current
+
+    def added(self, docs: Sequence[dict[str, Any]]) -> None:
+        """Trials this driver just inserted: known at once, so that one that finishes before the next round is
+        fetched when it is seen to have left the queue."""
+        self.active.update((doc["tid"], doc) for doc in docs)
+
+    @property
+    def docs(self) -> list[dict[str, Any]]:
+        return sorted([*self.finished.values(), *self.active.values()], key=lambda d: int(d["tid"]))
+
+    def counts(self) -> dict[int, int]:
+        counts = dict.fromkeys((JOB_STATE_NEW, JOB_STATE_RUNNING, JOB_STATE_DONE, JOB_STATE_ERROR), 0)
+        for doc in [*self.finished.values(), *self.active.values()]:
+            counts[int(doc["state"])] += 1
+        return counts
+
+
 @dataclass
 class DriverOptions:
     exp_key: str
@@ -216,14 +278,15 @@ def _dead_on_this_host(holder: str | None) -> bool:
 
 def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable[[str], None]) -> int:
     monitor = StaleMonitor(store, options.grace_s, options.max_retries, log=say)
+    view = ExperimentView(store, options.exp_key)
     last_line = ""
     while True:
         if not store.renew_driver_lease(options.exp_key, holder, LEASE_S):
             raise StoreError(f"another driver took over experiment {options.exp_key!r}: this one stops")
-        docs = store.trial_docs(options.exp_key, curves=False)
-        if monitor.check(docs):
-            docs = store.trial_docs(options.exp_key, curves=False)
-        counts = {s: sum(1 for d in docs if d["state"] == s) for s in range(4)}
+        view.refresh()
+        if monitor.check(list(view.active.values())):
+            view.refresh()
+        counts = view.counts()
         finished = counts[JOB_STATE_DONE] + counts[JOB_STATE_ERROR]
         line = (
             f"{finished}/{options.max_evals} finished ({counts[JOB_STATE_ERROR]} failed), "
@@ -234,12 +297,13 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
             last_line = line
         if finished >= options.max_evals:
             break
-        wanted = min(options.queue_size - counts[JOB_STATE_NEW], options.max_evals - len(docs))
+        wanted = min(options.queue_size - counts[JOB_STATE_NEW], options.max_evals - sum(counts.values()))
         if wanted > 0:
-            trials = build_trials(docs, options.exp_key)
+            trials = build_trials(view.docs, options.exp_key)
             tids = store.new_tids(options.exp_key, wanted)
             new_docs = make_trial_docs(options.space, options.exp_key, tids, trials, options.seed)
             store.insert_trials(new_docs)
+            view.added(new_docs)
             continue
         time.sleep(options.poll_s)
     store.update_experiment(options.exp_key, {"finished": utcnow()})

@@ -197,6 +197,14 @@ class TrialStore:
         projection = None if curves else {"result.learning_curve": 0}
         return list(self.trials.find({"exp_key": exp_key}, projection).sort("tid", 1))
 
+    def active_docs(self, exp_key: str) -> list[dict[str, Any]]:
+        """The queued and running trials: few and small (no result yet), so a driver can read them every round."""
+        return list(self.trials.find({"exp_key": exp_key, "state": {"$in": [JOB_STATE_NEW, JOB_STATE_RUNNING]}}))
+
+    def docs_by_tid(self, exp_key: str, tids: Sequence[int]) -> list[dict[str, Any]]:
+        """The trials with these tids (in any state)."""
+        return list(self.trials.find({"exp_key": exp_key, "tid": {"$in": list(tids)}}))
+
     def count_states(self, exp_key: str) -> dict[int, int]:
         counts = dict.fromkeys((JOB_STATE_NEW, JOB_STATE_RUNNING, JOB_STATE_DONE, JOB_STATE_ERROR), 0)
         for doc in self.trials.find({"exp_key": exp_key}, {"state": 1}):

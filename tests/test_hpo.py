@@ -19,8 +19,8 @@ from tests.processes import MPI_ENV
 pytest.importorskip("hyperopt")
 pytest.importorskip("nx_27017")
 
-from hpo_worker.driver import build_trials
-from hpo_worker.store import JOB_STATE_DONE, JOB_STATE_NEW, JOB_STATE_RUNNING, mask_url
+from hpo_worker.driver import ExperimentView, build_trials
+from hpo_worker.store import JOB_STATE_DONE, JOB_STATE_NEW, JOB_STATE_RUNNING, connect, mask_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,9 @@ def _check_complete(db: Any, exp: str, n: int) -> list[dict[str, Any]]:
     docs = list(db.jobs.find({"exp_key": exp}))
     tids = [d["tid"] for d in docs]
     assert len(tids) == n and len(set(tids)) == n, tids
-    assert all(d["state"] == JOB_STATE_DONE for d in docs), [(d["tid"], d["state"], d["result"]) for d in docs]
+    not_done = [(d["tid"], d["state"], d["misc"].get("error"), d["result"].get("failure")) for d in docs
+                if d["state"] != JOB_STATE_DONE]  # fmt: skip
+    assert not not_done, not_done
     return docs
 
 
@@ -128,6 +130,45 @@ def test_mask_url() -> None:
         "mongodb://alice:***@db.example:27017/hpo?tls=true"
     )
     assert mask_url("mongodb://db:27017/") == "mongodb://db:27017/"
+
+
+def test_experiment_view_reads_finished_trials_once(mongo: str, db: Any) -> None:
+    """The driver's rounds read only queued and running trials; finished ones are fetched once, when they finish."""
+    curve = [{"kind": "eval", "step": 1, "test_accuracy": 0.5}]
+
+    def trial(tid: int, state: int, loss: float | None = None) -> dict[str, Any]:
+        result = {"status": "ok", "loss": loss, "learning_curve": curve} if loss is not None else {"status": "new"}
+        misc = {"tid": tid, "cmd": None, "workdir": None, "idxs": {"x": [tid]}, "vals": {"x": [0.1 * tid]}}
+        return {"exp_key": "v", "tid": tid, "state": state, "result": result, "misc": misc, "spec": None,
+                "owner": None, "version": 0, "book_time": None, "refresh_time": None}  # fmt: skip
+
+    db.jobs.insert_many([trial(0, JOB_STATE_DONE, 0.5), trial(1, JOB_STATE_RUNNING), trial(2, JOB_STATE_NEW)])
+    db.jobs.insert_one({**trial(0, JOB_STATE_DONE, 0.1), "exp_key": "other"})
+    store = connect(mongo)
+    view = ExperimentView(store, "v", resync_s=3600)
+    view.refresh()
+    assert sorted(view.finished) == [0] and sorted(view.active) == [1, 2]
+    assert "learning_curve" not in view.finished[0]["result"], "TPE needs the loss, not the curve"
+
+    # A finished trial is not read again: a change behind the view's back shows only at the next full read.
+    db.jobs.update_one({"exp_key": "v", "tid": 0}, {"$set": {"result.loss": 0.25}})
+    # Trial 1 finishes; trial 3, inserted by the driver, finishes before the next round without ever being seen queued.
+    db.jobs.update_one({"exp_key": "v", "tid": 1}, {"$set": {"state": JOB_STATE_DONE, "result.loss": 0.75}})
+    db.jobs.insert_one(trial(3, JOB_STATE_DONE, 0.9))
+    view.added([trial(3, JOB_STATE_NEW)])
+    # Trial 2 is taken and given back between rounds: still active.
+    db.jobs.update_one({"exp_key": "v", "tid": 2}, {"$set": {"state": JOB_STATE_RUNNING}})
+    view.refresh()
+    assert sorted(view.finished) == [0, 1, 3] and sorted(view.active) == [2]
+    assert view.finished[0]["result"]["loss"] == 0.5 and view.finished[1]["result"]["loss"] == 0.75
+    assert view.counts() == {JOB_STATE_NEW: 0, JOB_STATE_RUNNING: 1, JOB_STATE_DONE: 3, 3: 0}
+    assert [d["tid"] for d in view.docs] == [0, 1, 2, 3]
+    assert len(build_trials(view.docs, "v").trials) == 4
+
+    view.resync_s = 0.0
+    view.refresh()
+    assert view.finished[0]["result"]["loss"] == 0.25 and sorted(view.active) == [2]
+    store.close()
 
 
 def test_driver_and_three_workers(mongo: str, db: Any, tmp_path: Path) -> None:
