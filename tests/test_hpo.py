@@ -171,6 +171,33 @@ def test_experiment_view_reads_finished_trials_once(mongo: str, db: Any) -> None
     store.close()
 
 
+def test_concurrent_reservations_take_each_trial_once_oldest_first(mongo: str, db: Any) -> None:
+    """Four connections race for 40 queued trials (and 5 of another experiment): each is taken exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    db.jobs.insert_many([{"exp_key": "r", "tid": tid, "state": JOB_STATE_NEW, "version": 0} for tid in range(40)])
+    db.jobs.insert_many([{"exp_key": "other", "tid": tid, "state": JOB_STATE_NEW, "version": 0} for tid in range(5)])
+    connect(mongo).ensure_indexes()
+
+    def drain(owner: str) -> list[int]:
+        store = connect(mongo)
+        taken = []
+        while (doc := store.reserve(owner, "r")) is not None:
+            assert doc["owner"] == owner and doc["state"] == JOB_STATE_RUNNING and doc["attempts"] == 1
+            taken.append(doc["tid"])
+        store.close()
+        return taken
+
+    with ThreadPoolExecutor(4) as pool:
+        taken = list(pool.map(drain, [f"w{i}" for i in range(4)]))
+    everything = sorted(tid for tids in taken for tid in tids)
+    assert everything == list(range(40)), taken
+    assert all(tids == sorted(tids) for tids in taken), "each worker takes the oldest queued trial first"
+    assert db.jobs.count_documents({"exp_key": "other", "state": JOB_STATE_NEW}) == 5
+    anyone = connect(mongo).reserve("w", None)  # without --exp: any experiment's trial
+    assert anyone is not None and anyone["exp_key"] == "other"
+
+
 def test_driver_and_three_workers(mongo: str, db: Any, tmp_path: Path) -> None:
     import hyperopt
 
