@@ -412,7 +412,30 @@ def _plot_all(
     styles = {key: ("-", "-.", "--")[variant_index[key[0]] % 3] for key in series}
     skipped: dict[str, str] = {}
 
-    def save(fig: Any, name: str) -> None:
+    def finish(
+        fig: Any,
+        ax: Any,
+        name: str,
+        drawn: bool,
+        why_not: str,
+        labels: tuple[str, str, str],
+        batch_axis: bool = False,
+        log_y: bool = False,
+        legend: str = "small",
+    ) -> None:
+        """Labels (x, y, title) and saves the plot as ``name``; a plot with nothing drawn is skipped, ``why_not``."""
+        if not drawn:
+            plt.close(fig)
+            skipped[name] = why_not
+            return
+        if batch_axis:
+            ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel(labels[1])
+        ax.set_title(labels[2])
+        ax.legend(fontsize=legend)
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
@@ -434,17 +457,11 @@ def _plot_all(
         fit = _fit_of(fits.get(_series_label(variant, optimizer), {}))
         if fit is not None:
             ax.plot(grid, [float(fit.predict(b)) for b in grid], ":", color=color, linewidth=1.5)
-    if drawn:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("steps to target")
-        ax.set_title("Steps to target (dashed: perfect scaling, dotted: fit)")
-        ax.legend(fontsize="small")
-        save(fig, "steps_to_target.png")
-    else:
-        plt.close(fig)
-        skipped["steps_to_target.png"] = "no run reached the target accuracy"
+    finish(
+        fig, ax, "steps_to_target.png", drawn, "no run reached the target accuracy",
+        ("batch size", "steps to target", "Steps to target (dashed: perfect scaling, dotted: fit)"),
+        batch_axis=True, log_y=True,
+    )  # fmt: skip
 
     def per_batch_plot(name: str, field: str, ylabel: str, title: str, log_y: bool, scale: float = 1.0) -> None:
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -459,18 +476,7 @@ def _plot_all(
                     color=colors[(variant, optimizer)],
                     label=_series_title(variant, optimizer),
                 )
-        if not drawn:
-            plt.close(fig)
-            skipped[name] = f"no best run has a {field}"
-            return
-        ax.set_xscale("log", base=2)
-        if log_y:
-            ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(fontsize="small")
-        save(fig, name)
+        finish(fig, ax, name, drawn, f"no best run has a {field}", ("batch size", ylabel, title), True, log_y)
 
     per_batch_plot("best_lr.png", "lr", "learning rate", "Learning rate of the best run", log_y=True)
     per_batch_plot(
@@ -489,20 +495,13 @@ def _plot_all(
             ax.plot(
                 xs, [100 * y for y in ys], styles[(variant, optimizer)], color=colors[(variant, optimizer)], label=label
             )
-    if drawn:
-        targets = {t for r in runs if (t := _num(r.get("target_accuracy"))) is not None}
-        for t in targets:
-            ax.axhline(100 * t, color="grey", linestyle="--", linewidth=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.set_title("Learning curves of the best runs at the largest batch")
-        ax.legend(fontsize="small")
-        save(fig, "learning_curves.png")
-    else:
-        plt.close(fig)
-        skipped["learning_curves.png"] = (
-            "no evaluation records in the metrics files of the best runs at the largest batch"
-        )
+    for target in {t for r in runs if (t := _num(r.get("target_accuracy"))) is not None}:
+        ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1)
+    finish(
+        fig, ax, "learning_curves.png", drawn,
+        "no evaluation records in the metrics files of the best runs at the largest batch",
+        ("step", "validation accuracy (%)", "Learning curves of the best runs at the largest batch"),
+    )  # fmt: skip
 
     # Noise scale over steps, only for studies that measured it.
     if not any(_num(r.get("noise_scale")) is not None for r in runs):
@@ -525,16 +524,11 @@ def _plot_all(
                         alpha=alpha,
                         label=f"{_series_title(variant, optimizer)}, B={batch}",
                     )
-        if drawn:
-            ax.set_yscale("log")
-            ax.set_xlabel("step")
-            ax.set_ylabel("B_simple = tr(Σ) / |G|²")
-            ax.set_title("Gradient noise scale of the best runs")
-            ax.legend(fontsize="x-small")
-            save(fig, "noise_scale.png")
-        else:
-            plt.close(fig)
-            skipped["noise_scale.png"] = "no positive noise_scale in the step records of the best runs' metrics files"
+        finish(
+            fig, ax, "noise_scale.png", drawn,
+            "no positive noise_scale in the step records of the best runs' metrics files",
+            ("step", "B_simple = tr(Σ) / |G|²", "Gradient noise scale of the best runs"), log_y=True, legend="x-small",
+        )  # fmt: skip
     return skipped
 
 
