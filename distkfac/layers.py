@@ -2,24 +2,37 @@
 
 A helper turns what a layer sees in the forward and backward pass into its two Kronecker factors, and moves the
 layer's gradient in and out of the matrix form ``grad = [dL/dW, dL/db]`` (shape ``g_dim x a_dim``) that the
-preconditioning methods work on. Helpers hold no state of their own beyond the module.
+preconditioning methods work on. Helpers hold no state of their own beyond the module and the factor conventions:
+
+- ``g_scale="example"``: ``g = N * grad_output``, the per-example gradient of a mean-reduced loss over N examples;
+  ``"batch"``: ``g = grad_output`` as autograd gives it (G is N^2 times smaller).
+- ``conv_factors`` (Conv2d only, T output positions per example): ``"mean"`` averages both factors over the N*T
+  rows; ``"kfc"`` (Grosse & Martens 2016) sums A over the positions and averages over the examples,
+  ``A = (1/N) sum_{i,t} a a^T`` (T times ``"mean"``'s), and keeps G as ``"mean"`` has it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+ConvFactors = Literal["mean", "kfc"]
+GScale = Literal["example", "batch"]
+CONV_FACTORS: tuple[str, ...] = ("mean", "kfc")
+G_SCALES: tuple[str, ...] = ("example", "batch")
+
 
 class LayerHelper(ABC):
     """The maths of one layer type. ``a_dim`` includes the bias column; ``g_dim`` is the number of outputs."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, g_scale: GScale = "example") -> None:
         self.module = module
         self.has_bias = getattr(module, "bias", None) is not None
+        self.g_scale = g_scale
 
     @property
     @abstractmethod
@@ -52,12 +65,18 @@ class LayerHelper(ABC):
     def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``A_b = (1/rows) sum a a^T`` over every row of the batch, computed in ``dtype`` (default: x's)."""
         a = self.a_columns(x).to(dtype or x.dtype)
-        return torch.mm(a, a.t()).mul_(1.0 / a.shape[1])
+        return torch.mm(a, a.t()).mul_(self._a_weight(x.shape[0], a.shape[1]))
+
+    def _a_weight(self, batch_size: int, rows: int) -> float:
+        """The weight of each row's ``a a^T`` in ``A_b``: a mean over the rows."""
+        return 1.0 / rows
 
     def g_factor(self, grad_output: torch.Tensor, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``G_b = (1/rows) sum g g^T`` with ``g = N * grad_output`` (N examples, mean-reduced loss)."""
+        """``G_b = (1/rows) sum g g^T``, ``g = N * grad_output`` (``g_scale="example"``) or ``grad_output``."""
         g = self.g_columns(grad_output).to(dtype or grad_output.dtype)
-        return torch.mm(g, g.t()).mul_(batch_size * batch_size / g.shape[1])
+        # One multiplier for both scalings: the per-example gradient is N times the mean loss's, so G gains N^2.
+        example = batch_size * batch_size if self.g_scale == "example" else 1
+        return torch.mm(g, g.t()).mul_(example / g.shape[1])
 
     def has_grad(self) -> bool:
         return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
@@ -116,6 +135,14 @@ class Conv2dHelper(LayerHelper):
 
     module: nn.Conv2d
 
+    def __init__(self, module: nn.Conv2d, *, g_scale: GScale = "example", conv_factors: ConvFactors = "mean") -> None:
+        super().__init__(module, g_scale=g_scale)
+        self.conv_factors = conv_factors
+
+    def _a_weight(self, batch_size: int, rows: int) -> float:
+        # KFC's Omega sums over the T positions of an example and averages over examples: (1/N), not (1/NT).
+        return 1.0 / batch_size if self.conv_factors == "kfc" else 1.0 / rows
+
     @property
     def a_dim(self) -> int:
         m = self.module
@@ -155,10 +182,16 @@ class Conv2dHelper(LayerHelper):
         return grad_output.transpose(0, 1).reshape(self.module.out_channels, -1)
 
 
-def helper_for(module: nn.Module) -> LayerHelper | None:
-    """The helper for a supported layer, or None for layers that keep their plain gradients."""
+def helper_for(
+    module: nn.Module, *, conv_factors: ConvFactors = "mean", g_scale: GScale = "example"
+) -> LayerHelper | None:
+    """The helper for a supported layer, or None for layers that keep their plain gradients.
+
+    ``conv_factors`` concerns Conv2d only: a Linear layer with extra leading input dimensions keeps one row per
+    position and the mean over all rows whatever it says.
+    """
     if isinstance(module, nn.Linear):
-        return LinearHelper(module)
+        return LinearHelper(module, g_scale=g_scale)
     if isinstance(module, nn.Conv2d) and module.groups == 1:
-        return Conv2dHelper(module)
+        return Conv2dHelper(module, g_scale=g_scale, conv_factors=conv_factors)
     return None

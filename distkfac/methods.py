@@ -3,17 +3,34 @@
 Every function works on a batch: ``factors`` is ``k x n x n`` (k equal-sized factors of different layers) and
 ``grads`` is ``k x g_dim x a_dim`` (k layers of one shape), so one call serves many layers.
 
-- ``eigen``: ``F = Q diag(d) Q^T``; ``V = Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T``, the exact solution
-  of ``G V A + damping V = grad``. Damping enters at preconditioning time, so a damping schedule acts every step.
-- ``inverse``: ``(F + sqrt(damping) I)^-1``; ``V = G_inv grad A_inv``. Damping is read when the inverses are made.
+Damping forms (``damping_form``; ``s = sqrt(damping)``):
+
+- ``tikhonov``: ``V = (A (x) G + damping I)^-1 grad``, exact. Eigen only: it is not a product of two factor inverses.
+- ``factored``: ``V = (G + s I)^-1 grad (A + s I)^-1``.
+- ``factored-pi`` (Martens & Grosse 2015, section 6.3): ``V = (G + s/pi I)^-1 grad (A + pi s I)^-1`` with
+  ``pi = sqrt((tr A / dim A) / (tr G / dim G))``; ``pi = 1`` when either trace is 0 (a dead layer), where the ratio
+  means nothing.
+
+Methods:
+
+- ``eigen``: ``F = Q diag(d) Q^T`` (eigenvalues clamped at 0). ``V = Q_G [(Q_G^T grad Q_A) / D] Q_A^T`` with
+  ``D = d_G d_A^T + damping`` (tikhonov), ``(d_G + s)(d_A + s)^T`` (factored) or ``(d_G + s/pi)(d_A + pi s)^T``
+  (factored-pi, the traces being the sums of the clamped eigenvalues). Damping, and so pi's use, enters at
+  preconditioning time, so a damping schedule acts every step.
+- ``inverse``: ``(F + shift I)^-1`` by Cholesky, with the shift of each factor given by the caller (``s``, or
+  ``pi s`` for A and ``s / pi`` for G); ``V = G_inv grad A_inv``. Damping is read when the inverses are made.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Literal
 
 import torch
+
+DampingForm = Literal["tikhonov", "factored", "factored-pi"]
+DAMPING_FORMS: tuple[str, ...] = ("tikhonov", "factored", "factored-pi")
 
 
 def _chain(left: torch.Tensor, middle: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -21,6 +38,16 @@ def _chain(left: torch.Tensor, middle: torch.Tensor, right: torch.Tensor) -> tor
     if middle.shape[0] == 1:
         return torch.mm(torch.mm(left[0], middle[0]), right[0]).unsqueeze(0)
     return torch.matmul(torch.matmul(left, middle), right)
+
+
+def pi_correction(mean_a: torch.Tensor, mean_g: torch.Tensor) -> torch.Tensor:
+    """Martens & Grosse's ``pi = sqrt(mean_a / mean_g)`` from ``tr F / dim F`` of each factor (any shape).
+
+    ``pi = 1`` where either is 0 (or below, from rounding): a dead layer's factor has no scale to balance.
+    """
+    usable = (mean_a > 0) & (mean_g > 0)
+    ratio = mean_a / torch.where(usable, mean_g, torch.ones_like(mean_g))
+    return torch.where(usable, ratio, torch.ones_like(ratio)).sqrt()
 
 
 class DecompositionError(RuntimeError):
@@ -31,10 +58,22 @@ class ComputeMethod(ABC):
     """Decomposes stacked factors into state tensors, and preconditions stacked gradients with them."""
 
     name: str
+    forms: tuple[str, ...]  # the damping forms the method can express
+    default_form: str  # its historical form, used when the caller gives none
+    shifts_at_decomposition: bool  # whether decompose() needs each factor's diagonal shift
+
+    def __init__(self, damping_form: str | None = None) -> None:
+        form = self.default_form if damping_form is None else damping_form
+        if form not in self.forms:
+            raise ValueError(f"distkfac: compute_method={self.name!r} supports damping_form {self.forms}, got {form!r}")
+        self.damping_form = form
 
     @abstractmethod
-    def decompose(self, factors: torch.Tensor, damping: float) -> list[torch.Tensor]:
-        """State tensors for ``k x n x n`` factors, each with the batch dimension first."""
+    def decompose(self, factors: torch.Tensor, shifts: torch.Tensor | None) -> list[torch.Tensor]:
+        """State tensors for ``k x n x n`` factors, each with the batch dimension first.
+
+        ``shifts`` (length k) are the diagonal shifts to bake in, for methods with ``shifts_at_decomposition``.
+        """
 
     @abstractmethod
     def precondition(
@@ -49,8 +88,11 @@ class ComputeMethod(ABC):
 
 class EigenMethod(ComputeMethod):
     name = "eigen"
+    forms = DAMPING_FORMS
+    default_form = "tikhonov"
+    shifts_at_decomposition = False
 
-    def decompose(self, factors: torch.Tensor, damping: float) -> list[torch.Tensor]:
+    def decompose(self, factors: torch.Tensor, shifts: torch.Tensor | None) -> list[torch.Tensor]:
         try:
             eigenvalues, eigenvectors = torch.linalg.eigh(factors)
         except torch.linalg.LinAlgError:
@@ -68,8 +110,19 @@ class EigenMethod(ComputeMethod):
         q_a, d_a = a_state
         q_g, d_g = g_state
         rotated = _chain(q_g.transpose(1, 2), grads, q_a)
-        rotated.div_((d_g.unsqueeze(2) * d_a.unsqueeze(1)).add_(damping))
+        rotated.div_(self._denominators(d_a, d_g, damping))
         return _chain(q_g, rotated, q_a.transpose(1, 2))
+
+    def _denominators(self, d_a: torch.Tensor, d_g: torch.Tensor, damping: float) -> torch.Tensor:
+        """The damped eigenvalues of the preconditioned system, ``k x g_dim x a_dim``."""
+        if self.damping_form == "tikhonov":
+            return (d_g.unsqueeze(2) * d_a.unsqueeze(1)).add_(damping)
+        shift = math.sqrt(damping)
+        if self.damping_form == "factored":
+            return (d_g + shift).unsqueeze(2) * (d_a + shift).unsqueeze(1)
+        # The traces are the eigenvalue sums: pi needs nothing beyond the two decompositions held here.
+        pi = pi_correction(d_a.mean(1), d_g.mean(1)).unsqueeze(1)
+        return (d_g + shift / pi).unsqueeze(2) * (d_a + shift * pi).unsqueeze(1)
 
     def state_shapes(self, n: int) -> list[tuple[int, ...]]:
         return [(n, n), (n,)]
@@ -77,18 +130,23 @@ class EigenMethod(ComputeMethod):
 
 class InverseMethod(ComputeMethod):
     name = "inverse"
+    # tikhonov damps the Kronecker product, and (A (x) G + damping I)^-1 is no product of two factor inverses.
+    forms = ("factored", "factored-pi")
+    default_form = "factored"
+    shifts_at_decomposition = True
 
-    def decompose(self, factors: torch.Tensor, damping: float) -> list[torch.Tensor]:
+    def decompose(self, factors: torch.Tensor, shifts: torch.Tensor | None) -> list[torch.Tensor]:
+        assert shifts is not None, "the inverse method bakes each factor's shift into its inverse"
         n = factors.shape[-1]
-        shift = math.sqrt(damping)
-        damped = factors + shift * torch.eye(n, dtype=factors.dtype, device=factors.device)
+        eye = torch.eye(n, dtype=factors.dtype, device=factors.device)
+        damped = factors + shifts.to(factors.dtype).view(-1, 1, 1) * eye
         # Cholesky is the fast, stable route for a symmetric positive definite matrix.
         chol, info = torch.linalg.cholesky_ex(damped)
         if bool(info.any()):
             damped = damped.double()
             chol, info = torch.linalg.cholesky_ex(damped)
             if bool(info.any()):
-                raise torch.linalg.LinAlgError("factor plus sqrt(damping) I is not positive definite")
+                raise torch.linalg.LinAlgError("factor plus its damping shift is not positive definite")
         # torch's batched cholesky_inverse is several times slower per matrix than its 2-D kernel on CPU.
         inverses = torch.stack([torch.cholesky_inverse(c) for c in chol])
         return [inverses.to(factors.dtype)]

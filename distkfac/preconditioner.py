@@ -1,24 +1,39 @@
 """The K-FAC preconditioner: it orchestrates layer helpers, a compute method and a communicator.
 
-Contract (tested against a dense float64 reference in ``tests/test_contract.py``)
----------------------------------------------------------------------------------
+Contract (tested against a dense float64 reference in ``tests/test_contract.py`` and ``tests/test_conventions.py``)
+-------------------------------------------------------------------------------------------------------------------
 For ``nn.Linear`` with weight ``W`` (out x in) and bias ``b``, and a mean-reduced loss ``L = (1/N) sum_i l_i`` over
 the N examples of a batch:
 
 - ``a_i = [x_i; 1]`` (the 1 only with a bias); ``g_i = dl_i/ds_i``, the per-example gradient at the layer's output,
-  which is N times autograd's ``grad_output``. Inputs with extra leading dimensions give one row per position.
+  which is N times autograd's ``grad_output`` (``g_scale="example"``, the default). ``g_scale="batch"`` takes
+  ``g_i = grad_output`` as it is (the gradient of the mean loss, as kfac-pytorch does), so G is N^2 times
+  smaller and damping and lr become batch-size dependent. Inputs with extra leading dimensions give one row per
+  position (whatever ``conv_factors`` says).
 - ``A_b = (1/N) sum a_i a_i^T``, ``G_b = (1/N) sum g_i g_i^T``. The running factors follow
   ``F <- factor_decay * F + (1 - factor_decay) * F_b`` on factor-update steps; the first update sets ``F = F_b``.
   Several forward/backward passes between two ``step()`` calls (gradient accumulation) contribute the mean of their
   batch factors.
 - ``grad = [dL/dW, dL/db]``, shape ``out x (in+1)``.
-- ``compute_method="eigen"``: ``V`` solves ``G V A + damping V = grad`` exactly,
-  ``V = Q_G [(Q_G^T grad Q_A) / (d_G d_A^T + damping)] Q_A^T``; eigenvalues are clamped at 0.
-- ``compute_method="inverse"``: ``V = (G + sqrt(damping) I)^-1 grad (A + sqrt(damping) I)^-1``.
-- ``nn.Conv2d`` (groups=1): the same over the T output positions of each example (im2col rows), averaged over N*T:
-  ``A_b = (1/NT) sum_{i,t} a_it a_it^T``, ``G_b = (1/NT) sum_{i,t} g_it g_it^T`` with ``g_it = N dL/ds_it``.
+- ``damping_form`` (``s = sqrt(damping)``; None: ``"tikhonov"`` for eigen, ``"factored"`` for inverse):
+  ``"tikhonov"``: ``V = (A (x) G + damping I)^-1 grad``, i.e. ``G V A + damping V = grad``, exactly (eigen only:
+  it is no product of two factor inverses, so inverse + tikhonov is a ValueError).
+  ``"factored"``: ``V = (G + s I)^-1 grad (A + s I)^-1``.
+  ``"factored-pi"`` (Martens & Grosse 2015, 6.3): ``V = (G + s/pi I)^-1 grad (A + pi s I)^-1`` with
+  ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, and ``pi = 1`` when either trace is 0 (a dead layer).
+- ``compute_method="eigen"``: ``V = Q_G [(Q_G^T grad Q_A) / D] Q_A^T``, ``D = d_G d_A^T + damping``,
+  ``(d_G + s)(d_A + s)^T`` or ``(d_G + s/pi)(d_A + pi s)^T``; eigenvalues are clamped at 0 and pi's traces are
+  their sums. Damping is read every step. ``compute_method="inverse"``: Cholesky inverses of the shifted factors,
+  made (with that step's damping) at decomposition steps; for factored-pi each factor's shift needs the other
+  factor's trace, shared between ranks in one small allreduce when they sit on different ranks.
+- ``nn.Conv2d`` (groups=1): the same over the T output positions of each example (im2col rows).
+  ``conv_factors="mean"`` averages both over N*T: ``A_b = (1/NT) sum_{i,t} a_it a_it^T``,
+  ``G_b = (1/NT) sum_{i,t} g_it g_it^T`` with ``g_it = N dL/ds_it``. ``"kfc"`` (Grosse & Martens 2016):
+  ``A_b = (1/N) sum_{i,t} a_it a_it^T`` (T times "mean"'s), G as "mean". With "mean", a conv layer takes T times
+  KFC's step at small damping and sees T times its effective damping.
 - ``kl_clip``: ``nu = min(1, sqrt(kl_clip / (lr^2 * sum over layers of <V, grad>)))``; gradients become ``nu V``.
-  ``kl_clip=None`` leaves ``V``.
+  ``kl_clip=None`` leaves ``V``. ``precond.kl_scale`` reports the last step's nu. While the clip is active the
+  update ``lr * nu * V = sqrt(kl_clip / <V, grad>) * V`` does not depend on lr.
 - ``fisher="mc"``: G comes from a backward pass with labels sampled from the model's own predictive distribution
   (``mc_backward(logits)``), on factor-update steps only; ``"empirical"`` uses the training loss's backward.
 - Step counting: ``step()`` number ``k`` (from 0) updates the factors when ``k % factor_update_steps == 0`` and the
@@ -51,8 +66,8 @@ from torch.utils.hooks import RemovableHandle
 from distkfac.assignment import Strategy, assign_work, grad_workers_for
 from distkfac.comm import Communicator, resolve_communicator
 from distkfac.exchange import DecompositionExchange, FactorExchange, FactorKey, GradientExchange
-from distkfac.layers import LayerHelper, helper_for
-from distkfac.methods import METHODS, ComputeMethod, DecompositionError
+from distkfac.layers import CONV_FACTORS, G_SCALES, ConvFactors, GScale, LayerHelper, helper_for
+from distkfac.methods import DAMPING_FORMS, METHODS, ComputeMethod, DampingForm, DecompositionError, pi_correction
 
 Hyperparameter = float | Callable[[int], float]
 
@@ -92,6 +107,25 @@ def _check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"distkfac: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _damping_form(compute_method: str, damping_form: str | None) -> str:
+    """The damping form to use: the method's historical one when None, checked against what the method can do."""
+    if damping_form is None:
+        return METHODS[compute_method].default_form
+    _check_choice("damping_form", damping_form, DAMPING_FORMS)
+    if damping_form not in METHODS[compute_method].forms:
+        raise ValueError(
+            f"distkfac: damping_form={damping_form!r} cannot be used with compute_method={compute_method!r}: "
+            "(A (x) G + damping I)^-1 is no product of two factor inverses. Use compute_method='eigen' for it, "
+            f"or one of {METHODS[compute_method].forms} with {compute_method!r}"
+        )
+    return damping_form
+
+
 def _check_decay(name: str, value: float) -> float:
     if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
         raise ValueError(
@@ -107,6 +141,9 @@ class KFACPreconditioner:
 
         precond = KFACPreconditioner(model, lr=0.1)
         loss.backward(); precond.step(); optimizer.step()
+
+    ``damping_form``, ``conv_factors`` and ``g_scale`` select the K-FAC conventions (module docstring; docs/kfac.md,
+    "Conventions"); their defaults keep the historical behaviour. ``kl_scale`` reports the last step's KL clip.
     """
 
     def __init__(
@@ -120,6 +157,9 @@ class KFACPreconditioner:
         kl_clip: Hyperparameter | None = 1e-3,
         lr: Hyperparameter = 0.1,
         compute_method: Literal["eigen", "inverse"] = "eigen",
+        damping_form: DampingForm | None = None,
+        conv_factors: ConvFactors = "mean",
+        g_scale: GScale = "example",
         fisher: Literal["empirical", "mc"] = "empirical",
         skip_layers: Iterable[str | type[nn.Module]] = (),
         factor_dtype: torch.dtype | None = None,
@@ -136,6 +176,11 @@ class KFACPreconditioner:
     ) -> None:
         if compute_method not in METHODS:
             raise ValueError(f"distkfac: compute_method must be one of {sorted(METHODS)}, got {compute_method!r}")
+        self.damping_form = _damping_form(compute_method, damping_form)
+        _check_choice("conv_factors", conv_factors, CONV_FACTORS)
+        _check_choice("g_scale", g_scale, G_SCALES)
+        self.conv_factors = conv_factors
+        self.g_scale = g_scale
         if fisher not in ("empirical", "mc"):
             raise ValueError(f"distkfac: fisher must be 'empirical' or 'mc', got {fisher!r}")
         for name, steps in (("factor_update_steps", factor_update_steps), ("inv_update_steps", inv_update_steps)):
@@ -171,12 +216,13 @@ class KFACPreconditioner:
         _check_positive("bucket_cap_mb", bucket_cap_mb)
 
         self.comm: Communicator = resolve_communicator(comm)
-        self._method: ComputeMethod = METHODS[compute_method]()
+        self._method: ComputeMethod = METHODS[compute_method](self.damping_form)
         self._steps = 0
+        self._kl_scale: torch.Tensor | None = None  # the last step's nu, kept on the device (no host sync in step)
         self._sampling = False
         self._paused = False
 
-        self._layers = self._find_layers(model, tuple(skip_layers))
+        self._layers = self._find_layers(model, tuple(skip_layers), conv_factors, g_scale)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.strategy = strategy
         grad_workers = grad_workers_for(strategy, grad_worker_fraction, self.comm.world_size)
@@ -223,7 +269,9 @@ class KFACPreconditioner:
     # ------------------------------------------------------------------ set-up
 
     @staticmethod
-    def _find_layers(model: nn.Module, skip: tuple[str | type[nn.Module], ...]) -> list[_Layer]:
+    def _find_layers(
+        model: nn.Module, skip: tuple[str | type[nn.Module], ...], conv_factors: ConvFactors, g_scale: GScale
+    ) -> list[_Layer]:
         named = dict(model.named_modules())
         class_names = {type(m).__name__ for m in named.values()}
         for entry in skip:
@@ -245,7 +293,7 @@ class KFACPreconditioner:
 
         layers: list[_Layer] = []
         for name, module in named.items():
-            helper = helper_for(module)
+            helper = helper_for(module, conv_factors=conv_factors, g_scale=g_scale)
             if helper is not None and not skipped(name, module) and helper.weight.requires_grad:
                 layers.append(_Layer(name=name, helper=helper, index=len(layers)))
         if not layers:
@@ -259,9 +307,9 @@ class KFACPreconditioner:
         """Every rank must build the same layers and settings; a mismatch would pair up the wrong buffers."""
         layers = [(layer.name, layer.helper.a_dim, layer.helper.g_dim) for layer in self._layers]
         devices = {(layer.helper.weight.device, self._compute_dtype(layer.helper)) for layer in self._layers}
-        description = repr(
-            (layers, self.compute_method, self.factor_update_steps, self.inv_update_steps, self.fisher, settings)
-        )
+        conventions = (self.damping_form, self.conv_factors, self.g_scale)
+        steps = (self.factor_update_steps, self.inv_update_steps)
+        description = repr((layers, self.compute_method, conventions, steps, self.fisher, settings))
         digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:8], "little", signed=True)
         # Gathered before anything is raised, so that every rank raises rather than one raising and the rest waiting.
         everyone = self.comm.allgather_ints([digest, len(layers), len(devices)])
@@ -413,6 +461,19 @@ class KFACPreconditioner:
         """How many times ``step()`` has run."""
         return self._steps
 
+    @property
+    def kl_scale(self) -> float | None:
+        """The KL clip's factor ``nu`` of the last ``step()``: 1.0 = not clipped, < 1 = clipped.
+
+        None with ``kl_clip=None``, and before this object's first step. ``nu = min(1, sqrt(kl_clip / (lr^2
+        <V, grad>)))``, so a clipped update is ``lr * nu * V = sqrt(kl_clip / <V, grad>) * V``: while the clip is
+        active the learning rate has no effect on the step. Reading it synchronises with the device (``.item()``);
+        ``step()`` itself does not.
+        """
+        if self.kl_clip is None or self._kl_scale is None:
+            return None
+        return float(self._kl_scale.item())
+
     def step(self) -> None:
         """Precondition the gradients of every supported layer in place (after backward, before the optimizer).
 
@@ -525,11 +586,12 @@ class KFACPreconditioner:
             stacks[key] = torch.stack([self._factor(index, kind).to(key[2]) for index, kind in members])
             finite.append(torch.isfinite(stacks[key]).flatten(1).all(1))
         self._check_finite(step, list(by_size.values()), finite)
+        shifts = self._shifts(damping, by_size, stacks) if self._method.shifts_at_decomposition else {}
 
         mine: dict[FactorKey, list[torch.Tensor]] = {}
         for key, members in by_size.items():
             try:
-                decomposed = self._method.decompose(stacks[key], damping)
+                decomposed = self._method.decompose(stacks[key], shifts.get(key))
             except torch.linalg.LinAlgError as error:
                 names = ", ".join(f"{self._layers[i].name}.{'AG'[kind]}" for i, kind in members)
                 raise DecompositionError(
@@ -553,6 +615,40 @@ class KFACPreconditioner:
                 dst[layer.slot].copy_(src)
         for layer in self._layers:
             layer.decomposed = layer.decomposed or layer.index in ready
+
+    def _shifts(
+        self, damping: float, by_size: Mapping[Any, list[FactorKey]], stacks: Mapping[Any, torch.Tensor]
+    ) -> dict[Any, torch.Tensor]:
+        """Each stacked factor's diagonal shift: ``s = sqrt(damping)``, or ``pi s`` for A and ``s / pi`` for G."""
+        shift = math.sqrt(damping)
+        if self.damping_form != "factored-pi":
+            return {key: torch.full((len(m),), shift, dtype=torch.float64, device=key[1]) for key, m in by_size.items()}
+        means = self._factor_means(by_size, stacks)
+        pi = pi_correction(means[0::2], means[1::2])  # per layer
+        out = {}
+        for key, members in by_size.items():
+            layers = torch.tensor([index for index, _ in members], device=pi.device)
+            is_a = torch.tensor([kind == 0 for _, kind in members], device=pi.device)
+            chosen = pi[layers]
+            out[key] = torch.where(is_a, shift * chosen, shift / chosen).to(key[1])
+        return out
+
+    def _factor_means(self, by_size: Mapping[Any, list[FactorKey]], stacks: Mapping[Any, torch.Tensor]) -> torch.Tensor:
+        """``tr F / dim F`` of every factor, at ``2 * layer + kind``, on every rank.
+
+        A layer's A and G may be decomposed by different ranks, and factored-pi shifts each by the other's trace.
+        Each factor has exactly one owner, which fills in its value; one allreduce of the 2 x layers vector (through
+        the communicator, like the finiteness check) gives every rank all of them, with no host synchronisation.
+        """
+        device = self._layers[0].helper.weight.device  # NCCL needs the values on the GPU
+        means = torch.zeros(2 * len(self._layers), dtype=torch.float64, device=device)
+        for key, members in by_size.items():
+            positions = torch.tensor([2 * index + kind for index, kind in members], device=device)
+            diagonal_mean = stacks[key].diagonal(dim1=1, dim2=2).to(torch.float64).mean(1)
+            means[positions] = diagonal_mean.to(device)
+        if self.comm.world_size > 1:
+            self.comm.allreduce_sum(means, "factor traces").wait()
+        return means
 
     def _check_finite(self, step: int, members: list[list[FactorKey]], finite: list[torch.Tensor]) -> None:
         """Raise on every rank if any rank's factors hold NaN or Inf: one small allreduce, one host sync."""
@@ -607,6 +703,7 @@ class KFACPreconditioner:
             # No host synchronisation: nu stays a tensor. <V, grad> >= 0 up to rounding; 0 means nu = 1. Summed in
             # layer order, so every rank computes the same nu from the same values.
             scale = torch.sqrt(kl_clip / (lr * lr * vg.sum().clamp(min=0.0))).clamp(max=1.0)
+        self._kl_scale = scale
         for index in sorted(directions):
             self._layers[index].helper.write_grad(directions[index], scale)
 
@@ -634,6 +731,7 @@ class KFACPreconditioner:
         return {
             "steps": self._steps,
             "compute_method": self.compute_method,
+            "conventions": self._conventions(),
             "rank": self.comm.rank,
             "world_size": self.comm.world_size,
             "grad_workers": len(self.assignment.worker_groups[0]),
@@ -648,6 +746,17 @@ class KFACPreconditioner:
             raise ValueError(
                 f"distkfac: the checkpoint was made with compute_method={state['compute_method']!r}, this "
                 f"preconditioner uses {self.compute_method!r}; construct it with the checkpoint's method"
+            )
+        # Checkpoints from before the conventions were selectable were made with the defaults.
+        historic = {"damping_form": self._method.default_form, "conv_factors": "mean", "g_scale": "example"}
+        saved_conventions = state.get("conventions", historic)
+        # The factors are made under conv_factors and g_scale; the inverse method's decompositions also under
+        # damping_form (its shifts are baked in), while eigen's do not depend on it, so eigen may change it.
+        relevant = [k for k in historic if k != "damping_form" or self._method.shifts_at_decomposition]
+        if any(saved_conventions.get(k) != self._conventions()[k] for k in relevant):
+            raise ValueError(
+                f"distkfac: the checkpoint was made with {saved_conventions}, this preconditioner uses "
+                f"{self._conventions()}; construct it with the checkpoint's settings"
             )
         layout = (state.get("rank", 0), state.get("world_size", 1), state.get("grad_workers", 1))
         ours = (self.comm.rank, self.comm.world_size, len(self.assignment.worker_groups[0]))
@@ -688,8 +797,12 @@ class KFACPreconditioner:
             layer.a_batch = layer.g_batch = None
             layer.a_passes = layer.g_passes = 0
         self._steps = int(state["steps"])
+        self._kl_scale = None
 
     # ------------------------------------------------------------------ misc
+
+    def _conventions(self) -> dict[str, str]:
+        return {"damping_form": self.damping_form, "conv_factors": self.conv_factors, "g_scale": self.g_scale}
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank keeps for K-FAC: running factors, and decompositions with their gradient stacks."""
@@ -720,5 +833,6 @@ class KFACPreconditioner:
     def __repr__(self) -> str:
         return (
             f"KFACPreconditioner(layers={len(self._layers)}, compute_method={self.compute_method!r}, "
+            f"damping_form={self.damping_form!r}, conv_factors={self.conv_factors!r}, g_scale={self.g_scale!r}, "
             f"fisher={self.fisher!r}, steps={self._steps})"
         )

@@ -35,6 +35,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "comm-opt-accumulate": {"strategy": "comm-opt", "passes": 2, "bucket_cap_mb": 0.01},
     # Factors travel in float16: not equivalent to float64, but every rank must still apply the same update.
     "mem-opt-fp16-comm": {"strategy": "mem-opt", "comm_dtype": torch.float16, "ddp": True},
+    # factored-pi shifts each factor by the other's trace; comm-opt puts some layer's A and G on different ranks.
+    "comm-opt-inverse-factored-pi": {
+        "strategy": "comm-opt",
+        "compute_method": "inverse",
+        "damping_form": "factored-pi",
+    },
     # The KAISA-like baseline of the benchmark: full factors allreduced to every rank.
     "hybrid-allreduce-baseline": {
         "strategy": "hybrid",
@@ -44,7 +50,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "overlap_comm": False,
     },
 }
-EXACT = ["comm-opt", "mem-opt", "hybrid", "comm-opt-accumulate", "hybrid-allreduce-baseline"]
+EXACT = [
+    "comm-opt",
+    "mem-opt",
+    "hybrid",
+    "comm-opt-accumulate",
+    "hybrid-allreduce-baseline",
+    "comm-opt-inverse-factored-pi",
+]
 HOROVOD_CONFIGS = ["comm-opt", "mem-opt", "hybrid", "comm-opt-accumulate", "mem-opt-fp16-comm"]
 
 

@@ -2,7 +2,8 @@
 
 It runs the model functionally (F.linear / F.conv2d, so no module hooks fire), takes per-example output gradients
 from a sum-reduced loss, builds im2col rows by explicit slicing, and solves the preconditioning systems as dense
-Kronecker products with torch.linalg.solve.
+Kronecker products with torch.linalg.solve. Every convention of the contract (damping_form, conv_factors, g_scale)
+is written out here from its formula, not taken from distkfac.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class LayerStats:
     a: torch.Tensor  # (N, T, a_dim) rows, T = 1 for Linear
     g: torch.Tensor  # (N, T, out) per-example output gradients dl_i/ds
     grad: torch.Tensor  # out x a_dim gradient of the mean loss
+    conv: bool = False
 
 
 def per_example_stats(
@@ -94,34 +96,53 @@ def per_example_stats(
             g_rows = g.detach().unsqueeze(1)
         if module.bias is not None:
             a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], dim=2)
-        stats.append(LayerStats(a=a, g=g_rows, grad=grad))
+        stats.append(LayerStats(a=a, g=g_rows, grad=grad, conv=isinstance(module, nn.Conv2d)))
     return stats
 
 
-def batch_factors(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_b and G_b as explicit averages over all N*T rows."""
+def batch_factors(
+    stats: LayerStats, conv_factors: str = "mean", g_scale: str = "example"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_b and G_b as explicit sums over all N*T rows.
+
+    conv_factors="mean": both are means over the N*T rows. "kfc" (conv layers only): A is summed over the T
+    positions of each example and averaged over the N examples. g_scale="batch": G is built from the gradient of
+    the mean loss, dL/ds = g_i / N, instead of the per-example g_i.
+    """
     n, t = stats.a.shape[:2]
-    a_b = sum(torch.outer(stats.a[i, p], stats.a[i, p]) for i in range(n) for p in range(t)) / (n * t)
-    g_b = sum(torch.outer(stats.g[i, p], stats.g[i, p]) for i in range(n) for p in range(t)) / (n * t)
-    assert isinstance(a_b, torch.Tensor) and isinstance(g_b, torch.Tensor)
+    a_sum = sum(torch.outer(stats.a[i, p], stats.a[i, p]) for i in range(n) for p in range(t))
+    g_sum = sum(torch.outer(stats.g[i, p], stats.g[i, p]) for i in range(n) for p in range(t))
+    assert isinstance(a_sum, torch.Tensor) and isinstance(g_sum, torch.Tensor)
+    a_b = a_sum / n if (stats.conv and conv_factors == "kfc") else a_sum / (n * t)
+    g_b = g_sum / (n * t)
+    if g_scale == "batch":
+        g_b = g_b / (n * n)  # (g_i / N)(g_i / N)^T
     return a_b, g_b
 
 
-def solve_eigen(grad: torch.Tensor, a: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
-    """V with G V A + damping V = grad, from the dense system (A^T kron G + damping I) vec(V) = vec(grad)."""
+def pi_of(a: torch.Tensor, g: torch.Tensor) -> float:
+    """Martens & Grosse's pi = sqrt((tr A / dim A) / (tr G / dim G)); 1 when either trace is 0."""
+    mean_a, mean_g = float(torch.trace(a)) / a.shape[0], float(torch.trace(g)) / g.shape[0]
+    return math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
+
+
+def solve(grad: torch.Tensor, a: torch.Tensor, g: torch.Tensor, damping: float, form: str) -> torch.Tensor:
+    """V from one dense linear system over vec(V) (columns stacked): vec(G V A) = (A^T kron G) vec(V).
+
+    tikhonov: (A^T kron G + damping I) vec(V) = vec(grad). factored / factored-pi:
+    ((A + s_A I)^T kron (G + s_G I)) vec(V) = vec(grad), with s_A = s_G = sqrt(damping), or pi sqrt(damping) and
+    sqrt(damping) / pi.
+    """
     out, cols = grad.shape
-    system = torch.kron(a.t().contiguous(), g) + damping * torch.eye(out * cols, dtype=grad.dtype)
+    eye_a, eye_g = torch.eye(cols, dtype=grad.dtype), torch.eye(out, dtype=grad.dtype)
+    if form == "tikhonov":
+        system = torch.kron(a.t().contiguous(), g) + damping * torch.eye(out * cols, dtype=grad.dtype)
+    else:
+        pi = pi_of(a, g) if form == "factored-pi" else 1.0
+        shift = math.sqrt(damping)
+        system = torch.kron((a + pi * shift * eye_a).t().contiguous(), g + shift / pi * eye_g)
     vec = torch.linalg.solve(system, grad.t().reshape(-1))
     return vec.reshape(cols, out).t()
-
-
-def solve_inverse(grad: torch.Tensor, a: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
-    """V = (G + sqrt(d) I)^-1 grad (A + sqrt(d) I)^-1, as two dense solves."""
-    shift = math.sqrt(damping)
-    g_damped = g + shift * torch.eye(g.shape[0], dtype=g.dtype)
-    a_damped = a + shift * torch.eye(a.shape[0], dtype=a.dtype)
-    left = torch.linalg.solve(g_damped, grad)
-    return torch.linalg.solve(a_damped.t(), left.t()).t()
 
 
 @dataclass
@@ -133,14 +154,24 @@ class ReferenceKFAC:
     kl_clip: float | None
     lr: float
     compute_method: str
+    damping_form: str | None = None  # None: tikhonov for eigen, factored for inverse
+    conv_factors: str = "mean"
+    g_scale: str = "example"
     steps: int = 0
     factors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     snapshot: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    snapshot_damping: float = 0.0
     last_nu: float = 1.0
+
+    @property
+    def form(self) -> str:
+        if self.damping_form is not None:
+            return self.damping_form
+        return "tikhonov" if self.compute_method == "eigen" else "factored"
 
     def step(self, stats: list[LayerStats]) -> list[torch.Tensor]:
         if self.steps % self.factor_update_steps == 0:
-            new = [batch_factors(s) for s in stats]
+            new = [batch_factors(s, self.conv_factors, self.g_scale) for s in stats]
             if not self.factors:
                 self.factors = new
             else:
@@ -151,8 +182,10 @@ class ReferenceKFAC:
                 ]
         if self.steps % self.inv_update_steps == 0:
             self.snapshot = [(a.clone(), g.clone()) for a, g in self.factors]
-        solve = solve_eigen if self.compute_method == "eigen" else solve_inverse
-        vs = [solve(s.grad, a, g, self.damping) for s, (a, g) in zip(stats, self.snapshot, strict=True)]
+            self.snapshot_damping = self.damping
+        # eigen damps when it preconditions (every step); inverse bakes the damping into its inverses.
+        damping = self.damping if self.compute_method == "eigen" else self.snapshot_damping
+        vs = [solve(s.grad, a, g, damping, self.form) for s, (a, g) in zip(stats, self.snapshot, strict=True)]
         if self.kl_clip is not None:
             vg = sum(float((v * s.grad).sum()) for v, s in zip(vs, stats, strict=True))
             self.last_nu = min(1.0, math.sqrt(self.kl_clip / (self.lr**2 * vg)))

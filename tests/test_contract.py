@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -48,23 +49,34 @@ def batch(model: nn.Sequential, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(shape, generator=gen), torch.randint(0, 3, (N,), generator=gen)
 
 
+StepCheck = Callable[[int, KFACPreconditioner, ReferenceKFAC], None]
+
+
 def run_against_reference(
-    make_model: Callable[[], nn.Sequential], steps: int, **options: float | int | str | None
+    make_model: Callable[[], nn.Sequential], steps: int, on_step: StepCheck | None = None, **options: Any
 ) -> ReferenceKFAC:
+    """Train ``steps`` steps with ``KFACPreconditioner(model, **options)`` and compare every gradient it writes with
+    the dense reference given the same options. A callable ``damping`` is a schedule; ``on_step`` runs after each
+    step's comparison."""
     torch.manual_seed(0)
     model = make_model()
-    precond = KFACPreconditioner(model, **options)  # type: ignore[arg-type]
+    precond = KFACPreconditioner(model, **options)
+    damping = options.get("damping", 1e-3)
     reference = ReferenceKFAC(
-        damping=float(options.get("damping", 1e-3)),  # type: ignore[arg-type]
-        factor_decay=float(options.get("factor_decay", 0.95)),  # type: ignore[arg-type]
-        factor_update_steps=int(options.get("factor_update_steps", 1)),  # type: ignore[arg-type]
-        inv_update_steps=int(options.get("inv_update_steps", 10)),  # type: ignore[arg-type]
-        kl_clip=options.get("kl_clip", 1e-3),  # type: ignore[arg-type]
-        lr=float(options.get("lr", 0.1)),  # type: ignore[arg-type]
+        damping=0.0,  # set each step below, from the schedule when there is one
+        factor_decay=float(options.get("factor_decay", 0.95)),
+        factor_update_steps=int(options.get("factor_update_steps", 1)),
+        inv_update_steps=int(options.get("inv_update_steps", 10)),
+        kl_clip=options.get("kl_clip", 1e-3),
+        lr=float(options.get("lr", 0.1)),
         compute_method=str(options.get("compute_method", "eigen")),
+        damping_form=options.get("damping_form"),
+        conv_factors=str(options.get("conv_factors", "mean")),
+        g_scale=str(options.get("g_scale", "example")),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(steps):
+        reference.damping = float(damping(step) if callable(damping) else damping)
         x, y = batch(model, step)
         expected = reference.step(per_example_stats(model, x, y))
         optimizer.zero_grad()
@@ -72,6 +84,8 @@ def run_against_reference(
         precond.step()
         for layer, (got, want) in enumerate(zip(layer_grads(model), expected, strict=True)):
             torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11, msg=f"step {step}, layer {layer}")
+        if on_step is not None:
+            on_step(step, precond, reference)
         optimizer.step()
     return reference
 
