@@ -64,7 +64,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=OBJECTIVES,
         default="test_loss",
         help="what TPE minimises: test_loss, test_error (1 - test accuracy), train_error (1 - train accuracy), "
-        "steps_to_target (fraction of the step budget to reach run.target_accuracy; misses rank last)",
+        "steps_to_target (fraction of the step budget to reach run.target_accuracy; misses rank last), "
+        "best_test_error (1 - the best test accuracy over the run's evaluations: a fixed budget, no early stop)",
     )
     driver.add_argument("--poll", type=float, default=0.5, help="seconds between rounds (default 0.5)")
 

@@ -21,6 +21,11 @@ Custom space file (TOML)::
     [params."optim.milestones"]
     dist = "choice"
     options = [[30], [30, 60]]
+    [params."optim.betas"]                # index = i: one position of a list key; the others from [fixed]
+    dist = "uniform"
+    low = 0.8
+    high = 0.95
+    index = 0
 
 Integer config fields (``kfac.inv_update_steps``, ``optim.milestones``...) get rounded ints, since hyperopt's
 quantized distributions return floats; a scalar sampled for a list field becomes a one-element list.
@@ -48,7 +53,7 @@ __all__ = ["DISTRIBUTIONS", "ParamSpec", "SearchSpace", "load_space", "space_nam
 
 DISTRIBUTIONS: Final = ("uniform", "loguniform", "quniform", "qloguniform", "choice")
 _LOG_DISTRIBUTIONS: Final = frozenset({"loguniform", "qloguniform"})
-_PARAM_KEYS: Final = frozenset({"dist", "low", "high", "q", "options"})
+_PARAM_KEYS: Final = frozenset({"dist", "low", "high", "q", "options", "index"})
 
 
 def _config_field_types() -> dict[str, Any]:
@@ -175,6 +180,9 @@ class SearchSpace:
             else:
                 list_parts.setdefault(param.config_key, {})[param.list_index] = value
         for key, parts in list_parts.items():
+            fixed_list = self.fixed.get(key)
+            if isinstance(fixed_list, list | tuple):  # searched positions replace those of a fixed list
+                parts = {**dict(enumerate(plain_value(v) for v in fixed_list)), **parts}
             if sorted(parts) != list(range(len(parts))):  # a list key must be filled from index 0 without gaps
                 raise ValueError(f"space {self.name!r}: {key} gets list positions {sorted(parts)}, not 0..n-1")
             settings[key] = [parts[i] for i in range(len(parts))]
@@ -329,7 +337,7 @@ def _param_from_table(where: str, label: str, table: Any) -> ParamSpec:
         options = table.get("options")
         if not isinstance(options, list) or not options:
             raise ValueError(f"{where}: dist = 'choice' needs options = [...] (a non-empty list)")
-        return ParamSpec(label, dist, label, options=tuple(options))
+        return ParamSpec(label, dist, label, options=tuple(options), list_index=_list_index(where, table))
     low, high = _number(where, table, "low"), _number(where, table, "high")
     if not low < high:
         raise ValueError(f"{where}: low must be below high, got low = {low}, high = {high}")
@@ -340,7 +348,16 @@ def _param_from_table(where: str, label: str, table: Any) -> ParamSpec:
         q = _number(where, table, "q")
         if q <= 0:
             raise ValueError(f"{where}: q must be > 0, got {q}")
-    return ParamSpec(label, dist, label, low=low, high=high, q=q)
+    return ParamSpec(label, dist, label, low=low, high=high, q=q, list_index=_list_index(where, table))
+
+
+def _list_index(where: str, table: Mapping[str, Any]) -> int | None:
+    """``index = i``: the parameter is position i of a list key (e.g. beta1 of ``optim.betas``); the other
+    positions come from ``[fixed]``."""
+    index = table.get("index")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+        raise ValueError(f"{where}: index must be a list position >= 0, got {index!r}")
+    return index
 
 
 def _load_space_file(path: Path) -> SearchSpace:
@@ -370,7 +387,8 @@ def _load_space_file(path: Path) -> SearchSpace:
     for key, value in fixed.items():
         _check_config_key(f"{path}: [fixed]", key)
         toml_value(value)  # fails early on values that cannot become overrides
-    both = sorted(set(fixed) & set(params_flat))
+    # A list key may be fixed and have some positions searched (index = i); anything else is set twice.
+    both = sorted(set(fixed) & {p.label for p in params if p.list_index is None})
     if both:
         raise ValueError(f"search space file {path}: {', '.join(both)} both fixed and searched")
     return SearchSpace(name, params, fixed, source=str(path))

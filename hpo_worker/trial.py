@@ -32,11 +32,12 @@ __all__ = ["LAUNCHERS", "OBJECTIVES", "TrialLaunch", "learning_curve", "objectiv
 LAUNCHERS = ("none", "srun", "mpirun", "torchrun")
 STOP_GRACE_S = 10.0  # how long the ranks get to exit after SIGTERM before SIGKILL
 STDERR_TAIL = 2000  # characters of a failed run's stderr kept in the trial's failure message
-OBJECTIVES = ("test_loss", "test_error", "train_error", "steps_to_target")
+OBJECTIVES = ("test_loss", "test_error", "train_error", "steps_to_target", "best_test_error")
 # What a trial's result keeps of the run's summary.json (besides loss, status, learning curve and out_dir).
 SUMMARY_KEYS = (
     "test_loss", "test_accuracy", "train_loss", "train_accuracy", "steps", "total_steps", "seconds",
     "target_accuracy", "reached_target", "steps_to_target", "examples_to_target", "noise_scale",
+    "best_test_accuracy", "best_test_step", "kl_clipped_fraction",
 )  # fmt: skip
 
 
@@ -100,6 +101,11 @@ def objective_value(summary: Mapping[str, Any], objective: str) -> float:
         if summary.get("train_accuracy") is None:
             raise ValueError("the run did not evaluate its training accuracy (run.train_eval_examples)")
         return 1.0 - float(summary["train_accuracy"])
+    if objective == "best_test_error":
+        # A fixed-budget study's measure: the run trains its whole budget and is ranked by its best evaluation.
+        if summary.get("best_test_accuracy") is None:
+            raise ValueError("the run recorded no evaluation of the test split (run.eval_every or eval_every_steps)")
+        return 1.0 - float(summary["best_test_accuracy"])
     if objective == "steps_to_target":
         target = summary.get("target_accuracy")
         if not target:

@@ -5,8 +5,8 @@ A config file has up to five tables; every key is optional and falls back to the
     [model]  name, hidden, activation, residual (mlp); activation (lenet5); depth, width (resnet)
     [data]   name, path, format, cache_dir, batch_size (global), eval_batch_size, train_examples,
              test_examples, normalize, augment, synthetic_*
-    [optim]  name, lr, momentum, nesterov, weight_decay, betas, eps, schedule, milestones, gamma, end_lr, end_factor,
-             warmup_steps, warmup_epochs, base_batch_size
+    [optim]  name, lr, momentum, momentum_form, nesterov, weight_decay, betas, eps, schedule, milestones, decay_every,
+             gamma, end_lr, end_factor, warmup_steps, warmup_epochs, base_batch_size
     [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac")
     [run]    out_dir, epochs or steps, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
              log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic,
@@ -60,6 +60,10 @@ DATASET_NAMES: Final = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 CIFAR_FORMATS: Final = ("auto", "python", "folder")
 OPTIMIZER_NAMES: Final = ("sgd", "adam", "adamw", "kfac")
 SCHEDULE_NAMES: Final = ("constant", "step", "linear")
+MOMENTUM_FORMS: Final = ("torch", "chainer")
+DAMPING_FORMS: Final = ("", "tikhonov", "factored", "factored-pi")
+CONV_FACTORS: Final = ("mean", "kfc")
+G_SCALES: Final = ("example", "batch")
 DTYPE_NAMES: Final = ("", "float32", "float64", "bfloat16", "float16")
 BACKENDS: Final = ("auto", "gloo", "nccl", "horovod", "single")
 
@@ -103,12 +107,16 @@ class OptimConfig:
     name: str = "sgd"  # sgd | adam | adamw | kfac (K-FAC preconditioning + momentum SGD)
     lr: float = 0.1  # base learning rate (before the linear scaling rule)
     momentum: float = 0.9  # sgd, kfac
+    # sgd, kfac: "torch" (v = mu v + g; w -= lr v) or "chainer" (v = mu v - lr g; w += v, Chainer's MomentumSGD);
+    # they differ only while the learning rate changes.
+    momentum_form: str = "torch"
     nesterov: bool = False  # sgd, kfac
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     eps: float = 1e-8  # adam, adamw
     schedule: str = "constant"  # constant | step | linear
     milestones: list[int] = field(default_factory=list)  # step: epochs at which the lr is multiplied by gamma
+    decay_every: int = 0  # step: multiply by gamma every N epochs instead (Chainer's ExponentialShift idiom)
     gamma: float = 0.1  # step
     end_lr: float = 0.0  # linear: the lr the decay heads for (reached one step after the last; see optim.py)
     end_factor: float = 0.0  # linear: when > 0, the decay heads for end_factor x the peak lr instead of end_lr
@@ -123,8 +131,11 @@ class KFACConfig:
     factor_decay: float = 0.95
     factor_update_steps: int = 1
     inv_update_steps: int = 10
-    kl_clip: float = 1e-3  # 0 = no KL clipping
+    kl_clip: float = 1e-3  # 0 = no KL clipping (KFACPreconditioner(kl_clip=None)); neither paper clips
     compute_method: str = "eigen"
+    damping_form: str = ""  # "" = the method's own (eigen: tikhonov, inverse: factored) | factored-pi (docs/kfac.md)
+    conv_factors: str = "mean"  # mean | kfc (Grosse & Martens 2016)
+    g_scale: str = "example"  # example (per-example gradients) | batch (Chainer-era K-FAC: G of the mean loss)
     fisher: str = "empirical"
     skip_layers: list[str] = field(default_factory=list)
     strategy: str = "comm-opt"
@@ -195,8 +206,8 @@ _MODEL_KEYS: Final[dict[str, set[str]]] = {
     "resnet": {"depth", "width"},
 }
 _OPTIM_KEYS: Final[dict[str, set[str]]] = {
-    "sgd": {"momentum", "nesterov"},
-    "kfac": {"momentum", "nesterov"},
+    "sgd": {"momentum", "momentum_form", "nesterov"},
+    "kfac": {"momentum", "momentum_form", "nesterov"},
     "adam": {"betas", "eps"},
     "adamw": {"betas", "eps"},
 }
@@ -401,6 +412,9 @@ def _validate(c: Config) -> None:
 
     _choice("optim.name", c.optim.name, OPTIMIZER_NAMES)
     _choice("optim.schedule", c.optim.schedule, SCHEDULE_NAMES)
+    _choice("optim.momentum_form", c.optim.momentum_form, MOMENTUM_FORMS)
+    if c.optim.momentum_form == "chainer" and c.optim.nesterov:
+        raise ConfigError("optim.momentum_form = 'chainer' has no Nesterov variant: set optim.nesterov = false")
     _positive("optim.lr", c.optim.lr)
     if not 0 <= c.optim.momentum < 1:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {c.optim.momentum}")
@@ -412,8 +426,15 @@ def _validate(c: Config) -> None:
     _positive("optim.eps", c.optim.eps)
     if c.optim.milestones != sorted(set(c.optim.milestones)) or any(m <= 0 for m in c.optim.milestones):
         raise ConfigError(f"optim.milestones must be increasing epochs > 0, got {c.optim.milestones}")
-    if c.optim.schedule == "step" and not c.optim.milestones:
-        raise ConfigError("optim.schedule = 'step' needs optim.milestones (epochs), e.g. [30, 60]")
+    _positive("optim.decay_every", c.optim.decay_every, zero_ok=True)
+    if c.optim.decay_every and c.optim.milestones:
+        raise ConfigError(
+            "give optim.milestones (decay at those epochs) or optim.decay_every (every N epochs), not both"
+        )
+    if c.optim.schedule == "step" and not (c.optim.milestones or c.optim.decay_every):
+        raise ConfigError(
+            "optim.schedule = 'step' needs optim.milestones (epochs), e.g. [30, 60], or optim.decay_every (epochs)"
+        )
     _positive("optim.gamma", c.optim.gamma)
     _positive("optim.end_lr", c.optim.end_lr, zero_ok=True)
     if not 0.0 <= c.optim.end_factor <= 1.0:
@@ -431,6 +452,14 @@ def _validate(c: Config) -> None:
     _positive("kfac.inv_update_steps", c.kfac.inv_update_steps)
     _positive("kfac.kl_clip", c.kfac.kl_clip, zero_ok=True)
     _choice("kfac.compute_method", c.kfac.compute_method, ("eigen", "inverse"))
+    _choice("kfac.damping_form", c.kfac.damping_form, DAMPING_FORMS)
+    if c.kfac.compute_method == "inverse" and c.kfac.damping_form == "tikhonov":
+        raise ConfigError(
+            "kfac.damping_form = 'tikhonov' needs kfac.compute_method = 'eigen': the exact damping of A (x) G is not "
+            "a product of two factor inverses (use damping_form = 'factored' or 'factored-pi' with 'inverse')"
+        )
+    _choice("kfac.conv_factors", c.kfac.conv_factors, CONV_FACTORS)
+    _choice("kfac.g_scale", c.kfac.g_scale, G_SCALES)
     _choice("kfac.fisher", c.kfac.fisher, ("empirical", "mc"))
     _choice("kfac.strategy", c.kfac.strategy, ("comm-opt", "mem-opt", "hybrid"))
     for key in ("factor_dtype", "inv_dtype", "comm_dtype"):
@@ -479,10 +508,13 @@ def trajectory_differences(saved: Mapping[str, Mapping[str, Any]], current: Conf
     """Keys whose values differ between a checkpoint's config and ``current``, ignoring bookkeeping keys of [run]."""
     differences = []
     now = current.to_dict()
+    defaults = Config().to_dict()
     for section, values in now.items():
         for key, value in values.items():
             if section == "run" and key in _BOOKKEEPING_RUN_KEYS:
                 continue
+            if key not in saved.get(section, {}) and value == defaults[section][key]:
+                continue  # a key added after the checkpoint was written, left at its default: the same trajectory
             before = saved.get(section, {}).get(key)
             if before != value:
                 differences.append(f"{section}.{key}: checkpoint {before!r}, now {value!r}")

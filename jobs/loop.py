@@ -34,13 +34,13 @@ from distkfac import KFACPreconditioner
 from jobs import checkpoint as ckpt
 from jobs.config import Config, ConfigError, ignored_keys, trajectory_differences
 from jobs.datasets import Dataset, ShardedBatches, augment_shard, derive_seed, load_dataset
-from jobs.metrics import MetricsWriter, ProgressLine
+from jobs.metrics import MetricsWriter, ProgressLine, read_metrics
 from jobs.models import build_model
 from jobs.noise_scale import NoiseScaleEstimator, measure_noise
 from jobs.optim import LRSchedule, build_kfac, build_optimizer, make_lr_schedule, set_lr
 from jobs.parallel import Context, all_reduce_sum, average_gradients, barrier, broadcast_buffers
 
-__all__ = ["RunSummary", "TrainingDiverged", "evaluate", "run_training"]
+__all__ = ["RunSummary", "TrainingDiverged", "evaluate", "history_fields", "run_training"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -66,6 +66,11 @@ class RunSummary:
     examples_to_target: int | None = None  # steps_to_target x the global batch
     noise_scale: float | None = None  # the last B_simple (None when not measured or not yet positive)
     reached_target: bool = False
+    # Over every evaluation of the test split (a fixed-budget study's measure): the highest accuracy and its step.
+    best_test_accuracy: float | None = None
+    best_test_step: int | None = None
+    # K-FAC with a KL clip: the fraction of logged steps whose update the clip set (None without a clip).
+    kl_clipped_fraction: float | None = None
 
     def line(self) -> str:
         if self.stopped_early:
@@ -130,6 +135,28 @@ def evaluate(
 def _finite_or_none(value: float | None) -> float | None:
     # NaN (B_simple while the |G|^2 estimate is not positive) would make summary.json invalid JSON.
     return value if value is not None and math.isfinite(value) else None
+
+
+def history_fields(out_dir: Path) -> dict[str, Any]:
+    """What the whole run's records say: the best test accuracy and its step, and the fraction of clipped steps.
+
+    Read from ``metrics.jsonl`` at the end, so a resumed run counts the records of its earlier invocations too.
+    """
+    records = read_metrics(out_dir)
+    evals = [r for r in records if r.get("kind") == "eval" and r.get("test_accuracy") is not None]
+    best = max(evals, key=lambda r: (r["test_accuracy"], -r["step"]), default=None)
+    clipped = [bool(r["kl_clipped"]) for r in records if r.get("kind") == "step" and "kl_clipped" in r]
+    return {
+        "best_test_accuracy": best["test_accuracy"] if best is not None else None,
+        "best_test_step": best["step"] if best is not None else None,
+        "kl_clipped_fraction": sum(clipped) / len(clipped) if clipped else None,
+    }
+
+
+def _kl_fields(precond: KFACPreconditioner | None) -> dict[str, Any]:
+    """The step record's KL-clip fields (one host synchronisation, on logged steps only)."""
+    scale = precond.kl_scale if precond is not None else None
+    return {} if scale is None else {"kl_scale": scale, "kl_clipped": scale < 1.0}
 
 
 def _log(context: Context, message: str) -> None:
@@ -433,7 +460,10 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
                 precond.mc_backward(logits)
             loss.backward()
             if precond is not None:
-                precond.step()
+                try:
+                    precond.step()
+                except FloatingPointError as exc:  # NaN/Inf factors: the run diverged, as a NaN loss says
+                    raise TrainingDiverged(f"{exc} (step {step + 1}, lr {lr:g})") from exc
             elif not isinstance(train_model, nn.parallel.DistributedDataParallel):
                 average_gradients(train_model.parameters(), context)
             optimizer.step()
@@ -462,6 +492,7 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
                         "seconds": seconds,
                         "examples_per_second": count / max(seconds, 1e-9),
                         **noise_fields,
+                        **_kl_fields(precond),
                     }
                 )
                 progress.update(step, f"epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.4g}")
@@ -538,6 +569,7 @@ def run_training(config: Config, context: Context, log: Callable[[str], None] | 
         examples_to_target=steps_to_target * config.data.batch_size if steps_to_target is not None else None,
         noise_scale=_finite_or_none(noise.b_simple) if noise is not None else None,
         reached_target=steps_to_target is not None,
+        **(history_fields(out_dir) if context.rank == 0 else {}),
     )
     if context.rank == 0:
         _write_summary(out_dir, summary)

@@ -38,6 +38,8 @@ CSV_COLUMNS: Final = (
     "noise_scale",  # B_simple, the gradient noise scale (run.noise_every; jobs/noise_scale.py)
     "noise_trace",  # its tr(Sigma) estimate
     "noise_grad_sq",  # its |G|^2 estimate
+    "kl_scale",  # K-FAC: the KL clip's factor nu of the step (1 = not clipped; absent without a clip)
+    "kl_clipped",  # K-FAC: nu < 1, the update's size was set by kfac.kl_clip and not by the learning rate
 )
 
 

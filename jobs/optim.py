@@ -6,7 +6,8 @@ learning rate each step and is handed to ``KFACPreconditioner(lr=...)`` for KL c
     peak = lr * global_batch / base_batch_size      (linear scaling rule; peak = lr when base_batch_size = 0)
     lr(step) = peak * decay(step) * min(1, (step + 1) / warmup_steps)
 
-with ``decay`` 1 (``constant``), ``gamma ** (milestones passed)`` (``step``: milestones in epochs), or, for
+with ``decay`` 1 (``constant``), ``gamma ** (milestones passed)`` (``step``: milestones in epochs; with
+``decay_every = e`` instead, ``gamma ** floor(epoch / e)``, Chainer's ``ExponentialShift`` every e epochs), or, for
 ``linear``, a straight line from ``peak`` at the end of warmup to ``end_lr`` at step ``total_steps`` (never
 reached: the last step, ``total_steps - 1``, still has a positive rate). Warmup can be given in steps or epochs.
 """
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from distkfac import KFACPreconditioner
+from distkfac.momentum import ChainerMomentumSGD
 from jobs.config import KFACConfig, OptimConfig
 
 __all__ = ["LRSchedule", "build_kfac", "build_optimizer", "make_lr_schedule", "peak_lr", "set_lr"]
@@ -36,6 +38,7 @@ class LRSchedule:
     kind: str = "constant"  # constant | step | linear
     warmup_steps: int = 0
     milestones: tuple[int, ...] = ()  # in steps
+    every: int = 0  # step: decay every this many steps instead of at milestones (0 = off)
     gamma: float = 0.1
     end_lr: float = 0.0
 
@@ -49,7 +52,9 @@ class LRSchedule:
             )
 
     def __call__(self, step: int) -> float:
-        if self.kind == "step":
+        if self.kind == "step" and self.every:
+            lr = self.peak * self.gamma ** (step // self.every)
+        elif self.kind == "step":
             lr = self.peak * self.gamma ** sum(1 for m in self.milestones if step >= m)
         elif self.kind == "linear":
             progress = max(0, step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
@@ -78,6 +83,7 @@ def make_lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int
         kind=config.schedule,
         warmup_steps=warmup,
         milestones=tuple(m * steps_per_epoch for m in config.milestones),
+        every=config.decay_every * steps_per_epoch,
         gamma=config.gamma,
         end_lr=peak * config.end_factor if config.end_factor > 0 else config.end_lr,
     )
@@ -85,6 +91,8 @@ def make_lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int
 
 def build_optimizer(config: OptimConfig, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """The torch optimizer for ``config.name`` (``kfac`` steps with momentum SGD), starting at ``lr``."""
+    if config.name in ("sgd", "kfac") and config.momentum_form == "chainer":
+        return ChainerMomentumSGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.name in ("sgd", "kfac"):
         return torch.optim.SGD(
             params, lr=lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
@@ -113,6 +121,9 @@ def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule) -> KFACPrec
         kl_clip=config.kl_clip or None,
         lr=lr,
         compute_method=config.compute_method,  # type: ignore[arg-type]
+        damping_form=config.damping_form or None,  # type: ignore[arg-type]
+        conv_factors=config.conv_factors,  # type: ignore[arg-type]
+        g_scale=config.g_scale,  # type: ignore[arg-type]
         fisher=config.fisher,  # type: ignore[arg-type]
         skip_layers=tuple(config.skip_layers),
         factor_dtype=_DTYPES.get(config.factor_dtype),

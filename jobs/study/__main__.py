@@ -6,6 +6,7 @@ Examples::
     python -m jobs.study scaling --config jobs/configs/studies/lenet_cifar10_paper.toml --workers 0 \\
         --mongo-file ~/.hpo-url        # drive only; workers come from a job array (docs/study.md)
     python -m jobs.study scaling --config STUDY.toml --check                     # validate, train nothing
+    python -m jobs.study scaling --config STUDY.toml --seeds 0                   # one study seed now, the rest later
 
 Exit status: 0 when the report is written, 2 for a bad study file (nothing was trained), 1 when a run or the tuning
 failed (the message says why).
@@ -38,6 +39,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     scaling.add_argument("--trials", type=int, help="trials per cell (replaces tune.trials)")
     scaling.add_argument("--mongo", help="MongoDB URL (replaces tune.mongo); default: the embedded server")
     scaling.add_argument("--mongo-file", help="file holding the MongoDB URL (keeps a password out of ps)")
+    scaling.add_argument(
+        "--seeds", help="run only these of study.seeds now, e.g. 0 or 0,1 (the rest stay for a later run)"
+    )
     scaling.add_argument("--check", action="store_true", help="check the study file and every cell's config, then exit")
     return parser.parse_args(argv)
 
@@ -45,6 +49,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # A scheduler's walltime: unwind, so that the runner stops its workers (their trials go back in the queue).
     raise KeyboardInterrupt
+
+
+def _seed_subset(seeds: tuple[int, ...], text: str) -> tuple[int, ...]:
+    """``--seeds 0,2``: those study seeds, which must be among the file's (their experiments keep their names, so a
+    later run with all seeds continues them)."""
+    try:
+        chosen = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise StudyError(f"--seeds {text!r}: give study seeds separated by commas, e.g. --seeds 0,1") from None
+    unknown = sorted(set(chosen) - set(seeds))
+    if unknown:
+        raise StudyError(f"--seeds {text!r}: {unknown} not in the study file's study.seeds {list(seeds)}")
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             study = dataclasses.replace(study, tune=tune)
         elif args.workers is not None or args.trials is not None or args.mongo or args.mongo_file:
             raise StudyError(f"{args.config} has no [tune] table: --workers, --trials and --mongo are for tuning")
+        if args.seeds is not None:
+            study = dataclasses.replace(study, seeds=_seed_subset(study.seeds, args.seeds))
         cells = check_cells(study)
     except (StudyError, OSError) as exc:
         print(f"jobs.study: error: {exc}", file=sys.stderr)

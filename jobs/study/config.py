@@ -13,6 +13,8 @@ A study file is TOML (examples: ``jobs/configs/studies/``)::
     noise_every = 10                              # gradient noise scale every N steps (0 = off)
     out_dir = "runs/study-demo"                   # relative to the current directory
     top_k = 100                                   # top-k means of the skip-connection study's tables
+    seeds = [0, 1, 2]                             # optional: repeat every cell per study seed (run.seed and TPE's
+                                                  # seed), for means and standard errors over seeds
     overrides = ["run.seed=0"]                    # for every run
 
     [study.variants]                              # optional: model variants, each a list of overrides
@@ -55,10 +57,12 @@ __all__ = [
 ]  # fmt: skip
 
 OPTIMIZERS: Final = ("sgd", "adam", "adamw", "kfac")
-OBJECTIVES: Final = ("steps_to_target", "test_loss", "test_error", "train_error")  # hpo_worker's --objective
+# hpo_worker's --objective (hpo_worker.trial.OBJECTIVES: jobs may not import hpo_worker)
+OBJECTIVES: Final = ("steps_to_target", "test_loss", "test_error", "train_error", "best_test_error")
 _STUDY_KEYS: Final = frozenset(
     {"name", "base_config", "optimizers", "batch_sizes", "target_accuracy", "max_steps", "max_epochs"}
     | {"eval_every_steps", "noise_every", "out_dir", "top_k", "overrides", "variants", "optimizer_overrides"}
+    | {"seeds"}
 )
 _TUNE_KEYS: Final = frozenset({"trials", "workers", "objective", "spaces", "mongo", "seed", "queue_size", "grace"})
 
@@ -81,16 +85,18 @@ class TuneSettings:
 
 @dataclass(frozen=True)
 class Cell:
-    """One (variant, optimizer, batch size) of the study, and the overrides of its runs."""
+    """One (variant, optimizer, batch size[, study seed]) of the study, and the overrides of its runs."""
 
     variant: str
     optimizer: str
     batch_size: int
     overrides: tuple[str, ...]
+    seed: int | None = None  # the study seed (study.seeds), None when the study has none
 
     @property
     def name(self) -> str:
-        return "/".join(filter(None, [self.variant, self.optimizer, f"b{self.batch_size}"]))
+        seed = f"s{self.seed}" if self.seed is not None else ""
+        return "/".join(filter(None, [self.variant, self.optimizer, f"b{self.batch_size}", seed]))
 
     @property
     def slug(self) -> str:
@@ -117,6 +123,7 @@ class StudyConfig:
     optimizer_overrides: Mapping[str, tuple[str, ...]]
     tune: TuneSettings | None
     given: Mapping[str, tuple[str, ...]]  # optimizer -> overrides
+    seeds: tuple[int, ...] = ()  # study seeds: each cell once per seed (run.seed and TPE's seed); () = once
 
     def cells(self) -> list[Cell]:
         # Both keys: the study's budget replaces whichever one the base config gives.
@@ -137,7 +144,10 @@ class StudyConfig:
                         *self.overrides, *variant_overrides, f'optim.name="{optimizer}"',
                         *self.optimizer_overrides.get(optimizer, ()), *given, f"data.batch_size={batch}", *run,
                     )  # fmt: skip
-                    cells.append(Cell(variant, optimizer, batch, overrides))
+                    if not self.seeds:
+                        cells.append(Cell(variant, optimizer, batch, overrides))
+                    for seed in self.seeds:
+                        cells.append(Cell(variant, optimizer, batch, (*overrides, f"run.seed={seed}"), seed))
         return cells
 
 
@@ -285,6 +295,15 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
         raise _fail(path, "[given]", "a study either tunes ([tune]) or takes given values ([given]), not both")
     if tune is not None and tune.objective == "steps_to_target" and not target:
         raise _fail(path, "tune.objective", "steps_to_target needs study.target_accuracy > 0")
+    if tune is not None and tune.objective == "best_test_error" and target:
+        raise _fail(
+            path, "tune.objective",
+            "best_test_error ranks runs by their best evaluation over the whole budget: remove "
+            "study.target_accuracy (a target would stop runs early)",
+        )  # fmt: skip
+    seeds_raw = study.get("seeds", [])
+    if not isinstance(seeds_raw, list) or len(set(map(repr, seeds_raw))) != len(seeds_raw):
+        raise _fail(path, "study.seeds", f"must be a list of distinct integers >= 0, e.g. [0, 1, 2], not {seeds_raw!r}")
     return StudyConfig(
         name=name, path=path.resolve(), base_config=base, optimizers=tuple(optimizers), batch_sizes=batch_sizes,
         target_accuracy=float(target), max_steps=max_steps, max_epochs=max_epochs, eval_every_steps=eval_every,
@@ -295,6 +314,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
         variants=variants,
         optimizer_overrides={k: _strings(path, f"study.optimizer_overrides.{k}", v) for k, v in per_optimizer.items()},
         tune=tune, given=_given(path, raw.get("given", {}), optimizers),
+        seeds=tuple(_int(path, "study.seeds", seed, 0) for seed in seeds_raw),
     )  # fmt: skip
 
 
@@ -311,6 +331,15 @@ def check_cells(study: StudyConfig) -> dict[str, Config]:
             raise StudyError(
                 f"{study.path}: batch size {cell.batch_size} is larger than the {config.data.train_examples} training "
                 "examples of the base config (data.train_examples): lower the batch size or use more examples"
+            )
+        if (
+            study.tune is not None
+            and study.tune.objective == "best_test_error"
+            and not (config.run.eval_every or config.run.eval_every_steps)
+        ):
+            raise StudyError(
+                f"{study.path}: cell {cell.name}: tune.objective = best_test_error needs evaluations during the run: "
+                "set study.eval_every_steps, or run.eval_every (epochs) in the base config or study.overrides"
             )
         configs[cell.name] = config
     from jobs.datasets import resolve_data_path  # torch: only once the file itself is known to be good

@@ -24,6 +24,7 @@ __all__ = [
     "format_table",
     "read_metrics_file",
     "top_k_means",
+    "top_k_seed_means",
     "write_csv",
     "write_report",
 ]
@@ -49,6 +50,10 @@ RUN_COLUMNS: Final = (
     "val_loss",  # float: final
     "generalization_gap",  # float: train_accuracy - val_accuracy
     "noise_scale",  # float or None: the last B_simple estimate
+    "seed",  # int or None: the study seed (study.seeds) the run belongs to
+    "best_val_accuracy",  # float or None: the highest val accuracy over the run's evaluations
+    "best_val_step",  # int or None: the step of that evaluation
+    "kl_clipped_fraction",  # float or None: K-FAC, fraction of logged steps whose size the KL clip set
     "metrics_path",  # str: the run's metrics.jsonl, or ""
 )
 
@@ -194,6 +199,42 @@ def top_k_means(runs: Iterable[Mapping[str, Any]], k: int, by: str = "train_accu
             entry[f"{metric}_std"] = std
         out[key] = entry
     return {key: out[key] for key in _sorted_keys(out)}
+
+
+def top_k_seed_means(
+    runs: Iterable[Mapping[str, Any]], k: int, by: str = "train_accuracy"
+) -> dict[CellKey, dict[str, Any]]:
+    """The top-k protocol repeated per study seed: per cell, the top-k means of each seed, and their mean and
+    standard error over the seeds.
+
+    Each value has ``seeds`` ({seed: {"train_accuracy": m, "val_accuracy": m, "n": runs}}) and, per metric,
+    ``{metric}_mean`` (over seeds) and ``{metric}_se`` (sample std over seeds / sqrt(seeds); None below two seeds);
+    each seed's entry also has ``{metric}_std``, the sample std of its top-k runs.
+    """
+    by_seed: dict[CellKey, dict[Any, list[Mapping[str, Any]]]] = {}
+    for run in runs:
+        by_seed.setdefault(_key(run), {}).setdefault(run.get("seed"), []).append(run)
+    out: dict[CellKey, dict[str, Any]] = {}
+    for key, seeds in by_seed.items():
+        per_seed = {}
+        for seed, seed_runs in seeds.items():
+            entry = top_k_means(seed_runs, k, by)[key]
+            per_seed[seed] = {"n": entry["n"]}
+            for metric in ("train_accuracy", "val_accuracy"):
+                per_seed[seed] |= {metric: entry[f"{metric}_mean"], f"{metric}_std": entry[f"{metric}_std"]}
+        result: dict[str, Any] = {"seeds": per_seed, "k": k, "by": by}
+        for metric in ("train_accuracy", "val_accuracy"):
+            result[f"{metric}_mean"], result[f"{metric}_se"] = _mean_se(
+                [v for entry in per_seed.values() if (v := entry[metric]) is not None]
+            )
+        out[key] = result
+    return {key: out[key] for key in _sorted_keys(out)}
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error of the mean (sample std / sqrt(n)); the error is None below two values."""
+    mean, std = _mean_std(values)
+    return mean, (None if std is None else std / math.sqrt(len(values)))
 
 
 # ------------------------------------------------------------------------------------------------------------- fits
@@ -535,46 +576,118 @@ def _plot_all(
 # ----------------------------------------------------------------------------------------------------------- report
 
 
+def _top_k_cell(entry: Mapping[str, Any] | None, metric: str) -> str:
+    if entry is None or entry[f"{metric}_mean"] is None:
+        return MISSING
+    mean, se, seeds = entry[f"{metric}_mean"], entry[f"{metric}_se"], entry["seeds"]
+    if len(seeds) > 1:
+        spread = "" if se is None else f" ± {100 * se:.2f}"
+        return f"{100 * mean:.2f}%{spread} ({len(seeds)} seeds, n={min(e['n'] for e in seeds.values())})"
+    (only,) = seeds.values()  # one seed: the spread of its top-k runs (sample std), as the paper's tables have none
+    std = only[f"{metric}_std"]
+    return f"{100 * mean:.2f}%{'' if std is None else f' ± {100 * std:.2f}'} (n={only['n']})"
+
+
+def _paired_difference(first: Mapping[str, Any] | None, last: Mapping[str, Any] | None, metric: str) -> str:
+    """last − first in points: the mean ± SE of the per-seed differences (paired by seed: same init, same TPE)."""
+    if first is None or last is None:
+        return MISSING
+    a, b = first["seeds"], last["seeds"]
+    diffs = [b[s][metric] - a[s][metric] for s in a if s in b and a[s][metric] is not None and b[s][metric] is not None]
+    mean, se = _mean_se(diffs)
+    if mean is None:
+        return MISSING
+    return f"{100 * mean:+.2f}" + ("" if se is None else f" ± {100 * se:.2f}")
+
+
 def _top_k_tables(runs: Sequence[Mapping[str, Any]], top_k: int) -> list[str]:
     """The skip-connection paper's layout: per batch size, one table of train and one of val accuracy; rows are the
-    variants (plus, with exactly two, the difference last − first in points), columns the optimizers."""
-    means = top_k_means(runs, top_k)
+    variants (plus, with exactly two, the difference last − first in points), columns the optimizers. With study
+    seeds: the mean ± standard error over seeds of each seed's top-k mean; differences are paired by seed."""
+    means = top_k_seed_means(runs, top_k)
     variants = sorted({k[0] for k in means})
     optimizers = sorted({k[1] for k in means}, key=_optimizer_rank)
     batches = sorted({k[2] for k in means})
     by = next(iter(means.values()))["by"] if means else "train_accuracy"
     lines = [
         f"Mean over the top {top_k} runs of each cell ranked by {by.replace('_', ' ')} "
-        "(Nagase & Naganuma: 300 trials, top 100); n = runs averaged.",
+        "(Nagase & Naganuma: 300 trials, top 100); with several study seeds, the mean ± standard error over seeds "
+        "of each seed's top-k mean; n = runs averaged per seed.",
         "",
     ]
     header = ["", *(_OPTIMIZER_LABELS.get(o, o) for o in optimizers)]
     for batch in batches:
         for metric, name in (("train_accuracy", "Training"), ("val_accuracy", "Validation")):
-            rows = []
-            for variant in variants:
-                row = [variant]
-                for optimizer in optimizers:
-                    entry = means.get((variant, optimizer, batch))
-                    mean = None if entry is None else entry[f"{metric}_mean"]
-                    if mean is None or entry is None:
-                        row.append(MISSING)
-                        continue
-                    std = entry[f"{metric}_std"]
-                    spread = "" if std is None else f" ± {100 * std:.2f}"
-                    row.append(f"{100 * mean:.2f}%{spread} (n={entry['n']})")
-                rows.append(row)
+            rows = [
+                [variant, *(_top_k_cell(means.get((variant, o, batch)), metric) for o in optimizers)]
+                for variant in variants
+            ]
             if len(variants) == 2:
                 first, last = variants
-                row = [f"{last} − {first} (pt)"]
-                for optimizer in optimizers:
-                    a, b = means.get((first, optimizer, batch)), means.get((last, optimizer, batch))
-                    ma = None if a is None else a[f"{metric}_mean"]
-                    mb = None if b is None else b[f"{metric}_mean"]
-                    row.append(MISSING if ma is None or mb is None else f"{100 * (mb - ma):+.2f}")
-                rows.append(row)
+                rows.append(
+                    [f"{last} − {first} (pt)"]
+                    + [_paired_difference(means.get((first, o, batch)), means.get((last, o, batch)), metric)
+                       for o in optimizers]
+                )  # fmt: skip
             lines += [f"**Average {name} Accuracy (BS={batch})**", "", _markdown_table(header, rows), ""]
     return lines
+
+
+def _budget_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The large-batch tuning study's Table 1: per cell, the best val accuracy within the budget and its values."""
+    rows = []
+    for key, cell in _by_cell(runs).items():
+        scored = [r for r in cell if _num(r.get("best_val_accuracy")) is not None]
+        if not scored:
+            continue
+        best = max(scored, key=lambda r: _num(r.get("best_val_accuracy")) or 0.0)
+        variant, optimizer, batch = key
+        hparams = best.get("hparams") or "{}"
+        values = json.loads(hparams) if isinstance(hparams, str) else dict(hparams)
+        shown = ", ".join(f"{name.split('.')[-1]}={_fmt(v, '.4g') if _num(v) is not None else v}"
+                          for name, v in sorted(values.items()))  # fmt: skip
+        rows.append([
+            _series_title(variant, optimizer), str(batch), _fmt(best.get("best_val_accuracy"), ".4f"),
+            _fmt_int(best.get("best_val_step")), str(len(cell)), shown or MISSING,
+        ])  # fmt: skip
+    if not rows:
+        return []
+    header = ["optimizer", "batch", "best val acc", "at step", "runs", "its hyperparameters"]
+    return [
+        "## Best validation accuracy within the budget",
+        "",
+        "Per cell, the highest validation accuracy any run reached at any evaluation within the step budget (runs "
+        "train the whole budget), and that run's tuned values: the layout of Table 1 of the large-batch tuning study.",
+        "",
+        _markdown_table(header, rows),
+        "",
+    ]
+
+
+def _kl_clip_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per K-FAC cell, how often the KL clip set the step size (then the learning rate had no effect)."""
+    kfac = {key: cell for key, cell in _by_cell(runs).items() if key[1] == "kfac"}
+    if not kfac:
+        return []
+    rows = []
+    for (variant, _, batch), cell in kfac.items():
+        fractions = [x for r in cell if (x := _num(r.get("kl_clipped_fraction"))) is not None]
+        if not fractions:
+            rows.append([variant or MISSING, str(batch), str(len(cell)), "off", MISSING])
+            continue
+        mostly = sum(1 for f in fractions if f > 0.5)
+        rows.append([variant or MISSING, str(batch), str(len(cell)), _fmt_pct(statistics.fmean(fractions)),
+                     f"{mostly} of {len(fractions)}"])  # fmt: skip
+    header = ["variant", "batch", "runs", "clipped steps (mean)", "runs clipped on > 50% of steps"]
+    return [
+        "## K-FAC's KL clip",
+        "",
+        "While the clip is active (nu < 1) the update is sqrt(kl_clip / <V, grad>) V: the learning rate and its decay "
+        "have no effect on that step. 'off': kfac.kl_clip = 0, the learning rate sets every step.",
+        "",
+        _markdown_table(header, rows),
+        "",
+    ]
 
 
 def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: int = 100) -> Path:
@@ -634,6 +747,7 @@ def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: i
             lines.append(f"- `{name}` not drawn: {skipped[name]}.")
         else:
             lines += [f"![{name[:-4].replace('_', ' ')}]({name})", ""]
+    lines += _budget_table(runs) + _kl_clip_lines(runs)
     if len(variants) > 1:
         lines += [f"## Top-{top_k} means", "", *_top_k_tables(runs, top_k)]
     path = out_dir / "report.md"

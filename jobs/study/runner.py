@@ -65,6 +65,7 @@ def _row(
     return {
         "cell": cell.name,
         "variant": cell.variant,
+        "seed": cell.seed,
         "optimizer": cell.optimizer,
         "batch_size": cell.batch_size,
         "source": source,
@@ -83,6 +84,9 @@ def _row(
         "val_loss": summary.get("test_loss"),
         "generalization_gap": train - val if train is not None and val is not None else None,
         "noise_scale": summary.get("noise_scale"),
+        "best_val_accuracy": summary.get("best_test_accuracy"),
+        "best_val_step": summary.get("best_test_step"),
+        "kl_clipped_fraction": summary.get("kl_clipped_fraction"),
         "metrics_path": str(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else "",
     }
 
@@ -200,7 +204,8 @@ def _tune_cells(study: StudyConfig, cells: list[Cell], url: str, out: Path, log:
             drivers[cell.slug] = _start(
                 _hpo("driver", "--mongo", url, "--exp", _experiment(study, cell), "--space",
                      tune.spaces[cell.optimizer], "--config", str(out / "configs" / f"{cell.slug}.toml"),
-                     "--max-evals", str(tune.trials), "--objective", tune.objective, "--seed", str(tune.seed),
+                     "--max-evals", str(tune.trials), "--objective", tune.objective,
+                     "--seed", str(tune.seed + (cell.seed or 0)),
                      "--queue-size", str(queue), "--grace", str(tune.grace)),
                 logs / f"driver-{cell.slug}.log",
             )  # fmt: skip
