@@ -347,7 +347,7 @@ def test_two_experiments_stay_apart(mongo: str, db: Any, tmp_path: Path) -> None
 
 
 def test_sigterm_puts_trial_back(mongo: str, db: Any, tmp_path: Path) -> None:
-    driver = _driver(mongo, tmp_path, "term", 1, "--queue-size", "1", steps=400)
+    driver = _driver(mongo, tmp_path, "term", 1, "--queue-size", "1", steps=20000)  # long: SIGTERM must find it running
     worker = _worker(mongo, tmp_path, "--idle-timeout", "20")
     _wait_for(lambda: db.jobs.find_one({"exp_key": "term", "state": JOB_STATE_RUNNING}), what="a running trial")
     worker.send_signal(signal.SIGTERM)

@@ -176,6 +176,20 @@ def test_paper_configs_load_and_every_cell_validates(name: str) -> None:
             assert config.kfac.kl_clip == 0, "neither paper clips K-FAC's update"
 
 
+def test_paper_adam_space_searches_beta1_and_keeps_beta2_and_eps_fixed() -> None:
+    from hpo_worker.spaces import load_space
+
+    space = load_space(ROOT / "jobs/configs/studies/spaces/paper002_adam.toml")
+    assert space.labels == ["optim.lr", "optim.gamma", "optim.decay_every", "optim.betas"]
+    overrides = space.to_overrides(
+        {"optim.lr": 1e-3, "optim.gamma": 0.5, "optim.decay_every": 3.0, "optim.betas": 0.87}
+    )
+    assert "optim.betas=[0.87, 0.999]" in overrides and "optim.eps=1e-08" in overrides
+    assert "optim.weight_decay=0.0" in overrides and "optim.decay_every=3" in overrides
+    config = load_config(ROOT / "jobs/configs/cifar10_lenet.toml", overrides)
+    assert config.optim.betas == [0.87, 0.999] and config.optim.milestones == []
+
+
 def test_fixed_budget_objective_needs_evaluations_and_no_target(tmp_path: Path) -> None:
     (tmp_path / "base.toml").write_text(BASE)
     text = (

@@ -192,3 +192,44 @@ def test_bad_study_files_fail_before_any_training(tmp_path: Path, change: tuple[
     assert message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists(), "nothing may be written or trained"
+
+
+BUDGET = """
+[study]
+name = "budget"
+base_config = "base.toml"
+optimizers = ["kfac"]
+batch_sizes = [32]
+max_steps = 30
+eval_every_steps = 5
+seeds = [0, 1]
+overrides = ["run.train_eval_examples=256", "kfac.kl_clip=0"]
+[tune]
+trials = 2
+workers = 1
+objective = "best_test_error"
+spaces = { kfac = "space.toml" }
+"""
+
+
+def test_fixed_budget_study_trains_every_step_and_ranks_by_the_best_evaluation(tmp_path: Path) -> None:
+    result = _study(tmp_path, BUDGET)
+    out = tmp_path / "out"
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert sorted((r["seed"], r["cell"]) for r in rows) == [("0", "kfac/b32/s0")] * 2 + [("1", "kfac/b32/s1")] * 2
+    for row in rows:
+        assert int(row["steps"]) == 30, "no target: every run trains its whole budget"
+        evals = [m for m in map(json.loads, Path(row["metrics_path"]).read_text().splitlines()) if m["kind"] == "eval"]
+        best = max(evals, key=lambda m: m["test_accuracy"])
+        assert [m["step"] for m in evals] == [5, 10, 15, 20, 25, 30]
+        assert float(row["best_val_accuracy"]) == best["test_accuracy"]
+        assert int(row["best_val_step"]) == min(m["step"] for m in evals if m["test_accuracy"] == best["test_accuracy"])
+        trial = json.loads((out / "trials" / f"{row['cell'].replace('/', '-')}.json").read_text())
+        losses = {t["tid"]: t["result"]["loss"] for t in trial}
+        assert losses[int(row["trial"])] == pytest.approx(1 - float(row["best_val_accuracy"]))
+        assert row["kl_clipped_fraction"] == "", "kl_clip = 0: nothing is clipped, nothing reported"
+    report = (out / "report.md").read_text()
+    top = max(float(r["best_val_accuracy"]) for r in rows)
+    assert "## Best validation accuracy within the budget" in report and f"| {top:.4f} |" in report
+    assert "| – | 32 | 4 | off | – |" in report  # the KL-clip section: the clip was off in every K-FAC run
