@@ -1,4 +1,5 @@
-"""Fixtures shared by several test modules: a real MongoDB wire-protocol server (nx-27017) and a client of it."""
+"""Fixtures shared by several test modules: a real MongoDB wire-protocol server (nx-27017) and a client of it, and
+float64 as the default dtype (the K-FAC contract is checked in float64)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.mongo_server import mongo_server
 
@@ -26,3 +28,12 @@ def db(mongo: str) -> Iterator[Any]:
     client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo, serverSelectionTimeoutMS=5000)
     yield client.get_default_database()
     client.close()
+
+
+@pytest.fixture
+def float64_default() -> Iterator[None]:
+    """float64 as torch's default dtype for the test; the previous default is restored for the other modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,13 +16,7 @@ from tests.kfac_reference import ReferenceKFAC, layer_grads, per_example_stats
 N = 12
 
 
-@pytest.fixture(autouse=True)
-def float64_default() -> Iterator[None]:
-    """The contract is checked in float64; the default dtype is restored for the other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # the contract is checked in float64 (conftest.py)
 
 
 def linear_model(bias: bool) -> nn.Sequential:

@@ -8,7 +8,7 @@ tests/test_distributed.py (configuration "comm-opt-inverse-factored-pi" of tests
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import pytest
@@ -35,12 +35,7 @@ DEFINED = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def float64_default() -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # the contract is checked in float64 (conftest.py)
 
 
 def one_step(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, **options: Any) -> KFACPreconditioner:
