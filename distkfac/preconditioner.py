@@ -112,6 +112,36 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"distkfac: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _check_choices(compute_method: str, conv_factors: str, g_scale: str, fisher: str, factor_reduction: str) -> None:
+    if compute_method not in METHODS:
+        raise ValueError(f"distkfac: compute_method must be one of {sorted(METHODS)}, got {compute_method!r}")
+    _check_choice("conv_factors", conv_factors, CONV_FACTORS)
+    _check_choice("g_scale", g_scale, G_SCALES)
+    if fisher not in ("empirical", "mc"):
+        raise ValueError(f"distkfac: fisher must be 'empirical' or 'mc', got {fisher!r}")
+    if factor_reduction not in ("owner", "allreduce"):
+        raise ValueError(f"distkfac: factor_reduction must be 'owner' or 'allreduce', got {factor_reduction!r}")
+
+
+def _check_steps_and_dtypes(
+    factor_update_steps: int,
+    inv_update_steps: int,
+    factor_dtype: torch.dtype | None,
+    inv_dtype: torch.dtype | None,
+    comm_dtype: torch.dtype | None,
+) -> None:
+    for name, steps in (("factor_update_steps", factor_update_steps), ("inv_update_steps", inv_update_steps)):
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"distkfac: {name} must be an integer >= 1, got {steps!r}")
+    for dtype_name, dtype in (("factor_dtype", factor_dtype), ("inv_dtype", inv_dtype)):
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"distkfac: {dtype_name} must be a floating-point dtype, got {dtype}")
+    if inv_dtype is not None and inv_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"distkfac: inv_dtype must be torch.float32 or torch.float64, got {inv_dtype}")
+    if comm_dtype is not None and comm_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise ValueError(f"distkfac: comm_dtype must be float32, float64, bfloat16 or float16, got {comm_dtype}")
+
+
 def _damping_form(compute_method: str, damping_form: str | None) -> str:
     """The damping form to use: the method's historical one when None, checked against what the method can do."""
     if damping_form is None:
@@ -174,23 +204,11 @@ class KFACPreconditioner:
         factor_reduction: Literal["owner", "allreduce"] = "owner",
         pack_factors: bool = True,
     ) -> None:
-        if compute_method not in METHODS:
-            raise ValueError(f"distkfac: compute_method must be one of {sorted(METHODS)}, got {compute_method!r}")
+        _check_choices(compute_method, conv_factors, g_scale, fisher, factor_reduction)
+        _check_steps_and_dtypes(factor_update_steps, inv_update_steps, factor_dtype, inv_dtype, comm_dtype)
         self.damping_form = _damping_form(compute_method, damping_form)
-        _check_choice("conv_factors", conv_factors, CONV_FACTORS)
-        _check_choice("g_scale", g_scale, G_SCALES)
         self.conv_factors = conv_factors
         self.g_scale = g_scale
-        if fisher not in ("empirical", "mc"):
-            raise ValueError(f"distkfac: fisher must be 'empirical' or 'mc', got {fisher!r}")
-        for name, steps in (("factor_update_steps", factor_update_steps), ("inv_update_steps", inv_update_steps)):
-            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-                raise ValueError(f"distkfac: {name} must be an integer >= 1, got {steps!r}")
-        for dtype_name, dtype in (("factor_dtype", factor_dtype), ("inv_dtype", inv_dtype)):
-            if dtype is not None and not dtype.is_floating_point:
-                raise ValueError(f"distkfac: {dtype_name} must be a floating-point dtype, got {dtype}")
-        if inv_dtype is not None and inv_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"distkfac: inv_dtype must be torch.float32 or torch.float64, got {inv_dtype}")
 
         self.damping = damping
         self.factor_decay = factor_decay
@@ -209,10 +227,6 @@ class KFACPreconditioner:
         self.fisher = fisher
         self.factor_dtype = factor_dtype
         self.inv_dtype = inv_dtype
-        if comm_dtype is not None and comm_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise ValueError(f"distkfac: comm_dtype must be float32, float64, bfloat16 or float16, got {comm_dtype}")
-        if factor_reduction not in ("owner", "allreduce"):
-            raise ValueError(f"distkfac: factor_reduction must be 'owner' or 'allreduce', got {factor_reduction!r}")
         _check_positive("bucket_cap_mb", bucket_cap_mb)
 
         self.comm: Communicator = resolve_communicator(comm)

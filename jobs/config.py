@@ -386,106 +386,122 @@ def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
 
 
 def _validate(c: Config) -> None:
-    _choice("model.name", c.model.name, MODEL_NAMES)
-    _choice("model.activation", c.model.activation, ACTIVATIONS)
-    if not c.model.hidden and c.model.residual:
+    _validate_model(c.model)
+    _validate_data(c.data)
+    _validate_optim(c.optim)
+    _validate_kfac(c.kfac)
+    _validate_run(c.run, c.data)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _choice("model.name", m.name, MODEL_NAMES)
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    if not m.hidden and m.residual:
         raise ConfigError("model.residual = true needs hidden layers: set model.hidden, e.g. [256, 256, 256]")
-    for i, width in enumerate(c.model.hidden):
+    for i, width in enumerate(m.hidden):
         _positive(f"model.hidden[{i}]", width)
-    if c.model.name == "resnet" and (c.model.depth < 8 or (c.model.depth - 2) % 6):
-        raise ConfigError(f"model.depth = {c.model.depth}: a CIFAR ResNet has depth 6n + 2 (8, 14, 20, 32, 44, 56)")
-    _positive("model.width", c.model.width)
+    if m.name == "resnet" and (m.depth < 8 or (m.depth - 2) % 6):
+        raise ConfigError(f"model.depth = {m.depth}: a CIFAR ResNet has depth 6n + 2 (8, 14, 20, 32, 44, 56)")
+    _positive("model.width", m.width)
 
-    _choice("data.name", c.data.name, DATASET_NAMES)
-    _choice("data.format", c.data.format, CIFAR_FORMATS)
-    _positive("data.batch_size", c.data.batch_size)
-    _positive("data.eval_batch_size", c.data.eval_batch_size)
-    _positive("data.train_examples", c.data.train_examples, zero_ok=True)
-    _positive("data.test_examples", c.data.test_examples, zero_ok=True)
-    if not c.data.synthetic_shape or any(s <= 0 for s in c.data.synthetic_shape):
-        raise ConfigError(f"data.synthetic_shape must be a non-empty list of sizes > 0, got {c.data.synthetic_shape}")
-    if c.data.synthetic_classes < 2:
-        raise ConfigError(f"data.synthetic_classes must be >= 2, got {c.data.synthetic_classes}")
-    _positive("data.synthetic_train_size", c.data.synthetic_train_size)
-    _positive("data.synthetic_test_size", c.data.synthetic_test_size)
-    _positive("data.synthetic_separation", c.data.synthetic_separation, zero_ok=True)
 
-    _choice("optim.name", c.optim.name, OPTIMIZER_NAMES)
-    _choice("optim.schedule", c.optim.schedule, SCHEDULE_NAMES)
-    _choice("optim.momentum_form", c.optim.momentum_form, MOMENTUM_FORMS)
-    if c.optim.momentum_form == "chainer" and c.optim.nesterov:
+def _validate_data(d: DataConfig) -> None:
+    _choice("data.name", d.name, DATASET_NAMES)
+    _choice("data.format", d.format, CIFAR_FORMATS)
+    _positive("data.batch_size", d.batch_size)
+    _positive("data.eval_batch_size", d.eval_batch_size)
+    _positive("data.train_examples", d.train_examples, zero_ok=True)
+    _positive("data.test_examples", d.test_examples, zero_ok=True)
+    if not d.synthetic_shape or any(s <= 0 for s in d.synthetic_shape):
+        raise ConfigError(f"data.synthetic_shape must be a non-empty list of sizes > 0, got {d.synthetic_shape}")
+    if d.synthetic_classes < 2:
+        raise ConfigError(f"data.synthetic_classes must be >= 2, got {d.synthetic_classes}")
+    _positive("data.synthetic_train_size", d.synthetic_train_size)
+    _positive("data.synthetic_test_size", d.synthetic_test_size)
+    _positive("data.synthetic_separation", d.synthetic_separation, zero_ok=True)
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _choice("optim.name", o.name, OPTIMIZER_NAMES)
+    _choice("optim.schedule", o.schedule, SCHEDULE_NAMES)
+    _choice("optim.momentum_form", o.momentum_form, MOMENTUM_FORMS)
+    if o.momentum_form == "chainer" and o.nesterov:
         raise ConfigError("optim.momentum_form = 'chainer' has no Nesterov variant: set optim.nesterov = false")
-    _positive("optim.lr", c.optim.lr)
-    if not 0 <= c.optim.momentum < 1:
-        raise ConfigError(f"optim.momentum must be in [0, 1), got {c.optim.momentum}")
-    if c.optim.nesterov and c.optim.momentum == 0:
+    _positive("optim.lr", o.lr)
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+    if o.nesterov and o.momentum == 0:
         raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
-    _positive("optim.weight_decay", c.optim.weight_decay, zero_ok=True)
-    if len(c.optim.betas) != 2 or not all(0 <= b < 1 for b in c.optim.betas):
-        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {c.optim.betas}")
-    _positive("optim.eps", c.optim.eps)
-    if c.optim.milestones != sorted(set(c.optim.milestones)) or any(m <= 0 for m in c.optim.milestones):
-        raise ConfigError(f"optim.milestones must be increasing epochs > 0, got {c.optim.milestones}")
-    _positive("optim.decay_every", c.optim.decay_every, zero_ok=True)
-    if c.optim.decay_every and c.optim.milestones:
+    _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _positive("optim.eps", o.eps)
+    if o.milestones != sorted(set(o.milestones)) or any(m <= 0 for m in o.milestones):
+        raise ConfigError(f"optim.milestones must be increasing epochs > 0, got {o.milestones}")
+    _positive("optim.decay_every", o.decay_every, zero_ok=True)
+    if o.decay_every and o.milestones:
         raise ConfigError(
             "give optim.milestones (decay at those epochs) or optim.decay_every (every N epochs), not both"
         )
-    if c.optim.schedule == "step" and not (c.optim.milestones or c.optim.decay_every):
+    if o.schedule == "step" and not (o.milestones or o.decay_every):
         raise ConfigError(
             "optim.schedule = 'step' needs optim.milestones (epochs), e.g. [30, 60], or optim.decay_every (epochs)"
         )
-    _positive("optim.gamma", c.optim.gamma)
-    _positive("optim.end_lr", c.optim.end_lr, zero_ok=True)
-    if not 0.0 <= c.optim.end_factor <= 1.0:
-        raise ConfigError(f"optim.end_factor must be in [0, 1] (a fraction of the peak lr), not {c.optim.end_factor}")
-    _positive("optim.warmup_steps", c.optim.warmup_steps, zero_ok=True)
-    _positive("optim.warmup_epochs", c.optim.warmup_epochs, zero_ok=True)
-    if c.optim.warmup_steps and c.optim.warmup_epochs:
+    _positive("optim.gamma", o.gamma)
+    _positive("optim.end_lr", o.end_lr, zero_ok=True)
+    if not 0.0 <= o.end_factor <= 1.0:
+        raise ConfigError(f"optim.end_factor must be in [0, 1] (a fraction of the peak lr), not {o.end_factor}")
+    _positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    _positive("optim.warmup_epochs", o.warmup_epochs, zero_ok=True)
+    if o.warmup_steps and o.warmup_epochs:
         raise ConfigError("give optim.warmup_steps or optim.warmup_epochs, not both")
-    _positive("optim.base_batch_size", c.optim.base_batch_size, zero_ok=True)
+    _positive("optim.base_batch_size", o.base_batch_size, zero_ok=True)
 
-    _positive("kfac.damping", c.kfac.damping)
-    if not 0 <= c.kfac.factor_decay < 1:
-        raise ConfigError(f"kfac.factor_decay must be in [0, 1), got {c.kfac.factor_decay}")
-    _positive("kfac.factor_update_steps", c.kfac.factor_update_steps)
-    _positive("kfac.inv_update_steps", c.kfac.inv_update_steps)
-    _positive("kfac.kl_clip", c.kfac.kl_clip, zero_ok=True)
-    _choice("kfac.compute_method", c.kfac.compute_method, ("eigen", "inverse"))
-    _choice("kfac.damping_form", c.kfac.damping_form, DAMPING_FORMS)
-    if c.kfac.compute_method == "inverse" and c.kfac.damping_form == "tikhonov":
+
+def _validate_kfac(k: KFACConfig) -> None:
+    _positive("kfac.damping", k.damping)
+    if not 0 <= k.factor_decay < 1:
+        raise ConfigError(f"kfac.factor_decay must be in [0, 1), got {k.factor_decay}")
+    _positive("kfac.factor_update_steps", k.factor_update_steps)
+    _positive("kfac.inv_update_steps", k.inv_update_steps)
+    _positive("kfac.kl_clip", k.kl_clip, zero_ok=True)
+    _choice("kfac.compute_method", k.compute_method, ("eigen", "inverse"))
+    _choice("kfac.damping_form", k.damping_form, DAMPING_FORMS)
+    if k.compute_method == "inverse" and k.damping_form == "tikhonov":
         raise ConfigError(
             "kfac.damping_form = 'tikhonov' needs kfac.compute_method = 'eigen': the exact damping of A (x) G is not "
             "a product of two factor inverses (use damping_form = 'factored' or 'factored-pi' with 'inverse')"
         )
-    _choice("kfac.conv_factors", c.kfac.conv_factors, CONV_FACTORS)
-    _choice("kfac.g_scale", c.kfac.g_scale, G_SCALES)
-    _choice("kfac.fisher", c.kfac.fisher, ("empirical", "mc"))
-    _choice("kfac.strategy", c.kfac.strategy, ("comm-opt", "mem-opt", "hybrid"))
+    _choice("kfac.conv_factors", k.conv_factors, CONV_FACTORS)
+    _choice("kfac.g_scale", k.g_scale, G_SCALES)
+    _choice("kfac.fisher", k.fisher, ("empirical", "mc"))
+    _choice("kfac.strategy", k.strategy, ("comm-opt", "mem-opt", "hybrid"))
     for key in ("factor_dtype", "inv_dtype", "comm_dtype"):
-        _choice(f"kfac.{key}", getattr(c.kfac, key), DTYPE_NAMES)
-    _positive("kfac.bucket_cap_mb", c.kfac.bucket_cap_mb)
+        _choice(f"kfac.{key}", getattr(k, key), DTYPE_NAMES)
+    _positive("kfac.bucket_cap_mb", k.bucket_cap_mb)
 
-    if (c.run.epochs > 0) == (c.run.steps > 0) or c.run.epochs < 0 or c.run.steps < 0:
+
+def _validate_run(r: RunConfig, d: DataConfig) -> None:
+    if (r.epochs > 0) == (r.steps > 0) or r.epochs < 0 or r.steps < 0:
         raise ConfigError(
-            f"give exactly one of run.epochs and run.steps (> 0); got epochs = {c.run.epochs}, steps = {c.run.steps}"
+            f"give exactly one of run.epochs and run.steps (> 0); got epochs = {r.epochs}, steps = {r.steps}"
         )
     for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads"):
-        _positive(f"run.{key}", getattr(c.run, key), zero_ok=True)
-    _positive("run.log_every", c.run.log_every)
+        _positive(f"run.{key}", getattr(r, key), zero_ok=True)
+    _positive("run.log_every", r.log_every)
     for key in ("eval_every_steps", "noise_every", "train_eval_examples"):
-        _positive(f"run.{key}", getattr(c.run, key), zero_ok=True)
-    if not 0.0 <= c.run.target_accuracy <= 1.0:
+        _positive(f"run.{key}", getattr(r, key), zero_ok=True)
+    if not 0.0 <= r.target_accuracy <= 1.0:
         raise ConfigError(
             f"run.target_accuracy must be in (0, 1] (a fraction of the test split: 0.9 for 90%), or 0 for no "
-            f"target; got {c.run.target_accuracy}"
+            f"target; got {r.target_accuracy}"
         )
-    if c.run.noise_every and c.data.batch_size < 2:
+    if r.noise_every and d.batch_size < 2:
         raise ConfigError(
             f"run.noise_every needs a local batch of at least 2 examples to split in two halves, but "
-            f"data.batch_size = {c.data.batch_size}: raise data.batch_size or set run.noise_every = 0"
+            f"data.batch_size = {d.batch_size}: raise data.batch_size or set run.noise_every = 0"
         )
-    _choice("run.backend", c.run.backend, BACKENDS)
+    _choice("run.backend", r.backend, BACKENDS)
 
 
 def ignored_keys(config: Config) -> list[str]:

@@ -226,6 +226,24 @@ def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
     )  # fmt: skip
 
 
+def _check_objective(path: Path, objective: str, target: float) -> None:
+    """The objective and the target must fit: one counts steps to the target, the other needs no early stop."""
+    if objective == "steps_to_target" and not target:
+        raise _fail(path, "tune.objective", "steps_to_target needs study.target_accuracy > 0")
+    if objective == "best_test_error" and target:
+        raise _fail(
+            path, "tune.objective",
+            "best_test_error ranks runs by their best evaluation over the whole budget: remove "
+            "study.target_accuracy (a target would stop runs early)",
+        )  # fmt: skip
+
+
+def _seeds(path: Path, raw: Any) -> tuple[int, ...]:
+    if not isinstance(raw, list) or len(set(map(repr, raw))) != len(raw):
+        raise _fail(path, "study.seeds", f"must be a list of distinct integers >= 0, e.g. [0, 1, 2], not {raw!r}")
+    return tuple(_int(path, "study.seeds", seed, 0) for seed in raw)
+
+
 def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConfig:
     """Reads and checks a study file; ``out_dir`` replaces the file's ``study.out_dir``."""
     path = Path(path)
@@ -293,17 +311,8 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
     tune = _tune(path, raw["tune"], optimizers) if "tune" in raw else None
     if tune is not None and "given" in raw:
         raise _fail(path, "[given]", "a study either tunes ([tune]) or takes given values ([given]), not both")
-    if tune is not None and tune.objective == "steps_to_target" and not target:
-        raise _fail(path, "tune.objective", "steps_to_target needs study.target_accuracy > 0")
-    if tune is not None and tune.objective == "best_test_error" and target:
-        raise _fail(
-            path, "tune.objective",
-            "best_test_error ranks runs by their best evaluation over the whole budget: remove "
-            "study.target_accuracy (a target would stop runs early)",
-        )  # fmt: skip
-    seeds_raw = study.get("seeds", [])
-    if not isinstance(seeds_raw, list) or len(set(map(repr, seeds_raw))) != len(seeds_raw):
-        raise _fail(path, "study.seeds", f"must be a list of distinct integers >= 0, e.g. [0, 1, 2], not {seeds_raw!r}")
+    if tune is not None:
+        _check_objective(path, tune.objective, target)
     return StudyConfig(
         name=name, path=path.resolve(), base_config=base, optimizers=tuple(optimizers), batch_sizes=batch_sizes,
         target_accuracy=float(target), max_steps=max_steps, max_epochs=max_epochs, eval_every_steps=eval_every,
@@ -314,7 +323,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
         variants=variants,
         optimizer_overrides={k: _strings(path, f"study.optimizer_overrides.{k}", v) for k, v in per_optimizer.items()},
         tune=tune, given=_given(path, raw.get("given", {}), optimizers),
-        seeds=tuple(_int(path, "study.seeds", seed, 0) for seed in seeds_raw),
+        seeds=_seeds(path, study.get("seeds", [])),
     )  # fmt: skip
 
 
