@@ -5,11 +5,20 @@ The package is laid out by concern: ``layers`` (per-layer maths), ``methods`` (e
 Horovod, or nothing), ``preconditioner`` (orchestration only).
 """
 
+from distkfac.assignment import STRATEGIES
 from distkfac.comm import CommunicationError, Communicator, SingleProcessCommunicator
-from distkfac.methods import DecompositionError
-from distkfac.preconditioner import KFACPreconditioner
+from distkfac.layers import CONV_FACTORS, G_SCALES
+from distkfac.methods import DAMPING_FORMS, METHODS, DecompositionError
+from distkfac.preconditioner import FACTOR_REDUCTIONS, FISHER_TYPES, KFACPreconditioner
 
 __all__ = [
+    "CONV_FACTORS",
+    "DAMPING_FORMS",
+    "FACTOR_REDUCTIONS",
+    "FISHER_TYPES",
+    "G_SCALES",
+    "METHODS",
+    "STRATEGIES",
     "CommunicationError",
     "Communicator",
     "DecompositionError",

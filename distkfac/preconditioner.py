@@ -64,7 +64,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from distkfac.assignment import Strategy, assign_work, grad_workers_for
-from distkfac.comm import Communicator, resolve_communicator
+from distkfac.comm import Communicator, average_gradients, resolve_communicator
 from distkfac.exchange import DecompositionExchange, FactorExchange, FactorKey, GradientExchange
 from distkfac.layers import CONV_FACTORS, G_SCALES, ConvFactors, GScale, LayerHelper, helper_for
 from distkfac.methods import DAMPING_FORMS, METHODS, ComputeMethod, DampingForm, DecompositionError, pi_correction
@@ -101,6 +101,10 @@ class _Group:
     g_state: list[torch.Tensor]
 
 
+FISHER_TYPES: tuple[str, ...] = ("empirical", "mc")
+FACTOR_REDUCTIONS: tuple[str, ...] = ("owner", "allreduce")
+
+
 def _check_positive(name: str, value: float) -> float:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise ValueError(f"distkfac: {name} must be a finite number > 0, got {value!r}")
@@ -117,9 +121,9 @@ def _check_choices(compute_method: str, conv_factors: str, g_scale: str, fisher:
         raise ValueError(f"distkfac: compute_method must be one of {sorted(METHODS)}, got {compute_method!r}")
     _check_choice("conv_factors", conv_factors, CONV_FACTORS)
     _check_choice("g_scale", g_scale, G_SCALES)
-    if fisher not in ("empirical", "mc"):
+    if fisher not in FISHER_TYPES:
         raise ValueError(f"distkfac: fisher must be 'empirical' or 'mc', got {fisher!r}")
-    if factor_reduction not in ("owner", "allreduce"):
+    if factor_reduction not in FACTOR_REDUCTIONS:
         raise ValueError(f"distkfac: factor_reduction must be 'owner' or 'allreduce', got {factor_reduction!r}")
 
 
@@ -510,21 +514,7 @@ class KFACPreconditioner:
 
     def _average_gradients(self) -> None:
         """For a model without DDP: average every parameter's gradient over the ranks, one buffer per dtype."""
-        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-        for param in self._params:
-            if param.grad is not None:
-                by_kind[(param.grad.device, param.grad.dtype)].append(param.grad)
-        pending = []
-        for grads in by_kind.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            pending.append((grads, flat, self.comm.allreduce_sum(flat, "gradient averaging")))
-        for grads, flat, handle in pending:
-            handle.wait()
-            flat.div_(self.comm.world_size)
-            offset = 0
-            for grad in grads:
-                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
+        average_gradients(self._params, self.comm)
 
     def _hand_off(self, layer: _Layer, launch: bool) -> None:
         """Give the exchange this pass's batch factors of ``layer`` (the mean over its calls in the pass)."""

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
+
 __all__ = [
     "ACTIVATIONS",
     "DATASET_NAMES",
@@ -58,12 +60,8 @@ MODEL_NAMES: Final = ("mlp", "lenet5", "resnet")
 ACTIVATIONS: Final = ("relu", "tanh", "none")
 DATASET_NAMES: Final = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 CIFAR_FORMATS: Final = ("auto", "python", "folder")
-OPTIMIZER_NAMES: Final = ("sgd", "adam", "adamw", "kfac")
 SCHEDULE_NAMES: Final = ("constant", "step", "linear")
 MOMENTUM_FORMS: Final = ("torch", "chainer")
-DAMPING_FORMS: Final = ("", "tikhonov", "factored", "factored-pi")
-CONV_FACTORS: Final = ("mean", "kfc")
-G_SCALES: Final = ("example", "batch")
 DTYPE_NAMES: Final = ("", "float32", "float64", "bfloat16", "float16")
 BACKENDS: Final = ("auto", "gloo", "nccl", "horovod", "single")
 
@@ -205,12 +203,7 @@ _MODEL_KEYS: Final[dict[str, set[str]]] = {
     "lenet5": {"activation"},
     "resnet": {"depth", "width"},
 }
-_OPTIM_KEYS: Final[dict[str, set[str]]] = {
-    "sgd": {"momentum", "momentum_form", "nesterov"},
-    "kfac": {"momentum", "momentum_form", "nesterov"},
-    "adam": {"betas", "eps"},
-    "adamw": {"betas", "eps"},
-}
+_OPTIM_KEYS: Final[dict[str, frozenset[str]]] = {name: entry.keys for name, entry in OPTIMIZERS.items()}
 # Run keys that do not change what a run computes: they may differ between a run and its resumption.
 # Evaluations never change the parameters, so eval_every and eval_every_steps are here although, with
 # stop_at_target, they decide at which steps the run may stop: changing them on resume changes only the resolution
@@ -459,23 +452,26 @@ def _validate_optim(o: OptimConfig) -> None:
 
 
 def _validate_kfac(k: KFACConfig) -> None:
+    # distkfac's own lists (imported here: distkfac imports torch, which the rest of the config does not need).
+    import distkfac
+
     _positive("kfac.damping", k.damping)
     if not 0 <= k.factor_decay < 1:
         raise ConfigError(f"kfac.factor_decay must be in [0, 1), got {k.factor_decay}")
     _positive("kfac.factor_update_steps", k.factor_update_steps)
     _positive("kfac.inv_update_steps", k.inv_update_steps)
     _positive("kfac.kl_clip", k.kl_clip, zero_ok=True)
-    _choice("kfac.compute_method", k.compute_method, ("eigen", "inverse"))
-    _choice("kfac.damping_form", k.damping_form, DAMPING_FORMS)
+    _choice("kfac.compute_method", k.compute_method, tuple(distkfac.METHODS))
+    _choice("kfac.damping_form", k.damping_form, ("", *distkfac.DAMPING_FORMS))
     if k.compute_method == "inverse" and k.damping_form == "tikhonov":
         raise ConfigError(
             "kfac.damping_form = 'tikhonov' needs kfac.compute_method = 'eigen': the exact damping of A (x) G is not "
             "a product of two factor inverses (use damping_form = 'factored' or 'factored-pi' with 'inverse')"
         )
-    _choice("kfac.conv_factors", k.conv_factors, CONV_FACTORS)
-    _choice("kfac.g_scale", k.g_scale, G_SCALES)
-    _choice("kfac.fisher", k.fisher, ("empirical", "mc"))
-    _choice("kfac.strategy", k.strategy, ("comm-opt", "mem-opt", "hybrid"))
+    _choice("kfac.conv_factors", k.conv_factors, distkfac.CONV_FACTORS)
+    _choice("kfac.g_scale", k.g_scale, distkfac.G_SCALES)
+    _choice("kfac.fisher", k.fisher, distkfac.FISHER_TYPES)
+    _choice("kfac.strategy", k.strategy, distkfac.STRATEGIES)
     for key in ("factor_dtype", "inv_dtype", "comm_dtype"):
         _choice(f"kfac.{key}", getattr(k, key), DTYPE_NAMES)
     _positive("kfac.bucket_cap_mb", k.bucket_cap_mb)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from distkfac.comm.base import CommStats, CommunicationError, Communicator, Pending, SingleProcessCommunicator
+from distkfac.comm.ops import average_gradients, barrier, broadcast_from, leave
 
 __all__ = [
     "CommStats",
@@ -17,6 +18,10 @@ __all__ = [
     "Communicator",
     "Pending",
     "SingleProcessCommunicator",
+    "average_gradients",
+    "barrier",
+    "broadcast_from",
+    "leave",
     "resolve_communicator",
 ]
 
