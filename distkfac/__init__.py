@@ -2,14 +2,16 @@
 
 The package is laid out by concern: ``layers`` (per-layer maths), ``methods`` (eigen and inverse decompositions),
 ``assignment`` (which rank does what), ``exchange`` (what travels when), ``comm`` (how it travels: torch.distributed,
-Horovod, or nothing), ``preconditioner`` (orchestration only).
+Horovod, or nothing), ``factors`` (the names A and G), ``settings`` (the constructor's arguments, checked),
+``preconditioner`` (orchestration only).
 """
 
 from distkfac.assignment import STRATEGIES
 from distkfac.comm import CommunicationError, Communicator, SingleProcessCommunicator
 from distkfac.layers import CONV_FACTORS, G_SCALES
 from distkfac.methods import DAMPING_FORMS, METHODS, DecompositionError
-from distkfac.preconditioner import FACTOR_REDUCTIONS, FISHER_TYPES, KFACPreconditioner
+from distkfac.preconditioner import KFACPreconditioner
+from distkfac.settings import FACTOR_REDUCTIONS, FISHER_TYPES, KFACSettings
 
 __all__ = [
     "CONV_FACTORS",
@@ -23,6 +25,7 @@ __all__ = [
     "Communicator",
     "DecompositionError",
     "KFACPreconditioner",
+    "KFACSettings",
     "SingleProcessCommunicator",
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, of_kind
+
 Strategy = Literal["comm-opt", "mem-opt", "hybrid"]
 STRATEGIES: tuple[str, ...] = ("comm-opt", "mem-opt", "hybrid")
 
@@ -69,6 +71,10 @@ class LayerWork:
     g_owner: int
     grad_workers: tuple[int, ...]
 
+    def owner(self, kind: FactorKind) -> int:
+        """The rank that decomposes the layer's ``kind`` factor."""
+        return self.a_owner if kind is FactorKind.A else self.g_owner
+
 
 @dataclass(frozen=True)
 class WorkAssignment:
@@ -113,16 +119,24 @@ def assign_work(dims: Sequence[tuple[int, int]], world_size: int, grad_workers: 
         group_load[k] += layer_cost[index]
 
     rank_load = [0.0] * world_size
-    owners: dict[tuple[int, int], int] = {}  # (layer, 0 for A / 1 for G) -> rank
-    factors = [(decomposition_cost(n), index, kind) for index, pair in enumerate(dims) for kind, n in enumerate(pair)]
-    for cost, index, kind in sorted(factors, key=lambda f: (-f[0], f[1], f[2])):
-        members = worker_groups[layer_group[index]]
+    owners: dict[FactorKey, int] = {}
+    factors = [
+        (decomposition_cost(of_kind(kind, pair)), FactorKey(index, kind))
+        for index, pair in enumerate(dims)
+        for kind in FACTOR_KINDS
+    ]
+    for cost, key in sorted(factors, key=lambda f: (-f[0], f[1])):  # largest first; A before G on ties
+        members = worker_groups[layer_group[key.layer]]
         rank = min(members, key=lambda r: (rank_load[r], r))
-        owners[(index, kind)] = rank
+        owners[key] = rank
         rank_load[rank] += cost
 
     layers = tuple(
-        LayerWork(a_owner=owners[(i, 0)], g_owner=owners[(i, 1)], grad_workers=worker_groups[layer_group[i]])
+        LayerWork(
+            a_owner=owners[FactorKey(i, FactorKind.A)],
+            g_owner=owners[FactorKey(i, FactorKind.G)],
+            grad_workers=worker_groups[layer_group[i]],
+        )
         for i in range(len(dims))
     )
     return WorkAssignment(world_size, layers, worker_groups, receiver_groups, tuple(rank_load))

@@ -21,43 +21,53 @@ import torch
 
 from distkfac.assignment import WorkAssignment
 from distkfac.comm.base import Communicator, Pending
+from distkfac.factors import FACTOR_KINDS, FactorKey, of_kind
 
-FactorKey = tuple[int, int]  # (layer index, 0 for A / 1 for G)
-
-_triu_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _triu(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions of the upper triangle of an ``n x n`` matrix, row by row, and of its mirror image."""
-    key = (n, device)
-    if key not in _triu_cache:
-        rows, cols = torch.triu_indices(n, n, device=device)
-        _triu_cache[key] = (rows * n + cols, cols * n + rows)
-    return _triu_cache[key]
+__all__ = ["DecompositionExchange", "FactorExchange", "GradientExchange", "SymmetricPacking", "packed_size"]
 
 
 def packed_size(n: int, pack: bool) -> int:
     return n * (n + 1) // 2 if pack else n * n
 
 
-def pack_symmetric(matrix: torch.Tensor, pack: bool) -> torch.Tensor:
-    """The upper triangle of a symmetric matrix, row by row (or the whole matrix when ``pack`` is off)."""
-    if not pack:
-        return matrix.reshape(-1)
-    upper, _ = _triu(matrix.shape[0], matrix.device)
-    # 1-D index_select/index_copy_ are several times faster than 2-D advanced indexing on CPU.
-    return matrix.reshape(-1).index_select(0, upper)
+class SymmetricPacking:
+    """Symmetric matrices as their upper triangles, row by row (or whole, when ``packed`` is off), and back.
 
+    The index tensors are made once per size and device and kept here, by the exchange that packs.
+    """
 
-def unpack_symmetric(flat: torch.Tensor, n: int, pack: bool, dtype: torch.dtype) -> torch.Tensor:
-    if not pack:
-        return flat.view(n, n).to(dtype)
-    upper, lower = _triu(n, flat.device)
-    values = flat.to(dtype)
-    out = torch.empty(n * n, dtype=dtype, device=flat.device)
-    out.index_copy_(0, upper, values)
-    out.index_copy_(0, lower, values)
-    return out.view(n, n)
+    def __init__(self, packed: bool = True) -> None:
+        self.packed = packed
+        self._indices: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def size(self, n: int) -> int:
+        """How many numbers an ``n x n`` matrix takes."""
+        return packed_size(n, self.packed)
+
+    def _triangle(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat positions of the upper triangle of an ``n x n`` matrix, row by row, and of its mirror image."""
+        key = (n, device)
+        if key not in self._indices:
+            rows, cols = torch.triu_indices(n, n, device=device)
+            self._indices[key] = (rows * n + cols, cols * n + rows)
+        return self._indices[key]
+
+    def pack(self, matrix: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return matrix.reshape(-1)
+        upper, _ = self._triangle(matrix.shape[0], matrix.device)
+        # 1-D index_select/index_copy_ are several times faster than 2-D advanced indexing on CPU.
+        return matrix.reshape(-1).index_select(0, upper)
+
+    def unpack(self, flat: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+        if not self.packed:
+            return flat.view(n, n).to(dtype)
+        upper, lower = self._triangle(n, flat.device)
+        values = flat.to(dtype)
+        out = torch.empty(n * n, dtype=dtype, device=flat.device)
+        out.index_copy_(0, upper, values)
+        out.index_copy_(0, lower, values)
+        return out.view(n, n)
 
 
 class FactorExchange:
@@ -78,13 +88,13 @@ class FactorExchange:
         self.dims = list(dims)
         self.comm_dtype = comm_dtype
         self.reduction = reduction
-        self.pack = pack
+        self.packing = SymmetricPacking(pack)
         self.distributed = comm.world_size > 1
         layers = assignment.layers
         self.owner: dict[FactorKey, int] = {}
         for index, work in enumerate(layers):
-            self.owner[(index, 0)] = work.a_owner
-            self.owner[(index, 1)] = work.g_owner
+            for kind in FACTOR_KINDS:
+                self.owner[FactorKey(index, kind)] = work.owner(kind)
         everything = reduction == "allreduce" or not self.distributed
         self.owned: set[FactorKey] = {key for key, rank in self.owner.items() if everything or rank == comm.rank}
 
@@ -97,7 +107,7 @@ class FactorExchange:
                 self.buckets.append([])
                 size = 0
             self.buckets[-1].append(index)
-            size += element * sum(packed_size(n, pack) for n in dims[index])
+            size += element * sum(self.packing.size(n) for n in dims[index])
         self.bucket_of = {index: b for b, members in enumerate(self.buckets) for index in members}
 
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -116,11 +126,12 @@ class FactorExchange:
         """One pass's batch factors of ``layer``. With ``launch``, complete buckets start reducing right away."""
         self._passes[layer] = self._passes.get(layer, 0) + 1
         if not self.distributed:
-            for kind, batch in enumerate((a_batch, g_batch)):
-                key = (layer, kind)
+            for kind in FACTOR_KINDS:
+                key, batch = FactorKey(layer, kind), of_kind(kind, (a_batch, g_batch))
                 self._sums[key] = batch if key not in self._sums else self._sums[key].add_(batch)
             return
-        self._dtypes[(layer, 0)], self._dtypes[(layer, 1)] = a_batch.dtype, g_batch.dtype
+        for kind in FACTOR_KINDS:
+            self._dtypes[FactorKey(layer, kind)] = of_kind(kind, (a_batch, g_batch)).dtype
         self._staged[layer] = (a_batch, g_batch)
         if launch:
             while self._next_bucket < len(self.buckets) and all(
@@ -137,14 +148,15 @@ class FactorExchange:
             return
         keys_by_rank: list[list[FactorKey]] = [[] for _ in range(self.comm.world_size)]
         for index in staged:
-            for kind in (0, 1):
-                target = 0 if self.reduction == "allreduce" else self.owner[(index, kind)]
-                keys_by_rank[target].append((index, kind))
+            for kind in FACTOR_KINDS:
+                key = FactorKey(index, kind)
+                target = 0 if self.reduction == "allreduce" else self.owner[key]
+                keys_by_rank[target].append(key)
         first = self._staged[staged[0]][0]
         dtype = self.comm_dtype or first.dtype
         segments = []
         for keys in keys_by_rank:
-            parts = [pack_symmetric(self._staged[index][kind], self.pack).to(dtype) for index, kind in keys]
+            parts = [self.packing.pack(of_kind(kind, self._staged[index])).to(dtype) for index, kind in keys]
             segments.append(torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=first.device))
         for index in staged:
             del self._staged[index]
@@ -165,17 +177,17 @@ class FactorExchange:
             pending.wait()
             offset = 0
             for key in keys:
-                n = self.dims[key[0]][key[1]]
-                length = packed_size(n, self.pack)
+                n = of_kind(key.kind, self.dims[key.layer])
+                length = self.packing.size(n)
                 dtype = self._dtypes[key]
                 accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-                value = unpack_symmetric(segment[offset : offset + length], n, self.pack, accumulate)
+                value = self.packing.unpack(segment[offset : offset + length], n, accumulate)
                 offset += length
                 self._sums[key] = value if key not in self._sums else self._sums[key].add_(value)
         self._inflight = []
         result = {}
         for key, total in self._sums.items():
-            count = self._passes[key[0]] * self.comm.world_size
+            count = self._passes[key.layer] * self.comm.world_size
             result[key] = total.div_(count) if count > 1 else total
         self._sums = {}
         self._passes = {}
@@ -202,17 +214,17 @@ class DecompositionExchange:
                 continue
             for src in group:
                 keys = [
-                    (index, kind)
+                    FactorKey(index, kind)
                     for index, work in enumerate(assignment.layers)
                     if work.grad_workers == group
-                    for kind, owner in enumerate((work.a_owner, work.g_owner))
-                    if owner == src
+                    for kind in FACTOR_KINDS
+                    if work.owner(kind) == src
                 ]
                 if keys:
                     self.plan.append((group, src, keys))
 
     def _numel(self, key: FactorKey) -> list[int]:
-        n = self.dims[key[0]][key[1]]
+        n = of_kind(key.kind, self.dims[key.layer])
         return [int(torch.Size(shape).numel()) for shape in self.state_shapes(n)]
 
     def share(
@@ -225,7 +237,7 @@ class DecompositionExchange:
         """Send ``mine`` (this rank's decompositions) and return the ones other ranks sent, for ``ready`` layers."""
         received: list[tuple[list[FactorKey], torch.Tensor, Pending]] = []
         for group, src, all_keys in self.plan:
-            keys = [key for key in all_keys if key[0] in ready]
+            keys = [key for key in all_keys if key.layer in ready]
             if not keys:
                 continue
             if src == self.comm.rank:
@@ -242,7 +254,7 @@ class DecompositionExchange:
             pending.wait()
             offset = 0
             for key in keys:
-                n = self.dims[key[0]][key[1]]
+                n = of_kind(key.kind, self.dims[key.layer])
                 tensors = []
                 for shape in self.state_shapes(n):
                     numel = int(torch.Size(shape).numel())

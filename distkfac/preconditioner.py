@@ -63,13 +63,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from distkfac.assignment import Strategy, assign_work, grad_workers_for
+from distkfac.assignment import Strategy, WorkAssignment, assign_work, grad_workers_for
 from distkfac.comm import Communicator, average_gradients, resolve_communicator
-from distkfac.exchange import DecompositionExchange, FactorExchange, FactorKey, GradientExchange
-from distkfac.layers import CONV_FACTORS, G_SCALES, ConvFactors, GScale, LayerHelper, helper_for
-from distkfac.methods import DAMPING_FORMS, METHODS, ComputeMethod, DampingForm, DecompositionError, pi_correction
+from distkfac.exchange import DecompositionExchange, FactorExchange, GradientExchange
+from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, of_kind
+from distkfac.layers import ConvFactors, GScale, LayerHelper, helper_for
+from distkfac.methods import METHODS, ComputeMethod, DampingForm, DecompositionError, pi_correction
+from distkfac.settings import (
+    FACTOR_REDUCTIONS,
+    FISHER_TYPES,
+    Hyperparameter,
+    KFACSettings,
+    check_decay,
+    hyperparameter_at,
+)
 
-Hyperparameter = float | Callable[[int], float]
+__all__ = ["FACTOR_REDUCTIONS", "FISHER_TYPES", "KFACPreconditioner"]
 
 
 @dataclass(eq=False)
@@ -90,6 +99,15 @@ class _Layer:
     has_factors: bool = False  # its factors have been updated at least once (known on every rank)
     decomposed: bool = False
 
+    def factor(self, kind: FactorKind) -> torch.Tensor | None:
+        return self.a_factor if kind is FactorKind.A else self.g_factor
+
+    def set_factor(self, kind: FactorKind, value: torch.Tensor) -> None:
+        if kind is FactorKind.A:
+            self.a_factor = value
+        else:
+            self.g_factor = value
+
 
 @dataclass(eq=False)
 class _Group:
@@ -100,72 +118,9 @@ class _Group:
     a_state: list[torch.Tensor]
     g_state: list[torch.Tensor]
 
-
-FISHER_TYPES: tuple[str, ...] = ("empirical", "mc")
-FACTOR_REDUCTIONS: tuple[str, ...] = ("owner", "allreduce")
-
-
-def _check_positive(name: str, value: float) -> float:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"distkfac: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"distkfac: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _check_choices(compute_method: str, conv_factors: str, g_scale: str, fisher: str, factor_reduction: str) -> None:
-    if compute_method not in METHODS:
-        raise ValueError(f"distkfac: compute_method must be one of {sorted(METHODS)}, got {compute_method!r}")
-    _check_choice("conv_factors", conv_factors, CONV_FACTORS)
-    _check_choice("g_scale", g_scale, G_SCALES)
-    if fisher not in FISHER_TYPES:
-        raise ValueError(f"distkfac: fisher must be 'empirical' or 'mc', got {fisher!r}")
-    if factor_reduction not in FACTOR_REDUCTIONS:
-        raise ValueError(f"distkfac: factor_reduction must be 'owner' or 'allreduce', got {factor_reduction!r}")
-
-
-def _check_steps_and_dtypes(
-    factor_update_steps: int,
-    inv_update_steps: int,
-    factor_dtype: torch.dtype | None,
-    inv_dtype: torch.dtype | None,
-    comm_dtype: torch.dtype | None,
-) -> None:
-    for name, steps in (("factor_update_steps", factor_update_steps), ("inv_update_steps", inv_update_steps)):
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"distkfac: {name} must be an integer >= 1, got {steps!r}")
-    for dtype_name, dtype in (("factor_dtype", factor_dtype), ("inv_dtype", inv_dtype)):
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"distkfac: {dtype_name} must be a floating-point dtype, got {dtype}")
-    if inv_dtype is not None and inv_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"distkfac: inv_dtype must be torch.float32 or torch.float64, got {inv_dtype}")
-    if comm_dtype is not None and comm_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise ValueError(f"distkfac: comm_dtype must be float32, float64, bfloat16 or float16, got {comm_dtype}")
-
-
-def _damping_form(compute_method: str, damping_form: str | None) -> str:
-    """The damping form to use: the method's historical one when None, checked against what the method can do."""
-    if damping_form is None:
-        return METHODS[compute_method].default_form
-    _check_choice("damping_form", damping_form, DAMPING_FORMS)
-    if damping_form not in METHODS[compute_method].forms:
-        raise ValueError(
-            f"distkfac: damping_form={damping_form!r} cannot be used with compute_method={compute_method!r}: "
-            "(A (x) G + damping I)^-1 is no product of two factor inverses. Use compute_method='eigen' for it, "
-            f"or one of {METHODS[compute_method].forms} with {compute_method!r}"
-        )
-    return damping_form
-
-
-def _check_decay(name: str, value: float) -> float:
-    if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
-        raise ValueError(
-            f"distkfac: {name} must be in [0, 1), got {value!r} (0 keeps only the newest batch; 0.95 is typical)"
-        )
-    return float(value)
+    def state(self, kind: FactorKind) -> list[torch.Tensor]:
+        """The stacked decompositions of the layers' ``kind`` factors (one tensor per part, e.g. Q and d)."""
+        return self.a_state if kind is FactorKind.A else self.g_state
 
 
 class KFACPreconditioner:
@@ -208,31 +163,9 @@ class KFACPreconditioner:
         factor_reduction: Literal["owner", "allreduce"] = "owner",
         pack_factors: bool = True,
     ) -> None:
-        _check_choices(compute_method, conv_factors, g_scale, fisher, factor_reduction)
-        _check_steps_and_dtypes(factor_update_steps, inv_update_steps, factor_dtype, inv_dtype, comm_dtype)
-        self.damping_form = _damping_form(compute_method, damping_form)
-        self.conv_factors = conv_factors
-        self.g_scale = g_scale
-
-        self.damping = damping
-        self.factor_decay = factor_decay
-        self.kl_clip = kl_clip
-        self.lr = lr
-        # Fixed values are checked now; schedules are checked each time they are evaluated.
-        self._hyper(damping, "damping", 0)
-        self._hyper(factor_decay, "factor_decay", 0, _check_decay)
-        self._hyper(lr, "lr", 0)
-        if kl_clip is not None:
-            self._hyper(kl_clip, "kl_clip", 0)
-
-        self.factor_update_steps = factor_update_steps
-        self.inv_update_steps = inv_update_steps
-        self.compute_method = compute_method
-        self.fisher = fisher
-        self.factor_dtype = factor_dtype
-        self.inv_dtype = inv_dtype
-        _check_positive("bucket_cap_mb", bucket_cap_mb)
-
+        # Every keyword argument, by name: KFACSettings has one field for each (tests/test_errors.py checks).
+        settings = KFACSettings.checked(**{k: v for k, v in locals().items() if k not in ("self", "model")})
+        self._adopt(settings)
         self.comm: Communicator = resolve_communicator(comm)
         self._method: ComputeMethod = METHODS[compute_method](self.damping_form)
         self._steps = 0
@@ -240,51 +173,71 @@ class KFACPreconditioner:
         self._sampling = False
         self._paused = False
 
-        self._layers = self._find_layers(model, tuple(skip_layers), conv_factors, g_scale)
+        self._layers = self._find_layers(model, settings.skip_layers, conv_factors, g_scale)
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self.strategy = strategy
-        grad_workers = grad_workers_for(strategy, grad_worker_fraction, self.comm.world_size)
-        dims = [(layer.helper.a_dim, layer.helper.g_dim) for layer in self._layers]
-        self.assignment = assign_work(dims, self.comm.world_size, grad_workers)
         self.overlap_comm = overlap_comm and self.comm.world_size > 1
         self.allreduce_grads = (
             not isinstance(model, nn.parallel.DistributedDataParallel) if allreduce_grads is None else allreduce_grads
         )
-        if self.comm.world_size > 1:
-            self._check_same_everywhere(
-                strategy,
-                grad_workers,
-                factor_reduction,
-                pack_factors,
-                comm_dtype,
-                bucket_cap_mb,
-                self.overlap_comm,
-                self.allreduce_grads,
-            )
-            self.comm.prepare_groups([*self.assignment.worker_groups, *self.assignment.receiver_groups])
-        self._factor_exchange = FactorExchange(
-            self.comm,
-            self.assignment,
-            dims,
-            comm_dtype=comm_dtype,
-            bucket_bytes=int(bucket_cap_mb * 2**20),
-            reduction=factor_reduction,
-            pack=pack_factors,
-        )
-        self._decomposition_exchange = DecompositionExchange(
-            self.comm, self.assignment, dims, self._method.state_shapes
-        )
-        self._gradient_exchange = GradientExchange(self.comm, self.assignment, dims)
-        # This rank preconditions, and keeps the decompositions of, the layers whose worker group it is in.
-        rank = self.comm.rank
-        self._groups = self._make_groups(
-            [layer for layer in self._layers if rank in self.assignment.layers[layer.index].grad_workers]
-        )
+        dims = [(layer.helper.a_dim, layer.helper.g_dim) for layer in self._layers]
+        self.assignment = self._assign(settings, dims)
+        self._make_exchanges(settings, dims)
+        self._groups = self._make_groups()
         self._hooks: list[RemovableHandle] = [
             layer.helper.module.register_forward_hook(self._make_forward_hook(layer)) for layer in self._layers
         ]
 
     # ------------------------------------------------------------------ set-up
+
+    def _adopt(self, settings: KFACSettings) -> None:
+        """The settings as public attributes; ``step()`` reads the hyperparameters from them each time."""
+        self.damping_form = settings.damping_form
+        self.conv_factors = settings.conv_factors
+        self.g_scale = settings.g_scale
+        self.damping = settings.damping
+        self.factor_decay = settings.factor_decay
+        self.kl_clip = settings.kl_clip
+        self.lr = settings.lr
+        self.factor_update_steps = settings.factor_update_steps
+        self.inv_update_steps = settings.inv_update_steps
+        self.compute_method = settings.compute_method
+        self.fisher = settings.fisher
+        self.factor_dtype = settings.factor_dtype
+        self.inv_dtype = settings.inv_dtype
+        self.strategy = settings.strategy
+
+    def _assign(self, settings: KFACSettings, dims: list[tuple[int, int]]) -> WorkAssignment:
+        """Who decomposes and preconditions what; in a distributed run, checked against the other ranks."""
+        grad_workers = grad_workers_for(settings.strategy, settings.grad_worker_fraction, self.comm.world_size)
+        assignment = assign_work(dims, self.comm.world_size, grad_workers)
+        if self.comm.world_size > 1:
+            self._check_same_everywhere(
+                settings.strategy,
+                grad_workers,
+                settings.factor_reduction,
+                settings.pack_factors,
+                settings.comm_dtype,
+                settings.bucket_cap_mb,
+                self.overlap_comm,
+                self.allreduce_grads,
+            )
+            self.comm.prepare_groups([*assignment.worker_groups, *assignment.receiver_groups])
+        return assignment
+
+    def _make_exchanges(self, settings: KFACSettings, dims: list[tuple[int, int]]) -> None:
+        self._factor_exchange = FactorExchange(
+            self.comm,
+            self.assignment,
+            dims,
+            comm_dtype=settings.comm_dtype,
+            bucket_bytes=settings.bucket_bytes,
+            reduction=settings.factor_reduction,
+            pack=settings.pack_factors,
+        )
+        self._decomposition_exchange = DecompositionExchange(
+            self.comm, self.assignment, dims, self._method.state_shapes
+        )
+        self._gradient_exchange = GradientExchange(self.comm, self.assignment, dims)
 
     @staticmethod
     def _find_layers(
@@ -353,7 +306,10 @@ class KFACPreconditioner:
             return self.inv_dtype
         return torch.float64 if helper.weight.dtype == torch.float64 else torch.float32
 
-    def _make_groups(self, layers: list[_Layer]) -> list[_Group]:
+    def _make_groups(self) -> list[_Group]:
+        """Stacks for the layers this rank preconditions (and keeps the decompositions of): its worker groups'."""
+        rank = self.comm.rank
+        layers = [layer for layer in self._layers if rank in self.assignment.layers[layer.index].grad_workers]
         by_shape: dict[tuple[Any, ...], list[_Layer]] = defaultdict(list)
         for layer in layers:
             h = layer.helper
@@ -376,15 +332,6 @@ class KFACPreconditioner:
                 )
             )
         return groups
-
-    # ------------------------------------------------------------------ hyperparameters
-
-    @staticmethod
-    def _hyper(
-        value: Hyperparameter, name: str, step: int, check: Callable[[str, float], float] = _check_positive
-    ) -> float:
-        """The hyperparameter's value at ``step`` (a schedule is called), validated by ``check``."""
-        return check(name, value(step) if callable(value) else value)
 
     # ------------------------------------------------------------------ capture
 
@@ -543,19 +490,21 @@ class KFACPreconditioner:
                 "(model.train(), gradients enabled) through the model given to KFACPreconditioner before step()"
             )
         batches = self._factor_exchange.finish()  # this rank's factors, averaged over ranks and passes
+        self._average_into_factors(batches, hyperparameter_at(self.factor_decay, "factor_decay", step, check_decay))
+        for layer in self._layers:
+            layer.has_factors = layer.has_factors or layer.index in handed
+            layer.a_batch = layer.g_batch = None
+            layer.a_passes = layer.g_passes = 0
 
-        decay = self._hyper(self.factor_decay, "factor_decay", step, _check_decay)
+    def _average_into_factors(self, batches: Mapping[FactorKey, torch.Tensor], decay: float) -> None:
+        """``F <- decay F + (1 - decay) F_b`` for each factor with a new batch ``F_b``; the first batch sets ``F``."""
         running: list[torch.Tensor] = []
         updates: list[torch.Tensor] = []
         for (index, kind), new in batches.items():
             layer = self._layers[index]
-            factor = layer.a_factor if kind == 0 else layer.g_factor
-            dtype = self.factor_dtype or layer.helper.weight.dtype
+            factor = layer.factor(kind)
             if factor is None:
-                if kind == 0:
-                    layer.a_factor = new.to(dtype)
-                else:
-                    layer.g_factor = new.to(dtype)
+                layer.set_factor(kind, new.to(self.factor_dtype or layer.helper.weight.dtype))
             elif factor.dtype in (torch.float32, torch.float64) and factor.dtype == new.dtype:
                 running.append(factor)
                 updates.append(new)
@@ -567,58 +516,71 @@ class KFACPreconditioner:
         if running:
             # One multi-tensor kernel for every factor: F <- F + (1 - decay) (F_b - F).
             torch._foreach_lerp_(running, updates, 1.0 - decay)
-        for layer in self._layers:
-            layer.has_factors = layer.has_factors or layer.index in handed
-            layer.a_batch = layer.g_batch = None
-            layer.a_passes = layer.g_passes = 0
 
     def _update_decompositions(self, step: int) -> None:
-        damping = self._hyper(self.damping, "damping", step)
+        damping = hyperparameter_at(self.damping, "damping", step)
         ready = {layer.index for layer in self._layers if layer.has_factors}
-        by_size: dict[tuple[Any, ...], list[FactorKey]] = defaultdict(list)
-        owner = self._factor_exchange.owner
-        for index, kind in sorted(key for key, rank in owner.items() if rank == self.comm.rank):
-            layer = self._layers[index]
-            factor = layer.a_factor if kind == 0 else layer.g_factor
-            if factor is None or index not in ready:
-                continue
-            by_size[(factor.shape[0], factor.device, self._compute_dtype(layer.helper))].append((index, kind))
-
-        stacks = {}
-        finite = []
-        for key, members in by_size.items():
-            stacks[key] = torch.stack([self._factor(index, kind).to(key[2]) for index, kind in members])
-            finite.append(torch.isfinite(stacks[key]).flatten(1).all(1))
+        by_size = self._owned_factors_by_size(ready)
+        stacks = {
+            key: torch.stack([self._factor(member).to(key[2]) for member in members])
+            for key, members in by_size.items()
+        }
+        finite = [torch.isfinite(stack).flatten(1).all(1) for stack in stacks.values()]
         self._check_finite(step, list(by_size.values()), finite)
         shifts = self._shifts(damping, by_size, stacks) if self._method.shifts_at_decomposition else {}
-
-        mine: dict[FactorKey, list[torch.Tensor]] = {}
-        for key, members in by_size.items():
-            try:
-                decomposed = self._method.decompose(stacks[key], shifts.get(key))
-            except torch.linalg.LinAlgError as error:
-                names = ", ".join(f"{self._layers[i].name}.{'AG'[kind]}" for i, kind in members)
-                raise DecompositionError(
-                    f"distkfac: the {self.compute_method} decomposition failed at step {step} for {names} even in "
-                    f"float64 ({error}); raise damping or check the factors for extreme values"
-                ) from error
-            for position, member in enumerate(members):
-                mine[member] = [state[position] for state in decomposed]
+        mine = self._decompose(step, by_size, stacks, shifts)
         if self.comm.world_size > 1:
             first = self._layers[0].helper.weight
             received = self._decomposition_exchange.share(
                 mine, ready, self._compute_dtype(self._layers[0].helper), first.device
             )
             mine.update(received)
-        for (index, kind), states in mine.items():
+        self._store_decompositions(mine)
+        for layer in self._layers:
+            layer.decomposed = layer.decomposed or layer.index in ready
+
+    def _owned_factors_by_size(self, ready: set[int]) -> dict[tuple[Any, ...], list[FactorKey]]:
+        """This rank's factors of ``ready`` layers, by (size, device, compute dtype): each group is one batched call."""
+        by_size: dict[tuple[Any, ...], list[FactorKey]] = defaultdict(list)
+        owner = self._factor_exchange.owner
+        for key in sorted(key for key, rank in owner.items() if rank == self.comm.rank):
+            layer = self._layers[key.layer]
+            factor = layer.factor(key.kind)
+            if factor is None or key.layer not in ready:
+                continue
+            by_size[(factor.shape[0], factor.device, self._compute_dtype(layer.helper))].append(key)
+        return by_size
+
+    def _decompose(
+        self,
+        step: int,
+        by_size: Mapping[Any, list[FactorKey]],
+        stacks: Mapping[Any, torch.Tensor],
+        shifts: Mapping[Any, torch.Tensor],
+    ) -> dict[FactorKey, list[torch.Tensor]]:
+        """Each stack's decompositions, one batched call per stack, split back into one entry per factor."""
+        mine: dict[FactorKey, list[torch.Tensor]] = {}
+        for key, members in by_size.items():
+            try:
+                decomposed = self._method.decompose(stacks[key], shifts.get(key))
+            except torch.linalg.LinAlgError as error:
+                names = ", ".join(self._factor_name(member) for member in members)
+                raise DecompositionError(
+                    f"distkfac: the {self.compute_method} decomposition failed at step {step} for {names} even in "
+                    f"float64 ({error}); raise damping or check the factors for extreme values"
+                ) from error
+            for position, member in enumerate(members):
+                mine[member] = [state[position] for state in decomposed]
+        return mine
+
+    def _store_decompositions(self, decompositions: Mapping[FactorKey, list[torch.Tensor]]) -> None:
+        """Copy each decomposition into its layer's slot of its group's stacks, where this rank preconditions it."""
+        for (index, kind), states in decompositions.items():
             layer = self._layers[index]
             if layer.group < 0:
                 continue  # factor reduction "allreduce" keeps every factor, but this rank does not precondition it
-            group = self._groups[layer.group]
-            for dst, src in zip(group.a_state if kind == 0 else group.g_state, states, strict=True):
+            for dst, src in zip(self._groups[layer.group].state(kind), states, strict=True):
                 dst[layer.slot].copy_(src)
-        for layer in self._layers:
-            layer.decomposed = layer.decomposed or layer.index in ready
 
     def _shifts(
         self, damping: float, by_size: Mapping[Any, list[FactorKey]], stacks: Mapping[Any, torch.Tensor]
@@ -632,13 +594,13 @@ class KFACPreconditioner:
         out = {}
         for key, members in by_size.items():
             layers = torch.tensor([index for index, _ in members], device=pi.device)
-            is_a = torch.tensor([kind == 0 for _, kind in members], device=pi.device)
+            is_a = torch.tensor([kind is FactorKind.A for _, kind in members], device=pi.device)
             chosen = pi[layers]
             out[key] = torch.where(is_a, shift * chosen, shift / chosen).to(key[1])
         return out
 
     def _factor_means(self, by_size: Mapping[Any, list[FactorKey]], stacks: Mapping[Any, torch.Tensor]) -> torch.Tensor:
-        """``tr F / dim F`` of every factor, at ``2 * layer + kind``, on every rank.
+        """``tr F / dim F`` of every factor, at its ``FactorKey.position`` (2 * layer, + 1 for G), on every rank.
 
         A layer's A and G may be decomposed by different ranks, and factored-pi shifts each by the other's trace.
         Each factor has exactly one owner, which fills in its value; one allreduce of the 2 x layers vector (through
@@ -647,7 +609,7 @@ class KFACPreconditioner:
         device = self._layers[0].helper.weight.device  # NCCL needs the values on the GPU
         means = torch.zeros(2 * len(self._layers), dtype=torch.float64, device=device)
         for key, members in by_size.items():
-            positions = torch.tensor([2 * index + kind for index, kind in members], device=device)
+            positions = torch.tensor([member.position for member in members], device=device)
             diagonal_mean = stacks[key].diagonal(dim1=1, dim2=2).to(torch.float64).mean(1)
             means[positions] = diagonal_mean.to(device)
         if self.comm.world_size > 1:
@@ -659,25 +621,28 @@ class KFACPreconditioner:
         device = self._layers[0].helper.weight.device  # NCCL needs the flags on the GPU
         bad = torch.zeros(2 * len(self._layers), dtype=torch.int32, device=device)
         for keys, ok in zip(members, finite, strict=True):
-            positions = torch.tensor([2 * index + kind for index, kind in keys], device=device)
+            positions = torch.tensor([key.position for key in keys], device=device)
             bad[positions] = (~ok).to(device=device, dtype=torch.int32)
         if self.comm.world_size > 1:
             self.comm.allreduce_sum(bad, "finiteness check").wait()
         if bool(bad.any()):
-            names = [f"{self._layers[p // 2].name}.{'AG'[p % 2]}" for p in bad.nonzero().view(-1).tolist()]
+            names = [self._factor_name(FactorKey.at(p)) for p in bad.nonzero().view(-1).tolist()]
             raise FloatingPointError(
                 f"distkfac: Kronecker factors contain NaN or Inf at step {step}: {', '.join(names)}. The activations "
                 "or gradients diverged: lower the learning rate, raise damping, or check the inputs and the loss"
             )
 
-    def _factor(self, index: int, kind: int) -> torch.Tensor:
-        layer = self._layers[index]
-        factor = layer.a_factor if kind == 0 else layer.g_factor
+    def _factor(self, key: FactorKey) -> torch.Tensor:
+        factor = self._layers[key.layer].factor(key.kind)
         assert factor is not None
         return factor
 
+    def _factor_name(self, key: FactorKey) -> str:
+        """``layer.A`` or ``layer.G``, as messages name a factor."""
+        return f"{self._layers[key.layer].name}.{key.kind}"
+
     def _precondition(self, step: int) -> None:
-        damping = self._hyper(self.damping, "damping", step)
+        damping = hyperparameter_at(self.damping, "damping", step)
         active = {layer.index for layer in self._layers if layer.decomposed and layer.helper.has_grad()}
         first = self._layers[0].helper
         vg = torch.zeros(len(self._layers), dtype=self._compute_dtype(first), device=first.weight.device)
@@ -702,8 +667,8 @@ class KFACPreconditioner:
 
         scale: torch.Tensor | None = None
         if self.kl_clip is not None and directions:
-            kl_clip = self._hyper(self.kl_clip, "kl_clip", step)
-            lr = self._hyper(self.lr, "lr", step)
+            kl_clip = hyperparameter_at(self.kl_clip, "kl_clip", step)
+            lr = hyperparameter_at(self.lr, "lr", step)
             # No host synchronisation: nu stays a tensor. <V, grad> >= 0 up to rounding; 0 means nu = 1. Summed in
             # layer order, so every rank computes the same nu from the same values.
             scale = torch.sqrt(kl_clip / (lr * lr * vg.sum().clamp(min=0.0))).clamp(max=1.0)
@@ -744,6 +709,16 @@ class KFACPreconditioner:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict()`` returned, checking that it belongs to the same model, method and rank."""
+        self._check_checkpoint(state)
+        saved = state["layers"]
+        for layer in self._layers:
+            self._check_checkpoint_factors(layer, saved[layer.name])
+            self._restore_layer(layer, saved[layer.name])
+        self._steps = int(state["steps"])
+        self._kl_scale = None
+
+    def _check_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint of another method, other conventions, another rank layout or other layers."""
         if not isinstance(state, Mapping) or not {"steps", "compute_method", "layers"} <= set(state):
             raise ValueError("distkfac: not a KFACPreconditioner state_dict (needs steps, compute_method, layers)")
         if state["compute_method"] != self.compute_method:
@@ -770,38 +745,38 @@ class KFACPreconditioner:
                 f"{layout[2]} gradient workers per layer; this is rank {ours[0]} of {ours[1]} with {ours[2]}. Resume "
                 "with the same world size and strategy, each rank loading its own file"
             )
-        saved = state["layers"]
-        names = {layer.name for layer in self._layers}
+        saved, names = state["layers"], {layer.name for layer in self._layers}
         if set(saved) != names:
             raise ValueError(
                 "distkfac: the checkpoint's layers do not match this model's: missing "
                 f"{sorted(names - set(saved))}, unexpected {sorted(set(saved) - names)}"
             )
-        for layer in self._layers:
-            entry = saved[layer.name]
-            h = layer.helper
-            for kind, dim in (("A", h.a_dim), ("G", h.g_dim)):
-                value = entry[kind]
-                if value is not None and tuple(value.shape) != (dim, dim):
-                    raise ValueError(
-                        f"distkfac: checkpoint factor {layer.name}.{kind} has shape {tuple(value.shape)}, "
-                        f"the model needs {(dim, dim)}"
-                    )
-            device = h.weight.device
-            layer.a_factor = None if entry["A"] is None else entry["A"].to(device).clone()
-            layer.g_factor = None if entry["G"] is None else entry["G"].to(device).clone()
-            layer.has_factors = entry.get("has_factors", entry["A"] is not None)
-            layer.decomposed = entry.get("decomposed", entry["a_state"] is not None)
-            if entry["a_state"] is not None and layer.group >= 0:
-                group = self._groups[layer.group]
-                for dst, src in zip(group.a_state, entry["a_state"], strict=True):
-                    dst[layer.slot].copy_(src)
-                for dst, src in zip(group.g_state, entry["g_state"], strict=True):
-                    dst[layer.slot].copy_(src)
-            layer.a_batch = layer.g_batch = None
-            layer.a_passes = layer.g_passes = 0
-        self._steps = int(state["steps"])
-        self._kl_scale = None
+
+    @staticmethod
+    def _check_checkpoint_factors(layer: _Layer, entry: Mapping[str, Any]) -> None:
+        for kind in FACTOR_KINDS:  # stored under "A" and "G"
+            value, dim = entry[kind], of_kind(kind, (layer.helper.a_dim, layer.helper.g_dim))
+            if value is not None and tuple(value.shape) != (dim, dim):
+                raise ValueError(
+                    f"distkfac: checkpoint factor {layer.name}.{kind} has shape {tuple(value.shape)}, "
+                    f"the model needs {(dim, dim)}"
+                )
+
+    def _restore_layer(self, layer: _Layer, entry: Mapping[str, Any]) -> None:
+        """One layer's factors and, where this rank preconditions it, its decompositions; no pass in progress."""
+        device = layer.helper.weight.device
+        layer.a_factor = None if entry["A"] is None else entry["A"].to(device).clone()
+        layer.g_factor = None if entry["G"] is None else entry["G"].to(device).clone()
+        layer.has_factors = entry.get("has_factors", entry["A"] is not None)
+        layer.decomposed = entry.get("decomposed", entry["a_state"] is not None)
+        if entry["a_state"] is not None and layer.group >= 0:
+            group = self._groups[layer.group]
+            for dst, src in zip(group.a_state, entry["a_state"], strict=True):
+                dst[layer.slot].copy_(src)
+            for dst, src in zip(group.g_state, entry["g_state"], strict=True):
+                dst[layer.slot].copy_(src)
+        layer.a_batch = layer.g_batch = None
+        layer.a_passes = layer.g_passes = 0
 
     # ------------------------------------------------------------------ misc
 

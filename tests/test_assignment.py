@@ -12,7 +12,7 @@ from benchmarks.distributed import resnet32_dims, resnet50_dims
 from distkfac import KFACPreconditioner, SingleProcessCommunicator
 from distkfac.assignment import assign_work, decomposition_cost, grad_workers_for
 from distkfac.comm import resolve_communicator
-from distkfac.exchange import pack_symmetric, packed_size, unpack_symmetric
+from distkfac.exchange import SymmetricPacking, packed_size
 
 
 @pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 2)])
@@ -63,12 +63,14 @@ def test_grad_worker_fraction_errors_name_the_valid_choices() -> None:
 
 @pytest.mark.parametrize("pack", [True, False])
 def test_pack_round_trip(pack: bool) -> None:
-    x = torch.randn(7, 20, dtype=torch.float64)
-    factor = x @ x.T
-    factor = (factor + factor.T) / 2  # exactly symmetric, as an averaged factor is up to rounding
-    flat = pack_symmetric(factor, pack)
-    assert flat.numel() == packed_size(7, pack) == (28 if pack else 49)
-    torch.testing.assert_close(unpack_symmetric(flat.clone(), 7, pack, torch.float64), factor, rtol=0, atol=0)
+    packing = SymmetricPacking(pack)
+    for n, numel in ((7, 28 if pack else 49), (3, 6 if pack else 9)):  # one packing, several sizes
+        x = torch.randn(n, 20, dtype=torch.float64)
+        factor = x @ x.T
+        factor = (factor + factor.T) / 2  # exactly symmetric, as an averaged factor is up to rounding
+        flat = packing.pack(factor)
+        assert flat.numel() == packed_size(n, pack) == packing.size(n) == numel
+        torch.testing.assert_close(packing.unpack(flat.clone(), n, torch.float64), factor, rtol=0, atol=0)
 
 
 def test_one_process_needs_no_process_group_and_bad_comm_is_refused() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distkfac import DecompositionError, KFACPreconditioner
+from distkfac import DecompositionError, KFACPreconditioner, KFACSettings
 
 
 def mlp() -> nn.Sequential:
@@ -64,6 +66,26 @@ def test_step_after_backward_outside_training_mode() -> None:
 def test_bad_hyperparameters(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         KFACPreconditioner(mlp(), **options)
+
+
+def test_settings_have_one_field_per_keyword_argument() -> None:
+    """The constructor hands its keyword arguments to KFACSettings by name: the two lists must stay the same."""
+    parameters = inspect.signature(KFACPreconditioner.__init__).parameters.values()
+    keywords = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert [field.name for field in dataclasses.fields(KFACSettings)] == keywords
+    assert all(field.default is dataclasses.MISSING for field in dataclasses.fields(KFACSettings))
+
+
+def test_settings_resolve_the_damping_form_and_are_frozen() -> None:
+    parameters = inspect.signature(KFACPreconditioner.__init__).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    settings = KFACSettings.checked(**{**defaults, "compute_method": "inverse", "skip_layers": ["fc"]})
+    assert settings.damping_form == "factored" and settings.skip_layers == ("fc",)
+    assert KFACSettings.checked(**defaults).damping_form == "tikhonov"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"bucket_cap_mb must be a finite number > 0, got 0"):
+        KFACSettings.checked(**{**defaults, "bucket_cap_mb": 0})
 
 
 def test_schedule_checked_when_evaluated() -> None:
