@@ -1,12 +1,12 @@
-"""``python -m jobs.study scaling --config STUDY.toml``: a batch-size scaling study (docs/study.md).
+"""``python -m study scaling --config STUDY.toml``: a batch-size scaling study (docs/study.md).
 
 Examples::
 
-    python -m jobs.study scaling --config jobs/configs/studies/demo.toml            # what `make demo` runs
-    python -m jobs.study scaling --config jobs/configs/studies/lenet_cifar10_paper.toml --workers 0 \\
+    python -m study scaling --config jobs/configs/studies/demo.toml            # what `make demo` runs
+    python -m study scaling --config jobs/configs/studies/lenet_cifar10_paper.toml --workers 0 \\
         --mongo-file ~/.hpo-url        # drive only; workers come from a job array (docs/study.md)
-    python -m jobs.study scaling --config STUDY.toml --check                     # validate, train nothing
-    python -m jobs.study scaling --config STUDY.toml --seeds 0                   # one study seed now, the rest later
+    python -m study scaling --config STUDY.toml --check                     # validate, train nothing
+    python -m study scaling --config STUDY.toml --seeds 0                   # one study seed now, the rest later
 
 Exit status: 0 when the report is written, 2 for a bad study file (nothing was trained), 1 when a run or the tuning
 failed (the message says why).
@@ -22,14 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from jobs.study.config import StudyError, check_cells, load_study
+from study.config import StudyError, check_cells, load_study
 
 __all__ = ["main"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     scaling = sub.add_parser("scaling", help="steps to target against batch size, per optimizer, each cell tuned")
@@ -82,22 +82,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             study = dataclasses.replace(study, seeds=_seed_subset(study.seeds, args.seeds))
         cells = check_cells(study)
     except (StudyError, OSError) as exc:
-        print(f"jobs.study: error: {exc}", file=sys.stderr)
+        print(f"study: error: {exc}", file=sys.stderr)
         return 2
     if args.check:
         print(f"{study.path}: {len(cells)} cells, all configs valid: {', '.join(cells)}")
         return 0
 
-    from jobs.study.runner import run_study
+    from study.runner import run_study
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         run_study(study)
     except StudyError as exc:  # the study file was fine: a run, a driver or the server failed
-        print(f"jobs.study: error: {exc}", file=sys.stderr)
+        print(f"study: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("jobs.study: interrupted; run the same command again to continue", file=sys.stderr)
+        print("study: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
     return 0
 
