@@ -12,7 +12,7 @@ $(STAMP): scripts/setup.sh scripts/build_horovod.sh requirements-dev.txt pyproje
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m jobs.study scaling --config jobs/configs/studies/demo.toml
+	$(PY) -m study scaling --config jobs/configs/studies/demo.toml
 
 lint: setup
 	$(VENV)/bin/ruff check .

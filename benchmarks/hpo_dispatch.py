@@ -70,7 +70,7 @@ def _prefill(url: str, exp: str, history: int) -> None:
     """``history`` finished trials of ``exp``, as a worker stores them (random proposals, a learning curve each)."""
     from hpo_worker.driver import build_trials, make_trial_docs
     from hpo_worker.spaces import load_space
-    from hpo_worker.store import JOB_STATE_DONE, connect
+    from hpo_worker.store import TrialState, connect
 
     store = connect(url)
     docs = make_trial_docs(load_space("sgd"), exp, list(range(history)), build_trials([], exp), seed=1)
@@ -78,7 +78,7 @@ def _prefill(url: str, exp: str, history: int) -> None:
     for doc in docs:
         lr = float(doc["spec"]["params"].get("optim.lr", 0.1))
         doc.update(
-            state=JOB_STATE_DONE,
+            state=TrialState.DONE,
             owner="prefill",
             result={"status": "ok", "loss": abs(lr - 0.1), "learning_curve": curve},
         )

@@ -4,14 +4,14 @@ Where the MongoDB URL comes from, first match wins: ``--mongo URL``, ``--mongo-f
 keeps credentials out of ``ps`` and shell history), the environment variable ``HPO_MONGO_URL``, and otherwise the
 embedded server of ``--data-dir`` (default ``hpo_data``): the driver starts one there (or reuses the one whose URL
 is in ``<data-dir>/mongo-url``) and stops it when it ends; workers read ``<data-dir>/mongo-url``.
-Exit status 2 with a one-line message for every setup error (unreachable server, credentials, unknown space, ...).
+Exit status 2 with a one-line message for every setup error (unreachable server, credentials, unknown space, an
+experiment that exists with other settings, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import shutil
@@ -26,9 +26,10 @@ from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
 from hpo_worker.store import StoreError, TrialStore, connect, mask_url
 from hpo_worker.trial import LAUNCHERS, OBJECTIVES, TrialLaunch
 
-__all__ = ["main"]
+__all__ = ["EXIT_USAGE", "main"]
 
 ENV_URL = "HPO_MONGO_URL"
+EXIT_USAGE = 2  # a setup error: the message says what to fix
 
 
 class UsageError(Exception):
@@ -43,12 +44,7 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=float, default=5.0, help="seconds to reach the server (default: 5)")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m hpo_worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_driver(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     driver = sub.add_parser("driver", help="propose trials with TPE and wait for max-evals results")
     _add_connection(driver)
     driver.add_argument("--exp", required=True, help="experiment name (exp_key)")
@@ -69,6 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     driver.add_argument("--poll", type=float, default=0.5, help="seconds between rounds (default 0.5)")
 
+
+def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     worker = sub.add_parser("worker", help="run queued trials as jobs training runs")
     _add_connection(worker)
     worker.add_argument("--exp", help="only this experiment (default: any)")
@@ -97,6 +95,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--launcher-args", default="", help="extra launcher words, as shell text (e.g. '--bind-to none')"
     )
 
+
+def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     report = sub.add_parser("report", help="best trials, the mean of the top k, CSV and plots of an experiment")
     _add_connection(report)
     report.add_argument("--exp", required=True, help="experiment name")
@@ -105,6 +105,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     report.add_argument("--plots", metavar="DIR", help="write loss-by-trial and parameter-vs-loss PNGs here")
     report.add_argument("--json", metavar="FILE", help="write every trial (params, result, no curves) as JSON here")
 
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpo_worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_driver(sub)
+    _add_worker(sub)
+    _add_report(sub)
     server = sub.add_parser("server", help="run the embedded nx-27017 server in the foreground")
     server.add_argument("--data-dir", default="hpo_data")
     server.add_argument("--port", type=int, default=0, help="default: a free port (written to DATA_DIR/mongo-url)")
@@ -217,12 +227,7 @@ def _report(args: argparse.Namespace) -> int:
         for path in report.plot(trials, args.plots):
             print(f"plot: {path}")
     if args.json:
-        target = Path(args.json)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_text(json.dumps(report.trials_json(trials), indent=1) + "\n")
-        temporary.replace(target)
-        print(f"json: {target}")
+        print(f"json: {report.write_trials_json(trials, args.json)}")
     return 0
 
 
@@ -252,6 +257,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, StoreError, ServerError) as exc:
         message = mask_url(str(exc))
         print(f"hpo_worker {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -24,23 +24,21 @@ import hyperopt
 import numpy as np
 from hyperopt import tpe
 
+from hpo_worker.liveness import StaleMonitor
 from hpo_worker.spaces import SearchSpace, plain_value
-from hpo_worker.store import (
-    JOB_STATE_DONE,
-    JOB_STATE_ERROR,
-    JOB_STATE_NEW,
-    JOB_STATE_RUNNING,
-    StoreError,
-    TrialStore,
-    utcnow,
-)
+from hpo_worker.store import FINISHED_STATES, StoreError, TrialState, TrialStore, utcnow
 
-__all__ = ["DriverOptions", "ExperimentView", "StaleMonitor", "build_trials", "make_trial_docs", "run_driver"]
+__all__ = [
+    "EXPERIMENT_IDENTITY", "DriverOptions", "ExperimentView", "build_trials", "experiment_meta", "make_trial_docs",
+    "run_driver",
+]  # fmt: skip
 
 CMD = ["hpo_worker", "jobs.train"]  # misc.cmd: what runs a trial (a name, never code)
 # A driver renews its lease on the experiment every round; a second driver is refused while the lease is valid.
 # A killed driver's lease is taken over at once on the same host (its pid is gone), else after LEASE_S.
 LEASE_S = 30.0
+# What makes an experiment the same one: a driver resumes an experiment only when these agree with the stored ones.
+EXPERIMENT_IDENTITY = ("space", "space_definition", "config_text", "objective", "seed")
 
 
 def _hyperopt_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,7 +85,7 @@ def make_trial_docs(
             }
             docs.append(
                 {
-                    "state": JOB_STATE_NEW,
+                    "state": TrialState.NEW,
                     "tid": tid,
                     "spec": spec,
                     "result": {"status": "new"},
@@ -108,48 +106,6 @@ def make_trial_docs(
                 }
             )
     return docs
-
-
-@dataclass
-class StaleMonitor:
-    """Finds running trials whose heartbeat has not moved for ``grace_s`` seconds and requeues them (or marks them
-    failed after ``max_retries`` requeues). Time is measured on this machine's monotonic clock from the moment a
-    beat value was first seen, so clocks of other machines do not matter."""
-
-    store: TrialStore
-    grace_s: float
-    max_retries: int
-    log: Callable[[str], None] = print
-    _seen: dict[Any, tuple[Any, float]] = field(default_factory=dict)
-
-    def check(self, docs: Sequence[Mapping[str, Any]]) -> int:
-        now = time.monotonic()
-        changed = 0
-        running = set()
-        for doc in docs:
-            if doc.get("state") != JOB_STATE_RUNNING:
-                continue
-            key = doc["_id"]
-            running.add(key)
-            beat = (doc.get("owner"), doc.get("version"), doc.get("heartbeat"))
-            previous = self._seen.get(key)
-            if previous is None or previous[0] != beat:
-                self._seen[key] = (beat, now)
-                continue
-            if now - previous[1] < self.grace_s:
-                continue
-            reason = f"worker {doc.get('owner')} sent no heartbeat for {now - previous[1]:.0f} s"
-            outcome = self.store.requeue_if_unchanged(doc, max_retries=self.max_retries, reason=reason)
-            if outcome is not None:
-                changed += 1
-                self.log(f"trial {doc['tid']}: {reason}: {outcome}")
-            self._seen.pop(key, None)
-        for key in set(self._seen) - running:
-            del self._seen[key]
-        return changed
-
-
-_FINISHED_STATES = (JOB_STATE_DONE, JOB_STATE_ERROR)
 
 
 def _without_curve(doc: dict[str, Any]) -> dict[str, Any]:
@@ -181,14 +137,14 @@ class ExperimentView:
     def refresh(self) -> None:
         if self._synced_at is None or time.monotonic() - self._synced_at >= self.resync_s:
             docs = self.store.trial_docs(self.exp_key, curves=False)
-            self.finished = {d["tid"]: _without_curve(d) for d in docs if d["state"] in _FINISHED_STATES}
-            self.active = {d["tid"]: d for d in docs if d["state"] not in _FINISHED_STATES}
+            self.finished = {d["tid"]: _without_curve(d) for d in docs if d["state"] in FINISHED_STATES}
+            self.active = {d["tid"]: d for d in docs if d["state"] not in FINISHED_STATES}
             self._synced_at = time.monotonic()
             return
         current = {d["tid"]: d for d in self.store.active_docs(self.exp_key)}
         gone = [tid for tid in self.active if tid not in current]
         for doc in self.store.docs_by_tid(self.exp_key, gone) if gone else []:
-            if doc["state"] in _FINISHED_STATES:
+            if doc["state"] in FINISHED_STATES:
                 self.finished[doc["tid"]] = _without_curve(doc)
             else:  # it went back in the queue between the two reads
                 current[doc["tid"]] = doc
@@ -203,10 +159,10 @@ class ExperimentView:
     def docs(self) -> list[dict[str, Any]]:
         return sorted([*self.finished.values(), *self.active.values()], key=lambda d: int(d["tid"]))
 
-    def counts(self) -> dict[int, int]:
-        counts = dict.fromkeys((JOB_STATE_NEW, JOB_STATE_RUNNING, JOB_STATE_DONE, JOB_STATE_ERROR), 0)
+    def counts(self) -> dict[TrialState, int]:
+        counts = dict.fromkeys(TrialState, 0)
         for doc in [*self.finished.values(), *self.active.values()]:
-            counts[int(doc["state"])] += 1
+            counts[TrialState(int(doc["state"]))] += 1
         return counts
 
 
@@ -225,6 +181,7 @@ class DriverOptions:
 
 
 def experiment_meta(options: DriverOptions) -> dict[str, Any]:
+    """The experiment document's settings (:data:`EXPERIMENT_IDENTITY` among them) for ``options``."""
     path = Path(options.config_path)
     return {
         "space": options.space.name,
@@ -243,9 +200,7 @@ def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], N
     say = log or (lambda message: print(f"hpo_worker driver: {message}", file=sys.stderr, flush=True))
     store.ensure_indexes()
     meta = experiment_meta(options)
-    created = store.create_or_check_experiment(
-        options.exp_key, meta, compare=("space", "space_definition", "config_text", "objective", "seed")
-    )
+    created = store.create_or_check_experiment(options.exp_key, meta, compare=EXPERIMENT_IDENTITY)
     say(
         f"{'new' if created else 'resuming'} experiment {options.exp_key!r}: space {options.space.name}, "
         f"max-evals {options.max_evals}, queue {options.queue_size}"
@@ -287,17 +242,17 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
         if monitor.check(list(view.active.values())):
             view.refresh()
         counts = view.counts()
-        finished = counts[JOB_STATE_DONE] + counts[JOB_STATE_ERROR]
+        finished = counts[TrialState.DONE] + counts[TrialState.ERROR]
         line = (
-            f"{finished}/{options.max_evals} finished ({counts[JOB_STATE_ERROR]} failed), "
-            f"{counts[JOB_STATE_RUNNING]} running, {counts[JOB_STATE_NEW]} queued"
+            f"{finished}/{options.max_evals} finished ({counts[TrialState.ERROR]} failed), "
+            f"{counts[TrialState.RUNNING]} running, {counts[TrialState.NEW]} queued"
         )
         if line != last_line:
             say(line)
             last_line = line
         if finished >= options.max_evals:
             break
-        wanted = min(options.queue_size - counts[JOB_STATE_NEW], options.max_evals - sum(counts.values()))
+        wanted = min(options.queue_size - counts[TrialState.NEW], options.max_evals - sum(counts.values()))
         if wanted > 0:
             trials = build_trials(view.docs, options.exp_key)
             tids = store.new_tids(options.exp_key, wanted)

@@ -12,20 +12,20 @@ their ``loss``, the objective TPE minimised.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import statistics
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
+
+from hpo_worker.store import TrialState
+from jobs.files import atomic_write_text
 
 __all__ = [
-    "STATE_DONE", "STATE_ERROR", "format_report", "plot", "summarize", "trial_params", "trials_json", "write_csv",
+    "format_report", "mean_std", "plot", "summarize", "trial_params", "trials_json", "write_csv", "write_trials_json",
 ]  # fmt: skip
-
-# hyperopt.base.JOB_STATE_*: 0 new, 1 running, 2 done, 3 error (also 4 cancel in newer hyperopt).
-STATE_DONE: Final = 2
-STATE_ERROR: Final = 3
 
 
 def trial_params(trial: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def trial_params(trial: Mapping[str, Any]) -> dict[str, Any]:
 
 def _loss(trial: Mapping[str, Any]) -> float | None:
     """The trial's loss if it finished with status ok and a finite loss; None otherwise."""
-    if trial.get("state") != STATE_DONE:
+    if trial.get("state") != TrialState.DONE:
         return None
     result = trial.get("result") or {}
     if result.get("status") != "ok":
@@ -68,7 +68,7 @@ def _ranked(trials: Iterable[Mapping[str, Any]]) -> list[tuple[float, Mapping[st
     return scored
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (n - 1); std is None below two values."""
     if not values:
         return None, None
@@ -86,8 +86,8 @@ def summarize(trials: Sequence[Mapping[str, Any]], top_k: int = 100) -> dict[str
     top = ranked[:top_k]
     losses = [loss for loss, _ in top]
     accuracies = [acc for _, trial in top if (acc := _accuracy(trial)) is not None]
-    loss_mean, loss_std = _mean_std(losses)
-    acc_mean, acc_std = _mean_std(accuracies)
+    loss_mean, loss_std = mean_std(losses)
+    acc_mean, acc_std = mean_std(accuracies)
     best = None
     if ranked:
         best_loss, best_trial = ranked[0]
@@ -100,8 +100,8 @@ def summarize(trials: Sequence[Mapping[str, Any]], top_k: int = 100) -> dict[str
     states = [trial.get("state") for trial in trials]
     return {
         "n_trials": len(trials),
-        "n_done": states.count(STATE_DONE),
-        "n_error": states.count(STATE_ERROR),
+        "n_done": states.count(TrialState.DONE),
+        "n_error": states.count(TrialState.ERROR),
         "n_ranked": len(ranked),
         "best": best,
         "top_k": {
@@ -124,7 +124,7 @@ def _timestamp(value: Any) -> str | None:
 
 
 def trials_json(trials: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One plain-JSON record per trial (learning curves left out): what other programs (``jobs.study``) read."""
+    """One plain-JSON record per trial (learning curves left out): what other programs (``study``) read."""
     records = []
     for trial in trials:
         result = {k: v for k, v in (trial.get("result") or {}).items() if k != "learning_curve"}
@@ -142,6 +142,13 @@ def trials_json(trials: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return records
+
+
+def write_trials_json(trials: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """:func:`trials_json` of ``trials`` written to ``path`` atomically (a reader never sees half a file)."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(trials_json(trials), indent=1) + "\n")
+    return path
 
 
 def _param_labels(trials: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+
+from jobs.files import atomic_write_text
 
 __all__ = ["NX_27017_VERSION", "EmbeddedServer", "ServerError", "free_port", "read_url_file"]
 
@@ -122,10 +123,8 @@ class EmbeddedServer:
                         f"nx-27017 did not listen on {self.host}:{self.port} within {timeout_s:g} s"
                     ) from None
                 time.sleep(0.05)
-        if self.write_url_file:
-            tmp = self.url_file.with_suffix(".tmp")
-            tmp.write_text(self.url + "\n")
-            os.replace(tmp, self.url_file)
+        if self.write_url_file:  # atomically: a worker polling for the file never reads half a URL
+            atomic_write_text(self.url_file, self.url + "\n")
         return self.url
 
     def stop(self, timeout_s: float = 10.0) -> None:

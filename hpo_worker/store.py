@@ -17,31 +17,30 @@ fields the caller last saw, so racing workers and drivers cannot both win.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import pymongo
 import pymongo.errors
 from pymongo import ReturnDocument
 
-__all__ = [
-    "JOB_STATE_DONE",
-    "JOB_STATE_ERROR",
-    "JOB_STATE_NEW",
-    "JOB_STATE_RUNNING",
-    "StoreError",
-    "TrialStore",
-    "connect",
-    "mask_url",
-]
+__all__ = ["FINISHED_STATES", "ExperimentMismatch", "StoreError", "TrialState", "TrialStore", "connect", "mask_url"]
 
-# hyperopt.base's values, repeated so that the store does not import hyperopt (checked in the tests).
-JOB_STATE_NEW = 0
-JOB_STATE_RUNNING = 1
-JOB_STATE_DONE = 2
-JOB_STATE_ERROR = 3
+
+class TrialState(enum.IntEnum):
+    """A trial document's ``state``: hyperopt.base's JOB_STATE_* values, stored as these ints (hyperopt's tools read
+    them), repeated so that the store does not import hyperopt (checked in the tests)."""
+
+    NEW = 0
+    RUNNING = 1
+    DONE = 2
+    ERROR = 3
+
+
+FINISHED_STATES: Final = (TrialState.DONE, TrialState.ERROR)  # a trial in these never changes again
 
 TRIALS = "jobs"
 EXPERIMENTS = "hpo_experiments"
@@ -56,6 +55,17 @@ RESERVE_ROUNDS = 4
 
 class StoreError(RuntimeError):
     """MongoDB cannot be used (unreachable, authentication failed, ...); the message says what to do."""
+
+
+class ExperimentMismatch(StoreError):
+    """The experiment exists with other settings (``different`` names them): resuming it would mix two searches."""
+
+    def __init__(self, exp_key: str, different: Sequence[str]) -> None:
+        self.exp_key, self.different = exp_key, tuple(different)
+        super().__init__(
+            f"experiment {exp_key!r} already exists with another {', '.join(different)}: choose another --exp "
+            "name, or pass the same settings to resume it"
+        )
 
 
 def mask_url(url: str) -> str:
@@ -134,14 +144,20 @@ class TrialStore:
             return True
         except pymongo.errors.DuplicateKeyError:
             pass
-        existing = self.get_experiment(exp_key) or {}
+        self.check_experiment(exp_key, meta, compare)
+        return False
+
+    def check_experiment(self, exp_key: str, meta: Mapping[str, Any], compare: Sequence[str]) -> bool:
+        """Raises :class:`ExperimentMismatch` when a stored ``exp_key`` has other ``compare`` values than ``meta``;
+        True when it is stored (and agrees), False when there is none. A key the stored experiment lacks (made by
+        an older version) is not compared."""
+        existing = self.get_experiment(exp_key)
+        if existing is None:
+            return False
         different = [key for key in compare if key in existing and existing[key] != meta.get(key)]
         if different:
-            raise StoreError(
-                f"experiment {exp_key!r} already exists with another {', '.join(different)}: choose another --exp "
-                "name, or pass the same settings to resume it"
-            )
-        return False
+            raise ExperimentMismatch(exp_key, different)
+        return True
 
     def update_experiment(self, exp_key: str, fields: Mapping[str, Any]) -> None:
         self.experiments.update_one({"_id": exp_key}, {"$set": dict(fields)})
@@ -206,16 +222,25 @@ class TrialStore:
 
     def active_docs(self, exp_key: str) -> list[dict[str, Any]]:
         """The queued and running trials: few and small (no result yet), so a driver can read them every round."""
-        return list(self.trials.find({"exp_key": exp_key, "state": {"$in": [JOB_STATE_NEW, JOB_STATE_RUNNING]}}))
+        query = {"exp_key": exp_key, "state": {"$in": [TrialState.NEW, TrialState.RUNNING]}}
+        return list(self.trials.find(query))
+
+    def running_docs(self, exp_key: str | None = None) -> list[dict[str, Any]]:
+        """The running trials (of one experiment, or of all): what a stale-heartbeat check reads."""
+        query: dict[str, Any] = {"state": TrialState.RUNNING}
+        if exp_key is not None:
+            query["exp_key"] = exp_key
+        return list(self.trials.find(query))
 
     def docs_by_tid(self, exp_key: str, tids: Sequence[int]) -> list[dict[str, Any]]:
         """The trials with these tids (in any state)."""
         return list(self.trials.find({"exp_key": exp_key, "tid": {"$in": list(tids)}}))
 
-    def count_states(self, exp_key: str) -> dict[int, int]:
-        counts = dict.fromkeys((JOB_STATE_NEW, JOB_STATE_RUNNING, JOB_STATE_DONE, JOB_STATE_ERROR), 0)
+    def count_states(self, exp_key: str) -> dict[TrialState, int]:
+        """How many of the experiment's trials are in each state (every state present, 0 when none)."""
+        counts = dict.fromkeys(TrialState, 0)
         for doc in self.trials.find({"exp_key": exp_key}, {"state": 1}):
-            counts[int(doc["state"])] = counts.get(int(doc["state"]), 0) + 1
+            counts[TrialState(int(doc["state"]))] += 1
         return counts
 
     def reserve(self, owner: str, exp_key: str | None = None) -> dict[str, Any] | None:
@@ -226,7 +251,7 @@ class TrialStore:
         ``find_one_and_update`` on ``state`` alone would do, but nx-27017 scans the whole collection for it: 10 ms
         a reservation at 1,200 stored trials, paid by every idle worker's every poll.
         """
-        query: dict[str, Any] = {"state": JOB_STATE_NEW}
+        query: dict[str, Any] = {"state": TrialState.NEW}
         if exp_key is not None:
             query["exp_key"] = exp_key
         for _ in range(RESERVE_ROUNDS):
@@ -235,9 +260,9 @@ class TrialStore:
                 return None
             now = utcnow()
             doc = self.trials.find_one_and_update(
-                {"_id": {"$in": ids}, "state": JOB_STATE_NEW},
+                {"_id": {"$in": ids}, "state": TrialState.NEW},
                 {
-                    "$set": {"state": JOB_STATE_RUNNING, "owner": owner, "book_time": now, "refresh_time": now},
+                    "$set": {"state": TrialState.RUNNING, "owner": owner, "book_time": now, "refresh_time": now},
                     "$inc": {"version": 1, "heartbeat": 1, "attempts": 1},
                 },
                 sort=[("tid", 1)],
@@ -248,7 +273,7 @@ class TrialStore:
         return None  # other workers took every candidate, RESERVE_ROUNDS times: the next poll tries again
 
     def _mine(self, doc: Mapping[str, Any], owner: str) -> dict[str, Any]:
-        return {"_id": doc["_id"], "state": JOB_STATE_RUNNING, "owner": owner, "version": doc["version"]}
+        return {"_id": doc["_id"], "state": TrialState.RUNNING, "owner": owner, "version": doc["version"]}
 
     def beat(self, doc: Mapping[str, Any], owner: str) -> bool:
         """Heartbeat; False when the trial is no longer this owner's (it was requeued)."""
@@ -262,7 +287,7 @@ class TrialStore:
     ) -> bool:
         """Stores the result (state done, or error when ``error`` is given). False when no longer the owner's."""
         fields: dict[str, Any] = {
-            "state": JOB_STATE_ERROR if error else JOB_STATE_DONE,
+            "state": TrialState.ERROR if error else TrialState.DONE,
             "result": dict(result),
             "refresh_time": utcnow(),
         }
@@ -278,7 +303,7 @@ class TrialStore:
         updated = self.trials.update_one(
             self._mine(doc, owner),
             {
-                "$set": {"state": JOB_STATE_NEW, "owner": None, "book_time": None, "refresh_time": None},
+                "$set": {"state": TrialState.NEW, "owner": None, "book_time": None, "refresh_time": None},
                 "$inc": {"version": 1, "attempts": -1},
             },
         )
@@ -289,7 +314,7 @@ class TrialStore:
         since ``doc`` was read. Returns "requeued", "error" or None (it changed meanwhile)."""
         query = {
             "_id": doc["_id"],
-            "state": JOB_STATE_RUNNING,
+            "state": TrialState.RUNNING,
             "owner": doc.get("owner"),
             "version": doc.get("version"),
             "heartbeat": doc.get("heartbeat"),
@@ -298,14 +323,14 @@ class TrialStore:
         if attempts > max_retries:
             message = f"{reason}; gave up after {attempts} attempts (--max-retries {max_retries})"
             fields: dict[str, Any] = {
-                "state": JOB_STATE_ERROR,
+                "state": TrialState.ERROR,
                 "result": {"status": "fail", "failure": message},
                 "misc.error": ["WorkerLost", message],
                 "refresh_time": utcnow(),
             }
             outcome = "error"
         else:
-            fields = {"state": JOB_STATE_NEW, "owner": None, "book_time": None, "refresh_time": None}
+            fields = {"state": TrialState.NEW, "owner": None, "book_time": None, "refresh_time": None}
             outcome = "requeued"
         updated = self.trials.update_one(
             query, {"$set": fields, "$inc": {"version": 1}, "$push": {"misc.lost_owners": doc.get("owner")}}

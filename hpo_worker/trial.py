@@ -5,7 +5,8 @@ needs no file from the driver's machine) plus the trial's ``spec.overrides`` plu
 
 - ``TrialLaunch("none")``: ``jobs.loop.run_training`` in this process (one rank).
 - ``TrialLaunch("srun" | "mpirun" | "torchrun", ranks=N)``: ``python -m jobs.train`` as N ranks under that launcher,
-  in its own process group (so SIGTERM reaches every rank); rank 0's ``summary.json`` carries the result. ``srun``
+  in its own process group (so SIGTERM reaches every rank); rank 0's ``summary.json`` carries the result and, with
+  the exit status, how the run ended (:mod:`jobs.outcome`; never its log text). ``srun``
   runs inside the worker's allocation (an ``sbatch`` job with ``--ntasks`` of at least N); ``mpirun`` and
   ``torchrun`` start the ranks on this node (``mpirun`` also on the hosts its ``args`` name).
 
@@ -26,6 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from jobs.metrics import read_metrics
+from jobs.outcome import RunEnd, end_from_exit_status, read_summary
 
 __all__ = ["LAUNCHERS", "OBJECTIVES", "TrialLaunch", "learning_curve", "objective_value", "run_trial"]
 
@@ -74,18 +78,11 @@ class TrialLaunch:
 
 def learning_curve(out_dir: Path) -> list[dict[str, Any]]:
     """The epoch and evaluation records of the run's metrics.jsonl (step records are left in the file)."""
-    path = out_dir / "metrics.jsonl"
-    curve: list[dict[str, Any]] = []
-    if not path.exists():
-        return curve
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") in ("epoch", "eval"):
-            curve.append({k: v for k, v in record.items() if k != "seconds"})
-    return curve
+    return [
+        {k: v for k, v in record.items() if k != "seconds"}
+        for record in read_metrics(out_dir)
+        if isinstance(record, dict) and record.get("kind") in ("epoch", "eval")
+    ]
 
 
 def objective_value(summary: Mapping[str, Any], objective: str) -> float:
@@ -206,10 +203,20 @@ def _run_launched(
         except BaseException:  # SIGTERM (WorkerTerminated) or Ctrl-C: the ranks must not outlive the worker
             _stop_group(process)
             raise
-    summary_path = out_dir / "run" / "summary.json"
-    if code == 0 and summary_path.exists():
-        return _result(json.loads(summary_path.read_text()), objective, out_dir)
+    return _launched_outcome(command, code, out_dir, stderr_path, objective, started)
+
+
+def _launched_outcome(
+    command: Sequence[str], code: int, out_dir: Path, stderr_path: Path, objective: str, started: float
+) -> dict[str, Any]:
+    """The result of a launched run from its exit status and rank 0's summary.json (``end``, ``reason``)."""
+    summary = read_summary(out_dir / "run")
+    end = summary["end"] if summary is not None else end_from_exit_status(code)
+    reason = summary.get("reason") if summary is not None else None
+    if end == RunEnd.DIVERGED:
+        return _diverged(str(reason or f"exit status {code}"), out_dir, started)
+    if code == 0 and summary is not None and end != RunEnd.FAILED:
+        return _result(summary, objective, out_dir)
     tail = stderr_path.read_text(errors="replace")[-STDERR_TAIL:].strip()
-    if "TrainingDiverged" in tail:
-        return _diverged(tail.splitlines()[-1], out_dir, started)
-    raise ValueError(f"{shlex.join(command[:4])} ... exited with status {code}: {tail or 'no output'}")
+    because = f"{reason}; " if reason else ""
+    raise ValueError(f"{shlex.join(command[:4])} ... exited with status {code}: {because}{tail or 'no output'}")

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 import uuid
@@ -28,14 +27,15 @@ from typing import Any
 
 import pymongo.errors
 
-from hpo_worker.driver import StaleMonitor
-from hpo_worker.store import JOB_STATE_RUNNING, TrialStore
+from hpo_worker.liveness import Heartbeat, StaleMonitor
+from hpo_worker.store import TrialStore
 from hpo_worker.trial import TrialLaunch, run_trial
 
 __all__ = ["WorkerOptions", "WorkerTerminated", "make_owner", "run_worker"]
 
 EXIT_TERMINATED = 143
 TrialFn = Callable[[Mapping[str, Any], Mapping[str, Any], Path, TrialLaunch], dict[str, Any]]
+Log = Callable[[str], None]
 
 
 class WorkerTerminated(BaseException):
@@ -69,66 +69,92 @@ class WorkerOptions:
     trial_fn: TrialFn = run_trial
 
 
-class _Heartbeat:
-    def __init__(self, store: TrialStore, doc: Mapping[str, Any], owner: str, interval_s: float) -> None:
-        self.store, self.doc, self.owner, self.interval_s = store, doc, owner, interval_s
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if not self.store.beat(self.doc, self.owner):
-                    self.lost = True
-                    return
-            except Exception as exc:  # a network hiccup: try again at the next beat
-                print(f"hpo_worker worker: heartbeat failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _describe(launch: TrialLaunch) -> str:
     if launch.launcher == "none":
         return "trials in this process"
     return f"trials as {launch.ranks} rank(s) under {launch.launcher}"
 
 
-def run_worker(store: TrialStore, options: WorkerOptions, log: Callable[[str], None] | None = None) -> int:
-    say = log or (lambda message: print(f"hpo_worker worker: {message}", file=sys.stderr, flush=True))
-    owner = make_owner()
-    state = {"running": False, "terminate": False}
+class _SigtermState:
+    """SIGTERM while a trial runs raises :class:`WorkerTerminated` in the main thread; while idle it only asks the
+    loop to stop."""
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        state["terminate"] = True
-        if state["running"]:
-            state["running"] = False
+    def __init__(self) -> None:
+        self.running = False
+        self.terminate = False
+
+    def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.terminate = True
+        if self.running:
+            self.running = False
             raise WorkerTerminated()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+
+def _reserve(
+    store: TrialStore, owner: str, options: WorkerOptions, monitor: StaleMonitor, say: Log
+) -> dict[str, Any] | None:
+    """The next trial, or None; while idle, requeues the trials of dead workers."""
+    try:
+        doc = store.reserve(owner, options.exp_key)
+        if doc is None and options.grace_s > 0:
+            monitor.check(store.running_docs(options.exp_key or None))
+        return doc
+    except pymongo.errors.ConnectionFailure as exc:  # the server went away: wait for it up to the idle timeout
+        say(f"MongoDB unreachable: {type(exc).__name__}")
+        return None
+
+
+def _train(
+    store: TrialStore, doc: dict[str, Any], owner: str, experiment: dict[str, Any], options: WorkerOptions,
+    signals: _SigtermState, say: Log,
+) -> None:  # fmt: skip
+    """Runs the trial under a heartbeat and stores its result (unless the trial was taken away meanwhile)."""
+    tid = doc["tid"]
+    out_dir = Path(options.workdir).resolve() / str(doc["exp_key"]) / f"trial{tid}.{doc['version']}"
+    result: dict[str, Any] | None = None
+    error: tuple[str, str] | None = None
+    with Heartbeat(store, doc, owner, options.heartbeat_s) as beat:
+        try:
+            signals.running = True
+            try:
+                if signals.terminate:  # SIGTERM came after the reservation, before the trial started
+                    raise WorkerTerminated()
+                result = options.trial_fn(experiment, doc, out_dir, options.launch)
+            finally:
+                signals.running = False
+        except WorkerTerminated:
+            released = store.release(doc, owner)
+            say(f"SIGTERM: trial {tid} {'back in the queue' if released else 'was no longer mine'}")
+            raise
+        except Exception as exc:
+            error = (type(exc).__name__, str(exc))
+            say(f"trial {tid} failed: {error[0]}: {error[1]}")
+            traceback.print_exc(file=sys.stderr)
+    if beat.lost:
+        say(f"trial {tid} was requeued by another process meanwhile: result discarded")
+    elif error is not None:
+        store.finish(doc, owner, {"status": "fail", "failure": f"{error[0]}: {error[1]}"}, error=error)
+    elif result is not None:
+        if store.finish(doc, owner, result):
+            say(f"trial {tid}: {result['status']} loss {result.get('loss')}")
+        else:
+            say(f"trial {tid} was requeued by another process meanwhile: result discarded")
+
+
+def run_worker(store: TrialStore, options: WorkerOptions, log: Log | None = None) -> int:
+    """Runs queued trials until idle for ``options.idle_timeout_s``, ``max_trials`` are done, or SIGTERM (143)."""
+    say = log or (lambda message: print(f"hpo_worker worker: {message}", file=sys.stderr, flush=True))
+    owner = make_owner()
+    signals = _SigtermState()
+    previous = signal.signal(signal.SIGTERM, signals.on_sigterm)
     monitor = StaleMonitor(store, options.grace_s, options.max_retries, log=say)
     experiments: dict[str, dict[str, Any]] = {}
     done = 0
     idle_since = time.monotonic()
     say(f"{owner} started (exp {options.exp_key or 'any'}, workdir {options.workdir}, {_describe(options.launch)})")
     try:
-        while not state["terminate"] and (not options.max_trials or done < options.max_trials):
-            try:
-                doc = store.reserve(owner, options.exp_key)
-                if doc is None and options.grace_s > 0:
-                    query: dict[str, Any] = {"state": JOB_STATE_RUNNING}
-                    if options.exp_key:
-                        query["exp_key"] = options.exp_key
-                    monitor.check(list(store.trials.find(query)))
-            except pymongo.errors.ConnectionFailure as exc:  # the server went away: wait for it up to the idle timeout
-                say(f"MongoDB unreachable: {type(exc).__name__}")
-                doc = None
+        while not signals.terminate and (not options.max_trials or done < options.max_trials):
+            doc = _reserve(store, owner, options, monitor, say)
             if doc is None:
                 if time.monotonic() - idle_since > options.idle_timeout_s:
                     say(f"no queued trial for {options.idle_timeout_s:g} s: exiting after {done} trial(s)")
@@ -137,42 +163,17 @@ def run_worker(store: TrialStore, options: WorkerOptions, log: Callable[[str], N
                 continue
             exp_key = str(doc["exp_key"])
             experiment = experiments.get(exp_key) or store.get_experiment(exp_key)
-            tid = doc["tid"]
-            out_dir = Path(options.workdir).resolve() / exp_key / f"trial{tid}.{doc['version']}"
             if experiment is None:
                 store.finish(doc, owner, {"status": "fail"}, error=("NoExperiment", f"no experiment {exp_key!r}"))
                 continue
             experiments[exp_key] = experiment
-            say(f"trial {tid} of {exp_key}: {' '.join(doc['spec']['overrides'])}")
-            result: dict[str, Any] | None = None
-            error: tuple[str, str] | None = None
-            with _Heartbeat(store, doc, owner, options.heartbeat_s) as beat:
-                try:
-                    state["running"] = True
-                    try:
-                        result = options.trial_fn(experiment, doc, out_dir, options.launch)
-                    finally:
-                        state["running"] = False
-                except WorkerTerminated:
-                    released = store.release(doc, owner)
-                    say(f"SIGTERM: trial {tid} {'back in the queue' if released else 'was no longer mine'}")
-                    return EXIT_TERMINATED
-                except Exception as exc:
-                    error = (type(exc).__name__, str(exc))
-                    say(f"trial {tid} failed: {error[0]}: {error[1]}")
-                    traceback.print_exc(file=sys.stderr)
-            if beat.lost:
-                say(f"trial {tid} was requeued by another process meanwhile: result discarded")
-            elif error is not None:
-                store.finish(doc, owner, {"status": "fail", "failure": f"{error[0]}: {error[1]}"}, error=error)
-            elif result is not None:
-                stored = store.finish(doc, owner, result)
-                if stored:
-                    say(f"trial {tid}: {result['status']} loss {result.get('loss')}")
-                else:
-                    say(f"trial {tid} was requeued by another process meanwhile: result discarded")
+            say(f"trial {doc['tid']} of {exp_key}: {' '.join(doc['spec']['overrides'])}")
+            try:
+                _train(store, doc, owner, experiment, options, signals, say)
+            except WorkerTerminated:
+                return EXIT_TERMINATED
             done += 1
             idle_since = time.monotonic()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return EXIT_TERMINATED if state["terminate"] else 0
+    return EXIT_TERMINATED if signals.terminate else 0

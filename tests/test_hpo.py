@@ -20,7 +20,7 @@ pytest.importorskip("hyperopt")
 pytest.importorskip("nx_27017")
 
 from hpo_worker.driver import ExperimentView, build_trials
-from hpo_worker.store import JOB_STATE_DONE, JOB_STATE_NEW, JOB_STATE_RUNNING, connect, mask_url
+from hpo_worker.store import ExperimentMismatch, TrialState, connect, mask_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def _check_complete(db: Any, exp: str, n: int) -> list[dict[str, Any]]:
     tids = [d["tid"] for d in docs]
     assert len(tids) == n and len(set(tids)) == n, tids
     not_done = [(d["tid"], d["state"], d["misc"].get("error"), d["result"].get("failure")) for d in docs
-                if d["state"] != JOB_STATE_DONE]  # fmt: skip
+                if d["state"] != TrialState.DONE]  # fmt: skip
     assert not not_done, not_done
     return docs
 
@@ -142,8 +142,8 @@ def test_experiment_view_reads_finished_trials_once(mongo: str, db: Any) -> None
         return {"exp_key": "v", "tid": tid, "state": state, "result": result, "misc": misc, "spec": None,
                 "owner": None, "version": 0, "book_time": None, "refresh_time": None}  # fmt: skip
 
-    db.jobs.insert_many([trial(0, JOB_STATE_DONE, 0.5), trial(1, JOB_STATE_RUNNING), trial(2, JOB_STATE_NEW)])
-    db.jobs.insert_one({**trial(0, JOB_STATE_DONE, 0.1), "exp_key": "other"})
+    db.jobs.insert_many([trial(0, TrialState.DONE, 0.5), trial(1, TrialState.RUNNING), trial(2, TrialState.NEW)])
+    db.jobs.insert_one({**trial(0, TrialState.DONE, 0.1), "exp_key": "other"})
     store = connect(mongo)
     view = ExperimentView(store, "v", resync_s=3600)
     view.refresh()
@@ -153,15 +153,15 @@ def test_experiment_view_reads_finished_trials_once(mongo: str, db: Any) -> None
     # A finished trial is not read again: a change behind the view's back shows only at the next full read.
     db.jobs.update_one({"exp_key": "v", "tid": 0}, {"$set": {"result.loss": 0.25}})
     # Trial 1 finishes; trial 3, inserted by the driver, finishes before the next round without ever being seen queued.
-    db.jobs.update_one({"exp_key": "v", "tid": 1}, {"$set": {"state": JOB_STATE_DONE, "result.loss": 0.75}})
-    db.jobs.insert_one(trial(3, JOB_STATE_DONE, 0.9))
-    view.added([trial(3, JOB_STATE_NEW)])
+    db.jobs.update_one({"exp_key": "v", "tid": 1}, {"$set": {"state": TrialState.DONE, "result.loss": 0.75}})
+    db.jobs.insert_one(trial(3, TrialState.DONE, 0.9))
+    view.added([trial(3, TrialState.NEW)])
     # Trial 2 is taken and given back between rounds: still active.
-    db.jobs.update_one({"exp_key": "v", "tid": 2}, {"$set": {"state": JOB_STATE_RUNNING}})
+    db.jobs.update_one({"exp_key": "v", "tid": 2}, {"$set": {"state": TrialState.RUNNING}})
     view.refresh()
     assert sorted(view.finished) == [0, 1, 3] and sorted(view.active) == [2]
     assert view.finished[0]["result"]["loss"] == 0.5 and view.finished[1]["result"]["loss"] == 0.75
-    assert view.counts() == {JOB_STATE_NEW: 0, JOB_STATE_RUNNING: 1, JOB_STATE_DONE: 3, 3: 0}
+    assert view.counts() == {TrialState.NEW: 0, TrialState.RUNNING: 1, TrialState.DONE: 3, 3: 0}
     assert [d["tid"] for d in view.docs] == [0, 1, 2, 3]
     assert len(build_trials(view.docs, "v").trials) == 4
 
@@ -171,19 +171,46 @@ def test_experiment_view_reads_finished_trials_once(mongo: str, db: Any) -> None
     store.close()
 
 
+def test_store_counts_states_lists_running_trials_and_checks_an_experiment(mongo: str, db: Any) -> None:
+    """What the study reads for its progress (count_states), the worker's stale check (running_docs), and the typed
+    error for an experiment that exists with other settings (check_experiment)."""
+    states = [TrialState.DONE, TrialState.DONE, TrialState.ERROR, TrialState.RUNNING, TrialState.NEW]
+    db.jobs.insert_many([{"exp_key": "c", "tid": tid, "state": state} for tid, state in enumerate(states)])
+    db.jobs.insert_one({"exp_key": "other", "tid": 0, "state": TrialState.RUNNING})
+    store = connect(mongo)
+    counts = store.count_states("c")
+    assert counts == {TrialState.NEW: 1, TrialState.RUNNING: 1, TrialState.DONE: 2, TrialState.ERROR: 1}
+    assert all(isinstance(state, TrialState) for state in counts)
+    assert store.count_states("none") == dict.fromkeys(TrialState, 0)
+    assert [d["tid"] for d in store.running_docs("c")] == [3]
+    assert sorted(d["exp_key"] for d in store.running_docs()) == ["c", "other"]
+    assert db.jobs.find_one({"exp_key": "c", "tid": 0})["state"] == 2 and type(counts[TrialState.DONE]) is int
+
+    meta = {"space": "sgd", "seed": 0, "objective": "test_loss"}
+    assert store.check_experiment("c", meta, ("space", "seed")) is False  # none stored: nothing to disagree with
+    assert store.create_or_check_experiment("c", meta, ("space", "seed")) is True
+    assert store.check_experiment("c", meta, ("space", "seed")) is True
+    with pytest.raises(ExperimentMismatch, match="already exists with another seed, space") as caught:
+        store.check_experiment("c", {**meta, "space": "adam", "seed": 1}, ("seed", "space"))
+    assert caught.value.exp_key == "c" and caught.value.different == ("seed", "space")
+    with pytest.raises(ExperimentMismatch):
+        store.create_or_check_experiment("c", {**meta, "objective": "test_error"}, ("objective",))
+    store.close()
+
+
 def test_concurrent_reservations_take_each_trial_once_oldest_first(mongo: str, db: Any) -> None:
     """Four connections race for 40 queued trials (and 5 of another experiment): each is taken exactly once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    db.jobs.insert_many([{"exp_key": "r", "tid": tid, "state": JOB_STATE_NEW, "version": 0} for tid in range(40)])
-    db.jobs.insert_many([{"exp_key": "other", "tid": tid, "state": JOB_STATE_NEW, "version": 0} for tid in range(5)])
+    db.jobs.insert_many([{"exp_key": "r", "tid": tid, "state": TrialState.NEW, "version": 0} for tid in range(40)])
+    db.jobs.insert_many([{"exp_key": "other", "tid": tid, "state": TrialState.NEW, "version": 0} for tid in range(5)])
     connect(mongo).ensure_indexes()
 
     def drain(owner: str) -> list[int]:
         store = connect(mongo)
         taken = []
         while (doc := store.reserve(owner, "r")) is not None:
-            assert doc["owner"] == owner and doc["state"] == JOB_STATE_RUNNING and doc["attempts"] == 1
+            assert doc["owner"] == owner and doc["state"] == TrialState.RUNNING and doc["attempts"] == 1
             taken.append(doc["tid"])
         store.close()
         return taken
@@ -193,7 +220,7 @@ def test_concurrent_reservations_take_each_trial_once_oldest_first(mongo: str, d
     everything = sorted(tid for tids in taken for tid in tids)
     assert everything == list(range(40)), taken
     assert all(tids == sorted(tids) for tids in taken), "each worker takes the oldest queued trial first"
-    assert db.jobs.count_documents({"exp_key": "other", "state": JOB_STATE_NEW}) == 5
+    assert db.jobs.count_documents({"exp_key": "other", "state": TrialState.NEW}) == 5
     anyone = connect(mongo).reserve("w", None)  # without --exp: any experiment's trial
     assert anyone is not None and anyone["exp_key"] == "other"
 
@@ -252,7 +279,7 @@ def test_sigkill_worker_trial_is_requeued(mongo: str, db: Any, tmp_path: Path) -
     victim = _worker(mongo, tmp_path, "--idle-timeout", "20", "--grace", "0")
     running = _wait_for(
         lambda: db.jobs.find_one(
-            {"exp_key": "kill", "state": JOB_STATE_RUNNING, "owner": {"$regex": f":{victim.pid}:"}}
+            {"exp_key": "kill", "state": TrialState.RUNNING, "owner": {"$regex": f":{victim.pid}:"}}
         ),
         what="the victim's trial",
     )
@@ -272,7 +299,7 @@ def test_sigkill_worker_trial_is_requeued(mongo: str, db: Any, tmp_path: Path) -
 def test_driver_restart_resumes_without_duplicates(mongo: str, db: Any, tmp_path: Path) -> None:
     driver = _driver(mongo, tmp_path, "restart", 6, "--queue-size", "2")
     worker = _worker(mongo, tmp_path, "--idle-timeout", "15")
-    _wait_for(lambda: db.jobs.count_documents({"exp_key": "restart", "state": JOB_STATE_DONE}) >= 2, what="2 done")
+    _wait_for(lambda: db.jobs.count_documents({"exp_key": "restart", "state": TrialState.DONE}) >= 2, what="2 done")
     driver.kill()
     driver.wait()
     driver = _driver(mongo, tmp_path, "restart", 6, "--queue-size", "2")
@@ -349,13 +376,13 @@ def test_two_experiments_stay_apart(mongo: str, db: Any, tmp_path: Path) -> None
 def test_sigterm_puts_trial_back(mongo: str, db: Any, tmp_path: Path) -> None:
     driver = _driver(mongo, tmp_path, "term", 1, "--queue-size", "1", steps=20000)  # long: SIGTERM must find it running
     worker = _worker(mongo, tmp_path, "--idle-timeout", "20")
-    _wait_for(lambda: db.jobs.find_one({"exp_key": "term", "state": JOB_STATE_RUNNING}), what="a running trial")
+    _wait_for(lambda: db.jobs.find_one({"exp_key": "term", "state": TrialState.RUNNING}), what="a running trial")
     worker.send_signal(signal.SIGTERM)
     rc, out = _finish(worker, 20)
     assert rc == 143, out
     assert "back in the queue" in out
     doc = db.jobs.find_one({"exp_key": "term"})
-    assert doc["state"] == JOB_STATE_NEW and doc["owner"] is None and doc["attempts"] == 0
+    assert doc["state"] == TrialState.NEW and doc["owner"] is None and doc["attempts"] == 0
     driver.kill()
     driver.wait()
 

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from hpo_worker.store import JOB_STATE_ERROR, JOB_STATE_NEW, JOB_STATE_RUNNING
+from hpo_worker.store import TrialState
 from tests.processes import MPI_ENV, PYTHON, ROOT
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the fixture: a real single-node Slurm)
 from tests.test_hpo import _check_complete, _driver, _files, _finish, _start, _wait_for, _worker
@@ -50,7 +50,7 @@ def test_worker_runs_each_trial_as_mpirun_ranks(mongo: str, db: Any, tmp_path: P
 def test_sigterm_stops_every_rank_and_requeues(mongo: str, db: Any, tmp_path: Path) -> None:
     driver = _driver(mongo, tmp_path, "mpiterm", 1, "--queue-size", "1", steps=20000)
     worker = _worker(mongo, tmp_path, "--idle-timeout", "30", "--launcher", "mpirun", "--ranks", "2")
-    doc = _wait_for(lambda: db.jobs.find_one({"exp_key": "mpiterm", "state": JOB_STATE_RUNNING}), what="a trial")
+    doc = _wait_for(lambda: db.jobs.find_one({"exp_key": "mpiterm", "state": TrialState.RUNNING}), what="a trial")
     trial_dir = tmp_path / "runs" / "mpiterm" / f"trial{doc['tid']}.{doc['version']}"
     # Each rank writes its record on its own schedule: wait for both, not only the last one.
     ranks = trial_dir / "run" / "ranks"
@@ -61,7 +61,7 @@ def test_sigterm_stops_every_rank_and_requeues(mongo: str, db: Any, tmp_path: Pa
     assert rc == 143 and "back in the queue" in out, out
     _wait_for(lambda: not any(psutil.pid_exists(pid) for pid in pids), 15, "the ranks to exit")
     again = db.jobs.find_one({"exp_key": "mpiterm"})
-    assert again["state"] == JOB_STATE_NEW and again["owner"] is None
+    assert again["state"] == TrialState.NEW and again["owner"] is None
     driver.kill()
     driver.wait()
 
@@ -77,7 +77,7 @@ def test_a_failing_launched_trial_is_an_error_with_its_stderr(mongo: str, db: An
     assert rc == 0, out
     _finish(worker, 30)
     doc = db.jobs.find_one({"exp_key": "bad"})
-    assert doc is not None and doc["state"] == JOB_STATE_ERROR, doc
+    assert doc is not None and doc["state"] == TrialState.ERROR, doc
     assert "exited with status 2" in doc["misc"]["error"][1] and "65" in doc["misc"]["error"][1], doc["misc"]
 
 

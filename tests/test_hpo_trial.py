@@ -1,17 +1,28 @@
-"""hpo_worker.trial without a server: the objectives TPE minimises, launcher command lines and their errors, and the
-JSON export that jobs.study reads."""
+"""hpo_worker.trial without a server: the objectives TPE minimises, launcher command lines and their errors, how a
+launched run's end is read (exit status and summary.json, never its log), the JSON export that the study reads, the
+typed trial states, and a worker that runs without hyperopt."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import shutil
+import subprocess
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.importorskip("hyperopt")
 
 from hpo_worker.report import trials_json
-from hpo_worker.trial import TrialLaunch, objective_value
+from hpo_worker.store import TrialState
+from hpo_worker.trial import TrialLaunch, learning_curve, objective_value, run_trial
+from jobs.outcome import EXIT_STATUS, RunEnd, read_summary
+from tests.processes import ENV, MPI_ENV, PYTHON, ROOT
 
 SUMMARY = {"test_loss": 0.5, "test_accuracy": 0.8, "train_accuracy": 0.9, "total_steps": 200, "target_accuracy": 0.85}
 
@@ -66,3 +77,116 @@ def test_trials_json_is_plain_json() -> None:
     assert record["params"] == {"optim.lr": 0.1} and record["overrides"] == ["optim.lr=0.1"]
     assert "learning_curve" not in record["result"] and record["result"]["loss"] == 0.2
     assert record["book_time"] == "2026-11-24T12:00:00" and record["refresh_time"] == "2026-11-24"
+
+
+def test_trial_states_are_hyperopts_ints() -> None:
+    import hyperopt
+
+    assert [(s.name, int(s)) for s in TrialState] == [("NEW", 0), ("RUNNING", 1), ("DONE", 2), ("ERROR", 3)]
+    assert TrialState.NEW == hyperopt.JOB_STATE_NEW and TrialState.RUNNING == hyperopt.JOB_STATE_RUNNING
+    assert TrialState.DONE == hyperopt.JOB_STATE_DONE and TrialState.ERROR == hyperopt.JOB_STATE_ERROR
+    assert TrialState(2) is TrialState.DONE and json.dumps({"state": TrialState.ERROR}) == '{"state": 3}'
+
+
+def test_the_worker_and_the_store_do_not_import_hyperopt() -> None:
+    """A worker node needs pymongo and jobs, not hyperopt: the driver (TPE) is the only module that imports it."""
+    code = (
+        "import sys, hpo_worker.worker, hpo_worker.store, hpo_worker.liveness, hpo_worker.report; "
+        "assert 'hyperopt' not in sys.modules, 'hyperopt imported'; assert 'hpo_worker.driver' not in sys.modules"
+    )
+    result = subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+# A launched run stand-in: writes summary.json (end, reason), metrics.jsonl and stderr as jobs.train does, then exits
+# with the status of its end. Only for the ends a real run cannot be steered into reliably (failed with a reason).
+FAKE_TRAIN = r"""
+import json, sys
+end, status = sys.argv[1], int(sys.argv[2])
+out = next(json.loads(a.split("=", 1)[1]) for a in sys.argv[3:] if a.startswith("run.out_dir="))
+import pathlib
+run = pathlib.Path(out)
+run.mkdir(parents=True, exist_ok=True)
+(run / "metrics.jsonl").write_text(
+    '{"kind": "step", "step": 1, "loss": 2.0}\n{"kind": "eval", "step": 1, "test_accuracy": 0.25, "seconds": 1}\n{"kind'
+)
+summary = {"end": end, "reason": None if end == "finished" else f"the {end} reason", "test_loss": 0.5,
+           "test_accuracy": 0.75, "total_steps": 1}
+(run / "summary.json").write_text(json.dumps(summary))
+print("Traceback: TrainingDiverged in the log must not matter", file=sys.stderr)
+sys.exit(status)
+"""
+
+
+@dataclass(frozen=True)
+class _FakeLaunch(TrialLaunch):
+    end: str = "finished"
+    status: int = 0
+
+    def command(self, train_args: Sequence[str]) -> list[str]:
+        return [PYTHON, "-c", FAKE_TRAIN, self.end, str(self.status), *train_args]
+
+
+EXPERIMENT = {"config_text": "", "objective": "test_loss", "config_name": "base"}
+DOC: dict[str, Any] = {"spec": {"overrides": []}}
+
+
+def test_a_launched_runs_end_comes_from_its_exit_status_and_summary(tmp_path: Path) -> None:
+    finished = run_trial(EXPERIMENT, DOC, tmp_path / "f", _FakeLaunch("mpirun"))
+    assert finished["status"] == "ok" and finished["loss"] == 0.5 and finished["test_accuracy"] == 0.75
+    assert finished["learning_curve"] == [{"kind": "eval", "step": 1, "test_accuracy": 0.25}]
+
+    status = EXIT_STATUS[RunEnd.DIVERGED]
+    diverged = run_trial(EXPERIMENT, DOC, tmp_path / "d", _FakeLaunch("mpirun", end="diverged", status=status))
+    assert diverged["status"] == "fail" and diverged["failure"] == "diverged: the diverged reason", diverged
+    assert diverged["learning_curve"] == [{"kind": "eval", "step": 1, "test_accuracy": 0.25}]
+
+    failed = _FakeLaunch("mpirun", end="failed", status=EXIT_STATUS[RunEnd.FAILED])
+    with pytest.raises(ValueError, match="exited with status 1: the failed reason; Traceback: TrainingDiverged in"):
+        run_trial(EXPERIMENT, DOC, tmp_path / "x", failed)
+    # The log says TrainingDiverged, the summary says finished, the status says failed: not a diverged trial.
+    with pytest.raises(ValueError, match="exited with status 1"):
+        run_trial(EXPERIMENT, DOC, tmp_path / "y", _FakeLaunch("mpirun", end="finished", status=1))
+
+
+def test_learning_curve_keeps_epoch_and_eval_records(tmp_path: Path) -> None:
+    assert learning_curve(tmp_path) == []
+    records = [{"kind": "step", "step": 1}, {"kind": "epoch", "step": 2, "seconds": 3.0}, {"kind": "eval", "step": 2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "ev')
+    assert learning_curve(tmp_path) == [{"kind": "epoch", "step": 2}, {"kind": "eval", "step": 2}]
+
+
+DIVERGING = """
+[model]
+name = "mlp"
+hidden = [16]
+[data]
+name = "synthetic"
+batch_size = 64
+synthetic_shape = [8]
+synthetic_classes = 4
+synthetic_train_size = 256
+synthetic_test_size = 128
+[optim]
+name = "sgd"
+lr = 1e30
+[run]
+steps = 20
+log_every = 1
+eval_every = 0
+tensorboard = false
+"""
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
+def test_a_launched_run_that_diverges_is_a_diverged_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real `mpirun -np 1 python -m jobs.train` whose loss becomes infinite: jobs.train writes summary.json with
+    end = diverged and exits 3 (jobs.outcome), and the trial is a diverged failure, not an error."""
+    for key, value in MPI_ENV.items():
+        monkeypatch.setenv(key, value)
+    experiment = {**EXPERIMENT, "config_text": DIVERGING}
+    result = run_trial(experiment, DOC, tmp_path / "t", TrialLaunch("mpirun", 1))
+    assert result["status"] == "fail" and result["failure"].startswith("diverged: "), result
+    summary = read_summary(tmp_path / "t" / "run")
+    assert summary is not None and summary["end"] == RunEnd.DIVERGED
+    assert result["failure"] == f"diverged: {summary['reason']}"

@@ -17,8 +17,8 @@ from jobs.loop import run_training
 from jobs.metrics import read_metrics
 from jobs.optim import make_lr_schedule
 from jobs.parallel import SingleContext
-from jobs.study.config import StudyError, check_cells, load_study
-from jobs.study.report import top_k_seed_means, write_report
+from study.config import StudyError, check_cells, load_study
+from study.report import top_k_seed_means, write_report
 from tests.processes import ENV, PYTHON, ROOT
 
 BASE = """
@@ -164,7 +164,7 @@ def test_paper_configs_load_and_every_cell_validates(name: str) -> None:
     path = ROOT / "jobs/configs/studies" / name
     study = load_study(path)
     result = subprocess.run(
-        [PYTHON, "-m", "jobs.study", "scaling", "--config", str(path), "--check"],
+        [PYTHON, "-m", "study", "scaling", "--config", str(path), "--check"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

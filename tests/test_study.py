@@ -1,4 +1,4 @@
-"""jobs.study end to end: a tiny tuned study through the real embedded MongoDB server and worker processes, a
+"""study end to end: a tiny tuned study through the real embedded MongoDB server and worker processes, a
 given-values study with variants on real MNIST that continues where it stopped, and bad study files."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _study(
     (tmp_path / "space.toml").write_text(space)
     study = tmp_path / "study.toml"
     study.write_text(text)
-    command = [PYTHON, "-m", "jobs.study", "scaling", "--config", str(study), "--out", str(tmp_path / "out"), *args]
+    command = [PYTHON, "-m", "study", "scaling", "--config", str(study), "--out", str(tmp_path / "out"), *args]
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 

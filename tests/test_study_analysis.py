@@ -1,4 +1,4 @@
-"""jobs.study analysis: the critical-batch fit, the gradient noise scale and the study report, on synthetic data."""
+"""study analysis: the critical-batch fit, the gradient noise scale and the study report, on synthetic data."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from jobs.noise_scale import NoiseScaleEstimator, b_simple_from_norms, noise_estimates, squared_grad_norm
-from jobs.study.fit import ScalingFit, fit_steps_to_target
-from jobs.study.report import (
+from study.fit import ScalingFit, fit_steps_to_target
+from study.report import (
     PLOTS,
     RUN_COLUMNS,
     best_runs,

@@ -1,5 +1,5 @@
-"""Batch-size scaling study: train each (variant, optimizer, batch size) cell with tuned or given hyperparameters and
-measure steps to a target accuracy (the runner), fit the critical batch size and estimate the gradient noise scale
-(:mod:`jobs.study.fit`, :mod:`jobs.noise_scale`), and write the study's CSV, fits, plots and markdown report
-(:mod:`jobs.study.report`).
+"""Moved to the top-level package :mod:`study` (it drives hpo_worker, which depends on jobs, so it sits above both).
+
+Only ``python -m jobs.study`` is kept, for one release, by forwarding (:mod:`jobs.study.__main__`); jobs never imports
+the study.
 """

@@ -15,7 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from jobs.study.fit import ScalingFit, fit_steps_to_target
+from hpo_worker.report import mean_std
+from jobs.metrics import METRICS_JSONL, read_metrics
+from jobs.optimizers import OPTIMIZER_NAMES, report_label
+from study.fit import ScalingFit, fit_steps_to_target
 
 __all__ = [
     "RUN_COLUMNS",
@@ -61,8 +64,6 @@ CellKey = tuple[str, str, int]  # (variant, optimizer, batch_size)
 SeriesKey = tuple[str, str]  # (variant, optimizer)
 
 MISSING: Final = "–"
-_OPTIMIZER_ORDER: Final = ("sgd", "adam", "kfac")
-_OPTIMIZER_LABELS: Final = {"sgd": "SGD", "adam": "Adam", "kfac": "K-FAC"}
 FIT_FORMULA: Final = "S(B) = S_min * (1 + B_crit / B)"
 PLOTS: Final = ("steps_to_target.png", "best_lr.png", "final_accuracy.png", "learning_curves.png", "noise_scale.png")
 
@@ -86,7 +87,7 @@ def _key(run: Mapping[str, Any]) -> CellKey:
 
 
 def _optimizer_rank(name: str) -> tuple[int, str]:
-    return (_OPTIMIZER_ORDER.index(name) if name in _OPTIMIZER_ORDER else len(_OPTIMIZER_ORDER), name)
+    return (OPTIMIZER_NAMES.index(name) if name in OPTIMIZER_NAMES else len(OPTIMIZER_NAMES), name)
 
 
 def _sorted_keys(keys: Iterable[CellKey]) -> list[CellKey]:
@@ -99,7 +100,7 @@ def _series_label(variant: str, optimizer: str) -> str:
 
 
 def _series_title(variant: str, optimizer: str) -> str:
-    name = _OPTIMIZER_LABELS.get(optimizer, optimizer)
+    name = report_label(optimizer)
     return f"{name} ({variant})" if variant else name
 
 
@@ -166,13 +167,6 @@ def best_runs(runs: Iterable[Mapping[str, Any]]) -> dict[CellKey, Mapping[str, A
     return {k: best[k] for k in _sorted_keys(best)}
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n - 1); std is None below two values."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def top_k_means(runs: Iterable[Mapping[str, Any]], k: int, by: str = "train_accuracy") -> dict[CellKey, dict[str, Any]]:
     """Mean and std of train and val accuracy over the ``k`` runs of each cell with the highest ``by`` accuracy.
 
@@ -194,7 +188,7 @@ def top_k_means(runs: Iterable[Mapping[str, Any]], k: int, by: str = "train_accu
         top = ranked[:k]
         entry: dict[str, Any] = {"n": len(top), "k": k, "by": by}
         for metric in ("train_accuracy", "val_accuracy"):
-            mean, std = _mean_std([x for r in top if (x := _num(r.get(metric))) is not None])
+            mean, std = mean_std([x for r in top if (x := _num(r.get(metric))) is not None])
             entry[f"{metric}_mean"] = mean
             entry[f"{metric}_std"] = std
         out[key] = entry
@@ -233,7 +227,7 @@ def top_k_seed_means(
 
 def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
     """Mean and standard error of the mean (sample std / sqrt(n)); the error is None below two values."""
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     return mean, (None if std is None else std / math.sqrt(len(values)))
 
 
@@ -362,7 +356,7 @@ def _table_rows(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list
     for (variant, optimizer, batch), run in best.items():
         row = [variant] if with_variant else []
         row += [
-            _OPTIMIZER_LABELS.get(optimizer, optimizer),
+            report_label(optimizer),
             str(batch),
             "yes" if _reached(run) else "no",
             _fmt_int(run.get("steps_to_target")) if _reached(run) else MISSING,
@@ -404,21 +398,11 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl; [] when the path is empty or missing; bad lines are skipped."""
-    if not path:
+    """The records of a run's metrics.jsonl (``jobs.metrics.read_metrics``); [] when the path is empty, missing or
+    not a metrics.jsonl."""
+    if not path or Path(path).name != METRICS_JSONL:
         return []
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # an unfinished last line of a killed run
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return [record for record in read_metrics(Path(path).parent) if isinstance(record, dict)]
 
 
 def _curve(records: Iterable[Mapping[str, Any]], kind: str, field: str) -> tuple[list[float], list[float]]:
@@ -429,6 +413,44 @@ def _curve(records: Iterable[Mapping[str, Any]], kind: str, field: str) -> tuple
             xs.append(step)
             ys.append(value)
     return xs, ys
+
+
+class _Plots:
+    """What every plot of one report shares: the best run of each cell by series, one color per series, markers and
+    line styles per variant (so that overlapping series of two variants stay distinguishable), pyplot, and the
+    reasons of the plots not drawn."""
+
+    def __init__(self, plt: Any, out_dir: Path, runs: Sequence[Mapping[str, Any]]) -> None:
+        self.plt, self.out_dir = plt, out_dir
+        self.series: dict[SeriesKey, list[tuple[int, Mapping[str, Any]]]] = {}
+        for (variant, optimizer, batch), run in best_runs(runs).items():
+            self.series.setdefault((variant, optimizer), []).append((batch, run))
+        self.colors = {key: f"C{i % 10}" for i, key in enumerate(self.series)}
+        variant_index = {v: i for i, v in enumerate(sorted({k[0] for k in self.series}))}
+        self.markers = {key: "osD^v"[variant_index[key[0]] % 5] + "-" for key in self.series}
+        self.styles = {key: ("-", "-.", "--")[variant_index[key[0]] % 3] for key in self.series}
+        self.skipped: dict[str, str] = {}
+
+    def finish(
+        self, fig: Any, ax: Any, name: str, drawn: bool, why_not: str, labels: tuple[str, str, str],
+        batch_axis: bool = False, log_y: bool = False, legend: str = "small",
+    ) -> None:  # fmt: skip
+        """Labels (x, y, title) and saves the plot as ``name``; a plot with nothing drawn is skipped, ``why_not``."""
+        if not drawn:
+            self.plt.close(fig)
+            self.skipped[name] = why_not
+            return
+        if batch_axis:
+            ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel(labels[1])
+        ax.set_title(labels[2])
+        ax.legend(fontsize=legend)
+        fig.tight_layout()
+        fig.savefig(self.out_dir / name, dpi=120)
+        self.plt.close(fig)
 
 
 def _plot_all(
@@ -442,135 +464,112 @@ def _plot_all(
     matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot's import
     import matplotlib.pyplot as plt
 
-    best = best_runs(runs)
-    series: dict[SeriesKey, list[tuple[int, Mapping[str, Any]]]] = {}
-    for (variant, optimizer, batch), run in best.items():
-        series.setdefault((variant, optimizer), []).append((batch, run))
-    colors = {key: f"C{i % 10}" for i, key in enumerate(series)}
-    # Variants also differ in marker / line style, so that overlapping series of two variants stay distinguishable.
-    variant_index = {v: i for i, v in enumerate(sorted({k[0] for k in series}))}
-    markers = {key: "osD^v"[variant_index[key[0]] % 5] + "-" for key in series}
-    styles = {key: ("-", "-.", "--")[variant_index[key[0]] % 3] for key in series}
-    skipped: dict[str, str] = {}
+    plots = _Plots(plt, out_dir, runs)
+    _plot_steps_to_target(plots, fits)
+    _plot_per_batch(plots, "best_lr.png", "lr", "learning rate", "Learning rate of the best run", log_y=True)
+    _plot_per_batch(
+        plots, "final_accuracy.png", "val_accuracy", "validation accuracy (%)", "Final accuracy of the best run", False,
+        100.0,
+    )  # fmt: skip
+    _plot_learning_curves(plots, runs)
+    _plot_noise_scale(plots, runs)
+    return plots.skipped
 
-    def finish(
-        fig: Any,
-        ax: Any,
-        name: str,
-        drawn: bool,
-        why_not: str,
-        labels: tuple[str, str, str],
-        batch_axis: bool = False,
-        log_y: bool = False,
-        legend: str = "small",
-    ) -> None:
-        """Labels (x, y, title) and saves the plot as ``name``; a plot with nothing drawn is skipped, ``why_not``."""
-        if not drawn:
-            plt.close(fig)
-            skipped[name] = why_not
-            return
-        if batch_axis:
-            ax.set_xscale("log", base=2)
-        if log_y:
-            ax.set_yscale("log")
-        ax.set_xlabel(labels[0])
-        ax.set_ylabel(labels[1])
-        ax.set_title(labels[2])
-        ax.legend(fontsize=legend)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
 
-    # Steps to target, with perfect scaling from each series' smallest batch and the fitted S(B).
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+def _plot_steps_to_target(plots: _Plots, fits: Mapping[str, Mapping[str, Any]]) -> None:
+    """Steps to target, with perfect scaling from each series' smallest batch and the fitted S(B)."""
+    fig, ax = plots.plt.subplots(figsize=(6.4, 4.8))
     drawn = False
-    for (variant, optimizer), points in series.items():
+    for (variant, optimizer), points in plots.series.items():
         pts = [(b, s) for b, r in points if _reached(r) and (s := _num(r.get("steps_to_target"))) and s > 0]
         if not pts:
             continue
         drawn = True
-        color = colors[(variant, optimizer)]
+        color = plots.colors[(variant, optimizer)]
         bs, ss = [b for b, _ in pts], [s for _, s in pts]
-        ax.plot(bs, ss, markers[(variant, optimizer)], color=color, label=_series_title(variant, optimizer))
+        ax.plot(bs, ss, plots.markers[(variant, optimizer)], color=color, label=_series_title(variant, optimizer))
         b0, s0 = pts[0]
         grid = [b0 * 2 ** (i / 8) for i in range(round(8 * math.log2(max(bs) / b0)) + 1)] if max(bs) > b0 else [b0]
         ax.plot(grid, [s0 * b0 / b for b in grid], "--", color=color, alpha=0.6, linewidth=1)
         fit = _fit_of(fits.get(_series_label(variant, optimizer), {}))
         if fit is not None:
             ax.plot(grid, [float(fit.predict(b)) for b in grid], ":", color=color, linewidth=1.5)
-    finish(
+    plots.finish(
         fig, ax, "steps_to_target.png", drawn, "no run reached the target accuracy",
         ("batch size", "steps to target", "Steps to target (dashed: perfect scaling, dotted: fit)"),
         batch_axis=True, log_y=True,
     )  # fmt: skip
 
-    def per_batch_plot(name: str, field: str, ylabel: str, title: str, log_y: bool, scale: float = 1.0) -> None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.8))
-        drawn = False
-        for (variant, optimizer), points in series.items():
-            pts = [(b, v * scale) for b, r in points if (v := _num(r.get(field))) is not None and (v > 0 or not log_y)]
-            if pts:
-                drawn = True
-                ax.plot(
-                    *zip(*pts, strict=True),
-                    markers[(variant, optimizer)],
-                    color=colors[(variant, optimizer)],
-                    label=_series_title(variant, optimizer),
-                )
-        finish(fig, ax, name, drawn, f"no best run has a {field}", ("batch size", ylabel, title), True, log_y)
 
-    per_batch_plot("best_lr.png", "lr", "learning rate", "Learning rate of the best run", log_y=True)
-    per_batch_plot(
-        "final_accuracy.png", "val_accuracy", "validation accuracy (%)", "Final accuracy of the best run", False, 100.0
-    )
-
-    # Learning curves of each series' best run at its largest batch size.
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+def _plot_per_batch(
+    plots: _Plots, name: str, field: str, ylabel: str, title: str, log_y: bool, scale: float = 1.0
+) -> None:
+    """``field`` of each series' best runs against the batch size."""
+    fig, ax = plots.plt.subplots(figsize=(6.4, 4.8))
     drawn = False
-    for (variant, optimizer), points in series.items():
+    for (variant, optimizer), points in plots.series.items():
+        pts = [(b, v * scale) for b, r in points if (v := _num(r.get(field))) is not None and (v > 0 or not log_y)]
+        if pts:
+            drawn = True
+            ax.plot(
+                *zip(*pts, strict=True),
+                plots.markers[(variant, optimizer)],
+                color=plots.colors[(variant, optimizer)],
+                label=_series_title(variant, optimizer),
+            )
+    plots.finish(fig, ax, name, drawn, f"no best run has a {field}", ("batch size", ylabel, title), True, log_y)
+
+
+def _plot_learning_curves(plots: _Plots, runs: Sequence[Mapping[str, Any]]) -> None:
+    """Learning curves of each series' best run at its largest batch size."""
+    fig, ax = plots.plt.subplots(figsize=(6.4, 4.8))
+    drawn = False
+    for (variant, optimizer), points in plots.series.items():
         batch, run = max(points, key=lambda p: p[0])
         xs, ys = _curve(read_metrics_file(str(run.get("metrics_path") or "")), "eval", "test_accuracy")
         if xs:
             drawn = True
             label = f"{_series_title(variant, optimizer)}, B={batch}"
             ax.plot(
-                xs, [100 * y for y in ys], styles[(variant, optimizer)], color=colors[(variant, optimizer)], label=label
-            )
+                xs, [100 * y for y in ys], plots.styles[(variant, optimizer)], color=plots.colors[(variant, optimizer)],
+                label=label,
+            )  # fmt: skip
     for target in {t for r in runs if (t := _num(r.get("target_accuracy"))) is not None}:
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1)
-    finish(
+    plots.finish(
         fig, ax, "learning_curves.png", drawn,
         "no evaluation records in the metrics files of the best runs at the largest batch",
         ("step", "validation accuracy (%)", "Learning curves of the best runs at the largest batch"),
     )  # fmt: skip
 
-    # Noise scale over steps, only for studies that measured it.
+
+def _plot_noise_scale(plots: _Plots, runs: Sequence[Mapping[str, Any]]) -> None:
+    """Noise scale over steps, only for studies that measured it."""
     if not any(_num(r.get("noise_scale")) is not None for r in runs):
-        skipped["noise_scale.png"] = "no run measured the gradient noise scale"
-    else:
-        fig, ax = plt.subplots(figsize=(6.4, 4.8))
-        drawn = False
-        for (variant, optimizer), points in series.items():
-            for i, (batch, run) in enumerate(points):
-                xs, ys = _curve(read_metrics_file(str(run.get("metrics_path") or "")), "step", "noise_scale")
-                # Early estimates can be negative (|G|^2 or tr(Sigma) below 0): a log axis cannot show them.
-                kept = [(x, y) for x, y in zip(xs, ys, strict=True) if y > 0]
-                if kept:
-                    drawn = True
-                    alpha = 0.4 + 0.6 * (i + 1) / len(points)  # darker: larger batch
-                    ax.plot(
-                        *zip(*kept, strict=True),
-                        styles[(variant, optimizer)],
-                        color=colors[(variant, optimizer)],
-                        alpha=alpha,
-                        label=f"{_series_title(variant, optimizer)}, B={batch}",
-                    )
-        finish(
-            fig, ax, "noise_scale.png", drawn,
-            "no positive noise_scale in the step records of the best runs' metrics files",
-            ("step", "B_simple = tr(Σ) / |G|²", "Gradient noise scale of the best runs"), log_y=True, legend="x-small",
-        )  # fmt: skip
-    return skipped
+        plots.skipped["noise_scale.png"] = "no run measured the gradient noise scale"
+        return
+    fig, ax = plots.plt.subplots(figsize=(6.4, 4.8))
+    drawn = False
+    for (variant, optimizer), points in plots.series.items():
+        for i, (batch, run) in enumerate(points):
+            xs, ys = _curve(read_metrics_file(str(run.get("metrics_path") or "")), "step", "noise_scale")
+            # Early estimates can be negative (|G|^2 or tr(Sigma) below 0): a log axis cannot show them.
+            kept = [(x, y) for x, y in zip(xs, ys, strict=True) if y > 0]
+            if kept:
+                drawn = True
+                alpha = 0.4 + 0.6 * (i + 1) / len(points)  # darker: larger batch
+                ax.plot(
+                    *zip(*kept, strict=True),
+                    plots.styles[(variant, optimizer)],
+                    color=plots.colors[(variant, optimizer)],
+                    alpha=alpha,
+                    label=f"{_series_title(variant, optimizer)}, B={batch}",
+                )
+    plots.finish(
+        fig, ax, "noise_scale.png", drawn,
+        "no positive noise_scale in the step records of the best runs' metrics files",
+        ("step", "B_simple = tr(Σ) / |G|²", "Gradient noise scale of the best runs"), log_y=True, legend="x-small",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------- report
@@ -615,7 +614,7 @@ def _top_k_tables(runs: Sequence[Mapping[str, Any]], top_k: int) -> list[str]:
         "of each seed's top-k mean; n = runs averaged per seed.",
         "",
     ]
-    header = ["", *(_OPTIMIZER_LABELS.get(o, o) for o in optimizers)]
+    header = ["", *(report_label(o) for o in optimizers)]
     for batch in batches:
         for metric, name in (("train_accuracy", "Training"), ("val_accuracy", "Validation")):
             rows = [
@@ -690,16 +689,8 @@ def _kl_clip_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
-def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: int = 100) -> Path:
-    """Write runs.csv, fits.json, the plots and report.md into ``out_dir``; returns the path of report.md."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(runs, out_dir / "runs.csv")
-    fits = compute_fits(runs)
-    (out_dir / "fits.json").write_text(json.dumps({"formula": FIT_FORMULA, "fits": fits}, indent=2) + "\n")
-    skipped = _plot_all(out_dir, runs, fits) if runs else {name: "no runs" for name in PLOTS}
-
-    variants = sorted({str(r.get("variant") or "") for r in runs})
+def _report_heading(runs: Sequence[Mapping[str, Any]], title: str, variants: Sequence[str]) -> list[str]:
+    """The title, what the study covered, and the table of every cell's best run."""
     optimizers = sorted({str(r.get("optimizer") or "") for r in runs}, key=_optimizer_rank)
     batches = sorted({int(r.get("batch_size") or 0) for r in runs})
     targets = sorted({t for r in runs if (t := _num(r.get("target_accuracy"))) is not None})
@@ -707,7 +698,7 @@ def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: i
         f"# {title}",
         "",
         f"- runs: {len(runs)} in {len(_by_cell(runs))} cells",
-        f"- optimizers: {', '.join(_OPTIMIZER_LABELS.get(o, o) for o in optimizers) or MISSING}",
+        f"- optimizers: {', '.join(report_label(o) for o in optimizers) or MISSING}",
         f"- batch sizes: {', '.join(map(str, batches)) or MISSING}",
     ]
     if any(variants):
@@ -722,6 +713,12 @@ def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: i
         "",
         _markdown_table(*_table_rows(runs)) if runs else "(no runs)",
         "",
+    ]
+    return lines
+
+
+def _fit_section(fits: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    lines = [
         "## Critical batch size",
         "",
         f"Fit of {FIT_FORMULA} (McCandlish et al. 2018) to the best runs' steps to target, least squares in log space. "
@@ -741,12 +738,30 @@ def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: i
             ]
         )
     header = ["series", "points", "S_min", "B_crit", "rms log residual", "note"]
-    lines += [_markdown_table(header, fit_rows) if fit_rows else "(no runs)", "", "## Plots", ""]
+    return [*lines, _markdown_table(header, fit_rows) if fit_rows else "(no runs)", ""]
+
+
+def _plot_section(skipped: Mapping[str, str]) -> list[str]:
+    lines = ["## Plots", ""]
     for name in PLOTS:
         if name in skipped:
             lines.append(f"- `{name}` not drawn: {skipped[name]}.")
         else:
             lines += [f"![{name[:-4].replace('_', ' ')}]({name})", ""]
+    return lines
+
+
+def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: int = 100) -> Path:
+    """Write runs.csv, fits.json, the plots and report.md into ``out_dir``; returns the path of report.md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(runs, out_dir / "runs.csv")
+    fits = compute_fits(runs)
+    (out_dir / "fits.json").write_text(json.dumps({"formula": FIT_FORMULA, "fits": fits}, indent=2) + "\n")
+    skipped = _plot_all(out_dir, runs, fits) if runs else {name: "no runs" for name in PLOTS}
+
+    variants = sorted({str(r.get("variant") or "") for r in runs})
+    lines = _report_heading(runs, title, variants) + _fit_section(fits) + _plot_section(skipped)
     lines += _budget_table(runs) + _kl_clip_lines(runs)
     if len(variants) > 1:
         lines += [f"## Top-{top_k} means", "", *_top_k_tables(runs, top_k)]

@@ -50,15 +50,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from hpo_worker.trial import OBJECTIVES
 from jobs.config import Config, ConfigError, load_config, parse_override, toml_value
+from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
 
-__all__ = [
-    "OPTIMIZERS", "Cell", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "load_study",
-]  # fmt: skip
-
-OPTIMIZERS: Final = ("sgd", "adam", "adamw", "kfac")
-# hpo_worker's --objective (hpo_worker.trial.OBJECTIVES: jobs may not import hpo_worker)
-OBJECTIVES: Final = ("steps_to_target", "test_loss", "test_error", "train_error", "best_test_error")
+__all__ = ["Cell", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "load_study"]
 _STUDY_KEYS: Final = frozenset(
     {"name", "base_config", "optimizers", "batch_sizes", "target_accuracy", "max_steps", "max_epochs"}
     | {"eval_every_steps", "noise_every", "out_dir", "top_k", "overrides", "variants", "optimizer_overrides"}
@@ -203,7 +199,7 @@ def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
         raise _fail(path, "tune.spaces", 'must be a table such as { sgd = "sgd", kfac = "my_space.toml" }')
     spaces: dict[str, str] = {}
     for optimizer in optimizers:
-        space = spaces_raw.get(optimizer, "adam" if optimizer == "adamw" else optimizer)
+        space = spaces_raw.get(optimizer, OPTIMIZERS[optimizer].default_space)
         if space.endswith(".toml"):
             resolved = (path.parent / space).resolve()
             if not resolved.is_file():
@@ -244,9 +240,29 @@ def _seeds(path: Path, raw: Any) -> tuple[int, ...]:
     return tuple(_int(path, "study.seeds", seed, 0) for seed in raw)
 
 
-def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConfig:
-    """Reads and checks a study file; ``out_dir`` replaces the file's ``study.out_dir``."""
-    path = Path(path)
+def _optimizers(path: Path, optimizers: Any) -> list[str]:
+    if not isinstance(optimizers, list) or not optimizers:
+        raise _fail(path, "study.optimizers", f"must be a non-empty list of {', '.join(OPTIMIZER_NAMES)}")
+    for optimizer in optimizers:
+        if optimizer not in OPTIMIZERS:
+            choices = ", ".join(OPTIMIZER_NAMES)
+            raise _fail(path, "study.optimizers", f"unknown optimizer {optimizer!r}; choose from {choices}")
+    if len(set(optimizers)) != len(optimizers):
+        raise _fail(path, "study.optimizers", "lists an optimizer twice")
+    return optimizers
+
+
+def _batch_sizes(path: Path, batches: Any) -> tuple[int, ...]:
+    if not isinstance(batches, list) or not batches:
+        raise _fail(path, "study.batch_sizes", "must be a non-empty list of batch sizes, e.g. [128, 512, 2048]")
+    batch_sizes = tuple(_int(path, "study.batch_sizes", b, 1) for b in batches)
+    if len(set(batch_sizes)) != len(batch_sizes):
+        raise _fail(path, "study.batch_sizes", "lists a batch size twice")
+    return batch_sizes
+
+
+def _read_tables(path: Path) -> dict[str, Any]:
+    """The study file's TOML, with its [study] table present and no unknown table or [study] key."""
     if not path.is_file():
         raise StudyError(f"study file {path} does not exist (examples: jobs/configs/studies/)")
     try:
@@ -260,6 +276,14 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
     if not isinstance(study, dict):
         raise _fail(path, "[study]", "missing: the study file needs a [study] table")
     _unknown(path, "study", list(study), _STUDY_KEYS)
+    return raw
+
+
+def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConfig:
+    """Reads and checks a study file; ``out_dir`` replaces the file's ``study.out_dir``."""
+    path = Path(path)
+    raw = _read_tables(path)
+    study = raw["study"]
 
     name = study.get("name", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -270,22 +294,8 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
     if not base.is_file():
         raise _fail(path, "study.base_config", f"{base} does not exist")
 
-    optimizers = study.get("optimizers")
-    if not isinstance(optimizers, list) or not optimizers:
-        raise _fail(path, "study.optimizers", f"must be a non-empty list of {', '.join(OPTIMIZERS)}")
-    for optimizer in optimizers:
-        if optimizer not in OPTIMIZERS:
-            choices = ", ".join(OPTIMIZERS)
-            raise _fail(path, "study.optimizers", f"unknown optimizer {optimizer!r}; choose from {choices}")
-    if len(set(optimizers)) != len(optimizers):
-        raise _fail(path, "study.optimizers", "lists an optimizer twice")
-
-    batches = study.get("batch_sizes")
-    if not isinstance(batches, list) or not batches:
-        raise _fail(path, "study.batch_sizes", "must be a non-empty list of batch sizes, e.g. [128, 512, 2048]")
-    batch_sizes = tuple(_int(path, "study.batch_sizes", b, 1) for b in batches)
-    if len(set(batch_sizes)) != len(batch_sizes):
-        raise _fail(path, "study.batch_sizes", "lists a batch size twice")
+    optimizers = _optimizers(path, study.get("optimizers"))
+    batch_sizes = _batch_sizes(path, study.get("batch_sizes"))
 
     target = study.get("target_accuracy", 0.0)
     if isinstance(target, bool) or not isinstance(target, int | float) or not 0 <= target < 1 or math.isnan(target):
@@ -369,6 +379,8 @@ def cell_toml(study: StudyConfig, cell: Cell) -> str:
         key, value = parse_override(text)
         section, _, name = key.partition(".")
         document.setdefault(section, {})[name] = value
+    # "(jobs.study)" although the package moved: this text is part of the experiment's identity (config_text), and
+    # studies made before the move must resume their experiments.
     lines = [f"# {study.name}, cell {cell.name}: {study.base_config.name} + the study's overrides (jobs.study)."]
     for section, table in document.items():
         lines += ["", f"[{section}]"]

@@ -1,0 +1,106 @@
+"""``python -m study scaling --config STUDY.toml``: a batch-size scaling study (docs/study.md).
+
+Examples::
+
+    python -m study scaling --config jobs/configs/studies/demo.toml            # what `make demo` runs
+    python -m study scaling --config jobs/configs/studies/lenet_cifar10_paper.toml --workers 0 \\
+        --mongo-file ~/.hpo-url        # drive only; workers come from a job array (docs/study.md)
+    python -m study scaling --config STUDY.toml --check                     # validate, train nothing
+    python -m study scaling --config STUDY.toml --seeds 0                   # one study seed now, the rest later
+
+Exit status: 0 when the report is written, 2 for a bad study file (nothing was trained), 1 when a run or the tuning
+failed (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from study.config import StudyError, check_cells, load_study
+
+__all__ = ["main"]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    scaling = sub.add_parser("scaling", help="steps to target against batch size, per optimizer, each cell tuned")
+    scaling.add_argument("--config", required=True, help="study file (jobs/configs/studies/)")
+    scaling.add_argument("--out", help="output folder (default: the file's study.out_dir)")
+    scaling.add_argument("--workers", type=int, help="local hpo workers (replaces tune.workers; 0 = external ones)")
+    scaling.add_argument("--trials", type=int, help="trials per cell (replaces tune.trials)")
+    scaling.add_argument("--mongo", help="MongoDB URL (replaces tune.mongo); default: the embedded server")
+    scaling.add_argument("--mongo-file", help="file holding the MongoDB URL (keeps a password out of ps)")
+    scaling.add_argument(
+        "--seeds", help="run only these of study.seeds now, e.g. 0 or 0,1 (the rest stay for a later run)"
+    )
+    scaling.add_argument("--check", action="store_true", help="check the study file and every cell's config, then exit")
+    return parser.parse_args(argv)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # A scheduler's walltime: unwind, so that the runner stops its workers (their trials go back in the queue).
+    raise KeyboardInterrupt
+
+
+def _seed_subset(seeds: tuple[int, ...], text: str) -> tuple[int, ...]:
+    """``--seeds 0,2``: those study seeds, which must be among the file's (their experiments keep their names, so a
+    later run with all seeds continues them)."""
+    try:
+        chosen = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise StudyError(f"--seeds {text!r}: give study seeds separated by commas, e.g. --seeds 0,1") from None
+    unknown = sorted(set(chosen) - set(seeds))
+    if unknown:
+        raise StudyError(f"--seeds {text!r}: {unknown} not in the study file's study.seeds {list(seeds)}")
+    return chosen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        study = load_study(args.config, out_dir=args.out)
+        if study.tune is not None:
+            mongo = Path(args.mongo_file).read_text().strip() if args.mongo_file else args.mongo
+            changes = {"workers": args.workers, "trials": args.trials, "mongo": mongo}
+            for key, value in changes.items():
+                if value is not None and isinstance(value, int) and value < (1 if key == "trials" else 0):
+                    raise StudyError(f"--{key} must be at least {1 if key == 'trials' else 0}, not {value}")
+            tune = dataclasses.replace(study.tune, **{k: v for k, v in changes.items() if v is not None})
+            study = dataclasses.replace(study, tune=tune)
+        elif args.workers is not None or args.trials is not None or args.mongo or args.mongo_file:
+            raise StudyError(f"{args.config} has no [tune] table: --workers, --trials and --mongo are for tuning")
+        if args.seeds is not None:
+            study = dataclasses.replace(study, seeds=_seed_subset(study.seeds, args.seeds))
+        cells = check_cells(study)
+    except (StudyError, OSError) as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{study.path}: {len(cells)} cells, all configs valid: {', '.join(cells)}")
+        return 0
+
+    from study.runner import run_study
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        run_study(study)
+    except StudyError as exc:  # the study file was fine: a run, a driver or the server failed
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("study: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

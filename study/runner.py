@@ -1,0 +1,172 @@
+"""Runs a study: every cell tuned with hpo_worker (:mod:`study.tuning`) or trained with given values; then the report.
+
+Layout of ``study.out_dir``::
+
+    configs/<cell>.toml       the config of the cell's runs (base config + the study's overrides)
+    runs/<cell>/              given values: the cell's training run (summary.json, metrics.jsonl, checkpoints)
+    trials/<exp>/trial<tid>.<attempt>/run/   tuning: each trial's training run (written by the local workers)
+    trials/<cell>.json        tuning: every trial of the cell (``hpo_worker.report.trials_json``, as ``report --json``)
+    hpo_data/                 tuning without tune.mongo: the embedded nx-27017 server's database and log
+    logs/                     the drivers' and workers' output, and each cell's trial summary (report-<cell>.log)
+    runs.csv, fits.json, *.png, report.md     the report (study.report)
+
+The study sits above hpo_worker and jobs and calls them directly. Tuning: one ``driver`` process per cell, all at once,
+and ``tune.workers`` local ``worker`` processes that take trials of any cell; with ``tune.workers = 0`` the study
+only drives: start workers elsewhere (a job array with ``--mongo`` the same URL). A study that is stopped and started
+again continues: the drivers resume their experiments from MongoDB, and given runs with a ``summary.json`` are not run
+again (half-done ones resume from their checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from study.config import Cell, StudyConfig, cell_toml, check_cells
+
+__all__ = ["run_study"]
+
+Log = Callable[[str], None]
+
+
+def _peak_lr(run_dir: Path, fallback: float | None) -> float | None:
+    """The lr the schedule peaks at (after the linear scaling rule), from the run's config.json."""
+    try:
+        return float(json.loads((run_dir / "config.json").read_text())["derived"]["peak_lr"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return fallback
+
+
+def _row(
+    cell: Cell, source: str, trial: int | None, summary: Mapping[str, Any], run_dir: Path, hparams: Mapping[str, Any]
+) -> dict[str, Any]:
+    train, val = summary.get("train_accuracy"), summary.get("test_accuracy")
+    lr = hparams.get("optim.lr")
+    return {
+        "cell": cell.name,
+        "variant": cell.variant,
+        "seed": cell.seed,
+        "optimizer": cell.optimizer,
+        "batch_size": cell.batch_size,
+        "source": source,
+        "trial": trial,
+        "lr": _peak_lr(run_dir, float(lr) if isinstance(lr, int | float) else None),
+        "hparams": json.dumps(dict(hparams), sort_keys=True),
+        "target_accuracy": summary.get("target_accuracy"),
+        "reached": bool(summary.get("reached_target")),
+        "steps_to_target": summary.get("steps_to_target"),
+        "examples_to_target": summary.get("examples_to_target"),
+        "steps": summary.get("steps"),
+        "wall_seconds": summary.get("seconds"),
+        "train_accuracy": train,
+        "val_accuracy": val,
+        "train_loss": summary.get("train_loss"),
+        "val_loss": summary.get("test_loss"),
+        "generalization_gap": train - val if train is not None and val is not None else None,
+        "noise_scale": summary.get("noise_scale"),
+        "best_val_accuracy": summary.get("best_test_accuracy"),
+        "best_val_step": summary.get("best_test_step"),
+        "kl_clipped_fraction": summary.get("kl_clipped_fraction"),
+        "metrics_path": str(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else "",
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- given values
+
+
+def _run_given(study: StudyConfig, cells: list[Cell], out: Path, log: Log) -> list[dict[str, Any]]:
+    rows = []
+    for index, cell in enumerate(cells, 1):
+        run_dir = out / "runs" / cell.slug
+        given = dict(parse_pairs(study.given.get(cell.optimizer, ())))
+        summary = _given_summary(study, cell, run_dir, out, log, f"[{index}/{len(cells)}] {cell.name}")
+        rows.append(_row(cell, "given", None, summary, run_dir, given))
+        log(f"  {_describe(rows[-1])}")
+    return rows
+
+
+def _given_summary(study: StudyConfig, cell: Cell, run_dir: Path, out: Path, log: Log, name: str) -> dict[str, Any]:
+    """The summary of the cell's run: a run that ended before (finished or diverged, as its summary.json says) is not
+    trained again; one that stopped or failed is continued from its newest checkpoint."""
+    from jobs.outcome import RunEnd, read_summary
+
+    diverged = {"target_accuracy": study.target_accuracy or None, "reached_target": False}
+    before = read_summary(run_dir)
+    if before is not None and before["end"] in (RunEnd.FINISHED, RunEnd.DIVERGED):
+        log(f"{name}: done before ({before['end']}), reusing {run_dir / 'summary.json'}")
+        return before if before["end"] == RunEnd.FINISHED else diverged
+    from jobs.config import load_config
+    from jobs.loop import TrainingDiverged, run_training
+    from jobs.parallel import SingleContext
+
+    log(f"{name}: training")
+    config = load_config(out / "configs" / f"{cell.slug}.toml", [f"run.out_dir={json.dumps(str(run_dir))}"])
+    config.run.resume = True  # a run killed before is continued from its newest checkpoint
+    try:
+        return asdict(run_training(config, SingleContext(), log=lambda message: None))
+    except TrainingDiverged as exc:
+        log(f"  {cell.name}: diverged: {exc}")
+        return diverged
+
+
+def parse_pairs(overrides: tuple[str, ...]) -> list[tuple[str, Any]]:
+    from jobs.config import parse_override
+
+    return [parse_override(text) for text in overrides]
+
+
+def _describe(row: Mapping[str, Any]) -> str:
+    reached = f"target at step {row['steps_to_target']}" if row["reached"] else "target not reached"
+    val = row.get("val_accuracy")
+    return f"{row['cell']}: {reached}, val accuracy {val:.4f}" if val is not None else f"{row['cell']}: {reached}"
+
+
+# ------------------------------------------------------------------------------------------------------------ tuning
+
+
+def _run_tuned(study: StudyConfig, cells: list[Cell], out: Path, log: Log) -> list[dict[str, Any]]:
+    from study.tuning import tune_cells  # hyperopt and pymongo: only for a study that tunes
+
+    trials = tune_cells(study, cells, out, log)
+    rows = []
+    for cell in cells:
+        for trial in trials[cell.slug]:
+            outcome = trial["result"]
+            if outcome.get("status") != "ok":
+                continue  # failed or diverged trials have no final accuracy; the trial JSON keeps them
+            run_dir = Path(outcome["out_dir"]) / "run"
+            rows.append(_row(cell, "tuned", trial["tid"], outcome, run_dir, trial["params"]))
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
+
+def run_study(study: StudyConfig, log: Log | None = None) -> Path:
+    """Runs every cell of ``study`` and writes the report; returns the path of report.md."""
+    from study.report import format_table, write_report
+
+    say = log or (lambda message: print(f"study: {message}", file=sys.stderr, flush=True))
+    check_cells(study)
+    out = study.out_dir.resolve()
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    cells = study.cells()
+    for cell in cells:
+        (out / "configs" / f"{cell.slug}.toml").write_text(cell_toml(study, cell))
+    say(
+        f"study {study.name}: {len(study.optimizers)} optimizer(s) x {len(study.batch_sizes)} batch size(s)"
+        + (f" x {len(study.variants)} variants" if len(study.variants) > 1 else "")
+        + f" = {len(cells)} cells, {'tuned' if study.tune else 'given values'}; output in {out}"
+    )
+    started = time.monotonic()
+    rows = _run_tuned(study, cells, out, say) if study.tune else _run_given(study, cells, out, say)
+    report = write_report(out, rows, title=f"Batch-size scaling study: {study.name}", top_k=study.top_k)
+    say(f"{len(rows)} runs in {time.monotonic() - started:.0f} s")
+    print(format_table(rows), flush=True)
+    print(f"report: {report}", flush=True)
+    return report

@@ -1,0 +1,222 @@
+"""Tuning a study's cells with hpo_worker: one experiment per cell, driven and run by hpo_worker processes.
+
+The study calls hpo_worker's modules for everything it reads or decides: the embedded server
+(:class:`hpo_worker.server.EmbeddedServer`), whether a cell's experiment exists with other settings
+(:meth:`TrialStore.check_experiment`, before any process starts), progress (:meth:`TrialStore.count_states`) and the
+trials of each cell (:meth:`TrialStore.trial_docs` and :mod:`hpo_worker.report`). Only TPE and the trials run in
+their own processes: one ``python -m hpo_worker driver`` per cell, all at once, and ``tune.workers`` local
+``worker`` processes that take trials of any cell (``tune.workers = 0``: workers started elsewhere, on the same URL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pymongo.errors
+
+from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_meta
+from hpo_worker.report import format_report, summarize, trials_json, write_trials_json
+from hpo_worker.server import EmbeddedServer, ServerError
+from hpo_worker.spaces import load_space
+from hpo_worker.store import ExperimentMismatch, StoreError, TrialState, TrialStore, connect, mask_url
+from study.config import Cell, StudyConfig, StudyError, TuneSettings
+
+__all__ = ["experiment_name", "progress", "tune_cells"]
+
+Log = Callable[[str], None]
+PROGRESS_EVERY_S = 15.0
+CHANGED_SETTINGS = (
+    "this study's settings changed since its experiments were made: restore them to continue, or start a new study "
+    "(another [study] name or --out folder)"
+)
+
+
+def experiment_name(study: StudyConfig, cell: Cell) -> str:
+    return f"{study.name}-{cell.slug}"
+
+
+def _tune(study: StudyConfig) -> TuneSettings:
+    if study.tune is None:
+        raise StudyError(f"{study.path} has no [tune] table: nothing to tune")
+    return study.tune
+
+
+def tune_cells(study: StudyConfig, cells: Sequence[Cell], out: Path, log: Log) -> dict[str, list[dict[str, Any]]]:
+    """Tunes every cell (continuing experiments stored before) and returns the trials of each, by cell slug, as
+    ``hpo_worker.report.trials_json`` records; each cell's are also written to ``trials/<cell>.json``."""
+    with _mongo_url(study, out) as url, contextlib.closing(_connect(url)) as store:
+        options = {cell.slug: _driver_options(study, cell, out) for cell in cells}
+        _check_experiments(store, cells, options)
+        _drive(study, cells, options, url, out, store, log)
+        return {cell.slug: _cell_trials(store, study, cell, out) for cell in cells}
+
+
+@contextlib.contextmanager
+def _mongo_url(study: StudyConfig, out: Path) -> Iterator[str]:
+    """tune.mongo, or the URL of an embedded server in ``<out>/hpo_data`` (stopped at exit)."""
+    if _tune(study).mongo:
+        yield _tune(study).mongo
+        return
+    try:
+        server = EmbeddedServer(out / "hpo_data")
+        server.start()
+    except ServerError as exc:
+        raise StudyError(f"the embedded MongoDB server did not start: {exc}") from exc
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _connect(url: str) -> TrialStore:
+    try:
+        return connect(url)
+    except StoreError as exc:
+        raise StudyError(mask_url(str(exc))) from exc
+
+
+def _driver_options(study: StudyConfig, cell: Cell, out: Path) -> DriverOptions:
+    """What the cell's driver is started with: also what its stored experiment must agree with."""
+    tune = _tune(study)
+    try:
+        space = load_space(tune.spaces[cell.optimizer])
+    except ValueError as exc:
+        raise StudyError(f"{study.path}: tune.spaces.{cell.optimizer}: {exc}") from exc
+    return DriverOptions(
+        exp_key=experiment_name(study, cell), space=space, config_path=str(out / "configs" / f"{cell.slug}.toml"),
+        max_evals=tune.trials, queue_size=tune.queue_size or max(tune.workers, 2), seed=tune.seed + (cell.seed or 0),
+        grace_s=tune.grace, objective=tune.objective,
+    )  # fmt: skip
+
+
+def _check_experiments(store: TrialStore, cells: Sequence[Cell], options: Mapping[str, DriverOptions]) -> None:
+    """Refuses, before any process starts, to continue experiments stored with other settings (two searches would
+    mix in one TPE history); names every such cell."""
+    changed = []
+    for cell in cells:
+        try:
+            store.check_experiment(options[cell.slug].exp_key, experiment_meta(options[cell.slug]), EXPERIMENT_IDENTITY)
+        except ExperimentMismatch as exc:
+            changed.append(f"cell {cell.name}: experiment {exc.exp_key!r} already exists with another "
+                           f"{', '.join(exc.different)}")  # fmt: skip
+    if changed:
+        raise StudyError(f"{'; '.join(changed)} -- {CHANGED_SETTINGS}")
+
+
+def _driver_command(options: DriverOptions, space: str, url: str) -> list[str]:
+    return [
+        sys.executable, "-m", "hpo_worker", "driver", "--mongo", url, "--exp", options.exp_key,
+        "--space", space, "--config", options.config_path,
+        "--max-evals", str(options.max_evals), "--objective", options.objective, "--seed", str(options.seed),
+        "--queue-size", str(options.queue_size), "--grace", str(options.grace_s),
+    ]  # fmt: skip
+
+
+def _worker_command(tune: TuneSettings, url: str, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "hpo_worker", "worker", "--mongo", url, "--workdir", str(out / "trials"),
+        "--idle-timeout", "3600", "--grace", str(tune.grace),
+    ]  # fmt: skip
+
+
+def _start(command: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as output:
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=dict(env or os.environ))
+
+
+def _stop(process: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    return path.read_text(errors="replace")[-chars:].strip() if path.exists() else "(no output)"
+
+
+def _drive(
+    study: StudyConfig, cells: Sequence[Cell], options: Mapping[str, DriverOptions], url: str, out: Path,
+    store: TrialStore, log: Log,
+) -> None:  # fmt: skip
+    """One driver per cell and the local workers, until every driver has its max-evals trials."""
+    tune = _tune(study)
+    logs = out / "logs"
+    drivers: dict[str, subprocess.Popen[bytes]] = {}
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        for cell in cells:
+            command = _driver_command(options[cell.slug], tune.spaces[cell.optimizer], url)
+            drivers[cell.slug] = _start(command, logs / f"driver-{cell.slug}.log")
+        # The workers share the machine's cores: one thread each, so that N of them do not oversubscribe it.
+        threads = max(1, (os.cpu_count() or 1) // max(tune.workers, 1))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        worker = _worker_command(tune, url, out)
+        workers += [_start(worker, logs / f"worker-{index}.log", env) for index in range(tune.workers)]
+        where = f"{tune.workers} local worker(s)" if tune.workers else "external workers (tune.workers = 0)"
+        log(
+            f"tuning {len(cells)} cells x {tune.trials} trials ({tune.objective}) with {where}; MongoDB "
+            f"{mask_url(url)}; logs in {logs}"
+        )
+        experiments = [options[cell.slug].exp_key for cell in cells]
+        _wait_for_drivers(drivers, workers, logs, lambda: log(progress(store, experiments, tune.trials)))
+    finally:  # SIGTERM puts a worker's running trial back in the queue: a restarted study runs it again
+        for process in [*workers, *drivers.values()]:
+            _stop(process)
+
+
+def _wait_for_drivers(
+    drivers: Mapping[str, subprocess.Popen[bytes]], workers: Sequence[subprocess.Popen[bytes]], logs: Path,
+    report_progress: Callable[[], None],
+) -> None:  # fmt: skip
+    last_report = time.monotonic()
+    while True:
+        for slug, driver in drivers.items():
+            code = driver.poll()
+            if code not in (None, 0):
+                raise StudyError(
+                    f"the driver of cell {slug} failed (exit {code}): {_tail(logs / f'driver-{slug}.log')}"
+                )
+        if all(driver.poll() == 0 for driver in drivers.values()):
+            return
+        if workers and all(worker.poll() is not None for worker in workers):
+            raise StudyError(f"every local worker exited: {_tail(logs / 'worker-0.log')}")
+        if time.monotonic() - last_report > PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            report_progress()
+        time.sleep(0.5)
+
+
+def progress(store: TrialStore, experiments: Sequence[str], trials: int) -> str:
+    """``  7/16 trials finished (1 failed), 2 running``: the study's trials by state, from the store."""
+    try:
+        counts = [store.count_states(exp_key) for exp_key in experiments]
+    except pymongo.errors.PyMongoError as exc:  # a hiccup of the server: the drivers and workers retry; so do we
+        return f"  progress unavailable: MongoDB {type(exc).__name__}"
+    failed = sum(c[TrialState.ERROR] for c in counts)
+    finished = sum(c[TrialState.DONE] for c in counts) + failed
+    running = sum(c[TrialState.RUNNING] for c in counts)
+    return f"  {finished}/{trials * len(experiments)} trials finished ({failed} failed), {running} running"
+
+
+def _cell_trials(store: TrialStore, study: StudyConfig, cell: Cell, out: Path) -> list[dict[str, Any]]:
+    """The cell's trials, written to ``trials/<cell>.json`` and summarised in ``logs/report-<cell>.log``."""
+    exp_key = experiment_name(study, cell)
+    if store.get_experiment(exp_key) is None:
+        raise StudyError(f"cannot read the trials of cell {cell.name}: no experiment {exp_key!r} in the database")
+    docs = store.trial_docs(exp_key)
+    write_trials_json(docs, out / "trials" / f"{cell.slug}.json")
+    (out / "logs" / f"report-{cell.slug}.log").write_text(format_report(summarize(docs, top_k=study.top_k)) + "\n")
+    return trials_json(docs)

@@ -1,0 +1,107 @@
+"""study.tuning against a real nx-27017 server, without training: progress read from the store, a changed study
+refused through the store before any process starts, and ``python -m jobs.study`` forwarding to ``python -m study``."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.processes import ENV, PYTHON, ROOT
+
+pytest.importorskip("hyperopt")
+pytest.importorskip("nx_27017")
+
+from hpo_worker.store import TrialState, connect
+from study.config import StudyError, cell_toml, load_study
+from study.tuning import progress, tune_cells
+
+BASE = """
+[model]
+name = "mlp"
+hidden = [16]
+[data]
+name = "synthetic"
+batch_size = 32
+synthetic_shape = [8]
+synthetic_classes = 4
+synthetic_train_size = 512
+synthetic_test_size = 256
+[optim]
+name = "sgd"
+lr = 0.1
+[run]
+steps = 40
+eval_every = 0
+tensorboard = false
+"""
+
+STUDY = """
+[study]
+name = "tiny"
+base_config = "base.toml"
+optimizers = ["sgd", "kfac"]
+batch_sizes = [32]
+target_accuracy = 0.6
+max_steps = 40
+eval_every_steps = 5
+[tune]
+trials = 2
+workers = 1
+mongo = "{mongo}"
+"""
+
+
+def _study_file(tmp_path: Path, mongo: str = "") -> Path:
+    (tmp_path / "base.toml").write_text(BASE)
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY.format(mongo=mongo))
+    return path
+
+
+def test_progress_counts_the_studys_trials_by_state_in_the_store(mongo: str, db: Any) -> None:
+    states = {"a": [TrialState.DONE, TrialState.ERROR, TrialState.RUNNING], "b": [TrialState.DONE, TrialState.NEW]}
+    db.jobs.insert_many(
+        [{"exp_key": exp, "tid": tid, "state": state} for exp, row in states.items() for tid, state in enumerate(row)]
+    )
+    store = connect(mongo)
+    try:
+        assert progress(store, ["a", "b"], 4) == "  3/8 trials finished (1 failed), 1 running"
+        assert progress(store, ["a", "b", "c"], 2) == "  3/6 trials finished (1 failed), 1 running"
+    finally:
+        store.close()
+
+
+def test_a_changed_study_is_refused_through_the_store_before_anything_starts(
+    mongo: str, db: Any, tmp_path: Path
+) -> None:
+    study = load_study(_study_file(tmp_path, mongo), out_dir=tmp_path / "out")
+    out = tmp_path / "out"
+    (out / "configs").mkdir(parents=True)
+    cells = study.cells()
+    for cell in cells:
+        (out / "configs" / f"{cell.slug}.toml").write_text(cell_toml(study, cell))
+    # The kfac cell's experiment was made with another search space (e.g. the study's space file changed since).
+    db.hpo_experiments.insert_one({"_id": "tiny-kfac-b32", "space": "kfac", "space_definition": {"params": []}})
+    lines: list[str] = []
+    with pytest.raises(StudyError) as caught:
+        tune_cells(study, cells, out, lines.append)
+    message = str(caught.value)
+    assert "cell kfac/b32: experiment 'tiny-kfac-b32' already exists with another space_definition" in message
+    assert "settings changed" in message and "another [study] name or --out folder" in message
+    assert "sgd" not in message.split("--")[0], "only the changed cell is named"
+    assert not (out / "logs").exists() and not lines, "no driver or worker was started"
+    assert db.hpo_experiments.count_documents({}) == 1, "the check creates no experiment"
+
+
+def test_python_m_jobs_study_forwards_to_python_m_study(tmp_path: Path) -> None:
+    command = [PYTHON, "-m", "jobs.study", "scaling", "--config", str(_study_file(tmp_path)), "--check"]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "jobs.study: moved to `python -m study`" in result.stderr
+    assert "2 cells, all configs valid: sgd/b32, kfac/b32" in result.stdout, result.stdout
+    bad = subprocess.run([*command[:5], str(tmp_path / "missing.toml")], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "study: error: study file" in bad.stderr, bad.stderr
