@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from distkfac import KFACPreconditioner
+from distkfac.comm import Communicator
 from distkfac.momentum import ChainerMomentumSGD
 from jobs.config import KFACConfig, OptimConfig
 from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
@@ -113,10 +114,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule) -> KFACPreconditioner:
-    """The K-FAC preconditioner of ``config`` on ``model`` (plain or DDP), KL-clipped with the schedule ``lr``."""
+def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule, comm: Communicator) -> KFACPreconditioner:
+    """The K-FAC preconditioner of ``config`` on ``model`` (plain or DDP), KL-clipped with the schedule ``lr``.
+
+    ``comm`` is the run's communicator (``context.comm``): K-FAC and the loop share it.
+    """
     return KFACPreconditioner(
         model,
+        comm=comm,
         damping=config.damping,
         factor_decay=config.factor_decay,
         factor_update_steps=config.factor_update_steps,
