@@ -8,23 +8,23 @@ Layout, in ``<out_dir>/checkpoints/`` (``N`` = completed steps, zero-padded to 8
     latest                 the name of the newest complete checkpoint (``ckpt-stepN``)
 
 Model and optimizer are the same on every rank (gradients are averaged), so rank 0 writes them once. Every file
-is written to a temporary name and moved into place with ``os.replace``; ``latest`` is updated by rank 0 only after
+is written atomically (:mod:`jobs.files`: a temporary file, then a rename); ``latest`` is updated by rank 0 only after
 every rank has written its file, so it never names an incomplete checkpoint. ``out_dir`` must be visible to all
 ranks (a shared file system on a cluster). A checkpoint resumes only on the same number of ranks.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
 import numpy as np
 import torch
+
+from jobs.files import atomic_file, atomic_write_text
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -72,24 +72,14 @@ def rank_file(folder: Path, name: str, rank: int) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` through :func:`jobs.files.atomic_file`: readers see the old file or the whole new one."""
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def mark_latest(folder: Path, name: str) -> None:
     """Points ``latest`` at ``name`` (atomically); call when every rank has written its file."""
-    tmp = folder / f".{LATEST}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, folder / LATEST)
+    atomic_write_text(folder / LATEST, name + "\n")
 
 
 def find_latest(out_dir: str | Path) -> CheckpointRef | None:

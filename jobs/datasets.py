@@ -37,6 +37,7 @@ import torch
 
 from jobs.config import DATASET_NAMES, ConfigError, DataConfig
 from jobs.data import REPO_ROOT, SHARED_DATA_ROOT, default_root, load_mnist_like
+from jobs.files import atomic_file, atomic_write_bytes
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -193,20 +194,13 @@ def extract_tarball(
                 os.replace(item, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    _atomic_write_bytes(marker, stamp.encode())
+    atomic_write_bytes(marker, stamp.encode())
     return dest
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:  # np.save into an open file adds no ".npy" to the name
+        np.save(handle, array)
 
 
 # --------------------------------------------------------------------------- CIFAR-10

@@ -9,6 +9,10 @@ steps as the uninterrupted run, on the same number of ranks and threads, and end
 For batch-size scaling studies a run can also stop at a target test accuracy (``run.target_accuracy``), record the
 gradient noise scale every ``run.noise_every`` steps (:mod:`jobs.noise_scale`) and evaluate its final accuracy on the
 training split (``run.train_eval_examples``); docs/train.md says what each measures.
+
+:class:`TrainingRun` is one invocation of a run on one rank, in steps: start or resume, train a step, log it,
+evaluate, checkpoint, finish. :func:`run_training` drives it and makes rank 0 report how the run ended in
+``summary.json`` (:mod:`jobs.outcome`): finished, stopped, diverged or failed.
 """
 
 from __future__ import annotations
@@ -31,16 +35,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from distkfac import KFACPreconditioner
+from distkfac.comm import average_gradients, barrier, broadcast_from
 from jobs import checkpoint as ckpt
 from jobs.config import Config, ConfigError, ignored_keys, trajectory_differences
 from jobs.datasets import Dataset, ShardedBatches, augment_shard, derive_seed, load_dataset
+from jobs.files import atomic_write_text
 from jobs.metrics import MetricsWriter, ProgressLine, read_metrics
 from jobs.models import build_model
 from jobs.noise_scale import NoiseScaleEstimator, measure_noise
-from jobs.optim import LRSchedule, build_kfac, build_optimizer, make_lr_schedule, set_lr
-from jobs.parallel import Context, all_reduce_sum, average_gradients, barrier, broadcast_buffers
+from jobs.optim import build_kfac, build_optimizer, make_lr_schedule, set_lr
+from jobs.outcome import SUMMARY_JSON, RunEnd
+from jobs.parallel import Context
 
-__all__ = ["RunSummary", "TrainingDiverged", "evaluate", "history_fields", "run_training"]
+__all__ = ["RunSummary", "TrainingDiverged", "TrainingRun", "evaluate", "history_fields", "run_training"]
+
+Say = Callable[[str], None]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -71,6 +80,9 @@ class RunSummary:
     best_test_step: int | None = None
     # K-FAC with a KL clip: the fraction of logged steps whose update the clip set (None without a clip).
     kl_clipped_fraction: float | None = None
+    # How the run ended (jobs.outcome.RunEnd's value) and, unless it finished or stopped, why.
+    end: str = RunEnd.FINISHED.value
+    reason: str | None = None
 
     def line(self) -> str:
         if self.stopped_early:
@@ -128,7 +140,8 @@ def evaluate(
         totals[1] += (logits.argmax(1) == y).sum()
         totals[2] += len(idx)
     model.train(was_training)
-    loss_sum, correct, count = all_reduce_sum(totals, context).tolist()
+    context.comm.allreduce_sum(totals, "evaluation").wait()
+    loss_sum, correct, count = totals.tolist()
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
@@ -164,28 +177,36 @@ def _log(context: Context, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _summed(values: torch.Tensor, context: Context, purpose: str) -> list[float]:
+    """``values`` summed over the ranks (in place), as numbers on the host."""
+    context.comm.allreduce_sum(values, purpose).wait()
+    return values.tolist()
+
+
 def _load_data(config: Config, context: Context) -> Dataset:
     # The first rank of each node extracts and decodes into the cache; the others then read the cache.
     if context.local_rank != 0:
-        barrier(context)
+        barrier(context.comm, context.device)
     data = load_dataset(config.data)
     if context.local_rank == 0:
-        barrier(context)
+        barrier(context.comm, context.device)
     return data
 
 
-def _write_config(out_dir: Path, config: Config, derived: dict[str, Any]) -> None:
-    payload = {**config.to_dict(), "derived": derived}
-    tmp = out_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(out_dir / "config.json")
-
-
-def _write_summary(out_dir: Path, summary: RunSummary) -> None:
-    """``summary.json``: what the run reports, for programs that started it as a separate process (hpo_worker)."""
-    temporary = out_dir / ".summary.json.tmp"
-    temporary.write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    temporary.replace(out_dir / "summary.json")
+def _find_checkpoint(config: Config, say: Say) -> ckpt.CheckpointRef | None:
+    """The checkpoint to resume from: refused without run.resume, since it would overwrite the run."""
+    out_dir, run = Path(config.run.out_dir), config.run
+    latest = ckpt.find_latest(out_dir)
+    if latest is not None and not run.resume:
+        raise ConfigError(
+            f"{out_dir} already holds a run (checkpoint {latest.name}): pass --resume (run.resume=true) to continue "
+            "it, or choose another run.out_dir"
+        )
+    if run.resume and latest is None:
+        say(f"no checkpoint in {out_dir}: starting from step 0")
+    for key in ignored_keys(config):
+        say(f"note: {key} is ignored")
+    return latest
 
 
 def _check_resumable(shared: dict[str, Any], config: Config, context: Context, ref: ckpt.CheckpointRef) -> None:
@@ -201,58 +222,6 @@ def _check_resumable(shared: dict[str, Any], config: Config, context: Context, r
             + "; ".join(differences)
             + " (use the run's own config, or start a new run.out_dir)"
         )
-
-
-class _Checkpointer:
-    def __init__(self, out_dir: Path, context: Context, keep: int) -> None:
-        self.folder = out_dir / ckpt.CHECKPOINT_DIR
-        self.context = context
-        self.keep = keep
-
-    def save(
-        self,
-        step: int,
-        epoch: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        precond: KFACPreconditioner | None,
-        epoch_totals: torch.Tensor,
-        config: Config,
-        steps_to_target: int | None,
-        noise: NoiseScaleEstimator | None,
-    ) -> None:
-        name = ckpt.checkpoint_name(step)
-        rank = self.context.rank
-        mine = {
-            "format": ckpt.FORMAT_VERSION,
-            "step": step,
-            "rank": rank,
-            "world_size": self.context.world_size,
-            "kfac": precond.state_dict() if precond is not None else None,
-            "rng": ckpt.capture_rng(),
-            "epoch_totals": epoch_totals.cpu(),
-            # The same on every rank (it averages all-reduced norms); kept per rank like the epoch sums.
-            "noise": noise.state_dict() if noise is not None else None,
-        }
-        ckpt.atomic_torch_save(mine, ckpt.rank_file(self.folder, name, rank))
-        if rank == 0:
-            shared = {
-                "format": ckpt.FORMAT_VERSION,
-                "step": step,
-                "epoch": epoch,
-                "world_size": self.context.world_size,
-                "config": config.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                # So that a resumed run that had reached its target still reports it (and, with stop_at_target,
-                # stops at once); evaluations are all-reduced, so every rank knows the same step.
-                "steps_to_target": steps_to_target,
-            }
-            ckpt.atomic_torch_save(shared, ckpt.shared_file(self.folder, name))
-        barrier(self.context)
-        if rank == 0:
-            ckpt.mark_latest(self.folder, name)
-            ckpt.prune_checkpoints(self.folder, self.keep)
 
 
 def _noise_record(
@@ -277,15 +246,15 @@ def _noise_record(
 
 
 def _wrap(model: nn.Module, config: Config, context: Context) -> nn.Module:
+    """The module that trains: DDP under torch.distributed with run.ddp; with Horovod, rank 0's weights everywhere."""
     if context.kind == "torch" and config.run.ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [context.device] if context.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if context.kind == "horovod":
-        import horovod.torch as hvd
-
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        state = [tensor for tensor in model.state_dict().values() if tensor.numel()]
+        broadcast_from(state, context.comm, purpose="parameters")
     return model
 
 
@@ -307,270 +276,433 @@ def _write_rank_record(out_dir: Path, context: Context, batches: ShardedBatches,
         "step": start_step,
         "indices": batches.indices(epoch, step_in_epoch).tolist(),
     }
-    folder = out_dir / "ranks"
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / f".rank{context.rank}.json.tmp"
-    temporary.write_text(json.dumps(record))
-    os.replace(temporary, folder / f"rank{context.rank}.json")
+    atomic_write_text(out_dir / "ranks" / f"rank{context.rank}.json", json.dumps(record))
 
 
-def run_training(config: Config, context: Context, log: Callable[[str], None] | None = None) -> RunSummary:
-    """Trains as ``config`` says, on this rank; returns what rank 0 reports."""
-    started = time.perf_counter()
-    say = log or (lambda message: _log(context, message))
-    run = config.run
-    out_dir = Path(run.out_dir)
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    if run.deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+class TrainingRun:
+    """One invocation of a run on this rank: built (started or resumed) by the constructor, then :meth:`train`.
 
-    latest = ckpt.find_latest(out_dir)
-    if latest is not None and not run.resume:
-        raise ConfigError(
-            f"{out_dir} already holds a run (checkpoint {latest.name}): pass --resume (run.resume=true) to continue "
-            "it, or choose another run.out_dir"
+    Every rank builds one from the same configuration and calls the same methods: most steps run collectives.
+    """
+
+    def __init__(self, config: Config, context: Context, say: Say) -> None:
+        self.started = time.perf_counter()
+        self.config, self.context, self.say = config, context, say
+        self.out_dir = Path(config.run.out_dir)
+        self.is_main = context.rank == 0
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
+        if config.run.deterministic:
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        latest = _find_checkpoint(config, say)
+        self.data = _load_data(config, context)
+        self._plan()
+        self._build(latest)
+        self._open_records()
+        self.step = self.start_step
+        self.test_loss: float | None = None
+        self.test_accuracy: float | None = None
+        self.train_loss: float | None = None
+        self.train_accuracy: float | None = None
+        self.stopped_early = False
+        # A resumed run that had stopped at its target is finished: it only reports.
+        self.at_target = config.run.stop_at_target and self.steps_to_target is not None
+
+    # ------------------------------------------------------------------ start or resume
+
+    def _plan(self) -> None:
+        """This rank's shard of every batch, the run's length and its learning-rate schedule."""
+        config, context, run = self.config, self.context, self.config.run
+        self.batches = ShardedBatches(
+            len(self.data.train_x), config.data.batch_size, context.rank, context.world_size, run.seed
         )
-    if run.resume and latest is None:
-        say(f"no checkpoint in {out_dir}: starting from step 0")
-    for key in ignored_keys(config):
-        say(f"note: {key} is ignored")
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.total_steps = run.steps or run.epochs * self.steps_per_epoch
+        if run.noise_every and self.batches.local_batch < 2:
+            raise ConfigError(
+                f"run.noise_every needs at least 2 examples per rank (it splits each rank's batch in two halves); "
+                f"the local batch is data.batch_size / ranks = {config.data.batch_size} / {context.world_size} = "
+                f"{self.batches.local_batch}: raise data.batch_size or set run.noise_every = 0"
+            )
+        self.schedule = make_lr_schedule(config.optim, self.steps_per_epoch, self.total_steps, config.data.batch_size)
 
-    data = _load_data(config, context)
-    batches = ShardedBatches(len(data.train_x), config.data.batch_size, context.rank, context.world_size, run.seed)
-    steps_per_epoch = batches.steps_per_epoch
-    total_steps = run.steps or run.epochs * steps_per_epoch
-    if run.noise_every and batches.local_batch < 2:
-        raise ConfigError(
-            f"run.noise_every needs at least 2 examples per rank (it splits each rank's batch in two halves); the "
-            f"local batch is data.batch_size / ranks = {config.data.batch_size} / {context.world_size} = "
-            f"{batches.local_batch}: raise data.batch_size or set run.noise_every = 0"
+    def _build(self, latest: ckpt.CheckpointRef | None) -> None:
+        """Model, optimizer and K-FAC, from ``run.seed`` or from the checkpoint ``latest``."""
+        config, context = self.config, self.context
+        torch.manual_seed(config.run.seed)  # the same initial weights on every rank
+        self.model = build_model(config.model, self.data.input_shape, self.data.classes).to(context.device)
+        shared: dict[str, Any] | None = None
+        mine: dict[str, Any] | None = None
+        if latest is not None:
+            shared, mine = ckpt.load_checkpoint(latest, context.rank, context.device)
+            _check_resumable(shared, config, context, latest)
+            self.model.load_state_dict(shared["model"])
+        self.resumed = shared is not None
+        self.start_step = shared["step"] if shared is not None else 0
+        self.train_model = _wrap(self.model, config, context)
+        first_lr = self.schedule(min(self.start_step, self.total_steps - 1))
+        self.optimizer = build_optimizer(config.optim, self.train_model.parameters(), first_lr)
+        self.precond = (
+            build_kfac(config.kfac, self.train_model, self.schedule, context.comm)
+            if config.optim.name == "kfac"
+            else None
         )
-    schedule: LRSchedule = make_lr_schedule(config.optim, steps_per_epoch, total_steps, config.data.batch_size)
+        self.epoch_totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss sum, correct, examples
+        self.steps_to_target: int | None = None
+        self.noise = NoiseScaleEstimator() if config.run.noise_every else None
+        if shared is not None and mine is not None:
+            self._restore(shared, mine)
 
-    torch.manual_seed(run.seed)  # the same initial weights on every rank
-    model = build_model(config.model, data.input_shape, data.classes).to(context.device)
-    shared: dict[str, Any] | None = None
-    mine: dict[str, Any] | None = None
-    if latest is not None:
-        shared, mine = ckpt.load_checkpoint(latest, context.rank, context.device)
-        _check_resumable(shared, config, context, latest)
-        model.load_state_dict(shared["model"])
-    start_step = shared["step"] if shared is not None else 0
-
-    train_model = _wrap(model, config, context)
-    optimizer = build_optimizer(config.optim, train_model.parameters(), schedule(min(start_step, total_steps - 1)))
-    precond = build_kfac(config.kfac, train_model, schedule) if config.optim.name == "kfac" else None
-    epoch_totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss sum, correct, examples
-    target = run.target_accuracy or None
-    steps_to_target: int | None = None
-    noise = NoiseScaleEstimator() if run.noise_every else None
-    if shared is not None and mine is not None:
-        optimizer.load_state_dict(shared["optimizer"])
-        if precond is not None:
-            precond.load_state_dict(mine["kfac"])
+    def _restore(self, shared: dict[str, Any], mine: dict[str, Any]) -> None:
+        """What evolves besides the model: optimizer, K-FAC, random states, the epoch's sums, target, noise."""
+        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.precond is not None:
+            self.precond.load_state_dict(mine["kfac"])
         ckpt.restore_rng(mine["rng"])
-        epoch_totals.copy_(mine["epoch_totals"])
-        steps_to_target = shared.get("steps_to_target")
-        if noise is not None and mine.get("noise") is not None:
-            noise.load_state_dict(mine["noise"])
+        self.epoch_totals.copy_(mine["epoch_totals"])
+        self.steps_to_target = shared.get("steps_to_target")
+        if self.noise is not None and mine.get("noise") is not None:
+            self.noise.load_state_dict(mine["noise"])
 
-    is_main = context.rank == 0
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        derived = {
+    def _open_records(self) -> None:
+        """config.json, the metric files, the progress line, the run's first log line and this rank's record."""
+        config, context, run = self.config, self.context, self.config.run
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            payload = {**config.to_dict(), "derived": self._derived()}
+            atomic_write_text(self.out_dir / "config.json", json.dumps(payload, indent=2) + "\n")
+        resume_step = self.start_step if self.resumed else None
+        self.metrics = MetricsWriter(
+            self.out_dir, enabled=self.is_main, tensorboard=run.tensorboard, resume_step=resume_step
+        )
+        self.progress = ProgressLine(self.total_steps, start=self.start_step, enabled=self.is_main and run.progress)
+        data = self.data
+        self.say(
+            f"{config.model.name} on {config.data.name} ({len(data.train_x)} train / {len(data.test_x)} test), "
+            f"{config.optim.name}, batch {config.data.batch_size} on {context.world_size} rank(s), "
+            f"{self.total_steps} steps ({self.steps_per_epoch}/epoch)"
+            + (f", resuming after step {self.start_step}" if self.resumed else "")
+        )
+        _write_rank_record(self.out_dir, context, self.batches, self.start_step)
+
+    def _derived(self) -> dict[str, Any]:
+        """config.json's ``derived``: what the configuration came to on this machine."""
+        data, schedule, context = self.data, self.schedule, self.context
+        return {
             "world_size": context.world_size,
             "distributed": context.kind,
             "device": str(context.device),
-            "local_batch_size": batches.local_batch,
+            "local_batch_size": self.batches.local_batch,
             "train_examples": len(data.train_x),
             "test_examples": len(data.test_x),
             "input_shape": list(data.input_shape),
             "classes": data.classes,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
             "peak_lr": schedule.peak,
             "schedule": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(schedule).items()},
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "kfac_layers": precond.layer_names if precond is not None else [],
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "kfac_layers": self.precond.layer_names if self.precond is not None else [],
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
         }
-        _write_config(out_dir, config, derived)
-    metrics = MetricsWriter(
-        out_dir, enabled=is_main, tensorboard=run.tensorboard, resume_step=start_step if shared is not None else None
-    )
-    progress = ProgressLine(total_steps, start=start_step, enabled=is_main and run.progress)
-    checkpointer = _Checkpointer(out_dir, context, run.keep_checkpoints)
-    say(
-        f"{config.model.name} on {config.data.name} ({len(data.train_x)} train / {len(data.test_x)} test), "
-        f"{config.optim.name}, batch {config.data.batch_size} on {context.world_size} rank(s), "
-        f"{total_steps} steps ({steps_per_epoch}/epoch)"
-        + (f", resuming after step {start_step}" if shared is not None else "")
-    )
 
-    _write_rank_record(out_dir, context, batches, start_step)
-    step = start_step
-    test_loss: float | None = None
-    test_accuracy: float | None = None
-    stopped_early = False
-    train_loss: float | None = None
-    train_accuracy: float | None = None
-    # A resumed run that had stopped at its target is finished: it only reports.
-    at_target = run.stop_at_target and steps_to_target is not None
-    train_model.train()
+    # ------------------------------------------------------------------ train
 
-    def write_epoch_record(step: int, epoch: int, lr: float) -> None:
-        loss_sum, correct, count = all_reduce_sum(epoch_totals.clone(), context).tolist()
-        metrics.write(
+    def train(self) -> None:
+        """Steps until the end of the budget, the target or run.stop_after_steps; then the final evaluations."""
+        self.train_model.train()
+        try:
+            while self.step < self.total_steps and not self.at_target and not self.stopped_early:
+                self.train_step()
+            if not self.stopped_early:
+                self.finish()
+        finally:
+            self.close()
+
+    def train_step(self) -> None:
+        """One optimizer step, and the records, evaluation and checkpoint that fall after it."""
+        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+        tick = time.perf_counter()
+        x, y = self._batch(epoch, step_in_epoch)
+        noise_fields: dict[str, float | None] = {}
+        if self.noise is not None and (self.step + 1) % self.config.run.noise_every == 0:
+            # Before the training pass, on the unwrapped model: no gradient sync, .grad untouched.
+            noise_fields = _noise_record(self.model, x, y, self.context, self.precond, self.noise)
+        lr = self.schedule(self.step)
+        batch_totals = self._optimize(x, y, lr)
+        self.step += 1
+        if self.step % self.config.run.log_every == 0 or self.step == self.total_steps or noise_fields:
+            self.log_step(epoch, lr, tick, batch_totals, noise_fields)
+        self._after_step(epoch, lr)
+
+    def _batch(self, epoch: int, step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's examples and labels of the step, augmented as data.augment says, on the device."""
+        config, data, batches = self.config, self.data, self.batches
+        idx = batches.indices(epoch, step_in_epoch)
+        x, y = data.train_x[idx], data.train_y[idx]
+        if config.data.augment:
+            seed = derive_seed(config.run.seed, epoch, step_in_epoch, 2)
+            x = augment_shard(x, batches.shard_slice(), batches.global_batch, seed)
+        return data.prepare(x, self.context.device), y.to(self.context.device)
+
+    def _optimize(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """Forward, backward, gradients averaged (by DDP, K-FAC or here), the step; this batch's (loss sum, hits, n)."""
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.train_model(x)
+        loss = F.cross_entropy(logits, y)
+        if self.precond is not None and self.precond.fisher == "mc":
+            self.precond.mc_backward(logits)
+        loss.backward()
+        if self.precond is not None:
+            try:
+                self.precond.step()
+            except FloatingPointError as exc:  # NaN/Inf factors: the run diverged, as a NaN loss says
+                raise TrainingDiverged(f"{exc} (step {self.step + 1}, lr {lr:g})") from exc
+        elif not isinstance(self.train_model, nn.parallel.DistributedDataParallel):
+            average_gradients(self.train_model.parameters(), self.context.comm)
+        self.optimizer.step()
+        with torch.no_grad():
+            hits = (logits.argmax(1) == y).sum().double()
+            batch_totals = torch.stack([loss.detach().double() * len(y), hits, torch.full_like(hits, len(y))])
+            self.epoch_totals += batch_totals
+        return batch_totals
+
+    def log_step(
+        self, epoch: int, lr: float, tick: float, batch_totals: torch.Tensor, noise_fields: dict[str, float | None]
+    ) -> None:
+        """The step's record (its batch over all ranks); a NaN or infinite loss ends the run as diverged."""
+        loss_sum, correct, count = _summed(batch_totals, self.context, "step sums")
+        if not torch.isfinite(torch.tensor(loss_sum)):
+            raise TrainingDiverged(
+                f"the training loss is {loss_sum / count} at step {self.step} (lr {lr:g}): lower optim.lr, or "
+                "add warmup (optim.warmup_epochs)"
+            )
+        seconds = time.perf_counter() - tick
+        self.metrics.write(
+            {
+                "kind": "step",
+                "step": self.step,
+                "epoch": epoch + 1,
+                "loss": loss_sum / count,
+                "accuracy": correct / count,
+                "lr": lr,
+                "seconds": seconds,
+                "examples_per_second": count / max(seconds, 1e-9),
+                **noise_fields,
+                **_kl_fields(self.precond),
+            }
+        )
+        self.progress.update(self.step, f"epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.4g}")
+
+    def _after_step(self, epoch: int, lr: float) -> None:
+        """The epoch's record, an evaluation, a checkpoint and run.stop_after_steps, when they fall on this step."""
+        run, step = self.config.run, self.step
+        epoch_done = step % self.steps_per_epoch == 0
+        last = step == self.total_steps
+        if epoch_done or last:
+            self.log_epoch(epoch, lr)
+        eval_now = (epoch_done and run.eval_every and (epoch + 1) % run.eval_every == 0) or (
+            run.eval_every_steps and step % run.eval_every_steps == 0
+        )
+        if eval_now or last:
+            self.evaluate_test(epoch)
+            target = run.target_accuracy or None
+            assert self.test_accuracy is not None
+            if target is not None and self.steps_to_target is None and self.test_accuracy >= target:
+                self.steps_to_target = step
+                self.at_target = run.stop_at_target
+                if self.at_target and not (epoch_done or last):
+                    self.log_epoch(epoch, lr)  # the partial epoch, as at the end of a run
+        if self.at_target or last or (run.checkpoint_every and step % run.checkpoint_every == 0):
+            self.checkpoint(epoch + int(epoch_done))
+        if run.stop_after_steps and step >= run.stop_after_steps and step < self.total_steps and not self.at_target:
+            self.stopped_early = True
+
+    def log_epoch(self, epoch: int, lr: float) -> None:
+        """The epoch's record (means over the epoch's steps and all ranks), then a fresh epoch's sums."""
+        loss_sum, correct, count = _summed(self.epoch_totals.clone(), self.context, "epoch sums")
+        self.metrics.write(
             {
                 "kind": "epoch",
-                "step": step,
+                "step": self.step,
                 "epoch": epoch + 1,
                 "loss": loss_sum / count,
                 "accuracy": correct / count,
                 "lr": lr,
             }
         )
-        epoch_totals.zero_()
+        self.epoch_totals.zero_()
 
-    try:
-        while step < total_steps and not at_target:
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            tick = time.perf_counter()
-            idx = batches.indices(epoch, step_in_epoch)
-            x, y = data.train_x[idx], data.train_y[idx]
-            if config.data.augment:
-                x = augment_shard(
-                    x, batches.shard_slice(), batches.global_batch, derive_seed(run.seed, epoch, step_in_epoch, 2)
-                )
-            x, y = data.prepare(x, context.device), y.to(context.device)
-            noise_fields: dict[str, float | None] = {}
-            if noise is not None and (step + 1) % run.noise_every == 0:
-                # Before the training pass, on the unwrapped model: no gradient sync, .grad untouched.
-                noise_fields = _noise_record(model, x, y, context, precond, noise)
-            lr = schedule(step)
-            set_lr(optimizer, lr)
-            optimizer.zero_grad(set_to_none=True)
-            logits = train_model(x)
-            loss = F.cross_entropy(logits, y)
-            if precond is not None and precond.fisher == "mc":
-                precond.mc_backward(logits)
-            loss.backward()
-            if precond is not None:
-                try:
-                    precond.step()
-                except FloatingPointError as exc:  # NaN/Inf factors: the run diverged, as a NaN loss says
-                    raise TrainingDiverged(f"{exc} (step {step + 1}, lr {lr:g})") from exc
-            elif not isinstance(train_model, nn.parallel.DistributedDataParallel):
-                average_gradients(train_model.parameters(), context)
-            optimizer.step()
-            with torch.no_grad():
-                hits = (logits.argmax(1) == y).sum().double()
-                batch_totals = torch.stack([loss.detach().double() * len(y), hits, torch.full_like(hits, len(y))])
-                epoch_totals += batch_totals
-            step += 1
+    def evaluate_test(self, epoch: int) -> None:
+        """The test split's loss and accuracy now, recorded."""
+        eval_start = time.perf_counter()
+        self._share_buffers()
+        self.test_loss, self.test_accuracy = evaluate(
+            self.model, self.data, self.config.data.eval_batch_size, self.context
+        )
+        self.metrics.write(
+            {
+                "kind": "eval",
+                "step": self.step,
+                "epoch": epoch + 1,
+                "test_loss": self.test_loss,
+                "test_accuracy": self.test_accuracy,
+                "seconds": time.perf_counter() - eval_start,
+            }
+        )
+        self.progress.update(self.step, f"epoch {epoch + 1} test acc {self.test_accuracy:.4f}", force=True)
 
-            if step % run.log_every == 0 or step == total_steps or noise_fields:
-                loss_sum, correct, count = all_reduce_sum(batch_totals, context).tolist()
-                if not torch.isfinite(torch.tensor(loss_sum)):
-                    raise TrainingDiverged(
-                        f"the training loss is {loss_sum / count} at step {step} (lr {lr:g}): lower optim.lr, or "
-                        "add warmup (optim.warmup_epochs)"
-                    )
-                seconds = time.perf_counter() - tick
-                metrics.write(
-                    {
-                        "kind": "step",
-                        "step": step,
-                        "epoch": epoch + 1,
-                        "loss": loss_sum / count,
-                        "accuracy": correct / count,
-                        "lr": lr,
-                        "seconds": seconds,
-                        "examples_per_second": count / max(seconds, 1e-9),
-                        **noise_fields,
-                        **_kl_fields(precond),
-                    }
-                )
-                progress.update(step, f"epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.4g}")
+    def _share_buffers(self) -> None:
+        """Rank 0's buffers (batch-norm statistics) on every rank, so that all ranks evaluate the same model."""
+        buffers = [b for b in self.model.buffers() if b.numel()]
+        broadcast_from(buffers, self.context.comm, purpose="buffers")
 
-            epoch_done = step % steps_per_epoch == 0
-            if epoch_done or step == total_steps:
-                write_epoch_record(step, epoch, lr)
-            eval_now = (epoch_done and run.eval_every and (epoch + 1) % run.eval_every == 0) or (
-                run.eval_every_steps and step % run.eval_every_steps == 0
-            )
-            if eval_now or step == total_steps:
-                eval_start = time.perf_counter()
-                broadcast_buffers(model, context)
-                test_loss, test_accuracy = evaluate(model, data, config.data.eval_batch_size, context)
-                metrics.write(
-                    {
-                        "kind": "eval",
-                        "step": step,
-                        "epoch": epoch + 1,
-                        "test_loss": test_loss,
-                        "test_accuracy": test_accuracy,
-                        "seconds": time.perf_counter() - eval_start,
-                    }
-                )
-                progress.update(step, f"epoch {epoch + 1} test acc {test_accuracy:.4f}", force=True)
-                if target is not None and steps_to_target is None and test_accuracy >= target:
-                    steps_to_target = step
-                    at_target = run.stop_at_target
-                    if at_target and not (epoch_done or step == total_steps):
-                        write_epoch_record(step, epoch, lr)  # the partial epoch, as at the end of a run
-            if at_target or step == total_steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
-                checkpointer.save(
-                    step,
-                    epoch + int(epoch_done),
-                    model,
-                    optimizer,
-                    precond,
-                    epoch_totals,
-                    config,
-                    steps_to_target,
-                    noise,
-                )
-            if run.stop_after_steps and step >= run.stop_after_steps and step < total_steps and not at_target:
-                stopped_early = True
-                break
-        if not stopped_early:
-            broadcast_buffers(model, context)
-            if test_accuracy is None:  # resumed a finished run: report its final accuracy
-                test_loss, test_accuracy = evaluate(model, data, config.data.eval_batch_size, context)
-            first = run.train_eval_examples or len(data.train_x)
-            train_loss, train_accuracy = evaluate(
-                model, data, config.data.eval_batch_size, context, (data.train_x[:first], data.train_y[:first])
-            )
-    finally:
-        progress.close()
-        metrics.close()
-        if precond is not None:
-            precond.remove_hooks()
+    def checkpoint(self, epoch: int) -> None:
+        """Every rank writes its file, then rank 0 points ``latest`` at the checkpoint (complete only then)."""
+        folder = self.out_dir / ckpt.CHECKPOINT_DIR
+        name = ckpt.checkpoint_name(self.step)
+        ckpt.atomic_torch_save(self._rank_state(), ckpt.rank_file(folder, name, self.context.rank))
+        if self.is_main:
+            ckpt.atomic_torch_save(self._shared_state(epoch), ckpt.shared_file(folder, name))
+        barrier(self.context.comm, self.context.device)
+        if self.is_main:
+            ckpt.mark_latest(folder, name)
+            ckpt.prune_checkpoints(folder, self.config.run.keep_checkpoints)
 
-    summary = RunSummary(
-        steps=step,
-        total_steps=total_steps,
-        epochs=round(step / steps_per_epoch, 3),
-        test_loss=test_loss,
-        test_accuracy=test_accuracy,
+    def _rank_state(self) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT_VERSION,
+            "step": self.step,
+            "rank": self.context.rank,
+            "world_size": self.context.world_size,
+            "kfac": self.precond.state_dict() if self.precond is not None else None,
+            "rng": ckpt.capture_rng(),
+            "epoch_totals": self.epoch_totals.cpu(),
+            # The same on every rank (it averages all-reduced norms); kept per rank like the epoch sums.
+            "noise": self.noise.state_dict() if self.noise is not None else None,
+        }
+
+    def _shared_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": ckpt.FORMAT_VERSION,
+            "step": self.step,
+            "epoch": epoch,
+            "world_size": self.context.world_size,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            # So that a resumed run that had reached its target still reports it (and, with stop_at_target,
+            # stops at once); evaluations are all-reduced, so every rank knows the same step.
+            "steps_to_target": self.steps_to_target,
+        }
+
+    # ------------------------------------------------------------------ finish
+
+    def finish(self) -> None:
+        """The final evaluations: the test split (unless this step's was done) and the first training examples."""
+        data, batch_size = self.data, self.config.data.eval_batch_size
+        self._share_buffers()
+        if self.test_accuracy is None:  # resumed a finished run: report its final accuracy
+            self.test_loss, self.test_accuracy = evaluate(self.model, data, batch_size, self.context)
+        first = self.config.run.train_eval_examples or len(data.train_x)
+        self.train_loss, self.train_accuracy = evaluate(
+            self.model, data, batch_size, self.context, (data.train_x[:first], data.train_y[:first])
+        )
+
+    def close(self) -> None:
+        self.progress.close()
+        self.metrics.close()
+        if self.precond is not None:
+            self.precond.remove_hooks()
+
+    def summary(self, end: RunEnd, reason: str | None = None) -> RunSummary:
+        """What the run reports (rank 0's history fields from metrics.jsonl; call after :meth:`close`)."""
+        target = self.config.run.target_accuracy or None
+        batch = self.config.data.batch_size
+        return RunSummary(
+            steps=self.step,
+            total_steps=self.total_steps,
+            epochs=round(self.step / self.steps_per_epoch, 3),
+            test_loss=self.test_loss,
+            test_accuracy=self.test_accuracy,
+            seconds=time.perf_counter() - self.started,
+            out_dir=str(self.out_dir),
+            stopped_early=self.stopped_early,
+            resumed_from=self.start_step if self.resumed else None,
+            train_loss=self.train_loss,
+            train_accuracy=self.train_accuracy,
+            target_accuracy=target,
+            steps_to_target=self.steps_to_target,
+            examples_to_target=self.steps_to_target * batch if self.steps_to_target is not None else None,
+            noise_scale=_finite_or_none(self.noise.b_simple) if self.noise is not None else None,
+            reached_target=self.steps_to_target is not None,
+            end=end.value,
+            reason=reason,
+            **(history_fields(self.out_dir) if self.is_main else {}),
+        )
+
+
+def _unstarted_summary(config: Config, started: float, end: RunEnd, reason: str) -> RunSummary:
+    """A run that ended while it was being set up: nothing trained in this invocation, its length maybe unknown."""
+    return RunSummary(
+        steps=0,
+        total_steps=0,
+        epochs=0.0,
+        test_loss=None,
+        test_accuracy=None,
         seconds=time.perf_counter() - started,
-        out_dir=str(out_dir),
-        stopped_early=stopped_early,
-        resumed_from=start_step if shared is not None else None,
-        train_loss=train_loss,
-        train_accuracy=train_accuracy,
-        target_accuracy=target,
-        steps_to_target=steps_to_target,
-        examples_to_target=steps_to_target * config.data.batch_size if steps_to_target is not None else None,
-        noise_scale=_finite_or_none(noise.b_simple) if noise is not None else None,
-        reached_target=steps_to_target is not None,
-        **(history_fields(out_dir) if context.rank == 0 else {}),
+        out_dir=str(Path(config.run.out_dir)),
+        stopped_early=False,
+        resumed_from=None,
+        end=end.value,
+        reason=reason,
     )
+
+
+def _write_summary(summary: RunSummary) -> None:
+    """``summary.json``: how the run ended and what it measured, for programs that started it (jobs.outcome)."""
+    atomic_write_text(Path(summary.out_dir) / SUMMARY_JSON, json.dumps(asdict(summary), indent=2) + "\n")
+
+
+def _report_failure(
+    error: BaseException, run: TrainingRun | None, config: Config, context: Context, started: float, say: Say
+) -> None:
+    """Rank 0 writes what is known of a run that diverged or failed; the caller re-raises ``error``."""
+    if isinstance(error, TrainingDiverged):  # the message is the reason, as hpo_worker's in-process trials say it
+        end, reason = RunEnd.DIVERGED, str(error)
+    else:
+        end, reason = RunEnd.FAILED, f"{type(error).__name__}: {error}"
+    if context.rank != 0:
+        return
+    summary = run.summary(end, reason) if run is not None else _unstarted_summary(config, started, end, reason)
+    try:
+        _write_summary(summary)
+    except OSError as write_error:  # the run's own error matters more: it is re-raised
+        say(f"cannot write {SUMMARY_JSON} in {config.run.out_dir}: {write_error}")
+
+
+def run_training(config: Config, context: Context, log: Say | None = None) -> RunSummary:
+    """Trains as ``config`` says, on this rank; returns what rank 0 reports (also in summary.json, however it ends).
+
+    Raises what ended the run (TrainingDiverged, or any error) after rank 0 wrote its summary.json, except a
+    ConfigError: the run did not start, and the run already in ``run.out_dir`` (if any) keeps its summary.
+    """
+    started = time.perf_counter()
+    say = log or (lambda message: _log(context, message))
+    run: TrainingRun | None = None
+    try:
+        run = TrainingRun(config, context, say)
+        run.train()
+    except ConfigError:
+        raise
+    except BaseException as error:  # Ctrl-C too: summary.json says how this invocation ended
+        _report_failure(error, run, config, context, started, say)
+        raise
+    summary = run.summary(RunEnd.STOPPED if run.stopped_early else RunEnd.FINISHED)
     if context.rank == 0:
-        _write_summary(out_dir, summary)
+        _write_summary(summary)
     return summary

@@ -14,11 +14,12 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Final, TextIO
+
+from jobs.files import atomic_write_text
 
 __all__ = ["CSV_COLUMNS", "METRICS_CSV", "METRICS_JSONL", "MetricsWriter", "ProgressLine", "read_metrics"]
 
@@ -61,12 +62,6 @@ def _csv_row(record: dict[str, Any]) -> list[Any]:
     return ["" if record.get(c) is None else record[c] for c in CSV_COLUMNS]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class MetricsWriter:
     """Appends records to the run's JSONL and CSV files (and TensorBoard); does nothing when not ``enabled``."""
 
@@ -82,12 +77,12 @@ class MetricsWriter:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(out_dir) if r.get("step", 0) <= resume_step] if resume_step is not None else []
-        _atomic_write_text(out_dir / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(out_dir / METRICS_JSONL, "".join(json.dumps(r) + "\n" for r in kept))
         table = io.StringIO()
         writer = csv.writer(table)
         writer.writerow(CSV_COLUMNS)
         writer.writerows(_csv_row(r) for r in kept)
-        _atomic_write_text(out_dir / METRICS_CSV, table.getvalue())
+        atomic_write_text(out_dir / METRICS_CSV, table.getvalue())
         self._jsonl = (out_dir / METRICS_JSONL).open("a", buffering=1)
         self._csv = (out_dir / METRICS_CSV).open("a", buffering=1, newline="")
         self._csv_writer = csv.writer(self._csv)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jobs.parallel import Context, all_reduce_sum
+from jobs.parallel import Context
 
 __all__ = ["NoiseScaleEstimator", "b_simple_from_norms", "measure_noise", "noise_estimates", "squared_grad_norm"]
 
@@ -180,6 +180,7 @@ def measure_noise(
     first, second = halves
     small = (first.square().sum() + second.square().sum()) / 2
     # One collective: the mean gradient over both halves, then the small-batch norm in the last slot.
-    flat = all_reduce_sum(torch.cat([(first + second) / 2, small.reshape(1)]), context)
+    flat = torch.cat([(first + second) / 2, small.reshape(1)])
+    context.comm.allreduce_sum(flat, "noise scale").wait()
     flat.div_(context.world_size)
     return flat[-1], half, flat[:-1].square().sum(), 2 * half * context.world_size

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from distkfac import KFACPreconditioner
+from distkfac.comm import Communicator
 from distkfac.momentum import ChainerMomentumSGD
 from jobs.config import KFACConfig, OptimConfig
+from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
 
 __all__ = ["LRSchedule", "build_kfac", "build_optimizer", "make_lr_schedule", "peak_lr", "set_lr"]
 
@@ -91,6 +93,8 @@ def make_lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int
 
 def build_optimizer(config: OptimConfig, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """The torch optimizer for ``config.name`` (``kfac`` steps with momentum SGD), starting at ``lr``."""
+    if config.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config.name!r}; choose {', '.join(OPTIMIZER_NAMES)} (optim.name)")
     if config.name in ("sgd", "kfac") and config.momentum_form == "chainer":
         return ChainerMomentumSGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.name in ("sgd", "kfac"):
@@ -102,7 +106,7 @@ def build_optimizer(config: OptimConfig, params: Iterable[nn.Parameter], lr: flo
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay)
     if config.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.name!r}; choose sgd, adam, adamw or kfac (optim.name)")
+    raise NotImplementedError(f"jobs.optimizers lists {config.name!r}, which jobs.optim cannot build yet")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -110,10 +114,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule) -> KFACPreconditioner:
-    """The K-FAC preconditioner of ``config`` on ``model`` (plain or DDP), KL-clipped with the schedule ``lr``."""
+def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule, comm: Communicator) -> KFACPreconditioner:
+    """The K-FAC preconditioner of ``config`` on ``model`` (plain or DDP), KL-clipped with the schedule ``lr``.
+
+    ``comm`` is the run's communicator (``context.comm``): K-FAC and the loop share it.
+    """
     return KFACPreconditioner(
         model,
+        comm=comm,
         damping=config.damping,
         factor_decay=config.factor_decay,
         factor_update_steps=config.factor_update_steps,

@@ -1,29 +1,22 @@
-"""The few collectives the training loop itself needs, for torch.distributed, Horovod, or one process.
+"""A run's place among the ranks (:class:`Context`) and how it joins them (:func:`start`).
 
-Starting and stopping the ranks is ``launch.distributed``'s job (:func:`start` only imports it lazily and falls back
-to one process when it is not importable and no launcher started several). K-FAC's own traffic is distkfac's.
+Every collective goes through the context's communicator (``distkfac.comm``: torch.distributed, Horovod or one
+process), which the training loop and K-FAC share; the loop's collectives are ``distkfac.comm.ops``. Starting the
+ranks is ``launch.distributed``'s job (:func:`start` imports it lazily and falls back to one process when it is not
+importable and no launcher started several); leaving is ``distkfac.comm.leave``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-from torch import nn
 
-__all__ = [
-    "Context",
-    "SingleContext",
-    "all_reduce_sum",
-    "average_gradients",
-    "barrier",
-    "broadcast_buffers",
-    "start",
-    "stop",
-]
+from distkfac.comm import Communicator, resolve_communicator
+
+__all__ = ["Context", "SingleContext", "start"]
 
 # Variables by which a launcher says that it started several processes (see launch/environment.py).
 _WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
@@ -42,15 +35,28 @@ class Context(Protocol):
     def device(self) -> torch.device: ...
     @property
     def kind(self) -> str: ...  # single | torch | horovod
+    @property
+    def comm(self) -> Communicator: ...  # tensors handed to it must be on ``device`` (NCCL)
 
 
 @dataclass(frozen=True)
 class SingleContext:
+    """One process (hpo_worker's and the study's in-process runs), or a hand-made context in tests.
+
+    Its communicator follows ``kind`` unless given: a :class:`~distkfac.comm.SingleProcessCommunicator` for
+    ``"single"``; the initialised torch.distributed or Horovod for ``"torch"`` or ``"horovod"``.
+    """
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     kind: str = "single"
+    comm: Communicator = None  # type: ignore[assignment]  # filled from kind after __init__
+
+    def __post_init__(self) -> None:
+        if self.comm is None:
+            object.__setattr__(self, "comm", resolve_communicator(self.kind))
 
 
 def start(backend: str) -> Context:
@@ -67,69 +73,3 @@ def start(backend: str) -> Context:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return SingleContext(device=device)
     return init_distributed(backend=backend)  # type: ignore[arg-type]
-
-
-def stop(context: Context) -> None:
-    if context.kind == "single":
-        return
-    from launch.distributed import shutdown_distributed
-
-    shutdown_distributed(context)  # type: ignore[arg-type]
-
-
-def _horovod() -> Any:
-    import horovod.torch as hvd
-
-    return hvd
-
-
-def all_reduce_sum(tensor: torch.Tensor, context: Context) -> torch.Tensor:
-    """Sums ``tensor`` over the ranks, in place; returns it."""
-    if context.kind == "torch":
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor)
-    elif context.kind == "horovod":
-        hvd = _horovod()
-        hvd.allreduce_(tensor, op=hvd.Sum, name="jobs.all_reduce_sum")
-    return tensor
-
-
-def barrier(context: Context) -> None:
-    if context.kind == "torch":
-        import torch.distributed as dist
-
-        dist.barrier()
-    elif context.kind == "horovod":
-        all_reduce_sum(torch.zeros(1), context)
-
-
-def average_gradients(params: Iterable[nn.Parameter], context: Context) -> None:
-    """Averages the gradients over the ranks in one flat buffer (for a model without DDP)."""
-    if context.world_size == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce_sum(flat, context).div_(context.world_size)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def broadcast_buffers(model: nn.Module, context: Context) -> None:
-    """Copies rank 0's buffers (batch-norm statistics) to every rank, so that all ranks evaluate the same model."""
-    buffers = [b for b in model.buffers() if b.numel()]
-    if context.world_size == 1 or not buffers:
-        return
-    if context.kind == "torch":
-        import torch.distributed as dist
-
-        for b in buffers:
-            dist.broadcast(b, src=0)
-    elif context.kind == "horovod":
-        hvd = _horovod()
-        for i, b in enumerate(buffers):
-            hvd.broadcast_(b, root_rank=0, name=f"jobs.buffer.{i}")

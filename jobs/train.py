@@ -8,21 +8,24 @@ Examples::
     python -m jobs.train --config runs/x/config.toml --resume      # continue from runs/x's newest checkpoint
 
 The run's folder (``run.out_dir``, default ``runs/<config name>``) receives ``config.json`` (the resolved
-configuration), ``metrics.jsonl``, ``metrics.csv``, ``summary.json`` (at the end) and ``checkpoints/`` (layout:
-:mod:`jobs.checkpoint`). Keys and defaults: :mod:`jobs.config`. Exit status: 0 on success, 2 for a configuration
-error (nothing was trained), 1 when training failed (the message says why).
+configuration), ``metrics.jsonl``, ``metrics.csv``, ``summary.json`` (however the run ends: ``end`` and ``reason``
+say how, see :mod:`jobs.outcome`) and ``checkpoints/`` (layout: :mod:`jobs.checkpoint`). Keys and defaults:
+:mod:`jobs.config`. Exit status (``jobs.outcome.EXIT_STATUS``): 0 when the run finished or stopped
+(run.stop_after_steps), 3 when it diverged, 1 when it failed (the message says why), 2 for a configuration error
+(nothing was trained).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from jobs.config import Config, ConfigError, load_config
 from jobs.datasets import resolve_data_path
+from jobs.outcome import EXIT_BAD_CONFIG, EXIT_STATUS, RunEnd
 
 __all__ = ["main", "parse_args"]
 
@@ -47,12 +50,13 @@ def _configure(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``python -m jobs.train``; returns the exit status (the process itself leaves through ``leave``)."""
     args = parse_args(argv)
     try:
         config = _configure(args)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"jobs.train: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIG
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
@@ -65,27 +69,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         context = parallel.start(config.run.backend)
     except RuntimeError as exc:  # launch.environment.LaunchError and friends: the launcher's variables are wrong
         print(f"jobs.train: error: cannot join the other ranks: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_STATUS[RunEnd.FAILED]
     try:
         summary = run_training(config, context)
     except ConfigError as exc:
         print(f"jobs.train: error (rank {context.rank}): {exc}", file=sys.stderr)
-        return 2
-    except (TrainingDiverged, ValueError, OSError) as exc:
+        return EXIT_BAD_CONFIG
+    except TrainingDiverged as exc:
+        print(f"jobs.train: training diverged (rank {context.rank}): {exc}", file=sys.stderr)
+        return EXIT_STATUS[RunEnd.DIVERGED]
+    except (ValueError, OSError) as exc:
         print(f"jobs.train: training failed (rank {context.rank}): {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    parallel.stop(context)
+        return EXIT_STATUS[RunEnd.FAILED]
     if context.rank == 0:
         print(summary.line(), flush=True)
-    return 0
+    return EXIT_STATUS[RunEnd(summary.end)]
+
+
+def _main_then_leave() -> None:
+    try:
+        status = main()
+    except Exception:  # unexpected: the whole traceback, then the failed run's status
+        traceback.print_exc()
+        status = EXIT_STATUS[RunEnd.FAILED]
+    from distkfac.comm import leave
+
+    leave(status)  # a barrier and the process group's end when all went well; no interpreter teardown either way
 
 
 if __name__ == "__main__":
-    status = main()
-    # Leave without the interpreter's teardown: by now every file is closed and the process group destroyed, and
-    # what is left is C++ static destruction, where torch.distributed's threads can abort the process ("terminate
-    # called without an active exception", SIGABRT: 2 of 25 two-rank srun launches on a loaded node) and so turn a
-    # finished run into a failed one.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    _main_then_leave()

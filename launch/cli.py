@@ -48,29 +48,29 @@ def run_env(argv: Sequence[str]) -> int:
     # One line per process, written at once: the lines of several ranks sharing a terminal or file stay whole.
     sys.stdout.write(json.dumps(report) + "\n")
     sys.stdout.flush()
-    return 0 if not args.init or report["allreduce_sum"] == report["allreduce_expected"] else 1
+    status = 0 if not args.init or report["allreduce_sum"] == report["allreduce_expected"] else 1
+    if args.init:  # joined: leave the group the one clean way (a barrier, then no C++ teardown)
+        from distkfac.comm import leave
+
+        leave(status)
+    return status
 
 
 def _allreduce(backend: Any) -> dict[str, Any]:
     """Every rank contributes rank + 1; the sum is n (n + 1) / 2 when all n ranks took part."""
     import torch
 
-    from launch.distributed import init_distributed, shutdown_distributed
+    from launch.distributed import init_distributed
 
     context = init_distributed(backend)
     value = torch.tensor([float(context.rank + 1)], device=context.device)
-    if context.kind == "torch":
-        import torch.distributed as dist
-
-        dist.all_reduce(value)
-    elif context.kind == "horovod":
-        import horovod.torch as hvd
-
-        value = hvd.allreduce(value, op=hvd.Sum)
-    total = round(float(value.item()))
-    shutdown_distributed(context)
+    context.comm.allreduce_sum(value, "launch check").wait()
     size = context.world_size
-    return {"backend": context.kind, "allreduce_sum": total, "allreduce_expected": size * (size + 1) // 2}
+    return {
+        "backend": context.kind,
+        "allreduce_sum": round(float(value.item())),
+        "allreduce_expected": size * (size + 1) // 2,
+    }
 
 
 def _submit_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 An MLP 784-256-128-10 at batch 2048, the same initial weights and the same batches for every run (seed 0).
 Validation accuracy is measured after every step on the whole test split (10,000 images). Momentum SGD's
 learning rate is tuned over a grid that brackets its optimum (the largest value is already worse; 0.4
-collapses to 10% accuracy); K-FAC uses the demo's one setting. About 20 s on 2 idle CPU cores.
+collapses to 10% accuracy); K-FAC uses the example's one setting (examples/kfac_vs_sgd.py). About 20 s on 2
+idle CPU cores.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import copy
 
 import pytest
 
-from jobs.demo import (
+from examples.kfac_vs_sgd import (
     KFAC_LR,
     KFAC_SETTINGS,
     Data,

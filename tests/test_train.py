@@ -39,7 +39,7 @@ from jobs.train import main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
 SMOKE = CONFIGS / "smoke.toml"
-KFAC = ("optim.name=kfac", "optim.momentum=0.5")  # momentum 0.9 is too much on top of K-FAC here (jobs/demo.py)
+KFAC = ("optim.name=kfac", "optim.momentum=0.5")  # momentum 0.9: too much on top of K-FAC (examples/kfac_vs_sgd.py)
 
 
 def train(out_dir: Path, *overrides: str, resume: bool = False, config: Path = SMOKE) -> int:

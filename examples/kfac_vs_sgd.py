@@ -1,10 +1,13 @@
-"""K-FAC vs momentum SGD on Fashion-MNIST with a small MLP at a large batch (``python -m jobs.demo``).
+"""K-FAC vs momentum SGD on Fashion-MNIST with a small MLP at a large batch (``python examples/kfac_vs_sgd.py``).
 
-Both optimizers start from the same initial weights and see the same batches (same seed). Validation accuracy
+An example of distkfac's preconditioner in a plain training loop of a few lines, without jobs.train's configs,
+checkpoints or ranks (``python -m jobs.train`` with ``optim.name = "kfac"`` is the framework's way to train). Both
+optimizers start from the same initial weights and see the same batches (same seed). Validation accuracy
 on the test split is measured every ``--eval-every`` steps; the table reports the first evaluated step at which
 it reached ``--target``, the final and best accuracy, and the wall time per training step (evaluation excluded).
 
-:func:`train_until` is the building block, also used by ``tests/test_end_to_end.py``.
+:func:`train_until` is the building block, also used by ``tests/test_end_to_end.py``. Run it from the repository
+root with the project installed (``scripts/setup.sh``), or with ``PYTHONPATH=.``.
 """
 
 from __future__ import annotations
@@ -185,39 +188,60 @@ def train_until(
     try:
         for step in range(1, max_steps + 1):
             idx = next(index_batches)
-            x, y = data.train_x[idx], data.train_y[idx]
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            if not torch.isfinite(loss):
-                result.diverged = True
+            loss = _step(model, optimizer, precond, data.train_x[idx], data.train_y[idx], result)
+            if result.diverged:
                 if log_every:
-                    print(f"  {result.label:44s} step {step:4d}  loss {loss.item()}: diverged, stopping")
+                    print(f"  {result.label:44s} step {step:4d}  loss {loss}: diverged, stopping")
                 break
-            loss.backward()
-            if precond is not None:
-                precond.step()
-            optimizer.step()
-            result.train_seconds += time.perf_counter() - start
             result.steps = step
-
             if step % eval_every == 0 or step == max_steps:
-                acc = accuracy(model, data.val_x, data.val_y)
-                result.history.append((step, acc))
-                result.final_accuracy = acc
-                result.best_accuracy = max(result.best_accuracy, acc)
-                reached = acc >= target and result.steps_to_target is None
-                if log_every and (reached or step % log_every == 0 or step == max_steps):
-                    note = f"  <- reached {target:.1%}" if reached else ""
-                    print(f"  {result.label:44s} step {step:4d}  loss {loss.item():.4f}  val acc {acc:.4f}{note}")
-                if reached:
-                    result.steps_to_target = step
-                    if stop_at_target:
-                        break
+                reached = _evaluate(model, data, step, result, loss, log_every, max_steps)
+                if reached and stop_at_target:
+                    break
     finally:
         if precond is not None:
             precond.remove_hooks()
     return result
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precond: KFACPreconditioner | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    result: TrainResult,
+) -> float:
+    """One optimizer step (timed into ``result``); the batch's loss. A non-finite loss sets ``result.diverged``."""
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    if not torch.isfinite(loss):
+        result.diverged = True
+        return loss.item()
+    loss.backward()
+    if precond is not None:
+        precond.step()
+    optimizer.step()
+    result.train_seconds += time.perf_counter() - start
+    return loss.item()
+
+
+def _evaluate(
+    model: nn.Module, data: Data, step: int, result: TrainResult, loss: float, log_every: int, max_steps: int
+) -> bool:
+    """Validation accuracy after ``step``, into ``result``; whether this evaluation first reached the target."""
+    acc = accuracy(model, data.val_x, data.val_y)
+    result.history.append((step, acc))
+    result.final_accuracy = acc
+    result.best_accuracy = max(result.best_accuracy, acc)
+    reached = acc >= result.target and result.steps_to_target is None
+    if log_every and (reached or step % log_every == 0 or step == max_steps):
+        note = f"  <- reached {result.target:.1%}" if reached else ""
+        print(f"  {result.label:44s} step {step:4d}  loss {loss:.4f}  val acc {acc:.4f}{note}")
+    if reached:
+        result.steps_to_target = step
+    return reached
 
 
 def compare(
