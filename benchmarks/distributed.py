@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from benchmarks.step_time import build_model, cpu_model, make_batch
 from distkfac.assignment import assign_work, grad_workers_for
+from distkfac.comm import leave
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     "comm-opt": {"strategy": "comm-opt"},
@@ -156,9 +157,7 @@ def worker(args: argparse.Namespace) -> None:
         }
         precond.remove_hooks()
     Path(args.out).joinpath(f"rank{rank}.json").write_text(json.dumps(results))
-    # Without a barrier and an explicit teardown, gloo can abort the process at exit (seen with torch 2.13).
-    dist.barrier()
-    dist.destroy_process_group()
+    leave(0)  # gloo can abort at exit even after barrier + destroy_process_group (torch 2.13)
 
 
 def run_world(world: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:

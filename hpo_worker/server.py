@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from jobs.files import atomic_write_text
 
-__all__ = ["NX_27017_VERSION", "EmbeddedServer", "ServerError", "free_port", "read_url_file"]
+__all__ = ["NX_27017_VERSION", "EmbeddedServer", "ServerError", "free_port", "read_url_file", "terminate"]
 
 NX_27017_VERSION = "0.8.1"  # the version the tests ran against; nx-27017 is young and changes fast
 URL_FILE = "mongo-url"
@@ -53,6 +54,17 @@ def installed_version() -> str | None:
         return importlib.metadata.version("nx-27017")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def terminate(process: subprocess.Popen[Any], grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if ``process`` has not exited after ``grace_s`` seconds; returns once it has exited."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class EmbeddedServer:
@@ -135,13 +147,7 @@ class EmbeddedServer:
             with contextlib.suppress(FileNotFoundError):
                 if self.url_file.read_text().strip() == self.url:
                     self.url_file.unlink()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, timeout_s)
 
     def __enter__(self) -> EmbeddedServer:
         if self.process is None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from typing import Any, Final
 import numpy as np
 from hyperopt import hp
 
-from jobs.config import Config, ConfigError
+from jobs.config import Config, ConfigError, read_toml
 from jobs.config import toml_value as config_toml_value
 
 __all__ = ["DISTRIBUTIONS", "ParamSpec", "SearchSpace", "load_space", "space_names", "toml_value"]
@@ -361,12 +360,7 @@ def _list_index(where: str, table: Mapping[str, Any]) -> int | None:
 
 
 def _load_space_file(path: Path) -> SearchSpace:
-    if not path.is_file():
-        raise ValueError(f"search space file {path} does not exist (built-in spaces: {', '.join(space_names())})")
-    try:
-        document = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"search space file {path}: not valid TOML: {exc}") from None
+    document = read_toml(path, "search space file", f"built-in spaces: {', '.join(space_names())}", ValueError)
     extra = sorted(set(document) - {"name", "params", "fixed"})
     if extra:
         raise ValueError(f"search space file {path}: unknown top-level keys {', '.join(extra)} (name, params, fixed)")

@@ -6,7 +6,9 @@
 - :mod:`jobs.models`, :mod:`jobs.data`, :mod:`jobs.datasets`, :mod:`jobs.optim`, :mod:`jobs.optimizers`: what trains.
 - :mod:`jobs.checkpoint`, :mod:`jobs.metrics`, :mod:`jobs.files`: what a run writes; :mod:`jobs.outcome`: how it
   says it ended (``summary.json``, the exit status).
-- :mod:`jobs.noise_scale`: the gradient noise scale measured during training; :mod:`jobs.study`: batch-size studies.
+- :mod:`jobs.noise_scale`: the gradient noise scale measured during training.
+
+Batch-size studies are the top-level ``study`` package, built on ``jobs`` and ``hpo_worker``.
 
 A plain K-FAC vs momentum SGD comparison without any of this: ``python examples/kfac_vs_sgd.py``.
 """

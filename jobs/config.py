@@ -52,6 +52,7 @@ __all__ = [
     "ignored_keys",
     "load_config",
     "parse_override",
+    "read_toml",
     "toml_value",
     "trajectory_differences",
 ]
@@ -355,15 +356,20 @@ def build_config(
     return config
 
 
+def read_toml(path: Path, what: str, hint: str, error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """The TOML document at ``path``; a missing or malformed file raises ``error`` naming ``what`` it should be."""
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist ({hint})")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path}: not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Reads a TOML config file and applies the overrides; ``run.out_dir`` defaults to ``runs/<file stem>``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (see jobs/configs/ for examples)")
-    try:
-        document = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    document = read_toml(path, "config file", "examples: jobs/configs/")
     return build_config(document, overrides, source=str(path), default_out_dir=f"runs/{path.stem}")
 
 

@@ -8,7 +8,7 @@ size at which the gradient's signal and noise are about equal; it is a predictio
 :func:`measure_noise` makes one such pair of measurements during training (``run.noise_every`` in
 :mod:`jobs.loop`): each rank's local batch is split into two halves, whose gradients give the small batch's squared
 norm, and their average over the halves and the ranks gives the global batch's. It lives here rather than in
-:mod:`jobs.study` because the training loop uses it and must not depend on the study package built on top of it.
+:mod:`study` because the training loop uses it and must not depend on the study package built on top of it.
 """
 
 from __future__ import annotations

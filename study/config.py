@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from hpo_worker.trial import OBJECTIVES
-from jobs.config import Config, ConfigError, load_config, parse_override, toml_value
+from jobs.config import Config, ConfigError, load_config, parse_override, read_toml, toml_value
 from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
 
 __all__ = ["Cell", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "load_study"]
@@ -263,12 +263,7 @@ def _batch_sizes(path: Path, batches: Any) -> tuple[int, ...]:
 
 def _read_tables(path: Path) -> dict[str, Any]:
     """The study file's TOML, with its [study] table present and no unknown table or [study] key."""
-    if not path.is_file():
-        raise StudyError(f"study file {path} does not exist (examples: jobs/configs/studies/)")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise StudyError(f"{path}: not valid TOML: {exc}") from exc
+    raw = read_toml(path, "study file", "examples: jobs/configs/studies/", StudyError)
     unknown_tables = sorted(set(raw) - {"study", "tune", "given"})
     if unknown_tables:
         raise _fail(path, f"[{unknown_tables[0]}]", "unknown table; a study file has [study], [tune] and [given]")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pymongo.errors
 
 from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_meta
 from hpo_worker.report import format_report, summarize, trials_json, write_trials_json
-from hpo_worker.server import EmbeddedServer, ServerError
+from hpo_worker.server import EmbeddedServer, ServerError, terminate
 from hpo_worker.spaces import load_space
 from hpo_worker.store import ExperimentMismatch, StoreError, TrialState, TrialStore, connect, mask_url
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
@@ -133,14 +132,7 @@ def _start(command: list[str], log_path: Path, env: Mapping[str, str] | None = N
         return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=dict(env or os.environ))
 
 
-def _stop(process: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+STOP_GRACE_S = 15.0  # a worker's SIGTERM puts its running trial back in the queue; this is its time to do so
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
@@ -174,7 +166,7 @@ def _drive(
         _wait_for_drivers(drivers, workers, logs, lambda: log(progress(store, experiments, tune.trials)))
     finally:  # SIGTERM puts a worker's running trial back in the queue: a restarted study runs it again
         for process in [*workers, *drivers.values()]:
-            _stop(process)
+            terminate(process, STOP_GRACE_S)
 
 
 def _wait_for_drivers(

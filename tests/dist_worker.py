@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distkfac import KFACPreconditioner
+from distkfac.comm import leave
 from jobs.data import FASHION_MNIST_ROOT, load_mnist_like
 
 STEPS = 4
@@ -184,16 +185,8 @@ def main() -> None:
         if rank == 1:
             time.sleep(3600)  # alive but stuck: the others must give up after the timeout
         precond.step()
-    if args.backend == "torch":
-        import torch.distributed as dist
-
-        # Without a barrier and an explicit teardown, gloo can abort the process at exit (seen with torch 2.13).
-        dist.barrier()
-        dist.destroy_process_group()
-    else:
-        import horovod.torch as hvd
-
-        hvd.shutdown()
+    # gloo can abort at exit even after barrier + destroy_process_group (torch 2.13): leave skips that teardown.
+    leave(0)
 
 
 if __name__ == "__main__":

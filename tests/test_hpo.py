@@ -21,29 +21,17 @@ pytest.importorskip("nx_27017")
 
 from hpo_worker.driver import ExperimentView, build_trials
 from hpo_worker.store import ExperimentMismatch, TrialState, connect, mask_url
+from tests.synthetic_configs import synthetic_mlp_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BASE_CONFIG = """
-[model]
-name = "mlp"
-hidden = [16]
-[data]
-name = "synthetic"
-batch_size = 64
-synthetic_shape = [8]
-synthetic_classes = 4
-synthetic_train_size = 256
-synthetic_test_size = 128
-[optim]
-name = "sgd"
-lr = 0.05
-[run]
-steps = {steps}
-eval_every = 0
-progress = false
-tensorboard = false
-"""
+BASE_CONFIG = synthetic_mlp_toml(
+    batch_size=64,
+    train_size=256,
+    test_size=128,
+    lr="0.05",
+    run="steps = {steps}\neval_every = 0\nprogress = false\ntensorboard = false",
+)
 
 SPACE = """
 [fixed]

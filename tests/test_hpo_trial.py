@@ -23,6 +23,7 @@ from hpo_worker.store import TrialState
 from hpo_worker.trial import TrialLaunch, learning_curve, objective_value, run_trial
 from jobs.outcome import EXIT_STATUS, RunEnd, read_summary
 from tests.processes import ENV, MPI_ENV, PYTHON, ROOT
+from tests.synthetic_configs import synthetic_mlp_toml
 
 SUMMARY = {"test_loss": 0.5, "test_accuracy": 0.8, "train_accuracy": 0.9, "total_steps": 200, "target_accuracy": 0.85}
 
@@ -156,26 +157,13 @@ def test_learning_curve_keeps_epoch_and_eval_records(tmp_path: Path) -> None:
     assert learning_curve(tmp_path) == [{"kind": "epoch", "step": 2}, {"kind": "eval", "step": 2}]
 
 
-DIVERGING = """
-[model]
-name = "mlp"
-hidden = [16]
-[data]
-name = "synthetic"
-batch_size = 64
-synthetic_shape = [8]
-synthetic_classes = 4
-synthetic_train_size = 256
-synthetic_test_size = 128
-[optim]
-name = "sgd"
-lr = 1e30
-[run]
-steps = 20
-log_every = 1
-eval_every = 0
-tensorboard = false
-"""
+DIVERGING = synthetic_mlp_toml(
+    batch_size=64,
+    train_size=256,
+    test_size=128,
+    lr="1e30",
+    run="steps = 20\nlog_every = 1\neval_every = 0\ntensorboard = false",
+)
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")

@@ -11,29 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.processes import ENV, PYTHON, ROOT
+from tests.synthetic_configs import synthetic_mlp_toml
 
 pytest.importorskip("hyperopt")
 pytest.importorskip("nx_27017")
 
-BASE = """
-[model]
-name = "mlp"
-hidden = [16]
-[data]
-name = "synthetic"
-batch_size = 32
-synthetic_shape = [8]
-synthetic_classes = 4
-synthetic_train_size = 512
-synthetic_test_size = 256
-[optim]
-name = "sgd"
-lr = 0.1
-[run]
-steps = 40
-eval_every = 0
-tensorboard = false
-"""
+BASE = synthetic_mlp_toml(
+    batch_size=32, train_size=512, test_size=256, lr="0.1", run="steps = 40\neval_every = 0\ntensorboard = false"
+)
 
 SPACE = """
 [fixed]

@@ -17,26 +17,7 @@ pytest.importorskip("nx_27017")
 from hpo_worker.store import TrialState, connect
 from study.config import StudyError, cell_toml, load_study
 from study.tuning import progress, tune_cells
-
-BASE = """
-[model]
-name = "mlp"
-hidden = [16]
-[data]
-name = "synthetic"
-batch_size = 32
-synthetic_shape = [8]
-synthetic_classes = 4
-synthetic_train_size = 512
-synthetic_test_size = 256
-[optim]
-name = "sgd"
-lr = 0.1
-[run]
-steps = 40
-eval_every = 0
-tensorboard = false
-"""
+from tests.test_study import BASE
 
 STUDY = """
 [study]
