@@ -157,6 +157,24 @@ class SearchSpace:
         evaluated = hyperopt.space_eval(self.hyperopt_space, flat)
         return dict(evaluated)
 
+    def extreme_samples(self) -> list[dict[str, Any]]:
+        """Samples at the ends of the space: every range at its low end, every range at its high end, and each
+        option of each choice (the others at their low end). A config that is valid at all of them is valid
+        everywhere in a box, so checking these before any trial finds a bad bound before anything trains."""
+
+        def end(param: ParamSpec, high: bool) -> Any:
+            if param.dist == "choice":
+                return param.options[-1 if high else 0]
+            value = param.high if high else param.low
+            return round(value / param.q) * param.q if param.q else value  # hyperopt's q-rounding
+
+        low = {param.label: end(param, False) for param in self.params}
+        samples = [low, {param.label: end(param, True) for param in self.params}]
+        for param in self.params:
+            if param.dist == "choice":
+                samples += [{**low, param.label: option} for option in param.options[1:]]
+        return samples
+
     def to_overrides(self, values: Mapping[str, Any]) -> list[str]:
         """``section.key=value`` overrides (values in TOML) for one sample: the fixed ones, then the sampled ones.
 

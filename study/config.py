@@ -356,6 +356,8 @@ def check_cells(study: StudyConfig) -> dict[str, Config]:
                 "set study.eval_every_steps, or run.eval_every (epochs) in the base config or study.overrides"
             )
         configs[cell.name] = config
+    if study.tune is not None:
+        _check_spaces(study, study.tune)
     from jobs.datasets import resolve_data_path  # torch: only once the file itself is known to be good
 
     for config in {c.data.name: c for c in configs.values()}.values():
@@ -364,6 +366,27 @@ def check_cells(study: StudyConfig) -> dict[str, Config]:
         except (ValueError, FileNotFoundError) as exc:
             raise StudyError(f"{study.path}: {exc}") from exc
     return configs
+
+
+def _check_spaces(study: StudyConfig, tune: TuneSettings) -> None:
+    """Every cell's search space loads, and gives a valid config at each of its extreme samples: a bad bound or a
+    bad fixed value fails here, before any trial trains."""
+    from hpo_worker.spaces import load_space  # hyperopt: only for tuned studies
+
+    for optimizer, name in tune.spaces.items():
+        try:
+            space = load_space(name)
+        except ValueError as exc:
+            raise StudyError(f"{study.path}: tune.spaces.{optimizer}: {exc}") from exc
+        for cell in (c for c in study.cells() if c.optimizer == optimizer):
+            for sample in space.extreme_samples():
+                try:
+                    load_config(study.base_config, [*cell.overrides, *space.to_overrides(sample)])
+                except (ConfigError, ValueError) as exc:
+                    raise StudyError(
+                        f"{study.path}: cell {cell.name}, space {space.name!r} at {sample}: {exc} (fix the space's "
+                        "bounds or [fixed] values, or the study's overrides)"
+                    ) from exc
 
 
 def cell_toml(study: StudyConfig, cell: Cell) -> str:
