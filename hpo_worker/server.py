@@ -179,7 +179,8 @@ class EmbeddedServer:
                 text = output.read().decode(errors="replace")
         except OSError:
             text = ""
-        printed = [line.strip() for line in text.splitlines()[1:] if line.strip()]  # [0]: this start's header
+        # [0] is this start's header; a traceback's ^^^ markers say nothing without the line above them
+        printed = [line.strip() for line in text.splitlines()[1:] if line.strip(" ^~\t")]
         return f"{' | '.join(printed[-lines:]) or '(nothing printed)'} (see {path})"
 
     def stop(self, timeout_s: float = 10.0) -> None:
