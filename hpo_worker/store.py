@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import pymongo
 import pymongo.errors
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, uri_parser
 
 __all__ = ["FINISHED_STATES", "ExperimentMismatch", "StoreError", "TrialState", "TrialStore", "connect", "mask_url"]
 
@@ -68,9 +68,37 @@ class ExperimentMismatch(StoreError):
         )
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe to print)."""
-    return re.sub(r"(mongodb(?:\+srv)?://[^:/@]+):[^@/]*@", r"\1:***@", url)
+_MONGO_URL = re.compile(r"mongodb(?:\+srv)?://\S+")  # in free text a URL ends at white space (valid ones have none)
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the password of every MongoDB URL in it replaced by ``***`` (safe to print or store).
+
+    Where pymongo's own parser accepts the URL, the password is exactly what the parser takes for it (percent-encoded
+    ``/``, ``@``, ``:``; several hosts; options with an ``@``; ``mongodb+srv``). A URL the parser refuses (a raw ``/``,
+    ``@`` or ``:`` in the password) is masked from the user's ``:`` to the URL's last ``@``: more than the password,
+    never less. Masking a masked text changes nothing.
+    """
+    return _MONGO_URL.sub(lambda match: _mask_one(match.group()), text)
+
+
+def _mask_one(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    try:  # mongodb+srv's user info parses as mongodb's; parsing it as such avoids the DNS look-up of its hosts
+        parsed: dict[str, Any] | None = uri_parser.parse_uri("mongodb://" + rest, validate=False)
+    except Exception:  # whatever the parser refuses, the conservative mask below applies
+        parsed = None
+    if parsed is not None:
+        if parsed["password"] is None:
+            return url
+        # Where the parser splits the user info from the hosts: the last "@" before the path and the options.
+        userinfo_end = rest.partition("?")[0].partition("/")[0].rindex("@")
+    else:
+        userinfo_end = rest.rfind("@")
+    user_end = rest.find(":", 0, max(userinfo_end, 0))
+    if user_end < 0:  # no user info, or a user without a password
+        return url
+    return f"{scheme}://{rest[:user_end]}:***{rest[userinfo_end:]}"
 
 
 def utcnow() -> dt.datetime:

@@ -12,9 +12,9 @@ Layout of ``study.out_dir``::
 
 The study sits above hpo_worker and jobs and calls them directly. Tuning: one ``driver`` process per cell, all at once,
 and ``tune.workers`` local ``worker`` processes that take trials of any cell; with ``tune.workers = 0`` the study
-only drives: start workers elsewhere (a job array with ``--mongo`` the same URL). A study that is stopped and started
-again continues: the drivers resume their experiments from MongoDB, and given runs with a ``summary.json`` are not run
-again (half-done ones resume from their checkpoint).
+only drives: start workers elsewhere (a job array with ``--mongo-file`` naming the same URL). A study that is stopped
+and started again continues: the drivers resume their experiments from MongoDB, and given runs with a ``summary.json``
+are not run again (half-done ones resume from their checkpoint).
 """
 
 from __future__ import annotations

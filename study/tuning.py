@@ -6,12 +6,18 @@ The study calls hpo_worker's modules for everything it reads or decides: the emb
 trials of each cell (:meth:`TrialStore.trial_docs` and :mod:`hpo_worker.report`). Only TPE and the trials run in
 their own processes: one ``python -m hpo_worker driver`` per cell, all at once, and ``tune.workers`` local
 ``worker`` processes that take trials of any cell (``tune.workers = 0``: workers started elsewhere, on the same URL).
+
+The drivers and workers read the URL from ``<out>/mongo-url``, a file only the user can read (``--mongo-file``): a
+password on their command lines would show in ``ps`` to every user of the machine. Each process's log gets a header
+line when it starts, and the study's messages quote only the current run's part of a log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -26,6 +32,7 @@ from hpo_worker.report import format_report, summarize, trials_json, write_trial
 from hpo_worker.server import EmbeddedServer, ServerError, terminate
 from hpo_worker.spaces import load_space
 from hpo_worker.store import ExperimentMismatch, StoreError, TrialState, TrialStore, connect, mask_url
+from jobs.files import atomic_file
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
 
 __all__ = ["experiment_name", "progress", "tune_cells"]
@@ -51,21 +58,23 @@ def _tune(study: StudyConfig) -> TuneSettings:
 def tune_cells(study: StudyConfig, cells: Sequence[Cell], out: Path, log: Log) -> dict[str, list[dict[str, Any]]]:
     """Tunes every cell (continuing experiments stored before) and returns the trials of each, by cell slug, as
     ``hpo_worker.report.trials_json`` records; each cell's are also written to ``trials/<cell>.json``."""
-    with _mongo_url(study, out) as url, contextlib.closing(_connect(url)) as store:
+    with _mongo_url(study, out, log) as url, contextlib.closing(_connect(url)) as store:
         options = {cell.slug: _driver_options(study, cell, out) for cell in cells}
         _check_experiments(store, cells, options)
-        _drive(study, cells, options, url, out, store, log)
+        with _private_url_file(url, out / URL_FILE) as url_file:
+            _drive(study, cells, options, url, url_file, out, store, log)
         return {cell.slug: _cell_trials(store, study, cell, out) for cell in cells}
 
 
 @contextlib.contextmanager
-def _mongo_url(study: StudyConfig, out: Path) -> Iterator[str]:
-    """tune.mongo, or the URL of an embedded server in ``<out>/hpo_data`` (stopped at exit)."""
+def _mongo_url(study: StudyConfig, out: Path, log: Log) -> Iterator[str]:
+    """tune.mongo, or the URL of an embedded server in ``<out>/hpo_data``: this process's, stopped at exit or when
+    this process is killed; one left running by a killed study is stopped first (and ``log`` says so)."""
     if _tune(study).mongo:
         yield _tune(study).mongo
         return
     try:
-        server = EmbeddedServer(out / "hpo_data")
+        server = EmbeddedServer(out / "hpo_data", log=log)
         server.start()
     except ServerError as exc:
         raise StudyError(f"the embedded MongoDB server did not start: {exc}") from exc
@@ -73,6 +82,22 @@ def _mongo_url(study: StudyConfig, out: Path) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+URL_FILE = "mongo-url"
+
+
+@contextlib.contextmanager
+def _private_url_file(url: str, path: Path) -> Iterator[Path]:
+    """``url`` in ``path``, readable and writable by the user only, for the drivers' and workers' ``--mongo-file``;
+    removed at exit (a killed study leaves it, still private, and the next run replaces it)."""
+    with atomic_file(path, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # before the URL is written: never readable by others, not even briefly
+        handle.write(url + "\n")
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _connect(url: str) -> TrialStore:
@@ -110,25 +135,31 @@ def _check_experiments(store: TrialStore, cells: Sequence[Cell], options: Mappin
         raise StudyError(f"{'; '.join(changed)} -- {CHANGED_SETTINGS}")
 
 
-def _driver_command(options: DriverOptions, space: str, url: str) -> list[str]:
+def _driver_command(options: DriverOptions, space: str, url_file: Path) -> list[str]:
     return [
-        sys.executable, "-m", "hpo_worker", "driver", "--mongo", url, "--exp", options.exp_key,
+        sys.executable, "-m", "hpo_worker", "driver", "--mongo-file", str(url_file), "--exp", options.exp_key,
         "--space", space, "--config", options.config_path,
         "--max-evals", str(options.max_evals), "--objective", options.objective, "--seed", str(options.seed),
         "--queue-size", str(options.queue_size), "--grace", str(options.grace_s),
     ]  # fmt: skip
 
 
-def _worker_command(tune: TuneSettings, url: str, out: Path) -> list[str]:
+def _worker_command(tune: TuneSettings, url_file: Path, out: Path) -> list[str]:
     return [
-        sys.executable, "-m", "hpo_worker", "worker", "--mongo", url, "--workdir", str(out / "trials"),
+        sys.executable, "-m", "hpo_worker", "worker", "--mongo-file", str(url_file), "--workdir", str(out / "trials"),
         "--idle-timeout", "3600", "--grace", str(tune.grace),
     ]  # fmt: skip
 
 
+LOG_HEADER = "--- study: started "  # begins the line above each process's output in its log, one per run
+
+
 def _start(command: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as output:
+    with open(log_path, "ab") as output:  # appended: the logs of earlier runs of the study stay, above the header
+        now = dt.datetime.now().isoformat(timespec="seconds")
+        output.write(f"{LOG_HEADER}{now} by PID {os.getpid()}: {shlex.join(command)}\n".encode())
+        output.flush()
         return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=dict(env or os.environ))
 
 
@@ -136,12 +167,16 @@ STOP_GRACE_S = 15.0  # a worker's SIGTERM puts its running trial back in the que
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
-    return path.read_text(errors="replace")[-chars:].strip() if path.exists() else "(no output)"
+    """The end of the current run's output in the log ``path``: what follows its last header, never an earlier run's."""
+    if not path.exists():
+        return "(no output)"
+    run = path.read_text(errors="replace").rpartition(LOG_HEADER)[2].partition("\n")[2]
+    return run[-chars:].strip() or "(no output)"
 
 
 def _drive(
-    study: StudyConfig, cells: Sequence[Cell], options: Mapping[str, DriverOptions], url: str, out: Path,
-    store: TrialStore, log: Log,
+    study: StudyConfig, cells: Sequence[Cell], options: Mapping[str, DriverOptions], url: str, url_file: Path,
+    out: Path, store: TrialStore, log: Log,
 ) -> None:  # fmt: skip
     """One driver per cell and the local workers, until every driver has its max-evals trials."""
     tune = _tune(study)
@@ -150,12 +185,12 @@ def _drive(
     workers: list[subprocess.Popen[bytes]] = []
     try:
         for cell in cells:
-            command = _driver_command(options[cell.slug], tune.spaces[cell.optimizer], url)
+            command = _driver_command(options[cell.slug], tune.spaces[cell.optimizer], url_file)
             drivers[cell.slug] = _start(command, logs / f"driver-{cell.slug}.log")
         # The workers share the machine's cores: one thread each, so that N of them do not oversubscribe it.
         threads = max(1, (os.cpu_count() or 1) // max(tune.workers, 1))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        worker = _worker_command(tune, url, out)
+        worker = _worker_command(tune, url_file, out)
         workers += [_start(worker, logs / f"worker-{index}.log", env) for index in range(tune.workers)]
         where = f"{tune.workers} local worker(s)" if tune.workers else "external workers (tune.workers = 0)"
         log(
