@@ -222,18 +222,29 @@ def verify_checkpoint(ref: CheckpointRef) -> str | None:
     return None
 
 
-def _candidates(folder: Path) -> list[tuple[CheckpointRef, bool]]:
-    """(checkpoint, has a manifest), newest first: those with a manifest, and the one ``latest`` names.
+# How a checkpoint on disk came to be, for a resume.
+_VERIFIABLE, _LEGACY, _INCOMPLETE = "verifiable", "legacy", "incomplete"
 
-    A checkpoint without a manifest is complete only if ``latest`` names it (written before manifests existed);
-    any other one is an interrupted write, not a candidate.
+
+def _candidates(folder: Path) -> list[tuple[CheckpointRef, str]]:
+    """(checkpoint, kind), newest first.
+
+    In a folder with manifests, every checkpoint is verifiable, or incomplete when it has files but no manifest (its
+    writing was interrupted, or the manifest was deleted). In a folder without any (written before manifests
+    existed), the one ``latest`` names is the only candidate, a legacy one; the files of an interrupted first
+    checkpoint are no candidate, so a run killed then starts again from step 0, as before.
     """
-    found = {m.group(0): True for p in folder.glob("ckpt-step*.manifest.json") if (m := _NAME.match(p.name))}
-    pointer = folder / LATEST
-    legacy = pointer.read_text().strip() if pointer.is_file() else ""
-    if _NAME.fullmatch(legacy) and legacy not in found and shared_file(folder, legacy).is_file():
-        found[legacy] = False
-    refs = [(CheckpointRef(folder, name), manifest) for name, manifest in found.items()]
+    manifests = {m.group(0) for p in folder.glob("ckpt-step*.manifest.json") if (m := _NAME.match(p.name))}
+    files = {m.group(0) for p in folder.glob("ckpt-step*.pt") if (m := _NAME.match(p.name))}
+    found = {name: _VERIFIABLE for name in manifests}
+    if manifests:
+        found.update({name: _INCOMPLETE for name in files - manifests})
+    else:
+        pointer = folder / LATEST
+        legacy = pointer.read_text().strip() if pointer.is_file() else ""
+        if legacy in files:
+            found[legacy] = _LEGACY
+    refs = [(CheckpointRef(folder, name), kind) for name, kind in found.items()]
     return sorted(refs, key=lambda item: item[0].step, reverse=True)
 
 
@@ -267,10 +278,11 @@ def choose_checkpoint(out_dir: str | Path) -> ResumeChoice:
     """
     folder = Path(out_dir) / CHECKPOINT_DIR
     rejected: list[Rejected] = []
-    for ref, has_manifest in _candidates(folder):
-        if not has_manifest:
+    for ref, kind in _candidates(folder):
+        if kind == _LEGACY:
             return ResumeChoice(folder, ref, tuple(rejected), verified=False)
-        problem = verify_checkpoint(ref)
+        missing = f"{manifest_file(folder, ref.name).name}: missing (its writing was interrupted, or it was deleted)"
+        problem = verify_checkpoint(ref) if kind == _VERIFIABLE else missing
         if problem is None:
             return ResumeChoice(folder, ref, tuple(rejected))
         rejected.append(Rejected(ref, problem))

@@ -76,6 +76,7 @@ FAULTS: dict[str, tuple[str, Fault, str]] = {
     "truncated": (".rank0.pt", truncate, r"ckpt-step00000012\.rank0\.pt: size \d+, expected \d+"),
     "zeroed": (".pt", zero, r"ckpt-step00000012\.pt: its bytes differ from those written \(sha256 mismatch"),
     "deleted": (".pt", Path.unlink, r"ckpt-step00000012\.pt: missing"),
+    "manifest deleted": (".manifest.json", Path.unlink, r"ckpt-step00000012\.manifest\.json: missing \(its writing"),
 }
 
 
