@@ -243,6 +243,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     )
     if not ok:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        # TOML reads nan and inf as floats, and every range check below is false for NaN: refused here, for every
+        # float key, before a run starts (a NaN lr would otherwise fail at the first logged step).
+        raise ConfigError(f"{key}: {toml_value(float(value))} is not a usable value: give a finite number")
     return float(value) if tp is float else value
 
 

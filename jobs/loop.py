@@ -193,20 +193,46 @@ def _load_data(config: Config, context: Context) -> Dataset:
     return data
 
 
-def _find_checkpoint(config: Config, say: Say) -> ckpt.CheckpointRef | None:
-    """The checkpoint to resume from: refused without run.resume, since it would overwrite the run."""
+# What rank 0 decided about the run's checkpoints, shared as [code, step] (codes below; step: the checkpoint's).
+_NO_CHECKPOINT, _RESUME, _NONE_VALID, _NOT_RESUMING = 0, 1, 2, 3
+
+
+def _decide_checkpoint(config: Config, say: Say) -> tuple[list[int], ConfigError | None]:
+    """Rank 0: [code, step] and, for a refusal, its error. Verifies every rank's files; acts on the choice."""
+    out_dir = Path(config.run.out_dir)
+    if not config.run.resume:
+        existing = ckpt.has_checkpoint(out_dir)
+        return ([_NOT_RESUMING, existing.step], None) if existing is not None else ([_NO_CHECKPOINT, 0], None)
+    choice = ckpt.choose_checkpoint(out_dir)
+    if choice.ref is None and choice.rejected:
+        return [_NONE_VALID, 0], ckpt.no_valid_checkpoint(choice)
+    if choice.ref is None:
+        return [_NO_CHECKPOINT, 0], None
+    for line in ckpt.set_aside_rejected(choice):
+        say(line)
+    return [_RESUME, choice.ref.step], None
+
+
+def _find_checkpoint(config: Config, context: Context, say: Say) -> ckpt.CheckpointRef | None:
+    """The checkpoint to resume from, the same on every rank: rank 0 decides (it verifies every rank's files in the
+    shared folder) and the others take its decision. Refused without run.resume, since it would overwrite the run.
+    """
     out_dir, run = Path(config.run.out_dir), config.run
-    latest = ckpt.find_latest(out_dir)
-    if latest is not None and not run.resume:
+    decision, error = _decide_checkpoint(config, say) if context.rank == 0 else ([0, 0], None)
+    code, step = context.comm.allgather_ints(decision)[0]  # rank 0's, on every rank
+    folder = out_dir / ckpt.CHECKPOINT_DIR
+    if code == _NOT_RESUMING:
         raise ConfigError(
-            f"{out_dir} already holds a run (checkpoint {latest.name}): pass --resume (run.resume=true) to continue "
-            "it, or choose another run.out_dir"
+            f"{out_dir} already holds a run (checkpoint {ckpt.checkpoint_name(step)}): pass --resume "
+            "(run.resume=true) to continue it, or choose another run.out_dir"
         )
-    if run.resume and latest is None:
+    if code == _NONE_VALID:
+        raise error or ckpt.CheckpointError(f"no valid checkpoint in {folder} to resume from (rank 0 says why)")
+    if run.resume and code == _NO_CHECKPOINT:
         say(f"no checkpoint in {out_dir}: starting from step 0")
     for key in ignored_keys(config):
         say(f"note: {key} is ignored")
-    return latest
+    return ckpt.CheckpointRef(folder, ckpt.checkpoint_name(step)) if code == _RESUME else None
 
 
 def _check_resumable(shared: dict[str, Any], config: Config, context: Context, ref: ckpt.CheckpointRef) -> None:
@@ -295,7 +321,7 @@ class TrainingRun:
         if config.run.deterministic:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-        latest = _find_checkpoint(config, say)
+        latest = _find_checkpoint(config, context, say)
         self.data = _load_data(config, context)
         self._plan()
         self._build(latest)
@@ -562,14 +588,24 @@ class TrainingRun:
         broadcast_from(buffers, self.context.comm, purpose="buffers")
 
     def checkpoint(self, epoch: int) -> None:
-        """Every rank writes its file, then rank 0 points ``latest`` at the checkpoint (complete only then)."""
+        """Every rank writes its file; rank 0 then writes the manifest of all files and points ``latest`` at it.
+
+        The digests travel in an allgather, which also waits for every rank's file: the checkpoint is complete,
+        and verifiable, only once the manifest exists.
+        """
         folder = self.out_dir / ckpt.CHECKPOINT_DIR
         name = ckpt.checkpoint_name(self.step)
-        ckpt.atomic_torch_save(self._rank_state(), ckpt.rank_file(folder, name, self.context.rank))
-        if self.is_main:
-            ckpt.atomic_torch_save(self._shared_state(epoch), ckpt.shared_file(folder, name))
-        barrier(self.context.comm, self.context.device)
-        if self.is_main:
+        mine = ckpt.atomic_torch_save(self._rank_state(), ckpt.rank_file(folder, name, self.context.rank))
+        shared = (
+            ckpt.atomic_torch_save(self._shared_state(epoch), ckpt.shared_file(folder, name)) if self.is_main else None
+        )
+        everyone = self.context.comm.allgather_ints(mine.as_ints())
+        if shared is not None:
+            digests = {
+                ckpt.rank_file(folder, name, r).name: ckpt.FileDigest.from_ints(v) for r, v in enumerate(everyone)
+            }
+            digests[ckpt.shared_file(folder, name).name] = shared
+            ckpt.write_manifest(folder, name, digests)
             ckpt.mark_latest(folder, name)
             ckpt.prune_checkpoints(folder, self.config.run.keep_checkpoints)
 

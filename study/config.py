@@ -293,10 +293,11 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
     batch_sizes = _batch_sizes(path, study.get("batch_sizes"))
 
     target = study.get("target_accuracy", 0.0)
-    if isinstance(target, bool) or not isinstance(target, int | float) or not 0 <= target < 1 or math.isnan(target):
+    if isinstance(target, bool) or not isinstance(target, int | float) or not 0 <= target <= 1 or math.isnan(target):
+        # 1.0 is allowed, as jobs.train allows it: every test example right is reachable (the run checks >=).
         raise _fail(
             path, "study.target_accuracy",
-            f"{target!r} cannot be reached: give an accuracy in [0, 1) (0 = no target, only the step budget)",
+            f"{target!r} cannot be reached: give an accuracy in [0, 1] (0 = no target, only the step budget)",
         )  # fmt: skip
     max_steps = _int(path, "study.max_steps", study.get("max_steps", 0), 0)
     max_epochs = _int(path, "study.max_epochs", study.get("max_epochs", 0), 0)

@@ -417,8 +417,9 @@ def test_smoke_run_writes_metrics_and_checkpoints_and_learns(tmp_path: Path, ove
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["optim"]["name"] == overrides[0].split("=")[1] and resolved["derived"]["total_steps"] == 16
     files = sorted(p.name for p in (out / "checkpoints").iterdir())  # every 4 steps, the newest 2 kept
-    assert files == ["ckpt-step00000012.pt", "ckpt-step00000012.rank0.pt", "ckpt-step00000016.pt",
-                     "ckpt-step00000016.rank0.pt", "latest"]  # fmt: skip
+    assert files == ["ckpt-step00000012.manifest.json", "ckpt-step00000012.pt", "ckpt-step00000012.rank0.pt",
+                     "ckpt-step00000016.manifest.json", "ckpt-step00000016.pt", "ckpt-step00000016.rank0.pt",
+                     "latest"]  # fmt: skip
     rank0 = torch.load(out / "checkpoints" / "ckpt-step00000016.rank0.pt", weights_only=True)
     assert (rank0["kfac"] is not None) == ("optim.name=kfac" in overrides) and "torch" in rank0["rng"]
     assert not list(out.glob("**/*.tmp"))
@@ -502,7 +503,8 @@ def test_two_ranks_under_torchrun_resume_like_the_uninterrupted_run(tmp_path: Pa
     stopped = _launch([*common, f"run.out_dir={tmp_path / 'parts'}", "run.stop_after_steps=7"], world=2)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()) == [
-        "ckpt-step00000005.pt", "ckpt-step00000005.rank0.pt", "ckpt-step00000005.rank1.pt", "latest"
+        "ckpt-step00000005.manifest.json", "ckpt-step00000005.pt", "ckpt-step00000005.rank0.pt",
+        "ckpt-step00000005.rank1.pt", "latest"
     ]  # fmt: skip
     resumed = _launch([*common, f"run.out_dir={tmp_path / 'parts'}", "--resume"], world=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

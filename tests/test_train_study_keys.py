@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,60 @@ def test_trajectory_keys_block_a_resume_and_evaluation_keys_do_not(
     assert "run.noise_every: checkpoint 0, now 2" in capsys.readouterr().err
     assert train(out, "run.target_accuracy=0.9", resume=True) == 2
     assert train(out, "run.eval_every_steps=4", "run.train_eval_examples=64", resume=True) == 0
+
+
+def _float_keys() -> list[str]:
+    """Every key of the configuration that holds a float (or a list of floats)."""
+    import typing
+
+    from jobs.config import SECTIONS
+
+    return [
+        f"{section}.{key}"
+        for section, cls in SECTIONS.items()
+        for key, tp in typing.get_type_hints(cls).items()
+        if tp is float or tp == list[float]
+    ]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_infinity_are_refused_for_every_float_key(value: str) -> None:
+    keys = _float_keys()
+    assert {"optim.lr", "optim.betas", "kfac.damping", "run.target_accuracy"} <= set(keys)
+    for key in keys:
+        text = f"[{value}, 0.9]" if key == "optim.betas" else value
+        shown = f"{key}[0]" if key == "optim.betas" else key
+        with pytest.raises(ConfigError, match=rf"^{re.escape(shown)}: {re.escape(value)} is not a usable value"):
+            build_config({"run": {"epochs": 1}}, [f"{key}={text}"])
+
+
+def test_nan_lr_stops_the_cli_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train(tmp_path / "run", "optim.lr=nan") == 2
+    assert "optim.lr: nan is not a usable value: give a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_target_of_one_is_accepted_by_the_run_and_by_the_study(tmp_path: Path) -> None:
+    from study.config import StudyError, check_cells, load_study
+
+    assert build_config({"run": {"epochs": 1}}, ["run.target_accuracy=1.0"]).run.target_accuracy == 1.0
+    (tmp_path / "base.toml").write_text('[data]\nname = "synthetic"\n[run]\nsteps = 4\n')
+    study = """
+[study]
+name = "one"
+base_config = "base.toml"
+optimizers = ["sgd"]
+batch_sizes = [32]
+target_accuracy = TARGET
+max_steps = 8
+eval_every_steps = 2
+[given.sgd]
+"optim.lr" = 0.1
+"""
+    (tmp_path / "one.toml").write_text(study.replace("TARGET", "1.0"))
+    loaded = load_study(tmp_path / "one.toml", tmp_path / "out")
+    assert [c.run.target_accuracy for c in check_cells(loaded).values()] == [1.0]
+    for target in ("1.5", "nan"):
+        (tmp_path / "bad.toml").write_text(study.replace("TARGET", target))
+        with pytest.raises(StudyError, match=r"cannot be reached: give an accuracy in \[0, 1\]"):
+            load_study(tmp_path / "bad.toml", tmp_path / "out")
