@@ -21,13 +21,14 @@ idempotent or checks first whether it already was (:func:`_retrying_with`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import functools
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
@@ -72,6 +73,7 @@ EXIT_STORE_UNREACHABLE = 4  # exit status of every hpo_worker process that lost 
 TRANSIENT_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436})
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 2.0
+ATTEMPT_MIN_S = 1.0  # the least time one attempt gets, even when the patience is nearly used up
 
 
 class StoreError(RuntimeError):
@@ -197,6 +199,16 @@ class Reconnect:
     patience_s: float = DEFAULT_PATIENCE_S
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
+    @contextlib.contextmanager
+    def limited(self, seconds: float) -> Iterator[None]:
+        """Within the block, the patience is at most ``seconds``."""
+        saved = self.patience_s
+        self.patience_s = min(saved, seconds)
+        try:
+            yield
+        finally:
+            self.patience_s = saved
+
     def run(self, operation: Callable[[], T], recover: Callable[[], T | None] | None = None) -> T:
         """``operation()``; after a transient failure, ``recover()`` first (a non-None value says the lost attempt
         was applied, and is the answer) and then ``operation()`` again."""
@@ -206,7 +218,7 @@ class Reconnect:
         while True:
             # Each attempt gets what is left of the patience (pymongo's own server selection would wait its
             # serverSelectionTimeoutMS, whatever the patience).
-            left = max(self.patience_s - (time.monotonic() - started), BACKOFF_FIRST_S)
+            left = max(self.patience_s - (time.monotonic() - started), ATTEMPT_MIN_S)
             try:
                 with pymongo.timeout(left):
                     if failed and recover is not None and (done := recover()) is not None:

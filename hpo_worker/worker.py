@@ -29,7 +29,7 @@ from typing import Any
 
 from hpo_worker.liveness import Heartbeat, StaleMonitor
 from hpo_worker.result_file import KeptResult, find_kept, keep, mark_stored, trial_dir
-from hpo_worker.store import TrialStore
+from hpo_worker.store import StoreUnreachable, TrialStore
 from hpo_worker.trial import TrialLaunch, run_trial
 
 __all__ = ["WorkerOptions", "WorkerTerminated", "make_owner", "run_worker"]
@@ -91,13 +91,26 @@ class _SigtermState:
             raise WorkerTerminated()
 
 
-def _reserve(store: TrialStore, owner: str, options: WorkerOptions, monitor: StaleMonitor) -> dict[str, Any] | None:
-    """The next trial, or None; while idle, requeues the trials of dead workers. The store waits out a database
-    restart (up to its patience, then StoreUnreachable ends the worker)."""
-    doc = store.reserve(owner, options.exp_key)
-    if doc is None and options.grace_s > 0:
-        monitor.check(store.running_docs(options.exp_key or None))
-    return doc
+def _reserve(
+    store: TrialStore, owner: str, options: WorkerOptions, monitor: StaleMonitor, idle_left_s: float, say: Log
+) -> dict[str, Any] | None:
+    """The next trial, or None; while idle, requeues the trials of dead workers.
+
+    The store waits out a database restart for its patience, but an idle worker no longer than its idle timeout:
+    with no trial in hand it has nothing to lose, and the database of a finished experiment may be gone for good
+    (the driver's embedded server). Only a patience shorter than the idle time left ends it with StoreUnreachable."""
+    patience = store.reconnect.patience_s
+    with store.reconnect.limited(max(idle_left_s, 0.1)):
+        try:
+            doc = store.reserve(owner, options.exp_key)
+            if doc is None and options.grace_s > 0:
+                monitor.check(store.running_docs(options.exp_key or None))
+            return doc
+        except StoreUnreachable as exc:
+            if idle_left_s >= patience:
+                raise
+            say(f"MongoDB at {exc.address} unreachable while idle")
+            return None
 
 
 Outcome = tuple[dict[str, Any], tuple[str, str] | None]  # the result, and (type, message) when the trial failed
@@ -170,7 +183,8 @@ def run_worker(store: TrialStore, options: WorkerOptions, log: Log | None = None
     say(f"{owner} started (exp {options.exp_key or 'any'}, workdir {options.workdir}, {_describe(options.launch)})")
     try:
         while not signals.terminate and (not options.max_trials or done < options.max_trials):
-            doc = _reserve(store, owner, options, monitor)
+            idle_left = options.idle_timeout_s - (time.monotonic() - idle_since)
+            doc = _reserve(store, owner, options, monitor, idle_left, say)
             if doc is None:
                 if time.monotonic() - idle_since > options.idle_timeout_s:
                     say(f"no queued trial for {options.idle_timeout_s:g} s: exiting after {done} trial(s)")
