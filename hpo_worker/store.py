@@ -229,7 +229,7 @@ class Reconnect:
                     raise
                 waited = time.monotonic() - started
                 if waited >= self.patience_s:
-                    raise StoreUnreachable(self.address, waited, exc) from exc
+                    raise StoreUnreachable(self.address, self.patience_s, exc) from exc  # (the last try ran over)
                 failed = True
                 self.sleep(min(delay, self.patience_s - waited))
                 delay = min(delay * 2, BACKOFF_MAX_S)
