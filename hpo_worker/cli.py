@@ -5,7 +5,8 @@ keeps credentials out of ``ps`` and shell history), the environment variable ``H
 embedded server of ``--data-dir`` (default ``hpo_data``): the driver starts one there (or reuses the one whose URL
 is in ``<data-dir>/mongo-url``) and stops it when it ends; workers read ``<data-dir>/mongo-url``.
 Exit status 2 with a one-line message for every setup error (unreachable server, credentials, unknown space, an
-experiment that exists with other settings, ...).
+experiment that exists with other settings, ...); status 4 (``EXIT_STORE_UNREACHABLE``) with a one-line message when
+the database went away later and did not come back within ``--db-patience`` seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
-from hpo_worker.store import StoreError, TrialStore, connect, mask_url
+from hpo_worker.store import (
+    DEFAULT_PATIENCE_S,
+    ENV_PATIENCE,
+    EXIT_STORE_UNREACHABLE,
+    StoreError,
+    StoreUnreachable,
+    TrialStore,
+    connect,
+    mask_url,
+)
 from hpo_worker.trial import LAUNCHERS, OBJECTIVES, TrialLaunch
 
 __all__ = ["EXIT_USAGE", "main"]
@@ -42,6 +52,13 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mongo-file", metavar="FILE", help="file holding the URL (keeps passwords out of ps)")
     group.add_argument("--data-dir", default="hpo_data", help="embedded server's directory (default: hpo_data)")
     group.add_argument("--timeout", type=float, default=5.0, help="seconds to reach the server (default: 5)")
+    group.add_argument(
+        "--db-patience",
+        type=float,
+        metavar="SECONDS",
+        help=f"how long to wait for a database that went away (restart, failover) before exiting with status "
+        f"{EXIT_STORE_UNREACHABLE} (default: ${ENV_PATIENCE}, else {DEFAULT_PATIENCE_S:g})",
+    )
 
 
 def _add_driver(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -152,7 +169,9 @@ def _store(args: argparse.Namespace, *, may_start: bool) -> Iterator[TrialStore]
             url = server.start()
             print(f"hpo_worker: embedded nx-27017 at {url} (data in {server.data_dir})", file=sys.stderr, flush=True)
     try:
-        store = connect(url, timeout_s=args.timeout)
+        if args.db_patience is not None and not 0 < args.db_patience < float("inf"):
+            raise UsageError(f"--db-patience must be a positive number of seconds, not {args.db_patience:g}")
+        store = connect(url, timeout_s=args.timeout, patience_s=args.db_patience)
         try:
             yield store
         finally:
@@ -254,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"driver": _driver, "worker": _worker, "report": _report, "server": _server}
     try:
         return handlers[args.command](args)
+    except StoreUnreachable as exc:  # after the wait: one line, its own status (the study tells it apart)
+        print(f"hpo_worker {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_STORE_UNREACHABLE
     except (UsageError, StoreError, ServerError) as exc:
         message = mask_url(str(exc))
         print(f"hpo_worker {args.command}: error: {message}", file=sys.stderr)

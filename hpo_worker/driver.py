@@ -24,9 +24,9 @@ import hyperopt
 import numpy as np
 from hyperopt import tpe
 
-from hpo_worker.liveness import StaleMonitor
+from hpo_worker.liveness import StaleMonitor, process_gone_on_this_host
 from hpo_worker.spaces import SearchSpace, plain_value
-from hpo_worker.store import FINISHED_STATES, StoreError, TrialState, TrialStore, utcnow
+from hpo_worker.store import FINISHED_STATES, StoreError, StoreUnreachable, TrialState, TrialStore, utcnow
 
 __all__ = [
     "EXPERIMENT_IDENTITY", "DriverOptions", "ExperimentView", "build_trials", "experiment_meta", "make_trial_docs",
@@ -206,29 +206,18 @@ def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], N
         f"max-evals {options.max_evals}, queue {options.queue_size}"
     )
     holder = meta["driver"]
-    previous_dead = _dead_on_this_host(store.lease_holder(options.exp_key))
+    previous_dead = process_gone_on_this_host(store.lease_holder(options.exp_key))
     store.acquire_driver_lease(options.exp_key, holder, LEASE_S, previous_dead)
     store.update_experiment(options.exp_key, {"max_evals": options.max_evals, "driver": meta["driver"]})
     try:
-        return _drive(store, options, holder, say)
-    finally:
+        code = _drive(store, options, holder, say)
+    except StoreUnreachable:
+        raise  # no release (it would wait for the database again): a driver on this host sees this pid is gone
+    except BaseException:
         store.release_driver_lease(options.exp_key, holder)
-
-
-def _dead_on_this_host(holder: str | None) -> bool:
-    """True when ``holder`` (``host:pid``) is a driver process of this host that no longer runs."""
-    if not holder or holder.count(":") != 1:
-        return False
-    host, pid = holder.split(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+        raise
+    store.release_driver_lease(options.exp_key, holder)
+    return code
 
 
 def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable[[str], None]) -> int:
@@ -247,6 +236,8 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
             f"{finished}/{options.max_evals} finished ({counts[TrialState.ERROR]} failed), "
             f"{counts[TrialState.RUNNING]} running, {counts[TrialState.NEW]} queued"
         )
+        if monitor.silent():  # each is named in the log with its grace period and the time left
+            line += f", {monitor.silent()} silent (waiting for the {options.grace_s:g} s grace period)"
         if line != last_line:
             say(line)
             last_line = line

@@ -12,22 +12,34 @@ Collections of the database (the URL's database, default ``hpo``):
 
 Every state change is one conditional ``update_one``/``find_one_and_update`` on the trial's ``_id`` and the
 fields the caller last saw, so racing workers and drivers cannot both win.
+
+A restart or failover of the database is waited out: every operation is retried with backoff for up to
+``patience_s`` seconds (:class:`Reconnect`), then :class:`StoreUnreachable` is raised (the command line exits with
+:data:`EXIT_STORE_UNREACHABLE`). A write whose reply was lost may have been applied; each retried write is
+idempotent or checks first whether it already was (:func:`_retrying_with`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
+import functools
+import os
 import re
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import pymongo
 import pymongo.errors
 from pymongo import ReturnDocument, uri_parser
 
-__all__ = ["FINISHED_STATES", "ExperimentMismatch", "StoreError", "TrialState", "TrialStore", "connect", "mask_url"]
+__all__ = [
+    "DEFAULT_PATIENCE_S", "ENV_PATIENCE", "EXIT_STORE_UNREACHABLE", "FINISHED_STATES", "ExperimentMismatch",
+    "Reconnect", "StoreError", "StoreUnreachable", "TrialState", "TrialStore", "connect", "mask_url",
+]  # fmt: skip
 
 
 class TrialState(enum.IntEnum):
@@ -52,6 +64,17 @@ COUNTERS = "hpo_counters"
 RESERVE_CANDIDATES = 8
 RESERVE_ROUNDS = 4
 
+# How long an operation waits for the database to come back (a restart, a replica set's election) before the
+# process gives up with EXIT_STORE_UNREACHABLE; --db-patience, or this environment variable, sets it.
+DEFAULT_PATIENCE_S = 60.0
+ENV_PATIENCE = "HPO_DB_PATIENCE"
+EXIT_STORE_UNREACHABLE = 4  # exit status of every hpo_worker process that lost the database for longer than that
+# Server errors that mean "not now" (a primary stepping down, a server shutting down), besides lost connections.
+TRANSIENT_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436})
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 2.0
+ATTEMPT_MIN_S = 1.0  # the least time one attempt gets, even when the patience is nearly used up
+
 
 class StoreError(RuntimeError):
     """MongoDB cannot be used (unreachable, authentication failed, ...); the message says what to do."""
@@ -65,6 +88,18 @@ class ExperimentMismatch(StoreError):
         super().__init__(
             f"experiment {exp_key!r} already exists with another {', '.join(different)}: choose another --exp "
             "name, or pass the same settings to resume it"
+        )
+
+
+class StoreUnreachable(StoreError):
+    """The database did not answer for longer than the patience: ``address`` is ``host:port`` (never a password)."""
+
+    def __init__(self, address: str, waited_s: float, cause: BaseException) -> None:
+        self.address, self.waited_s = address, waited_s
+        super().__init__(
+            f"MongoDB at {address} unreachable for {waited_s:.0f} s ({type(cause).__name__}): check that the server "
+            f"runs and this host reaches it; finished trials keep their result in their folder (result.json) and are "
+            f"stored, not trained again, by the next worker (--db-patience or ${ENV_PATIENCE} sets the wait)"
         )
 
 
@@ -107,9 +142,36 @@ def utcnow() -> dt.datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
-def connect(url: str, timeout_s: float = 5.0, database: str | None = None) -> TrialStore:
-    """Connects and checks the connection (and the credentials) within about ``timeout_s`` seconds."""
+def patience_from_env(default: float = DEFAULT_PATIENCE_S) -> float:
+    """``$HPO_DB_PATIENCE`` in seconds, else ``default``; a value that is not a positive number is an error."""
+    text = os.environ.get(ENV_PATIENCE)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise StoreError(f"${ENV_PATIENCE}={text!r}: give the seconds to wait for MongoDB, a positive number")
+    return value
+
+
+def server_address(url: str) -> str:
+    """``host:port[,host:port...]`` of the URL (no user, no password), for messages."""
+    try:
+        nodes = pymongo.uri_parser.parse_uri(url)["nodelist"]
+    except (pymongo.errors.PyMongoError, ValueError):
+        return mask_url(url)
+    return ",".join(f"{host}:{port}" for host, port in nodes)
+
+
+def connect(
+    url: str, timeout_s: float = 5.0, database: str | None = None, patience_s: float | None = None
+) -> TrialStore:
+    """Connects and checks the connection (and the credentials) within about ``timeout_s`` seconds; later
+    operations wait up to ``patience_s`` (default: $HPO_DB_PATIENCE, else 60 s) for a database that went away."""
     masked = mask_url(url)
+    patience = patience_from_env() if patience_s is None else patience_s
     ms = max(1, int(timeout_s * 1000))
     try:
         client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
@@ -139,12 +201,98 @@ def connect(url: str, timeout_s: float = 5.0, database: str | None = None) -> Tr
         what = "authentication failed" if has_user else "the server's reply was not understood"
         raise StoreError(f"MongoDB at {masked}: {what} ({type(exc).__name__}: {exc})") from exc
     name = database or client.get_default_database(default="hpo").name
-    return TrialStore(client, name)
+    return TrialStore(client, name, Reconnect(server_address(url), patience))
+
+
+def is_transient(exc: pymongo.errors.PyMongoError) -> bool:
+    """A lost connection, a server that cannot be selected, or a server error that says "not now"."""
+    if isinstance(exc, pymongo.errors.ConnectionFailure):  # AutoReconnect, NetworkTimeout, ServerSelectionTimeout...
+        return True
+    if exc.timeout:  # the attempt's share of the patience ran out (pymongo.timeout)
+        return True
+    if isinstance(exc, pymongo.errors.OperationFailure):
+        return exc.code in TRANSIENT_CODES or exc.has_error_label("RetryableWriteError")
+    return False
+
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+@dataclass
+class Reconnect:
+    """Runs a store operation again, with backoff, while the database is away, for up to ``patience_s``."""
+
+    address: str  # host:port, for the message
+    patience_s: float = DEFAULT_PATIENCE_S
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+
+    @contextlib.contextmanager
+    def limited(self, seconds: float) -> Iterator[None]:
+        """Within the block, the patience is at most ``seconds``."""
+        saved = self.patience_s
+        self.patience_s = min(saved, seconds)
+        try:
+            yield
+        finally:
+            self.patience_s = saved
+
+    def run(self, operation: Callable[[], T], recover: Callable[[], T | None] | None = None) -> T:
+        """``operation()``; after a transient failure, ``recover()`` first (a non-None value says the lost attempt
+        was applied, and is the answer) and then ``operation()`` again."""
+        started = time.monotonic()
+        delay = BACKOFF_FIRST_S
+        failed = False
+        while True:
+            # Each attempt gets what is left of the patience (pymongo's own server selection would wait its
+            # serverSelectionTimeoutMS, whatever the patience).
+            left = max(self.patience_s - (time.monotonic() - started), ATTEMPT_MIN_S)
+            try:
+                with pymongo.timeout(left):
+                    if failed and recover is not None and (done := recover()) is not None:
+                        return done
+                    return operation()
+            except pymongo.errors.PyMongoError as exc:
+                if not is_transient(exc):
+                    raise
+                waited = time.monotonic() - started
+                if waited >= self.patience_s:
+                    raise StoreUnreachable(self.address, self.patience_s, exc) from exc  # (the last try ran over)
+                failed = True
+                self.sleep(min(delay, self.patience_s - waited))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+
+
+Method = Callable[Concatenate["TrialStore", P], T]
+
+
+def _wrap(method: Method[P, T], recover: Method[P, Any] | None) -> Method[P, T]:
+    @functools.wraps(method)
+    def retried(self: TrialStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        again = None if recover is None else functools.partial(recover, self, *args, **kwargs)
+        return self.reconnect.run(functools.partial(method, self, *args, **kwargs), again)
+
+    return retried
+
+
+def _retrying(method: Method[P, T]) -> Method[P, T]:
+    """Makes a :class:`TrialStore` method wait out a database restart (``self.reconnect``): for reads and for writes
+    that are idempotent."""
+    return _wrap(method, None)
+
+
+def _retrying_with(recover: Method[P, Any]) -> Callable[[Method[P, T]], Method[P, T]]:
+    """:func:`_retrying` for a write that must not be applied twice: ``recover`` (same arguments) tells whether an
+    attempt whose reply was lost was applied."""
+    return lambda method: _wrap(method, recover)
 
 
 class TrialStore:
-    def __init__(self, client: pymongo.MongoClient[dict[str, Any]], database: str = "hpo") -> None:
+    def __init__(
+        self, client: pymongo.MongoClient[dict[str, Any]], database: str = "hpo", reconnect: Reconnect | None = None
+    ) -> None:
         self.client = client
+        self.reconnect = reconnect or Reconnect("MongoDB")
         self.db = client[database]
         self.trials = self.db[TRIALS]
         self.experiments = self.db[EXPERIMENTS]
@@ -153,6 +301,7 @@ class TrialStore:
     def close(self) -> None:
         self.client.close()
 
+    @_retrying
     def ensure_indexes(self) -> None:
         self.trials.create_index([("exp_key", 1), ("tid", 1)], unique=True)
         self.trials.create_index([("state", 1), ("exp_key", 1)])
@@ -160,9 +309,11 @@ class TrialStore:
 
     # -- experiments -------------------------------------------------------------------------------------------
 
+    @_retrying
     def get_experiment(self, exp_key: str) -> dict[str, Any] | None:
         return self.experiments.find_one({"_id": exp_key})
 
+    @_retrying
     def create_or_check_experiment(self, exp_key: str, meta: Mapping[str, Any], compare: Sequence[str]) -> bool:
         """Stores the experiment; for an existing one, checks that ``compare`` keys agree. True when created.
 
@@ -187,9 +338,11 @@ class TrialStore:
             raise ExperimentMismatch(exp_key, different)
         return True
 
+    @_retrying
     def update_experiment(self, exp_key: str, fields: Mapping[str, Any]) -> None:
         self.experiments.update_one({"_id": exp_key}, {"$set": dict(fields)})
 
+    @_retrying
     def acquire_driver_lease(self, exp_key: str, holder: str, lease_s: float, holder_is_dead: bool = False) -> None:
         """Makes ``holder`` the experiment's only driver, or raises StoreError naming the live one.
 
@@ -217,6 +370,7 @@ class TrialStore:
         holder = (self.get_experiment(exp_key) or {}).get("lease_holder")
         return str(holder) if holder else None
 
+    @_retrying
     def renew_driver_lease(self, exp_key: str, holder: str, lease_s: float) -> bool:
         """False when another driver has taken the experiment over."""
         renewed = self.experiments.update_one(
@@ -224,6 +378,7 @@ class TrialStore:
         )
         return renewed.matched_count == 1
 
+    @_retrying
     def release_driver_lease(self, exp_key: str, holder: str) -> None:
         self.experiments.update_one(
             {"_id": exp_key, "lease_holder": holder}, {"$set": {"lease_holder": None, "lease_expires": None}}
@@ -231,6 +386,7 @@ class TrialStore:
 
     # -- trials ------------------------------------------------------------------------------------------------
 
+    @_retrying
     def new_tids(self, exp_key: str, n: int) -> list[int]:
         """``n`` tids never handed out before for this experiment (atomic counter)."""
         doc = self.counters.find_one_and_update(
@@ -239,20 +395,31 @@ class TrialStore:
         end = int(doc["next_tid"]) if doc else n
         return list(range(end - n, end))
 
+    @_retrying
     def insert_trials(self, docs: Sequence[Mapping[str, Any]]) -> None:
-        if docs:
-            self.trials.insert_many([dict(d) for d in docs])
+        """Inserts new trials; a retry after a lost reply finds some already there (their tids are this caller's own,
+        from :meth:`new_tids`), which is not an error."""
+        if not docs:
+            return
+        try:
+            self.trials.insert_many([dict(d) for d in docs], ordered=False)
+        except pymongo.errors.BulkWriteError as exc:
+            if any(error.get("code") != 11000 for error in exc.details.get("writeErrors", [])):
+                raise
 
+    @_retrying
     def trial_docs(self, exp_key: str, *, curves: bool = True) -> list[dict[str, Any]]:
         """The experiment's trials by tid; ``curves=False`` leaves out the learning curves (the driver's rounds)."""
         projection = None if curves else {"result.learning_curve": 0}
         return list(self.trials.find({"exp_key": exp_key}, projection).sort("tid", 1))
 
+    @_retrying
     def active_docs(self, exp_key: str) -> list[dict[str, Any]]:
         """The queued and running trials: few and small (no result yet), so a driver can read them every round."""
         query = {"exp_key": exp_key, "state": {"$in": [TrialState.NEW, TrialState.RUNNING]}}
         return list(self.trials.find(query))
 
+    @_retrying
     def running_docs(self, exp_key: str | None = None) -> list[dict[str, Any]]:
         """The running trials (of one experiment, or of all): what a stale-heartbeat check reads."""
         query: dict[str, Any] = {"state": TrialState.RUNNING}
@@ -260,10 +427,12 @@ class TrialStore:
             query["exp_key"] = exp_key
         return list(self.trials.find(query))
 
+    @_retrying
     def docs_by_tid(self, exp_key: str, tids: Sequence[int]) -> list[dict[str, Any]]:
         """The trials with these tids (in any state)."""
         return list(self.trials.find({"exp_key": exp_key, "tid": {"$in": list(tids)}}))
 
+    @_retrying
     def count_states(self, exp_key: str) -> dict[TrialState, int]:
         """How many of the experiment's trials are in each state (every state present, 0 when none)."""
         counts = dict.fromkeys(TrialState, 0)
@@ -271,6 +440,14 @@ class TrialStore:
             counts[TrialState(int(doc["state"]))] += 1
         return counts
 
+    def _reserved_already(self, owner: str, exp_key: str | None = None) -> dict[str, Any] | None:
+        """The trial a reservation whose reply was lost gave ``owner`` (unique to its process, one trial at a time)."""
+        query: dict[str, Any] = {"state": TrialState.RUNNING, "owner": owner}
+        if exp_key is not None:
+            query["exp_key"] = exp_key
+        return self.trials.find_one(query)
+
+    @_retrying_with(_reserved_already)
     def reserve(self, owner: str, exp_key: str | None = None) -> dict[str, Any] | None:
         """Atomically moves the oldest queued trial to running, owned by ``owner``; None when none is queued.
 
@@ -304,12 +481,26 @@ class TrialStore:
         return {"_id": doc["_id"], "state": TrialState.RUNNING, "owner": owner, "version": doc["version"]}
 
     def beat(self, doc: Mapping[str, Any], owner: str) -> bool:
-        """Heartbeat; False when the trial is no longer this owner's (it was requeued)."""
+        """Heartbeat; False when the trial is no longer this owner's (it was requeued). Not retried: the next beat
+        is the retry, and a beat that waited for the database would hold up the end of the trial."""
         result = self.trials.update_one(
             self._mine(doc, owner), {"$set": {"refresh_time": utcnow()}, "$inc": {"heartbeat": 1}}
         )
         return result.matched_count == 1
 
+    def _changed_by(self, doc: Mapping[str, Any], owner: str | None, states: Sequence[TrialState]) -> bool | None:
+        """True when the trial is in ``states`` one version after ``doc``, owned by ``owner``: a write of this caller
+        whose reply was lost; None otherwise (write again)."""
+        query = {"_id": doc["_id"], "owner": owner, "version": doc["version"] + 1, "state": {"$in": list(states)}}
+        return True if self.trials.find_one(query, {"_id": 1}) is not None else None
+
+    def _finished_already(self, doc: Mapping[str, Any], owner: str, *args: Any, **kwargs: Any) -> bool | None:
+        return self._changed_by(doc, owner, FINISHED_STATES)
+
+    def _released_already(self, doc: Mapping[str, Any], owner: str) -> bool | None:
+        return self._changed_by(doc, None, [TrialState.NEW])
+
+    @_retrying_with(_finished_already)
     def finish(
         self, doc: Mapping[str, Any], owner: str, result: Mapping[str, Any], *, error: tuple[str, str] | None = None
     ) -> bool:
@@ -326,6 +517,7 @@ class TrialStore:
         updated = self.trials.update_one(self._mine(doc, owner), {"$set": fields, "$inc": {"version": 1}})
         return updated.matched_count == 1
 
+    @_retrying_with(_released_already)
     def release(self, doc: Mapping[str, Any], owner: str) -> bool:
         """Puts a running trial back in the queue (SIGTERM); it does not count as a failed attempt."""
         updated = self.trials.update_one(
@@ -337,6 +529,7 @@ class TrialStore:
         )
         return updated.matched_count == 1
 
+    @_retrying
     def requeue_if_unchanged(self, doc: Mapping[str, Any], *, max_retries: int, reason: str) -> str | None:
         """Requeues (or, after ``max_retries`` failed attempts, fails) a running trial whose heartbeat has not moved
         since ``doc`` was read. Returns "requeued", "error" or None (it changed meanwhile)."""

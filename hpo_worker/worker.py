@@ -4,8 +4,10 @@ Each trial runs in ``<workdir>/<exp>/trial<tid>.<attempt>``, in this process or 
 (:mod:`hpo_worker.trial`). The result (``loss``, ``status``, ``test_accuracy``, ``test_loss``, the learning curve
 from the run's ``metrics.jsonl``) is stored in the trial document.
 
-While a trial runs, a thread refreshes its heartbeat; if the trial was taken away meanwhile (requeued after a
-missed grace period) its result is discarded. SIGTERM (e.g. a scheduler's walltime) stops the training, puts the
+While a trial runs, a thread refreshes its heartbeat. A finished trial's result is kept in its folder until the store
+has it (:mod:`hpo_worker.result_file`): if the trial was taken away meanwhile (requeued after a missed grace period),
+or the database stays away for longer than the store's patience, the next reservation of the trial stores that
+result instead of training again. SIGTERM (e.g. a scheduler's walltime) stops the training, puts the
 trial back in the queue at once and exits with status 143. An idle worker also requeues trials of dead workers, so
 the queue recovers without a driver, and exits after ``idle_timeout_s`` seconds without work.
 """
@@ -25,10 +27,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import pymongo.errors
-
 from hpo_worker.liveness import Heartbeat, StaleMonitor
-from hpo_worker.store import TrialStore
+from hpo_worker.result_file import KeptResult, find_kept, keep, mark_stored, trial_dir
+from hpo_worker.store import StoreUnreachable, TrialStore
 from hpo_worker.trial import TrialLaunch, run_trial
 
 __all__ = ["WorkerOptions", "WorkerTerminated", "make_owner", "run_worker"]
@@ -91,35 +92,43 @@ class _SigtermState:
 
 
 def _reserve(
-    store: TrialStore, owner: str, options: WorkerOptions, monitor: StaleMonitor, say: Log
+    store: TrialStore, owner: str, options: WorkerOptions, monitor: StaleMonitor, idle_left_s: float, say: Log
 ) -> dict[str, Any] | None:
-    """The next trial, or None; while idle, requeues the trials of dead workers."""
-    try:
-        doc = store.reserve(owner, options.exp_key)
-        if doc is None and options.grace_s > 0:
-            monitor.check(store.running_docs(options.exp_key or None))
-        return doc
-    except pymongo.errors.ConnectionFailure as exc:  # the server went away: wait for it up to the idle timeout
-        say(f"MongoDB unreachable: {type(exc).__name__}")
-        return None
+    """The next trial, or None; while idle, requeues the trials of dead workers.
+
+    The store waits out a database restart for its patience, but an idle worker no longer than its idle timeout:
+    with no trial in hand it has nothing to lose, and the database of a finished experiment may be gone for good
+    (the driver's embedded server). Only a patience shorter than the idle time left ends it with StoreUnreachable."""
+    patience = store.reconnect.patience_s
+    with store.reconnect.limited(max(idle_left_s, 0.1)):
+        try:
+            doc = store.reserve(owner, options.exp_key)
+            if doc is None and options.grace_s > 0:
+                monitor.check(store.running_docs(options.exp_key or None))
+            return doc
+        except StoreUnreachable as exc:
+            if idle_left_s >= patience:
+                raise
+            say(f"MongoDB at {exc.address} unreachable while idle")
+            return None
 
 
-def _train(
-    store: TrialStore, doc: dict[str, Any], owner: str, experiment: dict[str, Any], options: WorkerOptions,
-    signals: _SigtermState, say: Log,
-) -> None:  # fmt: skip
-    """Runs the trial under a heartbeat and stores its result (unless the trial was taken away meanwhile)."""
+Outcome = tuple[dict[str, Any], tuple[str, str] | None]  # the result, and (type, message) when the trial failed
+
+
+def _run(
+    store: TrialStore, doc: dict[str, Any], owner: str, experiment: dict[str, Any], out_dir: Path,
+    options: WorkerOptions, signals: _SigtermState, say: Log,
+) -> tuple[Outcome, bool]:  # fmt: skip
+    """Trains the trial under a heartbeat: its outcome, and whether it was taken away (requeued) meanwhile."""
     tid = doc["tid"]
-    out_dir = Path(options.workdir).resolve() / str(doc["exp_key"]) / f"trial{tid}.{doc['version']}"
-    result: dict[str, Any] | None = None
-    error: tuple[str, str] | None = None
     with Heartbeat(store, doc, owner, options.heartbeat_s) as beat:
         try:
             signals.running = True
             try:
                 if signals.terminate:  # SIGTERM came after the reservation, before the trial started
                     raise WorkerTerminated()
-                result = options.trial_fn(experiment, doc, out_dir, options.launch)
+                outcome: Outcome = (options.trial_fn(experiment, doc, out_dir, options.launch), None)
             finally:
                 signals.running = False
         except WorkerTerminated:
@@ -130,15 +139,35 @@ def _train(
             error = (type(exc).__name__, str(exc))
             say(f"trial {tid} failed: {error[0]}: {error[1]}")
             traceback.print_exc(file=sys.stderr)
-    if beat.lost:
-        say(f"trial {tid} was requeued by another process meanwhile: result discarded")
-    elif error is not None:
-        store.finish(doc, owner, {"status": "fail", "failure": f"{error[0]}: {error[1]}"}, error=error)
-    elif result is not None:
-        if store.finish(doc, owner, result):
-            say(f"trial {tid}: {result['status']} loss {result.get('loss')}")
-        else:
-            say(f"trial {tid} was requeued by another process meanwhile: result discarded")
+            outcome = ({"status": "fail", "failure": f"{error[0]}: {error[1]}"}, error)
+    return outcome, beat.lost
+
+
+def _train(
+    store: TrialStore, doc: dict[str, Any], owner: str, experiment: dict[str, Any], options: WorkerOptions,
+    signals: _SigtermState, say: Log,
+) -> None:  # fmt: skip
+    """Runs the trial, keeps its result in its folder and stores it; a result kept by an earlier attempt is stored
+    instead of training again."""
+    tid = doc["tid"]
+    kept = find_kept(options.workdir, doc)
+    if kept is not None:
+        say(f"trial {tid}: stored the result kept in {kept.path} (trained before; not trained again)")
+    else:
+        say(f"trial {tid} of {doc['exp_key']}: {' '.join(doc['spec']['overrides'])}")
+        out_dir = trial_dir(options.workdir, doc)
+        (result, error), lost = _run(store, doc, owner, experiment, out_dir, options, signals, say)
+        kept = KeptResult(keep(out_dir, doc, result, error), result, error)
+        if lost:
+            say(f"trial {tid} was requeued by another process meanwhile: result kept in {kept.path} for it")
+            return
+    # The database may be away here: the store waits for it; if it gives up, the kept file outlives this worker.
+    if not store.finish(doc, owner, kept.result, error=kept.error):
+        say(f"trial {tid} was requeued by another process meanwhile: result kept in {kept.path} for it")
+        return
+    mark_stored(kept.path)
+    if kept.error is None:
+        say(f"trial {tid}: {kept.result['status']} loss {kept.result.get('loss')}")
 
 
 def run_worker(store: TrialStore, options: WorkerOptions, log: Log | None = None) -> int:
@@ -154,7 +183,8 @@ def run_worker(store: TrialStore, options: WorkerOptions, log: Log | None = None
     say(f"{owner} started (exp {options.exp_key or 'any'}, workdir {options.workdir}, {_describe(options.launch)})")
     try:
         while not signals.terminate and (not options.max_trials or done < options.max_trials):
-            doc = _reserve(store, owner, options, monitor, say)
+            idle_left = options.idle_timeout_s - (time.monotonic() - idle_since)
+            doc = _reserve(store, owner, options, monitor, idle_left, say)
             if doc is None:
                 if time.monotonic() - idle_since > options.idle_timeout_s:
                     say(f"no queued trial for {options.idle_timeout_s:g} s: exiting after {done} trial(s)")
@@ -167,7 +197,6 @@ def run_worker(store: TrialStore, options: WorkerOptions, log: Log | None = None
                 store.finish(doc, owner, {"status": "fail"}, error=("NoExperiment", f"no experiment {exp_key!r}"))
                 continue
             experiments[exp_key] = experiment
-            say(f"trial {doc['tid']} of {exp_key}: {' '.join(doc['spec']['overrides'])}")
             try:
                 _train(store, doc, owner, experiment, options, signals, say)
             except WorkerTerminated:

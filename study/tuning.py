@@ -31,7 +31,16 @@ from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_met
 from hpo_worker.report import format_report, summarize, trials_json, write_trials_json
 from hpo_worker.server import EmbeddedServer, ServerError, terminate
 from hpo_worker.spaces import load_space
-from hpo_worker.store import ExperimentMismatch, StoreError, TrialState, TrialStore, connect, mask_url
+from hpo_worker.store import (
+    EXIT_STORE_UNREACHABLE,
+    ExperimentMismatch,
+    StoreError,
+    StoreUnreachable,
+    TrialState,
+    TrialStore,
+    connect,
+    mask_url,
+)
 from jobs.files import atomic_file
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
 
@@ -58,7 +67,11 @@ def _tune(study: StudyConfig) -> TuneSettings:
 def tune_cells(study: StudyConfig, cells: Sequence[Cell], out: Path, log: Log) -> dict[str, list[dict[str, Any]]]:
     """Tunes every cell (continuing experiments stored before) and returns the trials of each, by cell slug, as
     ``hpo_worker.report.trials_json`` records; each cell's are also written to ``trials/<cell>.json``."""
-    with _mongo_url(study, out, log) as url, contextlib.closing(_connect(url)) as store:
+    with (
+        _database_lost_is_a_study_error(),
+        _mongo_url(study, out, log) as url,
+        contextlib.closing(_connect(url)) as store,
+    ):
         options = {cell.slug: _driver_options(study, cell, out) for cell in cells}
         _check_experiments(store, cells, options)
         with _private_url_file(url, out / URL_FILE) as url_file:
@@ -213,13 +226,14 @@ def _wait_for_drivers(
         for slug, driver in drivers.items():
             code = driver.poll()
             if code not in (None, 0):
-                raise StudyError(
+                raise _database_lost(f"the driver of cell {slug}", code, logs / f"driver-{slug}.log") or StudyError(
                     f"the driver of cell {slug} failed (exit {code}): {_tail(logs / f'driver-{slug}.log')}"
                 )
         if all(driver.poll() == 0 for driver in drivers.values()):
             return
         if workers and all(worker.poll() is not None for worker in workers):
-            raise StudyError(f"every local worker exited: {_tail(logs / 'worker-0.log')}")
+            lost = _database_lost("every local worker", workers[0].returncode, logs / "worker-0.log")
+            raise lost or StudyError(f"every local worker exited: {_tail(logs / 'worker-0.log')}")
         if time.monotonic() - last_report > PROGRESS_EVERY_S:
             last_report = time.monotonic()
             report_progress()
@@ -247,3 +261,25 @@ def _cell_trials(store: TrialStore, study: StudyConfig, cell: Cell, out: Path) -
     write_trials_json(docs, out / "trials" / f"{cell.slug}.json")
     (out / "logs" / f"report-{cell.slug}.log").write_text(format_report(summarize(docs, top_k=study.top_k)) + "\n")
     return trials_json(docs)
+
+
+# -- the database lost for longer than hpo_worker's patience: its cause, not a log tail ---------------------------
+
+
+def _database_lost(who: str, code: int | None, log_path: Path) -> StudyError | None:
+    """A StudyError naming the lost database when ``code`` is hpo_worker's EXIT_STORE_UNREACHABLE, else None. The
+    process's last line is its one-line message (``MongoDB at host:port unreachable for N s: ...``)."""
+    if code != EXIT_STORE_UNREACHABLE:
+        return None
+    said = [line for line in _tail(log_path).splitlines() if "unreachable" in line]
+    cause = said[-1].split("error: ", 1)[-1] if said else "MongoDB unreachable"
+    return StudyError(f"{who} stopped: {cause}")
+
+
+@contextlib.contextmanager
+def _database_lost_is_a_study_error() -> Iterator[None]:
+    """The study's own store calls give up as the processes do (:class:`StoreUnreachable`): one line, no traceback."""
+    try:
+        yield
+    except StoreUnreachable as exc:
+        raise StudyError(f"the study stopped: {exc}") from exc
