@@ -28,6 +28,7 @@ from typing import Any
 import pymongo.errors
 
 from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_meta
+from hpo_worker.liveness import BeatClock
 from hpo_worker.report import format_report, summarize, trials_json, write_trials_json
 from hpo_worker.server import EmbeddedServer, ServerError, terminate
 from hpo_worker.spaces import load_space
@@ -48,6 +49,7 @@ __all__ = ["experiment_name", "progress", "tune_cells"]
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 15.0
+SILENT_AFTER_S = 2 * PROGRESS_EVERY_S  # a trial whose heartbeat (every 5 s) has not moved this long is named silent
 CHANGED_SETTINGS = (
     "this study's settings changed since its experiments were made: restore them to continue, or start a new study "
     "(another [study] name or --out folder)"
@@ -211,7 +213,8 @@ def _drive(
             f"{mask_url(url)}; logs in {logs}"
         )
         experiments = [options[cell.slug].exp_key for cell in cells]
-        _wait_for_drivers(drivers, workers, logs, lambda: log(progress(store, experiments, tune.trials)))
+        clock = BeatClock(blind_after_s=3 * PROGRESS_EVERY_S)
+        _wait_for_drivers(drivers, workers, logs, lambda: log(progress(store, experiments, tune.trials, clock)))
     finally:  # SIGTERM puts a worker's running trial back in the queue: a restarted study runs it again
         for process in [*workers, *drivers.values()]:
             terminate(process, STOP_GRACE_S)
@@ -240,16 +243,25 @@ def _wait_for_drivers(
         time.sleep(0.5)
 
 
-def progress(store: TrialStore, experiments: Sequence[str], trials: int) -> str:
-    """``  7/16 trials finished (1 failed), 2 running``: the study's trials by state, from the store."""
+def progress(store: TrialStore, experiments: Sequence[str], trials: int, clock: BeatClock | None = None) -> str:
+    """``  7/16 trials finished (1 failed), 2 running``: the study's trials by state, from the store; with a
+    ``clock`` (read at every call), also the running trials whose heartbeat stopped and the grace they wait out."""
     try:
         counts = [store.count_states(exp_key) for exp_key in experiments]
+        running_docs = [doc for exp_key in experiments for doc in store.running_docs(exp_key)] if clock else []
     except pymongo.errors.PyMongoError as exc:  # a hiccup of the server: the drivers and workers retry; so do we
         return f"  progress unavailable: MongoDB {type(exc).__name__}"
     failed = sum(c[TrialState.ERROR] for c in counts)
     finished = sum(c[TrialState.DONE] for c in counts) + failed
     running = sum(c[TrialState.RUNNING] for c in counts)
-    return f"  {finished}/{trials * len(experiments)} trials finished ({failed} failed), {running} running"
+    line = f"  {finished}/{trials * len(experiments)} trials finished ({failed} failed), {running} running"
+    silent = [s for s in clock.silences(running_docs).values() if s >= SILENT_AFTER_S] if clock else []
+    if silent:
+        line += (
+            f"; {len(silent)} silent for up to {max(silent):.0f} s: the drivers requeue a trial whose worker sends no "
+            "heartbeat for tune.grace seconds (at once when the worker ran on this host and its process ended)"
+        )
+    return line
 
 
 def _cell_trials(store: TrialStore, study: StudyConfig, cell: Cell, out: Path) -> list[dict[str, Any]]:
