@@ -33,6 +33,7 @@ from hpo_worker.report import format_report, summarize, trials_json, write_trial
 from hpo_worker.server import EmbeddedServer, ServerError, terminate
 from hpo_worker.spaces import load_space
 from hpo_worker.store import (
+    ENV_PATIENCE,
     EXIT_STORE_UNREACHABLE,
     ExperimentMismatch,
     StoreError,
@@ -41,6 +42,7 @@ from hpo_worker.store import (
     TrialStore,
     connect,
     mask_url,
+    server_address,
 )
 from jobs.files import atomic_file
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
@@ -214,7 +216,8 @@ def _drive(
         )
         experiments = [options[cell.slug].exp_key for cell in cells]
         clock = BeatClock(blind_after_s=3 * PROGRESS_EVERY_S)
-        _wait_for_drivers(drivers, workers, logs, lambda: log(progress(store, experiments, tune.trials, clock)))
+        report = lambda: log(progress(store, experiments, tune.trials, clock))  # noqa: E731
+        _wait_for_drivers(drivers, workers, logs, server_address(url), report)
     finally:  # SIGTERM puts a worker's running trial back in the queue: a restarted study runs it again
         for process in [*workers, *drivers.values()]:
             terminate(process, STOP_GRACE_S)
@@ -222,20 +225,20 @@ def _drive(
 
 def _wait_for_drivers(
     drivers: Mapping[str, subprocess.Popen[bytes]], workers: Sequence[subprocess.Popen[bytes]], logs: Path,
-    report_progress: Callable[[], None],
+    address: str, report_progress: Callable[[], None],
 ) -> None:  # fmt: skip
     last_report = time.monotonic()
     while True:
         for slug, driver in drivers.items():
             code = driver.poll()
             if code not in (None, 0):
-                raise _database_lost(f"the driver of cell {slug}", code, logs / f"driver-{slug}.log") or StudyError(
+                raise _database_lost(f"the driver of cell {slug}", code, address) or StudyError(
                     f"the driver of cell {slug} failed (exit {code}): {_tail(logs / f'driver-{slug}.log')}"
                 )
         if all(driver.poll() == 0 for driver in drivers.values()):
             return
         if workers and all(worker.poll() is not None for worker in workers):
-            lost = _database_lost("every local worker", workers[0].returncode, logs / "worker-0.log")
+            lost = _database_lost("every local worker", workers[0].returncode, address)
             raise lost or StudyError(f"every local worker exited: {_tail(logs / 'worker-0.log')}")
         if time.monotonic() - last_report > PROGRESS_EVERY_S:
             last_report = time.monotonic()
@@ -278,14 +281,15 @@ def _cell_trials(store: TrialStore, study: StudyConfig, cell: Cell, out: Path) -
 # -- the database lost for longer than hpo_worker's patience: its cause, not a log tail ---------------------------
 
 
-def _database_lost(who: str, code: int | None, log_path: Path) -> StudyError | None:
-    """A StudyError naming the lost database when ``code`` is hpo_worker's EXIT_STORE_UNREACHABLE, else None. The
-    process's last line is its one-line message (``MongoDB at host:port unreachable for N s: ...``)."""
+def _database_lost(who: str, code: int | None, address: str) -> StudyError | None:
+    """A StudyError naming the lost database when ``code`` is hpo_worker's EXIT_STORE_UNREACHABLE, else None."""
     if code != EXIT_STORE_UNREACHABLE:
         return None
-    said = [line for line in _tail(log_path).splitlines() if "unreachable" in line]
-    cause = said[-1].split("error: ", 1)[-1] if said else "MongoDB unreachable"
-    return StudyError(f"{who} stopped: {cause}")
+    return StudyError(
+        f"{who} stopped: MongoDB at {address} was unreachable for longer than --db-patience (${ENV_PATIENCE}, "
+        f"exit status {code}): check that the server runs and this host reaches it, then run the same command again "
+        "(finished trials keep their result in their folder and are stored, not trained again)"
+    )
 
 
 @contextlib.contextmanager
