@@ -19,7 +19,7 @@ from typing import Any
 
 from hpo_worker.store import TrialState, TrialStore
 
-__all__ = ["Heartbeat", "StaleMonitor", "process_gone_on_this_host"]
+__all__ = ["BeatClock", "Heartbeat", "StaleMonitor", "process_gone_on_this_host"]
 
 NOTICE_S = 10.0  # a trial silent this long (or half the grace period) is named in the log, with the time left
 
@@ -40,47 +40,72 @@ def process_gone_on_this_host(holder: str | None) -> bool:
 
 
 @dataclass
-class StaleMonitor:
-    """Finds running trials whose heartbeat has not moved for ``grace_s`` seconds and requeues them (or marks them
-    failed after ``max_retries`` requeues); a trial whose owner ran on this host and is gone is requeued at once.
+class BeatClock:
+    """How long each running trial's heartbeat has not moved, for anyone who watches (requeuing or only reporting).
 
     Time is measured on this machine's monotonic clock from the moment a beat value was first seen, so clocks of
-    other machines do not matter. Silence counts only while the monitor watches: when two checks are more than
-    ``grace_s / 2`` apart (the database was away or paused, so no one could beat), every clock starts again."""
+    other machines do not matter. Silence counts only while the clock is read: when two readings are more than
+    ``blind_after_s`` apart (the database was away or paused, so no one could beat), every clock starts again."""
+
+    blind_after_s: float
+    _seen: dict[Any, tuple[Any, float]] = field(default_factory=dict)
+    _last_reading: float | None = None
+
+    def silences(self, docs: Sequence[Mapping[str, Any]]) -> dict[Any, float]:
+        """Seconds of silence of each running trial among ``docs``, by ``_id`` (0 for a beat not seen before)."""
+        now = time.monotonic()
+        blind = self._last_reading is not None and now - self._last_reading > self.blind_after_s
+        self._last_reading = now
+        silences = {}
+        for doc in docs:
+            if doc.get("state") != TrialState.RUNNING:
+                continue
+            beat = (doc.get("owner"), doc.get("version"), doc.get("heartbeat"))
+            previous = self._seen.get(doc["_id"])
+            if previous is None or previous[0] != beat or blind:
+                self._seen[doc["_id"]] = (beat, now)
+            silences[doc["_id"]] = now - self._seen[doc["_id"]][1]
+        for key in set(self._seen) - set(silences):
+            del self._seen[key]
+        return silences
+
+    def forget(self, key: Any) -> None:
+        self._seen.pop(key, None)
+
+
+@dataclass
+class StaleMonitor:
+    """Finds running trials whose heartbeat has not moved for ``grace_s`` seconds (on a :class:`BeatClock`) and
+    requeues them (or marks them failed after ``max_retries`` requeues); a trial whose owner ran on this host and is
+    gone is requeued at once."""
 
     store: TrialStore
     grace_s: float
     max_retries: int
     log: Callable[[str], None] = print
-    _seen: dict[Any, tuple[Any, float]] = field(default_factory=dict)
     _noticed: set[Any] = field(default_factory=set)  # silent trials already named in the log
-    _last_check: float | None = None
+    _clock: BeatClock = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._clock = BeatClock(blind_after_s=self.grace_s / 2)
 
     def check(self, docs: Sequence[Mapping[str, Any]]) -> int:
         """Requeues the stale ones among ``docs`` (others are ignored); returns how many changed state."""
-        now = time.monotonic()
-        blind = self._last_check is not None and now - self._last_check > self.grace_s / 2
-        self._last_check = now
+        by_id = {doc["_id"]: doc for doc in docs}
+        silences = self._clock.silences(docs)
         changed = 0
-        running = {doc["_id"]: doc for doc in docs if doc.get("state") == TrialState.RUNNING}
-        for key, doc in running.items():
-            beat = (doc.get("owner"), doc.get("version"), doc.get("heartbeat"))
-            previous = self._seen.get(key)
+        for key, silent_s in silences.items():
+            doc = by_id[key]
             if process_gone_on_this_host(doc.get("owner")):
                 changed += self._requeue(doc, f"worker {doc.get('owner')} is gone (its process on this host ended)")
-            elif previous is None or previous[0] != beat or blind:
-                self._seen[key] = (beat, now)
+            elif silent_s == 0:
                 self._noticed.discard(key)
-            elif now - previous[1] >= self.grace_s:
-                changed += self._requeue(
-                    doc, f"worker {doc.get('owner')} sent no heartbeat for {now - previous[1]:.0f} s"
-                )
-            elif now - previous[1] >= self.notice_s and key not in self._noticed:
+            elif silent_s >= self.grace_s:
+                changed += self._requeue(doc, f"worker {doc.get('owner')} sent no heartbeat for {silent_s:.0f} s")
+            elif silent_s >= self.notice_s and key not in self._noticed:
                 self._noticed.add(key)
-                self.log(self._waiting(doc, now - previous[1]))
-        for key in set(self._seen) - set(running):
-            del self._seen[key]
-        self._noticed &= set(self._seen)
+                self.log(self._waiting(doc, silent_s))
+        self._noticed &= set(silences)
         return changed
 
     @property
@@ -101,7 +126,7 @@ class StaleMonitor:
         )
 
     def _requeue(self, doc: Mapping[str, Any], reason: str) -> int:
-        self._seen.pop(doc["_id"], None)
+        self._clock.forget(doc["_id"])
         outcome = self.store.requeue_if_unchanged(doc, max_retries=self.max_retries, reason=reason)
         if outcome is None:  # it beat or finished meanwhile
             return 0

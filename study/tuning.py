@@ -28,10 +28,12 @@ from typing import Any
 import pymongo.errors
 
 from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_meta
+from hpo_worker.liveness import BeatClock
 from hpo_worker.report import format_report, summarize, trials_json, write_trials_json
 from hpo_worker.server import EmbeddedServer, ServerError, terminate
 from hpo_worker.spaces import load_space
 from hpo_worker.store import (
+    ENV_PATIENCE,
     EXIT_STORE_UNREACHABLE,
     ExperimentMismatch,
     StoreError,
@@ -40,6 +42,7 @@ from hpo_worker.store import (
     TrialStore,
     connect,
     mask_url,
+    server_address,
 )
 from jobs.files import atomic_file
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
@@ -48,6 +51,7 @@ __all__ = ["experiment_name", "progress", "tune_cells"]
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 15.0
+SILENT_AFTER_S = 2 * PROGRESS_EVERY_S  # a trial whose heartbeat (every 5 s) has not moved this long is named silent
 CHANGED_SETTINGS = (
     "this study's settings changed since its experiments were made: restore them to continue, or start a new study "
     "(another [study] name or --out folder)"
@@ -211,7 +215,9 @@ def _drive(
             f"{mask_url(url)}; logs in {logs}"
         )
         experiments = [options[cell.slug].exp_key for cell in cells]
-        _wait_for_drivers(drivers, workers, logs, lambda: log(progress(store, experiments, tune.trials)))
+        clock = BeatClock(blind_after_s=3 * PROGRESS_EVERY_S)
+        report = lambda: log(progress(store, experiments, tune.trials, clock))  # noqa: E731
+        _wait_for_drivers(drivers, workers, logs, server_address(url), report)
     finally:  # SIGTERM puts a worker's running trial back in the queue: a restarted study runs it again
         for process in [*workers, *drivers.values()]:
             terminate(process, STOP_GRACE_S)
@@ -219,20 +225,20 @@ def _drive(
 
 def _wait_for_drivers(
     drivers: Mapping[str, subprocess.Popen[bytes]], workers: Sequence[subprocess.Popen[bytes]], logs: Path,
-    report_progress: Callable[[], None],
+    address: str, report_progress: Callable[[], None],
 ) -> None:  # fmt: skip
     last_report = time.monotonic()
     while True:
         for slug, driver in drivers.items():
             code = driver.poll()
             if code not in (None, 0):
-                raise _database_lost(f"the driver of cell {slug}", code, logs / f"driver-{slug}.log") or StudyError(
+                raise _database_lost(f"the driver of cell {slug}", code, address) or StudyError(
                     f"the driver of cell {slug} failed (exit {code}): {_tail(logs / f'driver-{slug}.log')}"
                 )
         if all(driver.poll() == 0 for driver in drivers.values()):
             return
         if workers and all(worker.poll() is not None for worker in workers):
-            lost = _database_lost("every local worker", workers[0].returncode, logs / "worker-0.log")
+            lost = _database_lost("every local worker", workers[0].returncode, address)
             raise lost or StudyError(f"every local worker exited: {_tail(logs / 'worker-0.log')}")
         if time.monotonic() - last_report > PROGRESS_EVERY_S:
             last_report = time.monotonic()
@@ -240,16 +246,25 @@ def _wait_for_drivers(
         time.sleep(0.5)
 
 
-def progress(store: TrialStore, experiments: Sequence[str], trials: int) -> str:
-    """``  7/16 trials finished (1 failed), 2 running``: the study's trials by state, from the store."""
+def progress(store: TrialStore, experiments: Sequence[str], trials: int, clock: BeatClock | None = None) -> str:
+    """``  7/16 trials finished (1 failed), 2 running``: the study's trials by state, from the store; with a
+    ``clock`` (read at every call), also the running trials whose heartbeat stopped and the grace they wait out."""
     try:
         counts = [store.count_states(exp_key) for exp_key in experiments]
+        running_docs = [doc for exp_key in experiments for doc in store.running_docs(exp_key)] if clock else []
     except pymongo.errors.PyMongoError as exc:  # a hiccup of the server: the drivers and workers retry; so do we
         return f"  progress unavailable: MongoDB {type(exc).__name__}"
     failed = sum(c[TrialState.ERROR] for c in counts)
     finished = sum(c[TrialState.DONE] for c in counts) + failed
     running = sum(c[TrialState.RUNNING] for c in counts)
-    return f"  {finished}/{trials * len(experiments)} trials finished ({failed} failed), {running} running"
+    line = f"  {finished}/{trials * len(experiments)} trials finished ({failed} failed), {running} running"
+    silent = [s for s in clock.silences(running_docs).values() if s >= SILENT_AFTER_S] if clock else []
+    if silent:
+        line += (
+            f"; {len(silent)} silent for up to {max(silent):.0f} s: the drivers requeue a trial whose worker sends no "
+            "heartbeat for tune.grace seconds (at once when the worker ran on this host and its process ended)"
+        )
+    return line
 
 
 def _cell_trials(store: TrialStore, study: StudyConfig, cell: Cell, out: Path) -> list[dict[str, Any]]:
@@ -266,14 +281,15 @@ def _cell_trials(store: TrialStore, study: StudyConfig, cell: Cell, out: Path) -
 # -- the database lost for longer than hpo_worker's patience: its cause, not a log tail ---------------------------
 
 
-def _database_lost(who: str, code: int | None, log_path: Path) -> StudyError | None:
-    """A StudyError naming the lost database when ``code`` is hpo_worker's EXIT_STORE_UNREACHABLE, else None. The
-    process's last line is its one-line message (``MongoDB at host:port unreachable for N s: ...``)."""
+def _database_lost(who: str, code: int | None, address: str) -> StudyError | None:
+    """A StudyError naming the lost database when ``code`` is hpo_worker's EXIT_STORE_UNREACHABLE, else None."""
     if code != EXIT_STORE_UNREACHABLE:
         return None
-    said = [line for line in _tail(log_path).splitlines() if "unreachable" in line]
-    cause = said[-1].split("error: ", 1)[-1] if said else "MongoDB unreachable"
-    return StudyError(f"{who} stopped: {cause}")
+    return StudyError(
+        f"{who} stopped: MongoDB at {address} was unreachable for longer than --db-patience (${ENV_PATIENCE}, "
+        f"exit status {code}): check that the server runs and this host reaches it, then run the same command again "
+        "(finished trials keep their result in their folder and are stored, not trained again)"
+    )
 
 
 @contextlib.contextmanager

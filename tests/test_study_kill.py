@@ -3,9 +3,9 @@ start, while trials run and while the report is written, then started again with
 every trial is stored once, no trial stored as finished is trained again, and no process is left behind: the
 embedded nx-27017, in a session of its own so that the signal misses it, ends with its owner.
 
-What this test does not assert, because another part of issue 13 guarantees it: a trial that had finished training
-but was not yet stored when the study died (its result on disk) is stored without training it again. Here such a
-trial may be trained again; it is still stored once.
+A trial killed while it trains is trained again (it is still stored once). A trial that finished training while the
+database was gone keeps its result in its folder, and the next run stores it without training it again: the second
+test kills the study's server, not the study.
 """
 
 from __future__ import annotations
@@ -134,3 +134,52 @@ def test_a_study_killed_at_any_point_finishes_on_the_same_command(tmp_path: Path
         err = (tmp_path / f"run{run}.err").read_text()
         assert "stopped nx-27017" not in err and "did not start" not in err, err[-3000:]
     assert processes_mentioning(str(out)) == []
+
+
+def _kept_results(out: Path) -> dict[str, int]:
+    """Trial folders holding a result the store does not have yet (``result.json``), with their metrics' mtime."""
+    return {
+        name: mtime for name, mtime in _trained(out).items() if (out / "trials" / EXP / name / "result.json").exists()
+    }
+
+
+def test_a_study_whose_database_dies_says_so_in_one_line_and_the_rerun_stores_the_kept_results(tmp_path: Path) -> None:
+    """SIGKILL of the embedded server while a trial trains: the trial finishes and keeps its result on disk; every
+    process gives up after $HPO_DB_PATIENCE (3 s here) with exit status 4, and the study says in one line which
+    database was lost. The same command again stores the kept result without training it again, and finishes."""
+    study_text = STUDY.replace("max_steps = 20", "max_steps = 300")  # a trial long enough to kill the server in
+    for name, text in (("base.toml", BASE), ("space.toml", SPACE), ("study.toml", study_text)):
+        (tmp_path / name).write_text(text)
+    out = tmp_path / "out"
+    config = str(tmp_path / "study.toml")
+    command = [PYTHON, "-m", "study", "scaling", "--config", config, "--out", str(out)]
+    with (tmp_path / "run1.err").open("wb") as stderr_file:
+        study = subprocess.Popen(command, cwd=ROOT, env={**ENV, "HPO_DB_PATIENCE": "3"}, stdout=subprocess.DEVNULL,
+                                 stderr=stderr_file, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not any(mtime for mtime in _trained(out).values()):  # a trial has written its first metrics
+        assert study.poll() is None and time.monotonic() < deadline, (tmp_path / "run1.err").read_text()[-3000:]
+        time.sleep(0.05)
+    server_pid = json.loads((out / "hpo_data" / "nx-27017.owner").read_text())["server_pid"]
+    os.kill(server_pid, signal.SIGKILL)
+    assert study.wait(timeout=300) == 1
+    err = (tmp_path / "run1.err").read_text()
+    last = err.strip().splitlines()[-1]
+    assert "MongoDB at 127.0.0.1:" in last and "was unreachable for longer than --db-patience" in last, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    _nothing_left(out)
+    kept = _kept_results(out)
+    assert kept, f"the trial that was training kept its result: {sorted(_trained(out))}"
+
+    with (tmp_path / "run2.err").open("wb") as err2:
+        again = subprocess.run(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err2, timeout=600)
+    assert again.returncode == 0, (tmp_path / "run2.err").read_text()[-4000:]
+    _nothing_left(out)
+    docs = _stored(out)
+    assert sorted(doc["tid"] for doc in docs) == list(range(TRIALS)), "every trial stored once"
+    assert all(doc["state"] == TrialState.DONE for doc in docs), [(d["tid"], d["state"]) for d in docs]
+    trained = _trained(out)
+    for name, mtime in kept.items():
+        assert trained[name] == mtime, f"{name} was trained again instead of storing its kept result"
+        assert (out / "trials" / EXP / name / "result.stored.json").exists(), name
+    assert not _kept_results(out), "every kept result was stored"

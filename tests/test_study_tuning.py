@@ -4,6 +4,7 @@ refused through the store before any process starts, and ``python -m jobs.study`
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from tests.processes import ENV, PYTHON, ROOT
 pytest.importorskip("hyperopt")
 pytest.importorskip("nx_27017")
 
+import study.tuning
+from hpo_worker.liveness import BeatClock
 from hpo_worker.store import TrialState, connect
 from study.config import StudyError, cell_toml, load_study
 from study.tuning import progress, tune_cells
@@ -51,6 +54,28 @@ def test_progress_counts_the_studys_trials_by_state_in_the_store(mongo: str, db:
     try:
         assert progress(store, ["a", "b"], 4) == "  3/8 trials finished (1 failed), 1 running"
         assert progress(store, ["a", "b", "c"], 2) == "  3/6 trials finished (1 failed), 1 running"
+    finally:
+        store.close()
+
+
+def test_progress_names_running_trials_whose_heartbeat_stopped(
+    mongo: str, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(study.tuning, "SILENT_AFTER_S", 0.3)
+    db.jobs.insert_many([
+        {"exp_key": "a", "tid": 0, "state": TrialState.RUNNING, "owner": "h:1:x", "version": 1, "heartbeat": 1},
+        {"exp_key": "a", "tid": 1, "state": TrialState.RUNNING, "owner": "h:2:y", "version": 1, "heartbeat": 1},
+    ])  # fmt: skip
+    store, clock = connect(mongo), BeatClock(blind_after_s=60)
+    try:
+        assert "silent" not in progress(store, ["a"], 2, clock)  # beats seen for the first time
+        time.sleep(0.4)
+        db.jobs.update_one({"tid": 1}, {"$inc": {"heartbeat": 1}})  # trial 1 beats, trial 0 does not
+        line = progress(store, ["a"], 2, clock)
+        assert "0/2 trials finished (0 failed), 2 running; 1 silent for up to 0 s" in line, line
+        assert "tune.grace" in line
+        db.jobs.update_one({"tid": 0}, {"$inc": {"heartbeat": 1}})
+        assert "silent" not in progress(store, ["a"], 2, clock)
     finally:
         store.close()
 
