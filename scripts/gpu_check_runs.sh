@@ -24,6 +24,13 @@ for cfg in "sgd gloo false" "sgd gloo true" "kfac gloo false" "sgd nccl false"; 
   timeout 150 $PY -m torch.distributed.run --standalone --nproc-per-node=2 -m jobs.train "${COMMON[@]}" optim.name=$1 run.backend=$2 run.ddp=$3 "run.out_dir='$out'" > $out.log 2>&1
   echo "2 ranks on one GPU, $1 backend=$2 ddp=$3: exit $?"; [ -f $out/summary.json ] && show $out || grep -m3 -i "error" $out.log | cut -c1-240
 done
+# A checkpoint corrupted on one rank (issue 13): two ranks stop after step 12, rank 1's newest file is truncated,
+# the resume takes the checkpoint before it and must end with the uninterrupted run's accuracy.
+out=$R/corrupt
+timeout 150 $PY -m torch.distributed.run --standalone --nproc-per-node=2 -m jobs.train "${COMMON[@]}" run.backend=gloo run.stop_after_steps=12 "run.out_dir='$out'" > $out-1.log 2>&1
+newest=$(ls $out/checkpoints/*.rank1.pt | sort | tail -1); truncate -s 100 "$newest"
+timeout 150 $PY -m torch.distributed.run --standalone --nproc-per-node=2 -m jobs.train "${COMMON[@]}" run.backend=gloo run.resume=true "run.out_dir='$out'" > $out-2.log 2>&1
+echo "2 ranks, rank 1's newest checkpoint truncated, resumed: exit $?"; grep -m2 "corrupt\|resuming from" $out-2.log | cut -c1-200; show $out
 # The exit-time abort: 10 two-rank gloo runs of the clean-exit path (jobs.train leaves through distkfac.comm.leave).
 fails=0; for i in $(seq 1 10); do
   timeout 120 $PY -m torch.distributed.run --standalone --nproc-per-node=2 -m jobs.train "${COMMON[@]}" run.epochs=1 data.train_examples=256 run.backend=gloo "run.out_dir='$R/rep$i'" > $R/rep$i.log 2>&1 || { fails=$((fails+1)); grep -m1 -i "terminate\|error" $R/rep$i.log; }
