@@ -10,16 +10,16 @@ import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from jobs.checkpoint import find_latest, manifest_file, rank_file, shared_file
+from jobs.checkpoint import manifest_file, rank_file
 from jobs.metrics import read_metrics
 from jobs.outcome import EXIT_BAD_CONFIG
 from jobs.train import main
 from tests.processes import ENV, PYTHON, ROOT
+from tests.test_train import final_model, without_timing
 
 SMOKE = ROOT / "jobs" / "configs" / "smoke.toml"
 # K-FAC, so that every rank's file holds state the run needs (its factors); checkpoints every 4 steps, 2 kept.
@@ -30,17 +30,6 @@ STOP_AT = 13  # as if killed after step 13: checkpoints 8 and 12 are on disk
 def train(out_dir: Path, *overrides: str, resume: bool = False) -> int:
     argv = ["--config", str(SMOKE), f"run.out_dir='{out_dir}'", *COMMON, *overrides]
     return main([*argv, "--resume"] if resume else argv)
-
-
-def final_model(out_dir: Path) -> dict[str, torch.Tensor]:
-    ref = find_latest(out_dir)
-    assert ref is not None, f"no checkpoint in {out_dir}"
-    state: dict[str, torch.Tensor] = torch.load(shared_file(ref.folder, ref.name), weights_only=True)["model"]
-    return state
-
-
-def without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k not in ("seconds", "examples_per_second")} for r in records]
 
 
 def assert_same_end(whole: Path, parts: Path) -> None:
