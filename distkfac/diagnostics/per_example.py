@@ -99,6 +99,8 @@ def _linear_rows(model: nn.Module, module: nn.Linear, x: torch.Tensor, y: torch.
         loss = F.cross_entropy(model(x), y, reduction="sum")
     finally:
         handle.remove()
+    if "output" not in seen:
+        raise ValueError("distkfac.diagnostics: the chosen Linear layer did not run in the model's forward pass")
     (output_grad,) = torch.autograd.grad(loss, seen["output"])
     inputs = seen["input"]
     weight = torch.einsum("n...o,n...i->noi", output_grad, inputs).reshape(len(x), -1)
