@@ -10,7 +10,8 @@ A config file has up to five tables; every key is optional and falls back to the
     [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac")
     [run]    out_dir, epochs or steps, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
              log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic,
-             target_accuracy, stop_at_target, noise_every, train_eval_examples
+             target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every, fisher_layer,
+             fisher_examples, fisher_trim, outlier_k
     [job]    not read here: the batch job's resources, for ``python -m launch submit`` (docs/launch.md)
 
 Overrides are ``section.key=value`` with the value read as a TOML value (``optim.lr=0.1``,
@@ -170,6 +171,12 @@ class RunConfig:
     stop_at_target: bool = True  # with a target: end the run (checkpoint, summary) at the step that reaches it
     noise_every: int = 0  # measure the gradient noise scale every N steps (0 = off; jobs.noise_scale)
     train_eval_examples: int = 10000  # at the end, evaluate on the first N training examples (0 = all)
+    # Fisher-spectrum and gradient-outlier diagnostics (jobs.diagnostics, docs/fisher.md):
+    fisher_every: int = 0  # every N steps (0 = off)
+    fisher_layer: str = ""  # a module name of the model ("" = every parameter)
+    fisher_examples: int = 0  # over the first N training examples (0 = all)
+    fisher_trim: float = 0.1  # the fraction of examples with the largest |v1 . g_i| left out of the trimmed eigenvalue
+    outlier_k: float = 10.0  # count gradient norms above k MAD
 
 
 @dataclass
@@ -214,6 +221,7 @@ _OPTIM_KEYS: Final[dict[str, frozenset[str]]] = {name: entry.keys for name, entr
 _BOOKKEEPING_RUN_KEYS: Final = frozenset(
     {"out_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "resume", "stop_after_steps"}
     | {"progress", "tensorboard", "backend", "threads", "eval_every_steps", "train_eval_examples"}
+    | {"fisher_every", "fisher_layer", "fisher_examples", "fisher_trim", "outlier_k"}  # they only read the model
 )
 _BARE_WORD = re.compile(r"[A-Za-z0-9_.:/+\-]+")
 
@@ -495,8 +503,11 @@ def _validate_run(r: RunConfig, d: DataConfig) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads"):
         _positive(f"run.{key}", getattr(r, key), zero_ok=True)
     _positive("run.log_every", r.log_every)
-    for key in ("eval_every_steps", "noise_every", "train_eval_examples"):
+    for key in ("eval_every_steps", "noise_every", "train_eval_examples", "fisher_every", "fisher_examples"):
         _positive(f"run.{key}", getattr(r, key), zero_ok=True)
+    if not 0.0 <= r.fisher_trim < 1.0:
+        raise ConfigError(f"run.fisher_trim must be a fraction in [0, 1) (0.1 leaves out 10%), got {r.fisher_trim}")
+    _positive("run.outlier_k", r.outlier_k)
     if not 0.0 <= r.target_accuracy <= 1.0:
         raise ConfigError(
             f"run.target_accuracy must be in (0, 1] (a fraction of the test split: 0.9 for 90%), or 0 for no "

@@ -1,7 +1,8 @@
 """What a run reports: metric records (JSONL, CSV, TensorBoard when installed) and a progress line.
 
-One record per logged step (``kind = "step"``), per epoch (``"epoch"``: means over the epoch, all ranks) and per
-evaluation (``"eval"``), in ``metrics.jsonl`` and ``metrics.csv`` of the run's folder, written by rank 0 only.
+One record per logged step (``kind = "step"``), per epoch (``"epoch"``: means over the epoch, all ranks), per
+evaluation (``"eval"``) and per Fisher diagnostic (``"fisher"``, ``run.fisher_every``), in ``metrics.jsonl`` and
+``metrics.csv`` of the run's folder, written by rank 0 only.
 Columns that do not apply to a kind are empty in the CSV and absent from the JSON line.
 
 When a run resumes from the checkpoint taken after step ``N``, records after step ``N`` (written before the
@@ -41,6 +42,17 @@ CSV_COLUMNS: Final = (
     "noise_grad_sq",  # its |G|^2 estimate
     "kl_scale",  # K-FAC: the KL clip's factor nu of the step (1 = not clipped; absent without a clip)
     "kl_clipped",  # K-FAC: nu < 1, the update's size was set by kfac.kl_clip and not by the learning rate
+    # "fisher" records (run.fisher_every; jobs.diagnostics): the empirical Fisher's top eigenvalue, without the top
+    # run.fisher_trim of |v1 . g_i| (eigenvector kept, and recomputed), the examples, and the gradient-norm outliers
+    "fisher_top",
+    "fisher_trimmed_fixed",
+    "fisher_trimmed_recomputed",
+    "fisher_examples",
+    "fisher_method",
+    "grad_norm_median",
+    "grad_norm_mad",
+    "outliers_above",
+    "outliers_deviating",
 )
 
 
