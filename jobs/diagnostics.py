@@ -20,8 +20,10 @@ from torch import nn
 
 from distkfac import KFACPreconditioner
 from distkfac.diagnostics import (
+    Rows,
     gradient_norms,
     mad_outliers,
+    parameter_names,
     per_example_gradients,
     top_eigenpairs,
     trimmed_top_eigenvalue,
@@ -32,7 +34,8 @@ from jobs.parallel import Context
 
 __all__ = ["check_fisher_layer", "fisher_record"]
 
-CHUNK = 256  # examples per chunk of per-example gradients: memory is bounded by CHUNK x parameters
+CHUNK = 256  # examples per chunk of per-example gradients
+IN_MEMORY_BYTES = 256 * 2**20  # below this, one pass of per-example gradients serves every statistic
 
 
 def check_fisher_layer(model: nn.Module, config: Config) -> None:
@@ -43,12 +46,31 @@ def check_fisher_layer(model: nn.Module, config: Config) -> None:
         raise ConfigError(f"run.fisher_layer = {layer!r} is not a layer of the model: choose one of {names}")
 
 
+def _my_indices(data: Dataset, config: Config, context: Context) -> torch.Tensor:
+    count = min(config.run.fisher_examples or len(data.train_x), len(data.train_x))
+    return torch.tensor_split(torch.arange(count), context.world_size)[context.rank]
+
+
 def _my_batches(data: Dataset, config: Config, context: Context) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    count = config.run.fisher_examples or len(data.train_x)
-    mine = torch.tensor_split(torch.arange(min(count, len(data.train_x))), context.world_size)[context.rank]
+    mine = _my_indices(data, config, context)
     for start in range(0, len(mine), CHUNK):
         idx = mine[start : start + CHUNK]
         yield data.prepare(data.train_x[idx], context.device), data.train_y[idx].to(context.device)
+
+
+def _rows(model: nn.Module, data: Dataset, config: Config, context: Context) -> Rows:
+    """This rank's per-example gradients: computed once and kept when they fit in ``IN_MEMORY_BYTES`` (every
+    statistic then reads the same tensor), else recomputed chunk by chunk on each pass (memory bounded by a chunk)."""
+    layer = config.run.fisher_layer or None
+
+    def chunks() -> Iterator[torch.Tensor]:
+        return per_example_gradients(model, _my_batches(data, config, context), layer, CHUNK)
+
+    names = set(parameter_names(model, layer))
+    width = sum(p.numel() for name, p in model.named_parameters() if name in names)
+    count = len(_my_indices(data, config, context))
+    fits = count * width * next(model.parameters()).element_size() <= IN_MEMORY_BYTES
+    return torch.cat(list(chunks())) if fits else chunks
 
 
 def fisher_record(
@@ -61,10 +83,7 @@ def fisher_record(
     pause = precond.paused() if precond is not None else contextlib.nullcontext()
     try:
         with pause:
-
-            def rows() -> Iterator[torch.Tensor]:
-                return per_example_gradients(model, _my_batches(data, config, context), run.fisher_layer or None, CHUNK)
-
+            rows = _rows(model, data, config, context)
             top = top_eigenpairs(rows, 1, comm=context.comm)
             trimmed = trimmed_top_eigenvalue(rows, run.fisher_trim, context.comm, top=top)
             outliers = mad_outliers(gradient_norms(rows), run.outlier_k, context.comm)

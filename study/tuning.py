@@ -216,8 +216,9 @@ def _drive(
         )
         experiments = [options[cell.slug].exp_key for cell in cells]
         clock = BeatClock(blind_after_s=3 * PROGRESS_EVERY_S)
-        report = lambda: log(progress(store, experiments, tune.trials, clock))  # noqa: E731
-        _wait_for_drivers(drivers, workers, logs, server_address(url), report)
+        _wait_for_drivers(
+            drivers, workers, logs, server_address(url), lambda: log(progress(store, experiments, tune.trials, clock))
+        )
     finally:  # SIGTERM puts a worker's running trial back in the queue: a restarted study runs it again
         for process in [*workers, *drivers.values()]:
             terminate(process, STOP_GRACE_S)
