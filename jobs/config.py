@@ -2,7 +2,8 @@
 
 A config file has up to five tables; every key is optional and falls back to the defaults below::
 
-    [model]  name, hidden, activation, residual (mlp); activation (lenet5); depth, width (resnet)
+    [model]  name, hidden, activation, residual (mlp); activation (lenet5); channels, hidden, activation (convnet);
+             depth, width (resnet)
     [data]   name, path, format, cache_dir, batch_size (global), eval_batch_size, train_examples,
              test_examples, normalize, augment, synthetic_*
     [optim]  name, lr, momentum, momentum_form, nesterov, weight_decay, betas, eps, schedule, milestones, decay_every,
@@ -10,8 +11,8 @@ A config file has up to five tables; every key is optional and falls back to the
     [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac")
     [run]    out_dir, epochs or steps, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
              log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic,
-             target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every, fisher_layer,
-             fisher_examples, fisher_trim, outlier_k
+             target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every,
+             fisher_every_epochs, fisher_layer, fisher_examples, fisher_trim, outlier_k, fisher_save
     [job]    not read here: the batch job's resources, for ``python -m launch submit`` (docs/launch.md)
 
 Overrides are ``section.key=value`` with the value read as a TOML value (``optim.lr=0.1``,
@@ -58,7 +59,7 @@ __all__ = [
     "trajectory_differences",
 ]
 
-MODEL_NAMES: Final = ("mlp", "lenet5", "resnet")
+MODEL_NAMES: Final = ("mlp", "lenet5", "convnet", "resnet")
 ACTIVATIONS: Final = ("relu", "tanh", "none")
 DATASET_NAMES: Final = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 CIFAR_FORMATS: Final = ("auto", "python", "folder")
@@ -75,8 +76,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [256, 128])  # mlp: widths of the hidden layers
-    activation: str = "relu"  # mlp, lenet5: relu | tanh | none (a linear network)
+    hidden: list[int] = field(default_factory=lambda: [256, 128])  # mlp, convnet: widths of the hidden layers
+    channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64])  # convnet: of the 3x3 convolutions
+    activation: str = "relu"  # mlp, lenet5, convnet: relu | tanh | none (a linear network)
     residual: bool = False  # mlp: skip connections around hidden layers whose input and output widths are equal
     depth: int = 20  # resnet: 6n + 2 (20, 32, 44, 56, 110)
     width: int = 16  # resnet: channels of the first stage (16, 32, 64 in the three stages by default)
@@ -173,10 +175,12 @@ class RunConfig:
     train_eval_examples: int = 10000  # at the end, evaluate on the first N training examples (0 = all)
     # Fisher-spectrum and gradient-outlier diagnostics (jobs.diagnostics, docs/fisher.md):
     fisher_every: int = 0  # every N steps (0 = off)
+    fisher_every_epochs: int = 0  # and/or at the end of every N epochs (0 = off)
     fisher_layer: str = ""  # a module name of the model ("" = every parameter)
     fisher_examples: int = 0  # over the first N training examples (0 = all)
     fisher_trim: float = 0.1  # the fraction of examples with the largest |v1 . g_i| left out of the trimmed eigenvalue
     outlier_k: float = 10.0  # count gradient norms above k MAD
+    fisher_save: bool = False  # also write each record's projections and gradient norms to fisher/step_<N>.pt
 
 
 @dataclass
@@ -209,6 +213,7 @@ OTHER_TOOLS_SECTIONS: Final = frozenset({"job"})
 _MODEL_KEYS: Final[dict[str, set[str]]] = {
     "mlp": {"hidden", "activation", "residual"},
     "lenet5": {"activation"},
+    "convnet": {"channels", "hidden", "activation"},
     "resnet": {"depth", "width"},
 }
 _OPTIM_KEYS: Final[dict[str, frozenset[str]]] = {name: entry.keys for name, entry in OPTIMIZERS.items()}
@@ -221,7 +226,8 @@ _OPTIM_KEYS: Final[dict[str, frozenset[str]]] = {name: entry.keys for name, entr
 _BOOKKEEPING_RUN_KEYS: Final = frozenset(
     {"out_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "resume", "stop_after_steps"}
     | {"progress", "tensorboard", "backend", "threads", "eval_every_steps", "train_eval_examples"}
-    | {"fisher_every", "fisher_layer", "fisher_examples", "fisher_trim", "outlier_k"}  # they only read the model
+    | {"fisher_every", "fisher_every_epochs", "fisher_layer", "fisher_examples", "fisher_trim", "outlier_k"}
+    | {"fisher_save"}  # the diagnostics only read the model
 )
 _BARE_WORD = re.compile(r"[A-Za-z0-9_.:/+\-]+")
 
@@ -411,6 +417,10 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.residual = true needs hidden layers: set model.hidden, e.g. [256, 256, 256]")
     for i, width in enumerate(m.hidden):
         _positive(f"model.hidden[{i}]", width)
+    if m.name == "convnet" and not m.channels:
+        raise ConfigError("model.channels is empty: a convnet needs convolutions, e.g. [32, 32, 64, 64]")
+    for i, width in enumerate(m.channels):
+        _positive(f"model.channels[{i}]", width)
     if m.name == "resnet" and (m.depth < 8 or (m.depth - 2) % 6):
         raise ConfigError(f"model.depth = {m.depth}: a CIFAR ResNet has depth 6n + 2 (8, 14, 20, 32, 44, 56)")
     _positive("model.width", m.width)
@@ -503,8 +513,9 @@ def _validate_run(r: RunConfig, d: DataConfig) -> None:
     for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads"):
         _positive(f"run.{key}", getattr(r, key), zero_ok=True)
     _positive("run.log_every", r.log_every)
-    for key in ("eval_every_steps", "noise_every", "train_eval_examples", "fisher_every", "fisher_examples"):
+    for key in ("eval_every_steps", "noise_every", "train_eval_examples", "fisher_every", "fisher_every_epochs"):
         _positive(f"run.{key}", getattr(r, key), zero_ok=True)
+    _positive("run.fisher_examples", r.fisher_examples, zero_ok=True)
     if not 0.0 <= r.fisher_trim < 1.0:
         raise ConfigError(f"run.fisher_trim must be a fraction in [0, 1) (0.1 leaves out 10%), got {r.fisher_trim}")
     _positive("run.outlier_k", r.outlier_k)

@@ -1,4 +1,5 @@
-"""The Fisher-spectrum and gradient-outlier diagnostics of a run, every ``run.fisher_every`` steps (docs/fisher.md).
+"""The Fisher-spectrum and gradient-outlier diagnostics of a run, every ``run.fisher_every`` steps and/or
+``run.fisher_every_epochs`` epochs (docs/fisher.md).
 
 One pass over the first ``run.fisher_examples`` training examples (all when 0), each rank taking an equal share,
 through :mod:`distkfac.diagnostics` and the run's communicator: the top eigenvalue of the empirical Fisher of the
@@ -6,43 +7,58 @@ training loss (of ``run.fisher_layer``'s parameters, or of the whole model), tha
 ``run.fisher_trim`` fraction of examples with the largest projections on its eigenvector (both readings: the
 eigenvector kept, and recomputed), and the median absolute deviation of the per-example gradient norms with the
 counts of outliers at ``run.outlier_k`` MAD. The model is evaluated in eval mode, K-FAC's statistics are paused and no
-random state is drawn: the training that follows is the same as without the diagnostics.
+random state is drawn: the training that follows is the same as without the diagnostics. With ``run.fisher_save``,
+rank 0 also writes every example's projection ``a_i`` and gradient norm to ``fisher/step_<N>.pt`` (the histograms
+of the paper's Figures 2 to 5).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from distkfac import KFACPreconditioner
+from distkfac.diagnostics.gather import gather_rows, shard_of
 from distkfac.diagnostics import (
     Rows,
     gradient_norms,
     mad_outliers,
     parameter_names,
     per_example_gradients,
+    projections,
     top_eigenpairs,
     trimmed_top_eigenvalue,
 )
 from jobs.config import Config, ConfigError
 from jobs.datasets import Dataset
+from jobs.files import atomic_write_bytes
 from jobs.parallel import Context
 
-__all__ = ["check_fisher_layer", "fisher_record"]
+__all__ = ["FISHER_DIR", "check_fisher_layer", "fisher_due", "fisher_record", "load_fisher_values", "save_fisher_values"]
 
 CHUNK = 256  # examples per chunk of per-example gradients
 IN_MEMORY_BYTES = 256 * 2**20  # below this, one pass of per-example gradients serves every statistic
+FISHER_DIR = "fisher"  # under the run's out_dir: step_<N>.pt with run.fisher_save
+
+
+def fisher_due(config: Config, step: int, steps_per_epoch: int) -> bool:
+    """Whether a ``"fisher"`` record falls after optimizer step ``step`` (counted from 1)."""
+    run = config.run
+    every_steps = bool(run.fisher_every) and step % run.fisher_every == 0
+    return every_steps or (bool(run.fisher_every_epochs) and step % (run.fisher_every_epochs * steps_per_epoch) == 0)
 
 
 def check_fisher_layer(model: nn.Module, config: Config) -> None:
     """A ``run.fisher_layer`` that is not a module of the model is refused before training."""
-    layer = config.run.fisher_layer
+    layer, run = config.run.fisher_layer, config.run
     names = [name for name, module in model.named_modules() if name and any(True for _ in module.parameters())]
-    if config.run.fisher_every and layer and layer not in names:
+    if (run.fisher_every or run.fisher_every_epochs) and layer and layer not in names:
         raise ConfigError(f"run.fisher_layer = {layer!r} is not a layer of the model: choose one of {names}")
 
 
@@ -75,8 +91,10 @@ def _rows(model: nn.Module, data: Dataset, config: Config, context: Context) -> 
 
 def fisher_record(
     model: nn.Module, data: Dataset, config: Config, context: Context, precond: KFACPreconditioner | None
-) -> dict[str, Any]:
-    """The ``"fisher"`` record's fields at this point of training. Collective: every rank calls it."""
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The ``"fisher"`` record's fields at this point of training, and with ``run.fisher_save`` every example's
+    ``projection`` on the top eigenvector and gradient ``norm`` (all ranks' examples, in order; else empty).
+    Collective: every rank calls it."""
     run = config.run
     was_training = model.training
     model.eval()
@@ -86,7 +104,9 @@ def fisher_record(
             rows = _rows(model, data, config, context)
             top = top_eigenpairs(rows, 1, comm=context.comm)
             trimmed = trimmed_top_eigenvalue(rows, run.fisher_trim, context.comm, top=top)
-            outliers = mad_outliers(gradient_norms(rows), run.outlier_k, context.comm)
+            norms = gradient_norms(rows)
+            outliers = mad_outliers(norms, run.outlier_k, context.comm)
+            values = _every_example(rows, top.vectors[:, 0], norms, context) if run.fisher_save else {}
     finally:
         model.train(was_training)
     return {
@@ -99,4 +119,27 @@ def fisher_record(
         "grad_norm_mad": outliers.mad,
         "outliers_above": outliers.above,
         "outliers_deviating": outliers.deviating,
-    }
+    }, values
+
+
+def _every_example(rows: Rows, vector: torch.Tensor, norms: torch.Tensor, context: Context) -> dict[str, torch.Tensor]:
+    """All ranks' projections on ``vector`` and gradient norms, in example order (collective)."""
+    shard = shard_of(len(norms), context.comm)
+    a = gather_rows(projections(rows, vector), shard, context.comm)
+    return {"projection": a.float().cpu(), "norm": gather_rows(norms, shard, context.comm).float().cpu()}
+
+
+def save_fisher_values(out_dir: Path, step: int, epoch: int, values: dict[str, torch.Tensor]) -> Path:
+    """``fisher/step_<step>.pt`` under ``out_dir``: the record's per-example values, written atomically."""
+    buffer = io.BytesIO()
+    torch.save({"step": step, "epoch": epoch, **values}, buffer)
+    path = out_dir / FISHER_DIR / f"step_{step:08d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_fisher_values(out_dir: Path) -> list[dict[str, Any]]:
+    """Every ``fisher/step_<N>.pt`` of a run, in step order."""
+    paths = sorted((out_dir / FISHER_DIR).glob("step_*.pt"))
+    return [torch.load(path, weights_only=True) for path in paths]

@@ -39,7 +39,7 @@ from distkfac.comm import average_gradients, barrier, broadcast_from
 from jobs import checkpoint as ckpt
 from jobs.config import Config, ConfigError, ignored_keys, trajectory_differences
 from jobs.datasets import Dataset, ShardedBatches, augment_shard, derive_seed, load_dataset
-from jobs.diagnostics import check_fisher_layer, fisher_record
+from jobs.diagnostics import check_fisher_layer, fisher_due, fisher_record, save_fisher_values
 from jobs.files import atomic_write_text
 from jobs.metrics import MetricsWriter, ProgressLine, read_metrics
 from jobs.models import build_model
@@ -464,15 +464,17 @@ class TrainingRun:
         self.step += 1
         if self.step % self.config.run.log_every == 0 or self.step == self.total_steps or noise_fields:
             self.log_step(epoch, lr, tick, batch_totals, noise_fields)
-        if self.config.run.fisher_every and self.step % self.config.run.fisher_every == 0:
+        if fisher_due(self.config, self.step, self.steps_per_epoch):
             self.log_fisher(epoch)
         self._after_step(epoch, lr)
 
     def log_fisher(self, epoch: int) -> None:
         """The ``"fisher"`` record of this step (jobs.diagnostics), on the unwrapped model."""
         started = time.perf_counter()
-        fields = fisher_record(self.model, self.data, self.config, self.context, self.precond)
+        fields, values = fisher_record(self.model, self.data, self.config, self.context, self.precond)
         seconds = time.perf_counter() - started
+        if self.config.run.fisher_save and self.context.rank == 0:
+            save_fisher_values(Path(self.config.run.out_dir), self.step, epoch + 1, values)
         self.metrics.write({"kind": "fisher", "step": self.step, "epoch": epoch + 1, **fields, "seconds": seconds})
 
     def _batch(self, epoch: int, step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:

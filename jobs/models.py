@@ -13,7 +13,7 @@ from torch import nn
 
 from jobs.config import ACTIVATIONS, MODEL_NAMES, ModelConfig
 
-__all__ = ["MLP", "BasicBlock", "CifarResNet", "LeNet5", "ResidualLinear", "activation_layer", "build_model"]
+__all__ = ["MLP", "BasicBlock", "CifarResNet", "ConvNet", "LeNet5", "ResidualLinear", "activation_layer", "build_model"]
 
 
 def activation_layer(name: str) -> nn.Module:
@@ -101,6 +101,33 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ConvNet(nn.Module):
+    """Convolutions (3x3, padding 1) with the activation after each and a 2x2 max-pool after every one but the first,
+    then fully connected ``hidden`` layers and the output: with ``channels = [32, 32, 64, 64]`` and ``hidden = [256,
+    128]``, the 4 conv + 3 fully connected layers with three 2x2 pools of seed 003's CIFAR-10 network (whose widths
+    the paper does not give: these are ours, docs/fisher.md)."""
+
+    def __init__(
+        self, input_shape: Sequence[int], channels: Sequence[int], hidden: Sequence[int], classes: int,
+        activation: str = "relu",
+    ) -> None:  # fmt: skip
+        super().__init__()
+        depth, height, width = _image_shape(input_shape, "convnet")
+        layers: list[nn.Module] = []
+        for index, out in enumerate(channels):
+            layers += [nn.Conv2d(depth, out, 3, padding=1), activation_layer(activation)]
+            if index:
+                layers.append(nn.MaxPool2d(2))
+            depth = out
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            inputs = self.features(torch.zeros(1, *_image_shape(input_shape, "convnet"))).shape[1]
+        self.classifier = MLP(inputs, hidden, classes, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm; a 1x1 convolution on the shortcut when the shape changes."""
 
@@ -174,6 +201,8 @@ def build_model(config: ModelConfig, input_shape: Sequence[int], classes: int) -
         return MLP(inputs, config.hidden, classes, config.activation, config.residual)
     if config.name == "lenet5":
         return LeNet5(input_shape, classes, config.activation)
+    if config.name == "convnet":
+        return ConvNet(input_shape, config.channels, config.hidden, classes, config.activation)
     if config.name == "resnet":
         return CifarResNet(input_shape, classes, config.depth, config.width)
     raise ValueError(f"unknown model {config.name!r}; choose one of {', '.join(MODEL_NAMES)} (model.name)")

@@ -1,4 +1,6 @@
-"""``python -m study scaling --config STUDY.toml``: a batch-size scaling study (docs/study.md).
+"""``python -m study scaling --config STUDY.toml``: a batch-size scaling study (docs/study.md);
+``python -m study fisher --config STUDY.toml``: the Fisher spectrum and gradient outliers of a study's runs over
+training (docs/fisher.md).
 
 Examples::
 
@@ -7,6 +9,7 @@ Examples::
         --mongo-file ~/.hpo-url        # drive only; workers come from a job array (docs/study.md)
     python -m study scaling --config STUDY.toml --check                     # validate, train nothing
     python -m study scaling --config STUDY.toml --seeds 0                   # one study seed now, the rest later
+    python -m study fisher --config jobs/configs/studies/fisher_mnist.toml   # seed 003's figures (docs/fisher.md)
 
 Exit status: 0 when the report is written, 2 for a bad study file (nothing was trained), 1 when a run or the tuning
 failed (the message says why).
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from study.config import StudyError, check_cells, load_study
+from study.config import StudyConfig, StudyError, check_cells, load_study
 
 __all__ = ["main"]
 
@@ -43,6 +46,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seeds", help="run only these of study.seeds now, e.g. 0 or 0,1 (the rest stay for a later run)"
     )
     scaling.add_argument("--check", action="store_true", help="check the study file and every cell's config, then exit")
+    fisher = sub.add_parser("fisher", help="a study with given values and a [fisher] table: spectra, outliers, report")
+    fisher.add_argument("--config", required=True, help="study file with [given] and [fisher] tables")
+    fisher.add_argument("--out", help="output folder (default: the file's study.out_dir)")
+    fisher.add_argument("--seeds", help="run only these of study.seeds now, e.g. 0 or 0,1")
+    fisher.add_argument("--check", action="store_true", help="check the study file and every cell's config, then exit")
     return parser.parse_args(argv)
 
 
@@ -64,22 +72,39 @@ def _seed_subset(seeds: tuple[int, ...], text: str) -> tuple[int, ...]:
     return chosen
 
 
+def _for_fisher(study: StudyConfig) -> None:
+    if study.fisher is None or study.tune is not None:
+        raise StudyError(
+            f"{study.path}: python -m study fisher needs a study with given values ([given]) and a [fisher] table "
+            "(example: jobs/configs/studies/fisher_mnist.toml); a tuned study diagnoses its best runs with "
+            "python -m study scaling"
+        )
+
+
+def _load(args: argparse.Namespace) -> StudyConfig:
+    """The study file with the command line's replacements; StudyError when either is wrong."""
+    study = load_study(args.config, out_dir=args.out)
+    if args.command == "fisher":
+        _for_fisher(study)
+    elif study.tune is not None:
+        mongo = Path(args.mongo_file).read_text().strip() if args.mongo_file else args.mongo
+        changes = {"workers": args.workers, "trials": args.trials, "mongo": mongo}
+        for key, value in changes.items():
+            if value is not None and isinstance(value, int) and value < (1 if key == "trials" else 0):
+                raise StudyError(f"--{key} must be at least {1 if key == 'trials' else 0}, not {value}")
+        tune = dataclasses.replace(study.tune, **{k: v for k, v in changes.items() if v is not None})
+        study = dataclasses.replace(study, tune=tune)
+    elif args.workers is not None or args.trials is not None or args.mongo or args.mongo_file:
+        raise StudyError(f"{args.config} has no [tune] table: --workers, --trials and --mongo are for tuning")
+    if args.seeds is not None:
+        study = dataclasses.replace(study, seeds=_seed_subset(study.seeds, args.seeds))
+    return study
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        study = load_study(args.config, out_dir=args.out)
-        if study.tune is not None:
-            mongo = Path(args.mongo_file).read_text().strip() if args.mongo_file else args.mongo
-            changes = {"workers": args.workers, "trials": args.trials, "mongo": mongo}
-            for key, value in changes.items():
-                if value is not None and isinstance(value, int) and value < (1 if key == "trials" else 0):
-                    raise StudyError(f"--{key} must be at least {1 if key == 'trials' else 0}, not {value}")
-            tune = dataclasses.replace(study.tune, **{k: v for k, v in changes.items() if v is not None})
-            study = dataclasses.replace(study, tune=tune)
-        elif args.workers is not None or args.trials is not None or args.mongo or args.mongo_file:
-            raise StudyError(f"{args.config} has no [tune] table: --workers, --trials and --mongo are for tuning")
-        if args.seeds is not None:
-            study = dataclasses.replace(study, seeds=_seed_subset(study.seeds, args.seeds))
+        study = _load(args)
         cells = check_cells(study)
     except (StudyError, OSError) as exc:
         print(f"study: error: {exc}", file=sys.stderr)
@@ -88,11 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{study.path}: {len(cells)} cells, all configs valid: {', '.join(cells)}")
         return 0
 
-    from study.runner import run_study
+    from study.runner import run_fisher_study, run_study
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        run_study(study)
+        (run_fisher_study if args.command == "fisher" else run_study)(study)
     except StudyError as exc:  # the study file was fine: a run, a driver or the server failed
         print(f"study: error: {exc}", file=sys.stderr)
         return 1

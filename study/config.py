@@ -35,6 +35,18 @@ A study file is TOML (examples: ``jobs/configs/studies/``)::
     [given.sgd]                                   # without [tune]: the values of each optimizer's runs
     "optim.lr" = 0.1
 
+    [fisher]                                      # optional: Fisher spectrum and gradient outliers (docs/fisher.md)
+    every_epochs = 1                              # a record every N epochs (and/or every_steps = N)
+    layer = "classifier.4"                        # a module name ("" = the whole model)
+    examples = 0                                  # over the first N training examples (0 = all)
+    trim = 0.1                                    # the fraction left out of the trimmed eigenvalue
+    outlier_k = 10.0                              # outliers above k MAD
+    save = true                                   # keep every example's projection and norm (the histograms)
+
+With [given], the [fisher] records are taken during every run (``python -m study fisher`` reports them); with
+[tune], each cell's best trial is trained again with them, after the tuning (the run is the same: the diagnostics
+only read the model).
+
 Every mistake is found by :func:`load_study` (and :func:`check_cells`, which builds every run's config) before any
 training, with a message that names the key and the fix.
 """
@@ -54,13 +66,16 @@ from hpo_worker.trial import OBJECTIVES
 from jobs.config import Config, ConfigError, load_config, parse_override, read_toml, toml_value
 from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
 
-__all__ = ["Cell", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "load_study"]
+__all__ = [
+    "Cell", "FisherSettings", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "load_study",
+]  # fmt: skip
 _STUDY_KEYS: Final = frozenset(
     {"name", "base_config", "optimizers", "batch_sizes", "target_accuracy", "max_steps", "max_epochs"}
     | {"eval_every_steps", "noise_every", "out_dir", "top_k", "overrides", "variants", "optimizer_overrides"}
     | {"seeds"}
 )
 _TUNE_KEYS: Final = frozenset({"trials", "workers", "objective", "spaces", "mongo", "seed", "queue_size", "grace"})
+_FISHER_KEYS: Final = frozenset({"every_epochs", "every_steps", "layer", "examples", "trim", "outlier_k", "save"})
 
 
 class StudyError(ValueError):
@@ -77,6 +92,27 @@ class TuneSettings:
     seed: int = 0
     queue_size: int = 0  # 0 = the number of workers (at least 2)
     grace: float = 120.0  # seconds without heartbeat before a trial is requeued
+
+
+@dataclass(frozen=True)
+class FisherSettings:
+    """The study's [fisher] table: the run.fisher_* keys of the runs it diagnoses."""
+
+    every_epochs: int = 1
+    every_steps: int = 0
+    layer: str = ""
+    examples: int = 0
+    trim: float = 0.1
+    outlier_k: float = 10.0
+    save: bool = True
+
+    def overrides(self) -> tuple[str, ...]:
+        return (
+            f"run.fisher_every_epochs={self.every_epochs}", f"run.fisher_every={self.every_steps}",
+            f"run.fisher_layer={json.dumps(self.layer)}", f"run.fisher_examples={self.examples}",
+            f"run.fisher_trim={self.trim}", f"run.outlier_k={self.outlier_k}",
+            f"run.fisher_save={toml_value(self.save)}",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -120,6 +156,7 @@ class StudyConfig:
     tune: TuneSettings | None
     given: Mapping[str, tuple[str, ...]]  # optimizer -> overrides
     seeds: tuple[int, ...] = ()  # study seeds: each cell once per seed (run.seed and TPE's seed); () = once
+    fisher: FisherSettings | None = None  # [fisher]: in every given run, or in a replay of each tuned cell's best
 
     def cells(self) -> list[Cell]:
         # Both keys: the study's budget replaces whichever one the base config gives.
@@ -131,6 +168,8 @@ class StudyConfig:
             f"run.noise_every={self.noise_every}",
             "run.progress=false",
         ]
+        if self.fisher is not None and self.tune is None:
+            run.extend(self.fisher.overrides())
         cells = []
         for variant, variant_overrides in self.variants.items():
             for optimizer in self.optimizers:
@@ -222,6 +261,30 @@ def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
     )  # fmt: skip
 
 
+def _fisher(path: Path, raw: Any) -> FisherSettings:
+    if not isinstance(raw, dict):
+        raise _fail(path, "[fisher]", "must be a table, e.g. every_epochs = 1 and layer = \"classifier.4\"")
+    _unknown(path, "fisher", list(raw), _FISHER_KEYS)
+    every_epochs = _int(path, "fisher.every_epochs", raw.get("every_epochs", 0 if "every_steps" in raw else 1), 0)
+    every_steps = _int(path, "fisher.every_steps", raw.get("every_steps", 0), 0)
+    if not every_epochs and not every_steps:
+        raise _fail(path, "fisher.every_epochs", "a [fisher] table needs every_epochs or every_steps >= 1")
+    layer, save = raw.get("layer", ""), raw.get("save", True)
+    if not isinstance(layer, str):
+        raise _fail(path, "fisher.layer", f'must be a module name string ("" = the whole model), not {layer!r}')
+    if not isinstance(save, bool):
+        raise _fail(path, "fisher.save", f"must be true or false, not {save!r}")
+    numbers = {key: raw.get(key, default) for key, default in (("trim", 0.1), ("outlier_k", 10.0))}
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise _fail(path, f"fisher.{key}", f"must be a number, not {value!r}")
+    return FisherSettings(
+        every_epochs=every_epochs, every_steps=every_steps, layer=layer,
+        examples=_int(path, "fisher.examples", raw.get("examples", 0), 0), trim=float(numbers["trim"]),
+        outlier_k=float(numbers["outlier_k"]), save=save,
+    )  # fmt: skip
+
+
 def _check_objective(path: Path, objective: str, target: float) -> None:
     """The objective and the target must fit: one counts steps to the target, the other needs no early stop."""
     if objective == "steps_to_target" and not target:
@@ -264,9 +327,11 @@ def _batch_sizes(path: Path, batches: Any) -> tuple[int, ...]:
 def _read_tables(path: Path) -> dict[str, Any]:
     """The study file's TOML, with its [study] table present and no unknown table or [study] key."""
     raw = read_toml(path, "study file", "examples: jobs/configs/studies/", StudyError)
-    unknown_tables = sorted(set(raw) - {"study", "tune", "given"})
+    unknown_tables = sorted(set(raw) - {"study", "tune", "given", "fisher"})
     if unknown_tables:
-        raise _fail(path, f"[{unknown_tables[0]}]", "unknown table; a study file has [study], [tune] and [given]")
+        raise _fail(
+            path, f"[{unknown_tables[0]}]", "unknown table; a study file has [study], [tune], [given] and [fisher]"
+        )
     study = raw.get("study")
     if not isinstance(study, dict):
         raise _fail(path, "[study]", "missing: the study file needs a [study] table")
@@ -330,6 +395,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
         optimizer_overrides={k: _strings(path, f"study.optimizer_overrides.{k}", v) for k, v in per_optimizer.items()},
         tune=tune, given=_given(path, raw.get("given", {}), optimizers),
         seeds=_seeds(path, study.get("seeds", [])),
+        fisher=_fisher(path, raw["fisher"]) if "fisher" in raw else None,
     )  # fmt: skip
 
 

@@ -147,11 +147,8 @@ def _run_tuned(study: StudyConfig, cells: list[Cell], out: Path, log: Log) -> li
 # -------------------------------------------------------------------------------------------------------------- main
 
 
-def run_study(study: StudyConfig, log: Log | None = None) -> Path:
-    """Runs every cell of ``study`` and writes the report; returns the path of report.md."""
-    from study.report import format_table, write_report
-
-    say = log or (lambda message: print(f"study: {message}", file=sys.stderr, flush=True))
+def _prepare(study: StudyConfig, say: Log) -> tuple[Path, list[Cell]]:
+    """The output folder with every cell's config file written; the cells."""
     check_cells(study)
     out = study.out_dir.resolve()
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -161,12 +158,41 @@ def run_study(study: StudyConfig, log: Log | None = None) -> Path:
     say(
         f"study {study.name}: {len(study.optimizers)} optimizer(s) x {len(study.batch_sizes)} batch size(s)"
         + (f" x {len(study.variants)} variants" if len(study.variants) > 1 else "")
+        + (f" x {len(study.seeds)} seeds" if study.seeds else "")
         + f" = {len(cells)} cells, {'tuned' if study.tune else 'given values'}; output in {out}"
     )
+    return out, cells
+
+
+def _stderr_log(message: str) -> None:
+    print(f"study: {message}", file=sys.stderr, flush=True)
+
+
+def run_study(study: StudyConfig, log: Log | None = None) -> Path:
+    """Runs every cell of ``study`` and writes the report; returns the path of report.md."""
+    from study.report import format_table, write_report
+
+    say = log or _stderr_log
+    out, cells = _prepare(study, say)
     started = time.monotonic()
     rows = _run_tuned(study, cells, out, say) if study.tune else _run_given(study, cells, out, say)
     report = write_report(out, rows, title=f"Batch-size scaling study: {study.name}", top_k=study.top_k)
     say(f"{len(rows)} runs in {time.monotonic() - started:.0f} s")
     print(format_table(rows), flush=True)
+    print(f"report: {report}", flush=True)
+    return report
+
+
+def run_fisher_study(study: StudyConfig, log: Log | None = None) -> Path:
+    """Runs every cell of a study with given values and a [fisher] table, then the Fisher report
+    (:mod:`study.fisher_report`); returns the path of its fisher.md."""
+    from study.fisher_report import write_fisher_report
+
+    say = log or _stderr_log
+    out, cells = _prepare(study, say)
+    started = time.monotonic()
+    rows = _run_given(study, cells, out, say)
+    report = write_fisher_report(out, rows, title=f"Fisher spectrum and gradient outliers: {study.name}")
+    say(f"{len(rows)} runs in {time.monotonic() - started:.0f} s")
     print(f"report: {report}", flush=True)
     return report
