@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from distkfac import KFACPreconditioner
-from distkfac.diagnostics.gather import gather_rows, shard_of
 from distkfac.diagnostics import (
     Rows,
     gradient_norms,
@@ -35,12 +34,20 @@ from distkfac.diagnostics import (
     top_eigenpairs,
     trimmed_top_eigenvalue,
 )
+from distkfac.diagnostics.gather import gather_rows, shard_of
 from jobs.config import Config, ConfigError
 from jobs.datasets import Dataset
 from jobs.files import atomic_write_bytes
 from jobs.parallel import Context
 
-__all__ = ["FISHER_DIR", "check_fisher_layer", "fisher_due", "fisher_record", "load_fisher_values", "save_fisher_values"]
+__all__ = [
+    "FISHER_DIR",
+    "check_fisher_layer",
+    "fisher_due",
+    "fisher_record",
+    "load_fisher_values",
+    "save_fisher_values",
+]
 
 CHUNK = 256  # examples per chunk of per-example gradients
 IN_MEMORY_BYTES = 256 * 2**20  # below this, one pass of per-example gradients serves every statistic

@@ -112,7 +112,7 @@ class ConvNet(nn.Module):
         activation: str = "relu",
     ) -> None:  # fmt: skip
         super().__init__()
-        depth, height, width = _image_shape(input_shape, "convnet")
+        depth = _image_shape(input_shape, "convnet")[0]
         layers: list[nn.Module] = []
         for index, out in enumerate(channels):
             layers += [nn.Conv2d(depth, out, 3, padding=1), activation_layer(activation)]

@@ -263,7 +263,7 @@ def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
 
 def _fisher(path: Path, raw: Any) -> FisherSettings:
     if not isinstance(raw, dict):
-        raise _fail(path, "[fisher]", "must be a table, e.g. every_epochs = 1 and layer = \"classifier.4\"")
+        raise _fail(path, "[fisher]", 'must be a table, e.g. every_epochs = 1 and layer = "classifier.4"')
     _unknown(path, "fisher", list(raw), _FISHER_KEYS)
     every_epochs = _int(path, "fisher.every_epochs", raw.get("every_epochs", 0 if "every_steps" in raw else 1), 0)
     every_steps = _int(path, "fisher.every_steps", raw.get("every_steps", 0), 0)

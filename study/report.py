@@ -25,6 +25,8 @@ __all__ = [
     "best_runs",
     "compute_fits",
     "format_table",
+    "markdown_table",
+    "mean_se",
     "read_metrics_file",
     "top_k_means",
     "top_k_seed_means",
@@ -218,14 +220,14 @@ def top_k_seed_means(
                 per_seed[seed] |= {metric: entry[f"{metric}_mean"], f"{metric}_std": entry[f"{metric}_std"]}
         result: dict[str, Any] = {"seeds": per_seed, "k": k, "by": by}
         for metric in ("train_accuracy", "val_accuracy"):
-            result[f"{metric}_mean"], result[f"{metric}_se"] = _mean_se(
+            result[f"{metric}_mean"], result[f"{metric}_se"] = mean_se(
                 [v for entry in per_seed.values() if (v := entry[metric]) is not None]
             )
         out[key] = result
     return {key: out[key] for key in _sorted_keys(out)}
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
+def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
     """Mean and standard error of the mean (sample std / sqrt(n)); the error is None below two values."""
     mean, std = mean_std(values)
     return mean, (None if std is None else std / math.sqrt(len(values)))
@@ -388,7 +390,7 @@ def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -593,7 +595,7 @@ def _paired_difference(first: Mapping[str, Any] | None, last: Mapping[str, Any] 
         return MISSING
     a, b = first["seeds"], last["seeds"]
     diffs = [b[s][metric] - a[s][metric] for s in a if s in b and a[s][metric] is not None and b[s][metric] is not None]
-    mean, se = _mean_se(diffs)
+    mean, se = mean_se(diffs)
     if mean is None:
         return MISSING
     return f"{100 * mean:+.2f}" + ("" if se is None else f" ± {100 * se:.2f}")
@@ -628,7 +630,7 @@ def _top_k_tables(runs: Sequence[Mapping[str, Any]], top_k: int) -> list[str]:
                     + [_paired_difference(means.get((first, o, batch)), means.get((last, o, batch)), metric)
                        for o in optimizers]
                 )  # fmt: skip
-            lines += [f"**Average {name} Accuracy (BS={batch})**", "", _markdown_table(header, rows), ""]
+            lines += [f"**Average {name} Accuracy (BS={batch})**", "", markdown_table(header, rows), ""]
     return lines
 
 
@@ -658,7 +660,7 @@ def _budget_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
         "Per cell, the highest validation accuracy any run reached at any evaluation within the step budget (runs "
         "train the whole budget), and that run's tuned values: the layout of Table 1 of the large-batch tuning study.",
         "",
-        _markdown_table(header, rows),
+        markdown_table(header, rows),
         "",
     ]
 
@@ -684,7 +686,7 @@ def _kl_clip_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
         "While the clip is active (nu < 1) the update is sqrt(kl_clip / <V, grad>) V: the learning rate and its decay "
         "have no effect on that step. 'off': kfac.kl_clip = 0, the learning rate sets every step.",
         "",
-        _markdown_table(header, rows),
+        markdown_table(header, rows),
         "",
     ]
 
@@ -711,7 +713,7 @@ def _report_heading(runs: Sequence[Mapping[str, Any]], title: str, variants: Seq
         "The best run reached the target in the fewest steps (ties: higher val accuracy); where none reached it, the "
         "highest final val accuracy. gap = train − val accuracy in points; noise scale = last B_simple estimate.",
         "",
-        _markdown_table(*_table_rows(runs)) if runs else "(no runs)",
+        markdown_table(*_table_rows(runs)) if runs else "(no runs)",
         "",
     ]
     return lines
@@ -738,7 +740,7 @@ def _fit_section(fits: Mapping[str, Mapping[str, Any]]) -> list[str]:
             ]
         )
     header = ["series", "points", "S_min", "B_crit", "rms log residual", "note"]
-    return [*lines, _markdown_table(header, fit_rows) if fit_rows else "(no runs)", ""]
+    return [*lines, markdown_table(header, fit_rows) if fit_rows else "(no runs)", ""]
 
 
 def _plot_section(skipped: Mapping[str, str]) -> list[str]:

@@ -186,12 +186,12 @@ def run_study(study: StudyConfig, log: Log | None = None) -> Path:
 def run_fisher_study(study: StudyConfig, log: Log | None = None) -> Path:
     """Runs every cell of a study with given values and a [fisher] table, then the Fisher report
     (:mod:`study.fisher_report`); returns the path of its fisher.md."""
-    from study.fisher_report import write_fisher_report
-
     say = log or _stderr_log
     out, cells = _prepare(study, say)
     started = time.monotonic()
     rows = _run_given(study, cells, out, say)
+    from study.fisher_report import write_fisher_report  # matplotlib: only once the runs are done
+
     report = write_fisher_report(out, rows, title=f"Fisher spectrum and gradient outliers: {study.name}")
     say(f"{len(rows)} runs in {time.monotonic() - started:.0f} s")
     print(f"report: {report}", flush=True)
