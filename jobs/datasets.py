@@ -388,6 +388,13 @@ def make_synthetic(
 # --------------------------------------------------------------------------- loading
 
 
+def example_shape(config: DataConfig) -> tuple[tuple[int, ...], int]:
+    """One example's shape and the number of classes of the data set ``config`` names, without loading it."""
+    if config.name == "synthetic":
+        return tuple(config.synthetic_shape), config.synthetic_classes
+    return ((3, 32, 32) if config.name == "cifar10" else (1, 28, 28)), 10
+
+
 def load_dataset(config: DataConfig) -> Dataset:
     """The data set ``config`` names, both splits, limited to ``train_examples`` / ``test_examples``."""
     path = resolve_data_path(config)

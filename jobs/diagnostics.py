@@ -61,10 +61,15 @@ def fisher_due(config: Config, step: int, steps_per_epoch: int) -> bool:
     return every_steps or (bool(run.fisher_every_epochs) and step % (run.fisher_every_epochs * steps_per_epoch) == 0)
 
 
+def layer_names(model: nn.Module) -> list[str]:
+    """The names ``run.fisher_layer`` may take: the model's modules that have parameters."""
+    return [name for name, module in model.named_modules() if name and any(True for _ in module.parameters())]
+
+
 def check_fisher_layer(model: nn.Module, config: Config) -> None:
     """A ``run.fisher_layer`` that is not a module of the model is refused before training."""
     layer, run = config.run.fisher_layer, config.run
-    names = [name for name, module in model.named_modules() if name and any(True for _ in module.parameters())]
+    names = layer_names(model)
     if (run.fisher_every or run.fisher_every_epochs) and layer and layer not in names:
         raise ConfigError(f"run.fisher_layer = {layer!r} is not a layer of the model: choose one of {names}")
 

@@ -425,6 +425,7 @@ def check_cells(study: StudyConfig) -> dict[str, Config]:
         configs[cell.name] = config
     if study.tune is not None:
         _check_spaces(study, study.tune)
+    _check_fisher_layer(study, configs)
     from jobs.datasets import resolve_data_path  # torch: only once the file itself is known to be good
 
     for config in {c.data.name: c for c in configs.values()}.values():
@@ -433,6 +434,24 @@ def check_cells(study: StudyConfig) -> dict[str, Config]:
         except (ValueError, FileNotFoundError) as exc:
             raise StudyError(f"{study.path}: {exc}") from exc
     return configs
+
+
+def _check_fisher_layer(study: StudyConfig, configs: Mapping[str, Config]) -> None:
+    """A [fisher] layer that is not a module of every cell's model fails here, before any training."""
+    layer = study.fisher.layer if study.fisher is not None else ""
+    if not layer:
+        return
+    from jobs.datasets import example_shape  # torch: only for a study with a [fisher] layer
+    from jobs.diagnostics import layer_names
+    from jobs.models import build_model
+
+    for name, config in configs.items():
+        shape, classes = example_shape(config.data)
+        names = layer_names(build_model(config.model, shape, classes))
+        if layer not in names:
+            raise StudyError(
+                f"{study.path}: fisher.layer = {layer!r} is not a layer of cell {name}'s model: choose one of {names}"
+            )
 
 
 def _check_spaces(study: StudyConfig, tune: TuneSettings) -> None:

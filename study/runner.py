@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -84,18 +84,20 @@ def _run_given(study: StudyConfig, cells: list[Cell], out: Path, log: Log) -> li
     for index, cell in enumerate(cells, 1):
         run_dir = out / "runs" / cell.slug
         given = dict(parse_pairs(study.given.get(cell.optimizer, ())))
-        summary = _given_summary(study, cell, run_dir, out, log, f"[{index}/{len(cells)}] {cell.name}")
+        config_path = out / "configs" / f"{cell.slug}.toml"
+        name = f"[{index}/{len(cells)}] {cell.name}"
+        summary = _given_summary(config_path, run_dir, study.target_accuracy, log, name)
         rows.append(_row(cell, "given", None, summary, run_dir, given))
         log(f"  {_describe(rows[-1])}")
     return rows
 
 
-def _given_summary(study: StudyConfig, cell: Cell, run_dir: Path, out: Path, log: Log, name: str) -> dict[str, Any]:
-    """The summary of the cell's run: a run that ended before (finished or diverged, as its summary.json says) is not
-    trained again; one that stopped or failed is continued from its newest checkpoint."""
+def _given_summary(config_path: Path, run_dir: Path, target: float, log: Log, name: str) -> dict[str, Any]:
+    """The summary of the run of ``config_path`` in ``run_dir``: a run that ended before (finished or diverged, as its
+    summary.json says) is not trained again; one that stopped or failed is continued from its newest checkpoint."""
     from jobs.outcome import RunEnd, read_summary
 
-    diverged = {"target_accuracy": study.target_accuracy or None, "reached_target": False}
+    diverged = {"target_accuracy": target or None, "reached_target": False}
     before = read_summary(run_dir)
     if before is not None and before["end"] in (RunEnd.FINISHED, RunEnd.DIVERGED):
         log(f"{name}: done before ({before['end']}), reusing {run_dir / 'summary.json'}")
@@ -105,12 +107,12 @@ def _given_summary(study: StudyConfig, cell: Cell, run_dir: Path, out: Path, log
     from jobs.parallel import SingleContext
 
     log(f"{name}: training")
-    config = load_config(out / "configs" / f"{cell.slug}.toml", [f"run.out_dir={json.dumps(str(run_dir))}"])
+    config = load_config(config_path, [f"run.out_dir={json.dumps(str(run_dir))}"])
     config.run.resume = True  # a run killed before is continued from its newest checkpoint
     try:
         return asdict(run_training(config, SingleContext(), log=lambda message: None))
     except TrainingDiverged as exc:
-        log(f"  {cell.name}: diverged: {exc}")
+        log(f"  {name}: diverged: {exc}")
         return diverged
 
 
@@ -124,6 +126,49 @@ def _describe(row: Mapping[str, Any]) -> str:
     reached = f"target at step {row['steps_to_target']}" if row["reached"] else "target not reached"
     val = row.get("val_accuracy")
     return f"{row['cell']}: {reached}, val accuracy {val:.4f}" if val is not None else f"{row['cell']}: {reached}"
+
+
+# --------------------------------------------------------------------------------------- diagnostics of the best runs
+
+
+def _replay_toml(run_dir: Path, overrides: Sequence[str]) -> str:
+    """The config of the run in ``run_dir`` (its config.json, every key resolved) with ``overrides``, as TOML."""
+    from jobs.config import parse_override, toml_value
+
+    document = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k != "derived"}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        document.setdefault(section, {})[name] = value
+    lines = [f"# {run_dir}: trained again with the study's [fisher] diagnostics (study.runner)."]
+    for section, table in document.items():
+        lines += ["", f"[{section}]"]
+        lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _diagnose_best(
+    study: StudyConfig, cells: list[Cell], rows: list[dict[str, Any]], out: Path, log: Log
+) -> list[dict[str, Any]]:
+    """Each tuned cell's best trial trained again with the [fisher] records (the same run: the diagnostics only read
+    the model), in ``fisher/runs/<cell>``; their rows."""
+    from study.report import best_runs
+
+    assert study.fisher is not None
+    replays = []
+    for index, cell in enumerate(cells, 1):
+        mine = [row for row in rows if row["cell"] == cell.name and row["metrics_path"]]
+        if not mine:
+            log(f"{cell.name}: no finished trial to diagnose")
+            continue
+        best = next(iter(best_runs(mine).values()))
+        config_path = out / "configs" / f"{cell.slug}.fisher.toml"
+        config_path.write_text(_replay_toml(Path(best["metrics_path"]).parent, study.fisher.overrides()))
+        run_dir = out / "fisher" / "runs" / cell.slug
+        name = f"[{index}/{len(cells)}] {cell.name}, trial {best['trial']} with [fisher]"
+        summary = _given_summary(config_path, run_dir, study.target_accuracy, log, name)
+        replays.append(_row(cell, "replay", best["trial"], summary, run_dir, json.loads(best["hparams"])))
+    return replays
 
 
 # ------------------------------------------------------------------------------------------------------------ tuning
@@ -178,6 +223,13 @@ def run_study(study: StudyConfig, log: Log | None = None) -> Path:
     rows = _run_tuned(study, cells, out, say) if study.tune else _run_given(study, cells, out, say)
     report = write_report(out, rows, title=f"Batch-size scaling study: {study.name}", top_k=study.top_k)
     say(f"{len(rows)} runs in {time.monotonic() - started:.0f} s")
+    if study.fisher is not None:
+        from study.fisher_report import write_fisher_report
+
+        diagnosed = _diagnose_best(study, cells, rows, out, say) if study.tune else rows
+        (out / "fisher").mkdir(exist_ok=True)
+        fisher = write_fisher_report(out / "fisher", diagnosed, title=f"Fisher diagnostics of {study.name}")
+        say(f"Fisher diagnostics of {'the best runs' if study.tune else 'the runs'}: {fisher}")
     print(format_table(rows), flush=True)
     print(f"report: {report}", flush=True)
     return report

@@ -45,6 +45,8 @@ overrides = ["run.train_eval_examples=256"]
 trials = 2
 workers = 2
 spaces = { sgd = "space.toml", kfac = "space.toml" }
+[fisher]
+every_steps = 5
 """
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -94,9 +96,11 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     # The table of every cell's best run on the terminal.
     assert "sgd" in result.stdout.lower() and "k-fac" in result.stdout.lower()
     assert sorted(p.name for p in (out / "configs").glob("*.toml")) == [
-        "kfac-b128.toml", "kfac-b32.toml", "sgd-b128.toml", "sgd-b32.toml",
-    ]  # fmt: skip
+        "kfac-b128.fisher.toml", "kfac-b128.toml", "kfac-b32.fisher.toml", "kfac-b32.toml", "sgd-b128.fisher.toml",
+        "sgd-b128.toml", "sgd-b32.fisher.toml", "sgd-b32.toml",
+    ]  # fmt: skip  (each cell's config, and the config of its best trial trained again with [fisher])
     assert not (out / "hpo_data" / "mongo-url").exists(), "the embedded server was stopped"
+    _check_best_runs_diagnosed(out, rows)
 
     # Run again: the experiments are complete, so nothing is trained again and the report is the same.
     trained = {row["metrics_path"]: Path(row["metrics_path"]).stat().st_mtime_ns for row in rows}
@@ -110,6 +114,23 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     assert changed.returncode == 1, changed.stderr[-4000:]
     assert "another space_definition" in changed.stderr and "settings changed" in changed.stderr, changed.stderr
     assert len(list(csv.DictReader((out / "runs.csv").open()))) == 8, "the results already written stay"
+
+
+def _check_best_runs_diagnosed(out: Path, rows: list[dict[str, str]]) -> None:
+    """[fisher] in a tuned study: each cell's best trial trained again with the records, to the same end."""
+    report = (out / "fisher" / "fisher.md").read_text()
+    assert "Figure 6" in report and "| claim | verdict | numbers |" in report
+    for cell in ("sgd-b32", "sgd-b128", "kfac-b32", "kfac-b128"):
+        replay = out / "fisher" / "runs" / cell
+        records = [json.loads(line) for line in (replay / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((replay / "summary.json").read_text())
+        fisher_steps = [r["step"] for r in records if r["kind"] == "fisher"]
+        assert fisher_steps == list(range(5, summary["steps"] + 1, 5)), cell
+        trials = [r for r in rows if r["cell"] == cell.replace("-", "/")]
+        assert any(
+            abs(summary["test_accuracy"] - float(r["val_accuracy"])) <= 2 / 256 and summary["steps"] == int(r["steps"])
+            for r in trials
+        ), f"{cell}: the replay of the best trial ends where a trial of the cell ended"
 
 
 GIVEN = """
