@@ -24,7 +24,7 @@ def main() -> None:
     for kept in (False, True, False, True):
         diagnostics.IN_MEMORY_BYTES = budget if kept else 0
         started = time.perf_counter()
-        record = diagnostics.fisher_record(model, data, config, SingleContext(), None)
+        record, _ = diagnostics.fisher_record(model, data, config, SingleContext(), None)
         seconds = time.perf_counter() - started
         how = "kept in memory      " if kept else "recomputed each pass"
         print(f"{how}: {seconds:.3f} s, fisher_top {record['fisher_top']:.6g} ({record['fisher_method']})")

@@ -35,6 +35,7 @@ from distkfac.diagnostics import (
     trimmed_top_eigenvalue,
 )
 from distkfac.diagnostics.gather import gather_rows, shard_of
+from distkfac.diagnostics.per_example import factorable_layers, linear_factors
 from jobs.config import Config, ConfigError
 from jobs.datasets import Dataset
 from jobs.files import atomic_write_bytes
@@ -51,6 +52,7 @@ __all__ = [
 
 CHUNK = 256  # examples per chunk of per-example gradients
 IN_MEMORY_BYTES = 256 * 2**20  # below this, one pass of per-example gradients serves every statistic
+FACTORS_BYTES = 1024 * 2**20  # below this, Linear layers' per-example gradients are kept as factors
 FISHER_DIR = "fisher"  # under the run's out_dir: step_<N>.pt with run.fisher_save
 
 
@@ -86,19 +88,27 @@ def _my_batches(data: Dataset, config: Config, context: Context) -> Iterator[tup
         yield data.prepare(data.train_x[idx], context.device), data.train_y[idx].to(context.device)
 
 
-def _rows(model: nn.Module, data: Dataset, config: Config, context: Context) -> Rows:
-    """This rank's per-example gradients: computed once and kept when they fit in ``IN_MEMORY_BYTES`` (every
-    statistic then reads the same tensor), else recomputed chunk by chunk on each pass (memory bounded by a chunk)."""
+def gradient_rows(model: nn.Module, data: Dataset, config: Config, context: Context) -> Rows:
+    """This rank's per-example gradients, the cheapest way that fits: Linear layers' factors (``a_i`` and ``g_i``)
+    when every analysed parameter is a Linear layer's and they fit in ``FACTORS_BYTES``; else the rows computed once
+    and kept when they fit in ``IN_MEMORY_BYTES`` (every statistic then reads the same tensor); else recomputed chunk
+    by chunk on each pass (memory bounded by a chunk)."""
     layer = config.run.fisher_layer or None
+    count = len(_my_indices(data, config, context))
+    size = next(model.parameters()).element_size()
+    owners = factorable_layers(model, layer)
+    if owners is not None:
+        linears = [dict(model.named_modules())[name] for name in owners]
+        factor_width = sum(m.in_features + m.out_features for m in linears if isinstance(m, nn.Linear))
+        if count * factor_width * size <= FACTORS_BYTES:
+            return linear_factors(model, _my_batches(data, config, context), layer, CHUNK)
 
     def chunks() -> Iterator[torch.Tensor]:
         return per_example_gradients(model, _my_batches(data, config, context), layer, CHUNK)
 
     names = set(parameter_names(model, layer))
     width = sum(p.numel() for name, p in model.named_parameters() if name in names)
-    count = len(_my_indices(data, config, context))
-    fits = count * width * next(model.parameters()).element_size() <= IN_MEMORY_BYTES
-    return torch.cat(list(chunks())) if fits else chunks
+    return torch.cat(list(chunks())) if count * width * size <= IN_MEMORY_BYTES else chunks
 
 
 def fisher_record(
@@ -113,7 +123,7 @@ def fisher_record(
     pause = precond.paused() if precond is not None else contextlib.nullcontext()
     try:
         with pause:
-            rows = _rows(model, data, config, context)
+            rows = gradient_rows(model, data, config, context)
             top = top_eigenpairs(rows, 1, comm=context.comm)
             trimmed = trimmed_top_eigenvalue(rows, run.fisher_trim, context.comm, top=top)
             norms = gradient_norms(rows)

@@ -29,6 +29,7 @@ from distkfac.diagnostics import (
     top_eigenpairs,
     trimmed_top_eigenvalue,
 )
+from distkfac.diagnostics.per_example import linear_factors
 
 TIMEOUT = timedelta(seconds=60)
 COUNT, SPLIT = 40, 23  # uneven shards, so that offsets matter
@@ -71,6 +72,8 @@ def diagnostics(comm: Communicator) -> dict[str, Any]:
         "trimmed": trimmed_top_eigenvalue(rows, 0.1, comm, method="lanczos"),
         "mad": mad_outliers(gradient_norms(rows), 2.0, comm),
         "mad_7": mad_outliers(gradient_norms(rows), 7.0, comm),  # a k where some x_i > k MAD and some not
+        "factored": top_eigenpairs(linear_factors(net, data), 3, "lanczos", comm),  # the Linear layers' factors
+        "factored_trimmed": trimmed_top_eigenvalue(linear_factors(net, data), 0.1, comm, method="lanczos"),
     }
     return {name: asdict(result) for name, result in results.items()}  # plain data: torch.load's weights_only
 

@@ -29,7 +29,8 @@ from distkfac.diagnostics import (
     top_eigenpairs,
     trimmed_top_eigenvalue,
 )
-from distkfac.diagnostics.spectrum import DENSE_MAX_WIDTH
+from distkfac.diagnostics.per_example import factorable_layers, linear_factors
+from distkfac.diagnostics.spectrum import DENSE_MAX_WIDTH, FACTORED_DENSE_MAX_WIDTH
 from tests import fisher_worker
 from tests.processes import ENV, PYTHON, ROOT
 
@@ -129,6 +130,36 @@ def test_whole_model_rows_equal_single_example_backward_passes(make: Any) -> Non
     torch.testing.assert_close(got, looped_gradients(model, x, y, names), atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("layer", ["0", "2", None], ids=["first", "last", "model"])
+def test_linear_factors_give_the_rows_their_products_and_norms(mlp_data: Any, layer: str | None) -> None:
+    model, (x, y) = mlp_data
+    factors = linear_factors(model, iter([(x[:15], y[:15]), (x[15:], y[15:])]), layer, chunk_size=4)
+    want = looped_gradients(model, x, y, parameter_names(model, layer))
+    assert (len(factors), factors.width) == want.shape
+    torch.testing.assert_close(torch.cat(list(factors.explicit())), want, atol=1e-12, rtol=1e-10)
+    v, u = torch.randn(want.shape[1]), torch.randn(len(x))
+    torch.testing.assert_close(factors.matvec(v), want @ v, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(factors.rmatvec(u), want.T @ u, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(gradient_norms(factors), want.norm(dim=1), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(projections(factors, v), want @ v, atol=1e-12, rtol=1e-10)
+    values, vectors = explicit_fisher(want)
+    for method in ("lanczos", "eigh"):
+        assert_same_pairs(top_eigenpairs(factors, 3, method), values, vectors, 3)
+    trimmed, explicit = trimmed_top_eigenvalue(factors, 0.1, method="lanczos"), trimmed_top_eigenvalue(want, 0.1)
+    assert (trimmed.full, trimmed.fixed, trimmed.recomputed) == pytest.approx(
+        (explicit.full, explicit.fixed, explicit.recomputed), rel=1e-9
+    )
+    assert all(p.grad is None for p in model.parameters()), "the model's .grad must be left alone"
+
+
+def test_only_linear_layers_on_feature_vectors_are_factored() -> None:
+    assert factorable_layers(conv_model()) is None and factorable_layers(conv_model(), "3") == ["3"]
+    with pytest.raises(ValueError, match="are not all Linear layers'"):
+        linear_factors(conv_model(), (torch.randn(3, 2, 5, 5), torch.randint(0, 4, (3,))))
+    with pytest.raises(ValueError, match=r"on \(n, features\) inputs"):
+        linear_factors(sequence_model(), (torch.randn(6, 5, 4), torch.randint(0, 3, (6,))), "mix")
+
+
 # --- the spectrum --------------------------------------------------------------------------------------------------
 
 
@@ -163,6 +194,27 @@ def test_lanczos_on_chunks_recomputed_every_pass_matches_dense(mlp_data: Any) ->
     assert len(passes) > 5, "Lanczos must pass over the chunks once per step, never holding J"
 
 
+def test_lanczos_stops_once_the_top_pair_has_converged() -> None:
+    generator = torch.Generator().manual_seed(4)
+    scales = torch.cat([torch.tensor([30.0, 10.0]), torch.ones(298)])
+    matrix = torch.randn(600, 300, generator=generator) * scales
+    values, vectors = explicit_fisher(matrix)
+    passes: list[int] = []
+
+    def rows() -> Any:
+        passes.append(1)
+        return [matrix]
+
+    got = top_eigenpairs(rows, 1, "lanczos")
+    assert_same_pairs(got, values, vectors, 1, tol=1e-10)
+    early = len(passes)
+    passes.clear()
+    top_eigenpairs(rows, 1, "lanczos", tol=0)  # every one of the default 60 steps
+    assert early < 30 < len(passes) == 61, (early, len(passes))  # one pass counts the rows
+    with pytest.raises(ValueError, match="tol must be >= 0"):
+        top_eigenpairs(matrix, 1, "lanczos", tol=-1.0)
+
+
 def test_lanczos_with_few_steps_still_finds_a_well_separated_top_pair() -> None:
     generator = torch.Generator().manual_seed(4)
     scales = torch.cat([torch.tensor([30.0, 10.0]), torch.ones(298)])
@@ -178,6 +230,10 @@ def test_auto_picks_eigh_for_small_d_then_gram_for_few_examples_then_lanczos() -
     assert choose_method(100_000, 100_000, 1) == "lanczos"
     assert choose_method(2_000, 100_000, 1) == "lanczos", "N d above the Gram budget"
     assert top_eigenpairs(whole_model_rows(20), 1).method == "eigh"
+    # Linear factors: products without rows, so Lanczos above a small width, and never the Gram route
+    assert choose_method(10_000, FACTORED_DENSE_MAX_WIDTH, 1, factored=True) == "eigh"
+    assert choose_method(10_000, FACTORED_DENSE_MAX_WIDTH + 1, 1, factored=True) == "lanczos"
+    assert choose_method(300, 100_000, 1, factored=True) == "lanczos"
 
 
 def test_the_top_eigenvalue_is_the_mean_squared_projection(mlp_data: Any) -> None:
@@ -332,6 +388,9 @@ def test_two_gloo_ranks_give_the_single_process_results(tmp_path: Path) -> None:
         got = torch.load(tmp_path / f"fisher.rank{rank}.pt")
         for name in ("lanczos", "eigh", "gram"):
             assert got[name].pop("method") == want[name]["method"] == name
+        assert got["factored"].pop("method") == "lanczos"
         torch.testing.assert_close(got, numbers, atol=1e-10, rtol=1e-10, msg=_prefixed(f"rank {rank}"))
     assert want["trimmed"]["removed"] == 4 and want["mad"]["count"] == fisher_worker.COUNT
+    torch.testing.assert_close(numbers["factored"], numbers["lanczos"], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(numbers["factored_trimmed"], numbers["trimmed"], atol=1e-10, rtol=1e-10)
     assert 0 < want["mad_7"]["above"] < fisher_worker.COUNT, "the global median must decide, not a rank's own"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from distkfac.comm import Communicator, resolve_communicator
+from distkfac.diagnostics.factored import FactoredRows
 from distkfac.diagnostics.gather import gather_rows, shard_of
 from distkfac.diagnostics.rows import Rows, chunks_of
 
@@ -35,6 +36,8 @@ class OutlierCounts:
 
 def gradient_norms(rows: Rows) -> torch.Tensor:
     """``||g_i||`` for this rank's rows, in order (no collective)."""
+    if isinstance(rows, FactoredRows):
+        return rows.norms()
     parts = [chunk.norm(dim=1) for chunk in chunks_of(rows)]
     return torch.cat(parts) if parts else torch.zeros(0)
 

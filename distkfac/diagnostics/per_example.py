@@ -12,6 +12,9 @@ bias). No Python loop runs over examples:
 - anything else (Conv2d, the whole model): ``torch.func``, ``vmap`` of ``grad`` of a ``functional_call`` on one
   example.
 
+:func:`linear_factors` keeps the Linear layers' ``a_i`` and ``g_i`` instead of the rows (``FactoredRows``, see
+``factored``): every Linear layer of an MLP, or one layer, in one pass, at ``N (in + out)`` numbers.
+
 Either way the model must treat examples independently: BatchNorm in training mode couples them (use ``eval()``).
 The model's ``.grad`` are left untouched.
 """
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+from distkfac.diagnostics.factored import FactoredRows, LinearFactors
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Data = Batch | Iterable[Batch]
@@ -55,6 +60,65 @@ def per_example_gradients(
             yield _functional_rows(model, names, x, y)
     if seen == 0:
         raise ValueError("distkfac.diagnostics: empty data: no examples to take gradients of")
+
+
+def factorable_layers(model: nn.Module, layer: str | None = None) -> list[str] | None:
+    """The Linear modules behind every chosen parameter (``layer``, or the whole model when None), in column order;
+    None when some chosen parameter is not a Linear layer's weight or bias (then only explicit rows will do)."""
+    names = _chosen_parameters(model, layer)
+    modules = dict(model.named_modules())
+    owners: list[str] = []
+    for name in names:
+        owner, _, kind = name.rpartition(".")
+        if not isinstance(modules.get(owner), nn.Linear) or kind not in ("weight", "bias"):
+            return None
+        if not owners or owners[-1] != owner:
+            owners.append(owner)
+    expected = [f"{o}.{kind}" for o in owners for kind, p in modules[o].named_parameters() if p.requires_grad]
+    return owners if expected == names else None
+
+
+def linear_factors(model: nn.Module, data: Data, layer: str | None = None, chunk_size: int = 256) -> FactoredRows:
+    """The per-example gradients of ``layer`` (or of the whole model) as Linear layers' factors, one pass over
+    ``data`` in chunks of ``chunk_size``; the same rows as :func:`per_example_gradients`. Raises ValueError when a
+    chosen parameter is not a Linear layer's, or a layer's input is not ``(n, features)``."""
+    owners = factorable_layers(model, layer)
+    if owners is None:
+        raise ValueError(f"distkfac.diagnostics: the parameters of {layer or 'the model'!r} are not all Linear layers'")
+    modules = dict(model.named_modules())
+    parts: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {owner: ([], []) for owner in owners}
+    device = next(model.parameters()).device
+    for x, y in _chunks(data, chunk_size):
+        for owner, (a, g) in _chunk_factors(model, [modules[o] for o in owners], owners, x.to(device), y.to(device)):
+            parts[owner][0].append(a)
+            parts[owner][1].append(g)
+    if not parts[owners[0]][0]:
+        raise ValueError("distkfac.diagnostics: empty data: no examples to take gradients of")
+    blocks = [
+        LinearFactors(torch.cat(parts[o][0]), torch.cat(parts[o][1]), modules[o].bias is not None) for o in owners
+    ]
+    return FactoredRows(blocks, chunk_size)
+
+
+def _chunk_factors(
+    model: nn.Module, linears: list[nn.Module], names: list[str], x: torch.Tensor, y: torch.Tensor
+) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each layer's ``(a_i, g_i)`` for one chunk: forward hooks, one ``autograd.grad`` of the summed loss."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        seen[id(module)] = (inputs[0].detach(), output)
+
+    handles = [module.register_forward_hook(keep) for module in linears]
+    try:
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(seen) != len(linears) or any(seen[id(m)][0].dim() != 2 for m in linears):
+        raise ValueError("distkfac.diagnostics: every chosen Linear layer must run once, on (n, features) inputs")
+    grads = torch.autograd.grad(loss, [seen[id(m)][1] for m in linears])
+    return [(name, (seen[id(m)][0], g)) for name, m, g in zip(names, linears, grads, strict=True)]
 
 
 def parameter_names(model: nn.Module, layer: str | None = None) -> list[str]:

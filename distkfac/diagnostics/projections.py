@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from distkfac.comm import Communicator, resolve_communicator
+from distkfac.diagnostics.factored import FactoredRows
 from distkfac.diagnostics.gather import allreduce_sum, gather_rows, shard_of
 from distkfac.diagnostics.rows import Rows, chunks_of, kept
 from distkfac.diagnostics.spectrum import Eigenpairs, top_eigenpairs
@@ -44,6 +45,8 @@ class TrimmedEigenvalue:
 
 def projections(rows: Rows, vector: torch.Tensor) -> torch.Tensor:
     """``a_i = v^T g_i`` for this rank's rows, in order (no collective)."""
+    if isinstance(rows, FactoredRows):
+        return rows.matvec(vector.to(rows.device))
     parts = [chunk @ vector.to(chunk.device) for chunk in chunks_of(rows)]
     return torch.cat(parts) if parts else vector.new_zeros(0)
 

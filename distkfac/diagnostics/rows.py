@@ -1,9 +1,14 @@
-"""The rows ``g_i`` of ``J`` as the spectrum functions read them: a tensor, or a way to pass over them again.
+"""The rows ``g_i`` of ``J`` as the spectrum functions read them: a tensor, factors, or a way to pass over them again.
 
-A ``Rows`` is either a ``(N, d)`` tensor (this rank's examples, already in memory) or a callable returning a fresh
-iterable of ``(n, d)`` chunks each time it is called, in the same order every time, e.g.
-``lambda: per_example_gradients(model, data, layer)``. Lanczos passes over the rows once per step, so a callable
-recomputes the gradients each time: memory stays bounded by one chunk, at the cost of one gradient pass per step.
+A ``Rows`` is one of:
+
+- a ``(N, d)`` tensor (this rank's examples, already in memory);
+- :class:`~distkfac.diagnostics.factored.FactoredRows`: Linear layers' inputs and output gradients, from which the
+  products ``J v`` and ``J^T u`` and the norms come without forming a row (``linear_factors``);
+- a callable returning a fresh iterable of ``(n, d)`` chunks each time it is called, in the same order every time,
+  e.g. ``lambda: per_example_gradients(model, data, layer)``. Lanczos passes over the rows once per step, so a
+  callable recomputes the gradients each time: memory stays bounded by one chunk, at the cost of one gradient pass
+  per step.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-Rows = torch.Tensor | Callable[[], Iterable[torch.Tensor]]
+from distkfac.diagnostics.factored import FactoredRows
+
+Rows = torch.Tensor | FactoredRows | Callable[[], Iterable[torch.Tensor]]
 
 
 def chunks_of(rows: Rows) -> Iterator[torch.Tensor]:
@@ -22,7 +29,7 @@ def chunks_of(rows: Rows) -> Iterator[torch.Tensor]:
             raise ValueError(f"distkfac.diagnostics: rows must be a (N, d) tensor, got shape {tuple(rows.shape)}")
         yield rows
         return
-    for chunk in rows():
+    for chunk in rows.explicit() if isinstance(rows, FactoredRows) else rows():
         if chunk.dim() != 2:
             raise ValueError(f"distkfac.diagnostics: a chunk of rows must be (n, d), got shape {tuple(chunk.shape)}")
         yield chunk
@@ -30,6 +37,8 @@ def chunks_of(rows: Rows) -> Iterator[torch.Tensor]:
 
 def count_and_width(rows: Rows) -> tuple[int, int, torch.dtype, torch.device]:
     """This rank's number of rows, ``d``, and the rows' dtype and device (one pass for a callable)."""
+    if isinstance(rows, FactoredRows):
+        return len(rows), rows.width, rows.dtype, rows.device
     count, width, dtype, device = 0, 0, torch.get_default_dtype(), torch.device("cpu")
     for chunk in chunks_of(rows):
         if count and chunk.shape[1] != width:
@@ -48,6 +57,8 @@ def kept(rows: Rows, keep: torch.Tensor) -> Rows:
     """The rows whose entry in the boolean ``keep`` (one per row of this rank, in order) is true."""
     if isinstance(rows, torch.Tensor):
         return rows[keep.to(rows.device)]
+    if isinstance(rows, FactoredRows):
+        return rows.select(keep.to(rows.device))
 
     def chunks() -> Iterator[torch.Tensor]:
         start = 0

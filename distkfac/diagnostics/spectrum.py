@@ -8,12 +8,17 @@ the rows and ``N`` is the global count. Three routes, all giving the same eigenp
 - ``"gram"``: when ``N < d``, the Gram matrix ``G = J J^T / N`` (N x N) has the same non-zero eigenvalues. Its
   eigenvector ``u`` maps back to ``v = J^T u / sqrt(N lambda)`` (normalised again against rounding). Every rank's
   rows are gathered (``N d`` values), so it is for small ``N``; it needs ``k <= N``.
-- ``"lanczos"``: ``steps`` Lanczos steps with full reorthogonalisation on ``v -> J^T (J v) / N``, computed chunk by
-  chunk and summed over the ranks, never forming ``F``; a fixed-seed start vector, so every rank runs the same
-  iteration and ends with the same eigenpairs. Memory ``d * steps``. With a callable ``Rows`` each step is one pass
-  over the gradients.
+- ``"lanczos"``: at most ``steps`` Lanczos steps with full reorthogonalisation on ``v -> J^T (J v) / N``, computed
+  chunk by chunk (or from Linear factors) and summed over the ranks, never forming ``F``; a fixed-seed start vector,
+  so every rank runs the same iteration and ends with the same eigenpairs. It stops early once the top ``k`` Ritz
+  pairs have converged: the residual ``||F y - theta y|| = beta_m |s_m|`` (free from the tridiagonal) of each is
+  below ``tol`` times the largest Ritz value (default ``eps^(2/3)`` of the dtype: about 2e-5 in float32, 4e-11 in
+  float64; the eigenvalue's error is of order the residual squared over the gap). Memory ``d * steps``. With a
+  callable ``Rows`` each step is one pass over the gradients.
 
-``method="auto"`` picks ``"eigh"`` when ``d <= DENSE_MAX_WIDTH``; else ``"gram"`` when ``k <= N < d`` and
+``method="auto"`` picks ``"eigh"`` when ``d <= DENSE_MAX_WIDTH`` (``FACTORED_DENSE_MAX_WIDTH`` for Linear factors,
+whose Lanczos products cost ``4 N d`` without forming a row, against ``N d^2`` to accumulate ``F``; above it,
+factors always take ``"lanczos"``); else ``"gram"`` when ``k <= N < d`` and
 ``N d <= GRAM_MAX_ENTRIES``; else ``"lanczos"``. With a callable ``Rows``, every method first counts the rows (one
 pass). Eigenvalues come in descending order; each eigenvector's sign is fixed so that its largest-magnitude entry
 is positive, so that the routes (and the ranks) agree.
@@ -26,11 +31,13 @@ from dataclasses import dataclass
 import torch
 
 from distkfac.comm import Communicator, resolve_communicator
+from distkfac.diagnostics.factored import FactoredRows
 from distkfac.diagnostics.gather import Shard, allreduce_sum, gather_rows, shard_of
 from distkfac.diagnostics.rows import Rows, chunks_of, count_and_width, matrix_of
 
 METHODS = ("auto", "eigh", "gram", "lanczos")
 DENSE_MAX_WIDTH = 2048
+FACTORED_DENSE_MAX_WIDTH = 128
 GRAM_MAX_ENTRIES = 2**25
 
 
@@ -44,10 +51,13 @@ class Eigenpairs:
     method: str
 
 
-def choose_method(count: int, width: int, k: int) -> str:
-    """The route ``method="auto"`` takes for ``count`` examples (global) of ``width`` columns and ``k`` pairs."""
-    if width <= DENSE_MAX_WIDTH:
+def choose_method(count: int, width: int, k: int, factored: bool = False) -> str:
+    """The route ``method="auto"`` takes for ``count`` examples (global) of ``width`` columns and ``k`` pairs
+    (``factored``: the rows are Linear layers' factors)."""
+    if width <= (FACTORED_DENSE_MAX_WIDTH if factored else DENSE_MAX_WIDTH):
         return "eigh"
+    if factored:
+        return "lanczos"  # the Gram route would form and gather every row
     if k <= count < width and count * width <= GRAM_MAX_ENTRIES:
         return "gram"
     return "lanczos"
@@ -60,10 +70,12 @@ def top_eigenpairs(
     comm: Communicator | None = None,
     steps: int | None = None,
     seed: int = 0,
+    tol: float | None = None,
 ) -> Eigenpairs:
     """The top ``k`` eigenpairs of ``F = (1/N) J^T J`` over every rank's rows (collective when distributed).
 
-    ``steps``: Lanczos steps (default ``max(2 k + 40, 60)``, never more than ``d``); ``seed``: its start vector's.
+    ``steps``: at most this many Lanczos steps (default ``max(2 k + 40, 60)``, never more than ``d``); ``seed``: its
+    start vector's; ``tol``: its convergence threshold (relative residual; default ``eps^(2/3)``, 0 = every step).
     ``comm``: as for the preconditioner (None: the initialised torch.distributed or Horovod one, else a single
     process); each rank passes its own shard of the examples.
     """
@@ -76,7 +88,8 @@ def top_eigenpairs(
     shard = shard_of(count, comm, width)
     if k > shard.width:
         raise ValueError(f"distkfac.diagnostics: k = {k} eigenpairs asked of a {shard.width}-dimensional Fisher")
-    chosen = choose_method(shard.total, shard.width, k) if method == "auto" else method
+    factored = isinstance(rows, FactoredRows)
+    chosen = choose_method(shard.total, shard.width, k, factored) if method == "auto" else method
     if chosen == "eigh":
         values, vectors = _dense(rows, shard, dtype, device, comm, k)
     elif chosen == "gram":
@@ -84,15 +97,18 @@ def top_eigenpairs(
             raise ValueError(f"distkfac.diagnostics: the Gram route gives at most N = {shard.total} pairs, not {k}")
         values, vectors = _gram(rows, shard, dtype, device, comm, k)
     else:
-        values, vectors = _lanczos_top(rows, shard, dtype, device, comm, k, steps, seed)
+        values, vectors = _lanczos_top(rows, shard, dtype, device, comm, k, steps, seed, tol)
     return Eigenpairs(values=values, vectors=_fix_signs(vectors), count=shard.total, method=chosen)
 
 
 def fisher_product(rows: Rows, vector: torch.Tensor, total: int, comm: Communicator) -> torch.Tensor:
     """``F v = J^T (J v) / N`` over every rank's rows, chunk by chunk, without forming ``F`` (collective)."""
-    product = torch.zeros_like(vector)
-    for chunk in chunks_of(rows):
-        product += chunk.T @ (chunk @ vector)
+    if isinstance(rows, FactoredRows):
+        product = rows.rmatvec(rows.matvec(vector))
+    else:
+        product = torch.zeros_like(vector)
+        for chunk in chunks_of(rows):
+            product += chunk.T @ (chunk @ vector)
     return allreduce_sum(product, comm) / total
 
 
@@ -119,6 +135,18 @@ def _gram(
     return values, vectors / vectors.norm(dim=0, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
 
 
+@dataclass(frozen=True)
+class _LanczosPlan:
+    width: int
+    total: int
+    dtype: torch.dtype
+    device: torch.device
+    k: int  # the pairs whose convergence ends the iteration early
+    steps: int
+    seed: int
+    tol: float
+
+
 def _lanczos_top(
     rows: Rows,
     shard: Shard,
@@ -128,11 +156,16 @@ def _lanczos_top(
     k: int,
     steps: int | None,
     seed: int,
+    tol: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     steps = min(shard.width, steps or max(2 * k + 40, 60))
     if steps < k:
         raise ValueError(f"distkfac.diagnostics: {steps} Lanczos steps cannot give k = {k} eigenpairs")
-    values, vectors = _lanczos(rows, shard, dtype, device, comm, steps, seed)
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"distkfac.diagnostics: tol must be >= 0 (0 = every step), got {tol}")
+    tol = torch.finfo(dtype).eps ** (2 / 3) if tol is None else tol
+    plan = _LanczosPlan(shard.width, shard.total, dtype, device, k, steps, seed, tol)
+    values, vectors = _lanczos(rows, plan, comm)
     if len(values) < k:
         raise ValueError(
             f"distkfac.diagnostics: Lanczos found an invariant subspace after {len(values)} steps, fewer than "
@@ -141,39 +174,47 @@ def _lanczos_top(
     return values[:k], vectors[:, :k]
 
 
-def _lanczos(
-    rows: Rows,
-    shard: Shard,
-    dtype: torch.dtype,
-    device: torch.device,
-    comm: Communicator,
-    steps: int,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _ritz(alphas: list[float], betas: list[float], plan: _LanczosPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of the tridiagonal (descending)."""
+    off = torch.tensor(betas, dtype=plan.dtype, device=plan.device)
+    diagonal = torch.tensor(alphas, dtype=plan.dtype, device=plan.device)
+    values, s = torch.linalg.eigh(torch.diag(diagonal) + torch.diag(off, 1) + torch.diag(off, -1))
+    return values.flip(0), s.flip(1)
+
+
+def _converged(alphas: list[float], betas: list[float], beta: float, plan: _LanczosPlan) -> bool:
+    """Whether the top ``k`` Ritz pairs' residuals ``beta |s_last|`` are all below ``tol`` times the largest value."""
+    if not plan.tol or len(alphas) < plan.k:
+        return False
+    values, s = _ritz(alphas, betas, plan)
+    residuals = beta * s[-1, : plan.k].abs()
+    return bool((residuals <= plan.tol * values[0].abs()).all())
+
+
+def _lanczos(rows: Rows, plan: _LanczosPlan, comm: Communicator) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz values (descending) and vectors after at most ``steps`` steps; it stops early at an invariant subspace
-    (``beta`` below a rounding-level threshold, e.g. after ``N`` steps when ``N < d``)."""
-    start = torch.randn(shard.width, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
-    basis = [start / start.norm()]
+    (``beta`` below a rounding-level threshold, e.g. after ``N`` steps when ``N < d``) or once converged."""
+    start = torch.randn(plan.width, generator=torch.Generator().manual_seed(plan.seed), dtype=plan.dtype)
+    basis = [start.to(plan.device) / start.norm()]
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
-    for _ in range(steps):
-        w = fisher_product(rows, basis[-1], shard.total, comm)
+    for _ in range(plan.steps):
+        w = fisher_product(rows, basis[-1], plan.total, comm)
         alphas.append(float(basis[-1] @ w))
         q = torch.stack(basis, dim=1)
         for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
             w -= q @ (q.T @ w)
         beta = float(w.norm())
         scale = max(scale, abs(alphas[-1]), beta)
-        if len(alphas) == steps or beta <= 100 * torch.finfo(dtype).eps * scale:
+        if len(alphas) == plan.steps or beta <= 100 * torch.finfo(plan.dtype).eps * scale:
+            break
+        if _converged(alphas, betas, beta, plan):
             break
         betas.append(beta)
         basis.append(w / beta)
-    off = torch.tensor(betas, dtype=dtype, device=device)
-    diagonal = torch.tensor(alphas, dtype=dtype, device=device)
-    tridiagonal = torch.diag(diagonal) + torch.diag(off, 1) + torch.diag(off, -1)
-    values, s = torch.linalg.eigh(tridiagonal)
-    return values.flip(0), torch.stack(basis[: len(alphas)], dim=1) @ s.flip(1)
+    values, s = _ritz(alphas, betas, plan)
+    return values, torch.stack(basis[: len(alphas)], dim=1) @ s
 
 
 def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
