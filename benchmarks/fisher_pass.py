@@ -4,8 +4,8 @@ training epoch of the same model, with 1 and 2 ranks (torchrun, gloo, one thread
     python -m benchmarks.fisher_pass                       # worlds 1 and 2, layers 5 (output), 3, and the model
     python -m benchmarks.fisher_pass --worlds 1 --layers 5 --examples 10000
 
-The model is ``jobs/configs/fashion_mlp_sgd.toml``'s MLP (784-256-128-10, 235,146 parameters) at its initial weights
-after one epoch of SGD (batch 128, lr 0.05, no momentum: our choice for the benchmark). The epoch: every global batch
+The model is ``jobs/configs/fashion_mlp_sgd.toml``'s MLP (784-256-128-10, 235,146 parameters) after the timed epoch
+of SGD from its initial weights (batch 128, lr 0.05, no momentum: our choice for the benchmark). The epoch: every global batch
 split over the ranks, gradients averaged through the communicator, as ``jobs.train`` does without DDP. The pass:
 ``jobs.diagnostics.gradient_rows`` (the per-example gradients of the layer, kept in memory below 256 MiB per rank,
 else recomputed on every Lanczos step) and ``distkfac.diagnostics.top_eigenpairs`` (k = 1, its automatic route). The
@@ -51,6 +51,7 @@ def _epoch(model: torch.nn.Module, data: Any, context: Any, batch: int) -> float
 def worker(args: argparse.Namespace) -> None:
     """One rank under torchrun: the epoch, then each layer's pass and record; this rank's seconds as JSON."""
     from distkfac.comm import leave
+    from distkfac.comm.ops import barrier
     from distkfac.diagnostics import top_eigenpairs
     from jobs.config import load_config
     from jobs.datasets import load_dataset
@@ -68,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     for layer in args.layers:
         config = load_config(CONFIG, [f"data.train_examples={args.examples}", "run.fisher_every=1",
                                       f"run.fisher_layer={json.dumps('' if layer == 'all' else layer)}"])  # fmt: skip
-        context.comm.barrier() if hasattr(context.comm, "barrier") else None
+        barrier(context.comm, context.device)
         started = time.perf_counter()
         top = top_eigenpairs(gradient_rows(model, data, config, context), 1, comm=context.comm)
         pass_s = time.perf_counter() - started
