@@ -132,7 +132,7 @@ def _mean_pm(values: Iterable[float | None], spec: str = ".4g", scale: float = 1
     """``mean ± SE`` over seeds (``mean`` alone for one seed)."""
     present = [v * scale for v in values if v is not None and math.isfinite(v)]
     mean, se = mean_se(present) if present else (None, None)
-    return _fmt(mean, spec) + (f" ± {_fmt(se, spec)}" if se is not None else "")
+    return _fmt(mean, spec) + (f" ± {_fmt(se, '.2g')}" if se is not None else "")
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
