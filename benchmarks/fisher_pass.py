@@ -3,14 +3,17 @@ training epoch of the same model, with 1 and 2 ranks (torchrun, gloo, one thread
 
     python -m benchmarks.fisher_pass                       # worlds 1 and 2, layers 5 (output), 3, and the model
     python -m benchmarks.fisher_pass --worlds 1 --layers 5 --examples 10000
+    python -m benchmarks.fisher_pass --worlds 1 --examples 6000 --ways factors rows   # factors against rows
 
-The model is ``jobs/configs/fashion_mlp_sgd.toml``'s MLP (784-256-128-10, 235,146 parameters) after the timed epoch
-of SGD from its initial weights (batch 128, lr 0.05, no momentum: our choice for the benchmark). The epoch: every global batch
-split over the ranks, gradients averaged through the communicator, as ``jobs.train`` does without DDP. The pass:
+The model is ``jobs/configs/fashion_mlp_sgd.toml``'s MLP (784-256-128-10, 235,146 parameters) after the timed
+epoch of SGD from its initial weights (batch 128, lr 0.05, no momentum: our choice for the benchmark). The epoch:
+every global batch split over the ranks, gradients averaged through the communicator, as ``jobs.train`` does without DDP. The pass:
 ``jobs.diagnostics.gradient_rows`` (the per-example gradients of the layer, kept in memory below 256 MiB per rank,
 else recomputed on every Lanczos step) and ``distkfac.diagnostics.top_eigenpairs`` (k = 1, its automatic route). The
 whole record (``jobs.diagnostics.fisher_record``: also the trimmed eigenvalue, recomputed, and the MAD outliers) is
-timed as well. Times are the maximum over the ranks.
+timed as well. Times are the maximum over the ranks. ``--ways rows`` turns the Linear factors off
+(``jobs.diagnostics.FACTORS_BYTES = 0``): the per-example gradients are then rows, in memory below 256 MiB per rank,
+else recomputed on every Lanczos step (the code before the factors).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def _epoch(model: torch.nn.Module, data: Any, context: Any, batch: int) -> float
 
 def worker(args: argparse.Namespace) -> None:
     """One rank under torchrun: the epoch, then each layer's pass and record; this rank's seconds as JSON."""
+    import jobs.diagnostics
     from distkfac.comm import leave
     from distkfac.comm.ops import barrier
     from distkfac.diagnostics import top_eigenpairs
@@ -59,6 +63,8 @@ def worker(args: argparse.Namespace) -> None:
     from jobs.models import build_model
     from jobs.parallel import start
 
+    if args.way == "rows":
+        jobs.diagnostics.FACTORS_BYTES = 0
     torch.set_num_threads(1)
     context = start("gloo")
     base = load_config(CONFIG, [f"data.train_examples={args.examples}", "run.fisher_every=1"])
@@ -81,12 +87,12 @@ def worker(args: argparse.Namespace) -> None:
     leave(0)  # gloo can abort at exit even after barrier + destroy_process_group (torch 2.13)
 
 
-def run_world(world: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_world(world: int, way: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         command = [
             str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={world}",
             "-m", "benchmarks.fisher_pass", "--worker", "--out", out, "--examples", str(args.examples),
-            "--batch", str(args.batch), "--layers", *args.layers,
+            "--batch", str(args.batch), "--way", way, "--layers", *args.layers,
         ]  # fmt: skip
         result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
         if result.returncode != 0:
@@ -107,20 +113,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layers", nargs="+", default=["5", "3", "all"], help="module names, or all (the model)")
     parser.add_argument("--examples", type=int, default=60000)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--ways", nargs="+", default=["factors"], choices=["factors", "rows"])
+    parser.add_argument("--way", default="factors", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return
-    print("| ranks | parameters | route | epoch (s) | top eigenpair pass (s) | pass / epoch | whole record (s) | "
-          "record / epoch |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| ranks | gradients | parameters | route | epoch (s) | top eigenpair pass (s) | pass / epoch | "
+          "whole record (s) | record / epoch |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for world in args.worlds:
-        merged = run_world(world, args)
-        epoch = merged["epoch_s"]
-        for layer in args.layers:
-            entry = merged[layer]
-            print(f"| {world} | {'model' if layer == 'all' else 'layer ' + layer} | {entry['method']} | {epoch:.2f} | "
-                  f"{entry['pass_s']:.2f} | {entry['pass_s'] / epoch:.2f} | {entry['record_s']:.2f} | "
-                  f"{entry['record_s'] / epoch:.2f} |", flush=True)  # fmt: skip
+        for way in args.ways:
+            _print_rows(world, way, run_world(world, way, args), args.layers)
+
+
+def _print_rows(world: int, way: str, merged: dict[str, Any], layers: Sequence[str]) -> None:
+    epoch = merged["epoch_s"]
+    for layer in layers:
+        entry, name = merged[layer], "model" if layer == "all" else f"layer {layer}"
+        print(f"| {world} | {way} | {name} | {entry['method']} | {epoch:.2f} | "
+              f"{entry['pass_s']:.2f} | {entry['pass_s'] / epoch:.2f} | {entry['record_s']:.2f} | "
+              f"{entry['record_s'] / epoch:.2f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
