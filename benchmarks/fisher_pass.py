@@ -7,13 +7,13 @@ training epoch of the same model, with 1 and 2 ranks (torchrun, gloo, one thread
 
 The model is ``jobs/configs/fashion_mlp_sgd.toml``'s MLP (784-256-128-10, 235,146 parameters) after the timed
 epoch of SGD from its initial weights (batch 128, lr 0.05, no momentum: our choice for the benchmark). The epoch:
-every global batch split over the ranks, gradients averaged through the communicator, as ``jobs.train`` does without DDP. The pass:
-``jobs.diagnostics.gradient_rows`` (the per-example gradients of the layer, kept in memory below 256 MiB per rank,
-else recomputed on every Lanczos step) and ``distkfac.diagnostics.top_eigenpairs`` (k = 1, its automatic route). The
-whole record (``jobs.diagnostics.fisher_record``: also the trimmed eigenvalue, recomputed, and the MAD outliers) is
-timed as well. Times are the maximum over the ranks. ``--ways rows`` turns the Linear factors off
-(``jobs.diagnostics.FACTORS_BYTES = 0``): the per-example gradients are then rows, in memory below 256 MiB per rank,
-else recomputed on every Lanczos step (the code before the factors).
+every global batch split over the ranks, gradients averaged through the communicator, as ``jobs.train`` does
+without DDP. The pass: ``jobs.diagnostics.gradient_rows`` (the layer's per-example gradients: Linear factors, or
+rows) and ``distkfac.diagnostics.top_eigenpairs`` (k = 1, its automatic route). The whole record
+(``jobs.diagnostics.fisher_record``: also the trimmed eigenvalue, recomputed, and the MAD outliers) is timed as
+well. Times are the maximum over the ranks. ``--ways rows`` turns the Linear factors off
+(``jobs.diagnostics.FACTORS_BYTES = 0``): the per-example gradients are then rows, in memory below 256 MiB per
+rank, else recomputed on every Lanczos step (the code before the factors).
 """
 
 from __future__ import annotations
