@@ -132,7 +132,7 @@ def _mean_pm(values: Iterable[float | None], spec: str = ".4g", scale: float = 1
     """``mean ± SE`` over seeds (``mean`` alone for one seed)."""
     present = [v * scale for v in values if v is not None and math.isfinite(v)]
     mean, se = mean_se(present) if present else (None, None)
-    return _fmt(mean, spec) + (f" ± {_fmt(se, '.2g')}" if se is not None else "")
+    return _fmt(mean, spec) + (f" ± {_fmt(se, '.0f' if se >= 10 else '.2g')}" if se is not None else "")
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -193,9 +193,11 @@ def _claim_few_examples(rows: Sequence[Mapping[str, Any]], batch: int) -> Verdic
     near = min(r["near_zero_fraction"] for r in chosen)
     ratios = sorted(r["max_abs_a"] / max(r["median_abs_a"], 1e-30) for r in chosen)
     ratio = ratios[len(ratios) // 2]
+    largest = sorted(r["max_abs_a"] for r in chosen)
     text = (
         f"batch {batch}, every record of every seed: at least {100 * near:.1f}% of the a_i in (-0.1, 0.1); "
-        f"max|a_i| / median|a_i| has median {ratio:.3g} over the records (range {ratios[0]:.3g} to {ratios[-1]:.3g})"
+        f"max|a_i| from {largest[0]:.3g} to {largest[-1]:.3g}; max|a_i| / median|a_i| has median {ratio:.3g} over "
+        f"the records (range {ratios[0]:.3g} to {ratios[-1]:.3g})"
     )
     return ("agree" if near > 0.10 and ratio >= 100 else "disagree"), text
 
