@@ -96,8 +96,14 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     # The table of every cell's best run on the terminal.
     assert "sgd" in result.stdout.lower() and "k-fac" in result.stdout.lower()
     assert sorted(p.name for p in (out / "configs").glob("*.toml")) == [
-        "kfac-b128.fisher.toml", "kfac-b128.toml", "kfac-b32.fisher.toml", "kfac-b32.toml", "sgd-b128.fisher.toml",
-        "sgd-b128.toml", "sgd-b32.fisher.toml", "sgd-b32.toml",
+        "kfac-b128.fisher.toml",
+        "kfac-b128.toml",
+        "kfac-b32.fisher.toml",
+        "kfac-b32.toml",
+        "sgd-b128.fisher.toml",
+        "sgd-b128.toml",
+        "sgd-b32.fisher.toml",
+        "sgd-b32.toml",
     ]  # fmt: skip  (each cell's config, and the config of its best trial trained again with [fisher])
     assert not (out / "hpo_data" / "mongo-url").exists(), "the embedded server was stopped"
     _check_best_runs_diagnosed(out, rows)
