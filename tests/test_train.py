@@ -69,6 +69,8 @@ def without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         (ModelConfig(name="lenet5"), (1, 28, 28)),
         (ModelConfig(name="lenet5", activation="tanh"), (3, 32, 32)),
         (ModelConfig(name="resnet", depth=8, width=8), (3, 32, 32)),
+        (ModelConfig(name="convnet", channels=[4, 4, 8, 8], hidden=[16, 12]), (3, 32, 32)),
+        (ModelConfig(name="convnet", channels=[4, 8], hidden=[], activation="tanh"), (1, 28, 28)),
     ],
 )
 def test_models_build_and_train_on_their_data_shape(config: ModelConfig, shape: tuple[int, ...]) -> None:
@@ -92,6 +94,13 @@ def test_model_classes_and_resnet_depth() -> None:
         CifarResNet((3, 32, 32), 10, depth=21)
     with pytest.raises(ValueError, match="needs images"):
         build_model(ModelConfig(name="lenet5"), (32,), 10)
+    # seed 003's CIFAR-10 net: 4 convolutions, three 2x2 pools (after all but the first), 3 Linear layers
+    convnet = build_model(ModelConfig(name="convnet", channels=[16, 16, 32, 32], hidden=[256, 84]), (3, 32, 32), 10)
+    kinds = [type(m) for m in convnet.modules()]
+    assert (kinds.count(nn.Conv2d), kinds.count(nn.MaxPool2d), kinds.count(nn.Linear)) == (4, 3, 3)
+    assert dict(convnet.named_modules())["classifier.1"].in_features == 32 * 4 * 4
+    with pytest.raises(ValueError, match=r"model\.channels is empty"):
+        build_config({"model": {"name": "convnet", "channels": []}, "run": {"epochs": 1}})
 
 
 def test_mlp_residual_skips_equal_width_layers_only() -> None:
@@ -121,7 +130,7 @@ def test_linear_mlp_is_affine() -> None:
 
 
 def test_unknown_model_name_is_a_config_error() -> None:
-    with pytest.raises(ValueError, match=r"model\.name = 'vgg16' is not known.*'mlp', 'lenet5', 'resnet'"):
+    with pytest.raises(ValueError, match=r"model\.name = 'vgg16' is not known.*'mlp', 'lenet5', 'convnet', 'resnet'"):
         build_config({"model": {"name": "vgg16"}, "run": {"epochs": 1}})
     with pytest.raises(ValueError, match="unknown model 'vgg16'"):
         build_model(ModelConfig(name="vgg16"), (1, 28, 28), 10)
