@@ -3,7 +3,7 @@
 A config file has up to five tables; every key is optional and falls back to the defaults below::
 
     [model]  name, hidden, activation, residual (mlp); activation (lenet5); channels, hidden, activation (convnet);
-             depth, width (resnet)
+             depth, width (resnet); depth, width, slope, init (sigmoid_resnet)
     [data]   name, path, format, cache_dir, batch_size (global), eval_batch_size, train_examples,
              test_examples, normalize, augment, synthetic_*
     [optim]  name, lr, momentum, momentum_form, nesterov, weight_decay, betas, eps, schedule, milestones, decay_every,
@@ -59,7 +59,7 @@ __all__ = [
     "trajectory_differences",
 ]
 
-MODEL_NAMES: Final = ("mlp", "lenet5", "convnet", "resnet")
+MODEL_NAMES: Final = ("mlp", "lenet5", "convnet", "resnet", "sigmoid_resnet")
 ACTIVATIONS: Final = ("relu", "tanh", "none")
 DATASET_NAMES: Final = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 CIFAR_FORMATS: Final = ("auto", "python", "folder")
@@ -82,6 +82,8 @@ class ModelConfig:
     residual: bool = False  # mlp: skip connections around hidden layers whose input and output widths are equal
     depth: int = 20  # resnet: 6n + 2 (20, 32, 44, 56, 110)
     width: int = 16  # resnet: channels of the first stage (16, 32, 64 in the three stages by default)
+    slope: float = 2.5  # sigmoid_resnet: eta_0 of f(s) = 1/(1 + exp(-eta_0 s)) (seed 001); depth L = 2n + 3, width N
+    init: float = 0.05  # sigmoid_resnet: every weight and bias uniform in [-init, init]
 
 
 @dataclass
@@ -214,6 +216,7 @@ _MODEL_KEYS: Final[dict[str, set[str]]] = {
     "mlp": {"hidden", "activation", "residual"},
     "lenet5": {"activation"},
     "convnet": {"channels", "hidden", "activation"},
+    "sigmoid_resnet": {"depth", "width", "slope", "init"},
     "resnet": {"depth", "width"},
 }
 _OPTIM_KEYS: Final[dict[str, frozenset[str]]] = {name: entry.keys for name, entry in OPTIMIZERS.items()}
@@ -421,6 +424,10 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.channels is empty: a convnet needs convolutions, e.g. [32, 32, 64, 64]")
     for i, width in enumerate(m.channels):
         _positive(f"model.channels[{i}]", width)
+    if m.name == "sigmoid_resnet" and (m.depth < 5 or (m.depth - 3) % 2):
+        raise ConfigError(f"model.depth = {m.depth}: a sigmoid_resnet has depth L = 2n + 3 (5, 7, ..., 1001)")
+    if m.name == "sigmoid_resnet" and not (m.slope > 0 and m.init > 0):
+        raise ConfigError(f"model.slope ({m.slope}) and model.init ({m.init}) must be positive for a sigmoid_resnet")
     if m.name == "resnet" and (m.depth < 8 or (m.depth - 2) % 6):
         raise ConfigError(f"model.depth = {m.depth}: a CIFAR ResNet has depth 6n + 2 (8, 14, 20, 32, 44, 56)")
     _positive("model.width", m.width)

@@ -13,7 +13,10 @@ from torch import nn
 
 from jobs.config import ACTIVATIONS, MODEL_NAMES, ModelConfig
 
-__all__ = ["MLP", "BasicBlock", "CifarResNet", "ConvNet", "LeNet5", "ResidualLinear", "activation_layer", "build_model"]
+__all__ = [
+    "MLP", "BasicBlock", "CifarResNet", "ConvNet", "LeNet5", "ResidualLinear", "SigmoidResNet", "activation_layer",
+    "build_model",
+]  # fmt: skip
 
 
 def activation_layer(name: str) -> nn.Module:
@@ -128,6 +131,37 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class SigmoidResNet(nn.Module):
+    """Seed 001's L-layer residual sigmoid network (its eqs. 10 and 11, Figure 2), L = 2n + 3.
+
+    Layer 2 and the odd layers 3, 5, ..., L: ``z^l = f(W^{l-1} z^{l-1} + b^l)`` with ``f(s) = 1/(1 + exp(-slope s))``;
+    the even layers 4, 6, ..., L-1: ``z^l = W^{l-1} z^{l-1} + z^{l-2}`` (identity, no bias, the shortcut from
+    ``l - 2``). Every hidden layer has ``width`` units; every weight and bias is drawn uniformly from
+    ``[-init, init]``. Weights: ``(inputs + 1) width + n (2 width^2 + width) + (width + 1) outputs``.
+    """
+
+    def __init__(
+        self, inputs: int, depth: int, width: int, outputs: int, slope: float = 2.5, init: float = 0.05
+    ) -> None:
+        super().__init__()
+        if depth < 5 or (depth - 3) % 2:
+            raise ValueError(f"model.depth = {depth}: this residual network has L = 2n + 3 layers (5, 7, ..., 1001)")
+        blocks = (depth - 3) // 2
+        self.slope = slope
+        self.first = nn.Linear(inputs, width)
+        self.odd = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.even = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(blocks))
+        self.last = nn.Linear(width, outputs)
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -init, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before = torch.sigmoid(self.slope * self.first(x.flatten(1) if x.dim() > 1 else x))  # z^2
+        for odd, even in zip(self.odd, self.even, strict=True):
+            before = even(torch.sigmoid(self.slope * odd(before))) + before  # z^{l+1} from z^l and z^{l-1}
+        return torch.sigmoid(self.slope * self.last(before))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm; a 1x1 convolution on the shortcut when the shape changes."""
 
@@ -203,6 +237,11 @@ def build_model(config: ModelConfig, input_shape: Sequence[int], classes: int) -
         return LeNet5(input_shape, classes, config.activation)
     if config.name == "convnet":
         return ConvNet(input_shape, config.channels, config.hidden, classes, config.activation)
+    if config.name == "sigmoid_resnet":
+        inputs = 1
+        for size in input_shape:
+            inputs *= int(size)
+        return SigmoidResNet(inputs, config.depth, config.width, classes, config.slope, config.init)
     if config.name == "resnet":
         return CifarResNet(input_shape, classes, config.depth, config.width)
     raise ValueError(f"unknown model {config.name!r}; choose one of {', '.join(MODEL_NAMES)} (model.name)")

@@ -71,6 +71,7 @@ def without_timing(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         (ModelConfig(name="resnet", depth=8, width=8), (3, 32, 32)),
         (ModelConfig(name="convnet", channels=[4, 4, 8, 8], hidden=[16, 12]), (3, 32, 32)),
         (ModelConfig(name="convnet", channels=[4, 8], hidden=[], activation="tanh"), (1, 28, 28)),
+        (ModelConfig(name="sigmoid_resnet", depth=9, width=5), (2,)),
     ],
 )
 def test_models_build_and_train_on_their_data_shape(config: ModelConfig, shape: tuple[int, ...]) -> None:
@@ -103,6 +104,26 @@ def test_model_classes_and_resnet_depth() -> None:
         build_config({"model": {"name": "convnet", "channels": []}, "run": {"epochs": 1}})
 
 
+def test_sigmoid_resnet_is_seed_001s_network() -> None:
+    """Eqs. 10 and 11 by hand for L = 7: sigmoid layers 2, 3, 5, 7 with biases; identity layers 4 and 6 without,
+    each adding the output of two layers before; 21 + 55 n weights for width 5; uniform in [-0.05, 0.05]."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="sigmoid_resnet", depth=7, width=5, slope=2.5), (2,), 1)
+    assert sum(p.numel() for p in model.parameters()) == 21 + 55 * 2
+    assert all(p.abs().max() <= 0.05 for p in model.parameters())
+    f = lambda s: 1 / (1 + torch.exp(-2.5 * s))  # noqa: E731
+    x = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    z2 = f(model.first(x))
+    z3 = f(model.odd[0](z2))
+    z4 = z3 @ model.even[0].weight.T + z2
+    z5 = f(model.odd[1](z4))
+    z6 = z5 @ model.even[1].weight.T + z4
+    torch.testing.assert_close(model(x), f(model.last(z6)))
+    assert model.even[0].bias is None
+    with pytest.raises(ValueError, match=r"L = 2n \+ 3"):
+        build_config({"model": {"name": "sigmoid_resnet", "depth": 8}, "run": {"epochs": 1}})
+
+
 def test_mlp_residual_skips_equal_width_layers_only() -> None:
     torch.manual_seed(0)
     model = MLP(784, [64, 64, 64, 32], 10, "relu", residual=True)
@@ -130,7 +151,8 @@ def test_linear_mlp_is_affine() -> None:
 
 
 def test_unknown_model_name_is_a_config_error() -> None:
-    with pytest.raises(ValueError, match=r"model\.name = 'vgg16' is not known.*'mlp', 'lenet5', 'convnet', 'resnet'"):
+    known = r"'mlp', 'lenet5', 'convnet', 'resnet', 'sigmoid_resnet'"
+    with pytest.raises(ValueError, match=r"model\.name = 'vgg16' is not known.*" + known):
         build_config({"model": {"name": "vgg16"}, "run": {"epochs": 1}})
     with pytest.raises(ValueError, match="unknown model 'vgg16'"):
         build_model(ModelConfig(name="vgg16"), (1, 28, 28), 10)
