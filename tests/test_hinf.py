@@ -4,6 +4,8 @@ interface, and a network whose P would not fit refused before any allocation."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -110,6 +112,6 @@ def test_a_network_too_large_for_memory_is_refused_before_allocating() -> None:
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"gamma_f": 1.0}, "gamma_f must be a finite number above 1"),
                                                  ({"eps0": 0.0}, "eps0 .* must be a positive")])  # fmt: skip
-def test_bad_settings_are_refused(kwargs: dict[str, float], message: str) -> None:
+def test_bad_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         HInfinity([nn.Parameter(torch.zeros(3))], **kwargs)

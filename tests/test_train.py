@@ -32,7 +32,7 @@ from jobs.datasets import (
     resolve_data_path,
 )
 from jobs.metrics import CSV_COLUMNS, ProgressLine, read_metrics
-from jobs.models import MLP, CifarResNet, LeNet5, ResidualLinear, build_model
+from jobs.models import MLP, CifarResNet, LeNet5, ResidualLinear, SigmoidResNet, build_model
 from jobs.optim import LRSchedule, make_lr_schedule, peak_lr
 from jobs.train import main
 
@@ -109,15 +109,16 @@ def test_sigmoid_resnet_is_seed_001s_network() -> None:
     each adding the output of two layers before; 21 + 55 n weights for width 5; uniform in [-0.05, 0.05]."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="sigmoid_resnet", depth=7, width=5, slope=2.5), (2,), 1)
+    assert isinstance(model, SigmoidResNet)
     assert sum(p.numel() for p in model.parameters()) == 21 + 55 * 2
     assert all(p.abs().max() <= 0.05 for p in model.parameters())
     f = lambda s: 1 / (1 + torch.exp(-2.5 * s))  # noqa: E731
     x = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
     z2 = f(model.first(x))
     z3 = f(model.odd[0](z2))
-    z4 = z3 @ model.even[0].weight.T + z2
+    z4 = model.even[0](z3) + z2  # a Linear without bias: W z
     z5 = f(model.odd[1](z4))
-    z6 = z5 @ model.even[1].weight.T + z4
+    z6 = model.even[1](z5) + z4
     torch.testing.assert_close(model(x), f(model.last(z6)))
     assert model.even[0].bias is None
     with pytest.raises(ValueError, match=r"L = 2n \+ 3"):
