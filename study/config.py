@@ -67,7 +67,8 @@ from jobs.config import Config, ConfigError, load_config, parse_override, read_t
 from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
 
 __all__ = [
-    "Cell", "FisherSettings", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "load_study",
+    "Cell", "FisherSettings", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "config_toml",
+    "load_study",
 ]  # fmt: skip
 _STUDY_KEYS: Final = frozenset(
     {"name", "base_config", "optimizers", "batch_sizes", "target_accuracy", "max_steps", "max_epochs"}
@@ -478,15 +479,21 @@ def _check_spaces(study: StudyConfig, tune: TuneSettings) -> None:
 def cell_toml(study: StudyConfig, cell: Cell) -> str:
     """The base config's TOML document with the cell's overrides applied: the config file of the cell's runs
     (hpo_worker stores it with the experiment, so workers on other machines need no file of ours)."""
-    document: dict[str, Any] = tomllib.loads(study.base_config.read_text())
-    for text in cell.overrides:
+    # "(jobs.study)" although the package moved: this text is part of the experiment's identity (config_text), and
+    # studies made before the move must resume their experiments.
+    header = f"# {study.name}, cell {cell.name}: {study.base_config.name} + the study's overrides (jobs.study)."
+    return config_toml(tomllib.loads(study.base_config.read_text()), cell.overrides, header)
+
+
+def config_toml(document: dict[str, Any], overrides: Sequence[str], header: str) -> str:
+    """A config document (tables of keys) with ``overrides`` applied, as TOML under the comment ``header``; keys
+    whose value is None (nothing in TOML) are left out."""
+    for text in overrides:
         key, value = parse_override(text)
         section, _, name = key.partition(".")
         document.setdefault(section, {})[name] = value
-    # "(jobs.study)" although the package moved: this text is part of the experiment's identity (config_text), and
-    # studies made before the move must resume their experiments.
-    lines = [f"# {study.name}, cell {cell.name}: {study.base_config.name} + the study's overrides (jobs.study)."]
+    lines = [header]
     for section, table in document.items():
         lines += ["", f"[{section}]"]
-        lines += [f"{json.dumps(key)} = {toml_value(value)}" for key, value in table.items()]
+        lines += [f"{json.dumps(key)} = {toml_value(value)}" for key, value in table.items() if value is not None]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,7 @@ paper's "汎化性能が最も高い点", read as the lowest validation loss: ou
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -391,8 +392,6 @@ def _plots(
 
 
 def _dataset_of(row: Mapping[str, Any]) -> str:
-    import json
-
     config = json.loads((Path(row["metrics_path"]).parent / "config.json").read_text())
     return str(config["data"]["name"])
 

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from study.config import Cell, StudyConfig, cell_toml, check_cells
+from study.config import Cell, StudyConfig, cell_toml, check_cells, config_toml
 
 __all__ = ["run_study"]
 
@@ -133,18 +133,9 @@ def _describe(row: Mapping[str, Any]) -> str:
 
 def _replay_toml(run_dir: Path, overrides: Sequence[str]) -> str:
     """The config of the run in ``run_dir`` (its config.json, every key resolved) with ``overrides``, as TOML."""
-    from jobs.config import parse_override, toml_value
-
     document = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k != "derived"}
-    for text in overrides:
-        key, value = parse_override(text)
-        section, _, name = key.partition(".")
-        document.setdefault(section, {})[name] = value
-    lines = [f"# {run_dir}: trained again with the study's [fisher] diagnostics (study.runner)."]
-    for section, table in document.items():
-        lines += ["", f"[{section}]"]
-        lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in table.items() if v is not None]
-    return "\n".join(lines) + "\n"
+    header = f"# {run_dir}: trained again with the study's [fisher] diagnostics (study.runner)."
+    return config_toml(document, overrides, header)
 
 
 def _diagnose_best(
