@@ -12,7 +12,8 @@ weights) and ``P`` the ``n x n`` Riccati matrix (``P_0 = eps0 I``):
 
 The paper gives the single-output case (``m = 1``, scalar inverses); the ``m x m`` inverses above are our
 generalisation, which its closing section proposes: the information form adds ``c H^T H`` whatever ``m`` is.
-``steepest=True`` keeps ``P = P_0`` (the paper's steepest-descent comparison).
+``steepest=True`` keeps ``P = P_0`` (the paper's steepest-descent comparison): :func:`steepest_update`, which never
+forms ``P`` and takes a leading batch dimension (many networks at once).
 
 ``P`` is kept as its upper block triangle (row blocks of ``BLOCK``, each from its diagonal block to the last column):
 the product ``P H^T`` and the rank-``m`` update ``P -= V V^T`` read and write only that half, in place, with
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["BLOCK", "HInfinity", "ehf_update", "full_matrix", "riccati_bytes", "symmetric_matmul"]
+__all__ = ["BLOCK", "HInfinity", "ehf_update", "full_matrix", "riccati_bytes", "steepest_update", "symmetric_matmul"]
 
 BLOCK = 512  # rows per block of P's upper block triangle
 
@@ -82,7 +83,6 @@ def ehf_update(
     jacobian: torch.Tensor,
     error: torch.Tensor,
     gamma_f: float,
-    steepest: bool,
     block: int = BLOCK,
 ) -> None:
     """One g-EHF step in place: ``w`` (``n``) by the gain, then ``P`` (its upper block triangle ``upper``, ``n x n``)
@@ -92,8 +92,6 @@ def ehf_update(
     s = jacobian @ u  # H P H^T, m x m
     eye = torch.eye(len(s), dtype=s.dtype, device=s.device)
     w += u @ torch.linalg.solve(s + eye, error)
-    if steepest:
-        return
     c = 1.0 - gamma_f**-2
     # (c^-1 I + S)^-1 = L^-T L^-1 with L the Cholesky factor of c^-1 I + S (positive definite: P is, and c > 0).
     factor = torch.linalg.cholesky((s + s.T) / 2 + eye / c)
@@ -103,6 +101,17 @@ def ehf_update(
         upper[start:stop, start:].addmm_(v[start:stop], v[start:].T, alpha=-1.0)
 
 
+def steepest_update(w: torch.Tensor, jacobian: torch.Tensor, error: torch.Tensor, eps0: float) -> None:
+    """The gain step with ``P`` held at ``P_0 = eps0 I``, in place: ``w += eps0 H^T (eps0 H H^T + I_m)^-1 e``.
+
+    ``w``: ``(..., n)``; ``jacobian``: ``(..., m, n)``; ``error``: ``(..., m)``; leading dimensions are independent
+    networks (the study trains many seeds at once this way)."""
+    u = eps0 * jacobian.transpose(-1, -2)  # P_0 H^T, (..., n, m)
+    s = jacobian @ u  # (..., m, m)
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    w += (u @ torch.linalg.solve(s + eye, error.unsqueeze(-1))).squeeze(-1)
+
+
 class HInfinity(torch.optim.Optimizer):
     """g-EHF H-infinity learning over ``params`` (all of them form the one weight vector ``w`` of the filter).
 
@@ -110,7 +119,7 @@ class HInfinity(torch.optim.Optimizer):
     ``output`` the ``m`` outputs (any shape, flattened) carrying the graph; the step takes ``H`` from ``m`` backward
     passes (one when ``m = 1``), updates the weights and ``P``, and returns the squared error ``|y - h|^2`` before the
     step. ``P`` is :attr:`riccati` (in the first parameter's state, so ``state_dict()`` carries it; ``dtype``,
-    float64 by default; the weights keep theirs).
+    float64 by default; the weights keep theirs). ``steepest=True`` never allocates ``P`` (it stays ``P_0``).
     ``memory_fraction``: the share of the available memory ``P`` may take (refused above it, before allocating).
     """
 
@@ -128,21 +137,23 @@ class HInfinity(torch.optim.Optimizer):
         if not eps0 > 0 or not math.isfinite(eps0):
             raise ValueError(f"HInfinity: eps0 (P_0 = eps0 I) must be a positive finite number, got {eps0}")
         super().__init__(params, {"gamma_f": gamma_f, "eps0": eps0, "steepest": steepest})
-        params_list = [p for group in self.param_groups for p in group["params"]]
+        if len(self.param_groups) > 1:
+            raise ValueError("HInfinity: one parameter group (the filter has one weight vector and one P)")
+        params_list = self.param_groups[0]["params"]
+        self._dtype = dtype
+        if steepest:
+            return
         n = sum(p.numel() for p in params_list)
         need, available = riccati_bytes(n, dtype), _available_bytes()
         if need > memory_fraction * available:
             raise MemoryError(
                 f"HInfinity: P for {n:,} weights needs {need / 2**30:.1f} GiB ({n}^2 values of {dtype}), more than "
                 f"{memory_fraction:.0%} of the {available / 2**30:.1f} GiB available: use a smaller network, float32 "
-                "(dtype=torch.float32 halves it), or steepest=True (P fixed; it still allocates P)"
+                "(dtype=torch.float32 halves it), or steepest=True (P fixed at P_0, never stored)"
             )
-        if len(self.param_groups) > 1:
-            raise ValueError("HInfinity: one parameter group (the filter has one weight vector and one P)")
         device = params_list[0].device
         # The joint P, kept in the first parameter's state so that state_dict() carries it.
         self.state[params_list[0]]["riccati"] = torch.eye(n, dtype=dtype, device=device).mul_(eps0)
-        self._dtype = dtype
 
     @property
     def riccati(self) -> torch.Tensor:
@@ -170,7 +181,10 @@ class HInfinity(torch.optim.Optimizer):
         jacobian = self._jacobian(output)
         group = self.param_groups[0]
         w = self._flat()
-        ehf_update(self.riccati, w, jacobian, error, group["gamma_f"], group["steepest"])
+        if group["steepest"]:
+            steepest_update(w, jacobian, error, group["eps0"])
+        else:
+            ehf_update(self.riccati, w, jacobian, error, group["gamma_f"])
         with torch.no_grad():
             offset = 0
             for p in group["params"]:

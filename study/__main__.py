@@ -1,6 +1,8 @@
 """``python -m study scaling --config STUDY.toml``: a batch-size scaling study (docs/study.md);
 ``python -m study fisher --config STUDY.toml``: the Fisher spectrum and gradient outliers of a study's runs over
-training (docs/fisher.md).
+training (docs/fisher.md);
+``python -m study hinf-xor --config STUDY.toml``: seed 001's XOR study, epochs to converge against depth for g-EHF,
+Adam and steepest descent (docs/hinf.md).
 
 Examples::
 
@@ -10,6 +12,8 @@ Examples::
     python -m study scaling --config STUDY.toml --check                     # validate, train nothing
     python -m study scaling --config STUDY.toml --seeds 0                   # one study seed now, the rest later
     python -m study fisher --config jobs/configs/studies/fisher_mnist.toml   # seed 003's figures (docs/fisher.md)
+    python -m study hinf-xor --config jobs/configs/studies/hinf_xor.toml     # seed 001's Tables 1 and 2
+    python -m study hinf-xor --config jobs/configs/studies/hinf_xor.toml --methods adam --depths 5,101
 
 Exit status: 0 when the report is written, 2 for a bad study file (nothing was trained), 1 when a run or the tuning
 failed (the message says why).
@@ -51,6 +55,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     fisher.add_argument("--out", help="output folder (default: the file's study.out_dir)")
     fisher.add_argument("--seeds", help="run only these of study.seeds now, e.g. 0 or 0,1")
     fisher.add_argument("--check", action="store_true", help="check the study file and every cell's config, then exit")
+    hinf = sub.add_parser("hinf-xor", help="seed 001's XOR study: epochs to converge against depth (docs/hinf.md)")
+    hinf.add_argument("--config", required=True, help="study file with [task] and [methods.NAME] tables")
+    hinf.add_argument("--out", help="output folder (default: the file's study.out_dir)")
+    hinf.add_argument("--methods", default="", help="only these methods now, e.g. g-EHF,adam (the rest later)")
+    hinf.add_argument("--depths", default="", help="only these depths now, e.g. 5,101")
+    hinf.add_argument("--report", action="store_true", help="write the report from the results so far; train nothing")
+    hinf.add_argument("--check", action="store_true", help="check the study file, then exit")
     return parser.parse_args(argv)
 
 
@@ -101,8 +112,36 @@ def _load(args: argparse.Namespace) -> StudyConfig:
     return study
 
 
+def _hinf_xor(args: argparse.Namespace) -> int:
+    from study.hinf_xor import load_hinf_study, run_hinf_study, units
+
+    try:
+        study = load_hinf_study(args.config, out_dir=args.out)
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = sorted(set(methods) - {m.name for m in study.methods})
+        if unknown:
+            raise StudyError(f"--methods: {unknown} not in {args.config} (it has {[m.name for m in study.methods]})")
+        depths = [int(d) for d in args.depths.split(",") if d]
+    except ValueError as exc:  # StudyError, or --depths not integers
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{study.path}: {sum(1 for _ in units(study, methods, depths))} result files, valid")
+        return 0
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        path = run_hinf_study(study, methods, depths, train=not args.report)
+    except KeyboardInterrupt:
+        print("study: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(f"study: report: {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "hinf-xor":
+        return _hinf_xor(args)
     try:
         study = _load(args)
         cells = check_cells(study)

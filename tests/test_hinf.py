@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from distkfac.hinf import HInfinity, ehf_update, full_matrix, riccati_bytes, symmetric_matmul
+from distkfac.hinf import HInfinity, ehf_update, full_matrix, riccati_bytes, steepest_update, symmetric_matmul
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 GAMMA = 1.7
@@ -42,7 +42,7 @@ def test_the_update_is_equations_3_to_6(m: int) -> None:
     want_w, want_p = dense_equations(p, w, h, e, GAMMA)
     before = p.clone()
     upper = p.triu() + torch.full_like(p, float("nan")).tril(-1)  # NaN below: the lower half must never be read
-    ehf_update(upper, w, h, e, GAMMA, steepest=False, block=5)  # blocks of 5: uneven, 3 block rows
+    ehf_update(upper, w, h, e, GAMMA, block=5)  # blocks of 5: uneven, 3 block rows
     got = full_matrix(upper)
     torch.testing.assert_close(w, want_w, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(got, want_p, atol=1e-12, rtol=1e-10)
@@ -68,17 +68,33 @@ def test_several_outputs_reduce_to_one_output_at_m_1() -> None:
     p, w, h, e = random_spd(n, 7), torch.randn(n, generator=g), torch.randn(1, n, generator=g), torch.randn(1)
     u, s, c = p @ h[0], float(h[0] @ p @ h[0]), 1 - GAMMA**-2
     want_w, want_p = w + u * e[0] / (s + 1), p - c * torch.outer(u, u) / (1 + c * s)
-    ehf_update(p, w, h, e, GAMMA, steepest=False)
+    ehf_update(p, w, h, e, GAMMA)
     torch.testing.assert_close(w, want_w, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(full_matrix(p), want_p, atol=1e-12, rtol=1e-10)
 
 
-def test_steepest_descent_keeps_p_at_p0() -> None:
-    n, eps0 = 6, 0.3
-    p, w, h, e = eps0 * torch.eye(n), torch.zeros(n), torch.randn(1, n), torch.tensor([0.5])
-    ehf_update(p, w, h, e, GAMMA, steepest=True)
-    assert torch.equal(p, eps0 * torch.eye(n))
-    torch.testing.assert_close(w, eps0 * h[0] * 0.5 / (eps0 * float(h[0] @ h[0]) + 1))
+def test_steepest_descent_is_the_gain_step_at_p0_for_each_network_of_a_batch() -> None:
+    g = torch.Generator().manual_seed(5)
+    n, eps0, m = 6, 0.3, 2
+    w, h, e = torch.randn(3, n, generator=g), torch.randn(3, m, n, generator=g), torch.randn(3, m, generator=g)
+    got = w.clone()
+    steepest_update(got, h, e, eps0)
+    for index in range(3):  # each network alone: the first half of eq. 3 at P = eps0 I
+        want, _ = dense_equations(eps0 * torch.eye(n), w[index], h[index], e[index], GAMMA)
+        torch.testing.assert_close(got[index], want, atol=1e-12, rtol=1e-10)
+    single = torch.zeros(n)
+    steepest_update(single, h[0, :1], torch.tensor([0.5]), eps0)  # m = 1: the paper's scalar form
+    torch.testing.assert_close(single, eps0 * h[0, 0] * 0.5 / (eps0 * float(h[0, 0] @ h[0, 0]) + 1))
+
+
+def test_the_steepest_optimizer_never_allocates_p() -> None:
+    huge = nn.Parameter(torch.zeros(2_000_000))  # its P would be 29 TiB
+    optimizer = HInfinity([huge], eps0=0.5, steepest=True)
+    x = torch.zeros(2_000_000)
+    x[:2] = 1.0
+    squared = optimizer.step(lambda: ((huge * x).sum(), torch.tensor(1.0)))
+    assert squared == 1.0 and "riccati" not in optimizer.state_dict()["state"].get(0, {})
+    torch.testing.assert_close(huge.detach()[:3], torch.tensor([0.25, 0.25, 0.0]))  # 0.5 * 1 / (0.5 * 2 + 1)
 
 
 def test_the_optimizer_takes_h_from_the_model_and_updates_its_weights() -> None:
