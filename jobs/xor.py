@@ -17,6 +17,7 @@ each seed's gradients, Adam moments and steps stay its own.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ def _errors(outputs: torch.Tensor) -> torch.Tensor:
     return ((XOR_TARGETS - outputs) ** 2).mean(-1)
 
 
+def _pattern(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return model(x), y
+
+
 def train_hinf(task: XorTask, seed: int, gamma_f: float, eps0: float) -> XorRun:
     """g-EHF, one update per pattern, until the error is below the threshold or ``max_epochs``."""
     start = time.perf_counter()
@@ -80,7 +85,7 @@ def train_hinf(task: XorTask, seed: int, gamma_f: float, eps0: float) -> XorRun:
         curve = [float(_errors(model(XOR_INPUTS).reshape(4)))]
     while curve[-1] >= task.threshold and len(curve) <= task.max_epochs:
         for x, y in zip(XOR_INPUTS, XOR_TARGETS, strict=True):
-            optimizer.step(lambda x=x, y=y: (model(x), y))
+            optimizer.step(functools.partial(_pattern, model, x, y))
         with torch.no_grad():
             curve.append(float(_errors(model(XOR_INPUTS).reshape(4))))
     converged = curve[-1] < task.threshold
@@ -93,7 +98,7 @@ class _Stack:
 
     def __init__(self, task: XorTask, seeds: Sequence[int]) -> None:
         models = [task.network(seed) for seed in seeds]
-        self.params, _ = stack_module_state(models)  # type: ignore[arg-type]
+        self.params, _ = stack_module_state(models)
         base = models[0]
         self._forward = vmap(lambda p, x: functional_call(base, p, (x,)), in_dims=(0, None))
 

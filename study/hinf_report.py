@@ -75,7 +75,7 @@ def _table(study: HinfStudy, results: Mapping[tuple[str, int], list[dict[str, An
                 continue
             epochs = [r["epochs"] for r in runs]
             mean_std = paper.get(depth)
-            paper_text = "" if mean_std is None else f"{mean_std[0]} ± {mean_std[1]}" if mean_std[1] else str(mean_std[0])
+            paper_text = "" if mean_std is None else " ± ".join(str(v) for v in mean_std if v is not None)
             verdict, numbers = depth_verdict(epochs, mean_std)
             rows.append([method.name, str(depth), str(len(runs)), _cell(epochs), paper_text, verdict, numbers])
     return rows

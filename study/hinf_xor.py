@@ -47,7 +47,7 @@ from study.config import StudyError
 
 __all__ = ["HinfStudy", "Method", "Unit", "load_hinf_study", "read_results", "run_hinf_study", "units"]
 
-KINDS = {
+KINDS: dict[str, dict[str, Any]] = {
     "hinf": {"gamma_f": 1.7, "eps0": 10.0},
     "adam": {"lr": 0.01, "betas": [0.79, 0.78], "eps": 1e-8, "per_pattern": False},
     "steepest": {"eps0": 10.0},
@@ -108,7 +108,8 @@ def _method(path: Path, name: str, raw: Any) -> Method:
     unknown = sorted(set(raw) - COMMON - set(KINDS[kind]))
     if unknown:
         raise _fail(path, key, f"unknown keys {unknown}; a {kind} method takes {sorted(COMMON | set(KINDS[kind]))}")
-    depths, seeds = _positive_ints(path, f"{key}.depths", raw.get("depths")), _positive_ints(path, f"{key}.seeds", raw.get("seeds"))  # fmt: skip
+    depths = _positive_ints(path, f"{key}.depths", raw.get("depths"))
+    seeds = _positive_ints(path, f"{key}.seeds", raw.get("seeds"))
     if len(depths) != len(seeds):
         raise _fail(path, key, f"depths has {len(depths)} entries and seeds {len(seeds)}: one seed count per depth")
     bad = [d for d in depths if d < 5 or d % 2 == 0]
@@ -120,7 +121,7 @@ def _method(path: Path, name: str, raw: Any) -> Method:
     settings = {**KINDS[kind], **{k: v for k, v in raw.items() if k in KINDS[kind]}}
     compare = raw.get("compare", kind)
     if compare not in ("", *KINDS):
-        raise _fail(path, f"{key}.compare", f"one of hinf, adam, steepest or \"\", got {compare!r}")
+        raise _fail(path, f"{key}.compare", f'one of hinf, adam, steepest or "", got {compare!r}')
     return Method(name, kind, settings, max_epochs, depths, seeds, compare, 1 if kind == "hinf" else batch)
 
 
@@ -163,7 +164,7 @@ def _train(study: HinfStudy, unit: Unit) -> list[dict[str, Any]]:
     if unit.method.kind == "hinf":
         runs = [train_hinf(task, seed, s["gamma_f"], s["eps0"]) for seed in seeds]
     elif unit.method.kind == "adam":
-        runs = train_adam(task, seeds, s["lr"], tuple(s["betas"]), s["eps"], s["per_pattern"])  # type: ignore[arg-type]
+        runs = train_adam(task, seeds, s["lr"], tuple(s["betas"]), s["eps"], s["per_pattern"])
     else:
         runs = train_steepest(task, seeds, s["eps0"])
     return [run.as_dict() for run in runs]
