@@ -83,14 +83,19 @@ def _table(study: HinfStudy, results: Mapping[tuple[str, int], list[dict[str, An
 
 def _plot_curves(plt: Any, out: Path, method: Method, results: Mapping[tuple[str, int], list[dict[str, Any]]]) -> str:
     depths = [d for d in method.depths if (method.name, d) in results]
-    figure, axes = plt.subplots(1, len(depths), figsize=(3.2 * len(depths), 3.0), squeeze=False, sharey=True)
-    for axis, depth in zip(axes[0], depths, strict=True):
+    columns = min(3, len(depths))
+    rows = -(-len(depths) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False, sharey=True)
+    for axis in axes.flat[len(depths) :]:
+        axis.set_visible(False)
+    for axis, depth in zip(axes.flat, depths, strict=False):
         for run in results[(method.name, depth)]:
             axis.semilogy(range(len(run["curve"])), run["curve"], lw=0.5, alpha=0.6)
         axis.axhline(1e-2, color="k", lw=0.8, ls="--")
         axis.set_title(f"L = {depth}")
         axis.set_xlabel("epoch")
-    axes[0][0].set_ylabel("mean squared error")
+    for row in axes:
+        row[0].set_ylabel("mean squared error")
     figure.suptitle(f"{method.name}: learning curves ({method.kind})")
     figure.tight_layout()
     name = f"curves_{method.name}.png"
