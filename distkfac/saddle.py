@@ -1,0 +1,119 @@
+"""Saddle-to-saddle dynamics of two-layer networks ``f(X) = W2 sigma(W1 X)`` (seed 004), as tensor maths: the
+unit-wise update of its Lemma 1, the units' alignment, the plateau-skipping step, ranks, and plateau/drop phases
+of a loss curve (docs/saddle.md).
+
+Unit ``i`` is ``w_i = (row i of W1, column i of W2)``. With ``G = dL/df`` at every example (``m2 x n``) and
+``D_i = diag(sigma'(w_{i,1} . x_j))``, gradient descent moves each unit by the symmetric matrix of Lemma 1::
+
+    w_i <- [[I, -eta M_i], [-eta M_i^T, I]] w_i,     M_i = X D_i G^T   (m0 x m2)
+
+exactly when ``sigma(z) = sigma'(z) z`` (linear, ReLU), and to first order near the origin otherwise (tanh). The
+matrix's eigenvalues are ``1 +- eta s_k`` over the singular values ``s_k`` of ``M_i``; the top eigenvector is
+``(u_1, -v_1) / sqrt(2)`` for the top singular pair. During a plateau every unit turns towards it (Theorem 1), which
+takes ``O(log 1/|w(0)|)`` steps; :func:`skip_plateau` puts each unit there at once, at its current norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Phase",
+    "alignment",
+    "detect_phases",
+    "effective_rank",
+    "skip_plateau",
+    "top_unit_directions",
+    "unit_matrices",
+    "units",
+]
+
+
+def units(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The units as rows: ``(m1, m0 + m2)``, row ``i`` = (row i of ``w1``, column i of ``w2``)."""
+    return torch.cat([w1, w2.T], dim=1)
+
+
+def unit_matrices(x: torch.Tensor, grad: torch.Tensor, slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """``M_i = X D_i G^T`` for every unit: ``(m1, m0, m2)``; ``x``: ``m0 x n``, ``grad``: ``G``, ``m2 x n``;
+    ``slopes``: ``sigma'(W1 X)``, ``m1 x n`` (None: linear sigma, one matrix shared by every unit, ``(1, m0, m2)``)."""
+    if slopes is None:
+        return (x @ grad.T).unsqueeze(0)
+    return torch.einsum("aj,ij,bj->iab", x, slopes, grad)
+
+
+def top_unit_directions(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per matrix ``M_i``: the top eigenvector of Lemma 1's update matrix, ``(u_1, -v_1) / sqrt(2)`` (rows,
+    ``(k, m0 + m2)``), and ``s_1`` (the eigenvalue is ``1 + eta s_1``)."""
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    direction = torch.cat([u[..., :, 0], -vh[..., 0, :]], dim=-1) / 2**0.5
+    return direction, s[..., 0]
+
+
+def alignment(unit_rows: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """``|(I - P_1) w_i| / |P_1 w_i|`` per unit, ``P_1`` the projection onto ``directions`` (one unit vector per
+    unit, or one row for all); ``inf`` for a unit orthogonal to its direction."""
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    along = (unit_rows * directions).sum(-1)
+    across = (unit_rows - along.unsqueeze(-1) * directions).norm(dim=-1)
+    return across / along.abs()
+
+
+def skip_plateau(
+    w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, slopes: torch.Tensor | None = None
+) -> None:
+    """The plateau-skipping step, in place: every unit set along its top direction (Lemma 1's matrix at the current
+    weights), at its current norm, keeping the sign of its current component along it."""
+    rows = units(w1, w2)
+    directions, _ = top_unit_directions(unit_matrices(x, grad, slopes))
+    directions = directions.expand_as(rows)
+    sign = torch.where((rows * directions).sum(-1) < 0, -1.0, 1.0).to(rows.dtype)
+    new = (sign * rows.norm(dim=-1)).unsqueeze(-1) * directions
+    m0 = w1.shape[1]
+    w1.copy_(new[:, :m0])
+    w2.copy_(new[:, m0:].T)
+
+
+def effective_rank(singular_values: torch.Tensor, threshold: float) -> int:
+    """The number of singular values above ``threshold`` times the largest."""
+    if len(singular_values) == 0 or float(singular_values.max()) == 0.0:
+        return 0
+    return int((singular_values > threshold * singular_values.max()).sum())
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Steps ``start`` to ``stop`` (exclusive) of a loss curve: a ``"plateau"`` or a ``"drop"``."""
+
+    kind: str
+    start: int
+    stop: int
+
+
+def detect_phases(losses: Sequence[float], tolerance: float, min_length: int = 1) -> list[Phase]:
+    """Plateaus and drops of a loss curve: step ``t`` (from ``losses[t]`` to ``losses[t + 1]``) is a drop when the
+    loss falls by at least ``tolerance`` of itself, else a plateau; the last point takes its step's kind. Runs
+    shorter than ``min_length`` join the phase before them (full-batch curves are smooth; this absorbs wiggles)."""
+    if not losses or not tolerance > 0:
+        raise ValueError(f"detect_phases: give a non-empty curve and a positive tolerance (got {tolerance})")
+    kinds = []
+    for t in range(len(losses) - 1):
+        now = abs(losses[t])
+        kinds.append("drop" if now and (losses[t] - losses[t + 1]) / now >= tolerance else "plateau")
+    kinds.append(kinds[-1] if kinds else "plateau")
+    phases: list[Phase] = []
+    for t, kind in enumerate(kinds):
+        if phases and phases[-1].kind == kind:
+            phases[-1] = Phase(kind, phases[-1].start, t + 1)
+        else:
+            phases.append(Phase(kind, t, t + 1))
+    merged: list[Phase] = []
+    for phase in phases:
+        if merged and (phase.stop - phase.start < min_length or merged[-1].kind == phase.kind):
+            merged[-1] = Phase(merged[-1].kind, merged[-1].start, phase.stop)
+        else:
+            merged.append(phase)
+    return merged

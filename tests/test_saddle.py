@@ -1,0 +1,107 @@
+"""distkfac.saddle (seed 004): Lemma 1's unit-wise update against autograd's gradient descent step (exact for linear
+and ReLU sigma, first order for tanh near the origin), its top eigenvector, the alignment ratio, the plateau-skipping
+step, ranks and phases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distkfac.saddle import (
+    alignment,
+    detect_phases,
+    effective_rank,
+    skip_plateau,
+    top_unit_directions,
+    unit_matrices,
+    units,
+)
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+ACTIVATIONS = {"linear": lambda z: z, "relu": torch.relu, "tanh": torch.tanh}
+
+
+def _problem(scale: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    m0, m1, m2, n = 5, 7, 3, 11
+    return (scale * torch.randn(m1, m0, generator=g), scale * torch.randn(m2, m1, generator=g),
+            torch.randn(m0, n, generator=g), torch.randn(m2, n, generator=g))  # fmt: skip
+
+
+def _gd_step(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sigma: str, eta: float):
+    """One step of full-batch gradient descent on 0.5 |W2 sigma(W1 X) - Y|^2, by autograd; and G = dL/df."""
+    a, b = w1.clone().requires_grad_(), w2.clone().requires_grad_()
+    f = b @ ACTIVATIONS[sigma](a @ x)
+    loss = 0.5 * ((f - y) ** 2).sum()
+    ga, gb = torch.autograd.grad(loss, (a, b))
+    return w1 - eta * ga, w2 - eta * gb, (f - y).detach()
+
+
+@pytest.mark.parametrize("sigma", ["linear", "relu"])
+def test_lemma_1_is_the_gradient_descent_step_exactly(sigma: str) -> None:
+    w1, w2, x, y = _problem(0.3)
+    eta = 0.01
+    new1, new2, grad = _gd_step(w1, w2, x, y, sigma, eta)
+    slopes = None if sigma == "linear" else (w1 @ x > 0).to(x.dtype)  # ReLU's derivative
+    m = unit_matrices(x, grad, slopes).expand(len(w1), -1, -1)
+    rows = units(w1, w2)
+    m0 = w1.shape[1]
+    moved = torch.cat([rows[:, :m0] - eta * (m @ rows[:, m0:, None])[..., 0],
+                       rows[:, m0:] - eta * (m.transpose(1, 2) @ rows[:, :m0, None])[..., 0]], dim=1)  # fmt: skip
+    torch.testing.assert_close(moved, units(new1, new2), atol=1e-13, rtol=1e-11)
+
+
+def test_lemma_1_holds_to_first_order_for_tanh_near_the_origin() -> None:
+    errors = []
+    for scale in (1e-2, 1e-3):
+        w1, w2, x, y = _problem(scale)
+        new1, new2, grad = _gd_step(w1, w2, x, y, "tanh", 0.01)
+        m = unit_matrices(x, grad, 1 - torch.tanh(w1 @ x) ** 2)
+        rows, m0 = units(w1, w2), w1.shape[1]
+        moved = torch.cat([rows[:, :m0] - 0.01 * (m @ rows[:, m0:, None])[..., 0],
+                           rows[:, m0:] - 0.01 * (m.transpose(1, 2) @ rows[:, :m0, None])[..., 0]], dim=1)  # fmt: skip
+        step = units(new1, new2) - rows
+        errors.append(float((moved - units(new1, new2)).norm() / step.norm()))
+    assert errors[1] < errors[0] / 50 and errors[1] < 1e-4  # the gap shrinks as scale^2 (tanh z = z - z^3/3)
+
+
+def test_the_top_direction_is_the_update_matrix_top_eigenvector() -> None:
+    w1, w2, x, y = _problem(0.1, seed=3)
+    _, _, grad = _gd_step(w1, w2, x, y, "relu", 0.1)
+    m = unit_matrices(x, grad, (w1 @ x > 0).to(x.dtype))
+    directions, top = top_unit_directions(m)
+    eta, m0, m2 = 0.1, x.shape[0], grad.shape[0]
+    for i in range(len(m)):
+        matrix = torch.eye(m0 + m2)
+        matrix[:m0, m0:], matrix[m0:, :m0] = -eta * m[i], -eta * m[i].T
+        values, vectors = torch.linalg.eigh(matrix)
+        assert float(values[-1]) == pytest.approx(1 + eta * float(top[i]), rel=1e-12)
+        assert abs(float(vectors[:, -1] @ directions[i])) == pytest.approx(1.0, rel=1e-10)
+
+
+def test_skipping_the_plateau_aligns_every_unit_at_its_norm() -> None:
+    w1, w2, x, y = _problem(1e-4, seed=5)
+    norms = units(w1, w2).norm(dim=1)
+    grad = w2 @ w1 @ x - y
+    assert float(alignment(units(w1, w2), top_unit_directions(unit_matrices(x, grad))[0]).min()) > 0.5
+    skip_plateau(w1, w2, x, grad)
+    rows = units(w1, w2)
+    torch.testing.assert_close(rows.norm(dim=1), norms, rtol=1e-12, atol=0)
+    assert float(alignment(rows, top_unit_directions(unit_matrices(x, grad))[0]).max()) < 1e-10
+    assert effective_rank(torch.linalg.svdvals(w2 @ w1), 1e-6) == 1
+
+
+def test_ranks_and_phases() -> None:
+    assert effective_rank(torch.tensor([5.0, 2.0, 0.4, 1e-9]), 0.1) == 2
+    assert effective_rank(torch.zeros(3), 0.1) == 0
+    curve = [10.0] * 50 + [10.0 * 0.8**k for k in range(1, 11)] + [10.0 * 0.8**10] * 40
+    wiggle = [*curve[:20], 9.0, *curve[21:]]  # one step down and back up: too short to be a phase
+    for loss in (curve, wiggle):
+        phases = detect_phases(loss, tolerance=1e-3, min_length=3)
+        assert [(p.kind, p.start, p.stop) for p in phases] == [
+            ("plateau", 0, 49),
+            ("drop", 49, 59),
+            ("plateau", 59, 100),
+        ]
+    with pytest.raises(ValueError, match="positive tolerance"):
+        detect_phases(curve, tolerance=0.0)
