@@ -2,8 +2,8 @@
 
 A config file has up to five tables; every key is optional and falls back to the defaults below::
 
-    [model]  name, hidden, activation, residual (mlp); activation (lenet5); channels, hidden, activation (convnet);
-             depth, width (resnet); depth, width, slope, init (sigmoid_resnet)
+    [model]  name, hidden, activation, residual, bias (mlp); activation (lenet5); channels, hidden, activation
+             (convnet); depth, width (resnet); depth, width, slope, init (sigmoid_resnet); init_scale (any model)
     [data]   name, path, format, cache_dir, batch_size (global), eval_batch_size, train_examples,
              test_examples, normalize, augment, synthetic_*
     [optim]  name, lr, momentum, momentum_form, nesterov, weight_decay, betas, eps, schedule, milestones, decay_every,
@@ -84,6 +84,9 @@ class ModelConfig:
     width: int = 16  # resnet: channels of the first stage (16, 32, 64 in the three stages by default)
     slope: float = 2.5  # sigmoid_resnet: eta_0 of f(s) = 1/(1 + exp(-eta_0 s)) (seed 001); depth L = 2n + 3, width N
     init: float = 0.05  # sigmoid_resnet: every weight and bias uniform in [-init, init]
+    bias: bool = True  # mlp: biases in the Linear layers (false with one hidden layer: W2 sigma(W1 x), seed 004)
+    init_scale: float = 0.0  # any model: > 0 draws every Linear/Conv weight from N(0, init_scale^2), biases 0;
+    # 0 keeps the model's own initialisation (seed 004's small initialisations: 1e-2, 1e-4, 1e-6)
 
 
 @dataclass
@@ -213,7 +216,7 @@ OTHER_TOOLS_SECTIONS: Final = frozenset({"job"})
 
 # Keys that only make sense for some models or optimizers: setting them for another one is reported as ignored.
 _MODEL_KEYS: Final[dict[str, set[str]]] = {
-    "mlp": {"hidden", "activation", "residual"},
+    "mlp": {"hidden", "activation", "residual", "bias"},
     "lenet5": {"activation"},
     "convnet": {"channels", "hidden", "activation"},
     "sigmoid_resnet": {"depth", "width", "slope", "init"},
@@ -416,6 +419,13 @@ def _validate(c: Config) -> None:
 def _validate_model(m: ModelConfig) -> None:
     _choice("model.name", m.name, MODEL_NAMES)
     _choice("model.activation", m.activation, ACTIVATIONS)
+    if not (m.init_scale >= 0 and math.isfinite(m.init_scale)):
+        raise ConfigError(
+            f"model.init_scale = {m.init_scale}: give a positive standard deviation for every weight (e.g. 1e-4), "
+            "or 0 for the model's own initialisation"
+        )
+    if m.residual and not m.bias:
+        raise ConfigError("model.bias = false is for MLPs without residual layers: set model.residual = false")
     if not m.hidden and m.residual:
         raise ConfigError("model.residual = true needs hidden layers: set model.hidden, e.g. [256, 256, 256]")
     for i, width in enumerate(m.hidden):

@@ -50,7 +50,13 @@ class MLP(nn.Sequential):
     """
 
     def __init__(
-        self, inputs: int, hidden: Sequence[int], classes: int, activation: str = "relu", residual: bool = False
+        self,
+        inputs: int,
+        hidden: Sequence[int],
+        classes: int,
+        activation: str = "relu",
+        residual: bool = False,
+        bias: bool = True,
     ) -> None:
         layers: list[nn.Module] = [nn.Flatten()]
         width = inputs
@@ -60,14 +66,14 @@ class MLP(nn.Sequential):
                 layers.append(ResidualLinear(h, activation))
                 skips += 1
             else:
-                layers += [nn.Linear(width, h), activation_layer(activation)]
+                layers += [nn.Linear(width, h, bias=bias), activation_layer(activation)]
             width = h
         if residual and skips == 0:
             raise ValueError(
                 f"model.residual = true but no hidden layer has equal input and output widths (hidden = "
                 f"{list(hidden)}): repeat a width, e.g. hidden = [256, 256, 256]"
             )
-        layers.append(nn.Linear(width, classes))
+        layers.append(nn.Linear(width, classes, bias=bias))
         super().__init__(*layers)
 
 
@@ -227,12 +233,25 @@ def _image_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]
 
 
 def build_model(config: ModelConfig, input_shape: Sequence[int], classes: int) -> nn.Module:
-    """The model named by ``config.name`` for examples of ``input_shape`` and ``classes`` outputs."""
+    """The model named by ``config.name`` for examples of ``input_shape`` and ``classes`` outputs; with
+    ``config.init_scale > 0``, its Linear and Conv2d weights drawn from N(0, init_scale^2) and their biases 0."""
+    model = _named_model(config, input_shape, classes)
+    if config.init_scale > 0:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    module.weight.normal_(0.0, config.init_scale)
+                    if module.bias is not None:
+                        module.bias.zero_()
+    return model
+
+
+def _named_model(config: ModelConfig, input_shape: Sequence[int], classes: int) -> nn.Module:
     if config.name == "mlp":
         inputs = 1
         for size in input_shape:
             inputs *= int(size)
-        return MLP(inputs, config.hidden, classes, config.activation, config.residual)
+        return MLP(inputs, config.hidden, classes, config.activation, config.residual, config.bias)
     if config.name == "lenet5":
         return LeNet5(input_shape, classes, config.activation)
     if config.name == "convnet":

@@ -4,6 +4,8 @@ step, ranks and phases."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,8 +18,11 @@ from distkfac.saddle import (
     unit_matrices,
     units,
 )
+from jobs.config import ConfigError, load_config
+from jobs.models import build_model
 
 pytestmark = pytest.mark.usefixtures("float64_default")
+SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.toml"
 ACTIVATIONS = {"linear": lambda z: z, "relu": torch.relu, "tanh": torch.tanh}
 
 
@@ -105,3 +110,32 @@ def test_ranks_and_phases() -> None:
         ]
     with pytest.raises(ValueError, match="positive tolerance"):
         detect_phases(curve, tolerance=0.0)
+
+
+def test_the_two_layer_model_at_a_small_initial_scale_follows_lemma_1() -> None:
+    overrides = ["model.hidden=[7]", "model.activation=none", "model.bias=false", "model.init_scale=1e-4"]
+    model = build_model(load_config(SMOKE, overrides).model, [5], 3)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.bias for m in linears] == [None, None] and [tuple(m.weight.shape) for m in linears] == [(7, 5), (3, 7)]
+    w1, w2 = (m.weight.detach().clone() for m in linears)
+    assert 0.5e-4 < float(torch.cat([w1.flatten(), w2.flatten()]).std()) < 2e-4
+    _, _, x, y = _problem(1.0, seed=9)
+    loss = 0.5 * ((model(x.T).T - y) ** 2).sum()
+    loss.backward()
+    grad = (w2 @ w1 @ x - y).detach()
+    m = unit_matrices(x, grad)[0]
+    torch.testing.assert_close(linears[0].weight.grad, (m @ w2).T, rtol=1e-10, atol=1e-18)  # row i: M w_{i,2}
+    torch.testing.assert_close(linears[1].weight.grad, m.T @ w1.T, rtol=1e-10, atol=1e-18)  # column i: M^T w_{i,1}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.init_scale=-1e-4"], "model.init_scale = -0.0001: give a positive standard deviation"),
+        (["model.init_scale=nan"], "model.init_scale: nan is not a usable value"),
+        (["model.hidden=[8, 8]", "model.residual=true", "model.bias=false"], "model.bias = false is for MLPs without"),
+    ],
+)
+def test_bad_model_settings_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(SMOKE, overrides)
