@@ -63,15 +63,48 @@ def alignment(unit_rows: torch.Tensor, directions: torch.Tensor) -> torch.Tensor
 
 
 def skip_plateau(
-    w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, slopes: torch.Tensor | None = None
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    slopes: torch.Tensor | None = None,
+    strength: float | None = None,
+    rank_threshold: float = 0.1,
 ) -> None:
-    """The plateau-skipping step, in place: every unit set along its top direction (Lemma 1's matrix at the current
-    weights), at its current norm, keeping the sign of its current component along it."""
+    """The plateau-skipping step, in place, from the current weights' Lemma 1 matrices.
+
+    ``strength=None``: every unit is set along its top direction at its current norm, keeping its sign along it.
+    ``strength=alpha`` (linear sigma only; our variant, docs/saddle.md): the part of every unit inside the subspace
+    already learned (the singular vectors of ``W2 W1`` above ``rank_threshold`` of the largest) is kept; the rest is
+    set along the top direction, its norms scaled by one common factor so that the new rank-1 term of ``W2 W1`` is
+    ``alpha`` times the size that fits the top mode, ``s_1 / (u_1^T X X^T u_1)``."""
     rows = units(w1, w2)
-    directions, _ = top_unit_directions(unit_matrices(x, grad, slopes))
-    directions = directions.expand_as(rows)
+    directions, top = top_unit_directions(unit_matrices(x, grad, slopes))
+    if strength is None:
+        _set_along(w1, w2, rows, directions.expand_as(rows), rows.norm(dim=-1))
+        return
+    if slopes is not None or not strength > 0:
+        raise ValueError(f"skip_plateau: strength (got {strength}) must be positive, and is for linear sigma only")
+    left, singular, right_h = torch.linalg.svd(w2 @ w1)
+    rank = effective_rank(singular, rank_threshold) if float(singular[0]) > 1e-3 * float(top[0]) else 0
+    learned1 = w1 @ (right_h[:rank].T @ right_h[:rank])
+    learned2 = (left[:, :rank] @ left[:, :rank].T) @ w2
+    rest = units(w1 - learned1, w2 - learned2)
+    m0 = w1.shape[1]
+    u1 = directions[0, :m0] * 2**0.5
+    fit = float(top[0]) / float(u1 @ x @ x.T @ u1)
+    norms = rest.norm(dim=-1)
+    scale = (2 * strength * fit / float((norms**2).sum())) ** 0.5  # sum of (scale |q_i|)^2 / 2 = strength * fit
+    _set_along(w1, w2, rest, directions.expand_as(rest), scale * norms)
+    w1 += learned1
+    w2 += learned2
+
+
+def _set_along(
+    w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor, directions: torch.Tensor, norms: torch.Tensor
+) -> None:
     sign = torch.where((rows * directions).sum(-1) < 0, -1.0, 1.0).to(rows.dtype)
-    new = (sign * rows.norm(dim=-1)).unsqueeze(-1) * directions
+    new = (sign * norms).unsqueeze(-1) * directions
     m0 = w1.shape[1]
     w1.copy_(new[:, :m0])
     w2.copy_(new[:, m0:].T)
