@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +107,7 @@ class _Stack:
         return self._forward(self.params, x).flatten(1)
 
 
-def _batched(task: XorTask, seeds: Sequence[int], epoch: Any, stack: _Stack) -> list[XorRun]:
+def _batched(task: XorTask, seeds: Sequence[int], epoch: Callable[[], None], stack: _Stack) -> list[XorRun]:
     """Calls ``epoch()`` until every seed converged or the budget; the curves end at each seed's convergence."""
     start = time.perf_counter()
     curves: list[list[float]] = [[] for _ in seeds]

@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -128,13 +128,20 @@ def _hinf_xor(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{study.path}: {sum(1 for _ in units(study, methods, depths))} result files, valid")
         return 0
+    return _run_to_the_end(lambda: print(f"study: report: {run_hinf_study(study, methods, depths, not args.report)}"))
+
+
+def _run_to_the_end(run: Callable[[], object]) -> int:
+    """Runs a study (a scheduler's SIGTERM unwinds it); the exit status: 0, 1 when a run failed, 130 when stopped."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        path = run_hinf_study(study, methods, depths, train=not args.report)
+        run()
+    except StudyError as exc:  # the study file was fine: a run, a driver or the server failed
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("study: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
-    print(f"study: report: {path}")
     return 0
 
 
@@ -154,16 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from study.runner import run_fisher_study, run_study
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        (run_fisher_study if args.command == "fisher" else run_study)(study)
-    except StudyError as exc:  # the study file was fine: a run, a driver or the server failed
-        print(f"study: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("study: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
-    return 0
+    return _run_to_the_end(lambda: (run_fisher_study if args.command == "fisher" else run_study)(study))
 
 
 if __name__ == "__main__":

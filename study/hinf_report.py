@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from hpo_worker.report import mean_std
 from study.hinf_xor import HinfStudy, Method, read_results
 from study.report import markdown_table
 
@@ -32,12 +33,6 @@ PAPER: Final[dict[str, dict[int, tuple[float, float | None]]]] = {
 PAPER_SEEDS = 100
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else math.nan
-    return mean, math.sqrt(var)
-
-
 def depth_verdict(epochs: Sequence[int | None], paper: tuple[float, float | None] | None) -> tuple[str, str]:
     """(verdict, numbers) for one method at one depth against the paper's (mean, std)."""
     done = [e for e in epochs if e is not None]
@@ -46,7 +41,8 @@ def depth_verdict(epochs: Sequence[int | None], paper: tuple[float, float | None
         return "no paper value", ""
     if len(done) < 2:
         return ("disagree" if missed else "inconclusive"), f"{len(done)} of {len(epochs)} seeds converged"
-    mean, std = _mean_std(done)
+    mean, std = mean_std(done)
+    assert mean is not None and std is not None  # two values at least
     paper_mean, paper_std = paper
     se = math.sqrt(std**2 / len(done) + (paper_std or 0.0) ** 2 / PAPER_SEEDS)
     gap = (mean - paper_mean) / se if se > 0 else math.inf
@@ -60,8 +56,8 @@ def _cell(epochs: Sequence[int | None]) -> str:
     done = [e for e in epochs if e is not None]
     if not done:
         return f"none of {len(epochs)}"
-    mean, std = _mean_std(done)
-    text = f"{mean:.2f} ± {std:.2f}" if len(done) > 1 else f"{mean:.0f}"
+    mean, std = mean_std(done)
+    text = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.0f}"
     return text + ("" if len(done) == len(epochs) else f" ({len(done)}/{len(epochs)} converged)")
 
 
