@@ -15,6 +15,7 @@ takes ``O(log 1/|w(0)|)`` steps; :func:`skip_plateau` puts each unit there at on
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ __all__ = [
     "alignment",
     "detect_phases",
     "effective_rank",
+    "sigma_slopes",
     "skip_plateau",
     "top_unit_directions",
     "unit_matrices",
@@ -74,25 +76,27 @@ def skip_plateau(
     """The plateau-skipping step, in place, from the current weights' Lemma 1 matrices.
 
     ``strength=None``: every unit is set along its top direction at its current norm, keeping its sign along it.
-    ``strength=alpha`` (linear sigma only; our variant, docs/saddle.md): the part of every unit inside the subspace
-    already learned (the singular vectors of ``W2 W1`` above ``rank_threshold`` of the largest) is kept; the rest is
-    set along the top direction, its norms scaled by one common factor so that the new rank-1 term of ``W2 W1`` is
-    ``alpha`` times the size that fits the top mode, ``s_1 / (u_1^T X X^T u_1)``."""
+    ``strength=alpha`` (our variant, docs/saddle.md): the part of every unit inside the subspace already learned (the
+    singular vectors of ``W2 W1`` above ``rank_threshold`` of the largest) is kept; the rest is set along the top
+    direction, its norms scaled by one common factor so that the new rank-1 term of ``W2 W1`` is ``alpha`` times the
+    size that fits the top mode, ``s_1 / (u_1^T X X^T u_1)``. For nonlinear sigma each unit takes its own direction,
+    and the size is that of the unit with the largest ``s_1``, with ``X D_i X^T`` (exact only to first order)."""
     rows = units(w1, w2)
     directions, top = top_unit_directions(unit_matrices(x, grad, slopes))
     if strength is None:
         _set_along(w1, w2, rows, directions.expand_as(rows), rows.norm(dim=-1))
         return
-    if slopes is not None or not strength > 0:
-        raise ValueError(f"skip_plateau: strength (got {strength}) must be positive, and is for linear sigma only")
+    if not strength > 0:
+        raise ValueError(f"skip_plateau: strength must be positive (e.g. 0.05), got {strength}")
+    best = int(top.argmax())
     left, singular, right_h = torch.linalg.svd(w2 @ w1)
-    rank = effective_rank(singular, rank_threshold) if float(singular[0]) > 1e-3 * float(top[0]) else 0
+    rank = effective_rank(singular, rank_threshold) if float(singular[0]) > 1e-3 * float(top[best]) else 0
     learned1 = w1 @ (right_h[:rank].T @ right_h[:rank])
     learned2 = (left[:, :rank] @ left[:, :rank].T) @ w2
     rest = units(w1 - learned1, w2 - learned2)
-    m0 = w1.shape[1]
-    u1 = directions[0, :m0] * 2**0.5
-    fit = float(top[0]) / float(u1 @ x @ x.T @ u1)
+    u1 = directions[best, : w1.shape[1]] * 2**0.5
+    weighted = x if slopes is None else x * slopes[best]  # X D_i for the unit whose s_1 is largest
+    fit = float(top[best]) / float(u1 @ weighted @ x.T @ u1)
     norms = rest.norm(dim=-1)
     scale = (2 * strength * fit / float((norms**2).sum())) ** 0.5  # sum of (scale |q_i|)^2 / 2 = strength * fit
     _set_along(w1, w2, rest, directions.expand_as(rest), scale * norms)
@@ -126,23 +130,28 @@ class Phase:
     stop: int
 
 
-def detect_phases(losses: Sequence[float], tolerance: float, min_length: int = 1) -> list[Phase]:
-    """Plateaus and drops of a loss curve: step ``t`` (from ``losses[t]`` to ``losses[t + 1]``) is a drop when the
-    loss falls by at least ``tolerance`` of itself, else a plateau; the last point takes its step's kind. Runs
-    shorter than ``min_length`` join the phase before them (full-batch curves are smooth; this absorbs wiggles)."""
-    if not losses or not tolerance > 0:
-        raise ValueError(f"detect_phases: give a non-empty curve and a positive tolerance (got {tolerance})")
-    kinds = []
-    for t in range(len(losses) - 1):
-        now = abs(losses[t])
-        kinds.append("drop" if now and (losses[t] - losses[t + 1]) / now >= tolerance else "plateau")
+def detect_phases(
+    losses: Sequence[float], tolerance: float, min_length: int = 1, steps: Sequence[int] | None = None
+) -> list[Phase]:
+    """Plateaus and drops of a loss curve read at ``steps`` (default 0, 1, 2, ...): the interval from ``steps[t]``
+    to ``steps[t + 1]`` is a drop when the loss falls by at least ``tolerance`` of itself per step on average, else
+    a plateau; the last point takes its interval's kind for one step. Phases shorter than ``min_length`` steps join
+    the phase before them (full-batch curves are smooth; this absorbs wiggles)."""
+    at = list(range(len(losses))) if steps is None else [int(s) for s in steps]
+    if not losses or not tolerance > 0 or len(at) != len(losses) or any(b <= a for a, b in itertools.pairwise(at)):
+        raise ValueError(
+            f"detect_phases: give a non-empty curve, a positive tolerance (got {tolerance}) and, if any, one "
+            "increasing step per loss"
+        )
+    kinds = [_interval_kind(losses[t], losses[t + 1], at[t + 1] - at[t], tolerance) for t in range(len(at) - 1)]
     kinds.append(kinds[-1] if kinds else "plateau")
+    bounds = list(zip(at, [*at[1:], at[-1] + 1], strict=True))
     phases: list[Phase] = []
-    for t, kind in enumerate(kinds):
+    for (start, stop), kind in zip(bounds, kinds, strict=True):
         if phases and phases[-1].kind == kind:
-            phases[-1] = Phase(kind, phases[-1].start, t + 1)
+            phases[-1] = Phase(kind, phases[-1].start, stop)
         else:
-            phases.append(Phase(kind, t, t + 1))
+            phases.append(Phase(kind, start, stop))
     merged: list[Phase] = []
     for phase in phases:
         if merged and (phase.stop - phase.start < min_length or merged[-1].kind == phase.kind):
@@ -150,3 +159,20 @@ def detect_phases(losses: Sequence[float], tolerance: float, min_length: int = 1
         else:
             merged.append(phase)
     return merged
+
+
+def _interval_kind(now: float, later: float, steps: int, tolerance: float) -> str:
+    fall = (now - later) / abs(now) if now else 0.0
+    per_step = 1.0 - (1.0 - fall) ** (1.0 / steps) if fall < 1 else 1.0
+    return "drop" if per_step >= tolerance else "plateau"
+
+
+def sigma_slopes(sigma: str, pre_activations: torch.Tensor) -> torch.Tensor | None:
+    """``sigma'`` at ``pre_activations`` for ``tanh`` and ``relu``; None for ``none`` (linear: ``D_i = I``)."""
+    if sigma == "tanh":
+        return 1 - torch.tanh(pre_activations) ** 2
+    if sigma == "relu":
+        return (pre_activations > 0).to(pre_activations.dtype)
+    if sigma == "none":
+        return None
+    raise ValueError(f"unknown activation {sigma!r}; choose none, tanh or relu")

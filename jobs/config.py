@@ -5,14 +5,15 @@ A config file has up to five tables; every key is optional and falls back to the
     [model]  name, hidden, activation, residual, bias (mlp); activation (lenet5); channels, hidden, activation
              (convnet); depth, width (resnet); depth, width, slope, init (sigmoid_resnet); init_scale (any model)
     [data]   name, path, format, cache_dir, batch_size (global), eval_batch_size, train_examples,
-             test_examples, normalize, augment, synthetic_*
+             test_examples, normalize, augment, synthetic_*, teacher_singular_values
     [optim]  name, lr, momentum, momentum_form, nesterov, weight_decay, betas, eps, schedule, milestones, decay_every,
-             gamma, end_lr, end_factor, warmup_steps, warmup_epochs, base_batch_size
+             gamma, end_lr, end_factor, warmup_steps, warmup_epochs, base_batch_size, layer_order, skip_*
     [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac")
     [run]    out_dir, epochs or steps, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
              log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic,
              target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every,
-             fisher_every_epochs, fisher_layer, fisher_examples, fisher_trim, outlier_k, fisher_save
+             fisher_every_epochs, fisher_layer, fisher_examples, fisher_trim, outlier_k, fisher_save, loss,
+             dynamics_every, rank_threshold, phase_tolerance, phase_min_steps
     [job]    not read here: the batch job's resources, for ``python -m launch submit`` (docs/launch.md)
 
 Overrides are ``section.key=value`` with the value read as a TOML value (``optim.lr=0.1``,
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
+from jobs.optimizers import LAYER_ORDERS, OPTIMIZER_NAMES, OPTIMIZERS
 
 __all__ = [
     "ACTIVATIONS",
@@ -61,7 +62,8 @@ __all__ = [
 
 MODEL_NAMES: Final = ("mlp", "lenet5", "convnet", "resnet", "sigmoid_resnet")
 ACTIVATIONS: Final = ("relu", "tanh", "none")
-DATASET_NAMES: Final = ("fashion-mnist", "mnist", "cifar10", "synthetic")
+DATASET_NAMES: Final = ("fashion-mnist", "mnist", "cifar10", "synthetic", "teacher")
+LOSSES: Final = ("cross_entropy", "squared")
 CIFAR_FORMATS: Final = ("auto", "python", "folder")
 SCHEDULE_NAMES: Final = ("constant", "step", "linear")
 MOMENTUM_FORMS: Final = ("torch", "chainer")
@@ -95,7 +97,7 @@ class DataConfig:
     path: str = ""  # "" = the data set's default location
     format: str = "auto"  # cifar10: auto | python (cifar-10-batches-py) | folder (<split>/<class>/*.jpg, or .tar.gz)
     cache_dir: str = ""  # where tarballs are extracted and decoded images cached; "" = <repo>/build/data
-    batch_size: int = 128  # global: split equally over the ranks
+    batch_size: int = 128  # global: split equally over the ranks; 0 = the whole training set (full batch)
     eval_batch_size: int = 1000
     train_examples: int = 0  # use only the first N training examples (0 = all)
     test_examples: int = 0  # evaluate on the first N test examples (0 = all)
@@ -107,6 +109,9 @@ class DataConfig:
     synthetic_test_size: int = 1024
     synthetic_separation: float = 2.0  # distance scale of the class means (noise has unit variance)
     synthetic_seed: int = 0
+    # teacher: regression on y = A x, x in R^(synthetic_shape[0]) whitened (X^T X / n = I on the training split),
+    # y in R^(synthetic_classes), A of these singular values (rank = their number; seed 004)
+    teacher_singular_values: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0])
 
 
 @dataclass
@@ -130,6 +135,10 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warmup from lr / warmup to lr; give steps or epochs, not both
     warmup_epochs: float = 0.0
     base_batch_size: int = 0  # linear scaling rule: lr * batch_size / base_batch_size (0 = off)
+    layer_order: str = "forward"  # layerwise_gd: one layer per step, forward (input to output) or backward
+    skip_strength: float = 0.05  # skip_gd: size of the new rank-1 term, a fraction of its fit (0 = current norms)
+    skip_patience: int = 5  # skip_gd: a plateau is this many steps in a row whose loss fell by < skip_tolerance
+    skip_tolerance: float = 1e-4  # skip_gd: of itself
 
 
 @dataclass
@@ -186,6 +195,12 @@ class RunConfig:
     fisher_trim: float = 0.1  # the fraction of examples with the largest |v1 . g_i| left out of the trimmed eigenvalue
     outlier_k: float = 10.0  # count gradient norms above k MAD
     fisher_save: bool = False  # also write each record's projections and gradient norms to fisher/step_<N>.pt
+    loss: str = "cross_entropy"  # cross_entropy | squared (0.5 |f(x) - y|^2, y one-hot or a teacher's; mean over x)
+    # Saddle-to-saddle instruments (jobs.dynamics, docs/saddle.md):
+    dynamics_every: int = 0  # every N steps (0 = off): singular values and ranks of the weights, units' alignment
+    rank_threshold: float = 0.1  # effective rank: singular values above this fraction of the largest
+    phase_tolerance: float = 1e-2  # a step is a drop when the loss falls by at least this fraction of itself
+    phase_min_steps: int = 5  # shorter phases join the one before
 
 
 @dataclass
@@ -234,6 +249,7 @@ _BOOKKEEPING_RUN_KEYS: Final = frozenset(
     | {"progress", "tensorboard", "backend", "threads", "eval_every_steps", "train_eval_examples"}
     | {"fisher_every", "fisher_every_epochs", "fisher_layer", "fisher_examples", "fisher_trim", "outlier_k"}
     | {"fisher_save"}  # the diagnostics only read the model
+    | {"dynamics_every", "rank_threshold", "phase_tolerance", "phase_min_steps"}  # so do the saddle instruments
 )
 _BARE_WORD = re.compile(r"[A-Za-z0-9_.:/+\-]+")
 
@@ -414,6 +430,7 @@ def _validate(c: Config) -> None:
     _validate_optim(c.optim)
     _validate_kfac(c.kfac)
     _validate_run(c.run, c.data)
+    _validate_saddle(c)
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -446,7 +463,7 @@ def _validate_model(m: ModelConfig) -> None:
 def _validate_data(d: DataConfig) -> None:
     _choice("data.name", d.name, DATASET_NAMES)
     _choice("data.format", d.format, CIFAR_FORMATS)
-    _positive("data.batch_size", d.batch_size)
+    _positive("data.batch_size", d.batch_size, zero_ok=True)
     _positive("data.eval_batch_size", d.eval_batch_size)
     _positive("data.train_examples", d.train_examples, zero_ok=True)
     _positive("data.test_examples", d.test_examples, zero_ok=True)
@@ -547,6 +564,53 @@ def _validate_run(r: RunConfig, d: DataConfig) -> None:
             f"data.batch_size = {d.batch_size}: raise data.batch_size or set run.noise_every = 0"
         )
     _choice("run.backend", r.backend, BACKENDS)
+
+
+def _validate_saddle(c: Config) -> None:
+    """Seed 004's pieces: the teacher, the squared loss, layer-wise and plateau-skipping GD, the instruments."""
+    _choice("run.loss", c.run.loss, LOSSES)
+    _choice("optim.layer_order", c.optim.layer_order, LAYER_ORDERS)
+    d, m, o, r = c.data, c.model, c.optim, c.run
+    if d.name == "teacher":
+        values = d.teacher_singular_values
+        if not values or any(not (v > 0 and math.isfinite(v)) for v in values) or len(d.synthetic_shape) != 1:
+            raise ConfigError(
+                f"data.name = 'teacher' needs positive data.teacher_singular_values (got {values}) and a flat "
+                f"data.synthetic_shape = [inputs] (got {d.synthetic_shape})"
+            )
+        if len(values) > min(d.synthetic_shape[0], d.synthetic_classes):
+            raise ConfigError(
+                f"data.teacher_singular_values: {len(values)} values, but a {d.synthetic_classes} x "
+                f"{d.synthetic_shape[0]} teacher has rank at most {min(d.synthetic_shape[0], d.synthetic_classes)}"
+            )
+        if d.synthetic_train_size < d.synthetic_shape[0]:
+            raise ConfigError(
+                f"data.synthetic_train_size = {d.synthetic_train_size}: whitening a teacher's {d.synthetic_shape[0]} "
+                "inputs needs at least as many training examples"
+            )
+        if r.loss != "squared" or r.target_accuracy:
+            raise ConfigError("data.name = 'teacher' is a regression: set run.loss = 'squared' and no target accuracy")
+    if r.loss == "squared" and (r.noise_every or r.fisher_every or r.fisher_every_epochs or c.kfac.fisher == "mc"):
+        raise ConfigError(
+            "run.noise_every, run.fisher_every(_epochs) and kfac.fisher = 'mc' measure the cross-entropy's gradients: "
+            "set run.loss = 'cross_entropy', or turn them off"
+        )
+    if o.name == "skip_gd" and not (m.name == "mlp" and len(m.hidden) == 1 and not m.bias and not m.residual):
+        raise ConfigError(
+            "optim.name = 'skip_gd' trains W2 sigma(W1 x): set model.name = 'mlp', one width in model.hidden, "
+            "model.bias = false"
+        )
+    if not (o.skip_strength >= 0 and o.skip_patience >= 1 and o.skip_tolerance > 0):
+        raise ConfigError(
+            f"optim.skip_strength >= 0, optim.skip_patience >= 1 and optim.skip_tolerance > 0, got "
+            f"{o.skip_strength}, {o.skip_patience}, {o.skip_tolerance}"
+        )
+    _positive("run.dynamics_every", r.dynamics_every, zero_ok=True)
+    if not (0 < r.rank_threshold < 1 and r.phase_tolerance > 0 and r.phase_min_steps >= 1):
+        raise ConfigError(
+            f"run.rank_threshold in (0, 1), run.phase_tolerance > 0 and run.phase_min_steps >= 1, got "
+            f"{r.rank_threshold}, {r.phase_tolerance}, {r.phase_min_steps}"
+        )
 
 
 def ignored_keys(config: Config) -> list[str]:

@@ -9,6 +9,7 @@ Data sets (``data.name``):
   ``cifar10-jpeg.tar.gz``, the default). Tarballs are extracted once, split by split, into ``data.cache_dir``;
   decoded images are cached there as ``.npy`` files, so only the first run decodes JPEGs.
 - ``synthetic``: Gaussian classes (class means drawn from ``data.synthetic_seed``, unit-variance noise).
+- ``teacher``: regression on ``y = A x`` with a low-rank ``A`` (seed 004's teacher; :func:`make_teacher`).
 
 Images are kept as uint8 (CIFAR) or float32 in [0, 1] (IDX); :meth:`Dataset.prepare` turns a batch into
 normalised float32 on the training device.
@@ -54,6 +55,7 @@ __all__ = [
     "load_dataset",
     "load_image_folder",
     "make_synthetic",
+    "make_teacher",
     "resolve_data_path",
 ]
 
@@ -88,7 +90,8 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A data set in memory: ``*_x`` is N x (shape of one example), uint8 or float32 in [0, 1]; ``*_y`` int64."""
+    """A data set in memory: ``*_x`` is N x (shape of one example), uint8 or float32 in [0, 1]; ``*_y`` int64 labels,
+    or float targets N x outputs for a regression (``classes`` is then the number of outputs)."""
 
     name: str
     train_x: torch.Tensor
@@ -98,6 +101,10 @@ class Dataset:
     classes: int
     mean: torch.Tensor  # per channel (shape C, 1, 1 for images; 1 otherwise), on the [0, 1] scale
     std: torch.Tensor
+
+    @property
+    def regression(self) -> bool:
+        return self.train_y.is_floating_point()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -136,7 +143,7 @@ def resolve_data_path(config: DataConfig) -> Path | None:
     """The file or folder ``config`` reads (None for synthetic data); raises if it does not exist."""
     if config.name not in DATASET_NAMES:
         raise ValueError(f"unknown data set {config.name!r}; choose one of {', '.join(DATASET_NAMES)} (data.name)")
-    if config.name == "synthetic":
+    if config.name in ("synthetic", "teacher"):
         return None
     if config.path:
         path = Path(config.path).expanduser()
@@ -385,12 +392,32 @@ def make_synthetic(
     return train_x, train_y, test_x, test_y
 
 
+def make_teacher(
+    inputs: int, outputs: int, singular_values: list[float], train_size: int, test_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = A x`` with ``A = U diag(singular_values) V^T`` (``outputs x inputs``, U and V drawn from ``seed``).
+
+    The training inputs are whitened, ``X^T X / n = I``, so that ``A`` is what the squared loss sees: its singular
+    values are the sizes of the modes a small network learns one by one. The test inputs are standard normal."""
+    if train_size < inputs:
+        raise ValueError(f"a teacher with {inputs} inputs needs at least {inputs} training examples, got {train_size}")
+    generator = torch.Generator().manual_seed(derive_seed(seed, 11))
+    rank = len(singular_values)
+    left, _ = torch.linalg.qr(torch.randn(outputs, rank, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(inputs, rank, generator=generator, dtype=torch.float64))
+    teacher = (left * torch.tensor(singular_values, dtype=torch.float64)) @ right.T
+    train_x, _ = torch.linalg.qr(torch.randn(train_size, inputs, generator=generator, dtype=torch.float64))
+    train_x = train_x * train_size**0.5
+    test_x = torch.randn(test_size, inputs, generator=generator, dtype=torch.float64)
+    return (train_x.float(), (train_x @ teacher.T).float(), test_x.float(), (test_x @ teacher.T).float())
+
+
 # --------------------------------------------------------------------------- loading
 
 
 def example_shape(config: DataConfig) -> tuple[tuple[int, ...], int]:
     """One example's shape and the number of classes of the data set ``config`` names, without loading it."""
-    if config.name == "synthetic":
+    if config.name in ("synthetic", "teacher"):
         return tuple(config.synthetic_shape), config.synthetic_classes
     return ((3, 32, 32) if config.name == "cifar10" else (1, 28, 28)), 10
 
@@ -409,6 +436,16 @@ def load_dataset(config: DataConfig) -> Dataset:
             config.synthetic_seed,
         )
         classes = config.synthetic_classes
+    elif config.name == "teacher":
+        train_x, train_y, test_x, test_y = make_teacher(
+            config.synthetic_shape[0],
+            config.synthetic_classes,
+            config.teacher_singular_values,
+            config.synthetic_train_size,
+            config.synthetic_test_size,
+            config.synthetic_seed,
+        )
+        classes = config.synthetic_classes
     elif config.name == "cifar10":
         assert path is not None
         train_x, train_y = load_cifar10(path, "train", cache_dir=cache_dir, fmt=config.format)
@@ -422,7 +459,7 @@ def load_dataset(config: DataConfig) -> Dataset:
         train_x, train_y = train_x[: config.train_examples], train_y[: config.train_examples]
     if config.test_examples:
         test_x, test_y = test_x[: config.test_examples], test_y[: config.test_examples]
-    mean, std = _channel_stats(train_x, config.normalize)
+    mean, std = _channel_stats(train_x, config.normalize and config.name != "teacher")  # the teacher's are whitened
     return Dataset(config.name, train_x, train_y, test_x, test_y, classes, mean, std)
 
 

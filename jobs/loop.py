@@ -31,19 +31,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distkfac import KFACPreconditioner
 from distkfac.comm import average_gradients, barrier, broadcast_from
+from distkfac.saddle_optim import PlateauSkippingGD
 from jobs import checkpoint as ckpt
 from jobs.config import Config, ConfigError, ignored_keys, trajectory_differences
 from jobs.datasets import Dataset, ShardedBatches, augment_shard, derive_seed, load_dataset
 from jobs.diagnostics import check_fisher_layer, fisher_due, fisher_record, save_fisher_values
+from jobs.dynamics import dynamics_due, dynamics_record, phases_record
 from jobs.files import atomic_write_text
 from jobs.metrics import MetricsWriter, ProgressLine, read_metrics
 from jobs.models import build_model
 from jobs.noise_scale import NoiseScaleEstimator, measure_noise
+from jobs.objective import batch_loss, hits
 from jobs.optim import build_kfac, build_optimizer, make_lr_schedule, set_lr
 from jobs.outcome import SUMMARY_JSON, RunEnd
 from jobs.parallel import Context
@@ -122,8 +124,10 @@ def evaluate(
     batch_size: int,
     context: Context,
     split: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[float, float]:
-    """(mean loss, accuracy) on ``split`` (examples, labels; default the test split) in eval mode.
+    loss: str = "cross_entropy",
+) -> tuple[float, float | None]:
+    """(mean loss ``loss``, accuracy) on ``split`` (examples, labels; default the test split) in eval mode; the
+    accuracy is None for a regression.
 
     Each rank evaluates an equal part and the sums are reduced, so every rank must call it.
     """
@@ -137,13 +141,13 @@ def evaluate(
         x = data.prepare(xs[idx], context.device)
         y = ys[idx].to(context.device)
         logits = model(x)
-        totals[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        totals[1] += (logits.argmax(1) == y).sum()
+        totals[0] += batch_loss(logits, y, loss, reduction="sum").double()
+        totals[1] += hits(logits, y)
         totals[2] += len(idx)
     model.train(was_training)
     context.comm.allreduce_sum(totals, "evaluation").wait()
     loss_sum, correct, count = totals.tolist()
-    return loss_sum / max(count, 1), correct / max(count, 1)
+    return loss_sum / max(count, 1), None if data.regression else correct / max(count, 1)
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -341,18 +345,18 @@ class TrainingRun:
     def _plan(self) -> None:
         """This rank's shard of every batch, the run's length and its learning-rate schedule."""
         config, context, run = self.config, self.context, self.config.run
-        self.batches = ShardedBatches(
-            len(self.data.train_x), config.data.batch_size, context.rank, context.world_size, run.seed
-        )
+        self.global_batch = config.data.batch_size or len(self.data.train_x)  # 0: full batch
+        examples = len(self.data.train_x)
+        self.batches = ShardedBatches(examples, self.global_batch, context.rank, context.world_size, run.seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = run.steps or run.epochs * self.steps_per_epoch
         if run.noise_every and self.batches.local_batch < 2:
             raise ConfigError(
                 f"run.noise_every needs at least 2 examples per rank (it splits each rank's batch in two halves); "
-                f"the local batch is data.batch_size / ranks = {config.data.batch_size} / {context.world_size} = "
+                f"the local batch is data.batch_size / ranks = {self.global_batch} / {context.world_size} = "
                 f"{self.batches.local_batch}: raise data.batch_size or set run.noise_every = 0"
             )
-        self.schedule = make_lr_schedule(config.optim, self.steps_per_epoch, self.total_steps, config.data.batch_size)
+        self.schedule = make_lr_schedule(config.optim, self.steps_per_epoch, self.total_steps, self.global_batch)
 
     def _build(self, latest: ckpt.CheckpointRef | None) -> None:
         """Model, optimizer and K-FAC, from ``run.seed`` or from the checkpoint ``latest``."""
@@ -370,7 +374,9 @@ class TrainingRun:
         self.start_step = shared["step"] if shared is not None else 0
         self.train_model = _wrap(self.model, config, context)
         first_lr = self.schedule(min(self.start_step, self.total_steps - 1))
-        self.optimizer = build_optimizer(config.optim, self.train_model.parameters(), first_lr)
+        if config.optim.name == "skip_gd" and context.world_size > 1:
+            raise ConfigError("optim.name = 'skip_gd' reads the whole batch on one process: run it on one rank")
+        self.optimizer = build_optimizer(config.optim, self.train_model, first_lr, config.model.activation)
         self.precond = (
             build_kfac(config.kfac, self.train_model, self.schedule, context.comm)
             if config.optim.name == "kfac"
@@ -408,7 +414,7 @@ class TrainingRun:
         data = self.data
         self.say(
             f"{config.model.name} on {config.data.name} ({len(data.train_x)} train / {len(data.test_x)} test), "
-            f"{config.optim.name}, batch {config.data.batch_size} on {context.world_size} rank(s), "
+            f"{config.optim.name}, batch {self.global_batch} on {context.world_size} rank(s), "
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch)"
             + (f", resuming after step {self.start_step}" if self.resumed else "")
         )
@@ -459,11 +465,14 @@ class TrainingRun:
         if self.noise is not None and (self.step + 1) % self.config.run.noise_every == 0:
             # Before the training pass, on the unwrapped model: no gradient sync, .grad untouched.
             noise_fields = _noise_record(self.model, x, y, self.context, self.precond, self.noise)
+        if dynamics_due(self.config, self.step) and self.is_main:
+            self.metrics.write(dynamics_record(self.model, x, y, self.config, self.step))
         lr = self.schedule(self.step)
         batch_totals = self._optimize(x, y, lr)
         self.step += 1
-        if self.step % self.config.run.log_every == 0 or self.step == self.total_steps or noise_fields:
-            self.log_step(epoch, lr, tick, batch_totals, noise_fields)
+        skipped = isinstance(self.optimizer, PlateauSkippingGD) and self.step - 1 in self.optimizer.skip_steps[-1:]
+        if self.step % self.config.run.log_every == 0 or self.step == self.total_steps or noise_fields or skipped:
+            self.log_step(epoch, lr, tick, batch_totals, {**noise_fields, **({"skipped": True} if skipped else {})})
         if fisher_due(self.config, self.step, self.steps_per_epoch):
             self.log_fisher(epoch)
         self._after_step(epoch, lr)
@@ -492,7 +501,7 @@ class TrainingRun:
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.train_model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = batch_loss(logits, y, self.config.run.loss)
         if self.precond is not None and self.precond.fisher == "mc":
             self.precond.mc_backward(logits)
         loss.backward()
@@ -503,15 +512,17 @@ class TrainingRun:
                 raise TrainingDiverged(f"{exc} (step {self.step + 1}, lr {lr:g})") from exc
         elif not isinstance(self.train_model, nn.parallel.DistributedDataParallel):
             average_gradients(self.train_model.parameters(), self.context.comm)
+        if isinstance(self.optimizer, PlateauSkippingGD):
+            self.optimizer.observe(loss.item())
         self.optimizer.step()
         with torch.no_grad():
-            hits = (logits.argmax(1) == y).sum().double()
-            batch_totals = torch.stack([loss.detach().double() * len(y), hits, torch.full_like(hits, len(y))])
+            correct = hits(logits, y)
+            batch_totals = torch.stack([loss.detach().double() * len(y), correct, torch.full_like(correct, len(y))])
             self.epoch_totals += batch_totals
         return batch_totals
 
     def log_step(
-        self, epoch: int, lr: float, tick: float, batch_totals: torch.Tensor, noise_fields: dict[str, float | None]
+        self, epoch: int, lr: float, tick: float, batch_totals: torch.Tensor, extra_fields: dict[str, Any]
     ) -> None:
         """The step's record (its batch over all ranks); a NaN or infinite loss ends the run as diverged."""
         loss_sum, correct, count = _summed(batch_totals, self.context, "step sums")
@@ -527,11 +538,11 @@ class TrainingRun:
                 "step": self.step,
                 "epoch": epoch + 1,
                 "loss": loss_sum / count,
-                "accuracy": correct / count,
+                "accuracy": self._accuracy(correct, count),
                 "lr": lr,
                 "seconds": seconds,
                 "examples_per_second": count / max(seconds, 1e-9),
-                **noise_fields,
+                **extra_fields,
                 **_kl_fields(self.precond),
             }
         )
@@ -550,8 +561,8 @@ class TrainingRun:
         if eval_now or last:
             self.evaluate_test(epoch)
             target = run.target_accuracy or None
-            assert self.test_accuracy is not None
-            if target is not None and self.steps_to_target is None and self.test_accuracy >= target:
+            reached = target is not None and self.test_accuracy is not None and self.test_accuracy >= target
+            if reached and self.steps_to_target is None:
                 self.steps_to_target = step
                 self.at_target = run.stop_at_target
                 if self.at_target and not (epoch_done or last):
@@ -570,18 +581,21 @@ class TrainingRun:
                 "step": self.step,
                 "epoch": epoch + 1,
                 "loss": loss_sum / count,
-                "accuracy": correct / count,
+                "accuracy": self._accuracy(correct, count),
                 "lr": lr,
             }
         )
         self.epoch_totals.zero_()
+
+    def _accuracy(self, correct: float, count: float) -> float | None:
+        return None if self.data.regression else correct / count
 
     def evaluate_test(self, epoch: int) -> None:
         """The test split's loss and accuracy now, recorded."""
         eval_start = time.perf_counter()
         self._share_buffers()
         self.test_loss, self.test_accuracy = evaluate(
-            self.model, self.data, self.config.data.eval_batch_size, self.context
+            self.model, self.data, self.config.data.eval_batch_size, self.context, loss=self.config.run.loss
         )
         self.metrics.write(
             {
@@ -593,7 +607,9 @@ class TrainingRun:
                 "seconds": time.perf_counter() - eval_start,
             }
         )
-        self.progress.update(self.step, f"epoch {epoch + 1} test acc {self.test_accuracy:.4f}", force=True)
+        accuracy, loss = self.test_accuracy, self.test_loss
+        shown = f"test acc {accuracy:.4f}" if accuracy is not None else f"test loss {loss:.4g}"
+        self.progress.update(self.step, f"epoch {epoch + 1} {shown}", force=True)
 
     def _share_buffers(self) -> None:
         """Rank 0's buffers (batch-norm statistics) on every rank, so that all ranks evaluate the same model."""
@@ -653,25 +669,40 @@ class TrainingRun:
 
     def finish(self) -> None:
         """The final evaluations: the test split (unless this step's was done) and the first training examples."""
-        data, batch_size = self.data, self.config.data.eval_batch_size
+        data, batch_size, loss = self.data, self.config.data.eval_batch_size, self.config.run.loss
         self._share_buffers()
-        if self.test_accuracy is None:  # resumed a finished run: report its final accuracy
-            self.test_loss, self.test_accuracy = evaluate(self.model, data, batch_size, self.context)
+        self._log_phases()
+        if self.test_loss is None:  # resumed a finished run: report its final accuracy
+            self.test_loss, self.test_accuracy = evaluate(self.model, data, batch_size, self.context, loss=loss)
         first = self.config.run.train_eval_examples or len(data.train_x)
         self.train_loss, self.train_accuracy = evaluate(
-            self.model, data, batch_size, self.context, (data.train_x[:first], data.train_y[:first])
+            self.model, data, batch_size, self.context, (data.train_x[:first], data.train_y[:first]), loss
         )
+
+    def _log_phases(self) -> None:
+        """With the saddle instruments on: the final reading, then the phases of every reading's loss (rank 0)."""
+        if not self.config.run.dynamics_every or not self.is_main:
+            return
+        if dynamics_due(self.config, self.step):
+            x, y = self._batch(*divmod(self.step, self.steps_per_epoch))
+            self.metrics.write(dynamics_record(self.model, x, y, self.config, self.step))
+        self.metrics.flush()
+        record = phases_record(self.out_dir, self.config)
+        if record is not None:
+            self.metrics.write(record)
 
     def close(self) -> None:
         self.progress.close()
         self.metrics.close()
         if self.precond is not None:
             self.precond.remove_hooks()
+        if isinstance(self.optimizer, PlateauSkippingGD):
+            self.optimizer.remove_hooks()
 
     def summary(self, end: RunEnd, reason: str | None = None) -> RunSummary:
         """What the run reports (rank 0's history fields from metrics.jsonl; call after :meth:`close`)."""
         target = self.config.run.target_accuracy or None
-        batch = self.config.data.batch_size
+        batch = self.global_batch
         return RunSummary(
             steps=self.step,
             total_steps=self.total_steps,

@@ -1,7 +1,8 @@
 """What a run reports: metric records (JSONL, CSV, TensorBoard when installed) and a progress line.
 
 One record per logged step (``kind = "step"``), per epoch (``"epoch"``: means over the epoch, all ranks), per
-evaluation (``"eval"``) and per Fisher diagnostic (``"fisher"``, ``run.fisher_every``), in ``metrics.jsonl`` and
+evaluation (``"eval"``), per Fisher diagnostic (``"fisher"``, ``run.fisher_every``), per saddle instrument reading
+(``"dynamics"``, ``run.dynamics_every``) and, at the end of such a run, its ``"phases"``, in ``metrics.jsonl`` and
 ``metrics.csv`` of the run's folder, written by rank 0 only.
 Columns that do not apply to a kind are empty in the CSV and absent from the JSON line.
 
@@ -53,6 +54,18 @@ CSV_COLUMNS: Final = (
     "grad_norm_mad",
     "outliers_above",
     "outliers_deviating",
+    # "dynamics" records (run.dynamics_every; jobs.dynamics, docs/saddle.md): per Linear layer its singular values and
+    # effective rank, those of the product of the weights for a linear network, and for W2 sigma(W1 x) the units'
+    # alignment with the top direction of Lemma 1 (median and largest ratio) and that direction's s_1
+    "singular_values",
+    "ranks",
+    "product_singular_values",
+    "product_rank",
+    "alignment_median",
+    "alignment_max",
+    "top_singular_value",
+    "skipped",  # "step" records of plateau-skipping GD: the step set the units instead of a gradient step
+    "phases",  # the "phases" record at the end: [{kind, start, stop}] of the dynamics records' losses
 )
 
 
@@ -70,8 +83,14 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
 def _csv_row(record: dict[str, Any]) -> list[Any]:
-    return ["" if record.get(c) is None else record[c] for c in CSV_COLUMNS]
+    return [_csv_cell(record.get(c)) for c in CSV_COLUMNS]
 
 
 class MetricsWriter:
@@ -116,6 +135,12 @@ class MetricsWriter:
             for key in ("loss", "accuracy", "lr", "test_loss", "test_accuracy", "noise_scale"):
                 if clean.get(key) is not None:
                     self._tb.add_scalar(f"{record['kind']}/{key}", clean[key], record["step"])
+
+    def flush(self) -> None:
+        """Everything written so far on disk, for :func:`read_metrics` (lines are flushed already; this is explicit)."""
+        for stream in (self._jsonl, self._csv):
+            if stream is not None:
+                stream.flush()
 
     def close(self) -> None:
         for stream in (self._jsonl, self._csv):

@@ -1,4 +1,5 @@
-"""Optimizers (momentum SGD, Adam, AdamW, K-FAC + momentum SGD) and learning-rate schedules.
+"""Optimizers (momentum SGD, Adam, AdamW, K-FAC + momentum SGD, seed 004's gradient descents) and learning-rate
+schedules.
 
 A schedule is a callable of the step count (0 for the first step), so the same object sets the optimizer's
 learning rate each step and is handed to ``KFACPreconditioner(lr=...)`` for KL clipping. Its value is::
@@ -14,7 +15,6 @@ reached: the last step, ``total_steps - 1``, still has a positive rate). Warmup 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from distkfac import KFACPreconditioner
 from distkfac.comm import Communicator
 from distkfac.momentum import ChainerMomentumSGD
+from distkfac.saddle_optim import LayerwiseGD, PlateauSkippingGD
 from jobs.config import KFACConfig, OptimConfig
 from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
 
@@ -91,10 +92,14 @@ def make_lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int
     )
 
 
-def build_optimizer(config: OptimConfig, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """The torch optimizer for ``config.name`` (``kfac`` steps with momentum SGD), starting at ``lr``."""
+def build_optimizer(
+    config: OptimConfig, model: nn.Module, lr: float, activation: str = "relu"
+) -> torch.optim.Optimizer:
+    """The torch optimizer for ``config.name`` on ``model``'s parameters (``kfac`` steps with momentum SGD), starting
+    at ``lr``; ``activation`` is the model's (plateau-skipping GD needs sigma)."""
     if config.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.name!r}; choose {', '.join(OPTIMIZER_NAMES)} (optim.name)")
+    params = model.parameters()
     if config.name in ("sgd", "kfac") and config.momentum_form == "chainer":
         return ChainerMomentumSGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.name in ("sgd", "kfac"):
@@ -106,7 +111,30 @@ def build_optimizer(config: OptimConfig, params: Iterable[nn.Parameter], lr: flo
         return torch.optim.Adam(params, lr=lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay)
     if config.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay)
+    if config.name in ("gd", "layerwise_gd", "skip_gd"):
+        return _build_gd(config, model, lr, activation)
     raise NotImplementedError(f"jobs.optimizers lists {config.name!r}, which jobs.optim cannot build yet")
+
+
+def _build_gd(config: OptimConfig, model: nn.Module, lr: float, activation: str) -> torch.optim.Optimizer:
+    """Seed 004's gradient descents: plain, layer-wise (the layers with parameters, input to output), skipping."""
+    if config.name == "gd":
+        return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    layers = [list(m.parameters(recurse=False)) for m in model.modules() if list(m.parameters(recurse=False))]
+    if config.name == "layerwise_gd":
+        return LayerwiseGD(layers, lr=lr, order=config.layer_order)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 2:
+        raise ValueError(f"plateau-skipping GD trains W2 sigma(W1 x); this model has {len(linears)} Linear layers")
+    return PlateauSkippingGD(
+        linears[0],
+        linears[1],
+        activation,
+        lr=lr,
+        strength=config.skip_strength,
+        patience=config.skip_patience,
+        tolerance=config.skip_tolerance,
+    )
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["OPTIMIZERS", "OPTIMIZER_NAMES", "Optimizer", "report_label"]
+__all__ = ["LAYER_ORDERS", "OPTIMIZERS", "OPTIMIZER_NAMES", "Optimizer", "report_label"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,9 @@ class Optimizer:
 
 _MOMENTUM_KEYS: Final = frozenset({"momentum", "momentum_form", "nesterov"})
 _ADAM_KEYS: Final = frozenset({"betas", "eps"})
+_SKIP_KEYS: Final = frozenset({"skip_strength", "skip_patience", "skip_tolerance"})
+# layerwise_gd's orders, as distkfac.saddle_optim.LAYER_ORDERS (which imports torch; a test keeps them equal)
+LAYER_ORDERS: Final = ("forward", "backward")
 
 OPTIMIZERS: Final[dict[str, Optimizer]] = {
     entry.name: entry
@@ -31,6 +34,10 @@ OPTIMIZERS: Final[dict[str, Optimizer]] = {
         Optimizer("adam", "Adam", _ADAM_KEYS, "adam"),
         Optimizer("adamw", "AdamW", _ADAM_KEYS, "adam"),
         Optimizer("kfac", "K-FAC", _MOMENTUM_KEYS, "kfac", preconditioned=True),  # K-FAC + momentum SGD
+        # Seed 004 (docs/saddle.md); full batch with data.batch_size = 0. Tuned in the sgd space: only lr applies.
+        Optimizer("gd", "GD", frozenset(), "sgd"),
+        Optimizer("layerwise_gd", "layer-wise GD", frozenset({"layer_order"}), "sgd"),
+        Optimizer("skip_gd", "plateau-skipping GD", _SKIP_KEYS, "sgd"),
     )
 }
 OPTIMIZER_NAMES: Final = tuple(OPTIMIZERS)

@@ -2,7 +2,9 @@
 ``python -m study fisher --config STUDY.toml``: the Fisher spectrum and gradient outliers of a study's runs over
 training (docs/fisher.md);
 ``python -m study hinf-xor --config STUDY.toml``: seed 001's XOR study, epochs to converge against depth for g-EHF,
-Adam and steepest descent (docs/hinf.md).
+Adam and steepest descent (docs/hinf.md);
+``python -m study saddle --config STUDY.toml``: seed 004's saddle-to-saddle study, plateaus and steps to target against
+the initial scale for gradient descent and plateau skipping (docs/saddle.md).
 
 Examples::
 
@@ -14,6 +16,7 @@ Examples::
     python -m study fisher --config jobs/configs/studies/fisher_mnist.toml   # seed 003's figures (docs/fisher.md)
     python -m study hinf-xor --config jobs/configs/studies/hinf_xor.toml     # seed 001's Tables 1 and 2
     python -m study hinf-xor --config jobs/configs/studies/hinf_xor.toml --methods adam --depths 5,101
+    python -m study saddle --config jobs/configs/studies/saddle.toml --cases teacher   # seed 004's Figures 1, 2
 
 Exit status: 0 when the report is written, 2 for a bad study file (nothing was trained), 1 when a run or the tuning
 failed (the message says why).
@@ -62,6 +65,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     hinf.add_argument("--depths", default="", help="only these depths now, e.g. 5,101")
     hinf.add_argument("--report", action="store_true", help="write the report from the results so far; train nothing")
     hinf.add_argument("--check", action="store_true", help="check the study file, then exit")
+    saddle = sub.add_parser("saddle", help="seed 004's plateaus and plateau skipping against scale (docs/saddle.md)")
+    saddle.add_argument("--config", required=True, help="study file with [cases.NAME] and [methods.NAME] tables")
+    saddle.add_argument("--out", help="output folder (default: the file's study.out_dir)")
+    saddle.add_argument("--cases", default="", help="only these cases now, e.g. teacher (the rest later)")
+    saddle.add_argument("--report", action="store_true", help="write the report from the runs so far; train nothing")
+    saddle.add_argument("--check", action="store_true", help="check the study file and every run's config, then exit")
     return parser.parse_args(argv)
 
 
@@ -131,6 +140,24 @@ def _hinf_xor(args: argparse.Namespace) -> int:
     return _run_to_the_end(lambda: print(f"study: report: {run_hinf_study(study, methods, depths, not args.report)}"))
 
 
+def _saddle(args: argparse.Namespace) -> int:
+    from study.saddle import load_saddle_study, run_saddle_study, runs
+
+    try:
+        study = load_saddle_study(args.config, out_dir=args.out)
+        cases = [c for c in args.cases.split(",") if c]
+        unknown = sorted(set(cases) - {c.name for c in study.cases})
+        if unknown:
+            raise StudyError(f"--cases: {unknown} not in {args.config} (it has {[c.name for c in study.cases]})")
+    except StudyError as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{study.path}: {sum(1 for _ in runs(study, cases))} runs, all configs valid")
+        return 0
+    return _run_to_the_end(lambda: print(f"study: report: {run_saddle_study(study, cases, not args.report)}"))
+
+
 def _run_to_the_end(run: Callable[[], object]) -> int:
     """Runs a study (a scheduler's SIGTERM unwinds it); the exit status: 0, 1 when a run failed, 130 when stopped."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -149,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "hinf-xor":
         return _hinf_xor(args)
+    if args.command == "saddle":
+        return _saddle(args)
     try:
         study = _load(args)
         cells = check_cells(study)
