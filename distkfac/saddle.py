@@ -28,6 +28,7 @@ __all__ = [
     "effective_rank",
     "sigma_slopes",
     "skip_plateau",
+    "top_mode_progress",
     "top_unit_directions",
     "unit_matrices",
     "units",
@@ -77,10 +78,11 @@ def skip_plateau(
 
     ``strength=None``: every unit is set along its top direction at its current norm, keeping its sign along it.
     ``strength=alpha`` (our variant, docs/saddle.md): the part of every unit inside the subspace already learned (the
-    singular vectors of ``W2 W1`` above ``rank_threshold`` of the largest) is kept; the rest is set along the top
-    direction, its norms scaled by one common factor so that the new rank-1 term of ``W2 W1`` is ``alpha`` times the
-    size that fits the top mode, ``s_1 / (u_1^T X X^T u_1)``. For nonlinear sigma each unit takes its own direction,
-    and the size is that of the unit with the largest ``s_1``, with ``X D_i X^T`` (exact only to first order)."""
+    singular vectors of ``W2 W1`` above ``rank_threshold`` of the largest; none while the largest is below 1e-3 of
+    the fit below) is kept; the rest is set along the top direction, its norms scaled by one common factor so that
+    the new rank-1 term of ``W2 W1`` is ``alpha`` times the size that fits the top mode, ``s_1 / (u_1^T X X^T u_1)``.
+    For nonlinear sigma each unit takes its own direction, and the size is that of the unit with the largest
+    ``s_1``, with ``X D_i X^T`` (exact only to first order)."""
     rows = units(w1, w2)
     directions, top = top_unit_directions(unit_matrices(x, grad, slopes))
     if strength is None:
@@ -88,20 +90,40 @@ def skip_plateau(
         return
     if not strength > 0:
         raise ValueError(f"skip_plateau: strength must be positive (e.g. 0.05), got {strength}")
-    best = int(top.argmax())
+    _, _, _, fit = _top_mode(x, grad, slopes, directions, top)
     left, singular, right_h = torch.linalg.svd(w2 @ w1)
-    rank = effective_rank(singular, rank_threshold) if float(singular[0]) > 1e-3 * float(top[best]) else 0
+    rank = effective_rank(singular, rank_threshold) if float(singular[0]) > 1e-3 * fit else 0  # 0: still noise
     learned1 = w1 @ (right_h[:rank].T @ right_h[:rank])
     learned2 = (left[:, :rank] @ left[:, :rank].T) @ w2
     rest = units(w1 - learned1, w2 - learned2)
-    u1 = directions[best, : w1.shape[1]] * 2**0.5
-    weighted = x if slopes is None else x * slopes[best]  # X D_i for the unit whose s_1 is largest
-    fit = float(top[best]) / float(u1 @ weighted @ x.T @ u1)
     norms = rest.norm(dim=-1)
     scale = (2 * strength * fit / float((norms**2).sum())) ** 0.5  # sum of (scale |q_i|)^2 / 2 = strength * fit
     _set_along(w1, w2, rest, directions.expand_as(rest), scale * norms)
     w1 += learned1
     w2 += learned2
+
+
+def _top_mode(
+    x: torch.Tensor, grad: torch.Tensor, slopes: torch.Tensor | None, directions: torch.Tensor, top: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor, float]:
+    """The unit whose ``s_1`` is largest, its singular pair ``u_1``, ``v_1`` and the size of ``W2 W1`` along
+    ``-v_1 u_1^T`` that fits the residual there, ``s_1 / (u_1^T X D_i X^T u_1)`` (exact for linear sigma)."""
+    best = int(top.argmax())
+    m0 = x.shape[0]
+    u1, v1 = directions[best, :m0] * 2**0.5, -directions[best, m0:] * 2**0.5
+    weighted = x if slopes is None else x * slopes[best]
+    return best, u1, v1, float(top[best]) / float(u1 @ weighted @ x.T @ u1)
+
+
+def top_mode_progress(
+    w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, slopes: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """``s_1`` of the top Lemma 1 matrix, and how far its mode has grown: the size of ``W2 W1`` along ``-v_1 u_1^T``
+    over the size that fits the residual there (``W2 W1`` linearises a nonlinear network). Below a skip's
+    ``strength`` the skip makes the mode larger; above it gradient descent is already in the mode's drop."""
+    directions, top = top_unit_directions(unit_matrices(x, grad, slopes))
+    _, u1, v1, fit = _top_mode(x, grad, slopes, directions, top)
+    return float(top.max()), float(-(v1 @ w2 @ w1 @ u1)) / fit
 
 
 def _set_along(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distkfac.saddle import sigma_slopes, skip_plateau, unit_matrices
+from distkfac.saddle import sigma_slopes, skip_plateau, top_mode_progress
 
 __all__ = ["LAYER_ORDERS", "SIGMAS", "LayerwiseGD", "PlateauSkippingGD"]
 
@@ -75,8 +75,9 @@ class PlateauSkippingGD(_CountedGD):
 
     A skip comes at the first step, and whenever the loss has fallen by less than ``tolerance`` of itself for
     ``patience`` steps in a row while the top singular value of Lemma 1's ``M_i`` is still above 1e-3 of its first
-    (something is left to learn). It replaces that step's gradient step. ``strength`` > 0 is our variant (docs); 0 is
-    the literal step, every unit along its direction at its current norm.
+    (something is left to learn) and its mode has grown to less than ``strength`` of its fit (the skip would enlarge
+    it: a slow drop is not a plateau). It replaces that step's gradient step. ``strength`` > 0 is our variant
+    (docs); 0 is the literal step, every unit along its direction at its current norm.
 
     It reads the batch through hooks: ``first``'s input X and pre-activations, and ``G = dL/df`` at ``last``'s
     output. Call :meth:`observe` with the step's loss before :meth:`step`. The loss must be a mean over the batch's
@@ -153,9 +154,9 @@ class PlateauSkippingGD(_CountedGD):
         slopes = sigma_slopes(self.sigma, z)
         return x.flatten(1).T, g.T * len(g), slopes.T if slopes is not None else None
 
-    def _top(self) -> float:
+    def _progress(self) -> tuple[float, float]:
         x, g, slopes = self._lemma_1()
-        return float(torch.linalg.matrix_norm(unit_matrices(x, g, slopes), ord=2).max())
+        return top_mode_progress(self.first.weight, self.last.weight, x, g, slopes)
 
     def _wants_skip(self) -> bool:
         loss, previous = self._loss, self.previous_loss
@@ -164,12 +165,14 @@ class PlateauSkippingGD(_CountedGD):
             self.flat_steps = self.flat_steps + 1 if stalled else 0
         self.previous_loss = loss
         if self.steps == 0:
-            self.first_top = self._top()
+            self.first_top = self._progress()[0]
             return True
         if self.flat_steps < self.patience:
             return False
         self.flat_steps = 0
-        return self.first_top is not None and self._top() > 1e-3 * self.first_top
+        top, grown = self._progress()
+        left_to_learn = self.first_top is not None and top > 1e-3 * self.first_top
+        return left_to_learn and (not self.strength or grown < self.strength)  # the skip would enlarge the mode
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]

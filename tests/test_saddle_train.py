@@ -189,7 +189,7 @@ def test_the_command_checks_the_shipped_study_and_refuses_unknown_cases() -> Non
     study = ROOT / "jobs" / "configs" / "studies" / "saddle.toml"
     ok = subprocess.run([PYTHON, "-m", "study", "saddle", "--config", str(study), "--check"], cwd=ROOT, env=ENV,
                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert ok.returncode == 0 and "120 runs, all configs valid" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "240 runs, all configs valid" in ok.stdout, ok.stderr
     bad = subprocess.run([PYTHON, "-m", "study", "saddle", "--config", str(study), "--cases", "cifar", "--check"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "--cases: ['cifar'] not in" in bad.stderr
