@@ -32,7 +32,9 @@ from typing import Any
 
 from study.config import StudyError
 
-__all__ = ["Case", "SaddleRun", "SaddleStudy", "load_saddle_study", "run_saddle_study", "runs"]
+__all__ = ["DONE", "Case", "SaddleRun", "SaddleStudy", "load_saddle_study", "run_saddle_study", "runs"]
+
+DONE = ("finished", "diverged")  # how a run that is not run again ended (jobs.outcome.RunEnd values)
 
 
 @dataclass(frozen=True)
@@ -155,16 +157,20 @@ def _config(study: SaddleStudy, run: SaddleRun) -> Any:
 
 def run_saddle_study(study: SaddleStudy, cases: Sequence[str] = (), train: bool = True) -> Path:
     """Trains every run not yet finished (none when ``train`` is false), then writes the report; returns its path."""
-    from jobs.loop import run_training
+    from jobs.loop import TrainingDiverged, run_training
     from jobs.outcome import read_summary
     from jobs.parallel import SingleContext
     from study.saddle_report import write_saddle_report
 
     for run in runs(study, cases) if train else ():
         summary = read_summary(run.out_dir(study.out_dir))
-        if summary is not None and summary.get("end") == "finished":
+        if summary is not None and summary.get("end") in DONE:
             continue
-        result = run_training(_config(study, run), SingleContext(), log=lambda message: None)
-        print(f"{run.case.name} {run.method} scale {run.scale:g} seed {run.seed}: {result.steps} steps, "
-              f"train loss {result.train_loss:.4g}", flush=True)  # fmt: skip
+        name = f"{run.case.name} {run.method} scale {run.scale:g} seed {run.seed}"
+        try:
+            result = run_training(_config(study, run), SingleContext(), log=lambda message: None)
+        except TrainingDiverged as exc:  # a result: the report counts it as not reaching the target
+            print(f"{name}: diverged: {exc}", flush=True)
+            continue
+        print(f"{name}: {result.steps} steps, train loss {result.train_loss:.4g}", flush=True)
     return write_saddle_report(study)

@@ -19,22 +19,22 @@ from jobs.files import atomic_write_text
 from jobs.metrics import read_metrics
 from jobs.outcome import read_summary
 from study.report import markdown_table
-from study.saddle import SaddleRun, SaddleStudy, runs
+from study.saddle import DONE, SaddleRun, SaddleStudy, runs
 
 __all__ = ["run_row", "slope_fit", "write_saddle_report"]
 
-COLUMNS = ("case", "method", "scale", "seed", "steps_to_target", "first_plateau", "drops", "ranks_after_drops",
+COLUMNS = ("case", "method", "scale", "seed", "end", "steps_to_target", "first_plateau", "drops", "ranks_after_drops",
            "min_alignment_first_plateau", "skips", "initial_loss", "final_loss", "predicted_slope")  # fmt: skip
 
 
 def run_row(study: SaddleStudy, run: SaddleRun) -> dict[str, Any] | None:
-    """What one finished run measured (None while it is not finished)."""
+    """What one finished or diverged run measured (None while it is neither)."""
     out = run.out_dir(study.out_dir)
     summary = read_summary(out)
-    if summary is None or summary.get("end") != "finished":
+    if summary is None or summary.get("end") not in DONE:
         return None
     records = read_metrics(out)
-    readings = sorted((r for r in records if r["kind"] == "dynamics"), key=lambda r: r["step"])
+    readings = sorted((r for r in records if r["kind"] == "dynamics" and "loss" in r), key=lambda r: r["step"])
     phases: list[dict[str, Any]] = next((r["phases"] for r in records if r["kind"] == "phases"), [])
     first = readings[0]["loss"]
     reached = next((r["step"] for r in readings if r["loss"] <= run.case.target_fraction * first), None)
@@ -46,7 +46,7 @@ def run_row(study: SaddleStudy, run: SaddleRun) -> dict[str, Any] | None:
     config = json.loads((out / "config.json").read_text())
     rate = config["optim"]["lr"] * readings[0].get("top_singular_value", math.nan) / config["derived"]["train_examples"]
     return {
-        "case": run.case.name, "method": run.method, "scale": run.scale, "seed": run.seed,
+        "case": run.case.name, "method": run.method, "scale": run.scale, "seed": run.seed, "end": summary["end"],
         "steps_to_target": reached, "first_plateau": plateau, "drops": len(drops), "ranks_after_drops": ranks,
         "min_alignment_first_plateau": min(aligned) if aligned else None,
         "skips": [r["step"] - 1 for r in records if r["kind"] == "step" and r.get("skipped")],
