@@ -43,6 +43,8 @@ class Case:
     config: Path
     overrides: tuple[str, ...]
     target_fraction: float
+    scales: tuple[float, ...]  # the study's unless the case gives its own
+    methods: tuple[str, ...]  # the study's unless the case lists some; the first is the baseline of the ratios
 
 
 @dataclass(frozen=True)
@@ -81,27 +83,37 @@ def _strings(path: Path, key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _case(path: Path, name: str, raw: Any) -> Case:
+CASE_KEYS = ("config", "overrides", "target_fraction", "scales", "methods")
+
+
+def _case(path: Path, name: str, raw: Any, scales: tuple[float, ...], methods: Sequence[str]) -> Case:
     key = f"cases.{name}"
-    if not isinstance(raw, dict) or set(raw) - {"config", "overrides", "target_fraction"} or "config" not in raw:
-        raise _fail(
-            path, key, "a table with config (a training config file), and optionally overrides, target_fraction"
-        )
+    if not isinstance(raw, dict) or set(raw) - set(CASE_KEYS) or "config" not in raw:
+        raise _fail(path, key, f"a table with config (a training config file), and optionally {CASE_KEYS[1:]}")
     fraction = raw.get("target_fraction", 1e-3)
     if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise _fail(path, f"{key}.target_fraction", f"a fraction of the initial loss in (0, 1), got {fraction!r}")
-    return Case(name, Path(raw["config"]), _strings(path, f"{key}.overrides", raw.get("overrides", [])), fraction)
+    if "scales" in raw:
+        scales = _scales(path, f"{key}.scales", raw["scales"])
+    chosen = _strings(path, f"{key}.methods", raw.get("methods", list(methods)))
+    unknown = sorted(set(chosen) - set(methods))
+    if unknown or not chosen:
+        raise _fail(path, f"{key}.methods", f"some of the [methods.NAME] tables {list(methods)}, got {list(chosen)}")
+    overrides = _strings(path, f"{key}.overrides", raw.get("overrides", []))
+    return Case(name, Path(raw["config"]), overrides, fraction, scales, chosen)
+
+
+def _scales(path: Path, key: str, scales: Any) -> tuple[float, ...]:
+    if not isinstance(scales, list) or not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
+        raise _fail(path, key, f"a non-empty list of positive initial scales (e.g. [1e-2, 1e-4]), got {scales!r}")
+    return tuple(float(s) for s in scales)
 
 
 def _study_values(path: Path, study: Any) -> tuple[tuple[float, ...], tuple[int, ...]]:
-    scales, seeds = study.get("scales"), study.get("seeds", [0])
-    if not isinstance(scales, list) or not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
-        raise _fail(
-            path, "study.scales", f"a non-empty list of positive initial scales (e.g. [1e-2, 1e-4]), got {scales!r}"
-        )
+    scales, seeds = _scales(path, "study.scales", study.get("scales")), study.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise _fail(path, "study.seeds", f"a non-empty list of seeds >= 0, got {seeds!r}")
-    return tuple(float(s) for s in scales), tuple(seeds)
+    return scales, tuple(seeds)
 
 
 def load_saddle_study(path: str | Path, out_dir: str | Path | None = None) -> SaddleStudy:
@@ -118,11 +130,13 @@ def load_saddle_study(path: str | Path, out_dir: str | Path | None = None) -> Sa
     if not cases or not methods:
         raise _fail(path, "cases/methods", "give at least one [cases.NAME] and one [methods.NAME] table")
     scales, seeds = _study_values(path, study)
+    overrides = {
+        name: _strings(path, f"methods.{name}.overrides", (body or {}).get("overrides", []))
+        for name, body in methods.items()
+    }
     parsed = SaddleStudy(
         path, str(study.get("name", path.stem)), Path(out_dir or study.get("out_dir", f"runs/{path.stem}")), scales,
-        seeds, tuple(_case(path, name, body) for name, body in cases.items()),
-        {name: _strings(path, f"methods.{name}.overrides", (body or {}).get("overrides", []))
-         for name, body in methods.items()},
+        seeds, tuple(_case(path, name, body, scales, list(overrides)) for name, body in cases.items()), overrides,
     )  # fmt: skip
     for run in runs(parsed):
         _config(parsed, run)
@@ -134,8 +148,8 @@ def runs(study: SaddleStudy, cases: Sequence[str] = ()) -> Iterator[SaddleRun]:
     for case in study.cases:
         if cases and case.name not in cases:
             continue
-        for scale in study.scales:
-            for method in study.methods:
+        for scale in case.scales:
+            for method in case.methods:
                 for seed in study.seeds:
                     yield SaddleRun(case, method, scale, seed)
 

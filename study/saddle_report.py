@@ -19,11 +19,12 @@ from jobs.files import atomic_write_text
 from jobs.metrics import read_metrics
 from jobs.outcome import read_summary
 from study.report import markdown_table
-from study.saddle import DONE, SaddleRun, SaddleStudy, runs
+from study.saddle import DONE, Case, SaddleRun, SaddleStudy, runs
 
 __all__ = ["run_row", "slope_fit", "write_saddle_report"]
 
 COLUMNS = ("case", "method", "scale", "seed", "end", "steps_to_target", "first_plateau", "drops", "ranks_after_drops",
+           "layer_ranks_after_first_drop",
            "min_alignment_first_plateau", "skips", "initial_loss", "final_loss", "predicted_slope")  # fmt: skip
 
 
@@ -41,7 +42,7 @@ def run_row(study: SaddleStudy, run: SaddleRun) -> dict[str, Any] | None:
     plateau = phases[0]["stop"] if phases and phases[0]["kind"] == "plateau" else 0
     by_step = {r["step"]: r for r in readings}
     drops = [p for p in phases if p["kind"] == "drop"]
-    ranks = [_rank_at(by_step, p["stop"]) for p in drops]
+    ranks = [_rank_at(by_step, p["stop"], "product_rank") for p in drops]
     aligned = [r["alignment_median"] for r in readings if r["step"] < plateau and "alignment_median" in r]
     config = json.loads((out / "config.json").read_text())
     rate = config["optim"]["lr"] * readings[0].get("top_singular_value", math.nan) / config["derived"]["train_examples"]
@@ -50,20 +51,24 @@ def run_row(study: SaddleStudy, run: SaddleRun) -> dict[str, Any] | None:
         "steps_to_target": reached, "first_plateau": plateau, "drops": len(drops), "ranks_after_drops": ranks,
         "min_alignment_first_plateau": min(aligned) if aligned else None,
         "skips": [r["step"] - 1 for r in records if r["kind"] == "step" and r.get("skipped")],
+        "layer_ranks_after_first_drop": _rank_at(by_step, drops[0]["stop"], "ranks") if drops else None,
         "initial_loss": first, "final_loss": readings[-1]["loss"],
         "predicted_slope": 1 / math.log1p(rate) if rate > 0 else None,
     }  # fmt: skip
 
 
-def _rank_at(by_step: dict[int, dict[str, Any]], step: int) -> int | None:
-    """The product's rank at the last reading before ``step`` (a phase's exclusive end)."""
-    earlier = [s for s in by_step if s < step and "product_rank" in by_step[s]]
-    return by_step[max(earlier)]["product_rank"] if earlier else None
+def _rank_at(by_step: dict[int, dict[str, Any]], step: int, field: str) -> Any:
+    """``field`` (``product_rank``, or ``ranks``: each layer's) at the last reading before ``step`` (a phase's
+    exclusive end)."""
+    earlier = [s for s in by_step if s < step and field in by_step[s]]
+    return by_step[max(earlier)][field] if earlier else None
 
 
-def slope_fit(scales: Sequence[float], lengths: Sequence[float]) -> tuple[float, float | None, float]:
-    """Least squares of plateau length on ``ln(1/scale)``: (slope, its standard error, R^2)."""
-    x, y = np.log(1 / np.asarray(scales, dtype=float)), np.asarray(lengths, dtype=float)
+def slope_fit(scales: Sequence[float], lengths: Sequence[float], law: str = "log") -> tuple[float, float | None, float]:
+    """Least squares of plateau length on ``ln(1/scale)`` (``law="log"``: two layers, Theorem 1) or on ``1/scale``
+    (``"inverse"``: deeper networks leave the origin in ~1/scale steps): (slope, its standard error, R^2)."""
+    inverse = 1 / np.asarray(scales, dtype=float)
+    x, y = (np.log(inverse) if law == "log" else inverse), np.asarray(lengths, dtype=float)
     slope, intercept = np.polyfit(x, y, 1)
     residuals = y - (slope * x + intercept)
     spread = float(((x - x.mean()) ** 2).sum())
@@ -85,12 +90,12 @@ def _by_seed(rows: list[dict[str, Any]], key: tuple[str, str, float]) -> dict[in
     return {r["seed"]: r["steps_to_target"] for r in rows if (r["case"], r["method"], r["scale"]) == key}
 
 
-def _steps_table(study: SaddleStudy, rows: list[dict[str, Any]], case: str) -> str:
-    methods = list(study.methods)
+def _steps_table(rows: list[dict[str, Any]], case: Case) -> str:
+    methods = list(case.methods)
     header = ["scale", *[f"{m}: steps" for m in methods], *[f"{methods[0]} / {m}" for m in methods[1:]]]
     table = []
-    for scale in study.scales:
-        cell = {m: _by_seed(rows, (case, m, scale)) for m in methods}
+    for scale in case.scales:
+        cell = {m: _by_seed(rows, (case.name, m, scale)) for m in methods}
         line = [f"{scale:g}"]
         for m in methods:
             done = [v for v in cell[m].values() if v is not None]
@@ -103,31 +108,43 @@ def _steps_table(study: SaddleStudy, rows: list[dict[str, Any]], case: str) -> s
     return markdown_table(header, table)
 
 
-def _phase_table(study: SaddleStudy, rows: list[dict[str, Any]], case: str, method: str) -> tuple[str, str]:
+def _ranks(cell: list[dict[str, Any]]) -> str:
+    """The product's rank after each drop of the first seed's run ("-" without a product: a nonlinear network)."""
+    ranks = cell[0]["ranks_after_drops"] if cell else []
+    return str(ranks) if ranks and None not in ranks else "-"
+
+
+def _phase_table(rows: list[dict[str, Any]], case: Case, method: str) -> tuple[str, str]:
     table, points = [], []
-    for scale in study.scales:
-        cell = [r for r in rows if (r["case"], r["method"], r["scale"]) == (case, method, scale)]
+    for scale in case.scales:
+        cell = [r for r in rows if (r["case"], r["method"], r["scale"]) == (case.name, method, scale)]
         points += [(scale, r["first_plateau"]) for r in cell]
         aligned = [r["min_alignment_first_plateau"] for r in cell if r["min_alignment_first_plateau"] is not None]
         table.append([f"{scale:g}", _mean_se([r["first_plateau"] for r in cell]),
-                      ", ".join(str(r["drops"]) for r in cell), str(cell[0]["ranks_after_drops"]) if cell else "-",
+                      ", ".join(str(r["drops"]) for r in cell), _ranks(cell),
+                      json.dumps(cell[0]["layer_ranks_after_first_drop"]) if cell else "-",
                       f"{np.median(aligned):.3g}" if aligned else "-"])  # fmt: skip
     header = ["scale", "first plateau (steps)", "drops per seed", "ranks after the drops (first seed)",
+              "each layer's rank after the first drop (first seed)",
               "alignment at its best in the first plateau (median over seeds of the units' median)"]  # fmt: skip
     fit = ""
     if len({s for s, _ in points}) > 1:
         slope, error, r2 = slope_fit([s for s, _ in points], [n for _, n in points])
         predicted = [
-            r["predicted_slope"] for r in rows if (r["case"], r["method"]) == (case, method) and r["predicted_slope"]
+            r["predicted_slope"]
+            for r in rows
+            if (r["case"], r["method"]) == (case.name, method) and r["predicted_slope"]
         ]
         fit = f"First plateau against ln(1/scale): slope {slope:.2f} ± {error or 0:.2f} steps per e-fold (R² {r2:.3f}, "
         fit += f"{len(points)} runs)"
+        _, _, inverse_r2 = slope_fit([s for s, _ in points], [n for _, n in points], "inverse")
+        fit += f"; against 1/scale, R² {inverse_r2:.3f}"
         if predicted:
             fit += f"; Theorem 1's 1/ln(1 + eta s_1 / n): {np.mean(predicted):.2f}"
     return markdown_table(header, table), fit
 
 
-def _plot(study: SaddleStudy, case: str) -> str | None:
+def _plot(study: SaddleStudy, case: Case) -> str | None:
     try:
         import matplotlib
     except ImportError:
@@ -135,15 +152,10 @@ def _plot(study: SaddleStudy, case: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(
-        1, len(study.scales), figsize=(4.2 * len(study.scales), 3.2), squeeze=False, sharey=True
-    )
-    for axis, scale in zip(axes[0], study.scales, strict=True):
-        for index, method in enumerate(study.methods):
-            out = SaddleRun(next(c for c in study.cases if c.name == case), method, scale, study.seeds[0]).out_dir(
-                study.out_dir
-            )
-            records = read_metrics(out)
+    figure, axes = plt.subplots(1, len(case.scales), figsize=(4.2 * len(case.scales), 3.2), squeeze=False, sharey=True)
+    for axis, scale in zip(axes[0], case.scales, strict=True):
+        for index, method in enumerate(case.methods):
+            records = read_metrics(SaddleRun(case, method, scale, study.seeds[0]).out_dir(study.out_dir))
             readings = [r for r in records if r["kind"] == "dynamics"]
             axis.semilogy([r["step"] for r in readings], [r["loss"] for r in readings], label=method, lw=1.4)
             for phase in (r["phases"] for r in records if r["kind"] == "phases" and index == 0):
@@ -151,12 +163,12 @@ def _plot(study: SaddleStudy, case: str) -> str | None:
                     axis.axvspan(
                         p["start"], p["stop"], color="#f4c2d7" if p["kind"] == "plateau" else "#c2e4f4", lw=0, alpha=0.6
                     )
-        axis.set_title(f"{case}, init scale {scale:g}")
+        axis.set_title(f"{case.name}, init scale {scale:g}")
         axis.set_xlabel("step")
     axes[0][0].set_ylabel("training loss")
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
-    name = f"{case}_loss.png"
+    name = f"{case.name}_loss.png"
     figure.savefig(study.out_dir / name, dpi=110)
     plt.close(figure)
     return name
@@ -166,24 +178,27 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows)
+        writer.writerows(
+            {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows
+        )
 
 
 def write_saddle_report(study: SaddleStudy) -> Path:
     """``report.md``, ``runs.csv`` and a loss figure per case in the study's out_dir, from the finished runs."""
     study.out_dir.mkdir(parents=True, exist_ok=True)
     rows = [row for run in runs(study) if (row := run_row(study, run)) is not None]
-    baseline = next(iter(study.methods))
     lines = [f"# {study.name}: saddle-to-saddle dynamics (seed 004)", "",
-             f"Made by `python -m study saddle --config {study.path}`; {len(rows)} finished runs. Means ± standard "
-             f"errors over seeds {list(study.seeds)}; steps to target: the first recorded step whose loss is below "
-             "the case's target fraction of the initial loss. Ratios pair each seed's runs.", ""]  # fmt: skip
+             f"Made by `python -m study saddle --config {study.path}`; {len(rows)} runs finished or diverged. "
+             f"Means ± standard errors over seeds {list(study.seeds)}; steps to target: the first recorded step whose "
+             "loss is below the case's target fraction of the initial loss. Ratios pair each seed's runs.",
+             ""]  # fmt: skip
     for case in study.cases:
         lines += [f"## {case.name} ({case.config}; target {case.target_fraction:g} of the initial loss)", "",
-                  _steps_table(study, rows, case.name), "", f"Phases of `{baseline}`:", ""]  # fmt: skip
-        table, fit = _phase_table(study, rows, case.name, baseline)
-        lines += [table, "", fit, ""]
-        figure = _plot(study, case.name) if any(r["case"] == case.name for r in rows) else None
+                  _steps_table(rows, case), ""]  # fmt: skip
+        for method in case.methods:
+            table, fit = _phase_table(rows, case, method)
+            lines += [f"Phases of `{method}`:", "", table, "", fit, ""]
+        figure = _plot(study, case) if any(r["case"] == case.name for r in rows) else None
         if figure:
             lines += [f"![{case.name}]({figure})", ""]
     _write_csv(study.out_dir / "runs.csv", rows)

@@ -177,6 +177,7 @@ def test_the_study_runs_resumes_and_reports(tmp_path: Path) -> None:
         (("scales = [1e-2, 1e-4]", "scales = [1e-2, 0]"), "study.scales: a non-empty list of positive initial scales"),
         (('"optim.name=gd"', '"optim.name=gdx"'), "method gd: optim.name = 'gdx' is not known"),
         (("target_fraction = 1e-3", "target_fraction = 2"), "target_fraction: a fraction of the initial loss"),
+        (("target_fraction = 1e-3", 'target_fraction = 1e-3\nmethods = ["sgd"]'), "cases.teacher.methods: some of"),
     ],
 )
 def test_bad_study_files_are_refused(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -189,7 +190,7 @@ def test_the_command_checks_the_shipped_study_and_refuses_unknown_cases() -> Non
     study = ROOT / "jobs" / "configs" / "studies" / "saddle.toml"
     ok = subprocess.run([PYTHON, "-m", "study", "saddle", "--config", str(study), "--check"], cwd=ROOT, env=ENV,
                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert ok.returncode == 0 and "240 runs, all configs valid" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "270 runs, all configs valid" in ok.stdout, ok.stderr
     bad = subprocess.run([PYTHON, "-m", "study", "saddle", "--config", str(study), "--cases", "cifar", "--check"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "--cases: ['cifar'] not in" in bad.stderr
