@@ -273,27 +273,28 @@ def test_trajectory_keys_block_a_resume_and_evaluation_keys_do_not(
     assert train(out, "run.eval_every_steps=4", "run.train_eval_examples=64", resume=True) == 0
 
 
-def _float_keys() -> list[str]:
-    """Every key of the configuration that holds a float (or a list of floats)."""
+def _float_keys() -> dict[str, bool]:
+    """Every key of the configuration that holds a float, and whether it holds a list of them."""
     import typing
 
     from jobs.config import SECTIONS
 
-    return [
-        f"{section}.{key}"
+    return {
+        f"{section}.{key}": tp == list[float]
         for section, cls in SECTIONS.items()
         for key, tp in typing.get_type_hints(cls).items()
         if tp is float or tp == list[float]
-    ]
+    }
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_nan_and_infinity_are_refused_for_every_float_key(value: str) -> None:
     keys = _float_keys()
     assert {"optim.lr", "optim.betas", "kfac.damping", "run.target_accuracy"} <= set(keys)
-    for key in keys:
-        text = f"[{value}, 0.9]" if key == "optim.betas" else value
-        shown = f"{key}[0]" if key == "optim.betas" else key
+    assert keys["optim.betas"] and keys["data.teacher_singular_values"]
+    for key, is_list in keys.items():
+        text = f"[{value}, 0.9]" if is_list else value
+        shown = f"{key}[0]" if is_list else key
         with pytest.raises(ConfigError, match=rf"^{re.escape(shown)}: {re.escape(value)} is not a usable value"):
             build_config({"run": {"epochs": 1}}, [f"{key}={text}"])
 
