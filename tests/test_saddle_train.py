@@ -127,7 +127,6 @@ def test_layerwise_gradient_descent_on_a_deeper_network_shows_the_plateaus(tmp_p
     [
         (["optim.name=layerwise_gd", "optim.layer_order=sideways"], "optim.layer_order = 'sideways' is not known"),
         (["model.init_scale=-1e-4"], "model.init_scale = -0.0001: give a positive standard deviation"),
-        (["model.init_scale=0"], "model.init_scale = 0: give a positive standard deviation .* or leave the key out"),
         (["optim.name=skip_gd", "model.bias=true"], "skip_gd' trains W2 sigma"),
         (["optim.name=skip_gd", "model.hidden=[4, 4]"], "skip_gd' trains W2 sigma"),
         (["run.loss=cross_entropy"], "teacher' is a regression"),
