@@ -88,7 +88,8 @@ class ModelConfig:
     init: float = 0.05  # sigmoid_resnet: every weight and bias uniform in [-init, init]
     bias: bool = True  # mlp: biases in the Linear layers (false with one hidden layer: W2 sigma(W1 x), seed 004)
     init_scale: float = 0.0  # any model: > 0 draws every Linear/Conv weight from N(0, init_scale^2), biases 0;
-    # 0 keeps the model's own initialisation (seed 004's small initialisations: 1e-2, 1e-4, 1e-6)
+    # 0 keeps the model's own initialisation (seed 004's small initialisations: 1e-2, 1e-4, 1e-6). An explicit 0 is
+    # accepted: configs written out in full (a study's replay of its best trial) must load again.
 
 
 @dataclass
