@@ -68,12 +68,12 @@ def _worker_main(url: str, exp: str) -> int:
 
 def _prefill(url: str, exp: str, history: int) -> None:
     """``history`` finished trials of ``exp``, as a worker stores them (random proposals, a learning curve each)."""
-    from hpo_worker.driver import build_trials, make_trial_docs
+    from hpo_worker.driver import make_trial_docs
     from hpo_worker.spaces import load_space
     from hpo_worker.store import TrialState, connect
 
     store = connect(url)
-    docs = make_trial_docs(load_space("sgd"), exp, list(range(history)), build_trials([], exp), seed=1)
+    docs = make_trial_docs(load_space("sgd"), exp, list(range(history)), [], seed=1)
     curve = [{"kind": "eval", "step": 10 * i, "epoch": i, "test_loss": 1.0, "test_accuracy": 0.5} for i in range(100)]
     for doc in docs:
         lr = float(doc["spec"]["params"].get("optim.lr", 0.1))

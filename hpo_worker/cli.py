@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from hpo_worker.pending import PENDING_LIES
 from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
 from hpo_worker.store import (
     DEFAULT_PATIENCE_S,
@@ -81,6 +82,13 @@ def _add_driver(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "best_test_error (1 - the best test accuracy over the run's evaluations: a fixed budget, no early stop)",
     )
     driver.add_argument("--poll", type=float, default=0.5, help="seconds between rounds (default 0.5)")
+    driver.add_argument(
+        "--pending",
+        choices=PENDING_LIES,
+        default="worst",
+        help="what TPE is told about queued and running trials: the worst, mean or best finished loss (default "
+        "worst), inf (hyperopt's own: an infinite loss), or ignore (left out); docs/hpo.md",
+    )
 
 
 def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -206,7 +214,7 @@ def _driver(args: argparse.Namespace) -> int:
     options = DriverOptions(
         exp_key=args.exp, space=space, config_path=args.config, max_evals=args.max_evals,
         queue_size=args.queue_size, seed=args.seed, grace_s=args.grace, max_retries=args.max_retries,
-        objective=args.objective, poll_s=args.poll,
+        objective=args.objective, poll_s=args.poll, pending=args.pending,
     )  # fmt: skip
     with _store(args, may_start=True) as store:
         return run_driver(store, options)

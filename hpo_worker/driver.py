@@ -2,7 +2,9 @@
 
 Each round it brings its copy of the experiment's trials up to date (:class:`ExperimentView`: only the queued and
 running ones are read), requeues trials whose worker stopped beating (:class:`StaleMonitor`), and tops the queue up
-to ``queue_size`` new trials with ``hyperopt.tpe.suggest`` on an in-memory ``hyperopt.Trials``. Trial ids come from
+to ``queue_size`` new trials with ``hyperopt.tpe.suggest`` on an in-memory ``hyperopt.Trials``, where the trials
+still queued or running, and those proposed earlier in the same round, carry the lie ``pending``
+(:mod:`hpo_worker.pending`). Trial ids come from
 an atomic counter in the database, so a restarted driver continues the experiment without reusing a tid; the
 experiment ends when ``max_evals`` trials are done or failed. One driver per experiment: it holds a lease on the
 experiment document (see ``LEASE_S``).
@@ -25,6 +27,7 @@ import numpy as np
 from hyperopt import tpe
 
 from hpo_worker.liveness import StaleMonitor, process_gone_on_this_host
+from hpo_worker.pending import tell_pending
 from hpo_worker.spaces import SearchSpace, plain_value
 from hpo_worker.store import FINISHED_STATES, StoreError, StoreUnreachable, TrialState, TrialStore, utcnow
 
@@ -65,15 +68,18 @@ def make_trial_docs(
     space: SearchSpace,
     exp_key: str,
     tids: Sequence[int],
-    trials: hyperopt.Trials,
+    history: Sequence[Mapping[str, Any]],
     seed: int,
     algo: Callable[..., Any] = tpe.suggest,
+    pending: str = "worst",
 ) -> list[dict[str, Any]]:
-    """New trial documents for ``tids``, proposed by ``algo`` (TPE) from the finished ``trials``."""
+    """New trial documents for ``tids``, proposed one by one by ``algo`` (TPE) from the trial documents ``history``;
+    pending trials, the new ones included, carry the lie ``pending`` (hpo_worker.pending)."""
     domain = hyperopt.Domain(_never_called, space.hyperopt_space)
     docs: list[dict[str, Any]] = []
     for tid in tids:
         rng_seed = int(np.random.default_rng([seed, tid]).integers(2**31 - 1))
+        trials = build_trials(tell_pending([*history, *docs], pending), exp_key)
         proposed = algo([tid], domain, trials, rng_seed)
         for doc in proposed:
             misc = doc["misc"]
@@ -178,6 +184,7 @@ class DriverOptions:
     max_retries: int = 2
     objective: str = "test_loss"
     poll_s: float = 0.5
+    pending: str = "worst"  # what TPE is told about queued and running trials (hpo_worker.pending.PENDING_LIES)
 
 
 def experiment_meta(options: DriverOptions) -> dict[str, Any]:
@@ -192,6 +199,7 @@ def experiment_meta(options: DriverOptions) -> dict[str, Any]:
         "objective": options.objective,
         "seed": options.seed,
         "max_evals": options.max_evals,
+        "pending": options.pending,
         "driver": f"{socket.gethostname()}:{os.getpid()}",
     }
 
@@ -203,12 +211,13 @@ def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], N
     created = store.create_or_check_experiment(options.exp_key, meta, compare=EXPERIMENT_IDENTITY)
     say(
         f"{'new' if created else 'resuming'} experiment {options.exp_key!r}: space {options.space.name}, "
-        f"max-evals {options.max_evals}, queue {options.queue_size}"
+        f"max-evals {options.max_evals}, queue {options.queue_size}, pending trials told {options.pending!r}"
     )
     holder = meta["driver"]
     previous_dead = process_gone_on_this_host(store.lease_holder(options.exp_key))
     store.acquire_driver_lease(options.exp_key, holder, LEASE_S, previous_dead)
-    store.update_experiment(options.exp_key, {"max_evals": options.max_evals, "driver": meta["driver"]})
+    changes = {"max_evals": options.max_evals, "pending": options.pending, "driver": meta["driver"]}
+    store.update_experiment(options.exp_key, changes)
     try:
         code = _drive(store, options, holder, say)
     except StoreUnreachable:
@@ -245,9 +254,10 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
             break
         wanted = min(options.queue_size - counts[TrialState.NEW], options.max_evals - sum(counts.values()))
         if wanted > 0:
-            trials = build_trials(view.docs, options.exp_key)
             tids = store.new_tids(options.exp_key, wanted)
-            new_docs = make_trial_docs(options.space, options.exp_key, tids, trials, options.seed)
+            new_docs = make_trial_docs(
+                options.space, options.exp_key, tids, view.docs, options.seed, pending=options.pending
+            )
             store.insert_trials(new_docs)
             view.added(new_docs)
             continue
