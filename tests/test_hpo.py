@@ -216,7 +216,7 @@ def test_concurrent_reservations_take_each_trial_once_oldest_first(mongo: str, d
 def test_driver_and_three_workers(mongo: str, db: Any, tmp_path: Path) -> None:
     import hyperopt
 
-    driver = _driver(mongo, tmp_path, "three", 8, "--queue-size", "3")
+    driver = _driver(mongo, tmp_path, "three", 8, "--queue-size", "3", "--pending", "mean")
     workers = [_worker(mongo, tmp_path, "--idle-timeout", "5") for _ in range(3)]
     rc, out = _finish(driver)
     assert rc == 0, out
@@ -224,11 +224,13 @@ def test_driver_and_three_workers(mongo: str, db: Any, tmp_path: Path) -> None:
     outs = [_finish(w) for w in workers]
     assert all(rc == 0 for rc, _ in outs), outs
     docs = _check_complete(db, "three", 8)
+    assert db.hpo_experiments.find_one({"_id": "three"})["pending"] == "mean"
     owners = {d["owner"].split(":")[1] for d in docs}
     assert len(owners) >= 2, owners  # the work was shared
     for doc in docs:
         result = doc["result"]
         assert result["status"] == "ok" and result["loss"] == pytest.approx(result["test_loss"])
+        assert "lie" not in result  # the pending trials' lie lives only in the driver's copy
         assert 0 <= result["test_accuracy"] <= 1
         assert [r["kind"] for r in result["learning_curve"]][-2:] == ["epoch", "eval"]
         assert any(o.startswith("optim.schedule=") for o in doc["spec"]["overrides"])
