@@ -13,6 +13,10 @@ trials' losses, or drop pending trials:
 
 A lie lives only in the driver's in-memory copy of the history that TPE reads; the store never holds it. Before
 any trial has finished there is nothing to lie with, and pending trials keep hyperopt's infinity.
+
+TPE uses losses only by rank: it splits the history into its best ``ceil(0.25 sqrt(n))`` trials and the rest. So a
+lie that ranks among the rest (``worst``, and ``mean`` nearly always) proposes exactly what ``inf`` does; ``best``
+and ``ignore`` change the proposals (tests/test_hpo_pending.py).
 """
 
 from __future__ import annotations
