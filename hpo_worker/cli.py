@@ -36,6 +36,7 @@ from hpo_worker.store import (
     mask_url,
 )
 from hpo_worker.trial import LAUNCHERS, OBJECTIVES, TrialLaunch
+from hpo_worker.warm_start import WarmStartError, load_points
 
 __all__ = ["EXIT_USAGE", "main"]
 
@@ -88,6 +89,11 @@ def _add_driver(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default="worst",
         help="what TPE is told about queued and running trials: the worst, mean or best finished loss (default "
         "worst), inf (hyperopt's own: an infinite loss), or ignore (left out); docs/hpo.md",
+    )
+    driver.add_argument(
+        "--warm-start",
+        metavar="FILE",
+        help="TOML file of [[points]] (every parameter of the space) queued as the first trials; docs/hpo.md",
     )
 
 
@@ -211,10 +217,16 @@ def _driver(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--objective steps_to_target needs run.target_accuracy (and run.eval_every_steps) in {args.config}"
         )
+    try:
+        points = load_points(args.warm_start, space) if args.warm_start else []
+    except WarmStartError as exc:
+        raise UsageError(str(exc)) from exc
+    if len(points) > args.max_evals:
+        raise UsageError(f"{len(points)} warm-start points but --max-evals {args.max_evals}: raise --max-evals")
     options = DriverOptions(
         exp_key=args.exp, space=space, config_path=args.config, max_evals=args.max_evals,
         queue_size=args.queue_size, seed=args.seed, grace_s=args.grace, max_retries=args.max_retries,
-        objective=args.objective, poll_s=args.poll, pending=args.pending,
+        objective=args.objective, poll_s=args.poll, pending=args.pending, warm_start=tuple(points),
     )  # fmt: skip
     with _store(args, may_start=True) as store:
         return run_driver(store, options)

@@ -30,10 +30,11 @@ from hpo_worker.liveness import StaleMonitor, process_gone_on_this_host
 from hpo_worker.pending import tell_pending
 from hpo_worker.spaces import SearchSpace, plain_value
 from hpo_worker.store import FINISHED_STATES, StoreError, StoreUnreachable, TrialState, TrialStore, utcnow
+from hpo_worker.warm_start import hyperopt_vals
 
 __all__ = [
-    "EXPERIMENT_IDENTITY", "DriverOptions", "ExperimentView", "build_trials", "experiment_meta", "make_trial_docs",
-    "run_driver",
+    "EXPERIMENT_IDENTITY", "DriverOptions", "ExperimentView", "build_trials", "experiment_meta", "make_point_docs",
+    "make_trial_docs", "run_driver",
 ]  # fmt: skip
 
 CMD = ["hpo_worker", "jobs.train"]  # misc.cmd: what runs a trial (a name, never code)
@@ -64,6 +65,36 @@ def _never_called(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("the driver never evaluates trials: workers run them as jobs training runs")
 
 
+def _trial_doc(space: SearchSpace, exp_key: str, tid: int, vals: Mapping[str, list[Any]]) -> dict[str, Any]:
+    """A queued trial document for hyperopt ``misc.vals`` ``vals``: its spec, overrides and hyperopt fields."""
+    values = space.evaluate(vals)
+    spec = {
+        "space": space.name,
+        "params": {k: plain_value(v) for k, v in values.items()},
+        "overrides": space.to_overrides(values),
+    }
+    return {
+        "state": TrialState.NEW,
+        "tid": tid,
+        "spec": spec,
+        "result": {"status": "new"},
+        "misc": {
+            "tid": tid,
+            "cmd": CMD,
+            "workdir": None,
+            "idxs": {k: [tid] * len(v) for k, v in vals.items()},
+            "vals": {k: [plain_value(x) for x in v] for k, v in vals.items()},
+        },
+        "exp_key": exp_key,
+        "owner": None,
+        "version": 0,
+        "book_time": None,
+        "refresh_time": None,
+        "heartbeat": 0,
+        "attempts": 0,
+    }
+
+
 def make_trial_docs(
     space: SearchSpace,
     exp_key: str,
@@ -80,37 +111,18 @@ def make_trial_docs(
     for tid in tids:
         rng_seed = int(np.random.default_rng([seed, tid]).integers(2**31 - 1))
         trials = build_trials(tell_pending([*history, *docs], pending), exp_key)
-        proposed = algo([tid], domain, trials, rng_seed)
-        for doc in proposed:
-            misc = doc["misc"]
-            values = space.evaluate(misc["vals"])
-            spec = {
-                "space": space.name,
-                "params": {k: plain_value(v) for k, v in values.items()},
-                "overrides": space.to_overrides(values),
-            }
-            docs.append(
-                {
-                    "state": TrialState.NEW,
-                    "tid": tid,
-                    "spec": spec,
-                    "result": {"status": "new"},
-                    "misc": {
-                        "tid": tid,
-                        "cmd": CMD,
-                        "workdir": None,
-                        "idxs": {k: [int(i) for i in v] for k, v in misc["idxs"].items()},
-                        "vals": {k: [plain_value(x) for x in v] for k, v in misc["vals"].items()},
-                    },
-                    "exp_key": exp_key,
-                    "owner": None,
-                    "version": 0,
-                    "book_time": None,
-                    "refresh_time": None,
-                    "heartbeat": 0,
-                    "attempts": 0,
-                }
-            )
+        for proposed in algo([tid], domain, trials, rng_seed):
+            docs.append(_trial_doc(space, exp_key, tid, proposed["misc"]["vals"]))
+    return docs
+
+
+def make_point_docs(
+    space: SearchSpace, exp_key: str, tids: Sequence[int], points: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Queued trial documents for given points (hpo_worker.warm_start), marked ``misc.warm_start``."""
+    docs = [_trial_doc(space, exp_key, tid, hyperopt_vals(space, p)) for tid, p in zip(tids, points, strict=True)]
+    for doc in docs:
+        doc["misc"]["warm_start"] = True
     return docs
 
 
@@ -185,6 +197,7 @@ class DriverOptions:
     objective: str = "test_loss"
     poll_s: float = 0.5
     pending: str = "worst"  # what TPE is told about queued and running trials (hpo_worker.pending.PENDING_LIES)
+    warm_start: tuple[Mapping[str, Any], ...] = ()  # points queued as the first trials (hpo_worker.warm_start)
 
 
 def experiment_meta(options: DriverOptions) -> dict[str, Any]:
@@ -200,6 +213,7 @@ def experiment_meta(options: DriverOptions) -> dict[str, Any]:
         "seed": options.seed,
         "max_evals": options.max_evals,
         "pending": options.pending,
+        "warm_start": [dict(point) for point in options.warm_start],
         "driver": f"{socket.gethostname()}:{os.getpid()}",
     }
 
@@ -229,9 +243,26 @@ def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], N
     return code
 
 
+def _queue_warm_start(
+    store: TrialStore, options: DriverOptions, view: ExperimentView, say: Callable[[str], None]
+) -> None:
+    """The warm-start points, as the first trials of an experiment that has none yet (a resumed one has them)."""
+    view.refresh()
+    if not options.warm_start or view.docs:
+        return
+    if len(options.warm_start) > options.max_evals:
+        raise ValueError(f"{len(options.warm_start)} warm-start points but max_evals {options.max_evals}: raise it")
+    tids = store.new_tids(options.exp_key, len(options.warm_start))
+    docs = make_point_docs(options.space, options.exp_key, tids, options.warm_start)
+    store.insert_trials(docs)
+    view.added(docs)
+    say(f"queued {len(docs)} warm-start point(s) as trials {tids[0]}..{tids[-1]}")
+
+
 def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable[[str], None]) -> int:
     monitor = StaleMonitor(store, options.grace_s, options.max_retries, log=say)
     view = ExperimentView(store, options.exp_key)
+    _queue_warm_start(store, options, view, say)
     last_line = ""
     while True:
         if not store.renew_driver_lease(options.exp_key, holder, LEASE_S):
