@@ -121,15 +121,21 @@ def _load(args: argparse.Namespace) -> StudyConfig:
     return study
 
 
+def _chosen(flag: str, text: str, known: list[str], config: str) -> list[str]:
+    """``--methods a,b``: those names, which must be among the study file's ``known`` ones."""
+    chosen = [name for name in text.split(",") if name]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise StudyError(f"{flag}: {unknown} not in {config} (it has {known})")
+    return chosen
+
+
 def _hinf_xor(args: argparse.Namespace) -> int:
     from study.hinf_xor import load_hinf_study, run_hinf_study, units
 
     try:
         study = load_hinf_study(args.config, out_dir=args.out)
-        methods = [m for m in args.methods.split(",") if m]
-        unknown = sorted(set(methods) - {m.name for m in study.methods})
-        if unknown:
-            raise StudyError(f"--methods: {unknown} not in {args.config} (it has {[m.name for m in study.methods]})")
+        methods = _chosen("--methods", args.methods, [m.name for m in study.methods], args.config)
         depths = [int(d) for d in args.depths.split(",") if d]
     except ValueError as exc:  # StudyError, or --depths not integers
         print(f"study: error: {exc}", file=sys.stderr)
@@ -145,10 +151,7 @@ def _saddle(args: argparse.Namespace) -> int:
 
     try:
         study = load_saddle_study(args.config, out_dir=args.out)
-        cases = [c for c in args.cases.split(",") if c]
-        unknown = sorted(set(cases) - {c.name for c in study.cases})
-        if unknown:
-            raise StudyError(f"--cases: {unknown} not in {args.config} (it has {[c.name for c in study.cases]})")
+        cases = _chosen("--cases", args.cases, [c.name for c in study.cases], args.config)
     except StudyError as exc:
         print(f"study: error: {exc}", file=sys.stderr)
         return 2

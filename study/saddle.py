@@ -24,7 +24,6 @@ A study file (example: ``jobs/configs/studies/saddle.toml``)::
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,11 +117,10 @@ def _study_values(path: Path, study: Any) -> tuple[tuple[float, ...], tuple[int,
 
 def load_saddle_study(path: str | Path, out_dir: str | Path | None = None) -> SaddleStudy:
     """The study file, checked (every run's config too); StudyError naming the key and the fix."""
+    from jobs.config import read_toml
+
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise StudyError(f"{path}: cannot read the study file: {exc}") from None
+    raw = read_toml(path, "study file", "example: jobs/configs/studies/saddle.toml", StudyError)
     unknown = sorted(set(raw) - {"study", "cases", "methods"})
     if unknown:
         raise _fail(path, "tables", f"unknown {unknown}; a saddle study has [study], [cases.NAME], [methods.NAME]")

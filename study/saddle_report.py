@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from hpo_worker.report import mean_std
 from jobs.files import atomic_write_text
 from jobs.metrics import read_metrics
 from jobs.outcome import read_summary
-from study.report import markdown_table
+from study.report import markdown_table, mean_se
 from study.saddle import DONE, Case, SaddleRun, SaddleStudy, runs
 
 __all__ = ["run_row", "slope_fit", "write_saddle_report"]
@@ -79,10 +78,10 @@ def slope_fit(scales: Sequence[float], lengths: Sequence[float], law: str = "log
 
 def _mean_se(values: Sequence[float], digits: int = 1) -> str:
     """Mean ± standard error over seeds."""
-    mean, std = mean_std(values)
+    mean, se = mean_se(values)
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f} ± {std / math.sqrt(len(values)):.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{mean:.{digits}f}"
 
 
 def _by_seed(rows: list[dict[str, Any]], key: tuple[str, str, float]) -> dict[int, int | None]:
