@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hpo_worker.pending import PENDING_LIES
+from hpo_worker.pruning import PRUNED_HISTORY, PRUNERS, PrunerSettings
 from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
 from hpo_worker.store import (
     DEFAULT_PATIENCE_S,
@@ -95,6 +96,23 @@ def _add_driver(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="FILE",
         help="TOML file of [[points]] (every parameter of the space) queued as the first trials; docs/hpo.md",
     )
+    _add_pruner(driver)
+
+
+def _add_pruner(driver: argparse.ArgumentParser) -> None:
+    group = driver.add_argument_group("pruning (default: off; docs/hpo.md)")
+    group.add_argument(
+        "--pruner", choices=PRUNERS, default="none",
+        help="stop trials that are behind at an evaluation: median (median stopping) or asha (successive halving)",
+    )  # fmt: skip
+    group.add_argument("--prune-warmup-steps", type=int, default=0, help="median: steps before any stop (>= 1)")
+    group.add_argument("--prune-min-trials", type=int, default=1, help="median: completed trials before any stop")
+    group.add_argument("--asha-min-fraction", type=float, default=0.1, help="asha: first rung, budget fraction")
+    group.add_argument("--asha-reduction-factor", type=int, default=3, help="asha: 1 in N goes on at a rung (>= 2)")
+    group.add_argument(
+        "--pruned-history", choices=PRUNED_HISTORY, default="last",
+        help="what TPE sees of a pruned trial: its last intermediate value as its loss (default), or nothing",
+    )  # fmt: skip
 
 
 def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -227,9 +245,27 @@ def _driver(args: argparse.Namespace) -> int:
         exp_key=args.exp, space=space, config_path=args.config, max_evals=args.max_evals,
         queue_size=args.queue_size, seed=args.seed, grace_s=args.grace, max_retries=args.max_retries,
         objective=args.objective, poll_s=args.poll, pending=args.pending, warm_start=tuple(points),
+        pruner=_pruner(args, base.run.eval_every or base.run.eval_every_steps),
     )  # fmt: skip
     with _store(args, may_start=True) as store:
         return run_driver(store, options)
+
+
+def _pruner(args: argparse.Namespace, evaluates: int) -> PrunerSettings:
+    """The pruner's settings; a pruner needs runs that evaluate while they train (or epochs, for train_error)."""
+    try:
+        settings = PrunerSettings(
+            args.pruner, args.prune_warmup_steps, args.prune_min_trials, args.asha_min_fraction,
+            args.asha_reduction_factor, args.pruned_history,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if settings.name != "none" and not evaluates and args.objective != "train_error":
+        raise UsageError(
+            f"--pruner {settings.name} compares the trials' evaluations while they train, and {args.config} has "
+            "none (run.eval_every = 0, run.eval_every_steps = 0): set one of them"
+        )
+    return settings
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -4,9 +4,10 @@ Each round it brings its copy of the experiment's trials up to date (:class:`Exp
 running ones are read), requeues trials whose worker stopped beating (:class:`StaleMonitor`), and tops the queue up
 to ``queue_size`` new trials with ``hyperopt.tpe.suggest`` on an in-memory ``hyperopt.Trials``, where the trials
 still queued or running, and those proposed earlier in the same round, carry the lie ``pending``
-(:mod:`hpo_worker.pending`). Trial ids come from
+(:mod:`hpo_worker.pending`), and pruned trials their last value or nothing (:func:`hpo_worker.pruning.tell_pruned`).
+Trial ids come from
 an atomic counter in the database, so a restarted driver continues the experiment without reusing a tid; the
-experiment ends when ``max_evals`` trials are done or failed. One driver per experiment: it holds a lease on the
+experiment ends when ``max_evals`` trials are done, pruned or failed. One driver per experiment: it holds a lease on the
 experiment document (see ``LEASE_S``).
 """
 
@@ -28,6 +29,7 @@ from hyperopt import tpe
 
 from hpo_worker.liveness import StaleMonitor, process_gone_on_this_host
 from hpo_worker.pending import tell_pending
+from hpo_worker.pruning import PrunerSettings, tell_pruned
 from hpo_worker.spaces import SearchSpace, plain_value
 from hpo_worker.store import FINISHED_STATES, StoreError, StoreUnreachable, TrialState, TrialStore, utcnow
 from hpo_worker.warm_start import hyperopt_vals
@@ -42,7 +44,7 @@ CMD = ["hpo_worker", "jobs.train"]  # misc.cmd: what runs a trial (a name, never
 # A killed driver's lease is taken over at once on the same host (its pid is gone), else after LEASE_S.
 LEASE_S = 30.0
 # What makes an experiment the same one: a driver resumes an experiment only when these agree with the stored ones.
-EXPERIMENT_IDENTITY = ("space", "space_definition", "config_text", "objective", "seed")
+EXPERIMENT_IDENTITY = ("space", "space_definition", "config_text", "objective", "seed", "pruner")
 
 
 def _hyperopt_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,14 +105,16 @@ def make_trial_docs(
     seed: int,
     algo: Callable[..., Any] = tpe.suggest,
     pending: str = "worst",
+    pruned_history: str = "last",
 ) -> list[dict[str, Any]]:
     """New trial documents for ``tids``, proposed one by one by ``algo`` (TPE) from the trial documents ``history``;
-    pending trials, the new ones included, carry the lie ``pending`` (hpo_worker.pending)."""
+    pending trials, the new ones included, carry the lie ``pending`` (hpo_worker.pending), and pruned trials are
+    told as ``pruned_history`` says (hpo_worker.pruning.tell_pruned)."""
     domain = hyperopt.Domain(_never_called, space.hyperopt_space)
     docs: list[dict[str, Any]] = []
     for tid in tids:
         rng_seed = int(np.random.default_rng([seed, tid]).integers(2**31 - 1))
-        trials = build_trials(tell_pending([*history, *docs], pending), exp_key)
+        trials = build_trials(tell_pending(tell_pruned([*history, *docs], pruned_history), pending), exp_key)
         for proposed in algo([tid], domain, trials, rng_seed):
             docs.append(_trial_doc(space, exp_key, tid, proposed["misc"]["vals"]))
     return docs
@@ -198,6 +202,7 @@ class DriverOptions:
     poll_s: float = 0.5
     pending: str = "worst"  # what TPE is told about queued and running trials (hpo_worker.pending.PENDING_LIES)
     warm_start: tuple[Mapping[str, Any], ...] = ()  # points queued as the first trials (hpo_worker.warm_start)
+    pruner: PrunerSettings = field(default_factory=PrunerSettings)  # what workers stop early (hpo_worker.pruning)
 
 
 def experiment_meta(options: DriverOptions) -> dict[str, Any]:
@@ -214,6 +219,7 @@ def experiment_meta(options: DriverOptions) -> dict[str, Any]:
         "max_evals": options.max_evals,
         "pending": options.pending,
         "warm_start": [dict(point) for point in options.warm_start],
+        "pruner": options.pruner.to_doc(),
         "driver": f"{socket.gethostname()}:{os.getpid()}",
     }
 
@@ -225,7 +231,8 @@ def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], N
     created = store.create_or_check_experiment(options.exp_key, meta, compare=EXPERIMENT_IDENTITY)
     say(
         f"{'new' if created else 'resuming'} experiment {options.exp_key!r}: space {options.space.name}, "
-        f"max-evals {options.max_evals}, queue {options.queue_size}, pending trials told {options.pending!r}"
+        f"max-evals {options.max_evals}, queue {options.queue_size}, pending trials told {options.pending!r}, "
+        f"pruner {options.pruner.name}"
     )
     holder = meta["driver"]
     previous_dead = process_gone_on_this_host(store.lease_holder(options.exp_key))
@@ -271,9 +278,10 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
         if monitor.check(list(view.active.values())):
             view.refresh()
         counts = view.counts()
-        finished = counts[TrialState.DONE] + counts[TrialState.ERROR]
+        finished = counts[TrialState.DONE] + counts[TrialState.ERROR] + counts[TrialState.PRUNED]
+        pruned = f", {counts[TrialState.PRUNED]} pruned" if counts[TrialState.PRUNED] else ""
         line = (
-            f"{finished}/{options.max_evals} finished ({counts[TrialState.ERROR]} failed), "
+            f"{finished}/{options.max_evals} finished ({counts[TrialState.ERROR]} failed{pruned}), "
             f"{counts[TrialState.RUNNING]} running, {counts[TrialState.NEW]} queued"
         )
         if monitor.silent():  # each is named in the log with its grace period and the time left
@@ -287,8 +295,9 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
         if wanted > 0:
             tids = store.new_tids(options.exp_key, wanted)
             new_docs = make_trial_docs(
-                options.space, options.exp_key, tids, view.docs, options.seed, pending=options.pending
-            )
+                options.space, options.exp_key, tids, view.docs, options.seed, pending=options.pending,
+                pruned_history=options.pruner.pruned_history,
+            )  # fmt: skip
             store.insert_trials(new_docs)
             view.added(new_docs)
             continue

@@ -78,7 +78,8 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 def summarize(trials: Sequence[Mapping[str, Any]], top_k: int = 100) -> dict[str, Any]:
     """Counts, the best trial and the mean/std of loss and test accuracy over the ``top_k`` best finished trials.
 
-    Trials in error, still running, or done without an ok status and a finite loss are counted but never ranked.
+    Trials in error, pruned, still running, or done without an ok status and a finite loss are counted but never
+    ranked.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -102,6 +103,7 @@ def summarize(trials: Sequence[Mapping[str, Any]], top_k: int = 100) -> dict[str
         "n_trials": len(trials),
         "n_done": states.count(TrialState.DONE),
         "n_error": states.count(TrialState.ERROR),
+        "n_pruned": states.count(TrialState.PRUNED),  # stopped early: counted, never ranked
         "n_ranked": len(ranked),
         "best": best,
         "top_k": {
@@ -261,8 +263,8 @@ def format_report(summary: Mapping[str, Any]) -> str:
     """The summary as a text table for the terminal."""
     top = summary["top_k"]
     lines = [
-        f"trials: {summary['n_trials']}  done: {summary['n_done']}  error: {summary['n_error']}  "
-        f"ranked: {summary['n_ranked']}",
+        f"trials: {summary['n_trials']}  done: {summary['n_done']}  pruned: {summary.get('n_pruned', 0)}  "
+        f"error: {summary['n_error']}  ranked: {summary['n_ranked']}",
     ]
     best = summary.get("best")
     if best is None:

@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from hpo_worker.rank_guard import wait_for_owner_exit
+
 __all__ = ["main"]
 
 EXIT_GRACE_S = 10.0  # after SIGTERM, nx-27017's clean exit (it removes its PID file); then the process ends anyway
@@ -26,11 +28,7 @@ EXIT_GRACE_S = 10.0  # after SIGTERM, nx-27017's clean exit (it removes its PID 
 
 def watch_owner(fd: int) -> None:
     """Returns only in a process whose owner is gone, after stopping that process."""
-    try:
-        while os.read(fd, 1):  # the owner never writes; b"" is end-of-file: every write end is closed
-            pass
-    except OSError:
-        pass
+    wait_for_owner_exit(fd)
     os.kill(os.getpid(), signal.SIGTERM)  # nx-27017's handler exits cleanly and removes its PID file
     time.sleep(EXIT_GRACE_S)
     os._exit(1)

@@ -2,10 +2,12 @@
 
 Collections of the database (the URL's database, default ``hpo``):
 
-- ``jobs``: one document per trial, as hyperopt's ``mongoexp`` writes them: ``tid``, ``state``
-  (0 new, 1 running, 2 done, 3 error), ``spec``, ``result``, ``misc`` (``tid``, ``cmd``, ``workdir``, ``idxs``,
-  ``vals``), ``exp_key``, ``owner``, ``version``, ``book_time``, ``refresh_time``; plus ``heartbeat`` (the
-  owner's beat counter) and ``attempts``. ``spec`` is JSON (the overrides of the trial), never pickled code.
+- ``jobs``: one document per trial, as hyperopt's ``mongoexp`` writes them: ``tid``, ``state`` (0 new, 1 running,
+  2 done, 3 error, 5 pruned), ``spec``, ``result``, ``misc`` (``tid``, ``cmd``, ``workdir``, ``idxs``, ``vals``),
+  ``exp_key``, ``owner``, ``version``, ``book_time``, ``refresh_time``; plus ``heartbeat`` (the owner's beat
+  counter), ``attempts`` and ``intermediate`` (the current attempt's learning curve for pruning,
+  ``[{step, fraction, value}]``: :mod:`hpo_worker.pruning`). ``spec`` is JSON (the overrides of the trial), never
+  pickled code. A pruned trial is in state 5, which hyperopt does not have (its tools leave such trials out).
 - ``hpo_experiments``: one document per experiment (``_id`` = exp_key): the space, the base config's text, ...,
   and the driver's lease (``lease_holder``, ``lease_expires``): one driver per experiment.
 - ``hpo_counters``: the next tid of each experiment (a restarted driver never reuses a tid).
@@ -44,15 +46,17 @@ __all__ = [
 
 class TrialState(enum.IntEnum):
     """A trial document's ``state``: hyperopt.base's JOB_STATE_* values, stored as these ints (hyperopt's tools read
-    them), repeated so that the store does not import hyperopt (checked in the tests)."""
+    them), repeated so that the store does not import hyperopt (checked in the tests), and PRUNED, our own (hyperopt's
+    4 is its CANCEL)."""
 
     NEW = 0
     RUNNING = 1
     DONE = 2
     ERROR = 3
+    PRUNED = 5  # stopped by the experiment's pruner; its result holds its last intermediate value
 
 
-FINISHED_STATES: Final = (TrialState.DONE, TrialState.ERROR)  # a trial in these never changes again
+FINISHED_STATES: Final = (TrialState.DONE, TrialState.ERROR, TrialState.PRUNED)  # these never change again
 
 TRIALS = "jobs"
 EXPERIMENTS = "hpo_experiments"
@@ -467,7 +471,13 @@ class TrialStore:
             doc = self.trials.find_one_and_update(
                 {"_id": {"$in": ids}, "state": TrialState.NEW},
                 {
-                    "$set": {"state": TrialState.RUNNING, "owner": owner, "book_time": now, "refresh_time": now},
+                    "$set": {
+                        "state": TrialState.RUNNING,
+                        "owner": owner,
+                        "book_time": now,
+                        "refresh_time": now,
+                        "intermediate": [],  # a new attempt's curve starts empty
+                    },
                     "$inc": {"version": 1, "heartbeat": 1, "attempts": 1},
                 },
                 sort=[("tid", 1)],
@@ -488,6 +498,22 @@ class TrialStore:
         )
         return result.matched_count == 1
 
+    @_retrying
+    def report_curve(self, doc: Mapping[str, Any], owner: str, curve: Sequence[Mapping[str, Any]]) -> bool:
+        """Stores the running trial's whole curve so far (idempotent); False when it is no longer this owner's."""
+        result = self.trials.update_one(self._mine(doc, owner), {"$set": {"intermediate": [dict(r) for r in curve]}})
+        return result.matched_count == 1
+
+    @_retrying
+    def curves(self, exp_key: str) -> list[dict[str, Any]]:
+        """``tid``, ``state``, ``intermediate`` and ``status`` (the result's) of the trials that train or trained:
+        what a pruner compares."""
+        query = {"exp_key": exp_key, "state": {"$in": [TrialState.RUNNING, TrialState.DONE, TrialState.PRUNED]}}
+        docs = list(self.trials.find(query, {"tid": 1, "state": 1, "intermediate": 1, "result.status": 1}))
+        for doc in docs:  # MongoDB nests a dotted projection; nx-27017 answers with the flat key "result.status"
+            doc["status"] = (doc.get("result") or {}).get("status", doc.get("result.status"))
+        return docs
+
     def _changed_by(self, doc: Mapping[str, Any], owner: str | None, states: Sequence[TrialState]) -> bool | None:
         """True when the trial is in ``states`` one version after ``doc``, owned by ``owner``: a write of this caller
         whose reply was lost; None otherwise (write again)."""
@@ -504,12 +530,16 @@ class TrialStore:
     def finish(
         self, doc: Mapping[str, Any], owner: str, result: Mapping[str, Any], *, error: tuple[str, str] | None = None
     ) -> bool:
-        """Stores the result (state done, or error when ``error`` is given). False when no longer the owner's."""
+        """Stores the result (state done, pruned when its status is "pruned", or error when ``error`` is given);
+        its ``intermediate`` values become the trial's curve. False when no longer the owner's."""
+        state = TrialState.PRUNED if result.get("status") == "pruned" else TrialState.DONE
         fields: dict[str, Any] = {
-            "state": TrialState.ERROR if error else TrialState.DONE,
-            "result": dict(result),
+            "state": TrialState.ERROR if error else state,
+            "result": {k: v for k, v in result.items() if k != "intermediate"},
             "refresh_time": utcnow(),
         }
+        if "intermediate" in result:
+            fields["intermediate"] = list(result["intermediate"])
         if error:
             fields["misc.error"] = list(error)
         if result.get("out_dir"):

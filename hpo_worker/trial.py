@@ -11,27 +11,37 @@ needs no file from the driver's machine) plus the trial's ``spec.overrides`` plu
   ``torchrun`` start the ranks on this node (``mpirun`` also on the hosts its ``args`` name).
 
 The result is what hyperopt expects in ``result`` (``status``, ``loss``: see ``objective_value``) plus the run's
-summary (``SUMMARY_KEYS``), the learning curve (epoch and eval records of ``metrics.jsonl``) and ``out_dir``.
+summary (``SUMMARY_KEYS``), the learning curve (epoch and eval records of ``metrics.jsonl``), ``out_dir`` and the
+objective's ``intermediate`` values (:func:`intermediate_values`). A run stopped by the experiment's pruner
+(``jobs.outcome.RunEnd.PRUNED``) has status ``pruned``, its last intermediate value as its loss, and ``pruned``: why.
+
+Launched ranks end with the worker: they run under :mod:`hpo_worker.rank_guard`, which stops them once the worker is
+gone, however it ended (SIGKILL included).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hpo_worker.pruning import Report
 from jobs.metrics import read_metrics
 from jobs.outcome import RunEnd, end_from_exit_status, read_summary
 
-__all__ = ["LAUNCHERS", "OBJECTIVES", "TrialLaunch", "learning_curve", "objective_value", "run_trial"]
+__all__ = [
+    "LAUNCHERS", "OBJECTIVES", "TrialLaunch", "intermediate_values", "learning_curve", "objective_value", "run_trial",
+]  # fmt: skip
 
 LAUNCHERS = ("none", "srun", "mpirun", "torchrun")
 STOP_GRACE_S = 10.0  # how long the ranks get to exit after SIGTERM before SIGKILL
@@ -115,13 +125,52 @@ def objective_value(summary: Mapping[str, Any], objective: str) -> float:
     raise ValueError(f"unknown objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
 
 
+def _metric(record: Mapping[str, Any], objective: str, total_steps: int, target: float | None) -> float | None:
+    """The objective's measure at one record of the run (None when the record lacks it)."""
+    accuracy = record.get("accuracy" if objective == "train_error" else "test_accuracy")
+    if objective == "test_loss":
+        return record.get("test_loss")
+    if accuracy is None:
+        return None
+    if objective != "steps_to_target":
+        return 1.0 - float(accuracy)
+    if not target:
+        raise ValueError("objective steps_to_target needs run.target_accuracy in the base config")
+    # As objective_value: the fraction of the budget once the target is reached, else 1 + the accuracy missing.
+    return record["step"] / max(total_steps, 1) if accuracy >= target else 1.0 + float(target) - float(accuracy)
+
+
+def intermediate_values(
+    records: Sequence[Mapping[str, Any]], objective: str, total_steps: int, target: float | None
+) -> list[Report]:
+    """What a pruner compares: the objective's measure at each evaluation of the test split (for ``train_error``,
+    at each epoch record: the training accuracy over the epoch's batches), in step order. ``best_test_error``'s
+    values are test errors; pruners compare best values so far, which is the same thing."""
+    kind = "epoch" if objective == "train_error" else "eval"
+    reports = []
+    for record in records:
+        if record.get("kind") != kind:
+            continue
+        value = _metric(record, objective, total_steps, target)
+        if value is not None and math.isfinite(value):
+            reports.append(Report(int(record["step"]), int(record["step"]) / max(total_steps, 1), float(value)))
+    return reports
+
+
 def _result(summary: Mapping[str, Any], objective: str, out_dir: Path) -> dict[str, Any]:
-    loss = objective_value(summary, objective)
-    result = {"status": "ok", "loss": float(loss)}
+    curve = learning_curve(out_dir / "run")
+    reports = intermediate_values(curve, objective, int(summary["total_steps"]), summary.get("target_accuracy"))
+    result: dict[str, Any]
+    if summary.get("end") == RunEnd.PRUNED:
+        last = reports[-1].value if reports else None
+        result = {"status": "pruned", "loss": last, "pruned": summary.get("reason")}
+    else:
+        result = {"status": "ok", "loss": float(objective_value(summary, objective))}
     for key in SUMMARY_KEYS:
         if summary.get(key) is not None:
             result[key] = summary[key]
-    result["learning_curve"] = learning_curve(out_dir / "run")
+    result["learning_curve"] = curve
+    result["intermediate"] = [asdict(report) for report in reports]
     result["out_dir"] = str(out_dir)
     return result
 
@@ -156,8 +205,6 @@ def run_trial(
 
 
 def _run_here(base: Path, overrides: list[str], out_dir: Path, objective: str) -> dict[str, Any]:
-    from dataclasses import asdict
-
     from jobs.config import load_config
     from jobs.datasets import resolve_data_path
     from jobs.loop import TrainingDiverged, run_training
@@ -190,19 +237,27 @@ def _run_launched(
 ) -> dict[str, Any]:
     command = launch.command(["--config", str(base), *overrides])
     (out_dir / "command.sh").write_text(shlex.join(command) + "\n")
+    if shutil.which(command[0]) is None and not os.path.isfile(command[0]):
+        raise ValueError(f"cannot start the trial: {command[0]} is not on PATH (--launcher {launch.launcher})")
     stderr_path = out_dir / "stderr.log"
     started = time.time()
-    with open(out_dir / "stdout.log", "wb") as stdout, open(stderr_path, "wb") as stderr:
-        try:
-            process = subprocess.Popen(command, stdout=stdout, stderr=stderr, start_new_session=True)
-        except FileNotFoundError as exc:
-            message = f"cannot start the trial: {command[0]} is not on PATH (--launcher {launch.launcher})"
-            raise ValueError(message) from exc
-        try:
-            code = process.wait()
-        except BaseException:  # SIGTERM (WorkerTerminated) or Ctrl-C: the ranks must not outlive the worker
-            _stop_group(process)
-            raise
+    read_end, owner_end = os.pipe()  # the guard watches the read end; this process holds the other until the end
+    guarded = [launch.python, "-m", "hpo_worker.rank_guard", "--owner-fd", str(read_end), "--", *command]
+    try:
+        with open(out_dir / "stdout.log", "wb") as stdout, open(stderr_path, "wb") as stderr:
+            try:
+                process = subprocess.Popen(
+                    guarded, stdout=stdout, stderr=stderr, start_new_session=True, pass_fds=(read_end,)
+                )
+            finally:
+                os.close(read_end)
+            try:
+                code = process.wait()
+            except BaseException:  # SIGTERM (WorkerTerminated) or Ctrl-C: the ranks must not outlive the worker
+                _stop_group(process)
+                raise
+    finally:
+        os.close(owner_end)
     return _launched_outcome(command, code, out_dir, stderr_path, objective, started)
 
 

@@ -2,7 +2,9 @@
 
 Each trial runs in ``<workdir>/<exp>/trial<tid>.<attempt>``, in this process or under a launcher as a distributed run
 (:mod:`hpo_worker.trial`). The result (``loss``, ``status``, ``test_accuracy``, ``test_loss``, the learning curve
-from the run's ``metrics.jsonl``) is stored in the trial document.
+from the run's ``metrics.jsonl``) is stored in the trial document. While it trains, a thread stores its curve of
+intermediate values and asks the experiment's pruner whether to stop it (:mod:`hpo_worker.curves`); a pruned trial
+is stored in its own state.
 
 While a trial runs, a thread refreshes its heartbeat. A finished trial's result is kept in its folder until the store
 has it (:mod:`hpo_worker.result_file`): if the trial was taken away meanwhile (requeued after a missed grace period),
@@ -27,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from hpo_worker.curves import CurveWatcher
 from hpo_worker.liveness import Heartbeat, StaleMonitor
 from hpo_worker.result_file import KeptResult, find_kept, keep, mark_stored, trial_dir
 from hpo_worker.store import StoreUnreachable, TrialStore
@@ -122,7 +125,8 @@ def _run(
 ) -> tuple[Outcome, bool]:  # fmt: skip
     """Trains the trial under a heartbeat: its outcome, and whether it was taken away (requeued) meanwhile."""
     tid = doc["tid"]
-    with Heartbeat(store, doc, owner, options.heartbeat_s) as beat:
+    watcher = CurveWatcher(store, doc, owner, out_dir / "run", experiment, say)
+    with Heartbeat(store, doc, owner, options.heartbeat_s) as beat, watcher:
         try:
             signals.running = True
             try:

@@ -47,7 +47,7 @@ from jobs.models import build_model
 from jobs.noise_scale import NoiseScaleEstimator, measure_noise
 from jobs.objective import batch_loss, hits
 from jobs.optim import build_kfac, build_optimizer, make_lr_schedule, set_lr
-from jobs.outcome import SUMMARY_JSON, RunEnd
+from jobs.outcome import PRUNE_REQUEST, SUMMARY_JSON, RunEnd
 from jobs.parallel import Context
 
 __all__ = ["RunSummary", "TrainingDiverged", "TrainingRun", "evaluate", "history_fields", "run_training"]
@@ -88,6 +88,8 @@ class RunSummary:
     reason: str | None = None
 
     def line(self) -> str:
+        if self.end == RunEnd.PRUNED:
+            return f"pruned after step {self.steps} of {self.total_steps} ({self.reason}); out_dir {self.out_dir}"
         if self.stopped_early:
             return (
                 f"stopped after step {self.steps} of {self.total_steps} (run.stop_after_steps); "
@@ -337,6 +339,7 @@ class TrainingRun:
         self.train_loss: float | None = None
         self.train_accuracy: float | None = None
         self.stopped_early = False
+        self.prune_reason: str | None = None  # why the starter asked the run to stop (jobs.outcome.PRUNE_REQUEST)
         # A resumed run that had stopped at its target is finished: it only reports.
         self.at_target = config.run.stop_at_target and self.steps_to_target is not None
 
@@ -406,6 +409,7 @@ class TrainingRun:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             payload = {**config.to_dict(), "derived": self._derived()}
             atomic_write_text(self.out_dir / "config.json", json.dumps(payload, indent=2) + "\n")
+            (self.out_dir / PRUNE_REQUEST).unlink(missing_ok=True)  # a request to an earlier invocation
         resume_step = self.start_step if self.resumed else None
         self.metrics = MetricsWriter(
             self.out_dir, enabled=self.is_main, tensorboard=run.tensorboard, resume_step=resume_step
@@ -449,9 +453,9 @@ class TrainingRun:
         """Steps until the end of the budget, the target or run.stop_after_steps; then the final evaluations."""
         self.train_model.train()
         try:
-            while self.step < self.total_steps and not self.at_target and not self.stopped_early:
+            while self.step < self.total_steps and not (self.at_target or self.stopped_early or self.prune_reason):
                 self.train_step()
-            if not self.stopped_early:
+            if not self.stopped_early and not self.prune_reason:
                 self.finish()
         finally:
             self.close()
@@ -524,8 +528,13 @@ class TrainingRun:
     def log_step(
         self, epoch: int, lr: float, tick: float, batch_totals: torch.Tensor, extra_fields: dict[str, Any]
     ) -> None:
-        """The step's record (its batch over all ranks); a NaN or infinite loss ends the run as diverged."""
-        loss_sum, correct, count = _summed(batch_totals, self.context, "step sums")
+        """The step's record (its batch over all ranks); a NaN or infinite loss ends the run as diverged. Rank 0's
+        answer to "was the run asked to stop?" rides on the same all-reduce, so every rank stops after this step."""
+        request = self._prune_request()
+        asked = torch.tensor([float(request is not None)], dtype=batch_totals.dtype, device=batch_totals.device)
+        loss_sum, correct, count, stop = _summed(torch.cat([batch_totals, asked]), self.context, "step sums")
+        if stop > 0 and self.step < self.total_steps:
+            self.prune_reason = request or "asked by the program that started the run"
         if not torch.isfinite(torch.tensor(loss_sum)):
             raise TrainingDiverged(
                 f"the training loss is {loss_sum / count} at step {self.step} (lr {lr:g}): lower optim.lr, or "
@@ -547,6 +556,15 @@ class TrainingRun:
             }
         )
         self.progress.update(self.step, f"epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.4g}")
+
+    def _prune_request(self) -> str | None:
+        """Rank 0: the text of the stop request in the run's folder, if there is one (jobs.outcome)."""
+        if not self.is_main:
+            return None
+        try:
+            return (self.out_dir / PRUNE_REQUEST).read_text().strip() or "asked by the program that started the run"
+        except FileNotFoundError:
+            return None
 
     def _after_step(self, epoch: int, lr: float) -> None:
         """The epoch's record, an evaluation, a checkpoint and run.stop_after_steps, when they fall on this step."""
@@ -782,7 +800,10 @@ def run_training(config: Config, context: Context, log: Say | None = None) -> Ru
     except BaseException as error:  # Ctrl-C too: summary.json says how this invocation ended
         _report_failure(error, run, config, context, started, say)
         raise
-    summary = run.summary(RunEnd.STOPPED if run.stopped_early else RunEnd.FINISHED)
+    if run.prune_reason:
+        summary = run.summary(RunEnd.PRUNED, run.prune_reason)
+    else:
+        summary = run.summary(RunEnd.STOPPED if run.stopped_early else RunEnd.FINISHED)
     if context.rank == 0:
         _write_summary(summary)
     return summary

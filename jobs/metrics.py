@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import Any, Final, TextIO
 
 from jobs.files import atomic_write_text
 
-__all__ = ["CSV_COLUMNS", "METRICS_CSV", "METRICS_JSONL", "MetricsWriter", "ProgressLine", "read_metrics"]
+__all__ = [
+    "CSV_COLUMNS", "METRICS_CSV", "METRICS_JSONL", "MetricsTail", "MetricsWriter", "ProgressLine", "read_metrics",
+]  # fmt: skip
 
 METRICS_JSONL: Final = "metrics.jsonl"
 METRICS_CSV: Final = "metrics.csv"
@@ -69,18 +72,47 @@ CSV_COLUMNS: Final = (
 )
 
 
+def _parse(lines: list[str]) -> list[dict[str, Any]]:
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # an unfinished last line, from a killed run
+            continue
+    return records
+
+
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``out_dir/metrics.jsonl`` (an unfinished last line, from a killed run, is skipped)."""
     path = Path(out_dir) / METRICS_JSONL
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    return _parse(path.read_text().splitlines())
+
+
+class MetricsTail:
+    """The records a running run appends to ``out_dir/metrics.jsonl``, each returned once, for a program that
+    watches the run (hpo_worker's pruning). A line is read once it is complete. The writer replaces the file when it
+    starts or resumes (a new inode): the tail then reads the new file from its beginning."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / METRICS_JSONL
+        self._inode: int | None = None
+        self._offset = 0
+
+    def read_new(self) -> list[dict[str, Any]]:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+            with self.path.open("rb") as stream:
+                inode = os.fstat(stream.fileno()).st_ino
+                if inode != self._inode:
+                    self._inode, self._offset = inode, 0
+                stream.seek(self._offset)
+                data = stream.read()
+        except FileNotFoundError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        return _parse(complete.decode(errors="replace").splitlines())
 
 
 def _csv_cell(value: Any) -> Any:

@@ -256,9 +256,11 @@ def progress(store: TrialStore, experiments: Sequence[str], trials: int, clock: 
     except pymongo.errors.PyMongoError as exc:  # a hiccup of the server: the drivers and workers retry; so do we
         return f"  progress unavailable: MongoDB {type(exc).__name__}"
     failed = sum(c[TrialState.ERROR] for c in counts)
-    finished = sum(c[TrialState.DONE] for c in counts) + failed
+    pruned = sum(c[TrialState.PRUNED] for c in counts)
+    finished = sum(c[TrialState.DONE] for c in counts) + failed + pruned
     running = sum(c[TrialState.RUNNING] for c in counts)
-    line = f"  {finished}/{trials * len(experiments)} trials finished ({failed} failed), {running} running"
+    also = f", {pruned} pruned" if pruned else ""
+    line = f"  {finished}/{trials * len(experiments)} trials finished ({failed} failed{also}), {running} running"
     silent = [s for s in clock.silences(running_docs).values() if s >= SILENT_AFTER_S] if clock else []
     if silent:
         line += (

@@ -149,7 +149,7 @@ def test_experiment_view_reads_finished_trials_once(mongo: str, db: Any) -> None
     view.refresh()
     assert sorted(view.finished) == [0, 1, 3] and sorted(view.active) == [2]
     assert view.finished[0]["result"]["loss"] == 0.5 and view.finished[1]["result"]["loss"] == 0.75
-    assert view.counts() == {TrialState.NEW: 0, TrialState.RUNNING: 1, TrialState.DONE: 3, 3: 0}
+    assert view.counts() == {TrialState.NEW: 0, TrialState.RUNNING: 1, TrialState.DONE: 3, 3: 0, TrialState.PRUNED: 0}
     assert [d["tid"] for d in view.docs] == [0, 1, 2, 3]
     assert len(build_trials(view.docs, "v").trials) == 4
 
@@ -167,7 +167,7 @@ def test_store_counts_states_lists_running_trials_and_checks_an_experiment(mongo
     db.jobs.insert_one({"exp_key": "other", "tid": 0, "state": TrialState.RUNNING})
     store = connect(mongo)
     counts = store.count_states("c")
-    assert counts == {TrialState.NEW: 1, TrialState.RUNNING: 1, TrialState.DONE: 2, TrialState.ERROR: 1}
+    assert counts == {TrialState.NEW: 1, TrialState.RUNNING: 1, TrialState.DONE: 2, TrialState.ERROR: 1, TrialState.PRUNED: 0}
     assert all(isinstance(state, TrialState) for state in counts)
     assert store.count_states("none") == dict.fromkeys(TrialState, 0)
     assert [d["tid"] for d in store.running_docs("c")] == [3]

@@ -83,7 +83,10 @@ def test_trials_json_is_plain_json() -> None:
 def test_trial_states_are_hyperopts_ints() -> None:
     import hyperopt
 
-    assert [(s.name, int(s)) for s in TrialState] == [("NEW", 0), ("RUNNING", 1), ("DONE", 2), ("ERROR", 3)]
+    states = [(s.name, int(s)) for s in TrialState]
+    assert states == [("NEW", 0), ("RUNNING", 1), ("DONE", 2), ("ERROR", 3), ("PRUNED", 5)]
+    # PRUNED is ours: no hyperopt state has its number, and hyperopt's Trials leave such trials out
+    assert TrialState.PRUNED not in hyperopt.base.JOB_STATES
     assert TrialState.NEW == hyperopt.JOB_STATE_NEW and TrialState.RUNNING == hyperopt.JOB_STATE_RUNNING
     assert TrialState.DONE == hyperopt.JOB_STATE_DONE and TrialState.ERROR == hyperopt.JOB_STATE_ERROR
     assert TrialState(2) is TrialState.DONE and json.dumps({"state": TrialState.ERROR}) == '{"state": 3}'

@@ -1,0 +1,185 @@
+"""Pruning: stopping a trial that is clearly behind, from the learning curves in the store (docs/hpo.md).
+
+While a trial trains, its worker stores the trial's intermediate values (:class:`Report`: the objective's metric at
+a step, and that step's fraction of the trial's budget; :func:`hpo_worker.trial.intermediate_values`) and asks the
+experiment's pruner whether to stop it. A pruner is a pure decision on curves (:func:`prune_reason`), so it is
+tested on hand-made curves; the worker (:mod:`hpo_worker.curves`) feeds it what the store holds. Smaller values
+are better, as for TPE's loss. Two rules:
+
+- ``median`` (median stopping): after ``warmup_steps``, stop the trial when its best value so far is worse than the
+  median of the completed trials' best values up to the same step, once ``min_trials`` trials have completed.
+- ``asha`` (asynchronous successive halving): rungs at the budget fractions ``min_fraction * reduction_factor**k``
+  below 1. When a trial first reaches a rung, it goes on only if its best value so far is among the best
+  ``1/reduction_factor`` of the values of every trial that reached that rung (at least the best one goes on).
+
+Our choices where the usual descriptions differ: both rules compare best-so-far values, not the value at one
+step, so that evaluation noise does not prune a good trial; a completed trial whose curve ended before a step or a
+rung (it reached its target and stopped) counts there with its final best value, since it would not get worse.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+from hpo_worker.store import TrialState
+
+__all__ = [
+    "PRUNED_HISTORY", "PRUNERS", "PrunerSettings", "Report", "asha_rungs", "curve_of", "prune_reason", "tell_pruned",
+]  # fmt: skip
+
+PRUNERS: Final = ("none", "median", "asha")
+PRUNED_HISTORY: Final = ("last", "ignore")  # what TPE sees of a pruned trial: its last value as its loss, or nothing
+
+
+@dataclass(frozen=True)
+class Report:
+    """One intermediate value of a trial: the objective's metric after ``step`` steps, ``fraction`` of its budget."""
+
+    step: int
+    fraction: float
+    value: float
+
+
+@dataclass(frozen=True)
+class PrunerSettings:
+    name: str = "none"
+    warmup_steps: int = 0  # median: no decision before this step (required, at least 1)
+    min_trials: int = 1  # median: completed trials needed before any decision
+    min_fraction: float = 0.1  # asha: the first rung, as a fraction of the budget
+    reduction_factor: int = 3  # asha: one trial in reduction_factor goes on at each rung
+    pruned_history: str = "last"  # PRUNED_HISTORY
+
+    def __post_init__(self) -> None:
+        if self.name not in PRUNERS:
+            raise ValueError(f"unknown pruner {self.name!r}: choose one of {', '.join(PRUNERS)}")
+        if self.pruned_history not in PRUNED_HISTORY:
+            raise ValueError(
+                f"unknown pruned-trial history {self.pruned_history!r}: choose one of {', '.join(PRUNED_HISTORY)}"
+            )
+        if self.name == "median" and self.warmup_steps < 1:
+            raise ValueError(
+                f"the median pruner needs warm-up steps (--prune-warmup-steps, now {self.warmup_steps}): give the "
+                "steps every trial trains before it can be stopped, at least 1 (e.g. a tenth of the budget)"
+            )
+        if self.min_trials < 1:
+            raise ValueError(f"--prune-min-trials must be at least 1, not {self.min_trials}")
+        if self.name == "asha" and self.reduction_factor < 2:
+            raise ValueError(
+                f"ASHA's reduction factor must be an integer of at least 2 (--asha-reduction-factor, now "
+                f"{self.reduction_factor}): below 2 no trial is ever stopped"
+            )
+        if self.name == "asha" and not 0 < self.min_fraction < 1:
+            raise ValueError(
+                f"ASHA's first rung must be a fraction of the budget in (0, 1) (--asha-min-fraction, now "
+                f"{self.min_fraction:g})"
+            )
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> PrunerSettings:
+        """The settings stored in an experiment document (none: an experiment made without pruning)."""
+        return cls(**dict(doc)) if doc else cls()
+
+
+def asha_rungs(settings: PrunerSettings) -> list[float]:
+    """The budget fractions at which ASHA decides: min_fraction * reduction_factor**k, below 1."""
+    rungs, fraction = [], settings.min_fraction
+    while fraction < 1 - 1e-12:
+        rungs.append(fraction)
+        fraction *= settings.reduction_factor
+    return rungs
+
+
+def curve_of(doc: Mapping[str, Any]) -> list[Report]:
+    """A trial document's stored intermediate values (``intermediate``: ``[{step, fraction, value}]``)."""
+    return [Report(int(r["step"]), float(r["fraction"]), float(r["value"])) for r in doc.get("intermediate") or []]
+
+
+def _best(curve: Sequence[Report], *, step: int | None = None, fraction: float | None = None) -> float | None:
+    """The best value of the reports up to ``step`` (or up to ``fraction``), None when there is none."""
+    values = [
+        r.value
+        for r in curve
+        if (step is None or r.step <= step) and (fraction is None or r.fraction <= fraction + 1e-12)
+    ]
+    return min(values) if values else None
+
+
+def _median_reason(
+    own: Sequence[Report], completed: Sequence[Sequence[Report]], settings: PrunerSettings
+) -> str | None:
+    step = own[-1].step
+    if step < settings.warmup_steps:
+        return None
+    others = [value for curve in completed if (value := _best(curve, step=step)) is not None]
+    if len(others) < settings.min_trials:
+        return None
+    median, mine = statistics.median(others), min(r.value for r in own)
+    if mine <= median:
+        return None
+    return (
+        f"median stopping: best value {mine:.6g} by step {step} is worse than the median {median:.6g} of "
+        f"{len(others)} completed trial(s)"
+    )
+
+
+def _at_rung(curve: Sequence[Report], rung: float, completed: bool) -> float | None:
+    """A trial's value at a rung: its best up to its first report at or past the rung; a completed trial that
+    stopped before the rung counts with its final best; else None (it has not reached the rung)."""
+    reached = [i for i, r in enumerate(curve) if r.fraction >= rung - 1e-12]
+    if reached:
+        return min(r.value for r in curve[: reached[0] + 1])
+    return _best(curve) if completed else None
+
+
+def _asha_reason(
+    own: Sequence[Report], others: Sequence[tuple[Sequence[Report], bool]], settings: PrunerSettings
+) -> str | None:
+    before = own[-2].fraction if len(own) > 1 else 0.0
+    for rung in asha_rungs(settings):
+        if not before < rung <= own[-1].fraction + 1e-12:
+            continue  # only the rungs this report reaches for the first time
+        mine = _at_rung(own, rung, False)
+        assert mine is not None
+        values = sorted([v for curve, done in others if (v := _at_rung(curve, rung, done)) is not None] + [mine])
+        keep = max(len(values) // settings.reduction_factor, 1)
+        if mine > values[keep - 1]:
+            return (
+                f"ASHA: value {mine:.6g} at rung {rung:.3g} of the budget is not among the best {keep} of "
+                f"{len(values)} trial(s) there (reduction factor {settings.reduction_factor})"
+            )
+    return None
+
+
+def prune_reason(
+    settings: PrunerSettings, own: Sequence[Report], others: Sequence[tuple[Sequence[Report], bool]]
+) -> str | None:
+    """Why the trial whose curve is ``own`` should stop now (after its last report), or None to let it go on.
+
+    ``others``: the other trials' curves, each with whether that trial completed (finished its budget or its
+    target); running and pruned ones count only where their curves reach."""
+    if settings.name == "none" or not own:
+        return None
+    if settings.name == "median":
+        return _median_reason(own, [curve for curve, done in others if done], settings)
+    return _asha_reason(own, others, settings)
+
+
+def tell_pruned(docs: Sequence[Mapping[str, Any]], how: str) -> list[Mapping[str, Any]]:
+    """``docs`` as TPE should see pruned trials (``how`` in :data:`PRUNED_HISTORY`): done, with their last value as
+    their loss (``last``), or left out (``ignore``). Only the driver's in-memory copy; the store keeps them pruned."""
+    if how not in PRUNED_HISTORY:
+        raise ValueError(f"unknown pruned-trial history {how!r}: choose one of {', '.join(PRUNED_HISTORY)}")
+    told: list[Mapping[str, Any]] = []
+    for doc in docs:
+        loss = (doc.get("result") or {}).get("loss")
+        if doc.get("state") != TrialState.PRUNED:
+            told.append(doc)
+        elif how == "last" and loss is not None:
+            told.append({**doc, "state": TrialState.DONE, "result": {"status": "ok", "loss": float(loss)}})
+    return told

@@ -1,0 +1,288 @@
+"""Pruning (hpo_worker.pruning, hpo_worker.curves): median stopping and ASHA decisions on hand-made curves in a real
+nx-27017 store, the run's stop request (jobs.outcome.PRUNE_REQUEST) in one process and on two torchrun ranks, a
+SIGKILLed worker during a pruned experiment, TPE's view of pruned trials, and bad pruner settings."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("hyperopt")
+pytest.importorskip("nx_27017")
+
+from hpo_worker.curves import CurveWatcher
+from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_meta, make_point_docs
+from hpo_worker.pruning import PrunerSettings, Report, asha_rungs, tell_pruned
+from hpo_worker.spaces import load_space
+from hpo_worker.store import TrialState, TrialStore, connect
+from hpo_worker.trial import intermediate_values
+from jobs.outcome import PRUNE_REQUEST
+from tests.processes import processes_mentioning, wait_until_gone
+from tests.synthetic_configs import synthetic_mlp_toml
+from tests.test_hpo import SPACE, _finish, _wait_for, _worker
+
+TOTAL = 100  # the hand-made runs' budget in steps
+POINT = {"optim.lr": 0.05, "optim.momentum": 0.5}
+
+
+@pytest.fixture
+def store(mongo: str) -> Iterator[TrialStore]:
+    store = connect(mongo)
+    store.ensure_indexes()
+    yield store
+    store.close()
+
+
+def _options(tmp_path: Path, exp: str, pruner: PrunerSettings, steps: int = TOTAL) -> DriverOptions:
+    config = tmp_path / "base.toml"
+    run = f"steps = {steps}\neval_every = 0\neval_every_steps = 5\nprogress = false\ntensorboard = false"
+    config.write_text(synthetic_mlp_toml(batch_size=32, train_size=256, test_size=128, lr="0.05", run=run))
+    (tmp_path / "space.toml").write_text(SPACE)
+    space = load_space(str(tmp_path / "space.toml"))
+    return DriverOptions(exp, space, str(config), max_evals=10, pruner=pruner)
+
+
+def _experiment(store: TrialStore, options: DriverOptions) -> dict[str, Any]:
+    store.create_or_check_experiment(options.exp_key, experiment_meta(options), EXPERIMENT_IDENTITY)
+    experiment = store.get_experiment(options.exp_key)
+    assert experiment is not None
+    return experiment
+
+
+def _queue(store: TrialStore, options: DriverOptions) -> int:
+    tid = store.new_tids(options.exp_key, 1)[0]
+    store.insert_trials(make_point_docs(options.space, options.exp_key, [tid], [POINT]))
+    return tid
+
+
+def _doc(store: TrialStore, query: dict[str, Any]) -> dict[str, Any]:
+    doc = store.trials.find_one(query)
+    assert doc is not None, query
+    return doc
+
+
+def _curve(values: dict[int, float], total: int = TOTAL) -> list[dict[str, Any]]:
+    return [{"step": step, "fraction": step / total, "value": value} for step, value in sorted(values.items())]
+
+
+def _other(store: TrialStore, options: DriverOptions, values: dict[int, float], state: TrialState) -> None:
+    """A trial of someone else, in ``state``, with the curve ``values`` ({step: value})."""
+    tid = _queue(store, options)
+    status = {TrialState.DONE: "ok", TrialState.PRUNED: "pruned"}.get(state, "running")
+    store.trials.update_one(
+        {"exp_key": options.exp_key, "tid": tid},
+        {"$set": {"state": state, "intermediate": _curve(values), "result": {"status": status}}},
+    )
+
+
+def _watch(
+    store: TrialStore, options: DriverOptions, tmp_path: Path, losses: dict[int, float]
+) -> tuple[CurveWatcher, dict[str, Any]]:
+    """Our trial, reserved, with a run folder whose metrics.jsonl holds evaluations with these test losses; the
+    watcher has read it once."""
+    experiment = _experiment(store, options)
+    _queue(store, options)
+    doc = store.reserve("me", options.exp_key)
+    assert doc is not None
+    run_dir = tmp_path / f"run{doc['tid']}"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"derived": {"total_steps": TOTAL}, "run": {}}))
+    lines = [{"kind": "eval", "step": step, "test_loss": loss, "test_accuracy": 0.5} for step, loss in losses.items()]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    watcher = CurveWatcher(store, doc, "me", run_dir, experiment, say=print)
+    watcher.poll()
+    return watcher, doc
+
+
+def _request(watcher: CurveWatcher) -> str | None:
+    path = watcher.run_dir / PRUNE_REQUEST
+    return path.read_text() if path.exists() else None
+
+
+MEDIAN = PrunerSettings("median", warmup_steps=20, min_trials=3)
+COMPLETED = ({10: 0.9, 20: 0.5, 30: 0.4}, {10: 0.8, 20: 0.6, 30: 0.5}, {10: 0.7, 20: 0.7, 30: 0.6})
+
+
+@pytest.mark.parametrize(
+    ("settings", "mine", "completed", "verdict"),
+    [
+        # best-so-far medians of the completed trials at step 20: 0.5, 0.6, 0.7 -> 0.6
+        (MEDIAN, {10: 0.9, 20: 0.65}, COMPLETED, "median stopping: best value 0.65 by step 20 is worse than the "
+                                                 "median 0.6 of 3 completed trial(s)"),
+        (MEDIAN, {10: 0.9, 20: 0.55}, COMPLETED, None),  # better than the median
+        (MEDIAN, {10: 0.95}, COMPLETED, None),  # step 10 is within the warm-up
+        (MEDIAN, {10: 0.9, 20: 0.65}, COMPLETED[:2], None),  # only 2 completed trials, 3 needed
+        # a completed trial whose curve stopped at step 10 (its target) counts at step 20 with its best, 0.2
+        (MEDIAN, {10: 0.9, 20: 0.55}, ({10: 0.2}, *COMPLETED[:2]), "median 0.5 of 3"),
+    ],
+)  # fmt: skip
+def test_median_stopping_on_hand_made_curves_in_a_real_store(
+    store: TrialStore, tmp_path: Path, settings: PrunerSettings, mine: dict[int, float],
+    completed: Sequence[dict[int, float]], verdict: str | None,
+) -> None:  # fmt: skip
+    options = _options(tmp_path, "median", settings)
+    _experiment(store, options)
+    for values in completed:
+        _other(store, options, values, TrialState.DONE)
+    _other(store, options, {10: 0.01, 20: 0.01}, TrialState.RUNNING)  # running trials are not completed ones
+    watcher, doc = _watch(store, options, tmp_path, mine)
+    stored = _doc(store, {"_id": doc["_id"]})
+    assert stored["intermediate"] == _curve(mine)  # the curve is in the store, whatever the verdict
+    request = _request(watcher)
+    assert (request is None) == (verdict is None), request
+    assert verdict is None or verdict in str(request), request
+
+
+ASHA = PrunerSettings("asha", min_fraction=0.25, reduction_factor=2)
+
+
+@pytest.mark.parametrize(
+    ("mine", "others", "verdict"),
+    [
+        # rung 0.25: 0.3 (done), 0.5 (pruned), 0.6 (running) and ours; the best 4 // 2 = 2 go on
+        ({25: 0.6}, "three", "ASHA: value 0.6 at rung 0.25 of the budget is not among the best 2 of 4"),
+        ({25: 0.4}, "three", None),
+        ({10: 0.2, 25: 0.6}, "three", None),  # its best so far, 0.2, counts at the rung
+        ({25: 0.6}, "none", None),  # the first trial at a rung goes on
+        ({25: 0.2, 30: 0.9}, "three", None),  # step 30 reaches no new rung: no decision there
+        # rung 0.5: 0.1 (done) and ours, 0.25 (its best so far); the best 2 // 2 = 1 goes on
+        ({25: 0.25, 50: 0.9}, "three", "value 0.25 at rung 0.5 of the budget is not among the best 1 of 2"),
+    ],
+)  # fmt: skip
+def test_asha_on_hand_made_curves_in_a_real_store(
+    store: TrialStore, tmp_path: Path, mine: dict[int, float], others: str, verdict: str | None
+) -> None:
+    options = _options(tmp_path, "asha", ASHA)
+    _experiment(store, options)
+    assert asha_rungs(ASHA) == [0.25, 0.5]
+    if others == "three":
+        _other(store, options, {25: 0.3, 50: 0.1}, TrialState.DONE)
+        _other(store, options, {25: 0.5}, TrialState.PRUNED)
+        _other(store, options, {20: 0.6, 25: 0.7}, TrialState.RUNNING)  # 0.6 is its best up to the rung
+    watcher, _ = _watch(store, options, tmp_path, mine)
+    request = _request(watcher)
+    assert (request is None) == (verdict is None), request
+    assert verdict is None or verdict in str(request), request
+
+
+def test_intermediate_values_follow_the_objective() -> None:
+    records = [
+        {"kind": "epoch", "step": 10, "accuracy": 0.6},
+        {"kind": "eval", "step": 10, "test_loss": 1.5, "test_accuracy": 0.7},
+        {"kind": "eval", "step": 20, "test_loss": 1.0, "test_accuracy": 0.85},
+    ]
+    assert intermediate_values(records, "test_loss", 40, None) == [Report(10, 0.25, 1.5), Report(20, 0.5, 1.0)]
+    assert [r.value for r in intermediate_values(records, "train_error", 40, None)] == [pytest.approx(0.4)]
+    # steps to an 80% target: 1 + the accuracy missing, then the fraction of the budget used
+    assert [r.value for r in intermediate_values(records, "steps_to_target", 40, 0.8)] == [pytest.approx(1.1), 0.5]
+
+
+def test_tpe_sees_a_pruned_trial_as_its_last_value_or_not_at_all() -> None:
+    docs = [
+        {"tid": 0, "state": TrialState.DONE, "result": {"status": "ok", "loss": 0.3}},
+        {"tid": 1, "state": TrialState.PRUNED, "result": {"status": "pruned", "loss": 0.9}},
+    ]
+    last = tell_pruned(docs, "last")
+    assert last[1]["state"] == TrialState.DONE and last[1]["result"] == {"status": "ok", "loss": 0.9}
+    assert docs[1]["state"] == TrialState.PRUNED  # the caller's documents are not changed
+    assert [d["tid"] for d in tell_pruned(docs, "ignore")] == [0]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"name": "median"}, "the median pruner needs warm-up steps"),
+        ({"name": "asha", "reduction_factor": 1}, "ASHA's reduction factor must be an integer of at least 2"),
+        ({"name": "asha", "min_fraction": 1.0}, "ASHA's first rung must be a fraction of the budget in"),
+        ({"name": "hyperband"}, "unknown pruner 'hyperband': choose one of none, median, asha"),
+    ],
+)
+def test_bad_pruner_settings_are_refused(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PrunerSettings(**settings)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pruner", "median"], "the median pruner needs warm-up steps (--prune-warmup-steps, now 0)"),
+        (["--pruner", "asha", "--asha-reduction-factor", "1"], "ASHA's reduction factor must be an integer of"),
+    ],
+)
+def test_the_driver_refuses_bad_pruner_flags_in_one_line(tmp_path: Path, flags: list[str], message: str) -> None:
+    options = _options(tmp_path, "bad", PrunerSettings())
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "hpo_worker", "driver", "--mongo", "mongodb://127.0.0.1:1/x", "--exp", "bad",
+            "--space", str(tmp_path / "space.toml"), "--config", options.config_path, "--max-evals", "2", *flags,
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def _prunable(store: TrialStore, tmp_path: Path, exp: str, steps: int) -> tuple[DriverOptions, int]:
+    """An experiment whose completed trial is perfect (loss 0 from step 1): the median pruner stops any new trial
+    at its first evaluation after the warm-up; and one queued trial of ``steps`` steps."""
+    options = _options(tmp_path, exp, PrunerSettings("median", warmup_steps=10), steps=steps)
+    _experiment(store, options)
+    _other(store, options, {1: 0.0}, TrialState.DONE)
+    return options, _queue(store, options)
+
+
+@pytest.mark.parametrize("launch", [(), ("--launcher", "torchrun", "--ranks", "2")], ids=["in-process", "torchrun-2"])
+def test_a_pruned_trial_stops_on_every_rank(
+    mongo: str, store: TrialStore, tmp_path: Path, launch: tuple[str, ...]
+) -> None:
+    _, tid = _prunable(store, tmp_path, "cut", steps=200000)  # hours, unless it is stopped
+    worker = _worker(mongo, tmp_path, "--exp", "cut", "--max-trials", "1", "--idle-timeout", "5", *launch)
+    rc, out = _finish(worker, timeout=120)
+    assert rc == 0, out
+    doc = _doc(store, {"exp_key": "cut", "tid": tid})
+    result = doc["result"]
+    assert doc["state"] == TrialState.PRUNED and result["status"] == "pruned", doc
+    assert "median stopping" in result["pruned"] and f"trial {tid}: pruned at step" in out, out
+    assert 10 <= result["steps"] < 2000, result  # stopped soon after the warm-up, every rank at the same step
+    assert result["loss"] == doc["intermediate"][-1]["value"] and doc["intermediate"][-1]["step"] <= result["steps"]
+    summary = json.loads((Path(result["out_dir"]) / "run" / "summary.json").read_text())
+    assert summary["end"] == "pruned" and summary["steps"] == result["steps"], summary
+    assert not processes_mentioning(result["out_dir"]), "a rank outlived the trial"
+
+
+def test_a_sigkilled_worker_during_a_pruned_experiment_leaves_nothing_running_and_nothing_lost(
+    mongo: str, store: TrialStore, tmp_path: Path
+) -> None:
+    options = _options(tmp_path, "kill", PrunerSettings("median", warmup_steps=10, min_trials=2), steps=200000)
+    _experiment(store, options)
+    _other(store, options, {1: 0.0}, TrialState.DONE)  # one completed trial: min_trials 2 keeps the trial going
+    tid = _queue(store, options)
+    victim = _worker(mongo, tmp_path, "--exp", "kill", "--launcher", "torchrun", "--ranks", "2")
+    curve = _wait_for(lambda: _doc(store, {"tid": tid, "exp_key": "kill"}).get("intermediate"), 90,
+                      "the trial's first intermediate values")  # fmt: skip
+    assert curve and curve[0]["step"] == 5, curve
+    killed = f"trial{tid}.{_doc(store, {'tid': tid, 'exp_key': 'kill'})['version']}"
+    run_dir = str(tmp_path / "runs" / "kill")
+    assert processes_mentioning(run_dir), "the ranks should be running"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not wait_until_gone(run_dir, 30), "ranks outlived their SIGKILLed worker"
+    # A second completed trial: the next attempt is pruned at its first evaluation after the warm-up.
+    _other(store, options, {1: 0.0}, TrialState.DONE)
+    rescuer = _worker(mongo, tmp_path, "--exp", "kill", "--max-trials", "1", "--idle-timeout", "20")
+    rc, out = _finish(rescuer, timeout=120)
+    assert rc == 0 and "is gone (its process on this host ended): requeued" in out, out
+    doc = _doc(store, {"exp_key": "kill", "tid": tid})
+    assert doc["state"] == TrialState.PRUNED and doc["attempts"] == 2 and len(doc["misc"]["lost_owners"]) == 1, doc
+    # the second attempt's own folder and curve (a reservation starts the curve again)
+    assert Path(doc["result"]["out_dir"]).name != killed and doc["intermediate"][0]["step"] == 5, doc
+    assert doc["result"]["steps"] < 2000 and "median stopping" in doc["result"]["pruned"], doc["result"]
+    counts = store.count_states("kill")
+    assert counts[TrialState.RUNNING] == counts[TrialState.NEW] == 0 and counts[TrialState.PRUNED] == 1, counts
+    assert not processes_mentioning(run_dir)
