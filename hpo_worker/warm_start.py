@@ -16,14 +16,15 @@ as trials of the experiment: they take the first tids and count toward ``--max-e
 
 from __future__ import annotations
 
+import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hpo_worker.spaces import ParamSpec, SearchSpace
 
-__all__ = ["WarmStartError", "check_point", "hyperopt_vals", "load_points"]
+__all__ = ["WarmStartError", "check_point", "hyperopt_vals", "load_points", "point_of", "points_toml"]
 
 
 class WarmStartError(ValueError):
@@ -77,3 +78,18 @@ def load_points(path: str | Path, space: SearchSpace) -> list[dict[str, Any]]:
 def hyperopt_vals(space: SearchSpace, point: Mapping[str, Any]) -> dict[str, list[Any]]:
     """``point`` as hyperopt's ``misc.vals``: a one-element list per label, a choice as its option's index."""
     return {p.label: [p.options.index(point[p.label]) if p.dist == "choice" else point[p.label]] for p in space.params}
+
+
+def point_of(space: SearchSpace, vals: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """The point of a trial's ``misc.vals`` (the inverse of :func:`hyperopt_vals`): e.g. a finished trial's, to seed
+    another experiment with."""
+    return {p.label: p.options[int(vals[p.label][0])] if p.dist == "choice" else vals[p.label][0] for p in space.params}
+
+
+def points_toml(points: Sequence[Mapping[str, Any]]) -> str:
+    """A points file holding ``points`` (numbers and strings), as :func:`load_points` reads it."""
+    tables = []
+    for point in points:
+        lines = [f"{json.dumps(label)} = {json.dumps(value)}" for label, value in point.items()]
+        tables.append("[[points]]\n" + "\n".join(lines) + "\n")
+    return "\n".join(tables)

@@ -31,6 +31,11 @@ A study file is TOML (examples: ``jobs/configs/studies/``)::
     spaces = { sgd = "sgd", adam = "adam", kfac = "kfac" }   # built-in names or .toml files (relative)
     mongo = ""                                    # a MongoDB URL; "" = embedded server in <out_dir>/hpo_data
     seed = 0
+    pending = "worst"                             # TPE's lie for queued/running trials (docs/hpo.md)
+    pruner = { name = "asha", min_fraction = 0.1, reduction_factor = 3 }   # default: none; or "median"
+    warm_start = { sgd = "table1_sgd.toml" }      # [[points]] files, queued first in every cell of the optimizer
+    seed_from_neighbour = false                   # true: each cell also starts from the best point of the next
+                                                  # smaller batch size's cell, tuned before it
 
     [given.sgd]                                   # without [tune]: the values of each optimizer's runs
     "optim.lr" = 0.1
@@ -62,6 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from hpo_worker.pending import PENDING_LIES
+from hpo_worker.pruning import PrunerSettings
 from hpo_worker.trial import OBJECTIVES
 from jobs.config import Config, ConfigError, load_config, parse_override, read_toml, toml_value
 from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
@@ -75,7 +82,10 @@ _STUDY_KEYS: Final = frozenset(
     | {"eval_every_steps", "noise_every", "out_dir", "top_k", "overrides", "variants", "optimizer_overrides"}
     | {"seeds"}
 )
-_TUNE_KEYS: Final = frozenset({"trials", "workers", "objective", "spaces", "mongo", "seed", "queue_size", "grace"})
+_TUNE_KEYS: Final = frozenset(
+    {"trials", "workers", "objective", "spaces", "mongo", "seed", "queue_size", "grace", "pending", "pruner"}
+    | {"warm_start", "seed_from_neighbour"}
+)
 _FISHER_KEYS: Final = frozenset({"every_epochs", "every_steps", "layer", "examples", "trim", "outlier_k", "save"})
 
 
@@ -93,6 +103,10 @@ class TuneSettings:
     seed: int = 0
     queue_size: int = 0  # 0 = the number of workers (at least 2)
     grace: float = 120.0  # seconds without heartbeat before a trial is requeued
+    pending: str = "worst"  # what TPE is told about queued and running trials (hpo_worker.pending)
+    pruner: PrunerSettings = field(default_factory=PrunerSettings)  # off unless [tune] pruner says (hpo_worker.pruning)
+    warm_start: Mapping[str, str] = field(default_factory=dict)  # optimizer -> points file (absolute)
+    seed_from_neighbour: bool = False  # each cell starts from the best point of the next smaller batch size
 
 
 @dataclass(frozen=True)
@@ -259,7 +273,39 @@ def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
         trials=trials, workers=workers, objective=objective, spaces=spaces, mongo=mongo,
         seed=_int(path, "tune.seed", raw.get("seed", 0), 0),
         queue_size=_int(path, "tune.queue_size", raw.get("queue_size", 0), 0), grace=float(grace),
+        **_search(path, raw, optimizers),
     )  # fmt: skip
+
+
+def _search(path: Path, raw: Mapping[str, Any], optimizers: Sequence[str]) -> dict[str, Any]:
+    """tune.pending, tune.pruner, tune.warm_start and tune.seed_from_neighbour, checked."""
+    pending = raw.get("pending", "worst")
+    if pending not in PENDING_LIES:
+        raise _fail(path, "tune.pending", f"{pending!r} is not one of {', '.join(PENDING_LIES)}")
+    pruner_raw = raw.get("pruner", {"name": "none"})
+    if not isinstance(pruner_raw, dict):
+        raise _fail(path, "tune.pruner", 'must be a table such as { name = "asha", reduction_factor = 3 }')
+    try:
+        pruner = PrunerSettings(**pruner_raw)
+    except (TypeError, ValueError) as exc:
+        raise _fail(path, "tune.pruner", f"{exc} (keys: {', '.join(PrunerSettings.__dataclass_fields__)})") from None
+    warm_raw = raw.get("warm_start", {})
+    if not isinstance(warm_raw, dict) or not all(isinstance(v, str) for v in warm_raw.values()):
+        raise _fail(path, "tune.warm_start", 'must be a table such as { sgd = "table1_sgd.toml" }')
+    warm_start = {}
+    for optimizer, file in warm_raw.items():
+        if optimizer not in optimizers:
+            raise _fail(
+                path, f"tune.warm_start.{optimizer}", f"is not one of the study's optimizers {list(optimizers)}"
+            )
+        resolved = (path.parent / file).resolve()
+        if not resolved.is_file():
+            raise _fail(path, f"tune.warm_start.{optimizer}", f"{resolved} does not exist")
+        warm_start[optimizer] = str(resolved)
+    neighbour = raw.get("seed_from_neighbour", False)
+    if not isinstance(neighbour, bool):
+        raise _fail(path, "tune.seed_from_neighbour", f"must be true or false, not {neighbour!r}")
+    return {"pending": pending, "pruner": pruner, "warm_start": warm_start, "seed_from_neighbour": neighbour}
 
 
 def _fisher(path: Path, raw: Any) -> FisherSettings:

@@ -44,7 +44,8 @@ from hpo_worker.store import (
     mask_url,
     server_address,
 )
-from jobs.files import atomic_file
+from hpo_worker.warm_start import WarmStartError, load_points, point_of, points_toml
+from jobs.files import atomic_file, atomic_write_text
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
 
 __all__ = ["experiment_name", "progress", "tune_cells"]
@@ -131,10 +132,15 @@ def _driver_options(study: StudyConfig, cell: Cell, out: Path) -> DriverOptions:
         space = load_space(tune.spaces[cell.optimizer])
     except ValueError as exc:
         raise StudyError(f"{study.path}: tune.spaces.{cell.optimizer}: {exc}") from exc
+    try:
+        points = load_points(tune.warm_start[cell.optimizer], space) if cell.optimizer in tune.warm_start else []
+    except WarmStartError as exc:
+        raise StudyError(f"{study.path}: tune.warm_start.{cell.optimizer}: {exc}") from exc
     return DriverOptions(
         exp_key=experiment_name(study, cell), space=space, config_path=str(out / "configs" / f"{cell.slug}.toml"),
         max_evals=tune.trials, queue_size=tune.queue_size or max(tune.workers, 2), seed=tune.seed + (cell.seed or 0),
-        grace_s=tune.grace, objective=tune.objective,
+        grace_s=tune.grace, objective=tune.objective, pending=tune.pending, warm_start=tuple(points),
+        pruner=tune.pruner,
     )  # fmt: skip
 
 
@@ -152,13 +158,65 @@ def _check_experiments(store: TrialStore, cells: Sequence[Cell], options: Mappin
         raise StudyError(f"{'; '.join(changed)} -- {CHANGED_SETTINGS}")
 
 
-def _driver_command(options: DriverOptions, space: str, url_file: Path) -> list[str]:
+def _driver_command(options: DriverOptions, space: str, url_file: Path, warm_start: Path | None) -> list[str]:
+    pruner = options.pruner
+    pruning = [
+        "--pruner", pruner.name, "--prune-warmup-steps", str(pruner.warmup_steps),
+        "--prune-min-trials", str(pruner.min_trials), "--asha-min-fraction", str(pruner.min_fraction),
+        "--asha-reduction-factor", str(pruner.reduction_factor), "--pruned-history", pruner.pruned_history,
+    ] if pruner.name != "none" else []  # fmt: skip
     return [
         sys.executable, "-m", "hpo_worker", "driver", "--mongo-file", str(url_file), "--exp", options.exp_key,
         "--space", space, "--config", options.config_path,
         "--max-evals", str(options.max_evals), "--objective", options.objective, "--seed", str(options.seed),
-        "--queue-size", str(options.queue_size), "--grace", str(options.grace_s),
+        "--queue-size", str(options.queue_size), "--grace", str(options.grace_s), "--pending", options.pending,
+        *pruning, *(["--warm-start", str(warm_start)] if warm_start else []),
     ]  # fmt: skip
+
+
+def _waves(cells: Sequence[Cell], by_batch_size: bool) -> list[list[Cell]]:
+    """The cells in the order their drivers start: all at once, or (tune.seed_from_neighbour) batch size by batch
+    size, smallest first, so that each cell's neighbour is tuned before it."""
+    if not by_batch_size:
+        return [list(cells)]
+    return [[c for c in cells if c.batch_size == size] for size in sorted({c.batch_size for c in cells})]
+
+
+def _neighbour(cell: Cell, cells: Sequence[Cell]) -> Cell | None:
+    """The cell of the next smaller batch size with the same variant, optimizer and study seed."""
+    same = (cell.variant, cell.optimizer, cell.seed)
+    smaller = [c for c in cells if (c.variant, c.optimizer, c.seed) == same and c.batch_size < cell.batch_size]
+    return max(smaller, key=lambda c: c.batch_size, default=None)
+
+
+def _best_point(store: TrialStore, options: DriverOptions) -> dict[str, Any] | None:
+    """The parameters of the experiment's best finished trial, as a warm-start point; None before any."""
+    docs = store.trial_docs(options.exp_key, curves=False)
+    best = summarize(docs, top_k=1)["best"]
+    if best is None:
+        return None
+    doc = next(d for d in docs if d["tid"] == best["tid"])
+    return point_of(options.space, doc["misc"]["vals"])
+
+
+def _warm_start_file(
+    study: StudyConfig, cell: Cell, cells: Sequence[Cell], options: Mapping[str, DriverOptions], store: TrialStore,
+    out: Path, log: Log,
+) -> Path | None:  # fmt: skip
+    """``<out>/warm_start/<cell>.toml``: tune.warm_start's points and, with tune.seed_from_neighbour, the best point
+    of the neighbouring cell (tuned already); None when there is no point."""
+    points = list(options[cell.slug].warm_start)
+    neighbour = _neighbour(cell, cells) if _tune(study).seed_from_neighbour else None
+    best = _best_point(store, options[neighbour.slug]) if neighbour is not None else None
+    if neighbour is not None and best is not None and best not in points:
+        points.append(best)
+        log(f"cell {cell.name} starts from the best point of cell {neighbour.name}: {best}")
+    if not points:
+        return None
+    path = out / "warm_start" / f"{cell.slug}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, points_toml(points))
+    return path
 
 
 def _worker_command(tune: TuneSettings, url_file: Path, out: Path) -> list[str]:
@@ -201,9 +259,6 @@ def _drive(
     drivers: dict[str, subprocess.Popen[bytes]] = {}
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        for cell in cells:
-            command = _driver_command(options[cell.slug], tune.spaces[cell.optimizer], url_file)
-            drivers[cell.slug] = _start(command, logs / f"driver-{cell.slug}.log")
         # The workers share the machine's cores: one thread each, so that N of them do not oversubscribe it.
         threads = max(1, (os.cpu_count() or 1) // max(tune.workers, 1))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -216,9 +271,15 @@ def _drive(
         )
         experiments = [options[cell.slug].exp_key for cell in cells]
         clock = BeatClock(blind_after_s=3 * PROGRESS_EVERY_S)
-        _wait_for_drivers(
-            drivers, workers, logs, server_address(url), lambda: log(progress(store, experiments, tune.trials, clock))
-        )
+        for wave in _waves(cells, tune.seed_from_neighbour):
+            for cell in wave:
+                warm = _warm_start_file(study, cell, cells, options, store, out, log)
+                command = _driver_command(options[cell.slug], tune.spaces[cell.optimizer], url_file, warm)
+                drivers[cell.slug] = _start(command, logs / f"driver-{cell.slug}.log")
+            _wait_for_drivers(
+                {cell.slug: drivers[cell.slug] for cell in wave}, workers, logs, server_address(url),
+                lambda: log(progress(store, experiments, tune.trials, clock)),
+            )  # fmt: skip
     finally:  # SIGTERM puts a worker's running trial back in the queue: a restarted study runs it again
         for process in [*workers, *drivers.values()]:
             terminate(process, STOP_GRACE_S)

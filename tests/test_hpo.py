@@ -167,7 +167,13 @@ def test_store_counts_states_lists_running_trials_and_checks_an_experiment(mongo
     db.jobs.insert_one({"exp_key": "other", "tid": 0, "state": TrialState.RUNNING})
     store = connect(mongo)
     counts = store.count_states("c")
-    assert counts == {TrialState.NEW: 1, TrialState.RUNNING: 1, TrialState.DONE: 2, TrialState.ERROR: 1, TrialState.PRUNED: 0}
+    assert counts == {
+        TrialState.NEW: 1,
+        TrialState.RUNNING: 1,
+        TrialState.DONE: 2,
+        TrialState.ERROR: 1,
+        TrialState.PRUNED: 0,
+    }
     assert all(isinstance(state, TrialState) for state in counts)
     assert store.count_states("none") == dict.fromkeys(TrialState, 0)
     assert [d["tid"] for d in store.running_docs("c")] == [3]

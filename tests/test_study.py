@@ -195,8 +195,14 @@ def test_given_study_with_variants_on_real_mnist_continues_where_it_stopped(tmp_
         (("max_steps = 40", "max_stepz = 40"), "[study] max_stepz: unknown key"),
         (("[tune]", '[given.sgd]\n"optim.lr" = 0.1\n[tune]'), "either tunes ([tune]) or takes given values"),
         (('overrides = ["run.train_eval_examples=256"]', 'overrides = ["optim.lrr=1"]'), "unknown key 'optim.lrr'"),
+        (("workers = 2\n", 'workers = 2\npruner = { name = "asha", reduction_factor = 1 }\n'),
+         "tune.pruner: ASHA's reduction factor must be an integer of at least 2"),
+        (("workers = 2\n", 'workers = 2\npruner = { name = "median" }\n'),
+         "tune.pruner: the median pruner needs warm-up steps"),
+        (("workers = 2\n", 'workers = 2\npending = "often"\n'), "tune.pending: 'often' is not one of worst, mean"),
+        (("workers = 2\n", 'workers = 2\nwarm_start = { sgd = "nope.toml" }\n'), "nope.toml does not exist"),
     ],
-)
+)  # fmt: skip
 def test_bad_study_files_fail_before_any_training(tmp_path: Path, change: tuple[str, str], message: str) -> None:
     assert change[0] in TUNED
     result = _study(tmp_path, TUNED.replace(*change), timeout=60)  # bounded: a hang fails the test
@@ -245,3 +251,43 @@ def test_fixed_budget_study_trains_every_step_and_ranks_by_the_best_evaluation(t
     top = max(float(r["best_val_accuracy"]) for r in rows)
     assert "## Best validation accuracy within the budget" in report and f"| {top:.4f} |" in report
     assert "| – | 32 | 4 | off | – |" in report  # the KL-clip section: the clip was off in every K-FAC run
+
+
+SEARCH = """
+[study]
+name = "search"
+base_config = "base.toml"
+optimizers = ["sgd"]
+batch_sizes = [32, 128]
+target_accuracy = 0.6
+max_steps = 40
+eval_every_steps = 5
+[tune]
+trials = 3
+workers = 1
+spaces = { sgd = "space.toml" }
+pending = "mean"
+pruner = { name = "median", warmup_steps = 10 }
+warm_start = { sgd = "points.toml" }
+seed_from_neighbour = true
+"""
+
+
+def test_study_search_keys_reach_the_drivers_and_cells_start_from_their_neighbours_best(tmp_path: Path) -> None:
+    (tmp_path / "points.toml").write_text('[[points]]\n"optim.lr" = 0.1\n')
+    result = _study(tmp_path, SEARCH)
+    out = tmp_path / "out"
+    assert result.returncode == 0, result.stderr[-4000:]
+    for cell in ("sgd-b32", "sgd-b128"):
+        log = (out / "logs" / f"driver-{cell}.log").read_text()
+        assert "pending trials told 'mean', pruner median" in log, log
+    small, large = (json.loads((out / "trials" / f"sgd-b{b}.json").read_text()) for b in (32, 128))
+    best = min((t for t in small if t["result"].get("status") == "ok"), key=lambda t: t["result"]["loss"])
+    # b32 starts from the given point; b128 from it and from b32's best, queued first, after b32 was tuned
+    assert small[0]["params"] == {"optim.lr": 0.1}
+    assert [t["params"] for t in large[:2]] == [{"optim.lr": 0.1}, best["params"]] or (
+        best["params"] == {"optim.lr": 0.1} and large[0]["params"] == best["params"]
+    )
+    assert min(t["book_time"] for t in large) >= max(t["refresh_time"] for t in small)
+    assert "starts from the best point of cell sgd/b32" in result.stderr, result.stderr[-3000:]
+    assert (out / "warm_start" / "sgd-b128.toml").read_text().count("[[points]]") in (1, 2)
