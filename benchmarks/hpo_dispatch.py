@@ -50,10 +50,22 @@ CONFIG = ROOT / "jobs" / "configs" / "smoke.toml"  # validated by the driver, ne
 
 
 def sleep_trial(experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path, launch: Any) -> dict[str, Any]:
-    """The trivial objective: sleeps, and returns a loss from the proposed learning rate (so TPE has a signal)."""
+    """The trivial objective: sleeps, and returns a loss from the proposed learning rate (so TPE has a signal).
+    With a pruner (``--pruner``), it writes a run folder whose metrics.jsonl gains 4 evaluations during the sleep,
+    which the worker's curve thread stores and judges as it would a real run's."""
     start = time.time()
-    time.sleep(float(os.environ["HPO_BENCH_SLEEP"]))
     lr = float(doc["spec"]["params"].get("optim.lr", 0.1))
+    sleep = float(os.environ["HPO_BENCH_SLEEP"])
+    if experiment.get("pruner", {}).get("name", "none") == "none":
+        time.sleep(sleep)
+    else:
+        run = out_dir / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps({"derived": {"total_steps": 100}, "run": {}}))
+        with open(run / "metrics.jsonl", "a", buffering=1) as metrics:
+            for step in (25, 50, 75, 100):
+                time.sleep(sleep / 4)
+                metrics.write(json.dumps({"kind": "eval", "step": step, "test_loss": abs(lr - 0.1) + 25 / step}) + "\n")
     return {"status": "ok", "loss": abs(lr - 0.1), "t_start": start, "t_end": time.time(), "queued": doc["tid"]}
 
 
@@ -98,6 +110,7 @@ def _run(
     experiments: int = 1,
     history: int = 0,
     server_pid: int | None = None,
+    pruner: str = "none",
 ) -> dict[str, Any]:
     """``trials`` new trials in each of ``experiments`` experiments (``exp``, or ``exp-0``...), each already holding
     ``history`` finished ones, run by ``workers`` workers."""
@@ -113,7 +126,8 @@ def _run(
         subprocess.Popen(
             [sys.executable, "-m", "hpo_worker", "driver", "--mongo", url, "--exp", name, "--space", "sgd",
              "--config", str(CONFIG), "--max-evals", str(history + trials),
-             "--queue-size", str(max(4 * workers // experiments, 2)), "--poll", str(poll)],
+             "--queue-size", str(max(4 * workers // experiments, 2)), "--poll", str(poll), "--pruner", pruner,
+             "--prune-warmup-steps", "25"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         for name in exps
@@ -136,7 +150,7 @@ def _run(
     store = connect(url)
     docs = [d for name in exps for d in store.trial_docs(name) if d["tid"] >= history]
     store.close()
-    results = [d["result"] for d in docs if d["result"].get("status") == "ok"]
+    results = [d["result"] for d in docs if d["result"].get("status") in ("ok", "pruned")]
     if len(results) != trials * len(exps):
         raise RuntimeError(f"{len(results)} of {trials * len(exps)} trials finished")
     trials = len(results)
@@ -172,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=0.1, help="the driver's --poll (default 0.1)")
     parser.add_argument("--experiments", type=int, default=1, help="experiments, one driver each (default 1)")
     parser.add_argument("--history", default="", help="finished trials already stored per experiment, e.g. 0,300")
+    parser.add_argument("--pruner", choices=("none", "median", "asha"), default="none", help="the drivers' pruner")
     parser.add_argument("--worker", nargs=2, metavar=("URL", "EXP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -186,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as data, EmbeddedServer(data) as server:
         for workers in [int(w) for w in args.workers.split(",")]:
-            rows.append(_run(server.url, f"bench-{workers}", workers, args.trials, args.sleep, args.poll))
+            rows.append(
+                _run(server.url, f"bench-{workers}", workers, args.trials, args.sleep, args.poll, pruner=args.pruner)
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     one = rows[0]["throughput"] / rows[0]["workers"]
     print("| workers | dispatch gap median (ms) | p95 (ms) | trials/s | ideal trials/s | speed-up vs 1 worker |")

@@ -3,12 +3,18 @@
 Run from the repository root (resumable: a finished study is read, not run again)::
 
     python -m benchmarks.hpo_pruning                                  # demo cells, 3 seeds, none / asha / median
+    python -m benchmarks.hpo_pruning --cells skip --out runs/bench-pruning-skip   # a reduced seed-000 cell
     python -m benchmarks.hpo_pruning --seeds 2 --trials 8 --pruners none asha --out runs/bench-pruning
 
-Each (pruner, seed) is one ``python -m study scaling`` run of the demo study's SGD cells (Fashion-MNIST, the small
-MLP, batch sizes 128, 512 and 2048, steps to 82% test accuracy within 200 steps, an evaluation every 10 steps),
-``--trials`` TPE trials per cell on 2 local workers; ``tune.seed`` is the seed, so the runs of one seed propose the
-same first trials. Reported, mean ± standard error over the seeds:
+Each (pruner, seed) is one ``python -m study scaling`` run, ``--trials`` TPE trials per cell on 2 local workers;
+``tune.seed`` is the seed, so the runs of one seed propose the same first trials. The cells:
+
+- ``demo``: the demo study's SGD cells (Fashion-MNIST, the small MLP, batch sizes 128, 512 and 2048, steps to 82%
+  test accuracy within 200 steps, an evaluation every 10 steps);
+- ``skip``: one cell of the skip-connection study's reproduction (seed 000, docs/study.md): the plain MNIST MLP,
+  SGD at batch 256, 10 epochs (680 steps), ranked by training error, which the pruners read from the epoch records.
+
+Reported, mean ± standard error over the seeds:
 
 - **steps**: the training steps of every trial of the study (a pruned trial's up to its stop);
 - **wall**: seconds from the first trial's start to the last one's end;
@@ -36,7 +42,7 @@ PRUNER_TABLES = {
     "median": 'pruner = { name = "median", warmup_steps = 20 }',
 }
 
-STUDY = """
+DEMO = """
 [study]
 name = "bench-pruning"
 base_config = "{root}/jobs/configs/fashion_mlp_small.toml"
@@ -55,6 +61,26 @@ objective = "steps_to_target"
 spaces = {{ sgd = "{root}/jobs/configs/studies/spaces/demo_sgd.toml" }}
 {pruner}
 """
+
+
+SKIP = """
+[study]
+name = "bench-pruning-skip"
+base_config = "{root}/jobs/configs/mnist_linear_mlp.toml"
+optimizers = ["sgd"]
+batch_sizes = [256]
+max_epochs = 10
+top_k = 3
+overrides = ["run.train_eval_examples=0", "model.residual=false"]
+[tune]
+trials = {trials}
+workers = 2
+seed = {seed}
+objective = "train_error"
+spaces = {{ sgd = "{root}/jobs/configs/studies/spaces/skip_sgd.toml" }}
+{pruner}
+"""
+STUDIES = {"demo": DEMO, "skip": SKIP}
 
 
 def _time(text: str) -> dt.datetime:
@@ -84,11 +110,11 @@ def measure(out: Path) -> dict[str, float]:
     }
 
 
-def run_one(out: Path, pruner: str, seed: int, trials: int) -> dict[str, float]:
+def run_one(out: Path, template: str, pruner: str, seed: int, trials: int) -> dict[str, float]:
     if not (out / "report.md").exists():
         out.mkdir(parents=True, exist_ok=True)
         study = out / "study.toml"
-        study.write_text(STUDY.format(root=ROOT, trials=trials, seed=seed, pruner=PRUNER_TABLES[pruner]))
+        study.write_text(template.format(root=ROOT, trials=trials, seed=seed, pruner=PRUNER_TABLES[pruner]))
         command = [sys.executable, "-m", "study", "scaling", "--config", str(study), "--out", str(out)]
         with open(out / "study.log", "w") as log:
             subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -103,6 +129,7 @@ def _mean_se(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", choices=list(STUDIES), default="demo")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--pruners", nargs="+", choices=list(PRUNER_TABLES), default=list(PRUNER_TABLES))
@@ -111,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {}
     for seed in range(args.seeds):
         for pruner in args.pruners:
-            measured = run_one(args.out / f"{pruner}-s{seed}", pruner, seed, args.trials)
+            measured = run_one(args.out / f"{pruner}-s{seed}", STUDIES[args.cells], pruner, seed, args.trials)
             results.setdefault(pruner, []).append(measured)
             print(f"{pruner} seed {seed}: {measured}", flush=True)
     lines = [
-        f"{args.trials} trials per cell, 3 cells, {args.seeds} seeds (mean ± s.e.)",
+        f"cells {args.cells}: {args.trials} trials per cell, {args.seeds} seeds (mean ± s.e.)",
         "",
         "| pruner | steps | steps saved (x) | wall s | wall saved (x) | best objective | pruned trials |",
         "|---|---|---|---|---|---|---|",
