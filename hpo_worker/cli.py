@@ -1,4 +1,4 @@
-"""Command line: ``python -m hpo_worker driver|worker|report|server ...`` (docs/hpo.md).
+"""Command line: ``python -m hpo_worker driver|worker|report|status|server ...`` (docs/hpo.md).
 
 Where the MongoDB URL comes from, first match wins: ``--mongo URL``, ``--mongo-file FILE`` (a file holding the URL:
 keeps credentials out of ``ps`` and shell history), the environment variable ``HPO_MONGO_URL``, and otherwise the
@@ -153,6 +153,20 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     report.add_argument("--csv", metavar="FILE", help="write one row per trial here")
     report.add_argument("--plots", metavar="DIR", help="write loss-by-trial and parameter-vs-loss PNGs here")
     report.add_argument("--json", metavar="FILE", help="write every trial (params, result, no curves) as JSON here")
+    report.add_argument("--html", metavar="FILE", help="write one self-contained page (tables, plots inline) here")
+    report.add_argument(
+        "--watch", type=float, default=0, metavar="SECONDS",
+        help="with --html: write the page again every SECONDS until the experiment has its trials",
+    )  # fmt: skip
+
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = sub.add_parser("status", help="trials per state, best so far, workers alive, rate and ETA")
+    _add_connection(status)
+    status.add_argument("--exp", action="append", required=True, help="experiment name (repeat for several)")
+    status.add_argument(
+        "--watch", type=float, default=0, metavar="SECONDS", help="redraw every SECONDS until all have finished"
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -164,6 +178,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     _add_driver(sub)
     _add_worker(sub)
     _add_report(sub)
+    _add_status(sub)
     server = sub.add_parser("server", help="run the embedded nx-27017 server in the foreground")
     server.add_argument("--data-dir", default="hpo_data")
     server.add_argument("--port", type=int, default=0, help="default: a free port (written to DATA_DIR/mongo-url)")
@@ -291,9 +306,13 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UsageError("--top-k must be at least 1")
+    if args.watch and not args.html:
+        raise UsageError("--watch rewrites the --html page: give --html FILE")
     with _store(args, may_start=False) as store:
         if store.get_experiment(args.exp) is None:
             raise UsageError(f"no experiment {args.exp!r} in this database: check --exp (and the URL)")
+        if args.html:
+            _html(store, args)
         trials = store.trial_docs(args.exp)
     print(report.format_report(report.summarize(trials, top_k=args.top_k)))
     if args.csv:
@@ -303,6 +322,38 @@ def _report(args: argparse.Namespace) -> int:
             print(f"plot: {path}")
     if args.json:
         print(f"json: {report.write_trials_json(trials, args.json)}")
+    return 0
+
+
+def _html(store: TrialStore, args: argparse.Namespace) -> None:
+    """Writes the page, once or (--watch) until the experiment has its max-evals trials finished."""
+    from hpo_worker.html_report import write_html
+    from hpo_worker.status import experiment_status, watch
+
+    def page() -> list[Any]:
+        status = experiment_status(store, args.exp)
+        path = write_html(args.html, args.exp, store.trial_docs(args.exp), status, args.top_k, args.watch)
+        print(f"html: {path} ({status.finished}/{status.max_evals or '?'} finished)", flush=True)
+        return [status]
+
+    if args.watch:
+        with open(os.devnull, "w") as quiet:
+            watch(page, args.watch, out=quiet)
+    else:
+        page()
+
+
+def _status(args: argparse.Namespace) -> int:
+    from hpo_worker.status import experiment_status, format_status, watch
+
+    with _store(args, may_start=False) as store:
+        unknown = [exp for exp in args.exp if store.get_experiment(exp) is None]
+        if unknown:
+            raise UsageError(f"no experiment {unknown[0]!r} in this database: check --exp (and the URL)")
+        if args.watch:
+            watch(lambda: [experiment_status(store, exp) for exp in args.exp], args.watch)
+        else:
+            print(format_status([experiment_status(store, exp) for exp in args.exp]))
     return 0
 
 
@@ -326,7 +377,7 @@ def _server(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    handlers = {"driver": _driver, "worker": _worker, "report": _report, "server": _server}
+    handlers = {"driver": _driver, "worker": _worker, "report": _report, "status": _status, "server": _server}
     try:
         return handlers[args.command](args)
     except StoreUnreachable as exc:  # after the wait: one line, its own status (the study tells it apart)

@@ -4,7 +4,8 @@ training (docs/fisher.md);
 ``python -m study hinf-xor --config STUDY.toml``: seed 001's XOR study, epochs to converge against depth for g-EHF,
 Adam and steepest descent (docs/hinf.md);
 ``python -m study saddle --config STUDY.toml``: seed 004's saddle-to-saddle study, plateaus and steps to target against
-the initial scale for gradient descent and plateau skipping (docs/saddle.md).
+the initial scale for gradient descent and plateau skipping (docs/saddle.md);
+``python -m study status --config STUDY.toml [--watch SECONDS]``: the live view of a tuned study's cells (docs/hpo.md).
 
 Examples::
 
@@ -53,6 +54,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seeds", help="run only these of study.seeds now, e.g. 0 or 0,1 (the rest stay for a later run)"
     )
     scaling.add_argument("--check", action="store_true", help="check the study file and every cell's config, then exit")
+    status = sub.add_parser("status", help="a tuned study's cells: trials per state, best, workers, rate, ETA")
+    status.add_argument("--config", required=True, help="study file (jobs/configs/studies/)")
+    status.add_argument("--out", help="output folder (default: the file's study.out_dir)")
+    status.add_argument("--mongo", help="MongoDB URL (replaces tune.mongo); default: the running study's server")
+    status.add_argument("--mongo-file", help="file holding the MongoDB URL (keeps a password out of ps)")
+    status.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="redraw every SECONDS")
     fisher = sub.add_parser("fisher", help="a study with given values and a [fisher] table: spectra, outliers, report")
     fisher.add_argument("--config", required=True, help="study file with [given] and [fisher] tables")
     fisher.add_argument("--out", help="output folder (default: the file's study.out_dir)")
@@ -161,6 +168,23 @@ def _saddle(args: argparse.Namespace) -> int:
     return _run_to_the_end(lambda: print(f"study: report: {run_saddle_study(study, cases, not args.report)}"))
 
 
+def _status(args: argparse.Namespace) -> int:
+    from study.status import show_status
+
+    try:
+        study = load_study(args.config, out_dir=args.out)
+        mongo = Path(args.mongo_file).read_text().strip() if args.mongo_file else args.mongo
+        if mongo and study.tune is not None:
+            study = dataclasses.replace(study, tune=dataclasses.replace(study.tune, mongo=mongo))
+        show_status(study, args.watch)
+    except (StudyError, OSError) as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def _run_to_the_end(run: Callable[[], object]) -> int:
     """Runs a study (a scheduler's SIGTERM unwinds it); the exit status: 0, 1 when a run failed, 130 when stopped."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -181,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _hinf_xor(args)
     if args.command == "saddle":
         return _saddle(args)
+    if args.command == "status":
+        return _status(args)
     try:
         study = _load(args)
         cells = check_cells(study)

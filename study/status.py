@@ -1,0 +1,55 @@
+"""``python -m study status --config STUDY.toml [--watch SECONDS]``: the live view of a tuned study's cells.
+
+One row per cell's experiment and the totals (:mod:`hpo_worker.status`): trials per state, best so far, workers
+alive, rate and ETA. The store is ``tune.mongo`` (or ``--mongo``/``--mongo-file``), else the embedded server of a
+study that is running now: its URL is in ``<out>/mongo-url`` while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from hpo_worker.server import read_url_file
+from hpo_worker.status import ExperimentStatus, experiment_status, format_status, watch
+from hpo_worker.store import StoreError, connect, mask_url
+from study.config import StudyConfig, StudyError
+from study.tuning import URL_FILE, experiment_name
+
+__all__ = ["show_status"]
+
+
+def _url(study: StudyConfig, out: Path) -> str:
+    if study.tune is not None and study.tune.mongo:
+        return study.tune.mongo
+    url_file = out / URL_FILE
+    if not url_file.is_file():
+        raise StudyError(
+            f"no {url_file}: the study's embedded server runs only while the study does; start the study, or give "
+            "the URL of its MongoDB (--mongo-file FILE or tune.mongo)"
+        )
+    return read_url_file(url_file)
+
+
+def show_status(study: StudyConfig, watch_s: float = 0) -> None:
+    """Prints the view of the study's cells once, or every ``watch_s`` seconds until they have all their trials."""
+    if study.tune is None:
+        raise StudyError(f"{study.path} has no [tune] table: there is nothing to follow")
+    url = _url(study, study.out_dir.resolve())
+    try:
+        store = connect(url)
+    except StoreError as exc:
+        raise StudyError(mask_url(str(exc))) from exc
+    with contextlib.closing(store):
+        names = [experiment_name(study, cell) for cell in study.cells()]
+        stored = [name for name in names if store.get_experiment(name) is not None]
+        if not stored:
+            raise StudyError(f"none of the study's {len(names)} experiments is in the store yet ({names[0]}, ...)")
+
+        def read() -> list[ExperimentStatus]:
+            return [experiment_status(store, name) for name in stored]
+
+        if watch_s:
+            watch(read, watch_s)
+        else:
+            print(format_status(read()))
