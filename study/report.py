@@ -691,7 +691,9 @@ def _kl_clip_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
-def _report_heading(runs: Sequence[Mapping[str, Any]], title: str, variants: Sequence[str]) -> list[str]:
+def _report_heading(
+    runs: Sequence[Mapping[str, Any]], title: str, variants: Sequence[str], pruned: int = 0
+) -> list[str]:
     """The title, what the study covered, and the table of every cell's best run."""
     optimizers = sorted({str(r.get("optimizer") or "") for r in runs}, key=_optimizer_rank)
     batches = sorted({int(r.get("batch_size") or 0) for r in runs})
@@ -699,7 +701,8 @@ def _report_heading(runs: Sequence[Mapping[str, Any]], title: str, variants: Seq
     lines = [
         f"# {title}",
         "",
-        f"- runs: {len(runs)} in {len(_by_cell(runs))} cells",
+        f"- runs: {len(runs)} in {len(_by_cell(runs))} cells"
+        + (f"; {pruned} more trial(s) pruned (tune.pruner: not runs, listed in trials/<cell>.json)" if pruned else ""),
         f"- optimizers: {', '.join(report_label(o) for o in optimizers) or MISSING}",
         f"- batch sizes: {', '.join(map(str, batches)) or MISSING}",
     ]
@@ -753,8 +756,9 @@ def _plot_section(skipped: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: int = 100) -> Path:
-    """Write runs.csv, fits.json, the plots and report.md into ``out_dir``; returns the path of report.md."""
+def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: int = 100, pruned: int = 0) -> Path:
+    """Write runs.csv, fits.json, the plots and report.md into ``out_dir``; returns the path of report.md.
+    ``pruned``: trials that tune.pruner stopped, which are not runs (the heading counts them)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(runs, out_dir / "runs.csv")
@@ -763,7 +767,7 @@ def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: i
     skipped = _plot_all(out_dir, runs, fits) if runs else {name: "no runs" for name in PLOTS}
 
     variants = sorted({str(r.get("variant") or "") for r in runs})
-    lines = _report_heading(runs, title, variants) + _fit_section(fits) + _plot_section(skipped)
+    lines = _report_heading(runs, title, variants, pruned) + _fit_section(fits) + _plot_section(skipped)
     lines += _budget_table(runs) + _kl_clip_lines(runs)
     if len(variants) > 1:
         lines += [f"## Top-{top_k} means", "", *_top_k_tables(runs, top_k)]

@@ -165,19 +165,22 @@ def _diagnose_best(
 # ------------------------------------------------------------------------------------------------------------ tuning
 
 
-def _run_tuned(study: StudyConfig, cells: list[Cell], out: Path, log: Log) -> list[dict[str, Any]]:
+def _run_tuned(study: StudyConfig, cells: list[Cell], out: Path, log: Log) -> tuple[list[dict[str, Any]], int]:
+    """The rows of the trials that finished, and how many trials tune.pruner stopped."""
     from study.tuning import tune_cells  # hyperopt and pymongo: only for a study that tunes
 
     trials = tune_cells(study, cells, out, log)
     rows = []
+    pruned = 0
     for cell in cells:
         for trial in trials[cell.slug]:
             outcome = trial["result"]
+            pruned += outcome.get("status") == "pruned"
             if outcome.get("status") != "ok":
-                continue  # failed or diverged trials have no final accuracy; the trial JSON keeps them
+                continue  # failed, diverged or pruned trials have no final accuracy; the trial JSON keeps them
             run_dir = Path(outcome["out_dir"]) / "run"
             rows.append(_row(cell, "tuned", trial["tid"], outcome, run_dir, trial["params"]))
-    return rows
+    return rows, pruned
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -211,8 +214,9 @@ def run_study(study: StudyConfig, log: Log | None = None) -> Path:
     say = log or _stderr_log
     out, cells = _prepare(study, say)
     started = time.monotonic()
-    rows = _run_tuned(study, cells, out, say) if study.tune else _run_given(study, cells, out, say)
-    report = write_report(out, rows, title=f"Batch-size scaling study: {study.name}", top_k=study.top_k)
+    rows, pruned = _run_tuned(study, cells, out, say) if study.tune else (_run_given(study, cells, out, say), 0)
+    title = f"Batch-size scaling study: {study.name}"
+    report = write_report(out, rows, title=title, top_k=study.top_k, pruned=pruned)
     say(f"{len(rows)} runs in {time.monotonic() - started:.0f} s")
     if study.fisher is not None:
         from study.fisher_report import write_fisher_report

@@ -360,6 +360,9 @@ def test_report_survives_missing_values(tmp_path: Path) -> None:
     nothing = write_report(tmp_path / "empty", [], "Nothing ran").read_text()
     assert "`steps_to_target.png` not drawn: no runs" in nothing
     assert compute_fits([]) == {}
+    assert "pruned" not in nothing
+    cut = write_report(tmp_path / "cut", runs, "Pruned", pruned=3).read_text()
+    assert f"- runs: {len(runs)} in " in cut and "; 3 more trial(s) pruned (tune.pruner: not runs" in cut
 
 
 def test_fit_notes_a_critical_batch_outside_the_measured_range(tmp_path: Path) -> None:
