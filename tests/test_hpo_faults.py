@@ -77,9 +77,11 @@ def test_server_killed_mid_run_results_on_disk_are_stored_without_training_again
 def test_server_paused_10_s_while_workers_run(server: MongoProcess, tmp_path: Path) -> None:
     """SIGSTOP for 10 s (longer than half the grace period): no process exits, no trial is requeued or lost."""
     driver = _driver(server.url, tmp_path, "pause", 4, "--queue-size", "2", "--grace", "6", steps=300)
-    workers = [_worker(server.url, tmp_path, "--idle-timeout", "20", "--grace", "6") for _ in range(2)]
+    # An idle timeout well above the start-up of a loaded machine: a worker that had not yet got a trial must not
+    # exit during the pause (it did once under a full `make test`); the pause comes while both hold a trial.
+    workers = [_worker(server.url, tmp_path, "--idle-timeout", "40", "--grace", "6") for _ in range(2)]
     db = _client(server.url)
-    _wait_for(lambda: db.jobs.count_documents({"exp_key": "pause", "state": TrialState.RUNNING}) >= 1, 60, "a trial")
+    _wait_for(lambda: db.jobs.count_documents({"exp_key": "pause", "state": TrialState.RUNNING}) >= 2, 90, "2 trials")
     server.pause()
     time.sleep(10)
     assert driver.poll() is None and all(worker.poll() is None for worker in workers)
