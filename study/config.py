@@ -75,7 +75,7 @@ from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
 
 __all__ = [
     "Cell", "FisherSettings", "StudyConfig", "StudyError", "TuneSettings", "cell_toml", "check_cells", "config_toml",
-    "load_study",
+    "key_error", "load_study",
 ]  # fmt: skip
 _STUDY_KEYS: Final = frozenset(
     {"name", "base_config", "optimizers", "batch_sizes", "target_accuracy", "max_steps", "max_epochs"}
@@ -201,74 +201,75 @@ class StudyConfig:
         return cells
 
 
-def _fail(path: Path, key: str, problem: str) -> StudyError:
+def key_error(path: Path, key: str, problem: str) -> StudyError:
+    """The error for a wrong key of a study file: the file, the key and the fix (every study kind's files)."""
     return StudyError(f"{path}: {key}: {problem}")
 
 
 def _int(path: Path, key: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(path, key, f"must be an integer >= {minimum}, not {value!r}")
+        raise key_error(path, key, f"must be an integer >= {minimum}, not {value!r}")
     return value
 
 
 def _strings(path: Path, key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _fail(path, key, f'must be a list of strings such as ["optim.lr=0.1"], not {value!r}')
+        raise key_error(path, key, f'must be a list of strings such as ["optim.lr=0.1"], not {value!r}')
     return tuple(value)
 
 
 def _unknown(path: Path, table: str, keys: Sequence[str], known: frozenset[str]) -> None:
     extra = sorted(set(keys) - known)
     if extra:
-        raise _fail(path, f"[{table}] {extra[0]}", f"unknown key; the keys are {', '.join(sorted(known))}")
+        raise key_error(path, f"[{table}] {extra[0]}", f"unknown key; the keys are {', '.join(sorted(known))}")
 
 
 def _given(path: Path, raw: Any, optimizers: Sequence[str]) -> dict[str, tuple[str, ...]]:
     if not isinstance(raw, dict):
-        raise _fail(path, "[given]", 'must be a table of tables, e.g. [given.sgd] with "optim.lr" = 0.1')
+        raise key_error(path, "[given]", 'must be a table of tables, e.g. [given.sgd] with "optim.lr" = 0.1')
     given: dict[str, tuple[str, ...]] = {}
     for optimizer, values in raw.items():
         if optimizer not in optimizers:
-            raise _fail(path, f"[given.{optimizer}]", f"is not one of the study's optimizers {list(optimizers)}")
+            raise key_error(path, f"[given.{optimizer}]", f"is not one of the study's optimizers {list(optimizers)}")
         if not isinstance(values, dict):
-            raise _fail(path, f"[given.{optimizer}]", 'must be a table of "section.key" = value')
+            raise key_error(path, f"[given.{optimizer}]", 'must be a table of "section.key" = value')
         try:
             given[optimizer] = tuple(f"{key}={toml_value(value)}" for key, value in values.items())
         except ConfigError as exc:
-            raise _fail(path, f"[given.{optimizer}]", f"{exc}: give numbers, strings, booleans or lists") from None
+            raise key_error(path, f"[given.{optimizer}]", f"{exc}: give numbers, strings, booleans or lists") from None
     return given
 
 
 def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
     if not isinstance(raw, dict):
-        raise _fail(path, "[tune]", "must be a table")
+        raise key_error(path, "[tune]", "must be a table")
     _unknown(path, "tune", list(raw), _TUNE_KEYS)
     trials = _int(path, "tune.trials", raw.get("trials"), 1)
     workers = _int(path, "tune.workers", raw.get("workers", 2), 0)
     objective = raw.get("objective", "steps_to_target")
     if objective not in OBJECTIVES:
-        raise _fail(path, "tune.objective", f"{objective!r} is not one of {', '.join(OBJECTIVES)}")
+        raise key_error(path, "tune.objective", f"{objective!r} is not one of {', '.join(OBJECTIVES)}")
     spaces_raw = raw.get("spaces", {})
     if not isinstance(spaces_raw, dict) or not all(isinstance(v, str) for v in spaces_raw.values()):
-        raise _fail(path, "tune.spaces", 'must be a table such as { sgd = "sgd", kfac = "my_space.toml" }')
+        raise key_error(path, "tune.spaces", 'must be a table such as { sgd = "sgd", kfac = "my_space.toml" }')
     spaces: dict[str, str] = {}
     for optimizer in optimizers:
         space = spaces_raw.get(optimizer, OPTIMIZERS[optimizer].default_space)
         if space.endswith(".toml"):
             resolved = (path.parent / space).resolve()
             if not resolved.is_file():
-                raise _fail(path, f"tune.spaces.{optimizer}", f"{resolved} does not exist")
+                raise key_error(path, f"tune.spaces.{optimizer}", f"{resolved} does not exist")
             space = str(resolved)
         spaces[optimizer] = space
     extra = sorted(set(spaces_raw) - set(optimizers))
     if extra:
-        raise _fail(path, f"tune.spaces.{extra[0]}", f"is not one of the study's optimizers {list(optimizers)}")
+        raise key_error(path, f"tune.spaces.{extra[0]}", f"is not one of the study's optimizers {list(optimizers)}")
     mongo = raw.get("mongo", "")
     if not isinstance(mongo, str):
-        raise _fail(path, "tune.mongo", 'must be a mongodb:// URL string, or "" for the embedded server')
+        raise key_error(path, "tune.mongo", 'must be a mongodb:// URL string, or "" for the embedded server')
     grace = raw.get("grace", 120.0)
     if isinstance(grace, bool) or not isinstance(grace, int | float) or grace <= 0:
-        raise _fail(path, "tune.grace", f"must be a positive number of seconds, not {grace!r}")
+        raise key_error(path, "tune.grace", f"must be a positive number of seconds, not {grace!r}")
     return TuneSettings(
         trials=trials, workers=workers, objective=objective, spaces=spaces, mongo=mongo,
         seed=_int(path, "tune.seed", raw.get("seed", 0), 0),
@@ -281,50 +282,52 @@ def _search(path: Path, raw: Mapping[str, Any], optimizers: Sequence[str]) -> di
     """tune.pending, tune.pruner, tune.warm_start and tune.seed_from_neighbour, checked."""
     pending = raw.get("pending", "worst")
     if pending not in PENDING_LIES:
-        raise _fail(path, "tune.pending", f"{pending!r} is not one of {', '.join(PENDING_LIES)}")
+        raise key_error(path, "tune.pending", f"{pending!r} is not one of {', '.join(PENDING_LIES)}")
     pruner_raw = raw.get("pruner", {"name": "none"})
     if not isinstance(pruner_raw, dict):
-        raise _fail(path, "tune.pruner", 'must be a table such as { name = "asha", reduction_factor = 3 }')
+        raise key_error(path, "tune.pruner", 'must be a table such as { name = "asha", reduction_factor = 3 }')
     try:
         pruner = PrunerSettings(**pruner_raw)
     except (TypeError, ValueError) as exc:
-        raise _fail(path, "tune.pruner", f"{exc} (keys: {', '.join(PrunerSettings.__dataclass_fields__)})") from None
+        raise key_error(
+            path, "tune.pruner", f"{exc} (keys: {', '.join(PrunerSettings.__dataclass_fields__)})"
+        ) from None
     warm_raw = raw.get("warm_start", {})
     if not isinstance(warm_raw, dict) or not all(isinstance(v, str) for v in warm_raw.values()):
-        raise _fail(path, "tune.warm_start", 'must be a table such as { sgd = "table1_sgd.toml" }')
+        raise key_error(path, "tune.warm_start", 'must be a table such as { sgd = "table1_sgd.toml" }')
     warm_start = {}
     for optimizer, file in warm_raw.items():
         if optimizer not in optimizers:
-            raise _fail(
+            raise key_error(
                 path, f"tune.warm_start.{optimizer}", f"is not one of the study's optimizers {list(optimizers)}"
             )
         resolved = (path.parent / file).resolve()
         if not resolved.is_file():
-            raise _fail(path, f"tune.warm_start.{optimizer}", f"{resolved} does not exist")
+            raise key_error(path, f"tune.warm_start.{optimizer}", f"{resolved} does not exist")
         warm_start[optimizer] = str(resolved)
     neighbour = raw.get("seed_from_neighbour", False)
     if not isinstance(neighbour, bool):
-        raise _fail(path, "tune.seed_from_neighbour", f"must be true or false, not {neighbour!r}")
+        raise key_error(path, "tune.seed_from_neighbour", f"must be true or false, not {neighbour!r}")
     return {"pending": pending, "pruner": pruner, "warm_start": warm_start, "seed_from_neighbour": neighbour}
 
 
 def _fisher(path: Path, raw: Any) -> FisherSettings:
     if not isinstance(raw, dict):
-        raise _fail(path, "[fisher]", 'must be a table, e.g. every_epochs = 1 and layer = "classifier.4"')
+        raise key_error(path, "[fisher]", 'must be a table, e.g. every_epochs = 1 and layer = "classifier.4"')
     _unknown(path, "fisher", list(raw), _FISHER_KEYS)
     every_epochs = _int(path, "fisher.every_epochs", raw.get("every_epochs", 0 if "every_steps" in raw else 1), 0)
     every_steps = _int(path, "fisher.every_steps", raw.get("every_steps", 0), 0)
     if not every_epochs and not every_steps:
-        raise _fail(path, "fisher.every_epochs", "a [fisher] table needs every_epochs or every_steps >= 1")
+        raise key_error(path, "fisher.every_epochs", "a [fisher] table needs every_epochs or every_steps >= 1")
     layer, save = raw.get("layer", ""), raw.get("save", True)
     if not isinstance(layer, str):
-        raise _fail(path, "fisher.layer", f'must be a module name string ("" = the whole model), not {layer!r}')
+        raise key_error(path, "fisher.layer", f'must be a module name string ("" = the whole model), not {layer!r}')
     if not isinstance(save, bool):
-        raise _fail(path, "fisher.save", f"must be true or false, not {save!r}")
+        raise key_error(path, "fisher.save", f"must be true or false, not {save!r}")
     numbers = {key: raw.get(key, default) for key, default in (("trim", 0.1), ("outlier_k", 10.0))}
     for key, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            raise _fail(path, f"fisher.{key}", f"must be a number, not {value!r}")
+            raise key_error(path, f"fisher.{key}", f"must be a number, not {value!r}")
     return FisherSettings(
         every_epochs=every_epochs, every_steps=every_steps, layer=layer,
         examples=_int(path, "fisher.examples", raw.get("examples", 0), 0), trim=float(numbers["trim"]),
@@ -335,9 +338,9 @@ def _fisher(path: Path, raw: Any) -> FisherSettings:
 def _check_objective(path: Path, objective: str, target: float) -> None:
     """The objective and the target must fit: one counts steps to the target, the other needs no early stop."""
     if objective == "steps_to_target" and not target:
-        raise _fail(path, "tune.objective", "steps_to_target needs study.target_accuracy > 0")
+        raise key_error(path, "tune.objective", "steps_to_target needs study.target_accuracy > 0")
     if objective == "best_test_error" and target:
-        raise _fail(
+        raise key_error(
             path, "tune.objective",
             "best_test_error ranks runs by their best evaluation over the whole budget: remove "
             "study.target_accuracy (a target would stop runs early)",
@@ -346,28 +349,28 @@ def _check_objective(path: Path, objective: str, target: float) -> None:
 
 def _seeds(path: Path, raw: Any) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(set(map(repr, raw))) != len(raw):
-        raise _fail(path, "study.seeds", f"must be a list of distinct integers >= 0, e.g. [0, 1, 2], not {raw!r}")
+        raise key_error(path, "study.seeds", f"must be a list of distinct integers >= 0, e.g. [0, 1, 2], not {raw!r}")
     return tuple(_int(path, "study.seeds", seed, 0) for seed in raw)
 
 
 def _optimizers(path: Path, optimizers: Any) -> list[str]:
     if not isinstance(optimizers, list) or not optimizers:
-        raise _fail(path, "study.optimizers", f"must be a non-empty list of {', '.join(OPTIMIZER_NAMES)}")
+        raise key_error(path, "study.optimizers", f"must be a non-empty list of {', '.join(OPTIMIZER_NAMES)}")
     for optimizer in optimizers:
         if optimizer not in OPTIMIZERS:
             choices = ", ".join(OPTIMIZER_NAMES)
-            raise _fail(path, "study.optimizers", f"unknown optimizer {optimizer!r}; choose from {choices}")
+            raise key_error(path, "study.optimizers", f"unknown optimizer {optimizer!r}; choose from {choices}")
     if len(set(optimizers)) != len(optimizers):
-        raise _fail(path, "study.optimizers", "lists an optimizer twice")
+        raise key_error(path, "study.optimizers", "lists an optimizer twice")
     return optimizers
 
 
 def _batch_sizes(path: Path, batches: Any) -> tuple[int, ...]:
     if not isinstance(batches, list) or not batches:
-        raise _fail(path, "study.batch_sizes", "must be a non-empty list of batch sizes, e.g. [128, 512, 2048]")
+        raise key_error(path, "study.batch_sizes", "must be a non-empty list of batch sizes, e.g. [128, 512, 2048]")
     batch_sizes = tuple(_int(path, "study.batch_sizes", b, 1) for b in batches)
     if len(set(batch_sizes)) != len(batch_sizes):
-        raise _fail(path, "study.batch_sizes", "lists a batch size twice")
+        raise key_error(path, "study.batch_sizes", "lists a batch size twice")
     return batch_sizes
 
 
@@ -376,12 +379,12 @@ def _read_tables(path: Path) -> dict[str, Any]:
     raw = read_toml(path, "study file", "examples: jobs/configs/studies/", StudyError)
     unknown_tables = sorted(set(raw) - {"study", "tune", "given", "fisher"})
     if unknown_tables:
-        raise _fail(
+        raise key_error(
             path, f"[{unknown_tables[0]}]", "unknown table; a study file has [study], [tune], [given] and [fisher]"
         )
     study = raw.get("study")
     if not isinstance(study, dict):
-        raise _fail(path, "[study]", "missing: the study file needs a [study] table")
+        raise key_error(path, "[study]", "missing: the study file needs a [study] table")
     _unknown(path, "study", list(study), _STUDY_KEYS)
     return raw
 
@@ -394,12 +397,12 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
 
     name = study.get("name", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise _fail(path, "study.name", f"{name!r}: use letters, digits, '_', '.', '-'")
+        raise key_error(path, "study.name", f"{name!r}: use letters, digits, '_', '.', '-'")
     if "base_config" not in study:
-        raise _fail(path, "study.base_config", "missing: the jobs.train config every run starts from")
+        raise key_error(path, "study.base_config", "missing: the jobs.train config every run starts from")
     base = (path.parent / str(study["base_config"])).resolve()
     if not base.is_file():
-        raise _fail(path, "study.base_config", f"{base} does not exist")
+        raise key_error(path, "study.base_config", f"{base} does not exist")
 
     optimizers = _optimizers(path, study.get("optimizers"))
     batch_sizes = _batch_sizes(path, study.get("batch_sizes"))
@@ -407,28 +410,32 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
     target = study.get("target_accuracy", 0.0)
     if isinstance(target, bool) or not isinstance(target, int | float) or not 0 <= target <= 1 or math.isnan(target):
         # 1.0 is allowed, as jobs.train allows it: every test example right is reachable (the run checks >=).
-        raise _fail(
+        raise key_error(
             path, "study.target_accuracy",
             f"{target!r} cannot be reached: give an accuracy in [0, 1] (0 = no target, only the step budget)",
         )  # fmt: skip
     max_steps = _int(path, "study.max_steps", study.get("max_steps", 0), 0)
     max_epochs = _int(path, "study.max_epochs", study.get("max_epochs", 0), 0)
     if bool(max_steps) == bool(max_epochs):
-        raise _fail(path, "study.max_steps", "give exactly one budget: max_steps or max_epochs (a positive integer)")
+        raise key_error(
+            path, "study.max_steps", "give exactly one budget: max_steps or max_epochs (a positive integer)"
+        )
     eval_every = _int(path, "study.eval_every_steps", study.get("eval_every_steps", 0), 0)
     if target and not eval_every:
-        raise _fail(path, "study.eval_every_steps", "a target accuracy needs evaluations every N steps (N >= 1)")
+        raise key_error(path, "study.eval_every_steps", "a target accuracy needs evaluations every N steps (N >= 1)")
 
     variants_raw = study.get("variants", {})
     if not isinstance(variants_raw, dict):
-        raise _fail(path, "study.variants", 'must be a table such as { plain = ["model.residual=false"] }')
+        raise key_error(path, "study.variants", 'must be a table such as { plain = ["model.residual=false"] }')
     variants = {str(k): _strings(path, f"study.variants.{k}", v) for k, v in variants_raw.items()} or {"": ()}
     per_optimizer = study.get("optimizer_overrides", {})
     if not isinstance(per_optimizer, dict) or set(per_optimizer) - set(optimizers):
-        raise _fail(path, "study.optimizer_overrides", f"must be a table keyed by the study's optimizers {optimizers}")
+        raise key_error(
+            path, "study.optimizer_overrides", f"must be a table keyed by the study's optimizers {optimizers}"
+        )
     tune = _tune(path, raw["tune"], optimizers) if "tune" in raw else None
     if tune is not None and "given" in raw:
-        raise _fail(path, "[given]", "a study either tunes ([tune]) or takes given values ([given]), not both")
+        raise key_error(path, "[given]", "a study either tunes ([tune]) or takes given values ([given]), not both")
     if tune is not None:
         _check_objective(path, tune.objective, target)
     return StudyConfig(

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.config import StudyError
+from study.config import StudyError, key_error
 
 __all__ = ["HinfStudy", "Method", "Unit", "load_hinf_study", "read_results", "run_hinf_study", "units"]
 
@@ -90,38 +90,34 @@ class Unit:
         return out_dir / self.method.name / f"L{self.depth}" / f"seeds-{self.first}-{self.last}.json"
 
 
-def _fail(path: Path, key: str, problem: str) -> StudyError:
-    return StudyError(f"{path}: {key}: {problem}")
-
-
 def _positive_ints(path: Path, key: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
-        raise _fail(path, key, f"a non-empty list of positive integers, got {value!r}")
+        raise key_error(path, key, f"a non-empty list of positive integers, got {value!r}")
     return tuple(value)
 
 
 def _method(path: Path, name: str, raw: Any) -> Method:
     key = f"methods.{name}"
     if not isinstance(raw, dict) or raw.get("kind") not in KINDS:
-        raise _fail(path, f"{key}.kind", f"one of {', '.join(KINDS)}")
+        raise key_error(path, f"{key}.kind", f"one of {', '.join(KINDS)}")
     kind = raw["kind"]
     unknown = sorted(set(raw) - COMMON - set(KINDS[kind]))
     if unknown:
-        raise _fail(path, key, f"unknown keys {unknown}; a {kind} method takes {sorted(COMMON | set(KINDS[kind]))}")
+        raise key_error(path, key, f"unknown keys {unknown}; a {kind} method takes {sorted(COMMON | set(KINDS[kind]))}")
     depths = _positive_ints(path, f"{key}.depths", raw.get("depths"))
     seeds = _positive_ints(path, f"{key}.seeds", raw.get("seeds"))
     if len(depths) != len(seeds):
-        raise _fail(path, key, f"depths has {len(depths)} entries and seeds {len(seeds)}: one seed count per depth")
+        raise key_error(path, key, f"depths has {len(depths)} entries and seeds {len(seeds)}: one seed count per depth")
     bad = [d for d in depths if d < 5 or d % 2 == 0]
     if bad:
-        raise _fail(path, f"{key}.depths", f"{bad}: the network has L = 2n + 3 layers (5, 7, 9, ...)")
+        raise key_error(path, f"{key}.depths", f"{bad}: the network has L = 2n + 3 layers (5, 7, 9, ...)")
     max_epochs, batch = raw.get("max_epochs", 100), raw.get("batch", 100)
     if not isinstance(max_epochs, int) or max_epochs < 1 or not isinstance(batch, int) or batch < 1:
-        raise _fail(path, key, f"max_epochs and batch must be positive integers, got {max_epochs!r}, {batch!r}")
+        raise key_error(path, key, f"max_epochs and batch must be positive integers, got {max_epochs!r}, {batch!r}")
     settings = {**KINDS[kind], **{k: v for k, v in raw.items() if k in KINDS[kind]}}
     compare = raw.get("compare", kind)
     if compare not in ("", *KINDS):
-        raise _fail(path, f"{key}.compare", f'one of hinf, adam, steepest or "", got {compare!r}')
+        raise key_error(path, f"{key}.compare", f'one of hinf, adam, steepest or "", got {compare!r}')
     return Method(name, kind, settings, max_epochs, depths, seeds, compare, 1 if kind == "hinf" else batch)
 
 
@@ -135,9 +131,9 @@ def load_hinf_study(path: str | Path, out_dir: str | Path | None = None) -> Hinf
     study, task, methods = raw.get("study", {}), raw.get("task", {}), raw.get("methods", {})
     unknown = sorted(set(task) - set(TASK_KEYS))
     if unknown:
-        raise _fail(path, "task", f"unknown keys {unknown}; known: {sorted(TASK_KEYS)}")
+        raise key_error(path, "task", f"unknown keys {unknown}; known: {sorted(TASK_KEYS)}")
     if not isinstance(methods, dict) or not methods:
-        raise _fail(path, "methods", "give at least one [methods.NAME] table")
+        raise key_error(path, "methods", "give at least one [methods.NAME] table")
     return HinfStudy(
         path, str(study.get("name", path.stem)), Path(out_dir or study.get("out_dir", f"runs/{path.stem}")),
         {**TASK_KEYS, **task}, tuple(_method(path, name, body) for name, body in methods.items()),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from study.config import StudyError
+from study.config import StudyError, key_error
 
 __all__ = ["DONE", "Case", "SaddleRun", "SaddleStudy", "load_saddle_study", "run_saddle_study", "runs"]
 
@@ -72,13 +72,9 @@ class SaddleRun:
                 f"run.seed={self.seed}", f"run.out_dir={str(self.out_dir(study.out_dir))!r}"]  # fmt: skip
 
 
-def _fail(path: Path, key: str, problem: str) -> StudyError:
-    return StudyError(f"{path}: {key}: {problem}")
-
-
 def _strings(path: Path, key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _fail(path, key, f"a list of section.key=value strings, got {value!r}")
+        raise key_error(path, key, f"a list of section.key=value strings, got {value!r}")
     return tuple(value)
 
 
@@ -88,30 +84,32 @@ CASE_KEYS = ("config", "overrides", "target_fraction", "scales", "methods")
 def _case(path: Path, name: str, raw: Any, scales: tuple[float, ...], methods: Sequence[str]) -> Case:
     key = f"cases.{name}"
     if not isinstance(raw, dict) or set(raw) - set(CASE_KEYS) or "config" not in raw:
-        raise _fail(path, key, f"a table with config (a training config file), and optionally {CASE_KEYS[1:]}")
+        raise key_error(path, key, f"a table with config (a training config file), and optionally {CASE_KEYS[1:]}")
     fraction = raw.get("target_fraction", 1e-3)
     if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise _fail(path, f"{key}.target_fraction", f"a fraction of the initial loss in (0, 1), got {fraction!r}")
+        raise key_error(path, f"{key}.target_fraction", f"a fraction of the initial loss in (0, 1), got {fraction!r}")
     if "scales" in raw:
         scales = _scales(path, f"{key}.scales", raw["scales"])
     chosen = _strings(path, f"{key}.methods", raw.get("methods", list(methods)))
     unknown = sorted(set(chosen) - set(methods))
     if unknown or not chosen:
-        raise _fail(path, f"{key}.methods", f"some of the [methods.NAME] tables {list(methods)}, got {list(chosen)}")
+        raise key_error(
+            path, f"{key}.methods", f"some of the [methods.NAME] tables {list(methods)}, got {list(chosen)}"
+        )
     overrides = _strings(path, f"{key}.overrides", raw.get("overrides", []))
     return Case(name, Path(raw["config"]), overrides, fraction, scales, chosen)
 
 
 def _scales(path: Path, key: str, scales: Any) -> tuple[float, ...]:
     if not isinstance(scales, list) or not scales or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
-        raise _fail(path, key, f"a non-empty list of positive initial scales (e.g. [1e-2, 1e-4]), got {scales!r}")
+        raise key_error(path, key, f"a non-empty list of positive initial scales (e.g. [1e-2, 1e-4]), got {scales!r}")
     return tuple(float(s) for s in scales)
 
 
 def _study_values(path: Path, study: Any) -> tuple[tuple[float, ...], tuple[int, ...]]:
     scales, seeds = _scales(path, "study.scales", study.get("scales")), study.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise _fail(path, "study.seeds", f"a non-empty list of seeds >= 0, got {seeds!r}")
+        raise key_error(path, "study.seeds", f"a non-empty list of seeds >= 0, got {seeds!r}")
     return scales, tuple(seeds)
 
 
@@ -123,10 +121,10 @@ def load_saddle_study(path: str | Path, out_dir: str | Path | None = None) -> Sa
     raw = read_toml(path, "study file", "example: jobs/configs/studies/saddle.toml", StudyError)
     unknown = sorted(set(raw) - {"study", "cases", "methods"})
     if unknown:
-        raise _fail(path, "tables", f"unknown {unknown}; a saddle study has [study], [cases.NAME], [methods.NAME]")
+        raise key_error(path, "tables", f"unknown {unknown}; a saddle study has [study], [cases.NAME], [methods.NAME]")
     study, cases, methods = raw.get("study", {}), raw.get("cases", {}), raw.get("methods", {})
     if not cases or not methods:
-        raise _fail(path, "cases/methods", "give at least one [cases.NAME] and one [methods.NAME] table")
+        raise key_error(path, "cases/methods", "give at least one [cases.NAME] and one [methods.NAME] table")
     scales, seeds = _study_values(path, study)
     overrides = {
         name: _strings(path, f"methods.{name}.overrides", (body or {}).get("overrides", []))
