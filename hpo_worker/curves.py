@@ -29,6 +29,7 @@ from jobs.outcome import PRUNE_REQUEST
 
 __all__ = ["CurveWatcher"]
 
+JOIN_S = 1.0  # how long the end of a trial waits for the watcher's last poll
 POLL_S = 0.25  # how often the run's new records are read: a request reaches the run this much after its evaluation
 
 
@@ -57,7 +58,9 @@ class CurveWatcher:
         self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._stop.set()
-        self._thread.join()
+        # Not longer: a poll waiting for a database that went away must not hold up keeping the trial's result.
+        # A report it makes later is refused by the store (the trial is no longer running as this owner's).
+        self._thread.join(JOIN_S)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):

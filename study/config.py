@@ -417,9 +417,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
     max_steps = _int(path, "study.max_steps", study.get("max_steps", 0), 0)
     max_epochs = _int(path, "study.max_epochs", study.get("max_epochs", 0), 0)
     if bool(max_steps) == bool(max_epochs):
-        raise key_error(
-            path, "study.max_steps", "give exactly one budget: max_steps or max_epochs (a positive integer)"
-        )
+        raise key_error(path, "study.max_steps", "give exactly one budget: max_steps or max_epochs (> 0)")
     eval_every = _int(path, "study.eval_every_steps", study.get("eval_every_steps", 0), 0)
     if target and not eval_every:
         raise key_error(path, "study.eval_every_steps", "a target accuracy needs evaluations every N steps (N >= 1)")
@@ -430,9 +428,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
     variants = {str(k): _strings(path, f"study.variants.{k}", v) for k, v in variants_raw.items()} or {"": ()}
     per_optimizer = study.get("optimizer_overrides", {})
     if not isinstance(per_optimizer, dict) or set(per_optimizer) - set(optimizers):
-        raise key_error(
-            path, "study.optimizer_overrides", f"must be a table keyed by the study's optimizers {optimizers}"
-        )
+        raise key_error(path, "study.optimizer_overrides", f"must be a table keyed by the optimizers {optimizers}")
     tune = _tune(path, raw["tune"], optimizers) if "tune" in raw else None
     if tune is not None and "given" in raw:
         raise key_error(path, "[given]", "a study either tunes ([tune]) or takes given values ([given]), not both")
