@@ -42,6 +42,7 @@ PRUNER_TABLES = {
     "median": 'pruner = { name = "median", warmup_steps = 20 }',
 }
 
+# Each cell's [study] table, then the [tune] table they share: {objective} and {space} differ.
 DEMO = """
 [study]
 name = "bench-pruning"
@@ -53,16 +54,7 @@ max_steps = 200
 eval_every_steps = 10
 top_k = 3
 overrides = ["run.train_eval_examples=10000"]
-[tune]
-trials = {trials}
-workers = 2
-seed = {seed}
-objective = "steps_to_target"
-spaces = {{ sgd = "{root}/jobs/configs/studies/spaces/demo_sgd.toml" }}
-{pruner}
 """
-
-
 SKIP = """
 [study]
 name = "bench-pruning-skip"
@@ -72,15 +64,16 @@ batch_sizes = [256]
 max_epochs = 10
 top_k = 3
 overrides = ["run.train_eval_examples=0", "model.residual=false"]
-[tune]
+"""
+TUNE = """[tune]
 trials = {trials}
 workers = 2
 seed = {seed}
-objective = "train_error"
-spaces = {{ sgd = "{root}/jobs/configs/studies/spaces/skip_sgd.toml" }}
+objective = "{objective}"
+spaces = {{ sgd = "{root}/jobs/configs/studies/spaces/{space}.toml" }}
 {pruner}
 """
-STUDIES = {"demo": DEMO, "skip": SKIP}
+STUDIES = {"demo": (DEMO, "steps_to_target", "demo_sgd"), "skip": (SKIP, "train_error", "skip_sgd")}
 
 
 def _time(text: str) -> dt.datetime:
@@ -110,11 +103,13 @@ def measure(out: Path) -> dict[str, float]:
     }
 
 
-def run_one(out: Path, template: str, pruner: str, seed: int, trials: int) -> dict[str, float]:
+def run_one(out: Path, cells: str, pruner: str, seed: int, trials: int) -> dict[str, float]:
     if not (out / "report.md").exists():
         out.mkdir(parents=True, exist_ok=True)
         study = out / "study.toml"
-        study.write_text(template.format(root=ROOT, trials=trials, seed=seed, pruner=PRUNER_TABLES[pruner]))
+        table, objective, space = STUDIES[cells]
+        values = {"root": ROOT, "trials": trials, "seed": seed, "objective": objective, "space": space}
+        study.write_text(table.format(**values) + TUNE.format(**values, pruner=PRUNER_TABLES[pruner]))
         command = [sys.executable, "-m", "study", "scaling", "--config", str(study), "--out", str(out)]
         with open(out / "study.log", "w") as log:
             subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -138,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {}
     for seed in range(args.seeds):
         for pruner in args.pruners:
-            measured = run_one(args.out / f"{pruner}-s{seed}", STUDIES[args.cells], pruner, seed, args.trials)
+            measured = run_one(args.out / f"{pruner}-s{seed}", args.cells, pruner, seed, args.trials)
             results.setdefault(pruner, []).append(measured)
             print(f"{pruner} seed {seed}: {measured}", flush=True)
     lines = [

@@ -31,7 +31,15 @@ from hpo_worker.liveness import StaleMonitor, process_gone_on_this_host
 from hpo_worker.pending import tell_pending
 from hpo_worker.pruning import PrunerSettings, tell_pruned
 from hpo_worker.spaces import SearchSpace, plain_value
-from hpo_worker.store import FINISHED_STATES, StoreError, StoreUnreachable, TrialState, TrialStore, utcnow
+from hpo_worker.store import (
+    FINISHED_STATES,
+    StoreError,
+    StoreUnreachable,
+    TrialState,
+    TrialStore,
+    state_counts,
+    utcnow,
+)  # fmt: skip
 from hpo_worker.warm_start import hyperopt_vals
 
 __all__ = [
@@ -182,10 +190,7 @@ class ExperimentView:
         return sorted([*self.finished.values(), *self.active.values()], key=lambda d: int(d["tid"]))
 
     def counts(self) -> dict[TrialState, int]:
-        counts = dict.fromkeys(TrialState, 0)
-        for doc in [*self.finished.values(), *self.active.values()]:
-            counts[TrialState(int(doc["state"]))] += 1
-        return counts
+        return state_counts([*self.finished.values(), *self.active.values()])
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from hpo_worker.report import summarize
-from hpo_worker.store import FINISHED_STATES, TrialState, TrialStore, utcnow
+from hpo_worker.store import FINISHED_STATES, TrialState, TrialStore, state_counts, utcnow
 
 __all__ = ["ALIVE_S", "RATE_WINDOW_S", "ExperimentStatus", "experiment_status", "format_status", "watch"]
 
@@ -67,9 +67,7 @@ def _rate(docs: Sequence[Mapping[str, Any]], now: dt.datetime) -> float | None:
 def experiment_status(store: TrialStore, exp_key: str, now: dt.datetime | None = None) -> ExperimentStatus:
     now = now or utcnow()
     docs = store.trial_docs(exp_key, curves=False)
-    counts = dict.fromkeys(TrialState, 0)
-    for doc in docs:
-        counts[TrialState(int(doc["state"]))] += 1
+    counts = state_counts(docs)
     running = [d for d in docs if d["state"] == TrialState.RUNNING]
     fresh = [d for d in running if (t := _naive(d.get("refresh_time"))) and (now - t).total_seconds() <= ALIVE_S]
     best = summarize(docs, top_k=1)["best"]

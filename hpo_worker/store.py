@@ -30,7 +30,7 @@ import functools
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
@@ -40,7 +40,7 @@ from pymongo import ReturnDocument, uri_parser
 
 __all__ = [
     "DEFAULT_PATIENCE_S", "ENV_PATIENCE", "EXIT_STORE_UNREACHABLE", "FINISHED_STATES", "ExperimentMismatch",
-    "Reconnect", "StoreError", "StoreUnreachable", "TrialState", "TrialStore", "connect", "mask_url",
+    "Reconnect", "StoreError", "StoreUnreachable", "TrialState", "TrialStore", "connect", "mask_url", "state_counts",
 ]  # fmt: skip
 
 
@@ -57,6 +57,15 @@ class TrialState(enum.IntEnum):
 
 
 FINISHED_STATES: Final = (TrialState.DONE, TrialState.ERROR, TrialState.PRUNED)  # these never change again
+
+
+def state_counts(docs: Iterable[Mapping[str, Any]]) -> dict[TrialState, int]:
+    """How many of ``docs`` are in each state (every state present, 0 when none)."""
+    counts = dict.fromkeys(TrialState, 0)
+    for doc in docs:
+        counts[TrialState(int(doc["state"]))] += 1
+    return counts
+
 
 TRIALS = "jobs"
 EXPERIMENTS = "hpo_experiments"
@@ -439,10 +448,7 @@ class TrialStore:
     @_retrying
     def count_states(self, exp_key: str) -> dict[TrialState, int]:
         """How many of the experiment's trials are in each state (every state present, 0 when none)."""
-        counts = dict.fromkeys(TrialState, 0)
-        for doc in self.trials.find({"exp_key": exp_key}, {"state": 1}):
-            counts[TrialState(int(doc["state"]))] += 1
-        return counts
+        return state_counts(self.trials.find({"exp_key": exp_key}, {"state": 1}))
 
     def _reserved_already(self, owner: str, exp_key: str | None = None) -> dict[str, Any] | None:
         """The trial a reservation whose reply was lost gave ``owner`` (unique to its process, one trial at a time)."""

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from hpo_worker.server import read_url_file
 from hpo_worker.status import ExperimentStatus, experiment_status, format_status, watch
-from hpo_worker.store import StoreError, connect, mask_url
 from study.config import StudyConfig, StudyError
-from study.tuning import URL_FILE, experiment_name
+from study.tuning import URL_FILE, connect_store, experiment_name
 
 __all__ = ["show_status"]
 
@@ -35,12 +34,7 @@ def show_status(study: StudyConfig, watch_s: float = 0) -> None:
     """Prints the view of the study's cells once, or every ``watch_s`` seconds until they have all their trials."""
     if study.tune is None:
         raise StudyError(f"{study.path} has no [tune] table: there is nothing to follow")
-    url = _url(study, study.out_dir.resolve())
-    try:
-        store = connect(url)
-    except StoreError as exc:
-        raise StudyError(mask_url(str(exc))) from exc
-    with contextlib.closing(store):
+    with contextlib.closing(connect_store(_url(study, study.out_dir.resolve()))) as store:
         names = [experiment_name(study, cell) for cell in study.cells()]
         stored = [name for name in names if store.get_experiment(name) is not None]
         if not stored:

@@ -48,7 +48,7 @@ from hpo_worker.warm_start import WarmStartError, load_points, point_of, points_
 from jobs.files import atomic_file, atomic_write_text
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
 
-__all__ = ["experiment_name", "progress", "tune_cells"]
+__all__ = ["connect_store", "experiment_name", "progress", "tune_cells"]
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 15.0
@@ -75,7 +75,7 @@ def tune_cells(study: StudyConfig, cells: Sequence[Cell], out: Path, log: Log) -
     with (
         _database_lost_is_a_study_error(),
         _mongo_url(study, out, log) as url,
-        contextlib.closing(_connect(url)) as store,
+        contextlib.closing(connect_store(url)) as store,
     ):
         options = {cell.slug: _driver_options(study, cell, out) for cell in cells}
         _check_experiments(store, cells, options)
@@ -118,7 +118,8 @@ def _private_url_file(url: str, path: Path) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
-def _connect(url: str) -> TrialStore:
+def connect_store(url: str) -> TrialStore:
+    """The store at ``url``; a StudyError (the password masked) when it cannot be used."""
     try:
         return connect(url)
     except StoreError as exc:
