@@ -13,7 +13,8 @@ members all hold the layer's decompositions and compute its preconditioned gradi
 gradient inside its own receiver group. ``comm-opt`` is ``g = P`` (one worker group, nothing to broadcast),
 ``mem-opt`` is ``g = 1`` (the owner alone holds the decompositions and broadcasts to everyone), ``hybrid`` is between.
 
-Balancing is greedy, largest first, on the estimated cost ``n^3`` of decomposing an ``n x n`` factor: layers go to
+Balancing is greedy, largest first, on the estimated cost of decomposing each factor (``n^3`` for an ``n x n`` one,
+linear in ``n`` for diagonal factors and unit-wise blocks, so vector factors balance like the rest): layers go to
 the least-loaded worker group, then inside the group each factor goes to the least-loaded member.
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, of_kind
+from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, FactorShape, of_kind
 
 Strategy = Literal["comm-opt", "mem-opt", "hybrid"]
 STRATEGIES: tuple[str, ...] = ("comm-opt", "mem-opt", "hybrid")
@@ -98,12 +99,16 @@ class WorkAssignment:
         return max(self.loads) / mean if mean > 0 else 1.0
 
 
-def decomposition_cost(n: int) -> float:
-    return float(n) ** 3
+def decomposition_cost(factor: int | FactorShape) -> float:
+    """``n^3`` for a dense ``n x n`` factor (an int); a ``FactorShape`` knows its own (linear for vectors)."""
+    return factor.cost if isinstance(factor, FactorShape) else float(factor) ** 3
 
 
-def assign_work(dims: Sequence[tuple[int, int]], world_size: int, grad_workers: int) -> WorkAssignment:
-    """Assign layers (given as ``(a_dim, g_dim)``) to ranks; deterministic, so every rank computes the same."""
+def assign_work(
+    dims: Sequence[tuple[int, int]] | Sequence[tuple[FactorShape, FactorShape]], world_size: int, grad_workers: int
+) -> WorkAssignment:
+    """Assign layers (given as ``(a_dim, g_dim)`` of dense factors, or as ``(A, G)`` factor shapes) to ranks;
+    deterministic, so every rank computes the same."""
     if world_size < 1 or grad_workers < 1 or world_size % grad_workers != 0:
         raise ValueError(f"distkfac: {grad_workers} gradient workers per layer do not divide {world_size} ranks")
     columns = world_size // grad_workers
@@ -112,7 +117,8 @@ def assign_work(dims: Sequence[tuple[int, int]], world_size: int, grad_workers: 
 
     group_load = [0.0] * columns
     layer_group = [0] * len(dims)
-    layer_cost = [decomposition_cost(a) + decomposition_cost(g) for a, g in dims]
+    costs = [(decomposition_cost(a), decomposition_cost(g)) for a, g in dims]
+    layer_cost = [a + g for a, g in costs]
     for index in sorted(range(len(dims)), key=lambda i: (-layer_cost[i], i)):
         k = min(range(columns), key=lambda c: (group_load[c], c))
         layer_group[index] = k
@@ -121,9 +127,7 @@ def assign_work(dims: Sequence[tuple[int, int]], world_size: int, grad_workers: 
     rank_load = [0.0] * world_size
     owners: dict[FactorKey, int] = {}
     factors = [
-        (decomposition_cost(of_kind(kind, pair)), FactorKey(index, kind))
-        for index, pair in enumerate(dims)
-        for kind in FACTOR_KINDS
+        (of_kind(kind, pair), FactorKey(index, kind)) for index, pair in enumerate(costs) for kind in FACTOR_KINDS
     ]
     for cost, key in sorted(factors, key=lambda f: (-f[0], f[1])):  # largest first; A before G on ties
         members = worker_groups[layer_group[key.layer]]

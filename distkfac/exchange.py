@@ -21,7 +21,7 @@ import torch
 
 from distkfac.assignment import WorkAssignment
 from distkfac.comm.base import Communicator, Pending
-from distkfac.factors import FACTOR_KINDS, FactorKey, of_kind
+from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, FactorShape, Structure, of_kind
 
 __all__ = ["DecompositionExchange", "FactorExchange", "GradientExchange", "SymmetricPacking", "packed_size"]
 
@@ -31,7 +31,8 @@ def packed_size(n: int, pack: bool) -> int:
 
 
 class SymmetricPacking:
-    """Symmetric matrices as their upper triangles, row by row (or whole, when ``packed`` is off), and back.
+    """Factors as flat vectors and back: symmetric matrices (and unit-wise blocks) as their upper triangles, row by
+    row (or whole, when ``packed`` is off); diagonal factors as they are.
 
     The index tensors are made once per size and device and kept here, by the exchange that packs.
     """
@@ -51,6 +52,23 @@ class SymmetricPacking:
             rows, cols = torch.triu_indices(n, n, device=device)
             self._indices[key] = (rows * n + cols, cols * n + rows)
         return self._indices[key]
+
+    def pack_factor(self, factor: torch.Tensor, shape: FactorShape) -> torch.Tensor:
+        """Any structure's factor as a flat vector of ``shape.numel(packed)`` numbers."""
+        if shape.structure is Structure.DENSE:
+            return self.pack(factor)
+        if shape.structure is Structure.BLOCKS and self.packed:
+            return torch.stack([factor[:, 0, 0], factor[:, 0, 1], factor[:, 1, 1]], 1).reshape(-1)
+        return factor.reshape(-1)
+
+    def unpack_factor(self, flat: torch.Tensor, shape: FactorShape, dtype: torch.dtype) -> torch.Tensor:
+        if shape.structure is Structure.DENSE:
+            return self.unpack(flat, shape.dim, dtype)
+        values = flat.to(dtype)
+        if shape.structure is Structure.BLOCKS and self.packed:
+            upper = values.view(shape.dim, 3)
+            return torch.stack([upper[:, :2], upper[:, 1:]], 1)
+        return values.view(shape.tensor_shape).clone()
 
     def pack(self, matrix: torch.Tensor) -> torch.Tensor:
         if not self.packed:
@@ -77,7 +95,7 @@ class FactorExchange:
         self,
         comm: Communicator,
         assignment: WorkAssignment,
-        dims: Sequence[tuple[int, int]],
+        dims: Sequence[tuple[FactorShape, FactorShape]],
         *,
         comm_dtype: torch.dtype | None,
         bucket_bytes: int,
@@ -107,10 +125,10 @@ class FactorExchange:
                 self.buckets.append([])
                 size = 0
             self.buckets[-1].append(index)
-            size += element * sum(self.packing.size(n) for n in dims[index])
+            size += element * sum(shape.numel(pack) for shape in dims[index])
         self.bucket_of = {index: b for b, members in enumerate(self.buckets) for index in members}
 
-        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._staged: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._next_bucket = 0
         self._inflight: list[tuple[list[FactorKey], list[torch.Tensor], Pending]] = []
         self._sums: dict[FactorKey, torch.Tensor] = {}
@@ -122,16 +140,20 @@ class FactorExchange:
         """Layers with at least one pass handed off since the last ``finish()``."""
         return set(self._passes)
 
-    def hand_off(self, layer: int, a_batch: torch.Tensor, g_batch: torch.Tensor, *, launch: bool) -> None:
-        """One pass's batch factors of ``layer``. With ``launch``, complete buckets start reducing right away."""
+    def hand_off(self, layer: int, a_batch: torch.Tensor | None, g_batch: torch.Tensor, *, launch: bool) -> None:
+        """One pass's batch factors of ``layer`` (no A for a layer without one). With ``launch``, complete buckets
+        start reducing right away."""
         self._passes[layer] = self._passes.get(layer, 0) + 1
         if not self.distributed:
-            for kind in FACTOR_KINDS:
+            for kind in self._kinds(layer):
                 key, batch = FactorKey(layer, kind), of_kind(kind, (a_batch, g_batch))
+                assert batch is not None
                 self._sums[key] = batch if key not in self._sums else self._sums[key].add_(batch)
             return
-        for kind in FACTOR_KINDS:
-            self._dtypes[FactorKey(layer, kind)] = of_kind(kind, (a_batch, g_batch)).dtype
+        for kind in self._kinds(layer):
+            batch = of_kind(kind, (a_batch, g_batch))
+            assert batch is not None
+            self._dtypes[FactorKey(layer, kind)] = batch.dtype
         self._staged[layer] = (a_batch, g_batch)
         if launch:
             while self._next_bucket < len(self.buckets) and all(
@@ -142,21 +164,25 @@ class FactorExchange:
             if self._next_bucket == len(self.buckets):
                 self._next_bucket = 0  # the next pass (gradient accumulation) starts over
 
+    def _kinds(self, layer: int) -> list[FactorKind]:
+        """The factors ``layer`` has (a normalisation layer has no A)."""
+        return [kind for kind in FACTOR_KINDS if of_kind(kind, self.dims[layer]).present]
+
     def _launch(self, members: list[int]) -> None:
         staged = [index for index in members if index in self._staged]
         if not staged:
             return
         keys_by_rank: list[list[FactorKey]] = [[] for _ in range(self.comm.world_size)]
         for index in staged:
-            for kind in FACTOR_KINDS:
+            for kind in self._kinds(index):
                 key = FactorKey(index, kind)
                 target = 0 if self.reduction == "allreduce" else self.owner[key]
                 keys_by_rank[target].append(key)
-        first = self._staged[staged[0]][0]
+        first = self._staged[staged[0]][1]
         dtype = self.comm_dtype or first.dtype
         segments = []
         for keys in keys_by_rank:
-            parts = [self.packing.pack(of_kind(kind, self._staged[index])).to(dtype) for index, kind in keys]
+            parts = [self._packed(key).to(dtype) for key in keys]
             segments.append(torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=first.device))
         for index in staged:
             del self._staged[index]
@@ -168,6 +194,11 @@ class FactorExchange:
             pending = self.comm.reduce_to_owners(segments, "factors")
             self._inflight.append((keys_by_rank[self.comm.rank], [segments[self.comm.rank]], pending))
 
+    def _packed(self, key: FactorKey) -> torch.Tensor:
+        batch = of_kind(key.kind, self._staged[key.layer])
+        assert batch is not None
+        return self.packing.pack_factor(batch, of_kind(key.kind, self.dims[key.layer]))
+
     def finish(self) -> dict[FactorKey, torch.Tensor]:
         """Wait for every reduction; the mean batch factor of each owned factor, over ranks and passes."""
         for members in self.buckets:  # buckets the backward pass did not complete (unused layers, no overlap)
@@ -177,11 +208,11 @@ class FactorExchange:
             pending.wait()
             offset = 0
             for key in keys:
-                n = of_kind(key.kind, self.dims[key.layer])
-                length = self.packing.size(n)
+                shape = of_kind(key.kind, self.dims[key.layer])
+                length = shape.numel(self.packing.packed)
                 dtype = self._dtypes[key]
                 accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-                value = self.packing.unpack(segment[offset : offset + length], n, accumulate)
+                value = self.packing.unpack_factor(segment[offset : offset + length], shape, accumulate)
                 offset += length
                 self._sums[key] = value if key not in self._sums else self._sums[key].add_(value)
         self._inflight = []
@@ -201,8 +232,8 @@ class DecompositionExchange:
         self,
         comm: Communicator,
         assignment: WorkAssignment,
-        dims: Sequence[tuple[int, int]],
-        state_shapes: Callable[[int], list[tuple[int, ...]]],
+        dims: Sequence[tuple[FactorShape, FactorShape]],
+        state_shapes: Callable[[FactorShape], list[tuple[int, ...]]],
     ) -> None:
         self.comm = comm
         self.dims = list(dims)
@@ -218,14 +249,14 @@ class DecompositionExchange:
                     for index, work in enumerate(assignment.layers)
                     if work.grad_workers == group
                     for kind in FACTOR_KINDS
-                    if work.owner(kind) == src
+                    if work.owner(kind) == src and of_kind(kind, self.dims[index]).present
                 ]
                 if keys:
                     self.plan.append((group, src, keys))
 
     def _numel(self, key: FactorKey) -> list[int]:
-        n = of_kind(key.kind, self.dims[key.layer])
-        return [int(torch.Size(shape).numel()) for shape in self.state_shapes(n)]
+        factor = of_kind(key.kind, self.dims[key.layer])
+        return [int(torch.Size(shape).numel()) for shape in self.state_shapes(factor)]
 
     def share(
         self,
@@ -254,9 +285,9 @@ class DecompositionExchange:
             pending.wait()
             offset = 0
             for key in keys:
-                n = of_kind(key.kind, self.dims[key.layer])
+                factor = of_kind(key.kind, self.dims[key.layer])
                 tensors = []
-                for shape in self.state_shapes(n):
+                for shape in self.state_shapes(factor):
                     numel = int(torch.Size(shape).numel())
                     tensors.append(buffer[offset : offset + numel].view(shape))
                     offset += numel
@@ -267,9 +298,11 @@ class DecompositionExchange:
 class GradientExchange:
     """Gradient workers broadcast preconditioned gradients, and each layer's ``<V, grad>``, to their receivers."""
 
-    def __init__(self, comm: Communicator, assignment: WorkAssignment, dims: Sequence[tuple[int, int]]) -> None:
+    def __init__(
+        self, comm: Communicator, assignment: WorkAssignment, dims: Sequence[tuple[FactorShape, FactorShape]]
+    ) -> None:
         self.comm = comm
-        self.shapes = [(g, a) for a, g in dims]
+        self.shapes = [(g.dim, a.dim) for a, g in dims]
         self.receivers = assignment.receiver_group_of(comm.rank)
         # For each member of this rank's receiver group: the layers it preconditions (it serves the whole group).
         self.plan: list[tuple[int, list[int]]] = []

@@ -41,3 +41,70 @@ class FactorKey(NamedTuple):
 def of_kind(kind: FactorKind, pair: tuple[T, T]) -> T:
     """The ``kind`` member of an ``(A, G)`` pair, such as a layer's ``(a_dim, g_dim)``."""
     return pair[0] if kind is FactorKind.A else pair[1]
+
+
+class Structure(StrEnum):
+    """How a factor is stored: the layer helper says which, and every stage (exchange, decomposition,
+    preconditioning, checkpoints) follows it.
+
+    - ``dense``: a symmetric ``n x n`` matrix (Linear, Conv2d, Embedding's G).
+    - ``diagonal``: the ``n`` diagonal entries of a diagonal matrix (Embedding's A: one-hot inputs).
+    - ``blocks``: ``n`` symmetric ``2 x 2`` blocks, one per unit (the unit-wise Fisher of a normalisation layer's
+      weight and bias). Such a layer has no Kronecker partner: its other factor is ``none``.
+    - ``none``: no factor (the identity); nothing is stored, sent or decomposed.
+    """
+
+    DENSE = "dense"
+    DIAGONAL = "diagonal"
+    BLOCKS = "blocks"
+    NONE = "none"
+
+
+BLOCK = 2  # the side of a unit-wise block: (weight, bias)
+
+
+class FactorShape(NamedTuple):
+    """One factor's structure and its side ``dim``: the gradient matrix has ``dim`` columns (A) or rows (G)."""
+
+    structure: Structure
+    dim: int
+
+    @classmethod
+    def dense(cls, dim: int) -> FactorShape:
+        return cls(Structure.DENSE, dim)
+
+    @property
+    def tensor_shape(self) -> tuple[int, ...]:
+        """The shape of the stored factor tensor."""
+        if self.structure is Structure.DENSE:
+            return (self.dim, self.dim)
+        if self.structure is Structure.DIAGONAL:
+            return (self.dim,)
+        if self.structure is Structure.BLOCKS:
+            return (self.dim, BLOCK, BLOCK)
+        return (0,)
+
+    def numel(self, packed: bool = True) -> int:
+        """How many numbers the factor takes on the wire: symmetric matrices and blocks as upper triangles."""
+        n = self.dim
+        if self.structure is Structure.DENSE:
+            return n * (n + 1) // 2 if packed else n * n
+        if self.structure is Structure.DIAGONAL:
+            return n
+        if self.structure is Structure.BLOCKS:
+            return n * (BLOCK * (BLOCK + 1) // 2 if packed else BLOCK * BLOCK)
+        return 0
+
+    @property
+    def cost(self) -> float:
+        """The estimated cost of decomposing it, for balancing: ``n^3`` dense, linear in ``n`` otherwise."""
+        n = float(self.dim)
+        if self.structure is Structure.DENSE:
+            return n**3
+        if self.structure is Structure.BLOCKS:
+            return BLOCK**3 * n
+        return n if self.structure is Structure.DIAGONAL else 0.0
+
+    @property
+    def present(self) -> bool:
+        return self.structure is not Structure.NONE

@@ -9,6 +9,13 @@ preconditioning methods work on. Helpers hold no state of their own beyond the m
 - ``conv_factors`` (Conv2d only, T output positions per example): ``"mean"`` averages both factors over the N*T
   rows; ``"kfc"`` (Grosse & Martens 2016) sums A over the positions and averages over the examples,
   ``A = (1/N) sum_{i,t} a a^T`` (T times ``"mean"``'s), and keeps G as ``"mean"`` has it.
+- ``weight_sharing`` (Linear over a sequence, input ``N x T x d``): ``"expand"`` keeps one row per position and
+  averages over the N*T rows; ``"reduce"`` (Eschenhagen et al., NeurIPS 2023, K-FAC-reduce) takes per example
+  ``a_i = mean_t a_it`` and ``g_i = sum_t g_it`` and averages ``a a^T`` and ``g g^T`` over the N examples.
+
+The first input dimension is the batch. Embedding and normalisation layers store factors of other structures
+(``distkfac.factors.Structure``): Embedding's A is diagonal, and LayerNorm/BatchNorm have one factor of unit-wise
+``2 x 2`` blocks (docs/kfac.md, "Layers").
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distkfac.factors import FactorShape, Structure
+
 ConvFactors = Literal["mean", "kfc"]
 GScale = Literal["example", "batch"]
+WeightSharing = Literal["expand", "reduce"]
 CONV_FACTORS: tuple[str, ...] = ("mean", "kfc")
 G_SCALES: tuple[str, ...] = ("example", "batch")
+WEIGHT_SHARINGS: tuple[str, ...] = ("expand", "reduce")
 
 
 class LayerHelper(ABC):
@@ -50,33 +61,30 @@ class LayerHelper(ABC):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        bias = self.module.bias
+        bias = getattr(self.module, "bias", None)
         assert bias is None or isinstance(bias, torch.Tensor)
         return bias
 
-    @abstractmethod
-    def a_columns(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's inputs as columns ``a`` (with a 1 last when the layer has a bias): ``a_dim x rows``."""
+    @property
+    def a_shape(self) -> FactorShape:
+        """A's structure and side (dense ``a_dim x a_dim`` unless the helper says otherwise)."""
+        return FactorShape.dense(self.a_dim)
+
+    @property
+    def g_shape(self) -> FactorShape:
+        return FactorShape.dense(self.g_dim)
+
+    def example_scale(self, batch_size: int) -> int:
+        """G's multiplier: the per-example gradient is N times the mean loss's, so G gains N^2 (``"example"``)."""
+        return batch_size * batch_size if self.g_scale == "example" else 1
 
     @abstractmethod
-    def g_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
-        """Autograd's gradient at the layer's output as columns: ``g_dim x rows`` (not yet scaled by N)."""
+    def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """This pass's A from the layer's input ``x`` (None where the layer has no A)."""
 
-    def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``A_b = (1/rows) sum a a^T`` over every row of the batch, computed in ``dtype`` (default: x's)."""
-        a = self.a_columns(x).to(dtype or x.dtype)
-        return torch.mm(a, a.t()).mul_(self._a_weight(x.shape[0], a.shape[1]))
-
-    def _a_weight(self, batch_size: int, rows: int) -> float:
-        """The weight of each row's ``a a^T`` in ``A_b``: a mean over the rows."""
-        return 1.0 / rows
-
-    def g_factor(self, grad_output: torch.Tensor, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``G_b = (1/rows) sum g g^T``, ``g = N * grad_output`` (``g_scale="example"``) or ``grad_output``."""
-        g = self.g_columns(grad_output).to(dtype or grad_output.dtype)
-        # One multiplier for both scalings: the per-example gradient is N times the mean loss's, so G gains N^2.
-        example = batch_size * batch_size if self.g_scale == "example" else 1
-        return torch.mm(g, g.t()).mul_(example / g.shape[1])
+    @abstractmethod
+    def g_factor(self, grad_output: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """This pass's G from autograd's gradient at the layer's output (and its input ``x``; N is its length)."""
 
     def has_grad(self) -> bool:
         return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
@@ -88,7 +96,7 @@ class LayerHelper(ABC):
         out[:, :weight_cols].copy_(self.weight.grad.reshape(self.g_dim, weight_cols))
         if self.bias is not None:
             assert self.bias.grad is not None
-            out[:, weight_cols].copy_(self.bias.grad)
+            out[:, weight_cols].copy_(self.bias.grad.reshape(-1))
 
     def write_grad(self, matrix: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """Set the gradients from ``matrix`` (``g_dim x a_dim``), times ``scale`` when given, in place."""
@@ -107,10 +115,44 @@ class LayerHelper(ABC):
                 flat.copy_(value * scale)
 
 
-class LinearHelper(LayerHelper):
-    """``nn.Linear``: one column per example (extra leading input dimensions give one per position)."""
+class ColumnHelper(LayerHelper):
+    """Layers whose factors are means of ``a a^T`` and ``g g^T`` over columns: Linear and Conv2d."""
+
+    @abstractmethod
+    def a_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's inputs as columns ``a`` (with a 1 last when the layer has a bias): ``a_dim x rows``."""
+
+    @abstractmethod
+    def g_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """Autograd's gradient at the layer's output as columns: ``g_dim x rows`` (not yet scaled by N)."""
+
+    def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``A_b = (1/rows) sum a a^T`` over every row of the batch, computed in ``dtype`` (default: x's)."""
+        a = self.a_columns(x).to(dtype or x.dtype)
+        return torch.mm(a, a.t()).mul_(self._a_weight(x.shape[0], a.shape[1]))
+
+    def _a_weight(self, batch_size: int, rows: int) -> float:
+        """The weight of each row's ``a a^T`` in ``A_b``: a mean over the rows."""
+        return 1.0 / rows
+
+    def g_factor(self, grad_output: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``G_b = (1/rows) sum g g^T``, ``g = N * grad_output`` (``g_scale="example"``) or ``grad_output``."""
+        g = self.g_columns(grad_output).to(dtype or grad_output.dtype)
+        return torch.mm(g, g.t()).mul_(self.example_scale(x.shape[0]) / g.shape[1])
+
+
+class LinearHelper(ColumnHelper):
+    """``nn.Linear``: one column per example; extra leading input dimensions (a sequence) give one per position
+    (``weight_sharing="expand"``) or one per example, from the mean input and the summed output gradient
+    (``"reduce"``)."""
 
     module: nn.Linear
+
+    def __init__(
+        self, module: nn.Linear, *, g_scale: GScale = "example", weight_sharing: WeightSharing = "expand"
+    ) -> None:
+        super().__init__(module, g_scale=g_scale)
+        self.weight_sharing = weight_sharing
 
     @property
     def a_dim(self) -> int:
@@ -121,16 +163,20 @@ class LinearHelper(LayerHelper):
         return self.module.out_features
 
     def a_columns(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_sharing == "reduce" and x.dim() > 2:
+            x = x.reshape(x.shape[0], -1, self.module.in_features).mean(1)
         x = x.reshape(-1, self.module.in_features)
         if self.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         return x.t()  # a view: the matrix product reads it transposed, nothing is copied
 
     def g_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
+        if self.weight_sharing == "reduce" and grad_output.dim() > 2:
+            grad_output = grad_output.reshape(grad_output.shape[0], -1, self.module.out_features).sum(1)
         return grad_output.reshape(-1, self.module.out_features).t()
 
 
-class Conv2dHelper(LayerHelper):
+class Conv2dHelper(ColumnHelper):
     """``nn.Conv2d`` with ``groups=1``: one column per example and output position (im2col)."""
 
     module: nn.Conv2d
@@ -182,16 +228,146 @@ class Conv2dHelper(LayerHelper):
         return grad_output.transpose(0, 1).reshape(self.module.out_channels, -1)
 
 
+class EmbeddingHelper(LayerHelper):
+    """``nn.Embedding``: the input is a one-hot row, so A is diagonal, the token frequencies, kept as a vector.
+
+    Gradient matrix ``dL/dW^T`` (``embedding_dim x num_embeddings``). Positions holding ``padding_idx`` take no
+    gradient: they add nothing to either factor (as an all-zero input row would) but still count among the N*T
+    rows averaged over, so that equal shards of a batch average to the whole batch's factors.
+    """
+
+    module: nn.Embedding
+
+    def __init__(self, module: nn.Embedding, *, g_scale: GScale = "example") -> None:
+        if module.sparse:
+            raise ValueError(
+                "nn.Embedding with sparse=True gives sparse gradients, which K-FAC does not precondition; build it "
+                "with sparse=False, or list it in skip_layers to keep its plain sparse gradient"
+            )
+        super().__init__(module, g_scale=g_scale)
+
+    @property
+    def a_dim(self) -> int:
+        return self.module.num_embeddings
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.embedding_dim
+
+    @property
+    def a_shape(self) -> FactorShape:
+        return FactorShape(Structure.DIAGONAL, self.a_dim)
+
+    def _kept(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Which positions count (None: all of them): those that do not hold ``padding_idx``."""
+        pad = self.module.padding_idx
+        return None if pad is None else x.reshape(-1) != pad
+
+    def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tokens, kept = x.reshape(-1), self._kept(x)
+        if kept is not None:
+            tokens = tokens[kept]
+        counts = torch.bincount(tokens, minlength=self.a_dim).to(dtype or self.weight.dtype)
+        return counts.div_(max(x.numel(), 1))
+
+    def g_factor(self, grad_output: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        g, kept = grad_output.reshape(-1, self.g_dim).to(dtype or grad_output.dtype), self._kept(x)
+        if kept is not None:
+            g = g[kept]
+        return torch.mm(g.t(), g).mul_(self.example_scale(x.shape[0]) / max(x.numel(), 1))
+
+    def read_grad(self, out: torch.Tensor) -> None:
+        assert self.weight.grad is not None
+        out.copy_(self.weight.grad.t())
+
+    def write_grad(self, matrix: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        grad = self.weight.grad
+        assert grad is not None
+        grad.copy_((matrix if scale is None else matrix * scale).t())
+
+
+class NormHelper(LayerHelper):
+    """``nn.LayerNorm`` and ``nn.BatchNorm*d`` with a weight and a bias: the unit-wise Fisher.
+
+    Each unit u (a normalised feature or channel) has the ``2 x 2`` block ``F_u = (1/N) sum_i v_iu v_iu^T`` of
+    the per-example gradients ``v_iu = N (sum_p g_ipu xhat_ipu, sum_p g_ipu)`` of its (weight, bias), summed over
+    the example's positions p; ``xhat`` is the normalised input (BatchNorm: with the batch's statistics, whose
+    coupling of the examples is ignored). The blocks are stored as the G factor; there is no A. After Osawa et al.
+    (CVPR 2019), who precondition BatchNorm unit-wise in their distributed K-FAC.
+    """
+
+    module: nn.LayerNorm | nn.modules.batchnorm._BatchNorm
+
+    @property
+    def a_dim(self) -> int:
+        return 2
+
+    @property
+    def g_dim(self) -> int:
+        return self.weight.numel()
+
+    @property
+    def a_shape(self) -> FactorShape:
+        return FactorShape(Structure.NONE, 2)
+
+    @property
+    def g_shape(self) -> FactorShape:
+        return FactorShape(Structure.BLOCKS, self.g_dim)
+
+    def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        return None
+
+    def _per_unit(self, t: torch.Tensor) -> torch.Tensor:
+        """``N x positions x units``: LayerNorm's units are its last dimensions, BatchNorm's are dimension 1."""
+        if isinstance(self.module, nn.LayerNorm):
+            return t.reshape(t.shape[0], -1, self.g_dim)
+        return t.reshape(t.shape[0], self.g_dim, -1).transpose(1, 2)
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if isinstance(m, nn.LayerNorm):
+            dims = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
+            mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+            return (x - mean) / torch.sqrt(var + m.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if m.training or m.running_mean is None or m.running_var is None:
+            dims = (0, *range(2, x.dim()))
+            mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+        else:
+            mean, var = m.running_mean.view(shape), m.running_var.view(shape)
+        return (x - mean) / torch.sqrt(var + m.eps)
+
+    def g_factor(self, grad_output: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or grad_output.dtype
+        xhat = self._per_unit(self._normalised(x.to(dtype)))
+        g = self._per_unit(grad_output.to(dtype))
+        per_example = torch.stack([(g * xhat).sum(1), g.sum(1)], dim=-1)  # N x units x 2
+        blocks = torch.einsum("nui,nuj->uij", per_example, per_example)
+        return blocks.mul_(self.example_scale(x.shape[0]) / x.shape[0])
+
+
+NORM_LAYERS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+
+
 def helper_for(
-    module: nn.Module, *, conv_factors: ConvFactors = "mean", g_scale: GScale = "example"
+    module: nn.Module,
+    *,
+    conv_factors: ConvFactors = "mean",
+    g_scale: GScale = "example",
+    weight_sharing: WeightSharing = "expand",
 ) -> LayerHelper | None:
     """The helper for a supported layer, or None for layers that keep their plain gradients.
 
-    ``conv_factors`` concerns Conv2d only: a Linear layer with extra leading input dimensions keeps one row per
-    position and the mean over all rows whatever it says.
+    ``conv_factors`` concerns Conv2d only, ``weight_sharing`` Linear only (Embedding always expands: its A stays
+    diagonal only so). Normalisation layers need both a weight and a bias. Raises ValueError for a supported type
+    in a form K-FAC cannot take (an Embedding with ``sparse=True``).
     """
     if isinstance(module, nn.Linear):
-        return LinearHelper(module, g_scale=g_scale)
+        return LinearHelper(module, g_scale=g_scale, weight_sharing=weight_sharing)
     if isinstance(module, nn.Conv2d) and module.groups == 1:
         return Conv2dHelper(module, g_scale=g_scale, conv_factors=conv_factors)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingHelper(module, g_scale=g_scale)
+    if isinstance(module, NORM_LAYERS) and module.weight is not None and module.bias is not None:
+        return NormHelper(module, g_scale=g_scale)
     return None

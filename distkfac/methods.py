@@ -19,6 +19,11 @@ Methods:
   preconditioning time, so a damping schedule acts every step.
 - ``inverse``: ``(F + shift I)^-1`` by Cholesky, with the shift of each factor given by the caller (``s``, or
   ``pi s`` for A and ``s / pi`` for G); ``V = G_inv grad A_inv``. Damping is read when the inverses are made.
+
+Factor structures (``distkfac.factors.Structure``): a ``diagonal`` factor's decomposition is its clamped diagonal
+(eigen) or the reciprocal of its shifted diagonal (inverse), applied by broadcasting. A ``blocks`` factor (unit-wise
+``2 x 2`` blocks, with no Kronecker partner) is decomposed block by block, and takes the whole damping in every
+form: ``V_u = (F_u + damping I)^-1 grad_u`` (there is no second factor to share it with).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Literal
 
 import torch
 
+from distkfac.factors import FactorShape, Structure
+
 DampingForm = Literal["tikhonov", "factored", "factored-pi"]
 DAMPING_FORMS: tuple[str, ...] = ("tikhonov", "factored", "factored-pi")
 
@@ -38,6 +45,33 @@ def _chain(left: torch.Tensor, middle: torch.Tensor, right: torch.Tensor) -> tor
     if middle.shape[0] == 1:
         return torch.mm(torch.mm(left[0], middle[0]), right[0]).unsqueeze(0)
     return torch.matmul(torch.matmul(left, middle), right)
+
+
+DENSE_PAIR = (Structure.DENSE, Structure.DENSE)
+
+
+def _apply_left(matrices: torch.Tensor, grads: torch.Tensor, structure: Structure, transpose: bool) -> torch.Tensor:
+    """The G side: ``M grad`` (or ``M^T grad``) for dense and per-unit block matrices; other structures pass."""
+    if structure is Structure.DENSE:
+        return torch.matmul(matrices.transpose(1, 2) if transpose else matrices, grads)
+    if structure is Structure.BLOCKS:  # matrices k x u x 2 x 2, grads k x u x 2
+        blocks = matrices.transpose(2, 3) if transpose else matrices
+        return torch.matmul(blocks, grads.unsqueeze(-1)).squeeze(-1)
+    return grads
+
+
+def _apply_right(grads: torch.Tensor, matrices: torch.Tensor, structure: Structure, transpose: bool) -> torch.Tensor:
+    """The A side: ``grad M`` (or ``grad M^T``) for a dense matrix; other structures pass."""
+    if structure is Structure.DENSE:
+        return torch.matmul(grads, matrices.transpose(1, 2) if transpose else matrices)
+    return grads
+
+
+def _scale(grads: torch.Tensor, values: torch.Tensor, structure: Structure, side: int) -> torch.Tensor:
+    """``diag(values) grad`` (side 1, G) or ``grad diag(values)`` (side 2, A) for a diagonal factor's vector."""
+    if structure is not Structure.DIAGONAL:
+        return grads
+    return grads * values.unsqueeze(3 - side)
 
 
 def pi_correction(mean_a: torch.Tensor, mean_g: torch.Tensor) -> torch.Tensor:
@@ -69,21 +103,32 @@ class ComputeMethod(ABC):
         self.damping_form = form
 
     @abstractmethod
-    def decompose(self, factors: torch.Tensor, shifts: torch.Tensor | None) -> list[torch.Tensor]:
-        """State tensors for ``k x n x n`` factors, each with the batch dimension first.
+    def decompose(
+        self, factors: torch.Tensor, shifts: torch.Tensor | None, structure: Structure = Structure.DENSE
+    ) -> list[torch.Tensor]:
+        """State tensors for ``k`` stacked factors of one structure, each with the batch dimension first.
 
         ``shifts`` (length k) are the diagonal shifts to bake in, for methods with ``shifts_at_decomposition``.
         """
 
     @abstractmethod
     def precondition(
-        self, grads: torch.Tensor, a_state: list[torch.Tensor], g_state: list[torch.Tensor], damping: float
+        self,
+        grads: torch.Tensor,
+        a_state: list[torch.Tensor],
+        g_state: list[torch.Tensor],
+        damping: float,
+        structures: tuple[Structure, Structure] = DENSE_PAIR,
     ) -> torch.Tensor:
-        """Preconditioned gradients ``V`` for ``k x g_dim x a_dim`` gradients."""
+        """Preconditioned gradients ``V`` for ``k x g_dim x a_dim`` gradients; ``structures`` is (A's, G's)."""
 
-    def state_shapes(self, n: int) -> list[tuple[int, ...]]:
-        """Per-factor shapes of the state tensors of one ``n x n`` factor."""
-        return [(n, n)]
+    @abstractmethod
+    def state_shapes(self, shape: FactorShape | int) -> list[tuple[int, ...]]:
+        """Per-factor shapes of the state tensors of one factor (an int is a dense ``n x n`` factor)."""
+
+
+def _as_shape(shape: FactorShape | int) -> FactorShape:
+    return shape if isinstance(shape, FactorShape) else FactorShape.dense(shape)
 
 
 class EigenMethod(ComputeMethod):
@@ -92,7 +137,11 @@ class EigenMethod(ComputeMethod):
     default_form = "tikhonov"
     shifts_at_decomposition = False
 
-    def decompose(self, factors: torch.Tensor, shifts: torch.Tensor | None) -> list[torch.Tensor]:
+    def decompose(
+        self, factors: torch.Tensor, shifts: torch.Tensor | None, structure: Structure = Structure.DENSE
+    ) -> list[torch.Tensor]:
+        if structure is Structure.DIAGONAL:
+            return [factors.clamp(min=0.0)]  # a diagonal matrix is its own eigendecomposition
         try:
             eigenvalues, eigenvectors = torch.linalg.eigh(factors)
         except torch.linalg.LinAlgError:
@@ -105,13 +154,27 @@ class EigenMethod(ComputeMethod):
         return [eigenvectors, eigenvalues.clamp_(min=0.0)]
 
     def precondition(
-        self, grads: torch.Tensor, a_state: list[torch.Tensor], g_state: list[torch.Tensor], damping: float
+        self,
+        grads: torch.Tensor,
+        a_state: list[torch.Tensor],
+        g_state: list[torch.Tensor],
+        damping: float,
+        structures: tuple[Structure, Structure] = DENSE_PAIR,
     ) -> torch.Tensor:
-        q_a, d_a = a_state
-        q_g, d_g = g_state
-        rotated = _chain(q_g.transpose(1, 2), grads, q_a)
-        rotated.div_(self._denominators(d_a, d_g, damping))
-        return _chain(q_g, rotated, q_a.transpose(1, 2))
+        if structures == DENSE_PAIR:
+            q_a, d_a = a_state
+            q_g, d_g = g_state
+            rotated = _chain(q_g.transpose(1, 2), grads, q_a)
+            rotated.div_(self._denominators(d_a, d_g, damping))
+            return _chain(q_g, rotated, q_a.transpose(1, 2))
+        a_structure, g_structure = structures
+        q_a, q_g = (a_state or [grads])[0], (g_state or [grads])[0]  # unused for the structures without a basis
+        rotated = _apply_right(_apply_left(q_g, grads, g_structure, True), q_a, a_structure, False)
+        if a_structure is Structure.NONE:  # unit-wise blocks: the whole damping on each block's eigenvalues
+            rotated = rotated / (g_state[-1] + damping)
+        else:
+            rotated = rotated / self._denominators(a_state[-1], g_state[-1], damping)
+        return _apply_right(_apply_left(q_g, rotated, g_structure, False), q_a, a_structure, True)
 
     def _denominators(self, d_a: torch.Tensor, d_g: torch.Tensor, damping: float) -> torch.Tensor:
         """The damped eigenvalues of the preconditioned system, ``k x g_dim x a_dim``."""
@@ -124,8 +187,13 @@ class EigenMethod(ComputeMethod):
         pi = pi_correction(d_a.mean(1), d_g.mean(1)).unsqueeze(1)
         return (d_g + shift / pi).unsqueeze(2) * (d_a + shift * pi).unsqueeze(1)
 
-    def state_shapes(self, n: int) -> list[tuple[int, ...]]:
-        return [(n, n), (n,)]
+    def state_shapes(self, shape: FactorShape | int) -> list[tuple[int, ...]]:
+        structure, n = _as_shape(shape)
+        if structure is Structure.DENSE:
+            return [(n, n), (n,)]
+        if structure is Structure.BLOCKS:
+            return [(n, 2, 2), (n, 2)]
+        return [(n,)] if structure is Structure.DIAGONAL else []
 
 
 class InverseMethod(ComputeMethod):
@@ -135,8 +203,14 @@ class InverseMethod(ComputeMethod):
     default_form = "factored"
     shifts_at_decomposition = True
 
-    def decompose(self, factors: torch.Tensor, shifts: torch.Tensor | None) -> list[torch.Tensor]:
+    def decompose(
+        self, factors: torch.Tensor, shifts: torch.Tensor | None, structure: Structure = Structure.DENSE
+    ) -> list[torch.Tensor]:
         assert shifts is not None, "the inverse method bakes each factor's shift into its inverse"
+        if structure is Structure.DIAGONAL:
+            return [(factors + shifts.to(factors.dtype).view(-1, 1)).reciprocal_()]
+        if structure is Structure.BLOCKS:
+            return [self._block_inverses(factors, shifts.to(factors.dtype).view(-1, 1, 1, 1))]
         n = factors.shape[-1]
         eye = torch.eye(n, dtype=factors.dtype, device=factors.device)
         damped = factors + shifts.to(factors.dtype).view(-1, 1, 1) * eye
@@ -151,10 +225,38 @@ class InverseMethod(ComputeMethod):
         inverses = torch.stack([torch.cholesky_inverse(c) for c in chol])
         return [inverses.to(factors.dtype)]
 
+    @staticmethod
+    def _block_inverses(blocks: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """``(B + shift I)^-1`` of symmetric ``2 x 2`` blocks in closed form: ``[[d, -b], [-b, a]] / (ad - b^2)``."""
+        a = blocks[..., 0, 0] + shifts[..., 0, 0]
+        d = blocks[..., 1, 1] + shifts[..., 0, 0]
+        b = blocks[..., 0, 1]
+        det = a * d - b * b
+        if not bool((det > 0).all()):
+            raise torch.linalg.LinAlgError("a unit-wise block plus its damping is not positive definite")
+        return torch.stack([torch.stack([d, -b], -1), torch.stack([-b, a], -1)], -2) / det[..., None, None]
+
     def precondition(
-        self, grads: torch.Tensor, a_state: list[torch.Tensor], g_state: list[torch.Tensor], damping: float
+        self,
+        grads: torch.Tensor,
+        a_state: list[torch.Tensor],
+        g_state: list[torch.Tensor],
+        damping: float,
+        structures: tuple[Structure, Structure] = DENSE_PAIR,
     ) -> torch.Tensor:
-        return _chain(g_state[0], grads, a_state[0])
+        if structures == DENSE_PAIR:
+            return _chain(g_state[0], grads, a_state[0])
+        a_structure, g_structure = structures
+        out = grads
+        if g_structure is not Structure.NONE:
+            out = _scale(_apply_left(g_state[0], out, g_structure, False), g_state[0], g_structure, 1)
+        if a_structure is not Structure.NONE:
+            out = _scale(_apply_right(out, a_state[0], a_structure, False), a_state[0], a_structure, 2)
+        return out
+
+    def state_shapes(self, shape: FactorShape | int) -> list[tuple[int, ...]]:
+        structure, n = _as_shape(shape)
+        return [] if structure is Structure.NONE else [FactorShape(structure, n).tensor_shape]
 
 
 METHODS: dict[str, type[ComputeMethod]] = {"eigen": EigenMethod, "inverse": InverseMethod}

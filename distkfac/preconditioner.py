@@ -66,8 +66,8 @@ from torch.utils.hooks import RemovableHandle
 from distkfac.assignment import Strategy, WorkAssignment, assign_work, grad_workers_for
 from distkfac.comm import Communicator, average_gradients, resolve_communicator
 from distkfac.exchange import DecompositionExchange, FactorExchange, GradientExchange
-from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, of_kind
-from distkfac.layers import ConvFactors, GScale, LayerHelper, helper_for
+from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, FactorShape, Structure, of_kind
+from distkfac.layers import ConvFactors, GScale, LayerHelper, WeightSharing, helper_for
 from distkfac.methods import METHODS, ComputeMethod, DampingForm, DecompositionError, pi_correction
 from distkfac.settings import (
     FACTOR_REDUCTIONS,
@@ -117,6 +117,7 @@ class _Group:
     grads: torch.Tensor
     a_state: list[torch.Tensor]
     g_state: list[torch.Tensor]
+    structures: tuple[Structure, Structure]  # A's and G's
 
     def state(self, kind: FactorKind) -> list[torch.Tensor]:
         """The stacked decompositions of the layers' ``kind`` factors (one tensor per part, e.g. Q and d)."""
@@ -149,6 +150,7 @@ class KFACPreconditioner:
         damping_form: DampingForm | None = None,
         conv_factors: ConvFactors = "mean",
         g_scale: GScale = "example",
+        weight_sharing: WeightSharing = "expand",
         fisher: Literal["empirical", "mc"] = "empirical",
         skip_layers: Iterable[str | type[nn.Module]] = (),
         factor_dtype: torch.dtype | None = None,
@@ -173,15 +175,15 @@ class KFACPreconditioner:
         self._sampling = False
         self._paused = False
 
-        self._layers = self._find_layers(model, settings.skip_layers, conv_factors, g_scale)
+        self._layers = self._find_layers(model, settings.skip_layers, conv_factors, g_scale, weight_sharing)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.overlap_comm = overlap_comm and self.comm.world_size > 1
         self.allreduce_grads = (
             not isinstance(model, nn.parallel.DistributedDataParallel) if allreduce_grads is None else allreduce_grads
         )
-        dims = [(layer.helper.a_dim, layer.helper.g_dim) for layer in self._layers]
-        self.assignment = self._assign(settings, dims)
-        self._make_exchanges(settings, dims)
+        shapes = [(layer.helper.a_shape, layer.helper.g_shape) for layer in self._layers]
+        self.assignment = self._assign(settings, shapes)
+        self._make_exchanges(settings, shapes)
         self._groups = self._make_groups()
         self._hooks: list[RemovableHandle] = [
             layer.helper.module.register_forward_hook(self._make_forward_hook(layer)) for layer in self._layers
@@ -194,6 +196,7 @@ class KFACPreconditioner:
         self.damping_form = settings.damping_form
         self.conv_factors = settings.conv_factors
         self.g_scale = settings.g_scale
+        self.weight_sharing = settings.weight_sharing
         self.damping = settings.damping
         self.factor_decay = settings.factor_decay
         self.kl_clip = settings.kl_clip
@@ -206,7 +209,7 @@ class KFACPreconditioner:
         self.inv_dtype = settings.inv_dtype
         self.strategy = settings.strategy
 
-    def _assign(self, settings: KFACSettings, dims: list[tuple[int, int]]) -> WorkAssignment:
+    def _assign(self, settings: KFACSettings, dims: list[tuple[FactorShape, FactorShape]]) -> WorkAssignment:
         """Who decomposes and preconditions what; in a distributed run, checked against the other ranks."""
         grad_workers = grad_workers_for(settings.strategy, settings.grad_worker_fraction, self.comm.world_size)
         assignment = assign_work(dims, self.comm.world_size, grad_workers)
@@ -224,7 +227,7 @@ class KFACPreconditioner:
             self.comm.prepare_groups([*assignment.worker_groups, *assignment.receiver_groups])
         return assignment
 
-    def _make_exchanges(self, settings: KFACSettings, dims: list[tuple[int, int]]) -> None:
+    def _make_exchanges(self, settings: KFACSettings, dims: list[tuple[FactorShape, FactorShape]]) -> None:
         self._factor_exchange = FactorExchange(
             self.comm,
             self.assignment,
@@ -241,7 +244,11 @@ class KFACPreconditioner:
 
     @staticmethod
     def _find_layers(
-        model: nn.Module, skip: tuple[str | type[nn.Module], ...], conv_factors: ConvFactors, g_scale: GScale
+        model: nn.Module,
+        skip: tuple[str | type[nn.Module], ...],
+        conv_factors: ConvFactors,
+        g_scale: GScale,
+        weight_sharing: WeightSharing,
     ) -> list[_Layer]:
         named = dict(model.named_modules())
         class_names = {type(m).__name__ for m in named.values()}
@@ -264,21 +271,27 @@ class KFACPreconditioner:
 
         layers: list[_Layer] = []
         for name, module in named.items():
-            helper = helper_for(module, conv_factors=conv_factors, g_scale=g_scale)
-            if helper is not None and not skipped(name, module) and helper.weight.requires_grad:
+            if skipped(name, module):
+                continue
+            try:
+                helper = helper_for(module, conv_factors=conv_factors, g_scale=g_scale, weight_sharing=weight_sharing)
+            except ValueError as error:
+                raise ValueError(f"distkfac: layer {name!r}: {error}") from None
+            if helper is not None and helper.weight.requires_grad:
                 layers.append(_Layer(name=name, helper=helper, index=len(layers)))
         if not layers:
             raise ValueError(
-                "distkfac: the model has no layer K-FAC can precondition (nn.Linear, or nn.Conv2d with groups=1, "
-                "with trainable weights and not in skip_layers); use a plain optimizer for this model"
+                "distkfac: the model has no layer K-FAC can precondition (nn.Linear, nn.Conv2d with groups=1, "
+                "nn.Embedding, or LayerNorm/BatchNorm with weight and bias, with trainable weights and not in "
+                "skip_layers); use a plain optimizer for this model"
             )
         return layers
 
     def _check_same_everywhere(self, *settings: object) -> None:
         """Every rank must build the same layers and settings; a mismatch would pair up the wrong buffers."""
-        layers = [(layer.name, layer.helper.a_dim, layer.helper.g_dim) for layer in self._layers]
+        layers = [(layer.name, *layer.helper.a_shape, *layer.helper.g_shape) for layer in self._layers]
         devices = {(layer.helper.weight.device, self._compute_dtype(layer.helper)) for layer in self._layers}
-        conventions = (self.damping_form, self.conv_factors, self.g_scale)
+        conventions = (self.damping_form, self.conv_factors, self.g_scale, self.weight_sharing)
         steps = (self.factor_update_steps, self.inv_update_steps)
         description = repr((layers, self.compute_method, conventions, steps, self.fisher, settings))
         digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:8], "little", signed=True)
@@ -293,7 +306,8 @@ class KFACPreconditioner:
             )
         different = [rank for rank, (other, _, _) in enumerate(everyone) if other != everyone[0][0]]
         if different:
-            summary = ", ".join(f"{name} ({g}x{a})" for name, a, g in layers[:8]) + (", ..." if len(layers) > 8 else "")
+            summary = ", ".join(f"{name} ({g}x{a})" for name, _, a, _, g in layers[:8])
+            summary += ", ..." if len(layers) > 8 else ""
             raise ValueError(
                 f"distkfac: the ranks disagree on the model or the K-FAC settings: ranks {different} differ from "
                 f"rank 0 (layer counts by rank: {[count for _, count, _ in everyone]}). This rank "
@@ -313,22 +327,23 @@ class KFACPreconditioner:
         by_shape: dict[tuple[Any, ...], list[_Layer]] = defaultdict(list)
         for layer in layers:
             h = layer.helper
-            by_shape[(h.g_dim, h.a_dim, h.weight.device, self._compute_dtype(h))].append(layer)
+            by_shape[(h.a_shape, h.g_shape, h.weight.device, self._compute_dtype(h))].append(layer)
         groups = []
-        for index, ((g_dim, a_dim, device, dtype), members) in enumerate(by_shape.items()):
+        for index, ((a_shape, g_shape, device, dtype), members) in enumerate(by_shape.items()):
             for slot, layer in enumerate(members):
                 layer.group, layer.slot = index, slot
             k = len(members)
+            a_state, g_state = (
+                [torch.zeros((k, *s), dtype=dtype, device=device) for s in self._method.state_shapes(shape)]
+                for shape in (a_shape, g_shape)
+            )
             groups.append(
                 _Group(
                     layers=members,
-                    grads=torch.zeros(k, g_dim, a_dim, dtype=dtype, device=device),
-                    a_state=[
-                        torch.zeros((k, *s), dtype=dtype, device=device) for s in self._method.state_shapes(a_dim)
-                    ],
-                    g_state=[
-                        torch.zeros((k, *s), dtype=dtype, device=device) for s in self._method.state_shapes(g_dim)
-                    ],
+                    grads=torch.zeros(k, g_shape.dim, a_shape.dim, dtype=dtype, device=device),
+                    a_state=a_state,
+                    g_state=g_state,
+                    structures=(a_shape.structure, g_shape.structure),
                 )
             )
         return groups
@@ -345,21 +360,22 @@ class KFACPreconditioner:
             if not inputs or not isinstance(inputs[0], torch.Tensor):
                 raise TypeError(f"distkfac: layer {layer.name!r} must be called with its input tensor positionally")
             x = inputs[0].detach()
-            batch_size = x.shape[0]
             a_batch = layer.helper.a_factor(x, self.factor_dtype)
-            layer.a_batch = a_batch if layer.a_batch is None else layer.a_batch.add_(a_batch)
+            if a_batch is not None:
+                layer.a_batch = a_batch if layer.a_batch is None else layer.a_batch.add_(a_batch)
             layer.a_passes += 1
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 # A tensor hook registered before any in-place op on the output (ReLU(inplace=True)) receives the
-                # gradient at the layer's own output, which is what G needs.
-                output.register_hook(lambda grad: self._capture_g(layer, grad, batch_size))
+                # gradient at the layer's own output, which is what G needs. It keeps x (which autograd keeps
+                # anyway for the weight's gradient): normalisation layers need it beside the gradient.
+                output.register_hook(lambda grad: self._capture_g(layer, grad, x))
 
         return hook
 
-    def _capture_g(self, layer: _Layer, grad_output: torch.Tensor, batch_size: int) -> None:
+    def _capture_g(self, layer: _Layer, grad_output: torch.Tensor, x: torch.Tensor) -> None:
         if self.fisher == "mc" and not self._sampling:
             return  # the training loss's backward: with fisher="mc", G comes from mc_backward() only
-        g_batch = layer.helper.g_factor(grad_output.detach(), batch_size, self.factor_dtype)
+        g_batch = layer.helper.g_factor(grad_output.detach(), x, self.factor_dtype)
         layer.g_batch = g_batch if layer.g_batch is None else layer.g_batch.add_(g_batch)
         layer.g_passes += 1
         if self.overlap_comm and layer.g_passes == layer.a_passes:
@@ -465,8 +481,8 @@ class KFACPreconditioner:
 
     def _hand_off(self, layer: _Layer, launch: bool) -> None:
         """Give the exchange this pass's batch factors of ``layer`` (the mean over its calls in the pass)."""
-        assert layer.a_batch is not None and layer.g_batch is not None
-        if layer.a_passes > 1:
+        assert layer.g_batch is not None and (layer.a_batch is not None or not layer.helper.a_shape.present)
+        if layer.a_passes > 1 and layer.a_batch is not None:
             layer.a_batch.div_(layer.a_passes)
         if layer.g_passes > 1:
             layer.g_batch.div_(layer.g_passes)
@@ -476,11 +492,11 @@ class KFACPreconditioner:
 
     def _update_factors(self, step: int) -> None:
         for layer in self._layers:
-            if layer.a_batch is not None and layer.g_batch is not None:
+            if layer.g_batch is not None and (layer.a_batch is not None or not layer.helper.a_shape.present):
                 self._hand_off(layer, launch=False)
         handed = self._factor_exchange.handed_off
         if not handed:
-            if self.fisher == "mc" and any(layer.a_batch is not None for layer in self._layers):
+            if self.fisher == "mc" and any(layer.a_passes for layer in self._layers):
                 raise RuntimeError(
                     "distkfac: fisher='mc' needs precond.mc_backward(logits) after the forward pass and before "
                     f"loss.backward() on factor-update steps (step {step})"
@@ -540,7 +556,7 @@ class KFACPreconditioner:
             layer.decomposed = layer.decomposed or layer.index in ready
 
     def _owned_factors_by_size(self, ready: set[int]) -> dict[tuple[Any, ...], list[FactorKey]]:
-        """This rank's factors of ``ready`` layers, by (size, device, compute dtype): each group is one batched call."""
+        """This rank's factors of ``ready`` layers, by (FactorShape, device, compute dtype): one batched call each."""
         by_size: dict[tuple[Any, ...], list[FactorKey]] = defaultdict(list)
         owner = self._factor_exchange.owner
         for key in sorted(key for key, rank in owner.items() if rank == self.comm.rank):
@@ -548,7 +564,8 @@ class KFACPreconditioner:
             factor = layer.factor(key.kind)
             if factor is None or key.layer not in ready:
                 continue
-            by_size[(factor.shape[0], factor.device, self._compute_dtype(layer.helper))].append(key)
+            shape = of_kind(key.kind, (layer.helper.a_shape, layer.helper.g_shape))
+            by_size[(shape, factor.device, self._compute_dtype(layer.helper))].append(key)
         return by_size
 
     def _decompose(
@@ -562,7 +579,7 @@ class KFACPreconditioner:
         mine: dict[FactorKey, list[torch.Tensor]] = {}
         for key, members in by_size.items():
             try:
-                decomposed = self._method.decompose(stacks[key], shifts.get(key))
+                decomposed = self._method.decompose(stacks[key], shifts.get(key), key[0].structure)
             except torch.linalg.LinAlgError as error:
                 names = ", ".join(self._factor_name(member) for member in members)
                 raise DecompositionError(
@@ -585,14 +602,22 @@ class KFACPreconditioner:
     def _shifts(
         self, damping: float, by_size: Mapping[Any, list[FactorKey]], stacks: Mapping[Any, torch.Tensor]
     ) -> dict[Any, torch.Tensor]:
-        """Each stacked factor's diagonal shift: ``s = sqrt(damping)``, or ``pi s`` for A and ``s / pi`` for G."""
+        """Each stacked factor's diagonal shift: ``s = sqrt(damping)``, or ``pi s`` for A and ``s / pi`` for G.
+
+        Unit-wise blocks have no Kronecker partner and take the whole damping.
+        """
         shift = math.sqrt(damping)
-        if self.damping_form != "factored-pi":
-            return {key: torch.full((len(m),), shift, dtype=torch.float64, device=key[1]) for key, m in by_size.items()}
-        means = self._factor_means(by_size, stacks)
-        pi = pi_correction(means[0::2], means[1::2])  # per layer
         out = {}
         for key, members in by_size.items():
+            value = damping if key[0].structure is Structure.BLOCKS else shift
+            out[key] = torch.full((len(members),), value, dtype=torch.float64, device=key[1])
+        if self.damping_form != "factored-pi":
+            return out
+        means = self._factor_means(by_size, stacks)
+        pi = pi_correction(means[0::2], means[1::2])  # per layer
+        for key, members in by_size.items():
+            if key[0].structure is Structure.BLOCKS:
+                continue
             layers = torch.tensor([index for index, _ in members], device=pi.device)
             is_a = torch.tensor([kind is FactorKind.A for _, kind in members], device=pi.device)
             chosen = pi[layers]
@@ -610,7 +635,9 @@ class KFACPreconditioner:
         means = torch.zeros(2 * len(self._layers), dtype=torch.float64, device=device)
         for key, members in by_size.items():
             positions = torch.tensor([member.position for member in members], device=device)
-            diagonal_mean = stacks[key].diagonal(dim1=1, dim2=2).to(torch.float64).mean(1)
+            stack = stacks[key]
+            diagonal = stack.diagonal(dim1=1, dim2=2) if key[0].structure is Structure.DENSE else stack.flatten(1)
+            diagonal_mean = diagonal.to(torch.float64).mean(1)
             means[positions] = diagonal_mean.to(device)
         if self.comm.world_size > 1:
             self.comm.allreduce_sum(means, "factor traces").wait()
@@ -655,7 +682,9 @@ class KFACPreconditioner:
                 group.grads.zero_()  # absent layers then contribute V = 0 and nothing to the KL sum
             for layer in members:
                 layer.helper.read_grad(group.grads[layer.slot])
-            preconditioned = self._method.precondition(group.grads, group.a_state, group.g_state, damping)
+            preconditioned = self._method.precondition(
+                group.grads, group.a_state, group.g_state, damping, group.structures
+            )
             slots = torch.tensor([layer.slot for layer in members], device=vg.device)
             indices = torch.tensor([layer.index for layer in members], device=vg.device)
             per_layer = (preconditioned * group.grads).flatten(1).sum(1)
@@ -727,12 +756,17 @@ class KFACPreconditioner:
                 f"preconditioner uses {self.compute_method!r}; construct it with the checkpoint's method"
             )
         # Checkpoints from before the conventions were selectable were made with the defaults.
-        historic = {"damping_form": self._method.default_form, "conv_factors": "mean", "g_scale": "example"}
+        historic = {
+            "damping_form": self._method.default_form,
+            "conv_factors": "mean",
+            "g_scale": "example",
+            "weight_sharing": "expand",
+        }
         saved_conventions = state.get("conventions", historic)
         # The factors are made under conv_factors and g_scale; the inverse method's decompositions also under
         # damping_form (its shifts are baked in), while eigen's do not depend on it, so eigen may change it.
         relevant = [k for k in historic if k != "damping_form" or self._method.shifts_at_decomposition]
-        if any(saved_conventions.get(k) != self._conventions()[k] for k in relevant):
+        if any(saved_conventions.get(k, historic[k]) != self._conventions()[k] for k in relevant):
             raise ValueError(
                 f"distkfac: the checkpoint was made with {saved_conventions}, this preconditioner uses "
                 f"{self._conventions()}; construct it with the checkpoint's settings"
@@ -755,11 +789,11 @@ class KFACPreconditioner:
     @staticmethod
     def _check_checkpoint_factors(layer: _Layer, entry: Mapping[str, Any]) -> None:
         for kind in FACTOR_KINDS:  # stored under "A" and "G"
-            value, dim = entry[kind], of_kind(kind, (layer.helper.a_dim, layer.helper.g_dim))
-            if value is not None and tuple(value.shape) != (dim, dim):
+            value, shape = entry[kind], of_kind(kind, (layer.helper.a_shape, layer.helper.g_shape)).tensor_shape
+            if value is not None and tuple(value.shape) != shape:
                 raise ValueError(
                     f"distkfac: checkpoint factor {layer.name}.{kind} has shape {tuple(value.shape)}, "
-                    f"the model needs {(dim, dim)}"
+                    f"the model needs {shape}"
                 )
 
     def _restore_layer(self, layer: _Layer, entry: Mapping[str, Any]) -> None:
@@ -781,7 +815,12 @@ class KFACPreconditioner:
     # ------------------------------------------------------------------ misc
 
     def _conventions(self) -> dict[str, str]:
-        return {"damping_form": self.damping_form, "conv_factors": self.conv_factors, "g_scale": self.g_scale}
+        return {
+            "damping_form": self.damping_form,
+            "conv_factors": self.conv_factors,
+            "g_scale": self.g_scale,
+            "weight_sharing": self.weight_sharing,
+        }
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank keeps for K-FAC: running factors, and decompositions with their gradient stacks."""
@@ -813,5 +852,5 @@ class KFACPreconditioner:
         return (
             f"KFACPreconditioner(layers={len(self._layers)}, compute_method={self.compute_method!r}, "
             f"damping_form={self.damping_form!r}, conv_factors={self.conv_factors!r}, g_scale={self.g_scale!r}, "
-            f"fisher={self.fisher!r}, steps={self._steps})"
+            f"weight_sharing={self.weight_sharing!r}, fisher={self.fisher!r}, steps={self._steps})"
         )

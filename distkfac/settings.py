@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from distkfac.assignment import Strategy
-from distkfac.layers import CONV_FACTORS, G_SCALES, ConvFactors, GScale
+from distkfac.layers import CONV_FACTORS, G_SCALES, WEIGHT_SHARINGS, ConvFactors, GScale, WeightSharing
 from distkfac.methods import DAMPING_FORMS, METHODS, DampingForm
 
 __all__ = [
@@ -133,6 +133,7 @@ class KFACSettings:
     damping_form: DampingForm
     conv_factors: ConvFactors
     g_scale: GScale
+    weight_sharing: WeightSharing
     fisher: Literal["empirical", "mc"]
     skip_layers: tuple[str | type[nn.Module], ...]
     factor_dtype: torch.dtype | None
@@ -152,6 +153,7 @@ class KFACSettings:
         """The settings from the constructor's keyword arguments; ValueError names the first bad one."""
         a = arguments
         _check_choices(a["compute_method"], a["conv_factors"], a["g_scale"], a["fisher"], a["factor_reduction"])
+        _check_choice("weight_sharing", a["weight_sharing"], WEIGHT_SHARINGS)
         _check_steps(a["factor_update_steps"], a["inv_update_steps"])
         _check_dtypes(a["factor_dtype"], a["inv_dtype"], a["comm_dtype"])
         damping_form = _resolved_damping_form(a["compute_method"], a["damping_form"])

@@ -25,6 +25,7 @@ from torch import nn
 from distkfac import KFACPreconditioner
 from distkfac.comm import leave
 from jobs.data import FASHION_MNIST_ROOT, load_mnist_like
+from tests.kfac_reference import SequenceClassifier
 
 STEPS = 4
 BATCH = 48  # divisible by 2, 4, and by 2 passes of each
@@ -42,6 +43,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "compute_method": "inverse",
         "damping_form": "factored-pi",
     },
+    # Embedding (diagonal A), LayerNorm (unit-wise blocks, no A) and a Linear over the sequence, on tokens made
+    # from the images' rows: vector factors and blocks travel, balance and are decomposed in every strategy.
+    "sequence-comm-opt": {"strategy": "comm-opt", "model": "sequence", "ddp": True},
+    "sequence-mem-opt-reduce": {
+        "strategy": "mem-opt",
+        "model": "sequence",
+        "compute_method": "inverse",
+        "weight_sharing": "reduce",
+    },
+    "sequence-hybrid-factored-pi": {
+        "strategy": "hybrid",
+        "grad_worker_fraction": 0.5,
+        "model": "sequence",
+        "damping_form": "factored-pi",
+        "passes": 2,
+    },
     # The KAISA-like baseline of the benchmark: full factors allreduced to every rank.
     "hybrid-allreduce-baseline": {
         "strategy": "hybrid",
@@ -58,12 +75,17 @@ EXACT = [
     "comm-opt-accumulate",
     "hybrid-allreduce-baseline",
     "comm-opt-inverse-factored-pi",
+    "sequence-comm-opt",
+    "sequence-mem-opt-reduce",
+    "sequence-hybrid-factored-pi",
 ]
 HOROVOD_CONFIGS = ["comm-opt", "mem-opt", "hybrid", "comm-opt-accumulate", "mem-opt-fp16-comm"]
 
 
-def make_model() -> nn.Module:
+def make_model(name: str = "cnn") -> nn.Module:
     torch.manual_seed(0)
+    if name == "sequence":
+        return SequenceClassifier(vocab=16, dim=8, hidden=8, classes=10).double()
     return nn.Sequential(
         nn.Conv2d(1, 4, 5, stride=2),
         nn.ReLU(),
@@ -79,9 +101,16 @@ def make_model() -> nn.Module:
     ).double()
 
 
-def load_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+def image_rows_as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Each image row's mean brightness as one of 16 tokens; blank rows become token 0, the padding index."""
+    return (x.reshape(x.shape[0], 28, 28).mean(2) * 40).ceil().clamp(max=15).long()
+
+
+def load_batches(model: str = "cnn") -> list[tuple[torch.Tensor, torch.Tensor]]:
     images, labels = load_mnist_like(FASHION_MNIST_ROOT, "train")
     x = images[: STEPS * BATCH].double().reshape(-1, 1, 28, 28) / 255.0
+    if model == "sequence":
+        x = image_rows_as_tokens(x)
     y = labels[: STEPS * BATCH].long()
     return [(x[k * BATCH : (k + 1) * BATCH], y[k * BATCH : (k + 1) * BATCH]) for k in range(STEPS)]
 
@@ -92,15 +121,15 @@ IN_FLIGHT_AFTER_BACKWARD: list[int] = []  # factor reductions already started wh
 def train(config: dict[str, Any], rank: int, world: int, comm: Any, die_at: int | None = None) -> nn.Module:
     """Train ``STEPS`` steps; rank ``rank`` of ``world`` sees its equal shard of every batch."""
     IN_FLIGHT_AFTER_BACKWARD.clear()
-    settings = {k: v for k, v in config.items() if k not in ("ddp", "passes")}
-    model = make_model()
+    settings = {k: v for k, v in config.items() if k not in ("ddp", "passes", "model")}
+    model = make_model(config.get("model", "cnn"))
     trained: nn.Module = model
     if config.get("ddp") and world > 1 and torch.distributed.is_initialized():  # Horovod runs use plain models
         trained = nn.parallel.DistributedDataParallel(model)
     precond = KFACPreconditioner(trained, lr=0.1, damping=1e-2, inv_update_steps=2, kl_clip=1e-2, comm=comm, **settings)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     passes = config.get("passes", 1)
-    for step, (x, y) in enumerate(load_batches()):
+    for step, (x, y) in enumerate(load_batches(config.get("model", "cnn"))):
         shard = BATCH // world
         x, y = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
         optimizer.zero_grad()

@@ -206,3 +206,104 @@ def layer_grads(model: nn.Sequential) -> list[torch.Tensor]:
                 cols.append(module.bias.grad.reshape(-1, 1))
             out.append(torch.cat(cols, dim=1))
     return out
+
+
+# ---------------------------------------------------------------- Embedding, normalisation layers, sequences
+
+
+class SequenceClassifier(nn.Module):
+    """Tokens -> Embedding -> LayerNorm -> Linear over the sequence (weight sharing) -> ReLU -> mean -> Linear."""
+
+    def __init__(self, vocab: int = 12, dim: int = 6, hidden: int = 5, classes: int = 3, padding_idx: int = 0):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.ln = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, hidden)
+        self.head = nn.Linear(hidden, classes)
+        with torch.no_grad():  # away from LayerNorm's initial (1, 0), so that its blocks are not degenerate
+            self.ln.weight.uniform_(0.5, 1.5)
+            self.ln.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.ln(self.emb(tokens)))).mean(1))
+
+
+def normalised(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(biased variance + eps) over ``dims``, written out."""
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def unit_blocks(g: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+    """The unit-wise Fisher from per-example ``N x positions x units`` output gradients and normalised inputs:
+    ``F_u = (1/N) sum_i v_iu v_iu^T`` with ``v_iu = (sum_p g xhat, sum_p g)``, as an explicit loop."""
+    n, _, units = g.shape
+    blocks = torch.zeros(units, 2, 2, dtype=g.dtype)
+    for i in range(n):
+        for u in range(units):
+            v = torch.stack([(g[i, :, u] * xhat[i, :, u]).sum(), g[i, :, u].sum()])
+            blocks[u] += torch.outer(v, v) / n
+    return blocks
+
+
+def rows_factor(rows: torch.Tensor) -> torch.Tensor:
+    """``(1/R) sum_r x_r x_r^T`` over the rows of an ``R x d`` matrix, as an explicit sum."""
+    total = sum(torch.outer(r, r) for r in rows)
+    assert isinstance(total, torch.Tensor)
+    return total / rows.shape[0]
+
+
+def grad_of(t: torch.Tensor) -> torch.Tensor:
+    """``t.grad``, which must be there."""
+    assert t.grad is not None
+    return t.grad
+
+
+def with_ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
+
+
+def sequence_layer_stats(
+    model: SequenceClassifier, tokens: torch.Tensor, y: torch.Tensor, weight_sharing: str
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """(gradient matrix of the mean loss, its factors) per layer: Kronecker layers give (A, G) with A dense (the
+    Embedding's one-hot rows summed as matrices), LayerNorm gives its unit-wise blocks alone."""
+    n = tokens.shape[0]
+    model.zero_grad(set_to_none=True)
+    emb, ln, fc, head = model.emb, model.ln, model.fc, model.head
+    e = F.embedding(tokens, emb.weight, emb.padding_idx)
+    normed = F.layer_norm(e, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    s = F.linear(normed, fc.weight, fc.bias)
+    pooled = torch.relu(s).mean(1)
+    out = F.linear(pooled, head.weight, head.bias)
+    for t in (e, normed, s, out):
+        t.retain_grad()
+    F.cross_entropy(out, y, reduction="sum").backward()  # per-example gradients at each output
+    # Padding positions are rows of zeros in both factors (no input, no gradient), still counted among the N*T.
+    assert emb.padding_idx is not None
+    kept = torch.ne(tokens, emb.padding_idx).reshape(-1, 1)
+    onehot = torch.eye(emb.num_embeddings, dtype=e.dtype)[tokens.reshape(-1)] * kept
+    emb_factors = (rows_factor(onehot), rows_factor(grad_of(e).reshape(-1, e.shape[-1]) * kept))
+    xhat = normalised(e.detach(), (2,), ln.eps)
+    a = with_ones(normed.detach())
+    if weight_sharing == "reduce":
+        fc_factors = (rows_factor(a.mean(1)), rows_factor(grad_of(s).sum(1)))
+    else:
+        fc_factors = (rows_factor(a.reshape(-1, a.shape[-1])), rows_factor(grad_of(s).reshape(-1, s.shape[-1])))
+    head_factors = (rows_factor(with_ones(pooled.detach())), rows_factor(grad_of(out)))
+    grads = [grad_of(p) / n for p in (emb.weight, ln.weight, ln.bias, fc.weight, fc.bias, head.weight, head.bias)]
+    return [
+        (grads[0].t(), emb_factors),
+        (torch.stack([grads[1], grads[2]], 1), (unit_blocks(grad_of(normed), xhat),)),
+        (torch.cat([grads[3], grads[4][:, None]], 1), fc_factors),
+        (torch.cat([grads[5], grads[6][:, None]], 1), head_factors),
+    ]
+
+
+def solve_layer(grad: torch.Tensor, factors: tuple[torch.Tensor, ...], damping: float, form: str) -> torch.Tensor:
+    """A Kronecker layer's V by ``solve``; unit-wise blocks take the whole damping: ``(F_u + damping I)^-1 grad_u``."""
+    if len(factors) == 2:
+        return solve(grad, factors[0], factors[1], damping, form)
+    blocks = factors[0] + damping * torch.eye(2, dtype=grad.dtype)
+    return torch.linalg.solve(blocks, grad.unsqueeze(-1)).squeeze(-1)

@@ -71,7 +71,7 @@ BACKENDS = [("torch", name) for name in dist_worker.EXACT] + [
 def test_ranks_match_one_process_on_the_full_batch(backend: str, name: str, world: int, out_root: Path) -> None:
     out = launched(backend, world, out_root)
     want = reference(name)
-    start = dist_worker.make_model().state_dict()
+    start = dist_worker.make_model(dist_worker.CONFIGS[name].get("model", "cnn")).state_dict()
     assert _max_diff(want, start) > 1e-3, "the reference did not train"
     for rank, got in enumerate(_saved(out, name, world)):
         diff = _max_diff(got, want)

@@ -26,7 +26,7 @@ def forward_backward(model: nn.Module, scale: float = 1.0) -> None:
 
 def test_model_without_supported_layer() -> None:
     with pytest.raises(ValueError, match="no layer K-FAC can precondition"):
-        KFACPreconditioner(nn.Sequential(nn.LayerNorm(4), nn.ReLU()))
+        KFACPreconditioner(nn.Sequential(nn.GroupNorm(2, 4), nn.LayerNorm(4, elementwise_affine=False)))
     with pytest.raises(ValueError, match="no layer K-FAC can precondition"):
         KFACPreconditioner(nn.Sequential(nn.Linear(4, 3)), skip_layers=(nn.Linear,))
 
