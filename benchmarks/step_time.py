@@ -1,9 +1,34 @@
-"""Time per training step, side by side: momentum SGD, distkfac's K-FAC and ASDL's K-FAC (one process).
+"""Time per training step, side by side: momentum SGD, distkfac's K-FAC and two peers, ASDL's K-FAC and
+kfac-pytorch (one process).
 
 Run from the repository root::
 
-    python -m benchmarks.step_time                      # all models, all methods
+    python -m benchmarks.step_time                      # all models, all methods, batch 256
     python -m benchmarks.step_time --models mlp --methods sgd,asdl --threads 1
+    python -m benchmarks.step_time --models transformer --batch-sizes 256,2048 --compute-methods eigen,inverse
+
+The peers are benchmark-only dependencies, never imported by the package:
+
+- ASDL (PyPI ``asdfghjkl==0.1a5``, import name ``asdl``) is pinned in requirements-dev.txt, so ``make setup``
+  (scripts/setup.sh: ``.venv/bin/python -m pip install -r requirements-dev.txt``) installs it into .venv; by hand:
+  ``.venv/bin/pip install asdfghjkl==0.1a5``.
+- kfac-pytorch (github gpauloski/kfac-pytorch, import name ``kfac``; measured at commit 869cf11, version 0.4.2) is
+  not on PyPI in that version: install its source into the git-ignored ``build/peers``, which this script appends to
+  ``sys.path`` (after everything else, so that the ``examples`` folder it also installs cannot shadow ours)::
+
+      git clone https://github.com/gpauloski/kfac-pytorch /tmp/kfac-src   # or, from a bare copy <dir>:
+      #   mkdir -p /tmp/kfac-src && git --git-dir=<dir> archive HEAD | tar -x -C /tmp/kfac-src
+      git -C /tmp/kfac-src checkout 869cf110334e5a6e9ea054bafdc4558313a821e8   # the measured commit (clone only)
+      .venv/bin/pip install --no-deps --target build/peers /tmp/kfac-src
+
+  It imports and runs unpatched on torch 2.13 (CPU): no workaround is applied for it.
+
+Models: ``mlp``, ``mlp6x100``, ``cnn`` (LeNet-5 on CIFAR-10 shapes) and ``transformer``, the small ViT of
+``jobs.models.VisionTransformer`` on Fashion-MNIST shapes (1x28x28, patch 7: 16 tokens, width 64, depth 2, 4 heads,
+MLP 128; its 14 Linear layers are applied over the tokens, so every K-FAC factor sums over 16 positions per example).
+``--batch-sizes`` runs every model at each batch size; ``--compute-methods`` keeps the K-FAC methods of those compute
+methods (``eigen``: distkfac-eigen, distkfac-eigen-bf16, kfac-pytorch-eigen; ``inverse``: distkfac-inverse,
+kfac-pytorch-inverse and ASDL, whose K-FAC inverts damped factors by Cholesky).
 
 Every method trains its own copy of the same freshly initialised model on one fixed random batch (a speed
 benchmark: the data do not matter, only the shapes). After a warm-up, the methods are timed in rounds of
@@ -11,11 +36,20 @@ benchmark: the data do not matter, only the shapes). After a warm-up, the method
 speed (turbo, other load) hits all methods alike. One block holds exactly one inverse/decomposition update, so
 its cost is amortised as in training. The reported time is the median over blocks of the per-step time.
 
-K-FAC settings, the same for both libraries: damping 1e-3, Kronecker factors updated every step as a running
-average that gives the new batch weight 0.05, inverses/decompositions refreshed every 10 steps, empirical Fisher.
-Each K-FAC step is followed by the same momentum-SGD step as the SGD baseline (lr: see ``DEFAULT_LR``).
-After timing, each K-FAC method is checked to really precondition (its gradient differs from the plain one).
-Results are recorded in docs/benchmarks.md.
+K-FAC settings, the same for all three libraries: damping 1e-3, Kronecker factors updated every step as a running
+average that gives the new batch weight 0.05 (distkfac and kfac-pytorch ``factor_decay=0.95``, ASDL
+``ema_decay=0.05``), inverses/decompositions refreshed every 10 steps (kfac-pytorch ``inv_update_steps=10``),
+empirical Fisher (kfac-pytorch's G comes from the loss's own backward pass, which is the empirical Fisher), KL clip
+1e-3 with lr 0.1 for distkfac and kfac-pytorch (ASDL has none). Damping is applied alike: eigen methods divide by
+``d_G d_A^T + damping`` in both distkfac and kfac-pytorch (Tikhonov), inverse methods invert ``A + damping I`` and
+``G + damping I`` (distkfac's "factored", kfac-pytorch's inverse, ASDL). Each K-FAC step is followed by the same
+momentum-SGD step as the SGD baseline (lr: see ``DEFAULT_LR``). After timing, each K-FAC method is checked to really
+precondition (its gradient differs from the plain one).
+
+Output per model and batch: the mean ms/step as the median over blocks (each block of 10 steps includes one
+decomposition step), the ratio to SGD, and for each peer row ``distkfac / peer``: distkfac's time with the same
+compute method (distkfac-eigen for kfac-pytorch-eigen, distkfac-inverse for kfac-pytorch-inverse and ASDL) over the
+peer's (below 1: distkfac is faster). Results are recorded in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -34,6 +68,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -60,6 +95,7 @@ MODELS: dict[str, str] = {
     "mlp": "4-layer MLP 784-256-256-256-10, ReLU",
     "mlp6x100": "linear MLP 784-100-100-100-100-100-10 (6 Linear layers, no nonlinearity)",
     "cnn": "LeNet-5, CIFAR-10 shapes (3x32x32)",
+    "transformer": "ViT (jobs.models), Fashion-MNIST shapes (1x28x28): patch 7, width 64, depth 2, 4 heads",
 }
 METHODS: dict[str, str] = {
     "sgd": "SGD (momentum 0.9)",
@@ -67,7 +103,24 @@ METHODS: dict[str, str] = {
     "distkfac-inverse": "distkfac K-FAC, inverse",
     "distkfac-eigen-bf16": "distkfac K-FAC, eigen, bf16 factors",
     "asdl": "ASDL K-FAC (KfacGradientMaker)",
+    "kfac-pytorch-eigen": "kfac-pytorch K-FAC, eigen",
+    "kfac-pytorch-inverse": "kfac-pytorch K-FAC, inverse",
 }
+# The compute method of each K-FAC method (--compute-methods), and the distkfac method each peer is compared with.
+COMPUTE_METHOD: dict[str, str] = {
+    "distkfac-eigen": "eigen",
+    "distkfac-inverse": "inverse",
+    "distkfac-eigen-bf16": "eigen",
+    "asdl": "inverse",
+    "kfac-pytorch-eigen": "eigen",
+    "kfac-pytorch-inverse": "inverse",
+}
+PEER_OF: dict[str, str] = {
+    "asdl": "distkfac-inverse",
+    "kfac-pytorch-eigen": "distkfac-eigen",
+    "kfac-pytorch-inverse": "distkfac-inverse",
+}
+PEERS_DIR = Path(__file__).resolve().parents[1] / "build" / "peers"
 
 
 # ---------------------------------------------------------------------------------------------- models and data
@@ -102,13 +155,18 @@ def build_model(name: str) -> nn.Module:
             nn.ReLU(),
             nn.Linear(84, NUM_CLASSES),
         )
+    if name == "transformer":
+        from jobs.models import VisionTransformer
+
+        return VisionTransformer((1, 28, 28), NUM_CLASSES, width=64, depth=2, heads=4, patch=7, mlp_ratio=2)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
 def make_batch(name: str, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One fixed random batch of inputs and labels, the same for every method."""
     gen = torch.Generator().manual_seed(seed)
-    shape = (batch_size, 3, 32, 32) if name == "cnn" else (batch_size, 784)
+    shapes = {"cnn": (batch_size, 3, 32, 32), "transformer": (batch_size, 1, 28, 28)}
+    shape = shapes.get(name, (batch_size, 784))
     x = torch.randn(shape, generator=gen)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
     return x, y
@@ -262,6 +320,9 @@ class AsdlRunner:
             ema_decay=ASDL_EMA_DECAY,
             curvature_upd_interval=1,
             preconditioner_upd_interval=INV_UPDATE_STEPS,
+            # ASDL would also give LayerNorm (transformer) a curvature of its own; distkfac and kfac-pytorch leave
+            # it to plain SGD, so ASDL does too here: only Linear and Conv2d layers get Kronecker factors.
+            ignore_modules=[nn.LayerNorm],
         )
         self.grad_maker = KfacGradientMaker(model, config, fisher_type=FISHER_EMP)
         self.last_loss: torch.Tensor | None = None
@@ -303,6 +364,56 @@ class AsdlRunner:
         self.grad_maker.forward_and_backward()
 
 
+class KfacPytorchRunner(SGDRunner):
+    """gpauloski/kfac-pytorch's ``kfac.preconditioner.KFACPreconditioner`` (installed in build/peers: see the
+    module docstring), the same settings as distkfac's; ``step()`` preconditions the gradients in place."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, compute_method: str) -> None:
+        super().__init__(model, x, y, lr)
+        self.key = f"kfac-pytorch-{compute_method}"
+        preconditioner = _import_kfac_pytorch()
+        # kfac-pytorch logs every layer it registers, and its module hooks draw torch's backward-hook warning.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        self.precond = preconditioner(
+            model,
+            damping=DAMPING,
+            factor_decay=FACTOR_DECAY,
+            factor_update_steps=1,
+            inv_update_steps=INV_UPDATE_STEPS,
+            kl_clip=KL_CLIP,
+            lr=KFAC_LR,
+            compute_method=compute_method,
+        )
+
+    def after_backward(self) -> None:
+        self.precond.step()
+
+    def check(self) -> str:
+        self.opt.zero_grad()
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        plain = _grads(self.model)
+        self.precond.step()
+        change = _relative_change(plain, _grads(self.model))
+        _require_preconditioned(self.key, change)
+        layers = len(self.precond._layers)  # no public count in kfac-pytorch 0.4.2
+        return f"{layers} layers preconditioned; |g_kfac - g| / |g| = {change:.3g} on one extra step"
+
+
+def _import_kfac_pytorch() -> Any:
+    if str(PEERS_DIR) not in sys.path:
+        sys.path.append(str(PEERS_DIR))  # last: its top-level "examples" package must not shadow ours
+    # Its import says that NVIDIA Apex is missing and that it falls back to torch's own flatten: the fallback is meant.
+    warnings.filterwarnings("ignore", message="NVIDIA Apex is not installed", category=UserWarning)
+    try:
+        from kfac.preconditioner import KFACPreconditioner
+    except ImportError as exc:
+        raise SystemExit(
+            f"kfac-pytorch is not installed in {PEERS_DIR} ({exc}): copy its source (github gpauloski/kfac-pytorch) to "
+            "/tmp/kfac-src and run `.venv/bin/pip install --no-deps --target build/peers /tmp/kfac-src`"
+        ) from None
+    return KFACPreconditioner
+
+
 def make_runner(key: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> Runner:
     if key == "sgd":
         return SGDRunner(model, x, y, lr)
@@ -314,6 +425,8 @@ def make_runner(key: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr
         return DistKfacRunner(model, x, y, lr, "eigen", factor_dtype=torch.bfloat16)
     if key == "asdl":
         return AsdlRunner(model, x, y, lr)
+    if key in ("kfac-pytorch-eigen", "kfac-pytorch-inverse"):
+        return KfacPytorchRunner(model, x, y, lr, COMPUTE_METHOD[key])
     raise ValueError(f"unknown method {key!r}; choose from {', '.join(METHODS)}")
 
 
@@ -364,12 +477,7 @@ def run_model(
     median = {key: statistics.median(times) for key, times in block_ms.items()}
 
     print(f"### {name}: {MODELS[name]}, batch {batch_size}\n")
-    print("| method | ms/step | x SGD |")
-    print("|---|---:|---:|")
-    for key in methods:
-        ratio = f"{median[key] / median['sgd']:.2f}" if "sgd" in median else "n/a"
-        print(f"| {METHODS[key]} | {median[key]:.2f} | {ratio} |")
-    print()
+    print_table(methods, median)
     for runner in runners:
         times = block_ms[runner.key]
         loss = float(runner.last_loss) if runner.last_loss is not None else float("nan")
@@ -381,11 +489,26 @@ def run_model(
     print(flush=True)
 
 
+def print_table(methods: Sequence[str], median: dict[str, float]) -> None:
+    """ms/step, x SGD, and for a peer distkfac's time with the same compute method over the peer's."""
+    print("| method | ms/step | x SGD | distkfac / peer |")
+    print("|---|---:|---:|---:|")
+    for key in methods:
+        ratio = f"{median[key] / median['sgd']:.2f}" if "sgd" in median else "n/a"
+        ours = PEER_OF.get(key)
+        versus = f"{median[ours] / median[key]:.2f} ({ours})" if ours in median else ""
+        print(f"| {METHODS[key]} | {median[key]:.2f} | {ratio} | {versus} |")
+    print()
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-sizes", default="256", help="comma-separated; every model runs at each")
+    parser.add_argument(
+        "--compute-methods", default="eigen,inverse", help="keep the K-FAC methods of these: eigen, inverse"
+    )
     parser.add_argument("--steps", type=int, default=200, help=f"timed steps per method, a multiple of {BLOCK_STEPS}")
     parser.add_argument(
         "--warmup", type=int, default=20, help=f"untimed steps per method first, a multiple of {BLOCK_STEPS}"
@@ -405,13 +528,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         return list(dict.fromkeys(items))
 
     args.models = split(args.models, MODELS, "models")
-    args.methods = split(args.methods, METHODS, "methods")
+    computes = split(args.compute_methods, {"eigen": "", "inverse": ""}, "compute-methods")
+    args.methods = [
+        m for m in split(args.methods, METHODS, "methods") if COMPUTE_METHOD.get(m, computes[0]) in computes
+    ]
+    if not args.methods:
+        parser.error(f"no method of --methods has a compute method in --compute-methods {computes}")
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}")
     if args.steps < BLOCK_STEPS or args.steps % BLOCK_STEPS:
         parser.error(f"--steps must be a positive multiple of {BLOCK_STEPS}, got {args.steps}")
     if args.warmup < 0 or args.warmup % BLOCK_STEPS:
         parser.error(f"--warmup must be a multiple of {BLOCK_STEPS}, got {args.warmup}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be sizes >= 1, got {args.batch_sizes}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     return args
@@ -422,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = " ".join(["python -m benchmarks.step_time", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    print("## Step time: SGD vs distkfac vs ASDL (single process, CPU)\n")
+    print("## Step time: SGD vs distkfac vs ASDL vs kfac-pytorch (single process, CPU)\n")
     print(f"- command: `{command}`")
     print(f"- torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
     print(f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores")
@@ -430,17 +562,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("- load average (1, 5, 15 min) at start: " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
     print(f"- Python {platform.python_version()}, {platform.system()} {platform.machine()}")
     print(
-        f"- batch {args.batch_size}, warm-up {args.warmup} steps, then {args.steps} timed steps per method in "
-        f"interleaved blocks of {BLOCK_STEPS}; ms/step = median over blocks"
+        f"- batch {', '.join(map(str, args.batch_sizes))}, warm-up {args.warmup} steps, then {args.steps} timed "
+        f"steps per method in interleaved blocks of {BLOCK_STEPS}; ms/step = median over blocks"
     )
     print(
         f"- K-FAC: damping {DAMPING}, factors every step (new-batch weight {ASDL_EMA_DECAY}), inverses every "
         f"{INV_UPDATE_STEPS} steps, empirical Fisher, distkfac kl_clip {KL_CLIP} with lr {KFAC_LR}; "
-        f"every method ends with momentum SGD (lr {args.lr}, momentum {MOMENTUM})\n",
+        f"kfac-pytorch the same as distkfac; every method ends with momentum SGD (lr {args.lr}, momentum {MOMENTUM})\n",
         flush=True,
     )
     for name in args.models:
-        run_model(name, args.methods, args.batch_size, args.warmup, args.steps, args.seed, args.lr)
+        for batch_size in args.batch_sizes:
+            run_model(name, args.methods, batch_size, args.warmup, args.steps, args.seed, args.lr)
 
 
 if __name__ == "__main__":

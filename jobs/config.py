@@ -3,7 +3,8 @@
 A config file has up to five tables; every key is optional and falls back to the defaults below::
 
     [model]  name, hidden, activation, residual, bias (mlp); activation (lenet5); channels, hidden, activation
-             (convnet); depth, width (resnet); depth, width, slope, init (sigmoid_resnet); init_scale (any model)
+             (convnet); depth, width (resnet); depth, width, slope, init (sigmoid_resnet); depth, width, heads,
+             patch, mlp_ratio (vit); init_scale (any model)
     [data]   name, path, format, cache_dir, batch_size (global), eval_batch_size, train_examples,
              test_examples, normalize, augment, synthetic_*, teacher_singular_values
     [optim]  name, lr, momentum, momentum_form, nesterov, weight_decay, betas, eps, schedule, milestones, decay_every,
@@ -60,7 +61,7 @@ __all__ = [
     "trajectory_differences",
 ]
 
-MODEL_NAMES: Final = ("mlp", "lenet5", "convnet", "resnet", "sigmoid_resnet")
+MODEL_NAMES: Final = ("mlp", "lenet5", "convnet", "resnet", "sigmoid_resnet", "vit")
 ACTIVATIONS: Final = ("relu", "tanh", "none")
 DATASET_NAMES: Final = ("fashion-mnist", "mnist", "cifar10", "synthetic", "teacher")
 LOSSES: Final = ("cross_entropy", "squared")
@@ -82,8 +83,12 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 32, 64, 64])  # convnet: of the 3x3 convolutions
     activation: str = "relu"  # mlp, lenet5, convnet: relu | tanh | none (a linear network)
     residual: bool = False  # mlp: skip connections around hidden layers whose input and output widths are equal
-    depth: int = 20  # resnet: 6n + 2 (20, 32, 44, 56, 110)
-    width: int = 16  # resnet: channels of the first stage (16, 32, 64 in the three stages by default)
+    depth: int = 20  # resnet: 6n + 2 (20, 32, 44, 56, 110); vit: transformer blocks (give it: e.g. 2)
+    width: int = 16  # resnet: channels of the first stage (16, 32, 64 in the three stages by default); vit: the
+    # tokens' width (give it: e.g. 64; a multiple of heads)
+    heads: int = 4  # vit: attention heads
+    patch: int = 7  # vit: side of the square patches, dividing the image's height and width (7: 16 tokens of 28x28)
+    mlp_ratio: int = 2  # vit: the hidden width of each block's MLP is mlp_ratio x width
     slope: float = 2.5  # sigmoid_resnet: eta_0 of f(s) = 1/(1 + exp(-eta_0 s)) (seed 001); depth L = 2n + 3, width N
     init: float = 0.05  # sigmoid_resnet: every weight and bias uniform in [-init, init]
     bias: bool = True  # mlp: biases in the Linear layers (false with one hidden layer: W2 sigma(W1 x), seed 004)
@@ -237,6 +242,7 @@ _MODEL_KEYS: Final[dict[str, set[str]]] = {
     "convnet": {"channels", "hidden", "activation"},
     "sigmoid_resnet": {"depth", "width", "slope", "init"},
     "resnet": {"depth", "width"},
+    "vit": {"depth", "width", "heads", "patch", "mlp_ratio"},
 }
 _OPTIM_KEYS: Final[dict[str, frozenset[str]]] = {name: entry.keys for name, entry in OPTIMIZERS.items()}
 # Run keys that do not change what a run computes: they may differ between a run and its resumption.
@@ -459,6 +465,18 @@ def _validate_model(m: ModelConfig) -> None:
     if m.name == "resnet" and (m.depth < 8 or (m.depth - 2) % 6):
         raise ConfigError(f"model.depth = {m.depth}: a CIFAR ResNet has depth 6n + 2 (8, 14, 20, 32, 44, 56)")
     _positive("model.width", m.width)
+    if m.name == "vit":
+        _validate_vit(m)
+
+
+def _validate_vit(m: ModelConfig) -> None:
+    for key in ("depth", "heads", "patch", "mlp_ratio"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.width % m.heads:
+        raise ConfigError(
+            f"model.width = {m.width} is not a multiple of model.heads = {m.heads}: every head takes width / heads "
+            f"of each token (e.g. width = {m.heads * max(1, round(m.width / m.heads))})"
+        )
 
 
 def _validate_data(d: DataConfig) -> None:

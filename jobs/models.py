@@ -1,4 +1,5 @@
-"""The models the studies train: an MLP of any depth and width, LeNet-5, and a CIFAR ResNet (6n + 2 layers).
+"""The models the studies train: an MLP of any depth and width, LeNet-5, a CIFAR ResNet (6n + 2 layers) and a small
+Vision Transformer.
 
 :func:`build_model` makes one from a :class:`~jobs.config.ModelConfig`, the input shape of one example and the
 number of classes. The parameters are drawn from the global torch RNG: seed it first for reproducible weights.
@@ -14,8 +15,8 @@ from torch import nn
 from jobs.config import ACTIVATIONS, MODEL_NAMES, ModelConfig
 
 __all__ = [
-    "MLP", "BasicBlock", "CifarResNet", "ConvNet", "LeNet5", "ResidualLinear", "SigmoidResNet", "activation_layer",
-    "build_model",
+    "MLP", "Attention", "BasicBlock", "CifarResNet", "ConvNet", "LeNet5", "ResidualLinear", "SigmoidResNet",
+    "TransformerBlock", "VisionTransformer", "activation_layer", "build_model",
 ]  # fmt: skip
 
 
@@ -223,6 +224,88 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(self.stages(self.stem(x))))
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention with its four projections as plain ``nn.Linear`` layers (``q``, ``k``, ``v``,
+    ``out``), applied to every token: the forward hooks of a K-FAC preconditioner see each of them as a Linear layer
+    over a sequence (``nn.MultiheadAttention`` calls its projections' weights directly, which no hook sees)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"vit: model.width = {width} must be a multiple of model.heads = {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, tokens, width / heads)
+            return t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
+
+        mixed = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(mixed.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + fc2(gelu(fc1(ln2(x))))``."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, mlp_width)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp_width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class VisionTransformer(nn.Module):
+    """A small ViT (Dosovitskiy et al. 2021): the image cut into ``patch x patch`` patches, each flattened and mapped
+    by one ``nn.Linear`` (``embed``, shared by every patch), a learned position embedding, ``depth`` pre-LN
+    transformer blocks, a final LayerNorm, **mean pooling** over the tokens (no class token), a Linear ``head``.
+
+    28 x 28 Fashion-MNIST with patch 7 gives 16 tokens of 49 pixels. The position embedding starts from
+    N(0, 0.02^2); the Linear and LayerNorm layers keep torch's own initialisation.
+    """
+
+    def __init__(
+        self, input_shape: Sequence[int], classes: int, width: int = 64, depth: int = 2, heads: int = 4,
+        patch: int = 7, mlp_ratio: int = 2,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        channels, height, image_width = _image_shape(input_shape, "vit")
+        if height % patch or image_width % patch:
+            raise ValueError(
+                f"vit: model.patch = {patch} does not divide the {height} x {image_width} images: choose a divisor "
+                f"of both (7 or 14 for 28 x 28, 4 or 8 for 32 x 32)"
+            )
+        self.patch = patch
+        tokens = (height // patch) * (image_width // patch)
+        self.embed = nn.Linear(channels * patch * patch, width)
+        self.position = nn.Parameter(torch.randn(1, tokens, width) * 0.02)
+        self.blocks = nn.Sequential(*(TransformerBlock(width, heads, mlp_ratio * width) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, channels, height, width) -> (batch, tokens, channels * patch * patch), row-major patches."""
+        p = self.patch
+        batch, channels, height, width = x.shape
+        x = x.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(batch, (height // p) * (width // p), channels * p * p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(self.patches(x)) + self.position
+        return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
 def _image_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
     if len(input_shape) != 3 or min(input_shape[1:]) < 8:
         raise ValueError(
@@ -263,4 +346,8 @@ def _named_model(config: ModelConfig, input_shape: Sequence[int], classes: int) 
         return SigmoidResNet(inputs, config.depth, config.width, classes, config.slope, config.init)
     if config.name == "resnet":
         return CifarResNet(input_shape, classes, config.depth, config.width)
+    if config.name == "vit":
+        return VisionTransformer(
+            input_shape, classes, config.width, config.depth, config.heads, config.patch, config.mlp_ratio
+        )
     raise ValueError(f"unknown model {config.name!r}; choose one of {', '.join(MODEL_NAMES)} (model.name)")
