@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,7 @@ def train(config: str, rank: int, world: int, comm: Any) -> list[dict[str, float
         grad = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
         precond.step()
         optimizer.step()
-        adaptation = measure_and_adapt(
-            precond, model, x, lambda out, y=y: F.cross_entropy(out, y), loss.detach(), before, grad
-        )
+        adaptation = measure_and_adapt(precond, model, x, partial(F.cross_entropy, target=y), loss, before, grad)
         records.append(dataclasses.asdict(adaptation))
     return records
 

@@ -134,12 +134,12 @@ def test_poor_steps_raise_the_damping() -> None:
     assert controller.value == pytest.approx(1e-3 / 0.95)
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    network = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     labels = torch.randint(0, 3, (16,))
     controller = LevenbergMarquardt(initial=1e-3, interval=1)
-    precond = KFACPreconditioner(model, damping=controller, lr=0.3, kl_clip=None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-    result = kfac_step(model, precond, optimizer, x, labels, F.cross_entropy, "categorical")
+    precond = KFACPreconditioner(network, damping=controller, lr=0.3, kl_clip=None)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.3)
+    result = kfac_step(network, precond, optimizer, x, labels, F.cross_entropy, "categorical")
     assert result is not None and result.predicted < 0 < result.actual and result.rho < 0  # the loss rose
     assert controller.value == pytest.approx(1e-3 / 0.95) and controller.increases == 1
 
