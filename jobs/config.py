@@ -650,6 +650,9 @@ def ignored_keys(config: Config) -> list[str]:
             ignored.append(f"optim.{key} (not used by {config.optim.name})")
     if config.optim.name != "kfac":
         ignored += [f"{key} (optim.name is not kfac)" for key in sorted(config.explicit) if key.startswith("kfac.")]
+    elif not config.kfac.damping_adaptive:
+        adaptive = ("kfac.damping_interval", "kfac.damping_max", "kfac.damping_min")
+        ignored += [f"{key} (kfac.damping_adaptive is false)" for key in adaptive if key in config.explicit]
     return ignored
 
 

@@ -21,7 +21,7 @@ from torch.func import functional_call, jacrev
 from distkfac import KFACPreconditioner, LevenbergMarquardt
 from distkfac.damping import Adaptation, Likelihood, curvature, measure_and_adapt, predicted_change
 from jobs.checkpoint import find_latest, shared_file
-from jobs.config import ConfigError, build_config
+from jobs.config import ConfigError, build_config, ignored_keys
 from jobs.metrics import read_metrics
 from jobs.train import main
 from tests import damping_worker
@@ -333,6 +333,13 @@ def test_misuse_is_refused_clearly() -> None:
 def test_config_errors(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_config({"optim": {"name": "kfac"}, "kfac": overrides, "run": {"steps": 1}})
+
+
+def test_adaptive_keys_without_adaptive_damping_are_reported_as_ignored() -> None:
+    config = build_config({"optim": {"name": "kfac"}, "kfac": {"damping_interval": 3}, "run": {"steps": 1}})
+    assert ignored_keys(config) == ["kfac.damping_interval (kfac.damping_adaptive is false)"]
+    adaptive = {"damping_adaptive": True, "damping_interval": 3}
+    assert ignored_keys(build_config({"optim": {"name": "kfac"}, "kfac": adaptive, "run": {"steps": 1}})) == []
 
 
 # --------------------------------------------------------------------------- (f) training runs
