@@ -3,11 +3,12 @@
 The package is laid out by concern: ``layers`` (per-layer maths), ``methods`` (eigen and inverse decompositions),
 ``assignment`` (which rank does what), ``exchange`` (what travels when), ``comm`` (how it travels: torch.distributed,
 Horovod, or nothing), ``factors`` (the names A and G), ``settings`` (the constructor's arguments, checked),
-``preconditioner`` (orchestration only).
+``damping`` (adaptive Levenberg-Marquardt damping), ``preconditioner`` (orchestration only).
 """
 
 from distkfac.assignment import STRATEGIES
 from distkfac.comm import CommunicationError, Communicator, SingleProcessCommunicator
+from distkfac.damping import LevenbergMarquardt
 from distkfac.layers import CONV_FACTORS, G_SCALES
 from distkfac.methods import DAMPING_FORMS, METHODS, DecompositionError
 from distkfac.preconditioner import KFACPreconditioner
@@ -26,6 +27,7 @@ __all__ = [
     "DecompositionError",
     "KFACPreconditioner",
     "KFACSettings",
+    "LevenbergMarquardt",
     "SingleProcessCommunicator",
 ]
 __version__ = "0.1.0"

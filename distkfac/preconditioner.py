@@ -65,6 +65,7 @@ from torch.utils.hooks import RemovableHandle
 
 from distkfac.assignment import Strategy, WorkAssignment, assign_work, grad_workers_for
 from distkfac.comm import Communicator, average_gradients, resolve_communicator
+from distkfac.damping import LevenbergMarquardt
 from distkfac.exchange import DecompositionExchange, FactorExchange, GradientExchange
 from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, FactorShape, Structure, of_kind
 from distkfac.layers import ConvFactors, GScale, LayerHelper, WeightSharing, helper_for
@@ -712,7 +713,8 @@ class KFACPreconditioner:
 
         In a distributed run it holds this rank's part only (the factors it owns, the decompositions it keeps):
         save one file per rank and load each into the same rank of a run with the same world size and strategy.
-        Hyperparameters are not included: they come from the constructor, so schedules keep working.
+        Hyperparameters are not included: they come from the constructor, so schedules keep working; but with
+        ``damping=LevenbergMarquardt(...)`` the controller's state (lambda, last rho, counts) is, under ``"damping"``.
         """
         layers: dict[str, Any] = {}
         for layer in self._layers:
@@ -734,10 +736,15 @@ class KFACPreconditioner:
             "world_size": self.comm.world_size,
             "grad_workers": len(self.assignment.worker_groups[0]),
             "layers": layers,
+            "damping": self.damping.state_dict() if isinstance(self.damping, LevenbergMarquardt) else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what ``state_dict()`` returned, checking that it belongs to the same model, method and rank."""
+        """Restore what ``state_dict()`` returned, checking that it belongs to the same model, method and rank.
+
+        An adaptive damping controller takes the checkpoint's state when it has one (and keeps its own otherwise);
+        a fixed damping or schedule ignores a saved controller state.
+        """
         self._check_checkpoint(state)
         saved = state["layers"]
         for layer in self._layers:
@@ -745,6 +752,8 @@ class KFACPreconditioner:
             self._restore_layer(layer, saved[layer.name])
         self._steps = int(state["steps"])
         self._kl_scale = None
+        if isinstance(self.damping, LevenbergMarquardt) and state.get("damping") is not None:
+            self.damping.load_state_dict(state["damping"])
 
     def _check_checkpoint(self, state: Mapping[str, Any]) -> None:
         """Refuse a checkpoint of another method, other conventions, another rank layout or other layers."""
@@ -852,5 +861,6 @@ class KFACPreconditioner:
         return (
             f"KFACPreconditioner(layers={len(self._layers)}, compute_method={self.compute_method!r}, "
             f"damping_form={self.damping_form!r}, conv_factors={self.conv_factors!r}, g_scale={self.g_scale!r}, "
-            f"weight_sharing={self.weight_sharing!r}, fisher={self.fisher!r}, steps={self._steps})"
+            f"weight_sharing={self.weight_sharing!r}, fisher={self.fisher!r}, steps={self._steps}"
+            + (f", damping={self.damping!r})" if isinstance(self.damping, LevenbergMarquardt) else ")")
         )

@@ -9,7 +9,8 @@ A config file has up to five tables; every key is optional and falls back to the
              test_examples, normalize, augment, synthetic_*, teacher_singular_values
     [optim]  name, lr, momentum, momentum_form, nesterov, weight_decay, betas, eps, schedule, milestones, decay_every,
              gamma, end_lr, end_factor, warmup_steps, warmup_epochs, base_batch_size, layer_order, skip_*
-    [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac")
+    [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac"), and damping_adaptive,
+             damping_interval, damping_min, damping_max (adaptive Levenberg-Marquardt damping)
     [run]    out_dir, epochs or steps, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
              log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic,
              target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every,
@@ -167,6 +168,12 @@ class KFACConfig:
     comm_dtype: str = ""
     bucket_cap_mb: float = 8.0
     overlap_comm: bool = True
+    # Adaptive Levenberg-Marquardt damping (Martens & Grosse 2015, 6.5; docs/kfac.md, "Adaptive damping"): damping is
+    # then the initial value, adapted every damping_interval steps within [damping_min, damping_max].
+    damping_adaptive: bool = False
+    damping_interval: int = 5
+    damping_min: float = 1e-8
+    damping_max: float = 1e4
 
 
 @dataclass
@@ -556,6 +563,22 @@ def _validate_kfac(k: KFACConfig) -> None:
     for key in ("factor_dtype", "inv_dtype", "comm_dtype"):
         _choice(f"kfac.{key}", getattr(k, key), DTYPE_NAMES)
     _positive("kfac.bucket_cap_mb", k.bucket_cap_mb)
+    _validate_adaptive_damping(k)
+
+
+def _validate_adaptive_damping(k: KFACConfig) -> None:
+    _positive("kfac.damping_interval", k.damping_interval)
+    _positive("kfac.damping_min", k.damping_min)
+    if not k.damping_min <= k.damping_max:
+        raise ConfigError(
+            f"kfac.damping_min = {k.damping_min} is above kfac.damping_max = {k.damping_max}: the adaptive damping "
+            "stays between them, so give damping_min <= damping_max"
+        )
+    if k.damping_adaptive and not k.damping_min <= k.damping <= k.damping_max:
+        raise ConfigError(
+            f"kfac.damping = {k.damping} (the adaptive damping's initial value) must lie in [kfac.damping_min, "
+            f"kfac.damping_max] = [{k.damping_min}, {k.damping_max}]: move it inside or widen the bounds"
+        )
 
 
 def _validate_run(r: RunConfig, d: DataConfig) -> None:
@@ -645,6 +668,9 @@ def ignored_keys(config: Config) -> list[str]:
             ignored.append(f"optim.{key} (not used by {config.optim.name})")
     if config.optim.name != "kfac":
         ignored += [f"{key} (optim.name is not kfac)" for key in sorted(config.explicit) if key.startswith("kfac.")]
+    elif not config.kfac.damping_adaptive:
+        adaptive = ("kfac.damping_interval", "kfac.damping_max", "kfac.damping_min")
+        ignored += [f"{key} (kfac.damping_adaptive is false)" for key in adaptive if key in config.explicit]
     return ignored
 
 

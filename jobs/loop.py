@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from distkfac import KFACPreconditioner
+from distkfac import KFACPreconditioner, LevenbergMarquardt
 from distkfac.comm import average_gradients, barrier, broadcast_from
+from distkfac.damping import Likelihood, measure_and_adapt
 from distkfac.saddle_optim import PlateauSkippingGD
 from jobs import checkpoint as ckpt
 from jobs.config import Config, ConfigError, ignored_keys, trajectory_differences
@@ -177,6 +178,12 @@ def _kl_fields(precond: KFACPreconditioner | None) -> dict[str, Any]:
     """The step record's KL-clip fields (one host synchronisation, on logged steps only)."""
     scale = precond.kl_scale if precond is not None else None
     return {} if scale is None else {"kl_scale": scale, "kl_clipped": scale < 1.0}
+
+
+def _damping_fields(precond: KFACPreconditioner | None) -> dict[str, Any]:
+    """The step record's adaptive damping: lambda after the step (kfac.damping_adaptive only)."""
+    damping = precond.damping if precond is not None else None
+    return {"damping": damping.value} if isinstance(damping, LevenbergMarquardt) else {}
 
 
 def _log(context: Context, message: str) -> None:
@@ -388,6 +395,7 @@ class TrainingRun:
         self.epoch_totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss sum, correct, examples
         self.steps_to_target: int | None = None
         self.noise = NoiseScaleEstimator() if config.run.noise_every else None
+        self.adapted: dict[str, float] = {}  # the last step's adaptive-damping fields ({} on other steps)
         if shared is not None and mine is not None:
             self._restore(shared, mine)
 
@@ -475,8 +483,9 @@ class TrainingRun:
         batch_totals = self._optimize(x, y, lr)
         self.step += 1
         skipped = isinstance(self.optimizer, PlateauSkippingGD) and self.step - 1 in self.optimizer.skip_steps[-1:]
-        if self.step % self.config.run.log_every == 0 or self.step == self.total_steps or noise_fields or skipped:
-            self.log_step(epoch, lr, tick, batch_totals, {**noise_fields, **({"skipped": True} if skipped else {})})
+        extra = {**noise_fields, **self.adapted, **({"skipped": True} if skipped else {})}
+        if self.step % self.config.run.log_every == 0 or self.step == self.total_steps or extra:
+            self.log_step(epoch, lr, tick, batch_totals, extra)
         if fisher_due(self.config, self.step, self.steps_per_epoch):
             self.log_fisher(epoch)
         self._after_step(epoch, lr)
@@ -509,6 +518,7 @@ class TrainingRun:
         if self.precond is not None and self.precond.fisher == "mc":
             self.precond.mc_backward(logits)
         loss.backward()
+        kept = self._keep_for_damping()
         if self.precond is not None:
             try:
                 self.precond.step()
@@ -519,11 +529,39 @@ class TrainingRun:
         if isinstance(self.optimizer, PlateauSkippingGD):
             self.optimizer.observe(loss.item())
         self.optimizer.step()
+        self.adapted = self._adapt_damping(x, y, loss, *kept) if kept is not None else {}
         with torch.no_grad():
             correct = hits(logits, y)
             batch_totals = torch.stack([loss.detach().double() * len(y), correct, torch.full_like(correct, len(y))])
             self.epoch_totals += batch_totals
         return batch_totals
+
+    def _keep_for_damping(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """On the steps the adaptive damping judges: theta and the raw gradient (before K-FAC), by name."""
+        precond = self.precond
+        damping = precond.damping if precond is not None else None
+        if precond is None or not isinstance(damping, LevenbergMarquardt) or not damping.due(precond.steps):
+            return None
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        before = {name: p.detach().clone() for name, p in named}
+        return before, {name: p.grad.detach().clone() for name, p in named if p.grad is not None}
+
+    def _adapt_damping(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss: torch.Tensor,
+        before: dict[str, torch.Tensor],
+        grad: dict[str, torch.Tensor],
+    ) -> dict[str, float]:
+        """After the step: rho of its update on its batch (all ranks), and the Levenberg-Marquardt rule."""
+        assert self.precond is not None
+        kind = self.config.run.loss
+        likelihood: Likelihood = "gaussian" if kind == "squared" else "categorical"
+        adaptation = measure_and_adapt(
+            self.precond, self.model, x, lambda out: batch_loss(out, y, kind), loss.detach(), before, grad, likelihood
+        )
+        return {"damping_rho": adaptation.rho}
 
     def log_step(
         self, epoch: int, lr: float, tick: float, batch_totals: torch.Tensor, extra_fields: dict[str, Any]
@@ -553,6 +591,7 @@ class TrainingRun:
                 "examples_per_second": count / max(seconds, 1e-9),
                 **extra_fields,
                 **_kl_fields(self.precond),
+                **_damping_fields(self.precond),
             }
         )
         self.progress.update(self.step, f"epoch {epoch + 1} loss {loss_sum / count:.4f} lr {lr:.4g}")

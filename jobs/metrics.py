@@ -46,6 +46,8 @@ CSV_COLUMNS: Final = (
     "noise_grad_sq",  # its |G|^2 estimate
     "kl_scale",  # K-FAC: the KL clip's factor nu of the step (1 = not clipped; absent without a clip)
     "kl_clipped",  # K-FAC: nu < 1, the update's size was set by kfac.kl_clip and not by the learning rate
+    "damping",  # K-FAC with kfac.damping_adaptive: lambda after the step (docs/kfac.md, "Adaptive damping")
+    "damping_rho",  # and on adaptation steps the reduction ratio rho of the step's update
     # "fisher" records (run.fisher_every; jobs.diagnostics): the empirical Fisher's top eigenvalue, without the top
     # run.fisher_trim of |v1 . g_i| (eigenvector kept, and recomputed), the examples, and the gradient-norm outliers
     "fisher_top",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distkfac import KFACPreconditioner
+from distkfac import KFACPreconditioner, LevenbergMarquardt
 from distkfac.comm import Communicator
 from distkfac.momentum import ChainerMomentumSGD
 from distkfac.saddle_optim import LayerwiseGD, PlateauSkippingGD
@@ -145,12 +145,21 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule, comm: Communicator) -> KFACPreconditioner:
     """The K-FAC preconditioner of ``config`` on ``model`` (plain or DDP), KL-clipped with the schedule ``lr``.
 
-    ``comm`` is the run's communicator (``context.comm``): K-FAC and the loop share it.
+    ``comm`` is the run's communicator (``context.comm``): K-FAC and the loop share it. With
+    ``kfac.damping_adaptive`` the damping is a :class:`~distkfac.LevenbergMarquardt` controller starting at
+    ``kfac.damping`` (the loop measures and adapts it).
     """
+    damping = (
+        LevenbergMarquardt(
+            config.damping, config.damping_interval, minimum=config.damping_min, maximum=config.damping_max
+        )
+        if config.damping_adaptive
+        else config.damping
+    )
     return KFACPreconditioner(
         model,
         comm=comm,
-        damping=config.damping,
+        damping=damping,
         factor_decay=config.factor_decay,
         factor_update_steps=config.factor_update_steps,
         inv_update_steps=config.inv_update_steps,
