@@ -26,6 +26,9 @@ the N examples of a batch:
   their sums. Damping is read every step. ``compute_method="inverse"``: Cholesky inverses of the shifted factors,
   made (with that step's damping) at decomposition steps; for factored-pi each factor's shift needs the other
   factor's trace, shared between ranks in one small allreduce when they sit on different ranks.
+- ``nn.Embedding`` (A diagonal, kept as a vector; padding positions add nothing), ``nn.LayerNorm`` and
+  ``nn.BatchNorm*d`` (the unit-wise Fisher: one ``2 x 2`` block per unit, no A, the whole damping) and a Linear over
+  a sequence with ``weight_sharing="expand"`` or ``"reduce"``: docs/kfac.md, "Layers" (tests/test_layers.py).
 - ``nn.Conv2d`` (groups=1): the same over the T output positions of each example (im2col rows).
   ``conv_factors="mean"`` averages both over N*T: ``A_b = (1/NT) sum_{i,t} a_it a_it^T``,
   ``G_b = (1/NT) sum_{i,t} g_it g_it^T`` with ``g_it = N dL/ds_it``. ``"kfc"`` (Grosse & Martens 2016):

@@ -159,6 +159,7 @@ class KFACConfig:
     damping_form: str = ""  # "" = the method's own (eigen: tikhonov, inverse: factored) | factored-pi (docs/kfac.md)
     conv_factors: str = "mean"  # mean | kfc (Grosse & Martens 2016)
     g_scale: str = "example"  # example (per-example gradients) | batch (Chainer-era K-FAC: G of the mean loss)
+    weight_sharing: str = "expand"  # expand | reduce (Eschenhagen et al. 2023): a Linear over a sequence
     fisher: str = "empirical"
     skip_layers: list[str] = field(default_factory=list)
     strategy: str = "comm-opt"
@@ -558,6 +559,7 @@ def _validate_kfac(k: KFACConfig) -> None:
         )
     _choice("kfac.conv_factors", k.conv_factors, distkfac.CONV_FACTORS)
     _choice("kfac.g_scale", k.g_scale, distkfac.G_SCALES)
+    _choice("kfac.weight_sharing", k.weight_sharing, distkfac.WEIGHT_SHARINGS)
     _choice("kfac.fisher", k.fisher, distkfac.FISHER_TYPES)
     _choice("kfac.strategy", k.strategy, distkfac.STRATEGIES)
     for key in ("factor_dtype", "inv_dtype", "comm_dtype"):

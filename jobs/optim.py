@@ -169,6 +169,7 @@ def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule, comm: Commu
         damping_form=config.damping_form or None,  # type: ignore[arg-type]
         conv_factors=config.conv_factors,  # type: ignore[arg-type]
         g_scale=config.g_scale,  # type: ignore[arg-type]
+        weight_sharing=config.weight_sharing,  # type: ignore[arg-type]
         fisher=config.fisher,  # type: ignore[arg-type]
         skip_layers=tuple(config.skip_layers),
         factor_dtype=_DTYPES.get(config.factor_dtype),
