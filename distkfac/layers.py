@@ -162,10 +162,32 @@ class LinearHelper(ColumnHelper):
     def g_dim(self) -> int:
         return self.module.out_features
 
-    def a_columns(self, x: torch.Tensor) -> torch.Tensor:
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as ``rows x in_features``: one row per position, or per example under "reduce"."""
         if self.weight_sharing == "reduce" and x.dim() > 2:
             x = x.reshape(x.shape[0], -1, self.module.in_features).mean(1)
-        x = x.reshape(-1, self.module.in_features)
+        return x.reshape(-1, self.module.in_features)
+
+    def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``A_b`` without building ``[x, 1]``: the bias column's block is the column sums of x and the row count.
+
+        Concatenating a column of ones copies the whole input (N*T rows for a sequence), which cost a ViT step
+        more than its factors' products; the blocks cost one ``in x in`` copy and a column sum.
+        """
+        rows = self._rows(x).to(dtype or x.dtype)
+        count, d = rows.shape
+        if not self.has_bias:
+            return torch.mm(rows.t(), rows).div_(count)
+        out = rows.new_empty(d + 1, d + 1)
+        out[:d, :d] = torch.mm(rows.t(), rows)
+        sums = rows.sum(0)
+        out[:d, d] = sums
+        out[d, :d] = sums
+        out[d, d] = count
+        return out.div_(count)
+
+    def a_columns(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._rows(x)
         if self.has_bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         return x.t()  # a view: the matrix product reads it transposed, nothing is copied

@@ -545,7 +545,9 @@ class KFACPreconditioner:
             key: torch.stack([self._factor(member).to(key[2]) for member in members])
             for key, members in by_size.items()
         }
-        finite = [torch.isfinite(stack).flatten(1).all(1) for stack in stacks.values()]
+        # A sum is one pass where isfinite().all() is several; NaN and Inf survive it, and float64 cannot overflow
+        # on float32 entries.
+        finite = [torch.isfinite(stack.flatten(1).sum(1, dtype=torch.float64)) for stack in stacks.values()]
         self._check_finite(step, list(by_size.values()), finite)
         shifts = self._shifts(damping, by_size, stacks) if self._method.shifts_at_decomposition else {}
         mine = self._decompose(step, by_size, stacks, shifts)

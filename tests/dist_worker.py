@@ -79,7 +79,14 @@ EXACT = [
     "sequence-mem-opt-reduce",
     "sequence-hybrid-factored-pi",
 ]
-HOROVOD_CONFIGS = ["comm-opt", "mem-opt", "hybrid", "comm-opt-accumulate", "mem-opt-fp16-comm"]
+HOROVOD_CONFIGS = [
+    "comm-opt",
+    "mem-opt",
+    "hybrid",
+    "comm-opt-accumulate",
+    "mem-opt-fp16-comm",
+    "sequence-mem-opt-reduce",
+]
 
 
 def make_model(name: str = "cnn") -> nn.Module:
