@@ -82,9 +82,20 @@ class LayerHelper(ABC):
     def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """This pass's A from the layer's input ``x`` (None where the layer has no A)."""
 
+    # Whether g_factor needs the layer's input. Only then does the backward hook keep it: holding every layer's
+    # input until its G is made raised a ViT step's memory peak enough to slow the model's own products by a third.
+    needs_input = False
+
     @abstractmethod
-    def g_factor(self, grad_output: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """This pass's G from autograd's gradient at the layer's output (and its input ``x``; N is its length)."""
+    def g_factor(
+        self,
+        grad_output: torch.Tensor,
+        batch_size: int,
+        x: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """This pass's G from autograd's gradient at the layer's output, for a pass of ``batch_size`` examples
+        (and the layer's input ``x`` where ``needs_input``)."""
 
     def has_grad(self) -> bool:
         return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
@@ -135,10 +146,16 @@ class ColumnHelper(LayerHelper):
         """The weight of each row's ``a a^T`` in ``A_b``: a mean over the rows."""
         return 1.0 / rows
 
-    def g_factor(self, grad_output: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def g_factor(
+        self,
+        grad_output: torch.Tensor,
+        batch_size: int,
+        x: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """``G_b = (1/rows) sum g g^T``, ``g = N * grad_output`` (``g_scale="example"``) or ``grad_output``."""
         g = self.g_columns(grad_output).to(dtype or grad_output.dtype)
-        return torch.mm(g, g.t()).mul_(self.example_scale(x.shape[0]) / g.shape[1])
+        return torch.mm(g, g.t()).mul_(self.example_scale(batch_size) / g.shape[1])
 
 
 class LinearHelper(ColumnHelper):
@@ -259,6 +276,7 @@ class EmbeddingHelper(LayerHelper):
     """
 
     module: nn.Embedding
+    needs_input = True  # the padding positions
 
     def __init__(self, module: nn.Embedding, *, g_scale: GScale = "example") -> None:
         if module.sparse:
@@ -292,11 +310,18 @@ class EmbeddingHelper(LayerHelper):
         counts = torch.bincount(tokens, minlength=self.a_dim).to(dtype or self.weight.dtype)
         return counts.div_(max(x.numel(), 1))
 
-    def g_factor(self, grad_output: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def g_factor(
+        self,
+        grad_output: torch.Tensor,
+        batch_size: int,
+        x: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        assert x is not None
         g, kept = grad_output.reshape(-1, self.g_dim).to(dtype or grad_output.dtype), self._kept(x)
         if kept is not None:
             g = g[kept]
-        return torch.mm(g.t(), g).mul_(self.example_scale(x.shape[0]) / max(x.numel(), 1))
+        return torch.mm(g.t(), g).mul_(self.example_scale(batch_size) / max(x.numel(), 1))
 
     def read_grad(self, out: torch.Tensor) -> None:
         assert self.weight.grad is not None
@@ -319,6 +344,7 @@ class NormHelper(LayerHelper):
     """
 
     module: nn.LayerNorm | nn.modules.batchnorm._BatchNorm
+    needs_input = True  # the normalised input, beside the gradient
 
     @property
     def a_dim(self) -> int:
@@ -359,13 +385,20 @@ class NormHelper(LayerHelper):
             mean, var = m.running_mean.view(shape), m.running_var.view(shape)
         return (x - mean) / torch.sqrt(var + m.eps)
 
-    def g_factor(self, grad_output: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def g_factor(
+        self,
+        grad_output: torch.Tensor,
+        batch_size: int,
+        x: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        assert x is not None
         dtype = dtype or grad_output.dtype
         xhat = self._per_unit(self._normalised(x.to(dtype)))
         g = self._per_unit(grad_output.to(dtype))
         per_example = torch.stack([(g * xhat).sum(1), g.sum(1)], dim=-1)  # N x units x 2
         blocks = torch.einsum("nui,nuj->uij", per_example, per_example)
-        return blocks.mul_(self.example_scale(x.shape[0]) / x.shape[0])
+        return blocks.mul_(self.example_scale(batch_size) / batch_size)
 
 
 NORM_LAYERS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)

@@ -370,16 +370,16 @@ class KFACPreconditioner:
             layer.a_passes += 1
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 # A tensor hook registered before any in-place op on the output (ReLU(inplace=True)) receives the
-                # gradient at the layer's own output, which is what G needs. It keeps x (which autograd keeps
-                # anyway for the weight's gradient): normalisation layers need it beside the gradient.
-                output.register_hook(lambda grad: self._capture_g(layer, grad, x))
+                # gradient at the layer's own output, which is what G needs.
+                batch_size, kept = x.shape[0], x if layer.helper.needs_input else None
+                output.register_hook(lambda grad: self._capture_g(layer, grad, batch_size, kept))
 
         return hook
 
-    def _capture_g(self, layer: _Layer, grad_output: torch.Tensor, x: torch.Tensor) -> None:
+    def _capture_g(self, layer: _Layer, grad_output: torch.Tensor, batch_size: int, x: torch.Tensor | None) -> None:
         if self.fisher == "mc" and not self._sampling:
             return  # the training loss's backward: with fisher="mc", G comes from mc_backward() only
-        g_batch = layer.helper.g_factor(grad_output.detach(), x, self.factor_dtype)
+        g_batch = layer.helper.g_factor(grad_output.detach(), batch_size, x, self.factor_dtype)
         layer.g_batch = g_batch if layer.g_batch is None else layer.g_batch.add_(g_batch)
         layer.g_passes += 1
         if self.overlap_comm and layer.g_passes == layer.a_passes:

@@ -136,7 +136,7 @@ def test_padding_positions_count_for_nothing() -> None:
     # g_scale="example" multiplies by N^2, N being each call's batch size: compare without it.
     batch_helper = type(helper)(model.emb, g_scale="batch")
     torch.testing.assert_close(
-        batch_helper.g_factor(grad_output, tokens), fraction * batch_helper.g_factor(flat_kept, kept[None])
+        batch_helper.g_factor(grad_output, N, tokens), fraction * batch_helper.g_factor(flat_kept, 1, kept[None])
     )
     precond = KFACPreconditioner(model)
     F.cross_entropy(model(tokens), torch.zeros(N, dtype=torch.long)).backward()
@@ -161,7 +161,7 @@ def test_reduce_and_expand_agree_without_a_sequence() -> None:
     )
     torch.testing.assert_close(expand.a_factor(x), reduce.a_factor(x))
     g = torch.randn(N, 4)
-    torch.testing.assert_close(expand.g_factor(g, x), reduce.g_factor(g, x))
+    torch.testing.assert_close(expand.g_factor(g, N), reduce.g_factor(g, N))
 
 
 def test_reduce_factors_are_the_papers_formulas() -> None:
@@ -170,7 +170,7 @@ def test_reduce_factors_are_the_papers_formulas() -> None:
     helper = KFACPreconditioner(nn.Sequential(layer), weight_sharing="reduce")._layers[0].helper
     x, grad_output = torch.randn(N, T, 5), torch.randn(N, T, 4)
     torch.testing.assert_close(helper.a_factor(x), rows_factor(with_ones(x).mean(1)))
-    torch.testing.assert_close(helper.g_factor(grad_output, x), rows_factor(N * grad_output.sum(1)))
+    torch.testing.assert_close(helper.g_factor(grad_output, N), rows_factor(N * grad_output.sum(1)))
 
 
 class NormModel(nn.Module):
