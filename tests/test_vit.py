@@ -59,9 +59,9 @@ def test_kfac_preconditions_the_embedding_attention_and_mlp_layers() -> None:
     precond = distkfac.KFACPreconditioner(model, inv_update_steps=1)
     expected = ["embed"]
     for block in range(2):
-        expected += [f"blocks.{block}.attn.{name}" for name in ("q", "k", "v", "out")]
-        expected += [f"blocks.{block}.fc1", f"blocks.{block}.fc2"]
-    assert precond.layer_names == [*expected, "head"]
+        expected += [f"blocks.{block}.ln1", *(f"blocks.{block}.attn.{name}" for name in ("q", "k", "v", "out"))]
+        expected += [f"blocks.{block}.ln2", f"blocks.{block}.fc1", f"blocks.{block}.fc2"]
+    assert precond.layer_names == [*expected, "norm", "head"]  # LayerNorms by their unit-wise blocks
     # one step: the embedding, applied to 16 tokens per image, gets a preconditioned gradient
     loss = nn.functional.cross_entropy(model(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,)))
     loss.backward()
