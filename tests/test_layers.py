@@ -278,3 +278,34 @@ def test_checkpoint_resumes_the_new_layers_bit_for_bit(method: Any) -> None:
     resumed, _ = run(6, halfway, start=4)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+OPTIONS: list[dict[str, Any]] = [
+    {"fisher": "mc"},
+    {"factor_dtype": torch.bfloat16},
+    {"compute_method": "inverse", "damping_form": "factored-pi"},
+    {"damping_form": "factored", "factor_update_steps": 2, "inv_update_steps": 3},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_the_new_layers_take_every_option(options: dict[str, Any]) -> None:
+    """MC Fisher (G from sampled labels), bf16 factors, factored-pi with a layer that has no A, update intervals:
+    finite directions that differ from the plain gradient, for Embedding, LayerNorm and BatchNorm alike."""
+    torch.manual_seed(0)
+    for model, make_input in (
+        (SequenceClassifier(), lambda: tokens_batch(0)[0]),
+        (NormModel(), lambda: torch.randn(N, 2, 7, 7)),
+    ):
+        precond = KFACPreconditioner(model, kl_clip=None, **options)
+        for _ in range(2):
+            model.zero_grad()
+            logits = model(make_input())
+            if options.get("fisher") == "mc":
+                precond.mc_backward(logits)
+            F.cross_entropy(logits, torch.randint(0, 3, (N,))).backward()
+            plain = [grad_of(p).clone() for p in model.parameters()]
+            precond.step()
+        after = [grad_of(p) for p in model.parameters()]
+        assert all(bool(torch.isfinite(g).all()) for g in after)
+        assert all(not torch.equal(a, b) for a, b in zip(plain, after, strict=True))
