@@ -208,6 +208,18 @@ def _require_preconditioned(key: str, change: float) -> None:
         )
 
 
+def _preconditioned_change(runner: Any) -> float:
+    """One extra step of a runner with a ``precond`` (distkfac or kfac-pytorch): ``|g_kfac - g| / |g|``, which must
+    show that the gradient really was preconditioned."""
+    runner.opt.zero_grad()
+    F.cross_entropy(runner.model(runner.x), runner.y).backward()
+    plain = _grads(runner.model)
+    runner.precond.step()
+    change = _relative_change(plain, _grads(runner.model))
+    _require_preconditioned(runner.key, change)
+    return change
+
+
 class SGDRunner:
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
         self.key = "sgd"
@@ -264,12 +276,7 @@ class DistKfacRunner(SGDRunner):
         self.precond.step()
 
     def check(self) -> str:
-        self.opt.zero_grad()
-        F.cross_entropy(self.model(self.x), self.y).backward()
-        plain = _grads(self.model)
-        self.precond.step()
-        change = _relative_change(plain, _grads(self.model))
-        _require_preconditioned(self.key, change)
+        change = _preconditioned_change(self)
         return (
             f"{len(self.precond.layer_names)} layers preconditioned; "
             f"|g_kfac - g| / |g| = {change:.3g} on one extra step"
@@ -392,12 +399,7 @@ class KfacPytorchRunner(SGDRunner):
         self.precond.step()
 
     def check(self) -> str:
-        self.opt.zero_grad()
-        F.cross_entropy(self.model(self.x), self.y).backward()
-        plain = _grads(self.model)
-        self.precond.step()
-        change = _relative_change(plain, _grads(self.model))
-        _require_preconditioned(self.key, change)
+        change = _preconditioned_change(self)
         layers = len(self.precond._layers)  # no public count in kfac-pytorch 0.4.2
         return f"{layers} layers preconditioned; |g_kfac - g| / |g| = {change:.3g} on one extra step"
 

@@ -127,24 +127,11 @@ class LayerHelper(ABC):
 
 
 class ColumnHelper(LayerHelper):
-    """Layers whose factors are means of ``a a^T`` and ``g g^T`` over columns: Linear and Conv2d."""
-
-    @abstractmethod
-    def a_columns(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's inputs as columns ``a`` (with a 1 last when the layer has a bias): ``a_dim x rows``."""
+    """Layers whose G is the mean of ``g g^T`` over columns of output gradients: Linear and Conv2d."""
 
     @abstractmethod
     def g_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
         """Autograd's gradient at the layer's output as columns: ``g_dim x rows`` (not yet scaled by N)."""
-
-    def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``A_b = (1/rows) sum a a^T`` over every row of the batch, computed in ``dtype`` (default: x's)."""
-        a = self.a_columns(x).to(dtype or x.dtype)
-        return torch.mm(a, a.t()).mul_(self._a_weight(x.shape[0], a.shape[1]))
-
-    def _a_weight(self, batch_size: int, rows: int) -> float:
-        """The weight of each row's ``a a^T`` in ``A_b``: a mean over the rows."""
-        return 1.0 / rows
 
     def g_factor(
         self,
@@ -203,12 +190,6 @@ class LinearHelper(ColumnHelper):
         out[d, d] = count
         return out.div_(count)
 
-    def a_columns(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._rows(x)
-        if self.has_bias:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        return x.t()  # a view: the matrix product reads it transposed, nothing is copied
-
     def g_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
         if self.weight_sharing == "reduce" and grad_output.dim() > 2:
             grad_output = grad_output.reshape(grad_output.shape[0], -1, self.module.out_features).sum(1)
@@ -224,9 +205,12 @@ class Conv2dHelper(ColumnHelper):
         super().__init__(module, g_scale=g_scale)
         self.conv_factors = conv_factors
 
-    def _a_weight(self, batch_size: int, rows: int) -> float:
+    def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``A_b = (1/rows) sum a a^T`` over the im2col columns (``"kfc"``: ``1/N``), in ``dtype`` (default: x's)."""
+        a = self.a_columns(x).to(dtype or x.dtype)
         # KFC's Omega sums over the T positions of an example and averages over examples: (1/N), not (1/NT).
-        return 1.0 / batch_size if self.conv_factors == "kfc" else 1.0 / rows
+        weight = 1.0 / x.shape[0] if self.conv_factors == "kfc" else 1.0 / a.shape[1]
+        return torch.mm(a, a.t()).mul_(weight)
 
     @property
     def a_dim(self) -> int:
