@@ -103,8 +103,8 @@ def _submit_parser() -> argparse.ArgumentParser:
         ("--output", "PATH", "stdout file (scheduler patterns such as %%j allowed)"),
         ("--error", "PATH", "stderr file"),
         ("--chdir", "DIR", "working directory of the job (default: where you submit)"),
-        ("--image", "SIF", "Apptainer/Singularity image: the command runs in it"),
-        ("--container", "NAME", "apptainer (default) or singularity"),
+        ("--image", "IMAGE", "container image (a .sif for Apptainer, a name for podman): the command runs in it"),
+        ("--container", "NAME", "apptainer (default), singularity or podman"),
         ("--launcher", "NAME", "srun, mpirun or none (default: srun for Slurm, mpirun for PBS)"),
         ("--mpi", "PLUGIN", "srun --mpi= plugin (default pmix)"),
         ("--array", "N|RANGE", "job array: a count N (tasks 0..N-1) or a range such as 0-7 or 0-15%%4"),
@@ -118,11 +118,13 @@ def _submit_parser() -> argparse.ArgumentParser:
         ("--env", "NAME=VALUE", "variable to export (repeatable)"),
         ("--setup", "LINE", "shell line run before the command (repeatable)"),
         ("--directive", "TEXT", "extra #SBATCH/#PBS option (repeatable)"),
-        ("--container-arg", "ARG", "extra argument of apptainer exec (repeatable)"),
+        ("--container-arg", "ARG", "extra argument of apptainer exec / podman run (repeatable)"),
         ("--launcher-arg", "ARG", "extra argument of srun/mpirun (repeatable; --launcher-arg=--flag)"),
     ]:
         job.add_argument(flag, action="append", default=[], metavar=metavar, help=text)
-    job.add_argument("--nv", action=argparse.BooleanOptionalAction, help="apptainer --nv (default: with GPUs)")
+    job.add_argument(
+        "--nv", action=argparse.BooleanOptionalAction, help="GPUs in the container: apptainer --nv (default: with GPUs)"
+    )
     return parser
 
 

@@ -21,6 +21,8 @@ if [ "$(id -u)" -eq 0 ]; then
     # Open MPI refuses to start as root (containers, test clusters) unless told twice.
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi"""
+# Variables by which a task inside podman learns its rank, size and rendezvous (podman expands a trailing *).
+PODMAN_ENV_PREFIXES = ("SLURM_*", "PMIX_*", "PMI_*", "OMPI_*", "PBS_*", "MASTER_*", "LAUNCH_*")
 PBS_NODEFILE = """\
 if [ -z "${PBS_NODEFILE:-}" ] && command -v generate_pbs_nodefile >/dev/null 2>&1; then
     # Slurm's PBS wrappers set no PBS_NODEFILE: make one (one line per slot, as PBS does).
@@ -74,10 +76,27 @@ def _launch_line(spec: JobSpec, scheduler: str) -> str:
     text = " ".join(shlex.quote(word) if word != "$PBS_NODEFILE" else '"$PBS_NODEFILE"' for word in words)
     text = " ".join(filter(None, [text, shlex.join(spec.launcher_args)]))
     if spec.image is not None:
-        nv = spec.nv if spec.nv is not None else spec.gpus_per_node > 0
-        container = [spec.container, "exec", *(["--nv"] if nv else []), *spec.container_args, spec.image]
-        text = " ".join(filter(None, [text, shlex.join(container)]))
+        text = " ".join(filter(None, [text, container_prefix(spec)]))
     return " ".join(filter(None, [text, user_command(spec)]))
+
+
+def container_prefix(spec: JobSpec) -> str:
+    """The words that put each task's command inside ``spec.image`` (shell text; ``$PWD`` is left to the job's shell).
+
+    Apptainer/Singularity pass the environment, the working directory and the host's network through by
+    themselves. podman passes nothing: the task runs with the host's network and IPC (NCCL and gloo need both), the
+    working directory mounted at the same path, and the variables that say who it is (the launcher's and
+    scheduler's, by prefix) and those the job exports. GPUs go in by CDI (``nvidia-ctk cdi generate``).
+    """
+    assert spec.image is not None
+    nv = spec.nv if spec.nv is not None else spec.gpus_per_node > 0
+    if spec.container != "podman":
+        return shlex.join([spec.container, "exec", *(["--nv"] if nv else []), *spec.container_args, spec.image])
+    names = [*PODMAN_ENV_PREFIXES, "OMP_NUM_THREADS", *(name for name, _ in spec.env if name != "OMP_NUM_THREADS")]
+    words = ["podman", "run", "--rm", "--network=host", "--ipc=host", *(f"--env={name}" for name in names)]
+    words += ["--device=nvidia.com/gpu=all"] if nv else []
+    here = '--volume="$PWD:$PWD" --workdir="$PWD"'
+    return " ".join([shlex.join(words), here, shlex.join([*spec.container_args, spec.image])])
 
 
 def _body(spec: JobSpec, scheduler: str) -> list[str]:

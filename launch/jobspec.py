@@ -19,7 +19,7 @@ from launch.environment import LaunchError
 
 SCHEDULERS: Final = ("slurm", "pbs")
 LAUNCHERS: Final = ("srun", "mpirun", "none")
-CONTAINERS: Final = ("apptainer", "singularity")
+CONTAINERS: Final = ("apptainer", "singularity", "podman")
 PBS_FLAVORS: Final = ("torque", "pro")
 
 # A value that goes on a #SBATCH / #PBS line or a qsub command line: no spaces, quotes or shell metacharacters.
@@ -53,7 +53,7 @@ class JobSpec:
     image: str | None = None
     container: str = "apptainer"
     container_args: tuple[str, ...] = ()
-    nv: bool | None = None  # apptainer --nv; None: when gpus_per_node > 0
+    nv: bool | None = None  # apptainer --nv, podman's CDI GPUs; None: when gpus_per_node > 0
     launcher: str | None = None  # srun | mpirun | none; None: srun for Slurm, mpirun for PBS
     mpi: str = "pmix"  # srun --mpi=
     launcher_args: tuple[str, ...] = ()

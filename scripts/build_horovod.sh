@@ -4,12 +4,16 @@
 #
 # Why not `pip install horovod`: its build isolation hides torch, and its CMake files pin C++14 while torch 2.x headers
 # need C++17. We fetch the sdist, raise the standard to 17 and build without isolation, with MPI and Gloo controllers.
+#
+# The images (docker/Dockerfile*) run it too, with PY and WHEELS set: PY is the interpreter whose torch Horovod is
+# built against and installed into, WHEELS the folder of cached wheels. HOROVOD_GPU_OPERATIONS=NCCL and the CUDA/NCCL
+# homes, when exported by the caller, reach Horovod's build as they are (docker/Dockerfile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VERSION=0.28.1
-PY=.venv/bin/python
-WHEELS=build/wheels
+PY=${PY:-.venv/bin/python}
+WHEELS=${WHEELS:-build/wheels}
 if "$PY" -c "import horovod.torch" 2>/dev/null; then
     exit 0
 fi

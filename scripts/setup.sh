@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 # Open MPI and a compiler toolchain: mpirun for the distributed tests, and the Horovod build (scripts/build_horovod.sh).
 # Slurm, munge and Slurm's PBS wrappers (qsub): the tests start a single-node cluster (tests/slurm_cluster.py).
 # Chromium: the test of hpo_worker's HTML report loads the page in it, headless (tests/test_hpo_status.py).
+# podman, runc and debootstrap: the images are built from a debootstrap base and run (scripts/build_images.sh).
 APT_PACKAGES=(
     python3 python3-venv python3-pip python3-dev dataset-fashion-mnist
     openmpi-bin libopenmpi-dev cmake g++ make
     slurm-wlm munge slurm-wlm-torque
     chromium
+    podman runc debootstrap
 )
 
 missing=()

@@ -522,3 +522,45 @@ def test_status_and_cancel(tmp_path: Path) -> None:
             break
         time.sleep(0.2)
     assert state in ("CANCELLED", "gone")
+
+
+def test_podman_image_line_passes_identity_variables_and_mounts_the_working_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _, config = _files(tmp_path)
+    script = _dry_run(capsys, "--scheduler", "pbs", "--config", config, "--ntasks", "2", "--gpus-per-node", "1",
+                      "--container", "podman", "--image", "localhost/distkfac:gpu", "--env", "NCCL_DEBUG=INFO",
+                      "--container-arg=--userns=keep-id")  # fmt: skip
+    _bash_syntax_ok(script, tmp_path)
+    line = script.strip().splitlines()[-1]
+    # Run the launch line with mpirun and podman replaced by functions that print their words, in another directory:
+    # $PWD is expanded by the job's shell, everything else arrives as one word each.
+    (tmp_path / "job dir").mkdir()
+    stub = 'mpirun() { while [ "$1" != podman ]; do shift; done; printf "%s\\n" "$@"; }\n' + line.replace(
+        '"$PBS_NODEFILE"', "nodes"
+    )
+    result = subprocess.run(["bash", "-c", stub], capture_output=True, text=True, cwd=tmp_path / "job dir")
+    assert result.returncode == 0, result.stderr
+    words = result.stdout.splitlines()
+    here = str(tmp_path / "job dir")
+    assert words[:3] == ["podman", "run", "--rm"] and "--network=host" in words and "--ipc=host" in words
+    for name in ("SLURM_*", "PMIX_*", "OMPI_*", "PBS_*", "MASTER_*", "OMP_NUM_THREADS", "NCCL_DEBUG"):
+        assert f"--env={name}" in words, name
+    assert "--device=nvidia.com/gpu=all" in words  # GPUs asked for: podman's CDI device
+    assert f"--volume={here}:{here}" in words and f"--workdir={here}" in words
+    image = words.index("localhost/distkfac:gpu")
+    assert words[image - 1] == "--userns=keep-id" and words[image + 1 :] == [
+        "python",
+        "-m",
+        "jobs.train",
+        "--config",
+        config,
+    ]
+    no_gpu = _dry_run(capsys, "--scheduler", "slurm", "--config", config, "--container", "podman", "--image", "img")
+    assert "--device" not in no_gpu and "podman run --rm" in no_gpu
+
+
+def test_an_unknown_container_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    _, config = _files(tmp_path)
+    assert main(["submit", "--dry-run", "--config", config, "--container", "docker", "--image", "img"]) == 2
+    assert "apptainer, singularity, podman" in capsys.readouterr().err
