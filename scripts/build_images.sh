@@ -108,4 +108,4 @@ for target in "${targets[@]}"; do
         *) log "unknown target $target: use base, cpu, gpu-base or gpu"; exit 2 ;;
     esac
 done
-podman image prune -f >/dev/null
+# No `podman image prune` here: the untagged images it removes are the layer cache that makes the next build quick.
