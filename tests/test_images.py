@@ -39,8 +39,10 @@ IN_IMAGE_CONFIG = synthetic_mlp_toml(
 )
 
 
-def _run(command: list[str], timeout: float = 600, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, **kwargs)  # type: ignore[call-overload]
+def _run(
+    command: list[str], timeout: float = 600, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=cwd)
 
 
 def _tail(result: subprocess.CompletedProcess[str]) -> str:
@@ -110,7 +112,7 @@ def test_make_secrets_writes_private_files_with_a_matching_url_and_keeps_them(tm
     assert parsed["username"] == (secrets / "mongo_root_user").read_text()
     assert parsed["password"] == (secrets / "mongo_root_password").read_text()
     assert len(parsed["password"]) == 48 and parsed["nodelist"] == [("mongo", 27017)]
-    assert parsed["options"]["authsource"] == "admin"
+    assert dict(parsed["options"]) == {"authSource": "admin"}
     assert _run(["bash", script, str(secrets)]).returncode == 0
     assert (secrets / "hpo_mongo_url").read_text().strip() == url, "a second run must not replace the password"
 
