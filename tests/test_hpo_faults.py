@@ -54,9 +54,13 @@ def test_server_killed_mid_run_results_on_disk_are_stored_without_training_again
     driver = _driver(server.url, tmp_path, "crash", 5, "--queue-size", "2", steps=300)
     workers = [_worker(server.url, tmp_path, "--idle-timeout", "15") for _ in range(2)]
     db = _client(server.url)
-    _wait_for(lambda: db.jobs.count_documents({"exp_key": "crash", "state": TrialState.RUNNING}) >= 1, 60, "a trial")
-    server.kill()
     runs = tmp_path / "runs" / "crash"
+    # Killed once a trial trains (its first metrics line), not merely once it is reserved: between the reservation
+    # and the training the worker reads the experiment from the store, and a server gone at that moment keeps it
+    # waiting for its patience (60 s), with no result to keep. A loaded machine made that window a flake.
+    training = lambda: any(path.stat().st_size for path in runs.glob("trial*/run/metrics.jsonl"))  # noqa: E731
+    _wait_for(training, 60, "a training trial")
+    server.kill()
     kept = _wait_for(lambda: list(runs.glob(f"trial*/{RESULT_FILE}")), 90, "a result kept while the server is down")
     server.start()
     rc, out = _finish(driver, 180)
