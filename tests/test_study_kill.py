@@ -147,7 +147,11 @@ def test_a_study_whose_database_dies_says_so_in_one_line_and_the_rerun_stores_th
     """SIGKILL of the embedded server while a trial trains: the trial finishes and keeps its result on disk; every
     process gives up after $HPO_DB_PATIENCE (3 s here) with exit status 4, and the study says in one line which
     database was lost. The same command again stores the kept result without training it again, and finishes."""
-    study_text = STUDY.replace("max_steps = 20", "max_steps = 300")  # a trial long enough to kill the server in
+    # A trial long enough to kill the server in. Its first evaluation comes late too: the target is easy, and a trial
+    # that met it at its first evaluation (step 5) was once stored before the kill landed, leaving nothing to keep.
+    study_text = STUDY.replace("max_steps = 20", "max_steps = 300").replace(
+        "eval_every_steps = 5", "eval_every_steps = 50"
+    )
     for name, text in (("base.toml", BASE), ("space.toml", SPACE), ("study.toml", study_text)):
         (tmp_path / name).write_text(text)
     out = tmp_path / "out"
