@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-done
 
 .PHONY: setup demo test lint typecheck unit test-images images bench bench-dist bench-hpo clean
 
-$(STAMP): scripts/setup.sh scripts/build_horovod.sh requirements-dev.txt pyproject.toml
+$(STAMP): scripts/setup.sh scripts/build_horovod.sh requirements.txt requirements-dev.txt pyproject.toml
 	bash scripts/setup.sh
 	touch $@
 
