@@ -2,8 +2,8 @@
 
 A script is: the scheduler's directives, ``set -eo pipefail``, ``module load`` lines, ``export`` lines, the user's
 setup lines, then one command started by the launcher (``srun --mpi=pmix``, ``mpirun`` or nothing), optionally
-inside an Apptainer/Singularity image. Every word this module makes up is quoted with ``shlex.quote``; the user's
-``command`` and ``setup`` lines are shell text and go in as written.
+inside an Apptainer/Singularity or podman image. Every word this module makes up is quoted with ``shlex.quote``;
+the user's ``command`` and ``setup`` lines are shell text and go in as written.
 """
 
 from __future__ import annotations
