@@ -66,20 +66,17 @@ build() {  # build FILE TAG WHEELS [more podman build arguments]
 }
 
 keep_horovod_wheel() {  # keep_horovod_wheel FILE WHEELS [the build's arguments]: the build stage's wheel, for next time
-    local file=$1 wheels=$2 container
+    local file=$1 wheels=$2
     shift 2
     if ls "$wheels"/horovod-*.whl >/dev/null 2>&1; then
         return
     fi
     # With the build's own arguments, so that podman's cache answers and nothing is built again.
     podman_build "$file" "$wheels" "$@" -q --target build -t localhost/distkfac:build-stage >/dev/null
-    container=$(podman create localhost/distkfac:build-stage)
-    local copied
-    copied=$(mktemp -d)
-    podman cp "$container:/wheels/." "$copied/"
-    mv "$copied"/horovod-*.whl "$wheels/"
-    rm -rf "$copied"
-    podman rm "$container" >/dev/null
+    local root
+    root=$(podman image mount localhost/distkfac:build-stage)
+    cp "$root"/wheels/horovod-*.whl "$wheels/"
+    podman image unmount localhost/distkfac:build-stage >/dev/null
     podman rmi localhost/distkfac:build-stage >/dev/null
 }
 

@@ -58,8 +58,9 @@ def test_server_killed_mid_run_results_on_disk_are_stored_without_training_again
     # Killed once a trial trains (its first metrics line), not merely once it is reserved: between the reservation
     # and the training the worker reads the experiment from the store, and a server gone at that moment keeps it
     # waiting for its patience (60 s), with no result to keep. A loaded machine made that window a flake.
-    training = lambda: any(path.stat().st_size for path in runs.glob("trial*/run/metrics.jsonl"))  # noqa: E731
-    _wait_for(training, 60, "a training trial")
+    _wait_for(
+        lambda: any(path.stat().st_size for path in runs.glob("trial*/run/metrics.jsonl")), 60, "a training trial"
+    )
     server.kill()
     kept = _wait_for(lambda: list(runs.glob(f"trial*/{RESULT_FILE}")), 90, "a result kept while the server is down")
     server.start()

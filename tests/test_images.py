@@ -63,6 +63,28 @@ def test_hadolint_passes_on_every_dockerfile_and_catches_a_bad_one(tmp_path: Pat
     assert result.returncode != 0 and "DL3008" in result.stdout  # unpinned apt packages are what it must catch
 
 
+def _stages(path: Path) -> dict[str, list[str]]:
+    """A Dockerfile's instructions (continuation lines joined, comments dropped), by stage name."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    stages: dict[str, list[str]] = {}
+    for line in (line.strip() for line in text.splitlines()):
+        if line.startswith("FROM "):
+            stages[line.split()[-1]] = []
+        elif line and not line.startswith("#") and stages:
+            stages[list(stages)[-1]].append(line)
+    return stages
+
+
+def test_both_images_share_their_base_stage_and_their_compiler_layer() -> None:
+    # One text in both files: a pin is changed in both at once, and podman builds the GPU image's first layers from
+    # the CPU image's cache (the tests' gpu-base build takes seconds because of it).
+    gpu, cpu = _stages(ROOT / "docker" / "Dockerfile"), _stages(ROOT / "docker" / "Dockerfile.cpu")
+    assert gpu["base"] == cpu["base"] and gpu["base"]
+    assert gpu["build-base"][:3] == cpu["build"][:3] and gpu["build-base"][0].startswith("RUN apt-get update")
+    assert gpu["runtime"][:2] == cpu["runtime"][:2] == ["COPY --from=build /opt/venv /opt/venv",
+                                                        "COPY --from=build /opt/distkfac /opt/distkfac"]  # fmt: skip
+
+
 def _compose_config(secrets: Path) -> dict[str, object]:
     result = _run(
         [str(VENV_BIN / "podman-compose"), "-f", str(COMPOSE), "config"], env={**ENV, "HPO_SECRETS_DIR": str(secrets)}
