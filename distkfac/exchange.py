@@ -180,10 +180,11 @@ class FactorExchange:
                 keys_by_rank[target].append(key)
         first = self._staged[staged[0]][1]
         dtype = self.comm_dtype or first.dtype
-        segments = []
-        for keys in keys_by_rank:
-            parts = [self._packed(key).to(dtype) for key in keys]
-            segments.append(torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=first.device))
+        parts = [[self._packed(key).to(dtype) for key in keys] for keys in keys_by_rank]
+        # One buffer, owner after owner: a communicator may hand it to a single reduce-scatter without a copy.
+        every = [part for owned in parts for part in owned]
+        flat = torch.cat(every) if every else torch.empty(0, dtype=dtype, device=first.device)
+        segments = list(flat.split([sum(part.numel() for part in owned) for owned in parts]))
         for index in staged:
             del self._staged[index]
         if self.reduction == "allreduce":

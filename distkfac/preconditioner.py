@@ -161,7 +161,7 @@ class KFACPreconditioner:
         inv_dtype: torch.dtype | None = None,
         strategy: Strategy = "comm-opt",
         grad_worker_fraction: float | None = None,
-        comm: Communicator | Literal["single", "torch", "horovod"] | None = None,
+        comm: Communicator | Literal["single", "torch", "horovod", "mpi"] | None = None,
         comm_dtype: torch.dtype | None = None,
         bucket_cap_mb: float = 8.0,
         overlap_comm: bool = True,

@@ -34,7 +34,7 @@ def _env_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch env", description="Print what this process detected.")
     parser.add_argument("--init", action="store_true", help="also join the other ranks and allreduce rank+1")
     parser.add_argument(
-        "--backend", default="auto", choices=["auto", "gloo", "nccl", "horovod", "single"], help="for --init"
+        "--backend", default="auto", choices=["auto", "gloo", "nccl", "horovod", "mpi", "single"], help="for --init"
     )
     return parser
 
@@ -68,6 +68,7 @@ def _allreduce(backend: Any) -> dict[str, Any]:
     size = context.world_size
     return {
         "backend": context.kind,
+        "rendezvous": context.rendezvous,
         "allreduce_sum": round(float(value.item())),
         "allreduce_expected": size * (size + 1) // 2,
     }

@@ -1,4 +1,7 @@
-"""Join the other ranks: torch.distributed (NCCL with GPUs, gloo otherwise) or Horovod, one GPU per local rank.
+"""Join the other ranks: torch.distributed (NCCL with GPUs, gloo otherwise), Horovod or MPI; one GPU per local rank.
+
+torch.distributed's ranks meet where ``launch.rendezvous`` says: through MPI under an MPI launcher, else from the
+environment. With ``backend="mpi"`` every collective goes through MPI (mpi4py) and torch.distributed is not used.
 
 Joining ends with a communicator (``distkfac.comm``) over the ranks joined, which the training loop and K-FAC share.
 Leaving is ``distkfac.comm.leave``: launch only starts and joins processes.
@@ -14,11 +17,13 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from launch.environment import Environment, LaunchError, detect
+from launch.rendezvous import MPI_LAUNCHERS, meeting_point
 
 if TYPE_CHECKING:  # launch imports no training code when it runs: distkfac only inside init_distributed
     from distkfac.comm import Communicator
 
-Backend = Literal["auto", "gloo", "nccl", "horovod", "single"]
+Backend = Literal["auto", "gloo", "nccl", "horovod", "mpi", "single"]
+BACKENDS = ("auto", "gloo", "nccl", "horovod", "mpi", "single")
 
 
 @dataclass(frozen=True)
@@ -27,9 +32,10 @@ class DistributedContext:
     world_size: int
     local_rank: int
     device: torch.device
-    kind: str  # single | torch | horovod
+    kind: str  # single | torch | horovod | mpi
     environment: Environment
     comm: Communicator  # the collectives over these ranks (distkfac.comm)
+    rendezvous: str = "none"  # torch.distributed's meeting point, "mpi:HOST:PORT" or "environment:HOST:PORT"
 
 
 def _device(local_rank: int) -> torch.device:
@@ -47,19 +53,23 @@ def init_distributed(backend: Backend = "auto", timeout: timedelta = timedelta(m
 
     ``auto``: one process runs alone; several use torch.distributed with NCCL when CUDA is available, else gloo.
     ``horovod`` calls ``hvd.init(process_sets="dynamic")`` (Horovod reads its own launcher's variables).
+    ``mpi`` uses MPI's world through mpi4py (the process must have been started by an MPI launcher).
     """
-    if backend not in ("auto", "gloo", "nccl", "horovod", "single"):
-        raise LaunchError(f"launch: backend must be auto, gloo, nccl, horovod or single, got {backend!r}")
+    if backend not in BACKENDS:
+        raise LaunchError(f"launch: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     env = detect()
     if backend == "horovod":
         rank, size, local_rank = _join_horovod()
         comm = _communicator("horovod", timeout)
         return DistributedContext(rank, size, local_rank, _device(local_rank), "horovod", env, comm)
+    if backend == "mpi":
+        comm = _join_mpi(env, timeout)
+        return DistributedContext(env.rank, env.world_size, env.local_rank, _device(env.local_rank), "mpi", env, comm)
     if backend == "single" or (backend == "auto" and env.world_size == 1):
         return DistributedContext(0, 1, 0, _device(env.local_rank), "single", env, _communicator("single", timeout))
-    device = _join_torch(backend, env, timeout)
+    device, rendezvous = _join_torch(backend, env, timeout)
     comm = _communicator("torch", timeout)
-    return DistributedContext(env.rank, env.world_size, env.local_rank, device, "torch", env, comm)
+    return DistributedContext(env.rank, env.world_size, env.local_rank, device, "torch", env, comm, rendezvous)
 
 
 def _communicator(kind: str, timeout: timedelta) -> Communicator:
@@ -87,22 +97,45 @@ def _join_horovod() -> tuple[int, int, int]:
     return int(hvd.rank()), int(hvd.size()), int(hvd.local_rank())
 
 
-def _join_torch(backend: Backend, env: Environment, timeout: timedelta) -> torch.device:
-    """``init_process_group`` at the launcher's rendezvous (NCCL when CUDA is available, else gloo); the device."""
+def _join_mpi(env: Environment, timeout: timedelta) -> Communicator:
+    """The MPI communicator over MPI's world, which must be the launcher's (mpirun, srun --mpi=pmix, ...)."""
+    if env.launcher not in MPI_LAUNCHERS:
+        raise LaunchError(
+            f"launch: backend 'mpi' needs an MPI launcher (mpirun -np N ..., or srun --mpi=pmix ...); this process "
+            f"was started by {env.launcher!r}. Or use backend gloo"
+        )
+    try:
+        from distkfac.comm.mpi import MPICommunicator
+
+        comm = MPICommunicator(timeout=timeout)
+    except RuntimeError as error:  # mpi4py missing: the message says how to install it
+        raise LaunchError(f"launch: backend 'mpi': {error}") from error
+    if (comm.rank, comm.world_size) != (env.rank, env.world_size):
+        raise LaunchError(
+            f"launch: MPI says rank {comm.rank} of {comm.world_size} but the {env.launcher} launcher says rank "
+            f"{env.rank} of {env.world_size}: was this process started by another MPI library?"
+        )
+    return comm
+
+
+def _join_torch(backend: Backend, env: Environment, timeout: timedelta) -> tuple[torch.device, str]:
+    """``init_process_group`` at the rendezvous (NCCL when CUDA is available, else gloo); the device and meeting."""
     import torch.distributed as dist
 
     name = backend if backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     if name == "nccl" and not torch.cuda.is_available():
         raise LaunchError("launch: backend 'nccl' needs CUDA GPUs; this process sees none: use gloo")
     device = _device(env.local_rank)
-    os.environ.setdefault("MASTER_ADDR", env.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(env.master_port))
-    host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr  # an IPv6 literal needs brackets
-    dist.init_process_group(
-        name,
-        init_method=f"tcp://{host}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
+    meeting = meeting_point(env, os.environ)
+    os.environ.setdefault("MASTER_ADDR", meeting.host)
+    os.environ.setdefault("MASTER_PORT", str(meeting.port))
+    store = dist.TCPStore(
+        meeting.host,
+        meeting.port,
+        env.world_size,
+        is_master=env.rank == 0,
         timeout=timeout,
+        master_listen_fd=meeting.listen_fd,  # rank 0 under MPI: the socket it already bound, so the port stays ours
     )
-    return device
+    dist.init_process_group(name, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    return device, f"{meeting.how}:{meeting.host}:{meeting.port}"

@@ -13,7 +13,8 @@ Checked in this order (the first launcher whose variables are present wins):
 
 The master address, when the launcher does not give one: MASTER_ADDR if set; else the first host of
 SLURM_STEP_NODELIST / SLURM_JOB_NODELIST (Slurm's compressed list, e.g. ``node[03-05,9]``); else the first line of
-PBS_NODEFILE; else 127.0.0.1 when every rank is on this node; else an error asking for MASTER_ADDR. The port is
+PBS_NODEFILE; else 127.0.0.1 when every rank is on this node; else empty: unknown until rank 0 sends its address
+through MPI (``launch.rendezvous``, which also picks a free port under an MPI launcher). The port is
 MASTER_PORT if set, else derived from the job id and the launch within it (Slurm's step id, Open MPI's job id), so
 that two jobs or two launches sharing a node do not collide, in 20000-31999 (below Linux's ephemeral ports); else 29500.
 
@@ -138,10 +139,7 @@ def _master(env: Mapping[str, str], all_local: bool, launch_id: str | None) -> t
             return first[0], port
     if all_local:
         return "127.0.0.1", port
-    raise LaunchError(
-        "launch: the ranks span several nodes but nothing names the master: set MASTER_ADDR to rank 0's host "
-        "(with Open MPI: mpirun -x MASTER_ADDR=$(hostname) ...)"
-    )
+    return "", port  # unknown here: rank 0 sends its address through MPI (launch.rendezvous), or it is an error there
 
 
 def detect(env: Mapping[str, str] | None = None) -> Environment:

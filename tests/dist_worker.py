@@ -1,6 +1,6 @@
 """One rank of a distributed K-FAC test run, started by torchrun, mpirun or the tests directly.
 
-    python -m tests.dist_worker --backend torch|horovod --out DIR --scenario equivalence|die|hang|mismatch
+    python -m tests.dist_worker --backend torch|horovod|mpi --out DIR --scenario equivalence|die|hang|mismatch
 
 ``equivalence`` trains every configuration of ``CONFIGS`` for a few steps on real Fashion-MNIST images, each rank on
 its shard of every batch, and saves each rank's final parameters; the test compares them with ``train(..., world=1)``
@@ -156,7 +156,7 @@ def train(config: dict[str, Any], rank: int, world: int, comm: Any, die_at: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", choices=["torch", "horovod"], required=True)
+    parser.add_argument("--backend", choices=["torch", "horovod", "mpi"], required=True)
     parser.add_argument("--scenario", choices=["equivalence", "die", "hang", "mismatch"], default="equivalence")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--timeout", type=float, default=60.0)
@@ -172,6 +172,12 @@ def main() -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
         rank, world = dist.get_rank(), dist.get_world_size()
         comm = TorchDistCommunicator(timeout=timedelta(seconds=args.timeout))
+        names = list(CONFIGS)
+    elif args.backend == "mpi":
+        from distkfac.comm.mpi import MPICommunicator
+
+        comm = MPICommunicator(timeout=timedelta(seconds=args.timeout))
+        rank, world = comm.rank, comm.world_size
         names = list(CONFIGS)
     else:
         import horovod.torch as hvd

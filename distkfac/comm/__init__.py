@@ -1,8 +1,8 @@
 """How buffers travel between ranks: one interface (``base``), one module per library.
 
 ``resolve_communicator`` picks one from what the user asked for or initialised: an explicit communicator, ``"single"``,
-``"torch"``, ``"horovod"``, or ``None`` (torch.distributed if it is initialised with more than one rank, else Horovod
-if it is initialised with more than one rank, else a single process).
+``"torch"``, ``"horovod"``, ``"mpi"``, or ``None``: torch.distributed if it is initialised with more than one rank, else
+Horovod if it is, else MPI if the program initialised it through mpi4py with more than one rank, else a single process.
 """
 
 from __future__ import annotations
@@ -42,12 +42,21 @@ def _horovod_world() -> int:
         return 0
 
 
+def _mpi_world() -> int:
+    mpi = sys.modules.get("mpi4py.MPI")  # only if the program imported it
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return 0
+    return int(mpi.COMM_WORLD.Get_size())
+
+
 def resolve_communicator(comm: Communicator | str | None) -> Communicator:
     if comm is None:
         if _torch_distributed_world() > 1:
             comm = "torch"
         elif _horovod_world() > 1:
             comm = "horovod"
+        elif _mpi_world() > 1:
+            comm = "mpi"
         else:
             comm = "single"
     if comm == "single":
@@ -60,6 +69,12 @@ def resolve_communicator(comm: Communicator | str | None) -> Communicator:
         from distkfac.comm.horovod import HorovodCommunicator
 
         return HorovodCommunicator()
+    if comm == "mpi":
+        from distkfac.comm.mpi import MPICommunicator
+
+        return MPICommunicator()
     if isinstance(comm, str):
-        raise ValueError(f"distkfac: comm must be 'single', 'torch', 'horovod', None or a communicator, got {comm!r}")
+        raise ValueError(
+            f"distkfac: comm must be 'single', 'torch', 'horovod', 'mpi', None or a communicator, got {comm!r}"
+        )
     return comm
