@@ -70,7 +70,7 @@ CIFAR_FORMATS: Final = ("auto", "python", "folder")
 SCHEDULE_NAMES: Final = ("constant", "step", "linear")
 MOMENTUM_FORMS: Final = ("torch", "chainer")
 DTYPE_NAMES: Final = ("", "float32", "float64", "bfloat16", "float16")
-BACKENDS: Final = ("auto", "gloo", "nccl", "horovod", "single")
+BACKENDS: Final = ("auto", "gloo", "nccl", "horovod", "mpi", "single")
 
 
 class ConfigError(ValueError):
@@ -190,7 +190,7 @@ class RunConfig:
     resume: bool = False  # continue from the newest checkpoint in out_dir
     stop_after_steps: int = 0  # stop after this many steps without a final checkpoint, as if killed (tests)
     progress: bool = True  # progress line on stderr (rank 0, terminals only)
-    backend: str = "auto"  # launch.distributed backend: auto | gloo | nccl | horovod | single
+    backend: str = "auto"  # launch.distributed backend: auto | gloo | nccl | horovod | mpi | single
     ddp: bool = True  # wrap the model in DistributedDataParallel under torch.distributed
     threads: int = 0  # torch.set_num_threads (0 = leave as is)
     tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is installed

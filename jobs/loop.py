@@ -286,13 +286,14 @@ def _noise_record(
 
 
 def _wrap(model: nn.Module, config: Config, context: Context) -> nn.Module:
-    """The module that trains: DDP under torch.distributed with run.ddp; with Horovod, rank 0's weights everywhere."""
+    """The module that trains: DDP under torch.distributed with run.ddp; with Horovod or MPI, rank 0's weights
+    everywhere (the loop then averages the gradients itself, through the communicator)."""
     if context.kind == "torch" and config.run.ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [context.device] if context.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
-    if context.kind == "horovod":
+    if context.kind in ("horovod", "mpi"):
         state = [tensor for tensor in model.state_dict().values() if tensor.numel()]
         broadcast_from(state, context.comm, purpose="parameters")
     return model
@@ -310,6 +311,7 @@ def _write_rank_record(out_dir: Path, context: Context, batches: ShardedBatches,
         "local_rank": context.local_rank,
         "distributed": context.kind,
         "launcher": getattr(getattr(context, "environment", None), "launcher", "single"),
+        "rendezvous": getattr(context, "rendezvous", "none"),  # torch.distributed's meeting point (launch)
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "device": str(context.device),

@@ -1,7 +1,7 @@
 """A run's place among the ranks (:class:`Context`) and how it joins them (:func:`start`).
 
-Every collective goes through the context's communicator (``distkfac.comm``: torch.distributed, Horovod or one
-process), which the training loop and K-FAC share; the loop's collectives are ``distkfac.comm.ops``. Starting the
+Every collective goes through the context's communicator (``distkfac.comm``: torch.distributed, Horovod, MPI or
+one process), which the training loop and K-FAC share; the loop's collectives are ``distkfac.comm.ops``. Starting the
 ranks is ``launch.distributed``'s job (:func:`start` imports it lazily and falls back to one process when it is not
 importable and no launcher started several); leaving is ``distkfac.comm.leave``.
 """
@@ -34,7 +34,7 @@ class Context(Protocol):
     @property
     def device(self) -> torch.device: ...
     @property
-    def kind(self) -> str: ...  # single | torch | horovod
+    def kind(self) -> str: ...  # single | torch | horovod | mpi
     @property
     def comm(self) -> Communicator: ...  # tensors handed to it must be on ``device`` (NCCL)
 

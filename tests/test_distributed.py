@@ -1,4 +1,4 @@
-"""Data-parallel K-FAC in real processes: torchrun + gloo, Horovod under mpirun, and ranks started one by one.
+"""Data-parallel K-FAC in real processes: torchrun + gloo, Horovod and MPI under mpirun, and ranks started one by one.
 
 Each launch trains every configuration of ``tests/dist_worker.py`` once; the tests compare what each rank saved with
 one process trained on the full batches.
@@ -61,9 +61,11 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-BACKENDS = [("torch", name) for name in dist_worker.EXACT] + [
-    ("horovod", name) for name in dist_worker.HOROVOD_CONFIGS if name in dist_worker.EXACT
-]
+BACKENDS = (
+    [("torch", name) for name in dist_worker.EXACT]
+    + [("horovod", name) for name in dist_worker.HOROVOD_CONFIGS if name in dist_worker.EXACT]
+    + [("mpi", name) for name in dist_worker.EXACT]
+)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -90,7 +92,7 @@ def test_kfac_direction_differs_from_sgd_so_equivalence_means_something() -> Non
     assert _max_diff(model.state_dict(), kfac) > 1e-2
 
 
-@pytest.mark.parametrize(("backend", "world"), [("torch", 2), ("torch", 4), ("horovod", 4)])
+@pytest.mark.parametrize(("backend", "world"), [("torch", 2), ("torch", 4), ("horovod", 4), ("mpi", 4)])
 def test_low_precision_factor_comm_keeps_ranks_identical(backend: str, world: int, out_root: Path) -> None:
     out = launched(backend, world, out_root)
     saved = _saved(out, "mem-opt-fp16-comm", world)
@@ -122,7 +124,7 @@ def test_strategies_send_what_they_promise(world: int, out_root: Path) -> None:
     assert fp16["factors"] == pytest.approx(mem_opt["factors"] / 4)  # float16 against float64
 
 
-@pytest.mark.parametrize(("backend", "world"), [("torch", 2), ("torch", 4), ("horovod", 2)])
+@pytest.mark.parametrize(("backend", "world"), [("torch", 2), ("torch", 4), ("horovod", 2), ("mpi", 4)])
 def test_factor_reductions_start_during_backward(backend: str, world: int, out_root: Path) -> None:
     out = launched(backend, world, out_root)
 
@@ -134,6 +136,23 @@ def test_factor_reductions_start_during_backward(backend: str, world: int, out_r
     assert all(n >= 4 for n in in_flight("comm-opt-accumulate"))
     if backend == "torch":
         assert in_flight("hybrid-allreduce-baseline") == [0] * dist_worker.STEPS  # overlap_comm=False
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mpi_sends_the_bytes_of_torch_distributed_in_one_reduction_per_bucket(world: int, out_root: Path) -> None:
+    torch_out, mpi_out = launched("torch", world, out_root), launched("mpi", world, out_root)
+    for name in dist_worker.CONFIGS:
+        by_torch, by_mpi = (json.loads((out / f"{name}.rank0.json").read_text()) for out in (torch_out, mpi_out))
+        if dist_worker.CONFIGS[name].get("ddp"):  # DDP averages the gradients over gloo, out of the counters
+            by_mpi["bytes"].pop("gradient averaging")
+        assert by_mpi["bytes"] == pytest.approx(by_torch["bytes"]), name
+        if dict(dist_worker.CONFIGS[name]).get("factor_reduction") != "allreduce":
+            # torch.distributed: one reduce per owner with a non-empty segment; MPI: one reduce-scatter per bucket.
+            assert by_mpi["calls"]["factors"] <= by_torch["calls"]["factors"], name
+    comm_opt = [
+        json.loads((out / "comm-opt.rank0.json").read_text())["calls"]["factors"] for out in (torch_out, mpi_out)
+    ]
+    assert comm_opt[1] < comm_opt[0], f"P={world}: {comm_opt[1]} MPI reductions against {comm_opt[0]} over gloo"
 
 
 def test_bad_gradient_worker_fraction_is_refused_on_every_rank(out_root: Path) -> None:

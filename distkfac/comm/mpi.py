@@ -8,13 +8,16 @@
   is waited for. The current CUDA stream is synchronised first in both cases, because MPI does not know streams.
 - **Reduction to owners** is one ``MPI_Ireduce_scatter`` with unequal counts per bucket, at any number of ranks.
 - **Failures.** MPI has no timeouts: ``wait`` polls the requests and raises CommunicationError after ``timeout`` (a
-  rank that hangs). After that the process should exit with an error, and the MPI launcher ends the others. When a
-  rank dies, Open MPI's ``mpirun`` (and ``srun``) end every other rank at once and print which rank died and how; the
-  survivors print no Python error of their own.
+  rank that hangs). The process then exits with status 1 whatever else it does, without MPI_Finalize (which would
+  wait for the hanging rank), and the MPI launcher ends the others. When a rank dies, Open MPI's ``mpirun`` (and
+  ``srun``) end every other rank at once and print which rank died and its exit status; the survivors print no
+  Python error of their own. A rank that fails in its own code should leave with ``distkfac.comm.leave(status)``:
+  a plain exception would reach MPI_Finalize at exit and wait there until the others time out.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import os
@@ -107,6 +110,17 @@ def _contiguous_run(segments: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
 
 
+def _exit_without_finalize() -> None:
+    """Make this process's exit skip MPI_Finalize, which would wait for the rank that hangs, forever."""
+
+    def leave_now() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    atexit.register(leave_now)  # runs before mpi4py's own finalisation at exit
+
+
 class _MPIPending:
     """Requests in flight, with what to do after them (copy a result into place); ``wait`` polls up to the timeout."""
 
@@ -127,6 +141,7 @@ class _MPIPending:
         delay = 0.0
         while not guarded(comm.rank, comm.world_size, self._what, lambda: Request.Testall(self._requests)):
             if time.monotonic() > deadline:
+                _exit_without_finalize()
                 raise CommunicationError(
                     f"distkfac: {self._what} did not finish within {comm.timeout} on rank {comm.rank} of "
                     f"{comm.world_size}: another rank hangs, or runs a different model or configuration. End the "
