@@ -4,17 +4,20 @@ Run from the repository root::
 
     python -m benchmarks.distributed                     # balance, then torchrun at 1, 2, 4 processes on gloo
     python -m benchmarks.distributed --worlds 2 --steps 20 --skip-balance
+    python -m benchmarks.distributed --worlds 2,4 --comms torch,mpi,horovod --skip-balance   # gloo, MPI, Horovod
 
 Two parts:
 
 1. **Balance** (one process, no communication): the work assignment of ResNet-50's layers (ImageNet shapes) and
    ResNet-32's (CIFAR shapes) over P ranks for each strategy; the max/mean of the per-rank decomposition cost, both
    under the ``n^3`` model the assignment uses and with the measured time of one float32 ``eigh`` of each size.
-2. **Runs** (torchrun, gloo, one thread per rank): each strategy, and the "allreduce everything" baseline of the same
-   strategy (full factors allreduced to every rank, as KAISA does, no overlap), trains the benchmark's MLP with a
-   fixed global batch split across the ranks. Per step: bytes sent per rank (the communicator's counters, cost model
-   in ``distkfac/comm/base.py``; gradient averaging included, as the model is not DDP-wrapped), per-rank K-FAC memory
-   (max over ranks), and the median step time over the timed steps (max over ranks).
+2. **Runs** (one thread per rank; gloo under torchrun, the MPI and Horovod communicators under mpirun): each
+   strategy, and the "allreduce everything" baseline of the same strategy (full factors allreduced to every rank, as
+   KAISA does, no overlap), trains the benchmark's MLP with a fixed global batch split across the ranks. Per step:
+   bytes sent per rank (the communicator's counters, cost model in ``distkfac/comm/base.py``; gradient averaging
+   included, as the model is not DDP-wrapped), the factor reductions launched, per-rank K-FAC memory (max over
+   ranks), and the median step time over the timed steps (max over ranks); each communicator's step time is also
+   given as a ratio to gloo's at the same P.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,77 +116,103 @@ def balance_table(worlds: Sequence[int]) -> list[str]:
     return rows
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One rank under torchrun: time every configuration, write this rank's numbers as JSON."""
-    import torch.distributed as dist
+def _join(kind: str) -> tuple[Any, Callable[[], None]]:
+    """This rank's communicator for ``kind`` (torch: gloo under torchrun; mpi, horovod: under mpirun), and a barrier."""
+    from distkfac.comm import barrier
 
+    if kind == "torch":
+        import torch.distributed as dist
+
+        from distkfac.comm.torch_dist import TorchDistCommunicator
+
+        dist.init_process_group("gloo")
+        return TorchDistCommunicator(), dist.barrier
+    if kind == "mpi":
+        from distkfac.comm.mpi import MPICommunicator
+
+        comm: Any = MPICommunicator()
+    else:
+        import horovod.torch as hvd
+
+        from distkfac.comm.horovod import HorovodCommunicator
+
+        hvd.init(process_sets="dynamic")
+        comm = HorovodCommunicator()
+    return comm, lambda: barrier(comm, torch.device("cpu"))
+
+
+def _time_config(comm: Any, sync: Callable[[], None], settings: dict[str, Any], args: argparse.Namespace) -> dict:
+    """One configuration on this rank: median step time and bytes per step over the timed steps, K-FAC memory."""
     from distkfac import KFACPreconditioner
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     x, y = make_batch(args.model, args.batch_size, seed=0)
-    shard = args.batch_size // world
-    x, y = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
+    shard = args.batch_size // comm.world_size
+    x, y = x[comm.rank * shard : (comm.rank + 1) * shard], y[comm.rank * shard : (comm.rank + 1) * shard]
+    torch.manual_seed(0)
+    model = build_model(args.model)
+    precond = KFACPreconditioner(model, inv_update_steps=10, damping=1e-3, comm=comm, **settings)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    times = []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            comm.stats.reset()
+        sync()
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        precond.step()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    memory = precond.memory_bytes()
+    precond.remove_hooks()
+    return {
+        "step_s": statistics.median(times[args.warmup :]),
+        "bytes_per_step": {k: v / args.steps for k, v in comm.stats.bytes_sent.items()},
+        "calls_per_step": {k: v / args.steps for k, v in comm.stats.calls.items()},
+        "factor_bytes": memory["factors"],
+        "decomposition_bytes": memory["decompositions"],
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: time every configuration over ``args.comm``, write this rank's numbers as JSON."""
+    torch.set_num_threads(1)
+    comm, sync = _join(args.comm)
     results = {}
-    configs = [(s, False) for s in STRATEGIES] + [(s, True) for s in STRATEGIES]
-    for strategy, baseline in configs:
+    for strategy, baseline in [(s, False) for s in STRATEGIES] + [(s, True) for s in STRATEGIES]:
         settings = dict(STRATEGIES[strategy], **(BASELINE if baseline else {}))
         try:
-            grad_workers_for(settings["strategy"], settings.get("grad_worker_fraction"), world)
+            grad_workers_for(settings["strategy"], settings.get("grad_worker_fraction"), comm.world_size)
         except ValueError:
             continue  # hybrid with a fraction that does not fit this world size
-        torch.manual_seed(0)
-        model = build_model(args.model)
-        precond = KFACPreconditioner(model, inv_update_steps=10, damping=1e-3, **settings)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        times = []
-        for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                precond.comm.stats.reset()
-            dist.barrier()
-            start = time.perf_counter()
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            precond.step()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
-        memory = precond.memory_bytes()
-        results[f"{strategy}{' baseline' if baseline else ''}"] = {
-            "step_s": statistics.median(times[args.warmup :]),
-            "bytes_per_step": {k: v / args.steps for k, v in precond.comm.stats.bytes_sent.items()},
-            "factor_bytes": memory["factors"],
-            "decomposition_bytes": memory["decompositions"],
-        }
-        precond.remove_hooks()
-    Path(args.out).joinpath(f"rank{rank}.json").write_text(json.dumps(results))
+        results[f"{strategy}{' baseline' if baseline else ''}"] = _time_config(comm, sync, settings, args)
+    Path(args.out).joinpath(f"rank{comm.rank}.json").write_text(json.dumps(results))
     leave(0)  # gloo can abort at exit even after barrier + destroy_process_group (torch 2.13)
 
 
-def run_world(world: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+# Open MPI as root on a machine with fewer cores than ranks (../shared/notes/hpc-stack.md).
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+}
+
+
+def _launch_command(kind: str, world: int) -> list[str]:
+    if kind == "torch":
+        return [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={world}"]
+    return ["mpirun", "-np", str(world), "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable]
+
+
+def run_world(world: int, kind: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     with tempfile.TemporaryDirectory() as out:
-        command = [
-            str(Path(sys.executable).with_name("torchrun")),
-            "--standalone",
-            f"--nproc-per-node={world}",
-            "-m",
-            "benchmarks.distributed",
-            "--worker",
-            "--out",
-            out,
-            "--model",
-            args.model,
-            "--batch-size",
-            str(args.batch_size),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        command = [*_launch_command(kind, world), "-m", "benchmarks.distributed", "--worker", "--comm", kind]
+        command += ["--out", out, "--model", args.model, "--batch-size", str(args.batch_size)]
+        command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        env = {**os.environ, **MPI_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
-            raise SystemExit(f"torchrun with {world} processes failed:\n{result.stderr[-5000:]}")
+            raise SystemExit(f"{kind} with {world} processes failed:\n{result.stderr[-5000:]}")
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     merged = {}
     for name in ranks[0]:
@@ -191,54 +220,65 @@ def run_world(world: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]
         merged[name] = {
             "step_s": max(r["step_s"] for r in per_rank),
             "bytes": statistics.mean(sum(r["bytes_per_step"].values()) for r in per_rank),
+            "factor_calls": statistics.mean(r["calls_per_step"].get("factors", 0.0) for r in per_rank),
             "factor_bytes": max(r["factor_bytes"] for r in per_rank),
             "decomposition_bytes": max(r["decomposition_bytes"] for r in per_rank),
         }
     return merged
 
 
+def print_runs(results: dict[tuple[int, str], dict[str, dict[str, Any]]]) -> None:
+    """One row per world size, communicator and configuration; ratios against the baseline, P = 1 and gloo."""
+    print("| P | comm | strategy | bytes/step/rank | vs baseline | factor reductions/step | factor MiB/rank | "
+          "decomp. MiB/rank | step ms | vs P=1 | vs gloo |")  # fmt: skip
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    single = results.get((1, "torch"), {}).get("comm-opt", {}).get("step_s")
+    for (world, kind), merged in results.items():
+        gloo = results.get((world, "torch"), {})
+        for name, row in merged.items():
+            base = merged.get(name.removesuffix(" baseline") + " baseline")
+            ratio = f"{row['bytes'] / base['bytes']:.2f}" if base and base["bytes"] and world > 1 else "-"
+            speed = f"{row['step_s'] / single:.2f}" if single and not name.endswith("baseline") else "-"
+            versus = f"{row['step_s'] / gloo[name]['step_s']:.2f}" if name in gloo and kind != "torch" else "-"
+            print(
+                f"| {world} | {COMM_NAMES[kind]} | {name} | {row['bytes'] / 1024:.1f} KiB | {ratio} | "
+                f"{row['factor_calls']:.1f} | {row['factor_bytes'] / 2**20:.2f} | "
+                f"{row['decomposition_bytes'] / 2**20:.2f} | {row['step_s'] * 1e3:.1f} | {speed} | {versus} |"
+            )
+
+
+COMM_NAMES = {"torch": "gloo", "mpi": "MPI", "horovod": "Horovod"}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", default="1,2,4")
+    parser.add_argument("--comms", default="torch", help="comma-separated: torch (gloo), mpi, horovod")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--batch-size", type=int, default=512, help="global batch, split across the ranks")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--skip-balance", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--comm", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return
     worlds = [int(w) for w in args.worlds.split(",")]
+    comms = args.comms.split(",")
     print(f"command: python -m benchmarks.distributed {shlex.join(sys.argv[1:])}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}")
     if not args.skip_balance:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         print("\n" + "\n".join(balance_table([2, 4, 8])))
-    print(f"\nmodel {args.model}, global batch {args.batch_size}, {args.steps} timed steps, gloo, 1 thread per rank")
-    print("| P | strategy | bytes/step/rank | vs baseline | factor MiB/rank | decomp. MiB/rank | step ms | vs P=1 |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    single = None
+    print(f"\nmodel {args.model}, global batch {args.batch_size}, {args.steps} timed steps, 1 thread per rank")
+    results = {}
     for world in worlds:
-        merged = run_world(world, args)
-        if world == 1:
-            single = merged["comm-opt"]["step_s"]
-        for name, row in merged.items():
-            if name.endswith("baseline"):
-                continue
-            base = merged.get(f"{name} baseline")
-            ratio = f"{row['bytes'] / base['bytes']:.2f}" if base and base["bytes"] else "-"
-            speed = f"{row['step_s'] / single:.2f}" if single else "-"
-            for label, values, vs in ((name, row, ratio), (f"{name} baseline", base, "1.00")):
-                if values is None:
-                    continue
-                print(
-                    f"| {world} | {label} | {values['bytes'] / 1024:.1f} KiB | {vs if world > 1 else '-'} | "
-                    f"{values['factor_bytes'] / 2**20:.2f} | {values['decomposition_bytes'] / 2**20:.2f} | "
-                    f"{values['step_s'] * 1e3:.1f} | {speed if label == name else '-'} |"
-                )
+        for kind in comms if world > 1 else ["torch"]:  # one process: nothing travels, whatever the library
+            results[(world, kind)] = run_world(world, kind, args)
+    print_runs(results)
 
 
 if __name__ == "__main__":
