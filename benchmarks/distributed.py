@@ -212,7 +212,10 @@ def run_world(world: int, kind: str, args: argparse.Namespace) -> dict[str, dict
         env = {**os.environ, **MPI_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
-            raise SystemExit(f"{kind} with {world} processes failed:\n{result.stderr[-5000:]}")
+            # Both ends: the first error of the rank that failed, and the others' reports of it.
+            raise SystemExit(
+                f"{kind} with {world} processes failed:\n{result.stderr[:4000]}\n...\n{result.stderr[-3000:]}"
+            )
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     merged = {}
     for name in ranks[0]:

@@ -10,8 +10,9 @@ Rank 0's address: 127.0.0.1 when every rank runs on rank 0's host (same host nam
 host name that is not a loopback one; else the address of the interface by which rank 0 reaches another rank's host;
 else an error asking for MASTER_ADDR.
 
-Without an MPI launcher or without mpi4py, the ranks meet where ``launch.environment`` says (MASTER_ADDR, the node
-list, a port derived from the job id).
+Without an MPI launcher or without mpi4py, or with ``LAUNCH_RENDEZVOUS=environment`` (for an image whose MPI cannot
+talk to the host's launcher: importing mpi4py initialises MPI), the ranks meet where ``launch.environment`` says
+(MASTER_ADDR, the node list, a port derived from the job id).
 """
 
 from __future__ import annotations
@@ -95,7 +96,12 @@ def _rank0_offer(environ: Mapping[str, str], hosts: Sequence[str]) -> tuple[str,
 
 def through_mpi(env: Environment, environ: Mapping[str, str]) -> Meeting | None:
     """The meeting point broadcast by rank 0 through MPI, or None when MPI did not start us or mpi4py is missing."""
-    if env.launcher not in MPI_LAUNCHERS or ("MASTER_ADDR" in environ and "MASTER_PORT" in environ):
+    choice = environ.get("LAUNCH_RENDEZVOUS", "auto")
+    if choice not in ("auto", "environment"):
+        raise LaunchError(f"launch: LAUNCH_RENDEZVOUS must be auto or environment, got {choice!r}")
+    if choice == "environment" or env.launcher not in MPI_LAUNCHERS:
+        return None
+    if "MASTER_ADDR" in environ and "MASTER_PORT" in environ:
         return None
     try:
         from mpi4py import MPI

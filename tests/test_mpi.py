@@ -228,7 +228,7 @@ def test_two_hostfile_trainings_at_once_do_not_collide(two_hosts: tuple[str, ...
     assert meetings[0] != meetings[1], "each run's rank 0 bound a port of its own"
 
 
-def test_master_addr_and_port_still_win_over_mpi() -> None:
+def test_master_addr_and_port_or_launch_rendezvous_still_win_over_mpi() -> None:
     import socket
 
     with socket.socket() as probe:
@@ -239,6 +239,9 @@ def test_master_addr_and_port_still_win_over_mpi() -> None:
     )
     assert both.returncode == 0, both.stderr[-3000:]
     assert {r["rendezvous"] for r in _reports(both.stdout)} == {f"environment:127.0.0.1:{port}"}
+    plain = _run(_mpirun(2, "-m", "launch", "env", "--init", extra=("-x", "LAUNCH_RENDEZVOUS=environment")))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert {r["rendezvous"].rsplit(":", 1)[0] for r in _reports(plain.stdout)} == {"environment:127.0.0.1"}
     only_port = _run(_mpirun(2, "-m", "launch", "env", "--init", extra=("-x", f"MASTER_PORT={port}")))
     assert only_port.returncode == 0, only_port.stderr[-3000:]
     assert {r["rendezvous"] for r in _reports(only_port.stdout)} == {f"mpi:127.0.0.1:{port}"}  # MPI names the host
