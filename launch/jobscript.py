@@ -86,7 +86,8 @@ def container_prefix(spec: JobSpec) -> str:
     Apptainer/Singularity pass the environment, the working directory and the host's network through by
     themselves. podman passes nothing: the task runs with the host's network and IPC (NCCL and gloo need both), the
     working directory mounted at the same path, and the variables that say who it is (the launcher's and
-    scheduler's, by prefix) and those the job exports. GPUs go in by CDI (``nvidia-ctk cdi generate``).
+    scheduler's, by prefix) and those the job exports; Open MPI's messages go over TCP, as its shared-memory
+    transport does not cross containers. GPUs go in by CDI (``nvidia-ctk cdi generate``).
     """
     assert spec.image is not None
     nv = spec.nv if spec.nv is not None else spec.gpus_per_node > 0
@@ -94,6 +95,9 @@ def container_prefix(spec: JobSpec) -> str:
         return shlex.join([spec.container, "exec", *(["--nv"] if nv else []), *spec.container_args, spec.image])
     names = [*PODMAN_ENV_PREFIXES, "OMP_NUM_THREADS", *(name for name, _ in spec.env if name != "OMP_NUM_THREADS")]
     words = ["podman", "run", "--rm", "--network=host", "--ipc=host", *(f"--env={name}" for name in names)]
+    # Open MPI's shared-memory transport crashes between containers (each has its own /tmp and PID namespace; seen
+    # with podman here): its messages (the MPI rendezvous, comm="mpi") go over TCP on the host's network instead.
+    words += ["--env=OMPI_MCA_btl=self,tcp"]
     words += ["--device=nvidia.com/gpu=all"] if nv else []
     here = '--volume="$PWD:$PWD" --workdir="$PWD"'
     return " ".join([shlex.join(words), here, shlex.join([*spec.container_args, spec.image])])

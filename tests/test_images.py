@@ -263,6 +263,8 @@ def test_submit_with_a_podman_image_runs_each_slurm_task_in_a_container(cpu_imag
     assert result.returncode == 0, f"{_tail(result)}\n--- job log:\n{log.read_text()[-4000:] if log.exists() else ''}"
     records = [json.loads((tmp_path / "run" / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     assert {(r["rank"], r["world_size"], r["launcher"]) for r in records} == {(0, 2, "pmix"), (1, 2, "pmix")}
+    # The image's mpi4py and Open MPI spoke PMIx with the host's Slurm: rank 0 sent its port through MPI.
+    assert len({r["rendezvous"] for r in records}) == 1 and records[0]["rendezvous"].startswith("mpi:"), records
     # Each rank was the first process of its own container (its own PID namespace), not a process of this machine.
     assert [r["pid"] for r in records] == [1, 1], records
 

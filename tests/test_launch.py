@@ -543,6 +543,7 @@ def test_podman_image_line_passes_identity_variables_and_mounts_the_working_dire
     for name in ("SLURM_*", "PMIX_*", "OMPI_*", "PBS_*", "MASTER_*", "OMP_NUM_THREADS", "NCCL_DEBUG"):
         assert f"--env={name}" in words, name
     assert "--device=nvidia.com/gpu=all" in words  # GPUs asked for: podman's CDI device
+    assert "--env=OMPI_MCA_btl=self,tcp" in words  # Open MPI's shared memory does not cross containers
     assert f"--volume={here}:{here}" in words and f"--workdir={here}" in words
     image = words.index("localhost/distkfac:gpu")
     assert words[image - 1] == "--userns=keep-id" and words[image + 1 :] == [
