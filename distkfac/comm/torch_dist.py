@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch
@@ -13,15 +13,21 @@ from distkfac.comm.base import CommStats, Done, Pending, guarded, nbytes
 
 
 class _TorchPending:
-    def __init__(self, works: list[dist.Work], comm: TorchDistCommunicator, what: str) -> None:
+    def __init__(
+        self, works: list[dist.Work], comm: TorchDistCommunicator, what: str, after: Callable[[], object] | None = None
+    ) -> None:
         self._works = works
         self._comm = comm
         self._what = what
+        self._after = after  # what puts the result in place once the works are done
 
     def wait(self) -> None:
         for work in self._works:
             guarded(self._comm.rank, self._comm.world_size, self._what, functools.partial(self._comm.wait_work, work))
         self._works = []
+        if self._after is not None:
+            self._after()
+            self._after = None
 
 
 class TorchDistCommunicator:
@@ -76,19 +82,29 @@ class TorchDistCommunicator:
         return _TorchPending([work], self, what)
 
     def reduce_to_owners(self, segments: Sequence[torch.Tensor], purpose: str) -> Pending:
+        """One ``reduce_scatter`` of the unequal segments (gloo and NCCL take uneven parts); one reduce per owner on
+        other backends."""
         what = f"reduction of {purpose} to their owners"
+        if sum(segment.numel() for segment in segments) == 0:
+            return Done()
+        if self.backend not in ("gloo", "nccl"):
+            return self._reduce_each(segments, purpose, what)
+        self.stats.record(purpose, sum(map(nbytes, segments)) * (self.world_size - 1) / self.world_size)
+        mine = segments[self.rank]
+        received = torch.empty_like(mine)  # the result may not land in one of the inputs
+        scatter = functools.partial(dist.reduce_scatter, received, list(segments), async_op=True)
+        work = guarded(self.rank, self.world_size, what, scatter)
+        assert work is not None
+        return _TorchPending([work], self, what, after=lambda: mine.copy_(received))
+
+    def _reduce_each(self, segments: Sequence[torch.Tensor], purpose: str, what: str) -> Pending:
         works = []
         for owner, segment in enumerate(segments):
             if segment.numel() == 0:
                 continue
             self.stats.record(purpose, nbytes(segment) * (self.world_size - 1) / self.world_size)
-            work = guarded(
-                self.rank,
-                self.world_size,
-                what,
-                functools.partial(dist.reduce, segment, dst=owner, async_op=True),
-            )
-            works.append(work)
+            reduce = functools.partial(dist.reduce, segment, dst=owner, async_op=True)
+            works.append(guarded(self.rank, self.world_size, what, reduce))
         return _TorchPending(works, self, what)
 
     def broadcast(self, tensor: torch.Tensor, src: int, group: tuple[int, ...], purpose: str) -> Pending:
