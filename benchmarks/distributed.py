@@ -120,13 +120,13 @@ def _join(kind: str) -> tuple[Any, Callable[[], None]]:
     """This rank's communicator for ``kind`` (torch: gloo under torchrun; mpi, horovod: under mpirun), and a barrier."""
     from distkfac.comm import barrier
 
-    if kind == "torch":
+    if kind in ("torch", "torch-each"):
         import torch.distributed as dist
 
         from distkfac.comm.torch_dist import TorchDistCommunicator
 
         dist.init_process_group("gloo")
-        return TorchDistCommunicator(), dist.barrier
+        return TorchDistCommunicator(owner_reduction="each" if kind == "torch-each" else "scatter"), dist.barrier
     if kind == "mpi":
         from distkfac.comm.mpi import MPICommunicator
 
@@ -199,7 +199,7 @@ MPI_ENV = {
 
 
 def _launch_command(kind: str, world: int) -> list[str]:
-    if kind == "torch":
+    if kind.startswith("torch"):
         return [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={world}"]
     return ["mpirun", "-np", str(world), "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable]
 
@@ -250,13 +250,17 @@ def print_runs(results: dict[tuple[int, str], dict[str, dict[str, Any]]]) -> Non
             )
 
 
-COMM_NAMES = {"torch": "gloo", "mpi": "MPI", "horovod": "Horovod"}
+COMM_NAMES = {"torch": "gloo", "torch-each": "gloo, one reduce per owner", "mpi": "MPI", "horovod": "Horovod"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worlds", default="1,2,4")
-    parser.add_argument("--comms", default="torch", help="comma-separated: torch (gloo), mpi, horovod")
+    parser.add_argument(
+        "--comms",
+        default="torch",
+        help="comma-separated: torch (gloo), torch-each (gloo, a reduce per owner), mpi, horovod",
+    )
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--batch-size", type=int, default=512, help="global batch, split across the ranks")
     parser.add_argument("--steps", type=int, default=30)

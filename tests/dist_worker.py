@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--scenario", choices=["equivalence", "die", "hang", "mismatch"], default="equivalence")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--owner-reduction", choices=["scatter", "each"], default="scatter", help="torch only")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -171,7 +172,7 @@ def main() -> None:
 
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
         rank, world = dist.get_rank(), dist.get_world_size()
-        comm = TorchDistCommunicator(timeout=timedelta(seconds=args.timeout))
+        comm = TorchDistCommunicator(timeout=timedelta(seconds=args.timeout), owner_reduction=args.owner_reduction)
         names = list(CONFIGS)
     elif args.backend == "mpi":
         from distkfac.comm.mpi import MPICommunicator

@@ -29,9 +29,9 @@ def _run(command: list[str], env: dict[str, str]) -> None:
 
 
 @cache
-def launched(backend: str, world: int, out_root: Path) -> Path:
-    out = out_root / f"{backend}-{world}"
-    worker = ["-m", "tests.dist_worker", "--backend", backend, "--out", str(out)]
+def launched(backend: str, world: int, out_root: Path, *extra: str) -> Path:
+    out = out_root / "-".join([backend, str(world), *extra])
+    worker = ["-m", "tests.dist_worker", "--backend", backend, "--out", str(out), *extra]
     if backend == "torch":
         torchrun = str(Path(PYTHON).with_name("torchrun"))
         _run([torchrun, "--standalone", f"--nproc-per-node={world}", *worker], ENV)
@@ -156,6 +156,16 @@ def test_one_factor_reduction_per_bucket_whatever_the_number_of_ranks(out_root: 
         calls = {key: json.loads((out / f"{name}.rank0.json").read_text())["calls"] for key, out in outs.items()}
         factor_calls = {key: count.get("factors", 0) for key, count in calls.items()}
         assert len(set(factor_calls.values())) == 1 and factor_calls[("torch", 2)] > 0, (name, factor_calls)
+
+
+def test_one_reduce_per_owner_on_request_trains_alike(out_root: Path) -> None:
+    """``owner_reduction="each"`` (faster on gloo over loopback): the same parameters, one reduce per owner."""
+    each, scatter = launched("torch", 4, out_root, "--owner-reduction", "each"), launched("torch", 4, out_root)
+    for name in ("comm-opt", "mem-opt", "hybrid"):
+        for rank, got in enumerate(_saved(each, name, 4)):
+            assert _max_diff(got, reference(name)) <= 1e-5, f"{name}: rank {rank}"
+        calls = [json.loads((out / f"{name}.rank0.json").read_text())["calls"]["factors"] for out in (each, scatter)]
+        assert calls[0] > calls[1], f"{name}: {calls[0]} reduces against {calls[1]} reduce-scatters"
 
 
 def test_bad_gradient_worker_fraction_is_refused_on_every_rank(out_root: Path) -> None:

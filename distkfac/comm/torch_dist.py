@@ -37,7 +37,7 @@ class TorchDistCommunicator:
     that dies makes them raise as soon as the backend notices the broken connection.
     """
 
-    def __init__(self, timeout: timedelta = timedelta(minutes=5)) -> None:
+    def __init__(self, timeout: timedelta = timedelta(minutes=5), owner_reduction: str = "scatter") -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "distkfac: TorchDistCommunicator needs torch.distributed.init_process_group() to have been called "
@@ -46,6 +46,9 @@ class TorchDistCommunicator:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.timeout = timeout
+        if owner_reduction not in ("scatter", "each"):
+            raise ValueError(f"distkfac: owner_reduction must be 'scatter' or 'each', got {owner_reduction!r}")
+        self.owner_reduction = owner_reduction
         self.backend = str(dist.get_backend())
         self.stats = CommStats()
         self._groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {tuple(range(self.world_size)): None}
@@ -82,12 +85,12 @@ class TorchDistCommunicator:
         return _TorchPending([work], self, what)
 
     def reduce_to_owners(self, segments: Sequence[torch.Tensor], purpose: str) -> Pending:
-        """One ``reduce_scatter`` of the unequal segments (gloo and NCCL take uneven parts); one reduce per owner on
-        other backends."""
+        """One ``reduce_scatter`` of the unequal segments (gloo and NCCL take uneven parts); one reduce per owner with
+        ``owner_reduction="each"`` and on other backends."""
         what = f"reduction of {purpose} to their owners"
         if sum(segment.numel() for segment in segments) == 0:
             return Done()
-        if self.backend not in ("gloo", "nccl"):
+        if self.owner_reduction == "each" or self.backend not in ("gloo", "nccl"):
             return self._reduce_each(segments, purpose, what)
         self.stats.record(purpose, sum(map(nbytes, segments)) * (self.world_size - 1) / self.world_size)
         mine = segments[self.rank]
