@@ -36,6 +36,14 @@ class CommStats:
         self.bytes_sent[purpose] += nbytes
         self.calls[purpose] += 1
 
+    def record_allreduce(self, purpose: str, nbytes: float, ranks: int) -> None:
+        """An allreduce of ``nbytes`` over ``ranks`` ranks: ``2 n (p-1)/p``."""
+        self.record(purpose, 2 * nbytes * (ranks - 1) / ranks)
+
+    def record_one_way(self, purpose: str, nbytes: float, ranks: int) -> None:
+        """A reduce, reduce-scatter or broadcast of ``nbytes`` over ``ranks`` ranks: ``n (p-1)/p``."""
+        self.record(purpose, nbytes * (ranks - 1) / ranks)
+
     def reset(self) -> None:
         self.bytes_sent.clear()
         self.calls.clear()

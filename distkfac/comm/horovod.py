@@ -90,7 +90,7 @@ class HorovodCommunicator:
     def allreduce_sum(self, tensor: torch.Tensor, purpose: str) -> Pending:
         world = tuple(range(self.world_size))
         what = f"allreduce of {purpose}"
-        self.stats.record(purpose, 2 * nbytes(tensor) * (self.world_size - 1) / self.world_size)
+        self.stats.record_allreduce(purpose, nbytes(tensor), self.world_size)
         name = self._name(purpose, world)
         handle = guarded(
             self.rank,
@@ -112,7 +112,7 @@ class HorovodCommunicator:
         padded = torch.zeros(self.world_size, longest, dtype=mine.dtype, device=mine.device)
         for owner, segment in enumerate(segments):
             padded[owner, : segment.numel()] = segment
-        self.stats.record(purpose, nbytes(padded) * (self.world_size - 1) / self.world_size)
+        self.stats.record_one_way(purpose, nbytes(padded), self.world_size)
         name = self._name(purpose, tuple(range(self.world_size)))
         handle = guarded(
             self.rank,
@@ -128,7 +128,7 @@ class HorovodCommunicator:
         what = f"broadcast of {purpose} from rank {src} to ranks {list(group)}"
         if group not in self._sets:
             raise RuntimeError(f"distkfac: internal error: process set {group} was not prepared")
-        self.stats.record(purpose, nbytes(tensor) * (len(group) - 1) / len(group))
+        self.stats.record_one_way(purpose, nbytes(tensor), len(group))
         name = self._name(purpose, group)
         process_set = self._sets[group]
         handle = guarded(

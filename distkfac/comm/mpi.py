@@ -208,7 +208,7 @@ class MPICommunicator:
 
     def allreduce_sum(self, tensor: torch.Tensor, purpose: str) -> Pending:
         what = f"allreduce of {purpose}"
-        self.stats.record(purpose, 2 * nbytes(tensor) * (self.world_size - 1) / self.world_size)
+        self.stats.record_allreduce(purpose, nbytes(tensor), self.world_size)
         if self.world_size == 1:
             return Done()
         memory, after = self._in_place(tensor)
@@ -227,7 +227,7 @@ class MPICommunicator:
         send = _contiguous_run(segments)
         if send is None:
             send = torch.cat([segment.reshape(-1) for segment in segments])
-        self.stats.record(purpose, nbytes(send) * (self.world_size - 1) / self.world_size)
+        self.stats.record_one_way(purpose, nbytes(send), self.world_size)
         mine = segments[self.rank]
         staged = self._through_host(send)
         if staged:
@@ -250,7 +250,7 @@ class MPICommunicator:
         what = f"broadcast of {purpose} from rank {src} to ranks {list(group)}"
         if group not in self._groups:
             raise RuntimeError(f"distkfac: internal error: MPI communicator {group} was not prepared")
-        self.stats.record(purpose, nbytes(tensor) * (len(group) - 1) / len(group))
+        self.stats.record_one_way(purpose, nbytes(tensor), len(group))
         memory, after = self._in_place(tensor)
         buffer = mpi_buffer(self.MPI, memory)
         sub, root = self._groups[group], group.index(src)

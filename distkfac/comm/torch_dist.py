@@ -79,7 +79,7 @@ class TorchDistCommunicator:
 
     def allreduce_sum(self, tensor: torch.Tensor, purpose: str) -> Pending:
         what = f"allreduce of {purpose}"
-        self.stats.record(purpose, 2 * nbytes(tensor) * (self.world_size - 1) / self.world_size)
+        self.stats.record_allreduce(purpose, nbytes(tensor), self.world_size)
         work = guarded(self.rank, self.world_size, what, lambda: dist.all_reduce(tensor, async_op=True))
         assert work is not None
         return _TorchPending([work], self, what)
@@ -92,7 +92,7 @@ class TorchDistCommunicator:
             return Done()
         if self.owner_reduction == "each" or self.backend not in ("gloo", "nccl"):
             return self._reduce_each(segments, purpose, what)
-        self.stats.record(purpose, sum(map(nbytes, segments)) * (self.world_size - 1) / self.world_size)
+        self.stats.record_one_way(purpose, sum(map(nbytes, segments)), self.world_size)
         mine = segments[self.rank]
         received = torch.empty_like(mine)  # the result may not land in one of the inputs
         scatter = functools.partial(dist.reduce_scatter, received, list(segments), async_op=True)
@@ -105,7 +105,7 @@ class TorchDistCommunicator:
         for owner, segment in enumerate(segments):
             if segment.numel() == 0:
                 continue
-            self.stats.record(purpose, nbytes(segment) * (self.world_size - 1) / self.world_size)
+            self.stats.record_one_way(purpose, nbytes(segment), self.world_size)
             reduce = functools.partial(dist.reduce, segment, dst=owner, async_op=True)
             works.append(guarded(self.rank, self.world_size, what, reduce))
         return _TorchPending(works, self, what)
@@ -116,7 +116,7 @@ class TorchDistCommunicator:
         what = f"broadcast of {purpose} from rank {src} to ranks {list(group)}"
         if group not in self._groups:
             raise RuntimeError(f"distkfac: internal error: process group {group} was not prepared")
-        self.stats.record(purpose, nbytes(tensor) * (len(group) - 1) / len(group))
+        self.stats.record_one_way(purpose, nbytes(tensor), len(group))
         pg = self._groups[group]
         work = guarded(self.rank, self.world_size, what, lambda: dist.broadcast(tensor, src, group=pg, async_op=True))
         assert work is not None
