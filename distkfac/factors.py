@@ -108,3 +108,39 @@ class FactorShape(NamedTuple):
     @property
     def present(self) -> bool:
         return self.structure is not Structure.NONE
+
+
+class FactorBlock(NamedTuple):
+    """Rows and columns ``start:stop`` of one factor, a diagonal block decomposed on its own.
+
+    A factor that is not split is one block, ``0:dim``. A dense factor split into several blocks is approximated by
+    its block diagonal: the entries outside the blocks are neither sent nor decomposed.
+    """
+
+    key: FactorKey
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def shape(self, factor: FactorShape) -> FactorShape:
+        """The block's own shape: the factor's if the block is the whole factor, else a dense ``size x size``."""
+        return factor if (self.start, self.stop) == (0, factor.dim) else FactorShape.dense(self.size)
+
+    def name(self, factor: FactorShape) -> str:
+        """``"[start:stop]"`` for a part of a split factor, ``""`` for a whole one (for messages)."""
+        return "" if (self.start, self.stop) == (0, factor.dim) else f"[{self.start}:{self.stop}]"
+
+
+def block_bounds(factor: FactorShape, split_above: int | None) -> list[tuple[int, int]]:
+    """Where a factor is cut: ``ceil(n / split_above)`` near-equal diagonal blocks for a dense factor with
+    ``n > split_above``; the whole factor otherwise (and always for diagonal, unit-wise and absent factors)."""
+    n = factor.dim
+    if split_above is None or factor.structure is not Structure.DENSE or n <= split_above:
+        return [(0, n)]
+    count = -(-n // split_above)
+    sizes = [n // count + (1 if i < n % count else 0) for i in range(count)]
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return [(start, start + size) for start, size in zip(starts, sizes, strict=True)]
