@@ -141,10 +141,11 @@ def assign_work(
     worker_groups = tuple(tuple(range(k, world_size, columns)) for k in range(columns))
     receiver_groups = tuple(tuple(range(j * columns, (j + 1) * columns)) for j in range(grad_workers))
 
+    shapes = [(_as_shape(a), _as_shape(g)) for a, g in dims]
     blocks: list[tuple[float, FactorBlock]] = []
-    for index, pair in enumerate(dims):
+    for index, pair in enumerate(shapes):
         for kind in FACTOR_KINDS:
-            factor = _as_shape(of_kind(kind, pair))
+            factor = of_kind(kind, pair)
             for start, stop in block_bounds(factor, split_above):
                 block = FactorBlock(FactorKey(index, kind), start, stop)
                 blocks.append((decomposition_cost(block.shape(factor)), block))
@@ -177,8 +178,6 @@ def assign_work(
         for i in range(len(dims))
     )
     present = tuple(
-        (block, owners[block])
-        for block in sorted(owners)
-        if _as_shape(of_kind(block.key.kind, dims[block.key.layer])).present
+        (block, owners[block]) for block in sorted(owners) if of_kind(block.key.kind, shapes[block.key.layer]).present
     )
     return WorkAssignment(world_size, layers, worker_groups, receiver_groups, tuple(rank_load), present)

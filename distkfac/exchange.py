@@ -5,9 +5,10 @@ on every rank) plus explicit collectives through the communicator.
   buckets in backward order. A bucket is launched as soon as its last layer's G is captured, so reductions overlap
   the rest of the backward pass; buckets launch strictly in order, like DDP's, so every rank issues the same
   collectives in the same order. Each factor is reduced only to the rank that decomposes it, so a rank keeps the
-  running averages of its own factors only (about 1/P of them).
-- ``DecompositionExchange``: the owner of a factor broadcasts its decomposition to the other gradient workers of the
-  layer (all ranks for comm-opt, nobody for mem-opt).
+  running averages of its own factors only (about 1/P of them). A factor split into diagonal blocks
+  (``split_factors_above``) travels as its blocks, each to its own owner; the entries outside the blocks never travel.
+- ``DecompositionExchange``: the owner of a factor (or of a block) broadcasts its decomposition to the other gradient
+  workers of the layer (all ranks for comm-opt, nobody for mem-opt).
 - ``GradientExchange``: each gradient worker broadcasts the preconditioned gradients it computed to its receiver group
   (everyone for mem-opt, nobody for comm-opt), with each layer's ``<V, grad>`` for the KL clip.
 """
@@ -21,7 +22,7 @@ import torch
 
 from distkfac.assignment import WorkAssignment
 from distkfac.comm.base import Communicator, Pending
-from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, FactorShape, Structure, of_kind
+from distkfac.factors import FACTOR_KINDS, FactorBlock, FactorKey, FactorKind, FactorShape, Structure, of_kind
 
 __all__ = ["DecompositionExchange", "FactorExchange", "GradientExchange", "SymmetricPacking", "packed_size"]
 
@@ -108,13 +109,18 @@ class FactorExchange:
         self.reduction = reduction
         self.packing = SymmetricPacking(pack)
         self.distributed = comm.world_size > 1
-        layers = assignment.layers
-        self.owner: dict[FactorKey, int] = {}
-        for index, work in enumerate(layers):
-            for kind in FACTOR_KINDS:
-                self.owner[FactorKey(index, kind)] = work.owner(kind)
         everything = reduction == "allreduce" or not self.distributed
-        self.owned: set[FactorKey] = {key for key, rank in self.owner.items() if everything or rank == comm.rank}
+        # What travels, and to whom: each block to its owner; whole factors when every rank gets everything.
+        self.units: dict[FactorKey, list[tuple[FactorBlock, int]]] = {}
+        for block, rank in assignment.blocks:
+            whole = FactorBlock(block.key, 0, of_kind(block.key.kind, self.dims[block.key.layer]).dim)
+            if not everything:
+                self.units.setdefault(block.key, []).append((block, rank))
+            elif block.start == 0:
+                self.units[block.key] = [(whole, rank)]
+        self.owned: set[FactorKey] = {
+            key for key, units in self.units.items() if everything or any(rank == comm.rank for _, rank in units)
+        }
 
         # Static buckets in backward order (last layer first), closed when they pass bucket_bytes.
         element = torch.tensor([], dtype=comm_dtype or torch.float32).element_size()
@@ -130,7 +136,7 @@ class FactorExchange:
 
         self._staged: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._next_bucket = 0
-        self._inflight: list[tuple[list[FactorKey], list[torch.Tensor], Pending]] = []
+        self._inflight: list[tuple[list[FactorBlock], list[torch.Tensor], Pending]] = []
         self._sums: dict[FactorKey, torch.Tensor] = {}
         self._passes: dict[int, int] = {}
         self._dtypes: dict[FactorKey, torch.dtype] = {}
@@ -172,15 +178,14 @@ class FactorExchange:
         staged = [index for index in members if index in self._staged]
         if not staged:
             return
-        keys_by_rank: list[list[FactorKey]] = [[] for _ in range(self.comm.world_size)]
+        blocks_by_rank: list[list[FactorBlock]] = [[] for _ in range(self.comm.world_size)]
         for index in staged:
             for kind in self._kinds(index):
-                key = FactorKey(index, kind)
-                target = 0 if self.reduction == "allreduce" else self.owner[key]
-                keys_by_rank[target].append(key)
+                for block, owner in self.units[FactorKey(index, kind)]:
+                    blocks_by_rank[0 if self.reduction == "allreduce" else owner].append(block)
         first = self._staged[staged[0]][1]
         dtype = self.comm_dtype or first.dtype
-        parts = [[self._packed(key).to(dtype) for key in keys] for keys in keys_by_rank]
+        parts = [[self._packed(block).to(dtype) for block in blocks] for blocks in blocks_by_rank]
         # One buffer, owner after owner: a communicator may hand it to a single reduce-scatter without a copy.
         every = [part for owned in parts for part in owned]
         flat = torch.cat(every) if every else torch.empty(0, dtype=dtype, device=first.device)
@@ -189,33 +194,45 @@ class FactorExchange:
             del self._staged[index]
         if self.reduction == "allreduce":
             pending = self.comm.allreduce_sum(segments[0], "factors")
-            keys = keys_by_rank[0]
-            self._inflight.append((keys, [segments[0]], pending))
+            self._inflight.append((blocks_by_rank[0], [segments[0]], pending))
         else:
             pending = self.comm.reduce_to_owners(segments, "factors")
-            self._inflight.append((keys_by_rank[self.comm.rank], [segments[self.comm.rank]], pending))
+            self._inflight.append((blocks_by_rank[self.comm.rank], [segments[self.comm.rank]], pending))
 
-    def _packed(self, key: FactorKey) -> torch.Tensor:
-        batch = of_kind(key.kind, self._staged[key.layer])
+    def _packed(self, block: FactorBlock) -> torch.Tensor:
+        batch = of_kind(block.key.kind, self._staged[block.key.layer])
         assert batch is not None
-        return self.packing.pack_factor(batch, of_kind(key.kind, self.dims[key.layer]))
+        factor = of_kind(block.key.kind, self.dims[block.key.layer])
+        if block.shape(factor) != factor:  # a diagonal block of a split (dense) factor
+            batch = batch[block.start : block.stop, block.start : block.stop]
+        return self.packing.pack_factor(batch, block.shape(factor))
+
+    def _accumulate(self, block: FactorBlock, factor: FactorShape, flat: torch.Tensor) -> None:
+        """Add one received block to its factor's sum; a split factor's sum is zero outside the blocks received."""
+        key = block.key
+        dtype = self._dtypes[key]
+        accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        value = self.packing.unpack_factor(flat, block.shape(factor), accumulate)
+        if block.shape(factor) == factor:
+            self._sums[key] = value if key not in self._sums else self._sums[key].add_(value)
+            return
+        if key not in self._sums:
+            self._sums[key] = torch.zeros(factor.tensor_shape, dtype=accumulate, device=value.device)
+        self._sums[key][block.start : block.stop, block.start : block.stop].add_(value)
 
     def finish(self) -> dict[FactorKey, torch.Tensor]:
         """Wait for every reduction; the mean batch factor of each owned factor, over ranks and passes."""
         for members in self.buckets:  # buckets the backward pass did not complete (unused layers, no overlap)
             self._launch(members)
         self._next_bucket = 0
-        for keys, (segment,), pending in self._inflight:
+        for blocks, (segment,), pending in self._inflight:
             pending.wait()
             offset = 0
-            for key in keys:
-                shape = of_kind(key.kind, self.dims[key.layer])
-                length = shape.numel(self.packing.packed)
-                dtype = self._dtypes[key]
-                accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-                value = self.packing.unpack_factor(segment[offset : offset + length], shape, accumulate)
+            for block in blocks:
+                factor = of_kind(block.key.kind, self.dims[block.key.layer])
+                length = block.shape(factor).numel(self.packing.packed)
+                self._accumulate(block, factor, segment[offset : offset + length])
                 offset += length
-                self._sums[key] = value if key not in self._sums else self._sums[key].add_(value)
         self._inflight = []
         result = {}
         for key, total in self._sums.items():
@@ -239,60 +256,51 @@ class DecompositionExchange:
         self.comm = comm
         self.dims = list(dims)
         self.state_shapes = state_shapes
-        # (group, source rank, factors that source decomposes for the group's layers), in a fixed order.
-        self.plan: list[tuple[tuple[int, ...], int, list[FactorKey]]] = []
+        # (group, source rank, blocks that source decomposes for the group's layers), in a fixed order.
+        self.plan: list[tuple[tuple[int, ...], int, list[FactorBlock]]] = []
         for group in assignment.worker_groups:
             if comm.rank not in group or len(group) == 1:
                 continue
+            layers = {index for index, work in enumerate(assignment.layers) if work.grad_workers == group}
             for src in group:
-                keys = [
-                    FactorKey(index, kind)
-                    for index, work in enumerate(assignment.layers)
-                    if work.grad_workers == group
-                    for kind in FACTOR_KINDS
-                    if work.owner(kind) == src and of_kind(kind, self.dims[index]).present
-                ]
-                if keys:
-                    self.plan.append((group, src, keys))
+                blocks = [block for block, owner in assignment.blocks if owner == src and block.key.layer in layers]
+                if blocks:
+                    self.plan.append((group, src, blocks))
 
-    def _numel(self, key: FactorKey) -> list[int]:
-        factor = of_kind(key.kind, self.dims[key.layer])
-        return [int(torch.Size(shape).numel()) for shape in self.state_shapes(factor)]
+    def _shapes(self, block: FactorBlock) -> list[tuple[int, ...]]:
+        return self.state_shapes(block.shape(of_kind(block.key.kind, self.dims[block.key.layer])))
 
     def share(
         self,
-        mine: dict[FactorKey, list[torch.Tensor]],
+        mine: dict[FactorBlock, list[torch.Tensor]],
         ready: set[int],
         dtype: torch.dtype,
         device: torch.device,
-    ) -> dict[FactorKey, list[torch.Tensor]]:
+    ) -> dict[FactorBlock, list[torch.Tensor]]:
         """Send ``mine`` (this rank's decompositions) and return the ones other ranks sent, for ``ready`` layers."""
-        received: list[tuple[list[FactorKey], torch.Tensor, Pending]] = []
-        for group, src, all_keys in self.plan:
-            keys = [key for key in all_keys if key.layer in ready]
-            if not keys:
+        received: list[tuple[list[FactorBlock], torch.Tensor, Pending]] = []
+        for group, src, all_blocks in self.plan:
+            blocks = [block for block in all_blocks if block.key.layer in ready]
+            if not blocks:
                 continue
             if src == self.comm.rank:
-                buffer = torch.cat([t.reshape(-1).to(dtype) for key in keys for t in mine[key]])
+                buffer = torch.cat([t.reshape(-1).to(dtype) for block in blocks for t in mine[block]])
             else:
-                buffer = torch.empty(sum(sum(self._numel(key)) for key in keys), dtype=dtype, device=device)
+                numel = sum(int(torch.Size(shape).numel()) for block in blocks for shape in self._shapes(block))
+                buffer = torch.empty(numel, dtype=dtype, device=device)
             pending = self.comm.broadcast(buffer, src, group, "decompositions")
-            if src != self.comm.rank:
-                received.append((keys, buffer, pending))
-            else:
-                received.append(([], buffer, pending))
-        out: dict[FactorKey, list[torch.Tensor]] = {}
-        for keys, buffer, pending in received:
+            received.append((blocks if src != self.comm.rank else [], buffer, pending))
+        out: dict[FactorBlock, list[torch.Tensor]] = {}
+        for blocks, buffer, pending in received:
             pending.wait()
             offset = 0
-            for key in keys:
-                factor = of_kind(key.kind, self.dims[key.layer])
+            for block in blocks:
                 tensors = []
-                for shape in self.state_shapes(factor):
+                for shape in self._shapes(block):
                     numel = int(torch.Size(shape).numel())
                     tensors.append(buffer[offset : offset + numel].view(shape))
                     offset += numel
-                out[key] = tensors
+                out[block] = tensors
         return out
 
 

@@ -67,10 +67,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from distkfac.assignment import Strategy, WorkAssignment, assign_work, grad_workers_for
+from distkfac.background import Background, InFlight
 from distkfac.comm import Communicator, average_gradients, resolve_communicator
 from distkfac.damping import LevenbergMarquardt
 from distkfac.exchange import DecompositionExchange, FactorExchange, GradientExchange
-from distkfac.factors import FACTOR_KINDS, FactorKey, FactorKind, FactorShape, Structure, of_kind
+from distkfac.factors import FACTOR_KINDS, FactorBlock, FactorKey, FactorKind, FactorShape, Structure, of_kind
 from distkfac.layers import ConvFactors, GScale, LayerHelper, WeightSharing, helper_for
 from distkfac.methods import METHODS, ComputeMethod, DampingForm, DecompositionError, pi_correction
 from distkfac.settings import (
@@ -83,6 +84,9 @@ from distkfac.settings import (
 )
 
 __all__ = ["FACTOR_REDUCTIONS", "FISHER_TYPES", "KFACPreconditioner"]
+
+BlocksBySize = dict[tuple[Any, ...], list[FactorBlock]]  # (FactorShape, device, dtype) -> blocks decomposed together
+Shifts = dict[Any, torch.Tensor]  # per stack of BlocksBySize: each block's diagonal shift (inverse method)
 
 
 @dataclass(eq=False)
@@ -168,6 +172,8 @@ class KFACPreconditioner:
         allreduce_grads: bool | None = None,
         factor_reduction: Literal["owner", "allreduce"] = "owner",
         pack_factors: bool = True,
+        split_factors_above: int | None = None,
+        async_decompositions: bool = False,
     ) -> None:
         # Every keyword argument, by name: KFACSettings has one field for each (tests/test_errors.py checks).
         settings = KFACSettings.checked(**{k: v for k, v in locals().items() if k not in ("self", "model")})
@@ -178,6 +184,10 @@ class KFACPreconditioner:
         self._kl_scale: torch.Tensor | None = None  # the last step's nu, kept on the device (no host sync in step)
         self._sampling = False
         self._paused = False
+        self._background = Background()
+        self._in_flight: InFlight[set[int]] | None = None  # asynchronous mode: the decompositions being computed
+        self._decomposed_at: int | None = None  # the step whose factors made the decompositions in use
+        self._staleness: int | None = None
 
         self._layers = self._find_layers(model, settings.skip_layers, conv_factors, g_scale, weight_sharing)
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -212,11 +222,13 @@ class KFACPreconditioner:
         self.factor_dtype = settings.factor_dtype
         self.inv_dtype = settings.inv_dtype
         self.strategy = settings.strategy
+        self.split_factors_above = settings.split_factors_above
+        self.async_decompositions = settings.async_decompositions
 
     def _assign(self, settings: KFACSettings, dims: list[tuple[FactorShape, FactorShape]]) -> WorkAssignment:
         """Who decomposes and preconditions what; in a distributed run, checked against the other ranks."""
         grad_workers = grad_workers_for(settings.strategy, settings.grad_worker_fraction, self.comm.world_size)
-        assignment = assign_work(dims, self.comm.world_size, grad_workers)
+        assignment = assign_work(dims, self.comm.world_size, grad_workers, settings.split_factors_above)
         if self.comm.world_size > 1:
             self._check_same_everywhere(
                 settings.strategy,
@@ -227,6 +239,8 @@ class KFACPreconditioner:
                 settings.bucket_cap_mb,
                 self.overlap_comm,
                 self.allreduce_grads,
+                settings.split_factors_above,
+                settings.async_decompositions,
             )
             self.comm.prepare_groups([*assignment.worker_groups, *assignment.receiver_groups])
         return assignment
@@ -459,6 +473,15 @@ class KFACPreconditioner:
             return None
         return float(self._kl_scale.item())
 
+    @property
+    def decomposition_staleness(self) -> int | None:
+        """How many steps old the factors behind the last step's decompositions were.
+
+        Synchronous: ``0 .. inv_update_steps - 1``. Asynchronous: one interval more, ``inv_update_steps ..
+        2 inv_update_steps - 1`` (0 until the second decomposition step). None before the first step.
+        """
+        return self._staleness
+
     def step(self) -> None:
         """Precondition the gradients of every supported layer in place (after backward, before the optimizer).
 
@@ -477,6 +500,7 @@ class KFACPreconditioner:
         if step % self.inv_update_steps == 0 or not any(layer.decomposed for layer in self._layers):
             self._update_decompositions(step)
         self._precondition(step)
+        self._staleness = None if self._decomposed_at is None else step - self._decomposed_at
         self._steps += 1
 
     def _average_gradients(self) -> None:
@@ -538,19 +562,46 @@ class KFACPreconditioner:
             torch._foreach_lerp_(running, updates, 1.0 - decay)
 
     def _update_decompositions(self, step: int) -> None:
+        """Decompose this rank's factors (or blocks), share the results and store them where they precondition.
+
+        Asynchronously (after the first decomposition): the factors as they are now are decomposed in the background,
+        and the decompositions started at the previous decomposition step are shared and installed instead.
+        """
+        job = self._prepare_decompositions(step)
+        if not self.async_decompositions or self._decomposed_at is None:
+            ready, by_size, stacks, shifts = job
+            self._install(step, ready, self._decompose(step, by_size, stacks, shifts))
+            return
+        ready, by_size, stacks, shifts = job
+        inputs = [*stacks.values(), *shifts.values()]
+        device = self._layers[0].helper.weight.device
+        previous, self._in_flight = (
+            self._in_flight,
+            self._background.submit(
+                step, ready, lambda: self._decompose(step, by_size, stacks, shifts), inputs, device
+            ),
+        )
+        if previous is not None:
+            self._install(previous.step, previous.context, dict(self._background.collect(previous)))
+
+    def _prepare_decompositions(self, step: int) -> tuple[set[int], BlocksBySize, dict[Any, torch.Tensor], Shifts]:
+        """What to decompose, with its collectives done: the ready layers, this rank's blocks by size, copies of
+        them stacked (checked finite on every rank), and their shifts (inverse method)."""
         damping = hyperparameter_at(self.damping, "damping", step)
         ready = {layer.index for layer in self._layers if layer.has_factors}
-        by_size = self._owned_factors_by_size(ready)
+        by_size = self._owned_blocks_by_size(ready)
         stacks = {
-            key: torch.stack([self._factor(member).to(key[2]) for member in members])
-            for key, members in by_size.items()
+            key: torch.stack([self._block(member).to(key[2]) for member in members]) for key, members in by_size.items()
         }
         # A sum is one pass where isfinite().all() is several; NaN and Inf survive it, and float64 cannot overflow
         # on float32 entries.
         finite = [torch.isfinite(stack.flatten(1).sum(1, dtype=torch.float64)) for stack in stacks.values()]
         self._check_finite(step, list(by_size.values()), finite)
         shifts = self._shifts(damping, by_size, stacks) if self._method.shifts_at_decomposition else {}
-        mine = self._decompose(step, by_size, stacks, shifts)
+        return ready, by_size, stacks, shifts
+
+    def _install(self, made_at: int, ready: set[int], mine: dict[FactorBlock, list[torch.Tensor]]) -> None:
+        """Share this rank's decompositions of the factors of step ``made_at`` and store everyone's."""
         if self.comm.world_size > 1:
             first = self._layers[0].helper.weight
             received = self._decomposition_exchange.share(
@@ -560,34 +611,41 @@ class KFACPreconditioner:
         self._store_decompositions(mine)
         for layer in self._layers:
             layer.decomposed = layer.decomposed or layer.index in ready
+        self._decomposed_at = made_at
 
-    def _owned_factors_by_size(self, ready: set[int]) -> dict[tuple[Any, ...], list[FactorKey]]:
-        """This rank's factors of ``ready`` layers, by (FactorShape, device, compute dtype): one batched call each."""
-        by_size: dict[tuple[Any, ...], list[FactorKey]] = defaultdict(list)
-        owner = self._factor_exchange.owner
-        for key in sorted(key for key, rank in owner.items() if rank == self.comm.rank):
-            layer = self._layers[key.layer]
-            factor = layer.factor(key.kind)
-            if factor is None or key.layer not in ready:
+    def _owned_blocks_by_size(self, ready: set[int]) -> BlocksBySize:
+        """This rank's blocks of ``ready`` layers' factors, by (FactorShape, device, compute dtype): one batched
+        call each. A factor that is not split is one block."""
+        by_size: BlocksBySize = defaultdict(list)
+        for block, owner in self.assignment.blocks:
+            layer = self._layers[block.key.layer]
+            if owner != self.comm.rank or block.key.layer not in ready or layer.factor(block.key.kind) is None:
                 continue
-            shape = of_kind(key.kind, (layer.helper.a_shape, layer.helper.g_shape))
-            by_size[(shape, factor.device, self._compute_dtype(layer.helper))].append(key)
+            shape = block.shape(of_kind(block.key.kind, (layer.helper.a_shape, layer.helper.g_shape)))
+            by_size[(shape, layer.helper.weight.device, self._compute_dtype(layer.helper))].append(block)
         return by_size
+
+    def _block(self, block: FactorBlock) -> torch.Tensor:
+        """The running factor's diagonal block (the whole factor when it is not split)."""
+        factor = self._factor(block.key)
+        if block.stop - block.start == factor.shape[0]:
+            return factor
+        return factor[block.start : block.stop, block.start : block.stop]
 
     def _decompose(
         self,
         step: int,
-        by_size: Mapping[Any, list[FactorKey]],
+        by_size: BlocksBySize,
         stacks: Mapping[Any, torch.Tensor],
-        shifts: Mapping[Any, torch.Tensor],
-    ) -> dict[FactorKey, list[torch.Tensor]]:
-        """Each stack's decompositions, one batched call per stack, split back into one entry per factor."""
-        mine: dict[FactorKey, list[torch.Tensor]] = {}
+        shifts: Shifts,
+    ) -> dict[FactorBlock, list[torch.Tensor]]:
+        """Each stack's decompositions, one batched call per stack, split back into one entry per block."""
+        mine: dict[FactorBlock, list[torch.Tensor]] = {}
         for key, members in by_size.items():
             try:
                 decomposed = self._method.decompose(stacks[key], shifts.get(key), key[0].structure)
             except torch.linalg.LinAlgError as error:
-                names = ", ".join(self._factor_name(member) for member in members)
+                names = ", ".join(self._block_name(member) for member in members)
                 raise DecompositionError(
                     f"distkfac: the {self.compute_method} decomposition failed at step {step} for {names} even in "
                     f"float64 ({error}); raise damping or check the factors for extreme values"
@@ -596,18 +654,26 @@ class KFACPreconditioner:
                 mine[member] = [state[position] for state in decomposed]
         return mine
 
-    def _store_decompositions(self, decompositions: Mapping[FactorKey, list[torch.Tensor]]) -> None:
-        """Copy each decomposition into its layer's slot of its group's stacks, where this rank preconditions it."""
-        for (index, kind), states in decompositions.items():
-            layer = self._layers[index]
+    def _store_decompositions(self, decompositions: Mapping[FactorBlock, list[torch.Tensor]]) -> None:
+        """Copy each decomposition into its layer's slot of its group's stacks, where this rank preconditions it.
+
+        A block of a split factor fills its diagonal block of the basis or inverse (``n x n``; the rest stays 0, so
+        the stored state is the block-diagonal factor's) and its slice of the eigenvalues.
+        """
+        for block, states in decompositions.items():
+            layer = self._layers[block.key.layer]
             if layer.group < 0:
                 continue  # factor reduction "allreduce" keeps every factor, but this rank does not precondition it
-            for dst, src in zip(self._groups[layer.group].state(kind), states, strict=True):
-                dst[layer.slot].copy_(src)
+            for dst, src in zip(self._groups[layer.group].state(block.key.kind), states, strict=True):
+                slot = dst[layer.slot]
+                if slot.shape[0] == block.stop - block.start:
+                    slot.copy_(src)
+                elif slot.dim() == 2:
+                    slot[block.start : block.stop, block.start : block.stop].copy_(src)
+                else:
+                    slot[block.start : block.stop].copy_(src)
 
-    def _shifts(
-        self, damping: float, by_size: Mapping[Any, list[FactorKey]], stacks: Mapping[Any, torch.Tensor]
-    ) -> dict[Any, torch.Tensor]:
+    def _shifts(self, damping: float, by_size: BlocksBySize, stacks: Mapping[Any, torch.Tensor]) -> Shifts:
         """Each stacked factor's diagonal shift: ``s = sqrt(damping)``, or ``pi s`` for A and ``s / pi`` for G.
 
         Unit-wise blocks have no Kronecker partner and take the whole damping.
@@ -624,38 +690,43 @@ class KFACPreconditioner:
         for key, members in by_size.items():
             if key[0].structure is Structure.BLOCKS:
                 continue
-            layers = torch.tensor([index for index, _ in members], device=pi.device)
-            is_a = torch.tensor([kind is FactorKind.A for _, kind in members], device=pi.device)
+            layers = torch.tensor([block.key.layer for block in members], device=pi.device)
+            is_a = torch.tensor([block.key.kind is FactorKind.A for block in members], device=pi.device)
             chosen = pi[layers]
             out[key] = torch.where(is_a, shift * chosen, shift / chosen).to(key[1])
         return out
 
-    def _factor_means(self, by_size: Mapping[Any, list[FactorKey]], stacks: Mapping[Any, torch.Tensor]) -> torch.Tensor:
+    def _factor_means(self, by_size: BlocksBySize, stacks: Mapping[Any, torch.Tensor]) -> torch.Tensor:
         """``tr F / dim F`` of every factor, at its ``FactorKey.position`` (2 * layer, + 1 for G), on every rank.
 
         A layer's A and G may be decomposed by different ranks, and factored-pi shifts each by the other's trace.
-        Each factor has exactly one owner, which fills in its value; one allreduce of the 2 x layers vector (through
-        the communicator, like the finiteness check) gives every rank all of them, with no host synchronisation.
+        Each block has exactly one owner, which adds its share (its trace over the factor's whole side); one
+        allreduce of the 2 x layers vector (through the communicator, like the finiteness check) gives every rank
+        all of them, with no host synchronisation. The trace of a block-diagonal factor is the trace of the factor.
         """
         device = self._layers[0].helper.weight.device  # NCCL needs the values on the GPU
         means = torch.zeros(2 * len(self._layers), dtype=torch.float64, device=device)
         for key, members in by_size.items():
-            positions = torch.tensor([member.position for member in members], device=device)
+            positions = torch.tensor([member.key.position for member in members], device=device)
             stack = stacks[key]
             diagonal = stack.diagonal(dim1=1, dim2=2) if key[0].structure is Structure.DENSE else stack.flatten(1)
-            diagonal_mean = diagonal.to(torch.float64).mean(1)
-            means[positions] = diagonal_mean.to(device)
+            sides = [self._side(member.key) for member in members]
+            if all(side == key[0].dim for side in sides):
+                share = diagonal.to(torch.float64).mean(1)
+            else:
+                share = diagonal.to(torch.float64).sum(1) / torch.tensor(sides, dtype=torch.float64)
+            means.index_add_(0, positions, share.to(device))
         if self.comm.world_size > 1:
             self.comm.allreduce_sum(means, "factor traces").wait()
         return means
 
-    def _check_finite(self, step: int, members: list[list[FactorKey]], finite: list[torch.Tensor]) -> None:
+    def _check_finite(self, step: int, members: list[list[FactorBlock]], finite: list[torch.Tensor]) -> None:
         """Raise on every rank if any rank's factors hold NaN or Inf: one small allreduce, one host sync."""
         device = self._layers[0].helper.weight.device  # NCCL needs the flags on the GPU
         bad = torch.zeros(2 * len(self._layers), dtype=torch.int32, device=device)
-        for keys, ok in zip(members, finite, strict=True):
-            positions = torch.tensor([key.position for key in keys], device=device)
-            bad[positions] = (~ok).to(device=device, dtype=torch.int32)
+        for blocks, ok in zip(members, finite, strict=True):
+            positions = torch.tensor([block.key.position for block in blocks], device=device)
+            bad.index_add_(0, positions, (~ok).to(device=device, dtype=torch.int32))
         if self.comm.world_size > 1:
             self.comm.allreduce_sum(bad, "finiteness check").wait()
         if bool(bad.any()):
@@ -673,6 +744,17 @@ class KFACPreconditioner:
     def _factor_name(self, key: FactorKey) -> str:
         """``layer.A`` or ``layer.G``, as messages name a factor."""
         return f"{self._layers[key.layer].name}.{key.kind}"
+
+    def _side(self, key: FactorKey) -> int:
+        """The factor's side ``n``."""
+        layer = self._layers[key.layer]
+        return of_kind(key.kind, (layer.helper.a_shape, layer.helper.g_shape)).dim
+
+    def _block_name(self, block: FactorBlock) -> str:
+        """``layer.A``, or ``layer.A[0:922]`` for a block of a split factor."""
+        layer = self._layers[block.key.layer]
+        factor = of_kind(block.key.kind, (layer.helper.a_shape, layer.helper.g_shape))
+        return self._factor_name(block.key) + block.name(factor)
 
     def _precondition(self, step: int) -> None:
         damping = hyperparameter_at(self.damping, "damping", step)
@@ -742,7 +824,28 @@ class KFACPreconditioner:
             "grad_workers": len(self.assignment.worker_groups[0]),
             "layers": layers,
             "damping": self.damping.state_dict() if isinstance(self.damping, LevenbergMarquardt) else None,
+            "decomposed_at": self._decomposed_at,
+            "in_flight": self._in_flight_state(),
         }
+
+    def _in_flight_state(self) -> dict[str, Any] | None:
+        """Asynchronous mode: this rank's decompositions still to be installed, waited for (finished) and saved with
+        the step that started them, so that a resumed run installs exactly what the uninterrupted one would."""
+        if self._in_flight is None:
+            return None
+        result = self._background.collect(self._in_flight)
+        blocks = [
+            {
+                "layer": self._layers[block.key.layer].name,
+                "kind": str(block.key.kind),
+                "start": block.start,
+                "stop": block.stop,
+                "state": [t.clone() for t in states],
+            }
+            for block, states in result.items()
+        ]
+        ready = sorted(self._layers[index].name for index in self._in_flight.context)
+        return {"step": self._in_flight.step, "ready": ready, "blocks": blocks}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict()`` returned, checking that it belongs to the same model, method and rank.
@@ -757,8 +860,41 @@ class KFACPreconditioner:
             self._restore_layer(layer, saved[layer.name])
         self._steps = int(state["steps"])
         self._kl_scale = None
+        self._restore_in_flight(state)
         if isinstance(self.damping, LevenbergMarquardt) and state.get("damping") is not None:
             self.damping.load_state_dict(state["damping"])
+
+    def _restore_in_flight(self, state: Mapping[str, Any]) -> None:
+        """The step behind the decompositions in use, and (asynchronous mode) the saved decompositions in flight.
+
+        Checkpoints from before asynchronous decompositions existed say neither: the last decomposition step is
+        taken. A synchronous run ignores a saved in-flight part (it decomposes afresh at its next interval).
+        """
+        steps, interval = self._steps, self.inv_update_steps
+        decomposed = any(layer.decomposed for layer in self._layers)
+        fallback = (steps - 1) // interval * interval if decomposed and steps > 0 else None
+        self._decomposed_at = state.get("decomposed_at", fallback)
+        saved = state.get("in_flight")
+        self._in_flight = None
+        if saved is None or not self.async_decompositions:
+            return
+        index = {layer.name: layer.index for layer in self._layers}
+        mine = {block for block, owner in self.assignment.blocks if owner == self.comm.rank}
+        result: dict[FactorBlock, list[torch.Tensor]] = {}
+        device = self._layers[0].helper.weight.device
+        for entry in saved["blocks"]:
+            block = FactorBlock(
+                FactorKey(index[entry["layer"]], FactorKind(entry["kind"])), entry["start"], entry["stop"]
+            )
+            if block not in mine:
+                raise ValueError(
+                    f"distkfac: the checkpoint's decomposition in flight of {self._block_name(block)} is not this "
+                    "rank's to make: it was saved with another split_factors_above or layout; resume with the "
+                    "checkpoint's settings"
+                )
+            result[block] = [t.to(device) for t in entry["state"]]
+        ready = {index[name] for name in saved["ready"]}
+        self._in_flight = InFlight.finished(int(saved["step"]), ready, result)
 
     def _check_checkpoint(self, state: Mapping[str, Any]) -> None:
         """Refuse a checkpoint of another method, other conventions, another rank layout or other layers."""

@@ -90,6 +90,15 @@ def _check_dtypes(
         raise ValueError(f"distkfac: comm_dtype must be float32, float64, bfloat16 or float16, got {comm_dtype}")
 
 
+def _check_split(split_factors_above: int | None) -> None:
+    value = split_factors_above
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(
+            f"distkfac: split_factors_above must be a whole number >= 1 (the largest block side, e.g. 1024) or None "
+            f"(no split), got {value!r}"
+        )
+
+
 def _resolved_damping_form(compute_method: str, damping_form: str | None) -> str:
     """The damping form to use: the method's historical one when None, checked against what the method can do."""
     if damping_form is None:
@@ -147,6 +156,8 @@ class KFACSettings:
     allreduce_grads: bool | None
     factor_reduction: Literal["owner", "allreduce"]
     pack_factors: bool
+    split_factors_above: int | None
+    async_decompositions: bool
 
     @classmethod
     def checked(cls, **arguments: Any) -> KFACSettings:
@@ -159,6 +170,9 @@ class KFACSettings:
         damping_form = _resolved_damping_form(a["compute_method"], a["damping_form"])
         _check_hyperparameters(a["damping"], a["factor_decay"], a["lr"], a["kl_clip"])
         check_positive("bucket_cap_mb", a["bucket_cap_mb"])
+        _check_split(a["split_factors_above"])
+        if not isinstance(a["async_decompositions"], bool):
+            raise ValueError(f"distkfac: async_decompositions must be True or False, got {a['async_decompositions']!r}")
         return cls(**{**a, "damping_form": damping_form, "skip_layers": tuple(a["skip_layers"])})
 
     @property

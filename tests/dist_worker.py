@@ -59,6 +59,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "damping_form": "factored-pi",
         "passes": 2,
     },
+    # The 145 x 145 A of the first Linear split into 4 diagonal blocks owned by 4 ranks (2 at P = 2), decomposed in
+    # the background and shipped one interval late (every step here, so shipping happens at steps 2 and 3).
+    "comm-opt-split-async": {
+        "strategy": "comm-opt",
+        "split_factors_above": 40,
+        "async_decompositions": True,
+        "inv_update_steps": 1,
+    },
+    # Blocks spread over a worker group of 2 at P = 4; factored-pi sums a split factor's trace over its block owners.
+    "hybrid-split-inverse-factored-pi": {
+        "strategy": "hybrid",
+        "grad_worker_fraction": 0.5,
+        "split_factors_above": 40,
+        "compute_method": "inverse",
+        "damping_form": "factored-pi",
+    },
     # The KAISA-like baseline of the benchmark: full factors allreduced to every rank.
     "hybrid-allreduce-baseline": {
         "strategy": "hybrid",
@@ -78,6 +94,8 @@ EXACT = [
     "sequence-comm-opt",
     "sequence-mem-opt-reduce",
     "sequence-hybrid-factored-pi",
+    "comm-opt-split-async",
+    "hybrid-split-inverse-factored-pi",
 ]
 HOROVOD_CONFIGS = [
     "comm-opt",
@@ -133,7 +151,8 @@ def train(config: dict[str, Any], rank: int, world: int, comm: Any, die_at: int 
     trained: nn.Module = model
     if config.get("ddp") and world > 1 and torch.distributed.is_initialized():  # Horovod runs use plain models
         trained = nn.parallel.DistributedDataParallel(model)
-    precond = KFACPreconditioner(trained, lr=0.1, damping=1e-2, inv_update_steps=2, kl_clip=1e-2, comm=comm, **settings)
+    defaults = {"lr": 0.1, "damping": 1e-2, "inv_update_steps": 2, "kl_clip": 1e-2}
+    precond = KFACPreconditioner(trained, comm=comm, **{**defaults, **settings})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     passes = config.get("passes", 1)
     for step, (x, y) in enumerate(load_batches(config.get("model", "cnn"))):

@@ -145,6 +145,17 @@ def solve(grad: torch.Tensor, a: torch.Tensor, g: torch.Tensor, damping: float, 
     return vec.reshape(cols, out).t()
 
 
+def block_diagonal(matrix: torch.Tensor, split_above: int | None) -> torch.Tensor:
+    """The matrix with the entries outside its diagonal blocks zeroed: ceil(n / split_above) near-equal blocks,
+    the larger ones first (torch.tensor_split's rule), when n > split_above; the matrix itself otherwise."""
+    n = matrix.shape[0]
+    if split_above is None or n <= split_above:
+        return matrix
+    chunks = torch.arange(n).tensor_split(-(-n // split_above))
+    ids = torch.cat([torch.full((len(chunk),), i) for i, chunk in enumerate(chunks)])
+    return matrix * (ids[:, None] == ids[None, :]).to(matrix.dtype)
+
+
 @dataclass
 class ReferenceKFAC:
     damping: float
@@ -157,7 +168,10 @@ class ReferenceKFAC:
     damping_form: str | None = None  # None: tikhonov for eigen, factored for inverse
     conv_factors: str = "mean"
     g_scale: str = "example"
+    split_above: int | None = None  # factors larger than this are replaced by their block diagonal
+    lagged: bool = False  # asynchronous: each decomposition step installs the factors of the previous one
     steps: int = 0
+    pending: tuple[list[tuple[torch.Tensor, torch.Tensor]], float] | None = None
     factors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     snapshot: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     snapshot_damping: float = 0.0
@@ -181,8 +195,13 @@ class ReferenceKFAC:
                     for (a, g), (a_b, g_b) in zip(self.factors, new, strict=True)
                 ]
         if self.steps % self.inv_update_steps == 0:
-            self.snapshot = [(a.clone(), g.clone()) for a, g in self.factors]
-            self.snapshot_damping = self.damping
+            split = self.split_above
+            current = [(block_diagonal(a, split).clone(), block_diagonal(g, split).clone()) for a, g in self.factors]
+            if self.lagged and self.pending is not None:
+                self.snapshot, self.snapshot_damping = self.pending
+            else:
+                self.snapshot, self.snapshot_damping = current, self.damping
+            self.pending = (current, self.damping)
         # eigen damps when it preconditions (every step); inverse bakes the damping into its inverses.
         damping = self.damping if self.compute_method == "eigen" else self.snapshot_damping
         vs = [solve(s.grad, a, g, damping, self.form) for s, (a, g) in zip(stats, self.snapshot, strict=True)]

@@ -13,6 +13,7 @@ from distkfac import KFACPreconditioner, SingleProcessCommunicator
 from distkfac.assignment import assign_work, decomposition_cost, grad_workers_for
 from distkfac.comm import resolve_communicator
 from distkfac.exchange import SymmetricPacking, packed_size
+from distkfac.factors import FACTOR_KINDS, FactorKey, FactorShape, Structure, block_bounds
 
 
 @pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 2)])
@@ -88,3 +89,45 @@ def test_checkpoint_from_another_world_size_is_refused() -> None:
     state["world_size"], state["rank"], state["grad_workers"] = 4, 2, 4
     with pytest.raises(ValueError, match="holds rank 2's part of a run with 4 ranks"):
         precond.load_state_dict(state)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1024, 1025, 4608])
+@pytest.mark.parametrize("split_above", [1, 5, 1024])
+def test_block_bounds_tile_the_factor_in_near_equal_blocks_no_larger_than_asked(n: int, split_above: int) -> None:
+    bounds = block_bounds(FactorShape.dense(n), split_above)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(stop == start for (_, stop), (start, _) in itertools.pairwise(bounds))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) <= split_above or (len(sizes) == 1 and n <= split_above)
+    assert max(sizes) - min(sizes) <= 1 and len(sizes) == -(-n // split_above)
+    assert block_bounds(FactorShape(Structure.DIAGONAL, n), split_above) == [(0, n)]  # only dense factors split
+
+
+@pytest.mark.parametrize("world", [8, 16, 32, 64])
+def test_split_factors_balance_past_the_whole_factor_ceiling(world: int) -> None:
+    """Whole factors cannot beat sum / max of their costs (4.63x on ResNet-50); blocks of at most 1024 reach at least
+    P/2 up to P = 64, and greedy largest-first keeps every rank under mean + the largest block (Graham)."""
+    dims = resnet50_dims()
+    whole = assign_work(dims, world, world)
+    costs = [decomposition_cost(n) for pair in dims for n in pair]
+    assert whole.decomposition_speedup() <= sum(costs) / max(costs) + 1e-9
+    split = assign_work(dims, world, world, split_above=1024)
+    assert split.decomposition_speedup() >= world / 2
+    largest = max(decomposition_cost(block.size) for block, _ in split.blocks)
+    assert max(split.loads) <= sum(split.loads) / world + largest
+    # Every block of every factor has one owner inside the layer's worker group, and the blocks tile the factor.
+    for layer, work in enumerate(split.layers):
+        for kind, n in zip(FACTOR_KINDS, dims[layer], strict=True):
+            blocks = sorted(block for block, _ in split.blocks if block.key == FactorKey(layer, kind))
+            assert [(b.start, b.stop) for b in blocks] == block_bounds(FactorShape.dense(n), 1024)
+            assert set(split.owners(FactorKey(layer, kind))) <= set(work.grad_workers)
+
+
+def test_split_blocks_stay_inside_the_worker_group_of_their_layer() -> None:
+    hybrid = assign_work(resnet50_dims(), 8, 2, split_above=512)
+    for block, owner in hybrid.blocks:
+        assert owner in hybrid.layers[block.key.layer].grad_workers
+    with pytest.raises(ValueError, match="split_factors_above must be a whole number >= 1"):
+        assign_work(resnet50_dims(), 8, 2, split_above=0)
+    with pytest.raises(ValueError, match=r"split_factors_above must be a whole number >= 1 \(the largest block"):
+        KFACPreconditioner(nn.Linear(4, 3), split_factors_above=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def make_model() -> nn.Sequential:
     )
 
 
-def make_run(method: str) -> tuple[nn.Module, torch.optim.Optimizer, KFACPreconditioner]:
+def make_run(method: str, **options: Any) -> tuple[nn.Module, torch.optim.Optimizer, KFACPreconditioner]:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     precond = KFACPreconditioner(
@@ -40,6 +41,7 @@ def make_run(method: str) -> tuple[nn.Module, torch.optim.Optimizer, KFACPrecond
         factor_update_steps=3,
         inv_update_steps=5,
         factor_decay=0.9,
+        **options,
     )
     return model, optimizer, precond
 
@@ -54,13 +56,23 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, precond: KFACPreco
         optimizer.step()
 
 
+# Asynchronous: at STOP_AT the decompositions started at step 10 are in flight; step 15 installs them. Split: the
+# first Linear's 65 x 65 A is decomposed as 3 diagonal blocks.
+MODES: dict[str, dict[str, Any]] = {
+    "synchronous": {},
+    "asynchronous": {"async_decompositions": True},
+    "split": {"split_factors_above": 24},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
-def test_resume_is_bit_identical(method: str) -> None:
-    model, optimizer, precond = make_run(method)
+def test_resume_is_bit_identical(method: str, mode: str) -> None:
+    model, optimizer, precond = make_run(method, **MODES[mode])
     train(model, optimizer, precond, range(TOTAL_STEPS))
     uninterrupted = [p.detach().clone() for p in model.parameters()]
 
-    model, optimizer, precond = make_run(method)
+    model, optimizer, precond = make_run(method, **MODES[mode])
     train(model, optimizer, precond, range(STOP_AT))
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": optimizer.state_dict(), "kfac": precond.state_dict()}, buffer)
@@ -68,7 +80,9 @@ def test_resume_is_bit_identical(method: str) -> None:
 
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
-    model, optimizer, precond = make_run(method)
+    if mode == "asynchronous":
+        assert checkpoint["kfac"]["in_flight"]["step"] == 10
+    model, optimizer, precond = make_run(method, **MODES[mode])
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["opt"])
     precond.load_state_dict(checkpoint["kfac"])

@@ -67,6 +67,8 @@ def run_against_reference(
         damping_form=options.get("damping_form"),
         conv_factors=str(options.get("conv_factors", "mean")),
         g_scale=str(options.get("g_scale", "example")),
+        split_above=options.get("split_factors_above"),
+        lagged=bool(options.get("async_decompositions", False)),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(steps):
@@ -216,3 +218,47 @@ def test_mc_fisher_gaussian_likelihood_uses_sampled_noise() -> None:
     g_factor = precond._layers[0].g_factor
     assert g_factor is not None
     torch.testing.assert_close(g_factor, noise.t() @ noise / N, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_split_factors_are_their_block_diagonals(method: str) -> None:
+    """Factors above ``split_factors_above`` are replaced by their diagonal blocks (the conv model's A sides are
+    19, 12 and 33: 3, 2 and 5 blocks of at most 8), and each block is decomposed on its own."""
+
+    def blocks_were_split(step: int, precond: KFACPreconditioner, reference: ReferenceKFAC) -> None:
+        sizes = sorted(block.size for block, _ in precond.assignment.blocks if block.key.kind == "A")
+        assert max(sizes) <= 8 and len(sizes) == 10, sizes
+
+    run_against_reference(
+        conv_model,
+        steps=4,
+        on_step=blocks_were_split,
+        compute_method=method,
+        damping_form="factored-pi",
+        split_factors_above=8,
+        inv_update_steps=2,
+        kl_clip=None,
+        damping=1e-2,
+    )
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_asynchronous_decompositions_are_the_synchronous_ones_one_interval_late(method: str) -> None:
+    """``async_decompositions=True`` gives, step for step, the synchronous contract with each decomposition step
+    installing the factors (and, for the inverse method, the damping) of the previous decomposition step; the first
+    decomposition is synchronous. A damping schedule shows that the shifts are those of the step that started it."""
+
+    def staleness(step: int, precond: KFACPreconditioner, reference: ReferenceKFAC) -> None:
+        expected = step if step < 3 else 3 + step % 3
+        assert precond.decomposition_staleness == expected
+
+    run_against_reference(
+        conv_model,
+        steps=10,
+        on_step=staleness,
+        compute_method=method,
+        async_decompositions=True,
+        inv_update_steps=3,
+        kl_clip=1e-2,
+        damping=lambda step: 1e-2 * (1 + step),
+    )
