@@ -169,6 +169,10 @@ class KFACConfig:
     comm_dtype: str = ""
     bucket_cap_mb: float = 8.0
     overlap_comm: bool = True
+    # Scale (docs/kfac.md, "At scale"): factors larger than this are decomposed as diagonal blocks (0 = never), and
+    # decompositions computed in the background and installed one interval late.
+    split_factors_above: int = 0
+    async_decompositions: bool = False
     # Adaptive Levenberg-Marquardt damping (Martens & Grosse 2015, 6.5; docs/kfac.md, "Adaptive damping"): damping is
     # then the initial value, adapted every damping_interval steps within [damping_min, damping_max].
     damping_adaptive: bool = False
@@ -565,6 +569,7 @@ def _validate_kfac(k: KFACConfig) -> None:
     for key in ("factor_dtype", "inv_dtype", "comm_dtype"):
         _choice(f"kfac.{key}", getattr(k, key), DTYPE_NAMES)
     _positive("kfac.bucket_cap_mb", k.bucket_cap_mb)
+    _positive("kfac.split_factors_above", k.split_factors_above, zero_ok=True)
     _validate_adaptive_damping(k)
 
 

@@ -175,9 +175,13 @@ def history_fields(out_dir: Path) -> dict[str, Any]:
 
 
 def _kl_fields(precond: KFACPreconditioner | None) -> dict[str, Any]:
-    """The step record's KL-clip fields (one host synchronisation, on logged steps only)."""
-    scale = precond.kl_scale if precond is not None else None
-    return {} if scale is None else {"kl_scale": scale, "kl_clipped": scale < 1.0}
+    """The step record's KL-clip fields (one host synchronisation, on logged steps only), and how many steps old the
+    factors behind the step's decompositions were."""
+    if precond is None:
+        return {}
+    scale = precond.kl_scale
+    fields = {} if scale is None else {"kl_scale": scale, "kl_clipped": scale < 1.0}
+    return {**fields, "kfac_staleness": precond.decomposition_staleness}
 
 
 def _damping_fields(precond: KFACPreconditioner | None) -> dict[str, Any]:

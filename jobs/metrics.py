@@ -46,6 +46,7 @@ CSV_COLUMNS: Final = (
     "noise_grad_sq",  # its |G|^2 estimate
     "kl_scale",  # K-FAC: the KL clip's factor nu of the step (1 = not clipped; absent without a clip)
     "kl_clipped",  # K-FAC: nu < 1, the update's size was set by kfac.kl_clip and not by the learning rate
+    "kfac_staleness",  # K-FAC: steps between the factors behind the step's decompositions and the step
     "damping",  # K-FAC with kfac.damping_adaptive: lambda after the step (docs/kfac.md, "Adaptive damping")
     "damping_rho",  # and on adaptation steps the reduction ratio rho of the step's update
     # "fisher" records (run.fisher_every; jobs.diagnostics): the empirical Fisher's top eigenvalue, without the top

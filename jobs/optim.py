@@ -179,4 +179,6 @@ def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule, comm: Commu
         comm_dtype=_DTYPES.get(config.comm_dtype),
         bucket_cap_mb=config.bucket_cap_mb,
         overlap_comm=config.overlap_comm,
+        split_factors_above=config.split_factors_above or None,
+        async_decompositions=config.async_decompositions,
     )
