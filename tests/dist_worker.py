@@ -104,6 +104,7 @@ HOROVOD_CONFIGS = [
     "comm-opt-accumulate",
     "mem-opt-fp16-comm",
     "sequence-mem-opt-reduce",
+    "comm-opt-split-async",
 ]
 
 
