@@ -19,15 +19,16 @@ Three inputs, combined per step and rank:
 3. **The project's own plans and byte counters**: ``distkfac.assignment.assign_work`` says who decomposes and
    preconditions what; ``FactorExchange``, ``DecompositionExchange`` and ``GradientExchange`` are constructed with a
    stub communicator and their plans (buckets, owners, broadcast lists) give every collective of a rank; each
-   collective's bytes are what ``CommStats.record_allreduce`` / ``record_one_way`` count. ``tests/
-   test_distributed.py`` checks the bytes against real torchrun runs at P = 2 and 4, exactly.
+   collective's bytes are what ``CommStats.record_allreduce`` / ``record_one_way`` count. tests/test_distributed.py
+   checks them against real torchrun runs at P = 2 and 4, tests/test_scale_model.py against a real preconditioner
+   with a counting communicator: exactly, rank by rank and purpose by purpose.
 
 The "before and after" stages of the issue, cumulative in this order: (0) today: whole factors, synchronous
 decompositions, one reduce per owner and bucket; (3) one reduce-scatter per bucket; (1) asynchronous
 decompositions (hidden while the busiest worker group's decompositions and their broadcasts fit in
 ``inv_update_steps`` steps of the rest of the step; the excess shows; the decompositions are one interval stale);
-(2) dense factors larger than ``--split-above`` cut into diagonal blocks. docs/benchmarks.md says what the model
-leaves out.
+(2) dense factors larger than ``--split-above`` cut into diagonal blocks. docs/benchmarks.md ("K-FAC at scale: a
+model") states every assumption and what the model leaves out.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -115,11 +117,17 @@ def _spd(n: int, device: torch.device) -> torch.Tensor:
 
 
 def _monotone(points: Iterable[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
-    """Points sorted by size with times made non-decreasing (shapes of equal flops differ a little)."""
+    """Points sorted by size, one per size, with times made non-decreasing (shapes of equal flops differ a little)."""
     out: list[tuple[float, float]] = []
     for x, t in sorted(points):
-        out.append((x, max(t, out[-1][1]) if out else t))
+        if out and x == out[-1][0]:
+            out[-1] = (x, max(t, out[-1][1]))
+        else:
+            out.append((x, max(t, out[-1][1]) if out else t))
     return tuple(out)
+
+
+KERNEL_TABLES = ("gemm", "eigh", "inverse", "unfold")
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,13 @@ class Kernels:
     inverse: tuple[tuple[float, float], ...]  # (n, s): cholesky + cholesky_inverse
     unfold: tuple[tuple[float, float], ...]  # (output elements, s)
     copy_bytes_per_s: float  # bytes read + written per second by a large copy
+
+    def scaled(self, factor: float) -> Kernels:
+        """Every kernel ``factor`` times slower (a device shared with other processes)."""
+        slower: dict[str, Any] = {
+            name: tuple((x, t * factor) for x, t in getattr(self, name)) for name in KERNEL_TABLES
+        }
+        return replace(self, **slower, copy_bytes_per_s=self.copy_bytes_per_s / factor)
 
     def gemm_s(self, m: int, k: int, n: int) -> float:
         return _loglog(self.gemm, 2.0 * m * k * n, 1.0)
@@ -185,7 +200,7 @@ def measure_kernels(device: torch.device, threads: int, max_decomposition: int =
         x = torch.randn(*shape, device=device)
         elements = shape[0] * shape[1] * 9 * shape[2] * shape[3]
         unfold.append((float(elements), _seconds(functools.partial(F.unfold, x, 3, padding=1), device)))
-    big = torch.randn(2**24, device=device)
+    big = torch.randn(2**22, device=device)  # 16 MiB: factors and gradients of a few MiB each
     copy_s = _seconds(big.clone, device)
     return Kernels(
         str(device),
@@ -194,7 +209,7 @@ def measure_kernels(device: torch.device, threads: int, max_decomposition: int =
         _monotone(eigh),
         _monotone(inverse),
         _monotone(unfold),
-        8 * 2**24 / copy_s,
+        8 * 2**22 / copy_s,
     )
 
 
@@ -217,13 +232,16 @@ def kernels_for(device: str, threads: int, path: Path | None, remeasure: bool) -
 @dataclass(frozen=True)
 class Network:
     """Alpha-beta costs of NCCL-style collectives on a flat network: ``alpha`` seconds per message step, ``beta``
-    seconds per byte. Per call the cheaper of ring and (pipelined, double binary) tree, for the collectives listed
-    in ``tree``; reduce-scatter is ring only (no tree algorithm)."""
+    seconds per byte, ``p`` ranks, ``n`` bytes. Ring: allreduce ``2(p-1) alpha + 2(p-1)/p n beta``, reduce-scatter
+    ``(p-1) alpha + (p-1)/p n beta``, reduce and broadcast (a pipelined chain) ``(p-1) alpha + n beta``. Tree
+    (pipelined, ``ceil(log2 p)`` levels): allreduce ``2 log2(p) alpha + 2 n beta``, reduce and broadcast
+    ``log2(p) alpha + n beta``. Per call the cheaper of the two for the collectives in ``tree`` (NCCL chooses so for
+    allreduce only: its reduce and broadcast are rings), the ring otherwise; reduce-scatter is always a ring."""
 
     name: str
     alpha: float
     beta: float
-    tree: frozenset[str] = frozenset({"allreduce", "reduce", "broadcast"})
+    tree: frozenset[str] = frozenset({"allreduce"})
 
     def seconds(self, op: str, nbytes: float, p: int) -> float:
         if p <= 1 or nbytes <= 0:
@@ -240,11 +258,11 @@ class Network:
         return min(ring, tree) if op in self.tree else ring
 
 
-def infiniband_hdr(alpha_us: float = 5.0, bandwidth_gbs: float = 24.0, tree_for: str = "all") -> Network:
+def infiniband_hdr(alpha_us: float = 5.0, bandwidth_gbs: float = 24.0, tree_for: str = "allreduce") -> Network:
     """Our stated assumption: one 200 Gb/s InfiniBand HDR port per GPU (25 GB/s line rate; 24 GB/s used), all ranks
     on one flat fat tree (NVLink inside a node ignored), ``alpha`` 5 us per message step: between NCCL's own
     per-step network latencies in its tuning model (src/graph/tuning.cc, hwLat NET: ring LL 2.7 us, ring Simple
-    9.6 us, tree LL 5.0 us)."""
+    9.6 us, tree LL 5.0 us). ``tree_for="all"`` lets reduce and broadcast take a tree too."""
     tree = frozenset({"allreduce", "reduce", "broadcast"}) if tree_for == "all" else frozenset({"allreduce"})
     name = f"InfiniBand HDR 200 Gb/s, alpha {alpha_us:g} us, {bandwidth_gbs:g} GB/s"
     return Network(name, alpha_us * 1e-6, 1.0 / (bandwidth_gbs * 1e9), tree)
@@ -358,6 +376,12 @@ def layer_set_from_module(name: str, model: nn.Module, example: torch.Tensor, no
 # ------------------------------------------------------------------------------------------------ configurations
 
 
+# Settings that change no buffer's size or count (the intervals go to ``Schedule``; the model to the layer set).
+NO_TRAFFIC_SETTINGS = frozenset(
+    {"model", "inv_update_steps", "factor_update_steps", "weight_sharing", "conv_factors", "g_scale", "fisher"}
+)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Decompositions every ``inv_update_steps`` steps, factor updates every ``factor_update_steps``."""
@@ -405,7 +429,7 @@ class Config:
             "split_factors_above": "split_above",
             "async_decompositions": "asynchronous",
         }
-        unknown = set(settings) - set(names) - {"model", "inv_update_steps", "factor_update_steps"}
+        unknown = set(settings) - set(names) - NO_TRAFFIC_SETTINGS
         if unknown:
             raise ValueError(f"scale_model: settings {sorted(unknown)} are not modelled")
         return cls(**{names[key]: value for key, value in settings.items() if key in names})
@@ -767,50 +791,59 @@ def _elementwise_s(layer_set: LayerSet, config: Config, world: int, kernels: Ker
 def project(
     layer_set: LayerSet, config: Config, world: int, kernels: Kernels, network: Network, schedule: Schedule
 ) -> Projection:
-    """The projected step of ``config`` at ``world`` ranks (weak scaling: ``layer_set`` holds one rank's batch)."""
+    """The projected step of ``config`` at ``world`` ranks (weak scaling: ``layer_set`` holds one rank's batch).
+
+    A factor step: forward (with A), backward (with G) while the factor buckets reduce, the exposed rest of the
+    reductions, gradient averaging, preconditioning (the slowest worker group), the gradient broadcasts and the
+    elementwise passes. A decomposition step adds the checks and the slowest worker group's decompositions and
+    broadcasts (asynchronously, only what does not fit in ``inv_update_steps`` steps)."""
     parts = _compute_parts(layer_set, config, world, kernels)
     busiest = busiest_rank(layer_set, config, world)
     mine, theirs = traffic(layer_set, config, world, 0), traffic(layer_set, config, world, busiest)
     every_s, factor_elementwise_s = _elementwise_s(layer_set, config, world, kernels)
     backward = [b + g for b, g in zip(parts["backward"], parts["g_factors"], strict=True)]
     forward = parts["forward"] + parts["a_factors"]
-    exposed = exposed_factor_s(mine.buckets, backward, forward, network, config.overlap)
-    rest = (
-        every_s + _network_s(network, mine.averaging + mine.gradients) + max(parts["precondition"].values(), default=0)
-    )
-    factor_step = forward + sum(backward) + parts["extra_backward"] + exposed + factor_elementwise_s + rest
-    plain_step = parts["forward"] + sum(parts["backward"]) + parts["extra_backward"] + rest
-    fus = schedule.factor_update_steps
+    shown = {
+        "compute": forward + sum(backward) + parts["extra_backward"],
+        "factor comm": exposed_factor_s(mine.buckets, backward, forward, network, config.overlap),
+        "averaging": _network_s(network, mine.averaging),
+        "precondition": max(parts["precondition"].values(), default=0.0),
+        "gradient comm": _network_s(network, mine.gradients),
+        "elementwise": every_s + factor_elementwise_s,
+    }
+    factor_step = sum(shown.values())
+    plain_step = parts["forward"] + sum(parts["backward"]) + parts["extra_backward"] + every_s  # no factors
+    plain_step += shown["averaging"] + shown["precondition"] + shown["gradient comm"]
+    fus, inv = schedule.factor_update_steps, schedule.inv_update_steps
     normal = ((fus - 1) * plain_step + factor_step) / fus
-    decompositions = _decomposition_s(layer_set, config, world, parts, network)
+    decompose, broadcasts = _decomposition_s(layer_set, config, world, parts, network)
     checks = _network_s(network, mine.checks)
-    inv = schedule.inv_update_steps
-    shown = max(0.0, decompositions - inv * normal) if config.asynchronous else decompositions
-    memory = max(memory_per_rank(layer_set, config, world))
+    late = max(0.0, decompose + broadcasts - inv * normal) if config.asynchronous else decompose + broadcasts
+    shown.update({"decompose": decompose, "decomposition comm": broadcasts, "checks": checks, "shown": late})
     return Projection(
         normal_s=normal,
-        slowest_s=factor_step + checks + shown,
-        mean_s=normal + (checks + shown) / inv,
+        slowest_s=factor_step + checks + late,
+        mean_s=normal + (checks + late) / inv,
         bytes_rank0=bytes_per_step(mine, inv, fus),
         bytes_busiest=bytes_per_step(theirs, inv, fus),
         busiest=busiest,
-        memory_bytes=memory,
-        parts={"exposed factor comm": exposed, "decompositions": decompositions, "factor step": factor_step},
+        memory_bytes=max(memory_per_rank(layer_set, config, world)),
+        parts=shown,
     )
 
 
 def _decomposition_s(
     layer_set: LayerSet, config: Config, world: int, parts: Mapping[str, Any], network: Network
-) -> float:
-    """The slowest worker group: its busiest member's decompositions, then the group's broadcasts one by one."""
+) -> tuple[float, float]:
+    """(decompositions, broadcasts) seconds of the slowest worker group: its busiest member's decompositions, then
+    the group's broadcasts one after the other."""
     assignment: WorkAssignment = parts["assignment"]
     decompose: list[float] = parts["decompose"]
-    slowest = 0.0
+    slowest = (0.0, 0.0)
     for group in assignment.worker_groups:
-        broadcasts = (
-            _network_s(network, decomposition_calls(layer_set, config, world, group[0])) if len(group) > 1 else 0
-        )
-        slowest = max(slowest, max(decompose[r] for r in group) + broadcasts)
+        calls = decomposition_calls(layer_set, config, world, group[0]) if len(group) > 1 else []
+        candidate = (max(decompose[r] for r in group), _network_s(network, calls))
+        slowest = max(slowest, candidate, key=sum)
     return slowest
 
 
@@ -840,6 +873,7 @@ def kaisa_speedup(layer_set: LayerSet, world: int, fraction: float, colocate: bo
     a short reason instead where kfac-pytorch (build/peers) cannot be imported."""
     if str(PEERS_DIR) not in sys.path:
         sys.path.append(str(PEERS_DIR))  # last: its "examples" package must not shadow anything
+    warnings.filterwarnings("ignore", message="NVIDIA Apex is not installed", category=UserWarning)
     try:
         from kfac.assignment import KAISAAssignment
     except Exception as error:  # ImportError, or anything its import runs into
@@ -937,17 +971,60 @@ def step_table(
     return rows
 
 
+BREAKDOWN = (
+    ("compute", "forward + backward + factors"),
+    ("factor comm", "factor reductions, exposed"),
+    ("averaging", "gradient averaging"),
+    ("precondition", "preconditioning"),
+    ("gradient comm", "gradient broadcasts"),
+    ("elementwise", "elementwise"),
+    ("checks", "checks"),
+    ("decompose", "decompositions"),
+    ("decomposition comm", "their broadcasts"),
+    ("shown", "decompositions shown"),
+)
+
+
+def breakdown_table(
+    layer_set: LayerSet,
+    worlds: Sequence[int],
+    kernels: Kernels,
+    network: Network,
+    schedule: Schedule,
+    split_above: int,
+    fraction: float,
+) -> list[str]:
+    """Where a decomposition step's time goes (ms), today and with every stage, for a few world sizes."""
+    rows = [
+        "Where a decomposition step's time goes, in ms (the slowest worker group's decompositions and broadcasts; "
+        "'shown' is what the step waits for):",
+        "",
+        "| P | strategy | stage | " + " | ".join(title for _, title in BREAKDOWN) + " |",
+        "|---:|---|---|" + "---:|" * len(BREAKDOWN),
+    ]
+    first, *_, last = stages(split_above)
+    for world in worlds:
+        for name, base in STRATEGY_CONFIGS.items():
+            base = replace(base, fraction=fraction) if base.fraction is not None else base
+            chosen = [first] if base.reduction == "allreduce" else [first, last]
+            for stage, settings in chosen:
+                parts = project(layer_set, replace(base, **settings), world, kernels, network, schedule).parts
+                cells = " | ".join(f"{parts[key] * 1e3:.1f}" for key, _ in BREAKDOWN)
+                rows.append(f"| {world} | {name} | {stage.split(' ')[0]} | {cells} |")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def loopback_worker(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks timing allreduces of 4 B to 4 MiB over loopback (rank 0 writes the medians)."""
+def loopback_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of ``world`` gloo ranks timing allreduces of 4 B to 4 MiB over loopback (rank 0 writes the medians)."""
     import torch.distributed as dist
 
     from distkfac.comm import leave
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     medians = {}
     for numel in (1, 1024, 16384, 262144, 1048576):
         buffer = torch.zeros(numel)
@@ -965,28 +1042,51 @@ def loopback_worker(rank: int, port: int, out: str) -> None:
     leave(0)  # gloo can abort at exit in torch 2.13 (distkfac.comm.leave)
 
 
-def measure_loopback(out: Path) -> Network:
-    """alpha and beta of gloo over loopback from a 2-rank allreduce sweep: ``t = 2 alpha + n beta`` (ring, p = 2)."""
+def measure_loopback(world: int, out: Path) -> Network:
+    """alpha and beta of gloo over loopback at ``world`` ranks, from an allreduce sweep read as a ring's
+    ``2(p-1) alpha + 2(p-1)/p n beta``: the smallest message gives alpha, the slope beta."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = "import sys; from benchmarks.scale_model import loopback_worker as w; w(int(sys.argv[1]), {}, {!r})"
+    code = "import sys; from benchmarks.scale_model import loopback_worker as w; w(int(sys.argv[1]), {}, {}, {!r})"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code.format(port, str(out)), str(rank)], cwd=ROOT, env=env)
-        for rank in range(2)
-    ]
+    command = [sys.executable, "-c", code.format(world, port, str(out))]
+    procs = [subprocess.Popen([*command, str(rank)], cwd=ROOT, env=env) for rank in range(world)]
     if any(proc.wait(timeout=300) for proc in procs):
         raise SystemExit("scale_model: the gloo loopback measurement failed")
     points = sorted((float(n), t) for n, t in json.loads(out.read_text()).items())
     (small, t_small), (large, t_large) = points[0], points[-1]
-    beta = max(t_large - t_small, 0.0) / (large - small)
-    return Network(
-        f"gloo over loopback (measured: 2-rank allreduce {small:.0f} B to {large:.0f} B)",
-        t_small / 2,
-        beta,
-        frozenset(),
-    )
+    steps = 2 * (world - 1)
+    beta = max(t_large - t_small, 0.0) / (large - small) / (steps / world)
+    name = f"gloo over loopback, {world} ranks (allreduce of {small:.0f} B to {large:.0f} B)"
+    return Network(name, t_small / steps, beta, frozenset())
+
+
+SHARED_GEMM = """
+import sys, time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(384, 384), torch.randn(384, 384)
+start = float(sys.argv[1])
+while time.time() < start:
+    a @ b
+count, began = 0, time.perf_counter()
+while time.perf_counter() - began < 2.0:
+    a @ b
+    count += 1
+print((time.perf_counter() - began) / count)
+"""
+
+
+def measure_sharing(worlds: Iterable[int]) -> dict[int, float]:
+    """How many times slower a 1-thread GEMM runs while ``P`` processes run it at once, for each ``P``: the ranks of
+    a loopback run share this machine's cores, caches and memory bandwidth (and whatever else runs on it)."""
+    per_call = {}
+    for world in sorted({1, *worlds}):
+        start = str(time.time() + 4.0)  # every process imports torch first, then all start together
+        command = [sys.executable, "-c", SHARED_GEMM, start]
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(world)]
+        per_call[world] = statistics.mean(float(proc.communicate(timeout=120)[0]) for proc in procs)
+    return {world: seconds / per_call[1] for world, seconds in per_call.items()}
 
 
 def parse_benchmark(text: str) -> tuple[int, dict[tuple[int, str], float]]:
@@ -1020,13 +1120,17 @@ def validate(measured: Path | None, remeasure: bool) -> list[str]:
         measured.write_text(result.stdout)
     batch, steps = parse_benchmark(measured.read_text())
     kernels = kernels_for("cpu", 1, None, remeasure)
-    network = measure_loopback(RUNS / "scale_model_loopback.json")
-    cores = os.cpu_count() or 1
+    worlds = sorted({world for world, _ in steps})
+    networks = {w: measure_loopback(w, RUNS / f"scale_model_loopback-{w}.json") for w in worlds if w > 1}
+    sharing = measure_sharing(worlds)
     rows = [
         f"Validation against {measured.relative_to(ROOT) if measured.is_relative_to(ROOT) else measured} (benchmark "
-        f"MLP, global batch {batch}, 1 thread per rank, {cores} cores: at P > {cores} every time is scaled by "
-        f"P / {cores}). Network: {network.name}: alpha {network.alpha * 1e6:.1f} us, "
-        f"{1e-9 / network.beta:.2f} GB/s, ring only.",
+        f"MLP, global batch {batch}, 1 thread per rank, {os.cpu_count()} cores). The P ranks share this machine: "
+        "every kernel time is multiplied by how much slower a 1-thread GEMM runs while P processes run it at once ("
+        + ", ".join(f"P = {w}: {sharing[w]:.2f}" for w in worlds)
+        + "). Loopback gloo, ring formulas, measured at each P: "
+        + "; ".join(f"P = {w}: alpha {n.alpha * 1e6:.1f} us, {1e-9 / n.beta:.2f} GB/s" for w, n in networks.items())
+        + ".",
         "",
         "| P | strategy | measured median step ms | model ms | model / measured - 1 |",
         "|---:|---|---:|---:|---:|",
@@ -1035,8 +1139,9 @@ def validate(measured: Path | None, remeasure: bool) -> list[str]:
         baseline = name.endswith(" baseline")
         config = Config.from_settings({**STRATEGIES[name.removesuffix(" baseline")], **(BASELINE if baseline else {})})
         layer_set = layer_set_from_module("MLP", build_model("mlp"), torch.zeros(batch // world, 784))
-        projected = project(layer_set, config, world, kernels, network, Schedule(10, 1))
-        predicted = projected.normal_s * max(1.0, world / cores)
+        network = networks.get(world, Network("none", 0.0, 0.0))
+        projected = project(layer_set, config, world, kernels.scaled(sharing[world]), network, Schedule(10, 1))
+        predicted = projected.normal_s
         rows.append(
             f"| {world} | {name} | {seconds * 1e3:.1f} | {predicted * 1e3:.1f} | {predicted / seconds - 1:+.1%} |"
         )
@@ -1057,9 +1162,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha-us", type=float, default=5.0, help="network latency per message step (us)")
     parser.add_argument("--bandwidth-gbs", type=float, default=24.0, help="per-rank network bandwidth (GB/s)")
     parser.add_argument(
-        "--tree", choices=["all", "allreduce"], default="all",
-        help="collectives that may take a tree: all (allreduce, reduce, broadcast) or allreduce only (NCCL as is)",
+        "--tree", choices=["allreduce", "all"], default="allreduce",
+        help="collectives that may take a tree: allreduce only (NCCL: reduce and broadcast are rings), or all "
+        "(reduce and broadcast too, as MPI libraries do)",
     )  # fmt: skip
+    parser.add_argument("--breakdown-worlds", default="64,4096", help="world sizes of the time breakdown ('' none)")
     parser.add_argument("--inv-update-steps", type=int, default=10)
     parser.add_argument("--factor-update-steps", type=int, default=1)
     parser.add_argument("--split-above", type=int, default=1024, help="stage (2): split dense factors above this")
@@ -1111,8 +1218,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\n### {layer_set.note}\n")
         print("\n".join(speedup_table(layer_set, worlds, args.split_above, args.hybrid_fraction, kernels)))
         print()
-        tables = step_table(layer_set, worlds, kernels, network, schedule, args.split_above, args.hybrid_fraction)
-        print("\n".join(tables), flush=True)
+        common = (kernels, network, schedule, args.split_above, args.hybrid_fraction)
+        print("\n".join(step_table(layer_set, worlds, *common)))
+        breakdown = [int(w) for w in args.breakdown_worlds.split(",") if w]
+        if breakdown:
+            print("\n" + "\n".join(breakdown_table(layer_set, breakdown, *common)), flush=True)
 
 
 if __name__ == "__main__":

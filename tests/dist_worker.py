@@ -28,6 +28,8 @@ from jobs.data import FASHION_MNIST_ROOT, load_mnist_like
 from tests.kfac_reference import SequenceClassifier
 
 STEPS = 4
+# What every configuration gets unless CONFIGS says otherwise.
+KFAC_DEFAULTS: dict[str, Any] = {"lr": 0.1, "damping": 1e-2, "inv_update_steps": 2, "kl_clip": 1e-2}
 BATCH = 48  # divisible by 2, 4, and by 2 passes of each
 CONFIGS: dict[str, dict[str, Any]] = {
     "comm-opt": {"strategy": "comm-opt", "ddp": True},
@@ -152,8 +154,7 @@ def train(config: dict[str, Any], rank: int, world: int, comm: Any, die_at: int 
     trained: nn.Module = model
     if config.get("ddp") and world > 1 and torch.distributed.is_initialized():  # Horovod runs use plain models
         trained = nn.parallel.DistributedDataParallel(model)
-    defaults = {"lr": 0.1, "damping": 1e-2, "inv_update_steps": 2, "kl_clip": 1e-2}
-    precond = KFACPreconditioner(trained, comm=comm, **{**defaults, **settings})
+    precond = KFACPreconditioner(trained, comm=comm, **{**KFAC_DEFAULTS, **settings})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     passes = config.get("passes", 1)
     for step, (x, y) in enumerate(load_batches(config.get("model", "cnn"))):

@@ -232,3 +232,29 @@ def test_ranks_with_different_models_are_told_so(tmp_path: Path) -> None:
         code, err = _finish(proc, 120)
         assert code == 2, err[-3000:]
         assert "the ranks disagree on the model" in err and "ranks [1] differ from rank 0" in err
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_scale_model_predicts_the_bytes_and_calls_of_every_rank(world: int, out_root: Path) -> None:
+    """benchmarks/scale_model.py counts, from the exchanges' plans and the cost model alone, exactly the bytes and
+    collectives each rank counted over gloo, purpose by purpose, for every configuration (DDP ones average their
+    gradients outside the counters; two passes launch every bucket twice; asynchronous decompositions are shared one
+    interval late)."""
+    from benchmarks import scale_model
+
+    out = launched("torch", world, out_root)
+    interval = dist_worker.KFAC_DEFAULTS["inv_update_steps"]
+    default = scale_model.Schedule(inv_update_steps=interval, factor_update_steps=1)
+    for name, settings in dist_worker.CONFIGS.items():
+        model = settings.get("model", "cnn")
+        images = torch.zeros(dist_worker.BATCH // world, 1, 28, 28, dtype=torch.float64)
+        example = dist_worker.image_rows_as_tokens(images) if model == "sequence" else images
+        layer_set = scale_model.layer_set_from_module(model, dist_worker.make_model(model), example)
+        config = scale_model.Config.from_settings(settings)
+        schedule = scale_model.Config.schedule_from(settings, default)
+        for rank in range(world):
+            measured = json.loads((out / f"{name}.rank{rank}.json").read_text())
+            traffic = scale_model.traffic(layer_set, config, world, rank)
+            stats = scale_model.run_stats(traffic, dist_worker.STEPS, schedule, config.passes, config.asynchronous)
+            assert dict(stats.bytes_sent) == pytest.approx(measured["bytes"], rel=1e-12), (name, rank)
+            assert dict(stats.calls) == measured["calls"], (name, rank)
