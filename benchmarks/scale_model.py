@@ -655,20 +655,28 @@ def busiest_rank(layer_set: LayerSet, config: Config, world: int) -> int:
 
 
 def memory_per_rank(layer_set: LayerSet, config: Config, world: int) -> list[float]:
-    """K-FAC bytes each rank keeps, as ``KFACPreconditioner.memory_bytes`` counts them: running factors (whole
-    ``n x n``, on every rank owning a block of them, or everywhere when allreduced) and, on a layer's gradient
-    workers, the decompositions (whole-sized: a split factor's blocks fill their diagonal blocks) and the gradient."""
+    """K-FAC bytes each rank keeps, as ``KFACPreconditioner.memory_bytes`` counts them: running factors (whole on
+    their owner, or everywhere when allreduced; a split factor as the owned blocks side by side, an ``m x m`` matrix
+    with ``m`` their summed sides) and, on a layer's gradient workers, the decompositions (whole-sized: a split
+    factor's blocks fill their diagonal blocks) and the gradient."""
     assignment = assignment_for(layer_set, world, config.grad_workers(world), config.split_above)
     factor_element, state_element = layer_set.dtype.itemsize, compute_dtype(layer_set).itemsize
     method = METHODS[config.compute_method](config.damping_form)
-    owners: dict[FactorKey, set[int]] = {}
+    sides: dict[FactorKey, dict[int, int]] = {}  # factor -> owner -> summed side of its blocks
     for block, owner in assignment.blocks:
-        owners.setdefault(block.key, set()).add(owner)
+        owned = sides.setdefault(block.key, {})
+        owned[owner] = owned.get(owner, 0) + block.size
     out = [0.0] * world
-    for key, ranks in owners.items():
-        size = math.prod(_factor_of(layer_set, key).tensor_shape) * factor_element
-        for rank in range(world) if config.reduction == "allreduce" else ranks:
-            out[rank] += size
+    for key, owned in sides.items():
+        whole = math.prod(_factor_of(layer_set, key).tensor_shape) * factor_element
+        if config.reduction == "allreduce" or world == 1:
+            for rank in range(world):
+                out[rank] += whole
+            continue
+        for rank, side in owned.items():
+            out[rank] += (
+                whole if len(owned) == 1 and side == _factor_of(layer_set, key).dim else side * side * factor_element
+            )
     group_bytes: dict[tuple[int, ...], float] = {}
     for layer, work in zip(layer_set.layers, assignment.layers, strict=True):
         states = sum(math.prod(s) for shape in (layer.a, layer.g) for s in method.state_shapes(shape))

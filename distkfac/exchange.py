@@ -121,6 +121,16 @@ class FactorExchange:
         self.owned: set[FactorKey] = {
             key for key, units in self.units.items() if everything or any(rank == comm.rank for _, rank in units)
         }
+        # A factor this rank owns in part is kept as its own blocks side by side (a smaller block-diagonal matrix),
+        # not as the whole n x n: where each of its blocks starts there, and the side of that matrix.
+        self._offsets: dict[FactorBlock, int] = {}
+        self._stored_sides: dict[FactorKey, int] = {}
+        for key, units in self.units.items():
+            mine = [block for block, rank in units if rank == comm.rank]
+            if len(units) > 1 and mine:
+                for block in mine:
+                    self._offsets[block] = self._stored_sides.get(key, 0)
+                    self._stored_sides[key] = self._offsets[block] + block.size
 
         # Static buckets in backward order (last layer first), closed when they pass bucket_bytes.
         element = torch.tensor([], dtype=comm_dtype or torch.float32).element_size()
@@ -140,6 +150,15 @@ class FactorExchange:
         self._sums: dict[FactorKey, torch.Tensor] = {}
         self._passes: dict[int, int] = {}
         self._dtypes: dict[FactorKey, torch.dtype] = {}
+
+    def stored_at(self, block: FactorBlock) -> int:
+        """Where ``block`` starts in the factor this rank keeps (its own start when the factor is kept whole)."""
+        return self._offsets.get(block, block.start)
+
+    def stored_shape(self, key: FactorKey, factor: FactorShape) -> tuple[int, ...]:
+        """The shape of the running factor this rank keeps for ``key``."""
+        side = self._stored_sides.get(key)
+        return factor.tensor_shape if side is None else (side, side)
 
     @property
     def handed_off(self) -> set[int]:
@@ -208,7 +227,7 @@ class FactorExchange:
         return self.packing.pack_factor(batch, block.shape(factor))
 
     def _accumulate(self, block: FactorBlock, factor: FactorShape, flat: torch.Tensor) -> None:
-        """Add one received block to its factor's sum; a split factor's sum is zero outside the blocks received."""
+        """Add one received block to its factor's sum; a split factor's sum holds this rank's blocks only."""
         key = block.key
         dtype = self._dtypes[key]
         accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -217,8 +236,9 @@ class FactorExchange:
             self._sums[key] = value if key not in self._sums else self._sums[key].add_(value)
             return
         if key not in self._sums:
-            self._sums[key] = torch.zeros(factor.tensor_shape, dtype=accumulate, device=value.device)
-        self._sums[key][block.start : block.stop, block.start : block.stop].add_(value)
+            self._sums[key] = torch.zeros(self.stored_shape(key, factor), dtype=accumulate, device=value.device)
+        at = self.stored_at(block)
+        self._sums[key][at : at + block.size, at : at + block.size].add_(value)
 
     def finish(self) -> dict[FactorKey, torch.Tensor]:
         """Wait for every reduction; the mean batch factor of each owned factor, over ranks and passes."""

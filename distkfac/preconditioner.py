@@ -626,11 +626,12 @@ class KFACPreconditioner:
         return by_size
 
     def _block(self, block: FactorBlock) -> torch.Tensor:
-        """The running factor's diagonal block (the whole factor when it is not split)."""
+        """The running factor's diagonal block (the whole factor when it is not split), where this rank keeps it."""
         factor = self._factor(block.key)
-        if block.stop - block.start == factor.shape[0]:
+        if block.size == self._side(block.key):
             return factor
-        return factor[block.start : block.stop, block.start : block.stop]
+        at = self._factor_exchange.stored_at(block)
+        return factor[at : at + block.size, at : at + block.size]
 
     def _decompose(
         self,
@@ -936,14 +937,15 @@ class KFACPreconditioner:
                 f"{sorted(names - set(saved))}, unexpected {sorted(set(saved) - names)}"
             )
 
-    @staticmethod
-    def _check_checkpoint_factors(layer: _Layer, entry: Mapping[str, Any]) -> None:
+    def _check_checkpoint_factors(self, layer: _Layer, entry: Mapping[str, Any]) -> None:
         for kind in FACTOR_KINDS:  # stored under "A" and "G"
-            value, shape = entry[kind], of_kind(kind, (layer.helper.a_shape, layer.helper.g_shape)).tensor_shape
+            factor = of_kind(kind, (layer.helper.a_shape, layer.helper.g_shape))
+            value, shape = entry[kind], self._factor_exchange.stored_shape(FactorKey(layer.index, kind), factor)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(
                     f"distkfac: checkpoint factor {layer.name}.{kind} has shape {tuple(value.shape)}, "
-                    f"the model needs {shape}"
+                    f"the model needs {shape} (split factors: this rank's blocks side by side; resume with the "
+                    "checkpoint's split_factors_above, world size and strategy)"
                 )
 
     def _restore_layer(self, layer: _Layer, entry: Mapping[str, Any]) -> None:
