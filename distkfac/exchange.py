@@ -24,7 +24,14 @@ from distkfac.assignment import WorkAssignment
 from distkfac.comm.base import Communicator, Pending
 from distkfac.factors import FACTOR_KINDS, FactorBlock, FactorKey, FactorKind, FactorShape, Structure, of_kind
 
-__all__ = ["DecompositionExchange", "FactorExchange", "GradientExchange", "SymmetricPacking", "packed_size"]
+__all__ = [
+    "DecompositionExchange",
+    "FactorExchange",
+    "GradientExchange",
+    "Shipment",
+    "SymmetricPacking",
+    "packed_size",
+]
 
 
 def packed_size(n: int, pack: bool) -> int:
@@ -298,6 +305,16 @@ class DecompositionExchange:
         device: torch.device,
     ) -> dict[FactorBlock, list[torch.Tensor]]:
         """Send ``mine`` (this rank's decompositions) and return the ones other ranks sent, for ``ready`` layers."""
+        return self.start(mine, ready, dtype, device).finish()
+
+    def start(
+        self,
+        mine: dict[FactorBlock, list[torch.Tensor]],
+        ready: set[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Shipment:
+        """``share`` without waiting: the broadcasts are launched, ``finish()`` waits and returns what arrived."""
         received: list[tuple[list[FactorBlock], torch.Tensor, Pending]] = []
         for group, src, all_blocks in self.plan:
             blocks = [block for block in all_blocks if block.key.layer in ready]
@@ -310,8 +327,24 @@ class DecompositionExchange:
                 buffer = torch.empty(numel, dtype=dtype, device=device)
             pending = self.comm.broadcast(buffer, src, group, "decompositions")
             received.append((blocks if src != self.comm.rank else [], buffer, pending))
+        return Shipment(received, self._shapes)
+
+
+class Shipment:
+    """Decomposition broadcasts in flight (``DecompositionExchange.start``)."""
+
+    def __init__(
+        self,
+        received: list[tuple[list[FactorBlock], torch.Tensor, Pending]],
+        shapes: Callable[[FactorBlock], list[tuple[int, ...]]],
+    ) -> None:
+        self._received = received
+        self._shapes = shapes
+
+    def finish(self) -> dict[FactorBlock, list[torch.Tensor]]:
+        """Wait for every broadcast; the decompositions other ranks sent, block by block."""
         out: dict[FactorBlock, list[torch.Tensor]] = {}
-        for blocks, buffer, pending in received:
+        for blocks, buffer, pending in self._received:
             pending.wait()
             offset = 0
             for block in blocks:

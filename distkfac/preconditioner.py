@@ -70,7 +70,7 @@ from distkfac.assignment import Strategy, WorkAssignment, assign_work, grad_work
 from distkfac.background import Background, InFlight
 from distkfac.comm import Communicator, average_gradients, resolve_communicator
 from distkfac.damping import LevenbergMarquardt
-from distkfac.exchange import DecompositionExchange, FactorExchange, GradientExchange
+from distkfac.exchange import DecompositionExchange, FactorExchange, GradientExchange, Shipment
 from distkfac.factors import FACTOR_KINDS, FactorBlock, FactorKey, FactorKind, FactorShape, Structure, of_kind
 from distkfac.layers import ConvFactors, GScale, LayerHelper, WeightSharing, helper_for
 from distkfac.methods import METHODS, ComputeMethod, DampingForm, DecompositionError, pi_correction
@@ -85,6 +85,7 @@ from distkfac.settings import (
 
 __all__ = ["FACTOR_REDUCTIONS", "FISHER_TYPES", "KFACPreconditioner"]
 
+_Shipping = tuple[InFlight[set[int]], dict[FactorBlock, list[torch.Tensor]], Shipment]  # job, its results, broadcasts
 BlocksBySize = dict[tuple[Any, ...], list[FactorBlock]]  # (FactorShape, device, dtype) -> blocks decomposed together
 Shifts = dict[Any, torch.Tensor]  # per stack of BlocksBySize: each block's diagonal shift (inverse method)
 
@@ -186,6 +187,7 @@ class KFACPreconditioner:
         self._paused = False
         self._background = Background()
         self._in_flight: InFlight[set[int]] | None = None  # asynchronous mode: the decompositions being computed
+        self._shipping: _Shipping | None = None  # and, from a decomposition step's first forward, being sent
         self._decomposed_at: int | None = None  # the step whose factors made the decompositions in use
         self._staleness: int | None = None
 
@@ -373,7 +375,11 @@ class KFACPreconditioner:
 
     def _make_forward_hook(self, layer: _Layer) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if self._paused or not (module.training and torch.is_grad_enabled() and self._is_factor_step()):
+            if self._paused or not (module.training and torch.is_grad_enabled()):
+                return
+            if self._in_flight is not None and self._shipping is None and self._steps % self.inv_update_steps == 0:
+                self._shipping = self._ship()  # a decomposition step: send the finished ones during this pass
+            if not self._is_factor_step():
                 return
             if not inputs or not isinstance(inputs[0], torch.Tensor):
                 raise TypeError(f"distkfac: layer {layer.name!r} must be called with its input tensor positionally")
@@ -565,24 +571,39 @@ class KFACPreconditioner:
         """Decompose this rank's factors (or blocks), share the results and store them where they precondition.
 
         Asynchronously (after the first decomposition): the factors as they are now are decomposed in the background,
-        and the decompositions started at the previous decomposition step are shared and installed instead.
+        and the decompositions started at the previous decomposition step are installed instead, their broadcasts
+        launched by this step's first forward pass (``_ship``) so that they travel during forward and backward.
         """
-        job = self._prepare_decompositions(step)
+        ready, by_size, stacks, shifts = self._prepare_decompositions(step)
         if not self.async_decompositions or self._decomposed_at is None:
-            ready, by_size, stacks, shifts = job
-            self._install(step, ready, self._decompose(step, by_size, stacks, shifts))
+            mine = self._decompose(step, by_size, stacks, shifts)
+            self._install(step, ready, mine, self._share(mine, ready).finish())
             return
-        ready, by_size, stacks, shifts = job
+        shipping = self._shipping or self._ship()
+        self._shipping = None
         inputs = [*stacks.values(), *shifts.values()]
         device = self._layers[0].helper.weight.device
-        previous, self._in_flight = (
-            self._in_flight,
-            self._background.submit(
-                step, ready, lambda: self._decompose(step, by_size, stacks, shifts), inputs, device
-            ),
+        self._in_flight = self._background.submit(
+            step, ready, lambda: self._decompose(step, by_size, stacks, shifts), inputs, device
         )
-        if previous is not None:
-            self._install(previous.step, previous.context, dict(self._background.collect(previous)))
+        if shipping is not None:
+            job, mine, shipment = shipping
+            self._install(job.step, job.context, mine, shipment.finish())
+
+    def _ship(self) -> _Shipping | None:
+        """Collect the decompositions in flight (waiting if they are not done) and launch their broadcasts."""
+        job, self._in_flight = self._in_flight, None
+        if job is None:
+            return None
+        mine = {block: list(states) for block, states in self._background.collect(job).items()}
+        return job, mine, self._share(mine, job.context)
+
+    def _share(self, mine: dict[FactorBlock, list[torch.Tensor]], ready: set[int]) -> Shipment:
+        """Launch the broadcasts of this rank's decompositions to the other gradient workers (none in one process)."""
+        first = self._layers[0].helper
+        if self.comm.world_size == 1:
+            return Shipment([], lambda block: [])
+        return self._decomposition_exchange.start(mine, ready, self._compute_dtype(first), first.weight.device)
 
     def _prepare_decompositions(self, step: int) -> tuple[set[int], BlocksBySize, dict[Any, torch.Tensor], Shifts]:
         """What to decompose, with its collectives done: the ready layers, this rank's blocks by size, copies of
@@ -600,15 +621,15 @@ class KFACPreconditioner:
         shifts = self._shifts(damping, by_size, stacks) if self._method.shifts_at_decomposition else {}
         return ready, by_size, stacks, shifts
 
-    def _install(self, made_at: int, ready: set[int], mine: dict[FactorBlock, list[torch.Tensor]]) -> None:
-        """Share this rank's decompositions of the factors of step ``made_at`` and store everyone's."""
-        if self.comm.world_size > 1:
-            first = self._layers[0].helper.weight
-            received = self._decomposition_exchange.share(
-                mine, ready, self._compute_dtype(self._layers[0].helper), first.device
-            )
-            mine.update(received)
-        self._store_decompositions(mine)
+    def _install(
+        self,
+        made_at: int,
+        ready: set[int],
+        mine: dict[FactorBlock, list[torch.Tensor]],
+        received: dict[FactorBlock, list[torch.Tensor]],
+    ) -> None:
+        """Store this rank's and the received decompositions of the factors of step ``made_at``."""
+        self._store_decompositions({**mine, **received})
         for layer in self._layers:
             layer.decomposed = layer.decomposed or layer.index in ready
         self._decomposed_at = made_at
@@ -832,9 +853,10 @@ class KFACPreconditioner:
     def _in_flight_state(self) -> dict[str, Any] | None:
         """Asynchronous mode: this rank's decompositions still to be installed, waited for (finished) and saved with
         the step that started them, so that a resumed run installs exactly what the uninterrupted one would."""
-        if self._in_flight is None:
+        job = self._shipping[0] if self._shipping is not None else self._in_flight
+        if job is None:
             return None
-        result = self._background.collect(self._in_flight)
+        result = self._background.collect(job)
         blocks = [
             {
                 "layer": self._layers[block.key.layer].name,
@@ -845,8 +867,8 @@ class KFACPreconditioner:
             }
             for block, states in result.items()
         ]
-        ready = sorted(self._layers[index].name for index in self._in_flight.context)
-        return {"step": self._in_flight.step, "ready": ready, "blocks": blocks}
+        ready = sorted(self._layers[index].name for index in job.context)
+        return {"step": job.step, "ready": ready, "blocks": blocks}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict()`` returned, checking that it belongs to the same model, method and rank.
@@ -876,7 +898,7 @@ class KFACPreconditioner:
         fallback = (steps - 1) // interval * interval if decomposed and steps > 0 else None
         self._decomposed_at = state.get("decomposed_at", fallback)
         saved = state.get("in_flight")
-        self._in_flight = None
+        self._in_flight = self._shipping = None
         if saved is None or not self.async_decompositions:
             return
         index = {layer.name: layer.index for layer in self._layers}
