@@ -5,7 +5,9 @@ result one decomposition interval later. Collectives never run on the worker: on
 still issues the same collectives in the same order from its main thread.
 
 - **CPU.** The worker is a Python thread; torch releases the GIL inside its kernels (``eigh``, ``cholesky``), so the
-  decomposition runs beside the training step, sharing the cores.
+  decomposition runs beside the training step. On Linux the worker runs at the lowest priority (nice 19, a per-thread
+  setting there), so it takes the cycles the step leaves idle (waits in collectives, other ranks' turns on an
+  oversubscribed node) instead of slowing the step down; it still gets the CPU when nothing else wants it.
 - **CUDA.** The worker enqueues the kernels on a side stream that first waits for the main stream (the copies must be
   made), and records an event when done. Collecting makes the main stream wait for that event, and marks the results
   as used on the main stream, so the caching allocator does not hand their memory out early.
@@ -13,6 +15,9 @@ still issues the same collectives in the same order from its main thread.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +48,14 @@ class InFlight(Generic[T]):
         return cls(step, context, future)
 
 
+def _lowest_priority() -> None:
+    """Run the calling thread at nice 19 where the OS allows a per-thread priority (Linux); elsewhere leave it."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        # Not allowed in some containers: the worker then keeps the process's priority.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class Background:
     """Runs one computation at a time on a worker thread (on a side stream for CUDA)."""
 
@@ -55,7 +68,9 @@ class Background:
     ) -> InFlight[T]:
         """Start ``work`` (which reads ``inputs`` only); its exceptions are raised by ``collect``."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distkfac-decompose")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="distkfac-decompose", initializer=_lowest_priority
+            )
         if device.type != "cuda":
             return InFlight(step, context, self._executor.submit(lambda: (work(), None)), device)
         side = self._streams.setdefault(device, torch.cuda.Stream(device))

@@ -53,6 +53,7 @@ the N examples of a batch:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections import defaultdict
@@ -68,7 +69,7 @@ from torch.utils.hooks import RemovableHandle
 
 from distkfac.assignment import Strategy, WorkAssignment, assign_work, grad_workers_for
 from distkfac.background import Background, InFlight
-from distkfac.comm import Communicator, average_gradients, resolve_communicator
+from distkfac.comm import Communicator, Pending, average_gradients, resolve_communicator
 from distkfac.damping import LevenbergMarquardt
 from distkfac.exchange import DecompositionExchange, FactorExchange, GradientExchange, Shipment
 from distkfac.factors import FACTOR_KINDS, FactorBlock, FactorKey, FactorKind, FactorShape, Structure, of_kind
@@ -85,7 +86,9 @@ from distkfac.settings import (
 
 __all__ = ["FACTOR_REDUCTIONS", "FISHER_TYPES", "KFACPreconditioner"]
 
-_Shipping = tuple[InFlight[set[int]], dict[FactorBlock, list[torch.Tensor]], Shipment]  # job, its results, broadcasts
+# A decomposition started in the background: the layers it covers, and its finiteness verdict (still to be given).
+_Started = tuple[set[int], Callable[[], None]]
+_Shipping = tuple[InFlight[_Started], dict[FactorBlock, list[torch.Tensor]], Shipment]  # job, results, broadcasts
 BlocksBySize = dict[tuple[Any, ...], list[FactorBlock]]  # (FactorShape, device, dtype) -> blocks decomposed together
 Shifts = dict[Any, torch.Tensor]  # per stack of BlocksBySize: each block's diagonal shift (inverse method)
 
@@ -186,7 +189,7 @@ class KFACPreconditioner:
         self._sampling = False
         self._paused = False
         self._background = Background()
-        self._in_flight: InFlight[set[int]] | None = None  # asynchronous mode: the decompositions being computed
+        self._in_flight: InFlight[_Started] | None = None  # asynchronous mode: the decompositions being computed
         self._shipping: _Shipping | None = None  # and, from a decomposition step's first forward, being sent
         self._decomposed_at: int | None = None  # the step whose factors made the decompositions in use
         self._staleness: int | None = None
@@ -574,8 +577,9 @@ class KFACPreconditioner:
         and the decompositions started at the previous decomposition step are installed instead, their broadcasts
         launched by this step's first forward pass (``_ship``) so that they travel during forward and backward.
         """
-        ready, by_size, stacks, shifts = self._prepare_decompositions(step)
-        if not self.async_decompositions or self._decomposed_at is None:
+        background = self.async_decompositions and self._decomposed_at is not None
+        ready, by_size, stacks, shifts, verdict = self._prepare_decompositions(step, defer_check=background)
+        if not background:
             mine = self._decompose(step, by_size, stacks, shifts)
             self._install(step, ready, mine, self._share(mine, ready).finish())
             return
@@ -584,19 +588,21 @@ class KFACPreconditioner:
         inputs = [*stacks.values(), *shifts.values()]
         device = self._layers[0].helper.weight.device
         self._in_flight = self._background.submit(
-            step, ready, lambda: self._decompose(step, by_size, stacks, shifts), inputs, device
+            step, (ready, verdict), lambda: self._decompose(step, by_size, stacks, shifts), inputs, device
         )
         if shipping is not None:
             job, mine, shipment = shipping
-            self._install(job.step, job.context, mine, shipment.finish())
+            self._install(job.step, job.context[0], mine, shipment.finish())
 
     def _ship(self) -> _Shipping | None:
         """Collect the decompositions in flight (waiting if they are not done) and launch their broadcasts."""
         job, self._in_flight = self._in_flight, None
         if job is None:
             return None
+        ready, verdict = job.context
+        verdict()  # NaN or Inf in the factors it started from: raised before a decomposition error they may cause
         mine = {block: list(states) for block, states in self._background.collect(job).items()}
-        return job, mine, self._share(mine, job.context)
+        return job, mine, self._share(mine, ready)
 
     def _share(self, mine: dict[FactorBlock, list[torch.Tensor]], ready: set[int]) -> Shipment:
         """Launch the broadcasts of this rank's decompositions to the other gradient workers (none in one process)."""
@@ -605,9 +611,12 @@ class KFACPreconditioner:
             return Shipment([], lambda block: [])
         return self._decomposition_exchange.start(mine, ready, self._compute_dtype(first), first.weight.device)
 
-    def _prepare_decompositions(self, step: int) -> tuple[set[int], BlocksBySize, dict[Any, torch.Tensor], Shifts]:
+    def _prepare_decompositions(
+        self, step: int, defer_check: bool
+    ) -> tuple[set[int], BlocksBySize, dict[Any, torch.Tensor], Shifts, Callable[[], None]]:
         """What to decompose, with its collectives done: the ready layers, this rank's blocks by size, copies of
-        them stacked (checked finite on every rank), and their shifts (inverse method)."""
+        them stacked, their shifts (inverse method), and the finiteness check's verdict: already given, or with
+        ``defer_check`` still to be waited for (asynchronous mode: at the installation, off this step's path)."""
         damping = hyperparameter_at(self.damping, "damping", step)
         ready = {layer.index for layer in self._layers if layer.has_factors}
         by_size = self._owned_blocks_by_size(ready)
@@ -617,9 +626,11 @@ class KFACPreconditioner:
         # A sum is one pass where isfinite().all() is several; NaN and Inf survive it, and float64 cannot overflow
         # on float32 entries.
         finite = [torch.isfinite(stack.flatten(1).sum(1, dtype=torch.float64)) for stack in stacks.values()]
-        self._check_finite(step, list(by_size.values()), finite)
+        verdict = self._check_finite(step, list(by_size.values()), finite)
+        if not defer_check:
+            verdict()
         shifts = self._shifts(damping, by_size, stacks) if self._method.shifts_at_decomposition else {}
-        return ready, by_size, stacks, shifts
+        return ready, by_size, stacks, shifts, verdict
 
     def _install(
         self,
@@ -742,15 +753,22 @@ class KFACPreconditioner:
             self.comm.allreduce_sum(means, "factor traces").wait()
         return means
 
-    def _check_finite(self, step: int, members: list[list[FactorBlock]], finite: list[torch.Tensor]) -> None:
-        """Raise on every rank if any rank's factors hold NaN or Inf: one small allreduce, one host sync."""
+    def _check_finite(
+        self, step: int, members: list[list[FactorBlock]], finite: list[torch.Tensor]
+    ) -> Callable[[], None]:
+        """Start checking whether any rank's factors hold NaN or Inf (one small allreduce); the returned verdict
+        waits for it (one host sync) and raises on every rank if so."""
         device = self._layers[0].helper.weight.device  # NCCL needs the flags on the GPU
         bad = torch.zeros(2 * len(self._layers), dtype=torch.int32, device=device)
         for blocks, ok in zip(members, finite, strict=True):
             positions = torch.tensor([block.key.position for block in blocks], device=device)
             bad.index_add_(0, positions, (~ok).to(device=device, dtype=torch.int32))
-        if self.comm.world_size > 1:
-            self.comm.allreduce_sum(bad, "finiteness check").wait()
+        pending = self.comm.allreduce_sum(bad, "finiteness check") if self.comm.world_size > 1 else None
+        return functools.cache(lambda: self._finite_verdict(step, bad, pending))  # given once, however often asked
+
+    def _finite_verdict(self, step: int, bad: torch.Tensor, pending: Pending | None) -> None:
+        if pending is not None:
+            pending.wait()
         if bool(bad.any()):
             names = [self._factor_name(FactorKey.at(p)) for p in bad.nonzero().view(-1).tolist()]
             raise FloatingPointError(
@@ -856,6 +874,7 @@ class KFACPreconditioner:
         job = self._shipping[0] if self._shipping is not None else self._in_flight
         if job is None:
             return None
+        job.context[1]()  # the finiteness verdict, as installing would
         result = self._background.collect(job)
         blocks = [
             {
@@ -867,7 +886,7 @@ class KFACPreconditioner:
             }
             for block, states in result.items()
         ]
-        ready = sorted(self._layers[index].name for index in job.context)
+        ready = sorted(self._layers[index].name for index in job.context[0])
         return {"step": job.step, "ready": ready, "blocks": blocks}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -917,7 +936,7 @@ class KFACPreconditioner:
                 )
             result[block] = [t.to(device) for t in entry["state"]]
         ready = {index[name] for name in saved["ready"]}
-        self._in_flight = InFlight.finished(int(saved["step"]), ready, result)
+        self._in_flight = InFlight.finished(int(saved["step"]), (ready, lambda: None), result)
 
     def _check_checkpoint(self, state: Mapping[str, Any]) -> None:
         """Refuse a checkpoint of another method, other conventions, another rank layout or other layers."""

@@ -107,6 +107,21 @@ def test_non_finite_factor_names_the_layer() -> None:
         precond.step()
 
 
+def test_non_finite_factor_in_the_background_is_named_at_the_next_decomposition_step() -> None:
+    """Asynchronous: the factors of step 2 are checked while they are decomposed, and the verdict is given when the
+    result would be installed (step 4), before the training uses anything made from them."""
+    model = mlp()
+    precond = KFACPreconditioner(model, async_decompositions=True, inv_update_steps=2, factor_decay=0.5)
+    for scale in (1.0, 1.0, float("inf"), 1.0):  # steps 0-3
+        model.zero_grad()
+        forward_backward(model, scale=scale)
+        precond.step()
+    assert precond.decomposition_staleness == 3  # still the decompositions of step 0
+    model.zero_grad()
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf at step 2: 0\.A"):
+        forward_backward(model)  # step 4's first forward pass installs what step 2 started
+
+
 def test_eigh_failure_falls_back_to_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     # A LAPACK convergence failure cannot be produced on demand with real data, so eigh is made to fail here.
     real_eigh = torch.linalg.eigh
