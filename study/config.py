@@ -36,6 +36,7 @@ A study file is TOML (examples: ``jobs/configs/studies/``)::
     warm_start = { sgd = "table1_sgd.toml" }      # [[points]] files, queued first in every cell of the optimizer
     seed_from_neighbour = false                   # true: each cell also starts from the best point of the next
                                                   # smaller batch size's cell, tuned before it
+    repeats = 5                                   # each cell's best trial trained again with 5 other seeds
 
     [given.sgd]                                   # without [tune]: the values of each optimizer's runs
     "optim.lr" = 0.1
@@ -84,7 +85,7 @@ _STUDY_KEYS: Final = frozenset(
 )
 _TUNE_KEYS: Final = frozenset(
     {"trials", "workers", "objective", "spaces", "mongo", "seed", "queue_size", "grace", "pending", "pruner"}
-    | {"warm_start", "seed_from_neighbour"}
+    | {"warm_start", "seed_from_neighbour", "repeats"}
 )
 _FISHER_KEYS: Final = frozenset({"every_epochs", "every_steps", "layer", "examples", "trim", "outlier_k", "save"})
 
@@ -107,6 +108,7 @@ class TuneSettings:
     pruner: PrunerSettings = field(default_factory=PrunerSettings)  # off unless [tune] pruner says (hpo_worker.pruning)
     warm_start: Mapping[str, str] = field(default_factory=dict)  # optimizer -> points file (absolute)
     seed_from_neighbour: bool = False  # each cell starts from the best point of the next smaller batch size
+    repeats: int = 0  # each cell's best trial trained again with this many other seeds (study.uncertainty)
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,7 @@ def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
         trials=trials, workers=workers, objective=objective, spaces=spaces, mongo=mongo,
         seed=_int(path, "tune.seed", raw.get("seed", 0), 0),
         queue_size=_int(path, "tune.queue_size", raw.get("queue_size", 0), 0), grace=float(grace),
-        **_search(path, raw, optimizers),
+        repeats=_int(path, "tune.repeats", raw.get("repeats", 0), 0), **_search(path, raw, optimizers),
     )  # fmt: skip
 
 

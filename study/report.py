@@ -152,7 +152,9 @@ def best_runs(runs: Iterable[Mapping[str, Any]]) -> dict[CellKey, Mapping[str, A
     """The best run of each (variant, optimizer, batch_size) cell.
 
     Among runs that reached the target: the fewest steps_to_target (ties: higher val_accuracy). When none reached:
-    the highest val_accuracy (runs without one rank last).
+    the highest val_accuracy (runs without one rank last). Only the search's runs compete (sources "tuned" and
+    "given"): a best trial trained again with other seeds (source "repeat") measures its spread, and picking the
+    luckiest seed would bias the best downwards.
     """
 
     def val(run: Mapping[str, Any]) -> float:
@@ -160,7 +162,8 @@ def best_runs(runs: Iterable[Mapping[str, Any]]) -> dict[CellKey, Mapping[str, A
         return -math.inf if v is None else v
 
     best: dict[CellKey, Mapping[str, Any]] = {}
-    for key, cell in _by_cell(runs).items():
+    searched = [run for run in runs if run.get("source") not in ("repeat", "replay")]
+    for key, cell in _by_cell(searched).items():
         reached = [r for r in cell if _reached(r)]
         if reached:
             best[key] = min(reached, key=lambda r: (_num(r.get("steps_to_target")) or 0.0, -val(r)))
@@ -746,6 +749,80 @@ def _fit_section(fits: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [*lines, markdown_table(header, fit_rows) if fit_rows else "(no runs)", ""]
 
 
+def _cell_uncertainty(tuned: list[Mapping[str, Any]], repeats: list[Mapping[str, Any]]) -> list[str]:
+    """One row of the uncertainty table: the search's best with its resampled interval, the first half's best, and
+    the best setting's repeats over seeds."""
+    from study.uncertainty import bootstrap_best_of_trials, bootstrap_mean, budget_halves
+
+    ordered = sorted(tuned, key=lambda r: _num(r.get("trial")) or 0.0)  # trial ids count up in search order
+    steps = [_num(r.get("steps_to_target")) if _reached(r) else None for r in ordered]
+    best = bootstrap_best_of_trials(steps).text() if steps else MISSING
+    half = _fmt_int(budget_halves(steps)[0]) if len(steps) >= 2 else MISSING
+    reached = [s for r in repeats if _reached(r) and (s := _num(r.get("steps_to_target"))) is not None]
+    mean = bootstrap_mean(reached).text() if len(reached) >= 2 else MISSING
+    return [str(len(steps)), best, half, mean, f"{len(reached)}/{len(repeats)}"]
+
+
+def _fit_uncertainty(repeats: list[Mapping[str, Any]], best: Mapping[CellKey, Mapping[str, Any]]) -> list[str]:
+    """The S(B) fit's 90% intervals from the repeats of each series, beside the best runs' noise scales."""
+    from study.uncertainty import fit_interval
+
+    series: dict[SeriesKey, dict[int, list[float]]] = {}
+    for run in repeats:
+        if _reached(run) and (steps := _num(run.get("steps_to_target"))) is not None:
+            key = (str(run.get("variant") or ""), str(run.get("optimizer")))
+            series.setdefault(key, {}).setdefault(int(run["batch_size"]), []).append(steps)
+    rows = []
+    for (variant, optimizer), by_batch in sorted(series.items(), key=lambda kv: _optimizer_rank(kv[0][1])):
+        scales = [
+            n
+            for (v, o, _), run in best.items()
+            if (v, o) == (variant, optimizer) and (n := _num(run.get("noise_scale")))
+        ]
+        noise = f"{min(scales):.4g} – {max(scales):.4g}" if scales else MISSING
+        if len(by_batch) < 2:
+            rows.append([_series_label(variant, optimizer), MISSING, MISSING, noise])
+            continue
+        intervals = fit_interval(by_batch, resamples=500)
+        rows.append([_series_label(variant, optimizer), intervals["b_crit"].text(), intervals["s_min"].text(), noise])
+    if not rows:
+        return []
+    header = ["series", "B_crit [90%]", "S_min [90%]", "B_simple of the best runs (range over batch sizes)"]
+    return [markdown_table(header, rows), ""]
+
+
+def _uncertainty_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """How sure the study is (study.uncertainty): per cell, the search and the seed; per series, the fit."""
+    tuned = [r for r in runs if r.get("source") == "tuned"]
+    repeats = [r for r in runs if r.get("source") == "repeat"]
+    if not tuned:
+        return []
+    tuned_by_cell, repeats_by_cell = _by_cell(tuned), _by_cell(repeats)
+    rows = [
+        [
+            _series_label(variant, optimizer),
+            str(batch),
+            *_cell_uncertainty(cell, repeats_by_cell.get((variant, optimizer, batch), [])),
+        ]
+        for (variant, optimizer, batch), cell in ((k, tuned_by_cell[k]) for k in _sorted_keys(tuned_by_cell))
+    ]
+    header = ["series", "batch", "trials", "best steps [resampled trials, 90%]", "best of the first half",
+              "repeats: steps, geometric mean [90%]", "repeats reached"]  # fmt: skip
+    lines = [
+        "## Uncertainty",
+        "",
+        "The best steps to target of the search, with the 90% range of the best over the trials resampled with "
+        "replacement (the spread of the search; biased towards the observed best), and the best of the first half "
+        "of the trials (equal to the best: the second half of the budget found nothing better). Repeats: the best "
+        "trial trained again with other seeds, the geometric mean of their steps to target with its expanded "
+        "percentile bootstrap interval. The fit: S(B) refitted to the repeats resampled cell by cell.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+    return lines + _fit_uncertainty(repeats, best_runs(runs))
+
+
 def _plot_section(skipped: Mapping[str, str]) -> list[str]:
     lines = ["## Plots", ""]
     for name in PLOTS:
@@ -767,7 +844,8 @@ def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: i
     skipped = _plot_all(out_dir, runs, fits) if runs else {name: "no runs" for name in PLOTS}
 
     variants = sorted({str(r.get("variant") or "") for r in runs})
-    lines = _report_heading(runs, title, variants, pruned) + _fit_section(fits) + _plot_section(skipped)
+    lines = _report_heading(runs, title, variants, pruned) + _fit_section(fits) + _uncertainty_section(runs)
+    lines += _plot_section(skipped)
     lines += _budget_table(runs) + _kl_clip_lines(runs)
     if len(variants) > 1:
         lines += [f"## Top-{top_k} means", "", *_top_k_tables(runs, top_k)]

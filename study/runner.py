@@ -131,11 +131,43 @@ def _describe(row: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------- diagnostics of the best runs
 
 
-def _replay_toml(run_dir: Path, overrides: Sequence[str]) -> str:
+def _replay_toml(run_dir: Path, overrides: Sequence[str], why: str) -> str:
     """The config of the run in ``run_dir`` (its config.json, every key resolved) with ``overrides``, as TOML."""
     document = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k != "derived"}
-    header = f"# {run_dir}: trained again with the study's [fisher] diagnostics (study.runner)."
-    return config_toml(document, overrides, header)
+    return config_toml(document, overrides, f"# {run_dir}: trained again {why} (study.runner).")
+
+
+def _best_trials(cells: list[Cell], rows: list[dict[str, Any]], log: Log) -> list[tuple[int, Cell, Mapping[str, Any]]]:
+    """Each tuned cell's best trial that left a run folder (numbered from 1), in cell order."""
+    from study.report import best_runs
+
+    found = []
+    for index, cell in enumerate(cells, 1):
+        mine = [row for row in rows if row["cell"] == cell.name and row["source"] == "tuned" and row["metrics_path"]]
+        if not mine:
+            log(f"{cell.name}: no finished trial to train again")
+            continue
+        found.append((index, cell, next(iter(best_runs(mine).values()))))
+    return found
+
+
+def _repeat_best(
+    study: StudyConfig, cells: list[Cell], rows: list[dict[str, Any]], out: Path, log: Log
+) -> list[dict[str, Any]]:
+    """Each tuned cell's best trial trained again with ``tune.repeats`` other seeds (1001, 1002, ...), in
+    ``repeats/<cell>/seed<s>``: the spread of its steps to target over seeds (study.uncertainty). Resumable."""
+    assert study.tune is not None
+    repeats = []
+    for index, cell, best in _best_trials(cells, rows, log):
+        run_of_best = Path(best["metrics_path"]).parent
+        for seed in range(1001, 1001 + study.tune.repeats):
+            config_path = out / "configs" / f"{cell.slug}.seed{seed}.toml"
+            config_path.write_text(_replay_toml(run_of_best, [f"run.seed={seed}"], f"with seed {seed}"))
+            run_dir = out / "repeats" / cell.slug / f"seed{seed}"
+            name = f"[{index}/{len(cells)}] {cell.name}, trial {best['trial']} with seed {seed}"
+            summary = _given_summary(config_path, run_dir, study.target_accuracy, log, name)
+            repeats.append(_row(cell, "repeat", best["trial"], summary, run_dir, json.loads(best["hparams"])))
+    return repeats
 
 
 def _diagnose_best(
@@ -143,18 +175,12 @@ def _diagnose_best(
 ) -> list[dict[str, Any]]:
     """Each tuned cell's best trial trained again with the [fisher] records (the same run: the diagnostics only read
     the model), in ``fisher/runs/<cell>``; their rows."""
-    from study.report import best_runs
-
     assert study.fisher is not None
     replays = []
-    for index, cell in enumerate(cells, 1):
-        mine = [row for row in rows if row["cell"] == cell.name and row["metrics_path"]]
-        if not mine:
-            log(f"{cell.name}: no finished trial to diagnose")
-            continue
-        best = next(iter(best_runs(mine).values()))
+    for index, cell, best in _best_trials(cells, rows, log):
         config_path = out / "configs" / f"{cell.slug}.fisher.toml"
-        config_path.write_text(_replay_toml(Path(best["metrics_path"]).parent, study.fisher.overrides()))
+        why = "with the study's [fisher] diagnostics"
+        config_path.write_text(_replay_toml(Path(best["metrics_path"]).parent, study.fisher.overrides(), why))
         run_dir = out / "fisher" / "runs" / cell.slug
         name = f"[{index}/{len(cells)}] {cell.name}, trial {best['trial']} with [fisher]"
         summary = _given_summary(config_path, run_dir, study.target_accuracy, log, name)
@@ -215,6 +241,8 @@ def run_study(study: StudyConfig, log: Log | None = None) -> Path:
     out, cells = _prepare(study, say)
     started = time.monotonic()
     rows, pruned = _run_tuned(study, cells, out, say) if study.tune else (_run_given(study, cells, out, say), 0)
+    if study.tune is not None and study.tune.repeats:
+        rows += _repeat_best(study, cells, rows, out, say)
     title = f"Batch-size scaling study: {study.name}"
     report = write_report(out, rows, title=title, top_k=study.top_k, pruned=pruned)
     say(f"{len(rows)} runs in {time.monotonic() - started:.0f} s")

@@ -45,6 +45,7 @@ overrides = ["run.train_eval_examples=256"]
 trials = 2
 workers = 2
 spaces = { sgd = "space.toml", kfac = "space.toml" }
+repeats = 2
 [fisher]
 every_steps = 5
 """
@@ -69,10 +70,11 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"report: {out / 'report.md'}" in result.stdout
     rows = list(csv.DictReader((out / "runs.csv").open()))
-    assert len(rows) == 2 * 2 * 2  # cells x trials: every trial is a run of the study
+    assert len(rows) == 2 * 2 * 2 + 2 * 2 * 2  # cells x trials, and each cell's best trial with 2 other seeds
     assert {(r["optimizer"], r["batch_size"]) for r in rows} == {("sgd", "32"), ("sgd", "128"), ("kfac", "32"),
                                                                  ("kfac", "128")}  # fmt: skip
-    assert all(r["source"] == "tuned" and r["trial"] != "" for r in rows)
+    assert all(r["source"] in ("tuned", "repeat") and r["trial"] != "" for r in rows)
+    _check_repeats(out, rows)
     noise_measured = 0
     for row in rows:
         metrics = [json.loads(line) for line in Path(row["metrics_path"]).read_text().splitlines()]
@@ -95,16 +97,11 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     assert set(fits["fits"]) == {"sgd", "kfac"}
     # The table of every cell's best run on the terminal.
     assert "sgd" in result.stdout.lower() and "k-fac" in result.stdout.lower()
-    assert sorted(p.name for p in (out / "configs").glob("*.toml")) == [
-        "kfac-b128.fisher.toml",
-        "kfac-b128.toml",
-        "kfac-b32.fisher.toml",
-        "kfac-b32.toml",
-        "sgd-b128.fisher.toml",
-        "sgd-b128.toml",
-        "sgd-b32.fisher.toml",
-        "sgd-b32.toml",
-    ]  # fmt: skip  (each cell's config, and the config of its best trial trained again with [fisher])
+    assert sorted(p.name for p in (out / "configs").glob("*.toml")) == sorted(
+        f"{cell}{kind}.toml"
+        for cell in ("kfac-b128", "kfac-b32", "sgd-b128", "sgd-b32")
+        for kind in ("", ".fisher", ".seed1001", ".seed1002")
+    )  # each cell's config, and the configs of its best trial trained again with [fisher] and with 2 seeds
     assert not (out / "hpo_data" / "mongo-url").exists(), "the embedded server was stopped"
     _check_best_runs_diagnosed(out, rows)
 
@@ -119,7 +116,22 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     changed = _study(tmp_path, TUNED, space=SPACE.replace("high = 0.5", "high = 0.4"))
     assert changed.returncode == 1, changed.stderr[-4000:]
     assert "another space_definition" in changed.stderr and "settings changed" in changed.stderr, changed.stderr
-    assert len(list(csv.DictReader((out / "runs.csv").open()))) == 8, "the results already written stay"
+    assert len(list(csv.DictReader((out / "runs.csv").open()))) == 16, "the results already written stay"
+
+
+def _check_repeats(out: Path, rows: list[dict[str, str]]) -> None:
+    """tune.repeats: each cell's best trial trained again with seeds 1001 and 1002, reported with intervals."""
+    for cell in ("sgd/b32", "sgd/b128", "kfac/b32", "kfac/b128"):
+        tuned = [r for r in rows if r["cell"] == cell and r["source"] == "tuned"]
+        repeats = [r for r in rows if r["cell"] == cell and r["source"] == "repeat"]
+        assert len(repeats) == 2 and {r["trial"] for r in repeats} <= {r["trial"] for r in tuned}
+        seeds = {
+            json.loads(Path(r["metrics_path"]).with_name("config.json").read_text())["run"]["seed"] for r in repeats
+        }
+        assert seeds == {1001, 1002}, cell
+    report = (out / "report.md").read_text()
+    assert "## Uncertainty" in report and "best steps [resampled trials, 90%]" in report
+    assert report.count("/2 |") == 4, "every cell's row says how many of its 2 repeats reached the target"
 
 
 def _check_best_runs_diagnosed(out: Path, rows: list[dict[str, str]]) -> None:

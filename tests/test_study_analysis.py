@@ -384,3 +384,36 @@ def test_write_csv_keeps_extra_columns(tmp_path: Path) -> None:
     with write_csv([run], tmp_path / "x" / "runs.csv").open() as f:
         row = next(csv.DictReader(f))
     assert row["seed"] == "7" and json.loads(row["hparams"]) == {"lr": 0.1}
+
+
+def _row(optimizer: str, batch: int, source: str, trial: int, steps: float | None, noise: float = 300.0) -> dict:
+    return {
+        "cell": f"{optimizer}/b{batch}", "variant": "", "optimizer": optimizer, "batch_size": batch, "source": source,
+        "trial": trial, "reached": steps is not None, "steps_to_target": steps, "val_accuracy": 0.9,
+        "noise_scale": noise, "target_accuracy": 0.8,
+    }  # fmt: skip
+
+
+def test_report_states_the_uncertainty_of_search_seed_and_fit(tmp_path: Path) -> None:
+    """Trials in search order, and repeats of the best with other seeds that follow S(B) = 100 (1 + 500 / B): the
+    report's uncertainty section gives each cell's best with its resampled range, the first half's best, the repeats'
+    geometric mean with an interval, and the fit's intervals, which hold the true B_crit here; a lucky repeat never
+    replaces the search's best."""
+    rng = np.random.default_rng(5)
+    runs = []
+    for batch in (64, 256, 1024, 4096):
+        truth = 100 * (1 + 500 / batch)
+        runs += [_row("sgd", batch, "tuned", t, s) for t, s in enumerate([3 * truth, None, 1.2 * truth, 1.1 * truth])]
+        runs += [_row("sgd", batch, "repeat", 3, float(truth * math.exp(rng.normal(0, 0.05)))) for _ in range(5)]
+    runs.append(_row("sgd", 64, "repeat", 3, 1.0))  # a freak seed: counted among the repeats, never the best
+    best = best_runs(runs)
+    assert best[("", "sgd", 64)]["source"] == "tuned" and best[("", "sgd", 64)]["steps_to_target"] > 100
+    report = write_report(tmp_path, runs, title="t").read_text()
+    section = report[report.index("## Uncertainty") :]
+    truth = 100 * (1 + 500 / 256)
+    assert f"| sgd | 256 | 4 | {1.1 * truth:.0f} [" in section  # the best of the 4 trials and its range
+    assert f"| {3 * truth:.0f} |" in section  # the first half (trials 0, 1) found only 3x the truth
+    assert "| 6/6 |" in section and "| 5/5 |" in section
+    fit_line = next(line for line in section.splitlines() if line.startswith("| sgd |") and "–" in line)
+    low, high = (float(x) for x in fit_line.split("|")[2].split("[")[1].rstrip("] ").split(","))
+    assert low <= 500 <= high
