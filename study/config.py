@@ -10,6 +10,8 @@ A study file is TOML (examples: ``jobs/configs/studies/``)::
     target_accuracy = 0.80                        # on the test split; 0 = none (then only the step budget)
     max_steps = 300                               # step budget of every run (or max_epochs)
     eval_every_steps = 10                         # evaluations that place steps-to-target
+    eval_every_examples = 0                       # or every N examples: max(1, N / batch) steps, the same
+                                                  # relative resolution at every batch size
     noise_every = 10                              # gradient noise scale every N steps (0 = off)
     out_dir = "runs/study-demo"                   # relative to the current directory
     top_k = 100                                   # top-k means of the skip-connection study's tables
@@ -81,6 +83,7 @@ __all__ = [
 _STUDY_KEYS: Final = frozenset(
     {"name", "base_config", "optimizers", "batch_sizes", "target_accuracy", "max_steps", "max_epochs"}
     | {"eval_every_steps", "noise_every", "out_dir", "top_k", "overrides", "variants", "optimizer_overrides"}
+    | {"eval_every_examples"}
     | {"seeds"}
 )
 _TUNE_KEYS: Final = frozenset(
@@ -173,7 +176,14 @@ class StudyConfig:
     tune: TuneSettings | None
     given: Mapping[str, tuple[str, ...]]  # optimizer -> overrides
     seeds: tuple[int, ...] = ()  # study seeds: each cell once per seed (run.seed and TPE's seed); () = once
+    eval_every_examples: int = 0  # > 0: each cell evaluates every max(1, round(N / batch)) steps instead
     fisher: FisherSettings | None = None  # [fisher]: in every given run, or in a replay of each tuned cell's best
+
+    def _eval_cadence(self, batch: int) -> tuple[str, ...]:
+        """With eval_every_examples: evaluations every N examples at this batch size (later overrides win)."""
+        if not self.eval_every_examples:
+            return ()
+        return (f"run.eval_every_steps={max(1, round(self.eval_every_examples / batch))}",)
 
     def cells(self) -> list[Cell]:
         # Both keys: the study's budget replaces whichever one the base config gives.
@@ -195,6 +205,7 @@ class StudyConfig:
                     overrides = (
                         *self.overrides, *variant_overrides, f'optim.name="{optimizer}"',
                         *self.optimizer_overrides.get(optimizer, ()), *given, f"data.batch_size={batch}", *run,
+                        *self._eval_cadence(batch),
                     )  # fmt: skip
                     if not self.seeds:
                         cells.append(Cell(variant, optimizer, batch, overrides))
@@ -421,8 +432,12 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
     if bool(max_steps) == bool(max_epochs):
         raise key_error(path, "study.max_steps", "give exactly one budget: max_steps or max_epochs (> 0)")
     eval_every = _int(path, "study.eval_every_steps", study.get("eval_every_steps", 0), 0)
-    if target and not eval_every:
-        raise key_error(path, "study.eval_every_steps", "a target accuracy needs evaluations every N steps (N >= 1)")
+    eval_examples = _int(path, "study.eval_every_examples", study.get("eval_every_examples", 0), 0)
+    if target and not (eval_every or eval_examples):
+        raise key_error(
+            path, "study.eval_every_steps",
+            "a target accuracy needs evaluations every N steps (N >= 1), or study.eval_every_examples",
+        )  # fmt: skip
 
     variants_raw = study.get("variants", {})
     if not isinstance(variants_raw, dict):
@@ -439,6 +454,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
     return StudyConfig(
         name=name, path=path.resolve(), base_config=base, optimizers=tuple(optimizers), batch_sizes=batch_sizes,
         target_accuracy=float(target), max_steps=max_steps, max_epochs=max_epochs, eval_every_steps=eval_every,
+        eval_every_examples=eval_examples,
         noise_every=_int(path, "study.noise_every", study.get("noise_every", 0), 0),
         out_dir=Path(out_dir if out_dir is not None else study.get("out_dir", f"runs/study-{name}")),
         top_k=_int(path, "study.top_k", study.get("top_k", 100), 1),

@@ -50,3 +50,25 @@ def test_extreme_samples_are_the_ends_of_every_range_and_every_option() -> None:
         {"optim.lr": 0.5, "kfac.inv_update_steps": 10, "optim.nesterov": True},
         {"optim.lr": 1e-3, "kfac.inv_update_steps": 2, "optim.nesterov": True},
     ]
+
+
+def test_evaluations_every_n_examples_give_each_batch_size_its_own_cadence(tmp_path: Path) -> None:
+    """study.eval_every_examples = 2048: batch 32 evaluates every 64 steps, 512 every 4, 8192 every step; the cell's
+    config resolves to that, whatever eval_every_steps the study or base config says."""
+    from jobs.config import load_config
+    from study.config import cell_toml, load_study
+    from tests.test_study import BASE
+
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "space.toml").write_text(SPACE)
+    text = TUNED.replace("batch_sizes = [32, 128]", "batch_sizes = [32, 512, 8192]")
+    (tmp_path / "study.toml").write_text(text.replace("eval_every_steps = 5", "eval_every_examples = 2048"))
+    study = load_study(tmp_path / "study.toml", tmp_path / "out")
+    cadence = {}
+    for cell in study.cells():
+        (tmp_path / "cell.toml").write_text(cell_toml(study, cell))
+        cadence[cell.batch_size] = load_config(tmp_path / "cell.toml").run.eval_every_steps
+    assert cadence == {32: 64, 512: 4, 8192: 1}
+    (tmp_path / "study.toml").write_text(text.replace("eval_every_steps = 5", ""))
+    with pytest.raises(ValueError, match=r"or study\.eval_every_examples"):
+        load_study(tmp_path / "study.toml")
