@@ -402,6 +402,22 @@ def _read_tables(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _budget_and_cadence(path: Path, study: Mapping[str, Any], target: float) -> tuple[int, int, int, int]:
+    """max_steps, max_epochs (exactly one), eval_every_steps and eval_every_examples (one needed with a target)."""
+    max_steps = _int(path, "study.max_steps", study.get("max_steps", 0), 0)
+    max_epochs = _int(path, "study.max_epochs", study.get("max_epochs", 0), 0)
+    if bool(max_steps) == bool(max_epochs):
+        raise key_error(path, "study.max_steps", "give exactly one budget: max_steps or max_epochs (> 0)")
+    eval_every = _int(path, "study.eval_every_steps", study.get("eval_every_steps", 0), 0)
+    eval_examples = _int(path, "study.eval_every_examples", study.get("eval_every_examples", 0), 0)
+    if target and not (eval_every or eval_examples):
+        raise key_error(
+            path, "study.eval_every_steps",
+            "a target accuracy needs evaluations every N steps (N >= 1), or study.eval_every_examples",
+        )  # fmt: skip
+    return max_steps, max_epochs, eval_every, eval_examples
+
+
 def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConfig:
     """Reads and checks a study file; ``out_dir`` replaces the file's ``study.out_dir``."""
     path = Path(path)
@@ -427,17 +443,7 @@ def load_study(path: str | Path, out_dir: str | Path | None = None) -> StudyConf
             path, "study.target_accuracy",
             f"{target!r} cannot be reached: give an accuracy in [0, 1] (0 = no target, only the step budget)",
         )  # fmt: skip
-    max_steps = _int(path, "study.max_steps", study.get("max_steps", 0), 0)
-    max_epochs = _int(path, "study.max_epochs", study.get("max_epochs", 0), 0)
-    if bool(max_steps) == bool(max_epochs):
-        raise key_error(path, "study.max_steps", "give exactly one budget: max_steps or max_epochs (> 0)")
-    eval_every = _int(path, "study.eval_every_steps", study.get("eval_every_steps", 0), 0)
-    eval_examples = _int(path, "study.eval_every_examples", study.get("eval_every_examples", 0), 0)
-    if target and not (eval_every or eval_examples):
-        raise key_error(
-            path, "study.eval_every_steps",
-            "a target accuracy needs evaluations every N steps (N >= 1), or study.eval_every_examples",
-        )  # fmt: skip
+    max_steps, max_epochs, eval_every, eval_examples = _budget_and_cadence(path, study, target)
 
     variants_raw = study.get("variants", {})
     if not isinstance(variants_raw, dict):
