@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hpo_worker.pending import PENDING_LIES
+from hpo_worker.pending import PENDING_LIES, STARTUP_TRIALS
 from hpo_worker.pruning import PRUNED_HISTORY, PRUNERS, PrunerSettings
 from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
 from hpo_worker.store import (
@@ -90,6 +90,13 @@ def _add_driver(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default="worst",
         help="what TPE is told about queued and running trials: the worst, mean or best finished loss (default "
         "worst), inf (hyperopt's own: an infinite loss), or ignore (left out); docs/hpo.md",
+    )
+    driver.add_argument(
+        "--startup-trials",
+        type=int,
+        default=STARTUP_TRIALS,
+        help=f"trials drawn at random from the space before TPE models the history (hyperopt's n_startup_jobs, "
+        f"default {STARTUP_TRIALS})",
     )
     driver.add_argument(
         "--warm-start",
@@ -232,8 +239,8 @@ def _driver(args: argparse.Namespace) -> int:
     from hpo_worker.driver import DriverOptions, run_driver
     from hpo_worker.spaces import load_space
 
-    if args.max_evals < 1 or args.queue_size < 1:
-        raise UsageError("--max-evals and --queue-size must be at least 1")
+    if args.max_evals < 1 or args.queue_size < 1 or args.startup_trials < 1:
+        raise UsageError("--max-evals, --queue-size and --startup-trials must be at least 1")
     try:
         space = load_space(args.space)
     except ValueError as exc:
@@ -260,7 +267,7 @@ def _driver(args: argparse.Namespace) -> int:
         exp_key=args.exp, space=space, config_path=args.config, max_evals=args.max_evals,
         queue_size=args.queue_size, seed=args.seed, grace_s=args.grace, max_retries=args.max_retries,
         objective=args.objective, poll_s=args.poll, pending=args.pending, warm_start=tuple(points),
-        pruner=_pruner(args, base.run.eval_every or base.run.eval_every_steps),
+        pruner=_pruner(args, base.run.eval_every or base.run.eval_every_steps), startup_trials=args.startup_trials,
     )  # fmt: skip
     with _store(args, may_start=True) as store:
         return run_driver(store, options)

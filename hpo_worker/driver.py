@@ -28,7 +28,7 @@ import numpy as np
 from hyperopt import tpe
 
 from hpo_worker.liveness import StaleMonitor, process_gone_on_this_host
-from hpo_worker.pending import tell_pending
+from hpo_worker.pending import STARTUP_TRIALS, tell_pending
 from hpo_worker.pruning import PrunerSettings, tell_pruned
 from hpo_worker.spaces import SearchSpace, plain_value
 from hpo_worker.store import (
@@ -114,16 +114,18 @@ def make_trial_docs(
     algo: Callable[..., Any] = tpe.suggest,
     pending: str = "worst",
     pruned_history: str = "last",
+    startup_trials: int = STARTUP_TRIALS,
 ) -> list[dict[str, Any]]:
     """New trial documents for ``tids``, proposed one by one by ``algo`` (TPE) from the trial documents ``history``;
     pending trials, the new ones included, carry the lie ``pending`` (hpo_worker.pending), and pruned trials are
-    told as ``pruned_history`` says (hpo_worker.pruning.tell_pruned)."""
+    told as ``pruned_history`` says (hpo_worker.pruning.tell_pruned). TPE draws from the prior (random search)
+    until ``startup_trials`` trials exist."""
     domain = hyperopt.Domain(_never_called, space.hyperopt_space)
     docs: list[dict[str, Any]] = []
     for tid in tids:
         rng_seed = int(np.random.default_rng([seed, tid]).integers(2**31 - 1))
         trials = build_trials(tell_pending(tell_pruned([*history, *docs], pruned_history), pending), exp_key)
-        for proposed in algo([tid], domain, trials, rng_seed):
+        for proposed in algo([tid], domain, trials, rng_seed, n_startup_jobs=startup_trials):
             docs.append(_trial_doc(space, exp_key, tid, proposed["misc"]["vals"]))
     return docs
 
@@ -208,6 +210,7 @@ class DriverOptions:
     pending: str = "worst"  # what TPE is told about queued and running trials (hpo_worker.pending.PENDING_LIES)
     warm_start: tuple[Mapping[str, Any], ...] = ()  # points queued as the first trials (hpo_worker.warm_start)
     pruner: PrunerSettings = field(default_factory=PrunerSettings)  # what workers stop early (hpo_worker.pruning)
+    startup_trials: int = STARTUP_TRIALS  # TPE's random draws before it models the history (n_startup_jobs)
 
 
 def experiment_meta(options: DriverOptions) -> dict[str, Any]:
@@ -225,6 +228,7 @@ def experiment_meta(options: DriverOptions) -> dict[str, Any]:
         "pending": options.pending,
         "warm_start": [dict(point) for point in options.warm_start],
         "pruner": options.pruner.to_doc(),
+        "startup_trials": options.startup_trials,
         "driver": f"{socket.gethostname()}:{os.getpid()}",
     }
 
@@ -301,7 +305,7 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
             tids = store.new_tids(options.exp_key, wanted)
             new_docs = make_trial_docs(
                 options.space, options.exp_key, tids, view.docs, options.seed, pending=options.pending,
-                pruned_history=options.pruner.pruned_history,
+                pruned_history=options.pruner.pruned_history, startup_trials=options.startup_trials,
             )  # fmt: skip
             store.insert_trials(new_docs)
             view.added(new_docs)

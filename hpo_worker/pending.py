@@ -27,9 +27,12 @@ from typing import Any, Final
 
 from hpo_worker.store import TrialState
 
-__all__ = ["PENDING_LIES", "lie_loss", "tell_pending"]
+__all__ = ["PENDING_LIES", "STARTUP_TRIALS", "lie_loss", "tell_pending"]
 
 PENDING_LIES: Final = ("worst", "mean", "best", "inf", "ignore")
+# TPE proposes from the prior (random search) until this many trials exist: hyperopt's own n_startup_jobs default.
+# The driver's --startup-trials changes it; a budget of at most this many trials per search is random search.
+STARTUP_TRIALS: Final = 20
 
 
 def _finished_losses(docs: Sequence[Mapping[str, Any]]) -> list[float]:

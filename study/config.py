@@ -39,6 +39,7 @@ A study file is TOML (examples: ``jobs/configs/studies/``)::
     seed_from_neighbour = false                   # true: each cell also starts from the best point of the next
                                                   # smaller batch size's cell, tuned before it
     repeats = 5                                   # each cell's best trial trained again with 5 other seeds
+    startup_trials = 20                           # TPE's random draws before it models the history (hyperopt's 20)
 
     [given.sgd]                                   # without [tune]: the values of each optimizer's runs
     "optim.lr" = 0.1
@@ -70,7 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from hpo_worker.pending import PENDING_LIES
+from hpo_worker.pending import PENDING_LIES, STARTUP_TRIALS
 from hpo_worker.pruning import PrunerSettings
 from hpo_worker.trial import OBJECTIVES
 from jobs.config import Config, ConfigError, load_config, parse_override, read_toml, toml_value
@@ -88,7 +89,7 @@ _STUDY_KEYS: Final = frozenset(
 )
 _TUNE_KEYS: Final = frozenset(
     {"trials", "workers", "objective", "spaces", "mongo", "seed", "queue_size", "grace", "pending", "pruner"}
-    | {"warm_start", "seed_from_neighbour", "repeats"}
+    | {"warm_start", "seed_from_neighbour", "repeats", "startup_trials"}
 )
 _FISHER_KEYS: Final = frozenset({"every_epochs", "every_steps", "layer", "examples", "trim", "outlier_k", "save"})
 
@@ -112,6 +113,7 @@ class TuneSettings:
     warm_start: Mapping[str, str] = field(default_factory=dict)  # optimizer -> points file (absolute)
     seed_from_neighbour: bool = False  # each cell starts from the best point of the next smaller batch size
     repeats: int = 0  # each cell's best trial trained again with this many other seeds (study.uncertainty)
+    startup_trials: int = STARTUP_TRIALS  # TPE's random draws per cell before it models the cell's history
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,9 @@ def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
         trials=trials, workers=workers, objective=objective, spaces=spaces, mongo=mongo,
         seed=_int(path, "tune.seed", raw.get("seed", 0), 0),
         queue_size=_int(path, "tune.queue_size", raw.get("queue_size", 0), 0), grace=float(grace),
-        repeats=_int(path, "tune.repeats", raw.get("repeats", 0), 0), **_search(path, raw, optimizers),
+        repeats=_int(path, "tune.repeats", raw.get("repeats", 0), 0),
+        startup_trials=_int(path, "tune.startup_trials", raw.get("startup_trials", STARTUP_TRIALS), 1),
+        **_search(path, raw, optimizers),
     )  # fmt: skip
 
 

@@ -141,7 +141,7 @@ def _driver_options(study: StudyConfig, cell: Cell, out: Path) -> DriverOptions:
         exp_key=experiment_name(study, cell), space=space, config_path=str(out / "configs" / f"{cell.slug}.toml"),
         max_evals=tune.trials, queue_size=tune.queue_size or max(tune.workers, 2), seed=tune.seed + (cell.seed or 0),
         grace_s=tune.grace, objective=tune.objective, pending=tune.pending, warm_start=tuple(points),
-        pruner=tune.pruner,
+        pruner=tune.pruner, startup_trials=tune.startup_trials,
     )  # fmt: skip
 
 
@@ -171,7 +171,7 @@ def _driver_command(options: DriverOptions, space: str, url_file: Path, warm_sta
         "--space", space, "--config", options.config_path,
         "--max-evals", str(options.max_evals), "--objective", options.objective, "--seed", str(options.seed),
         "--queue-size", str(options.queue_size), "--grace", str(options.grace_s), "--pending", options.pending,
-        *pruning, *(["--warm-start", str(warm_start)] if warm_start else []),
+        "--startup-trials", str(options.startup_trials), *pruning, *(["--warm-start", str(warm_start)] if warm_start else []),
     ]  # fmt: skip
 
 
