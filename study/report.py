@@ -694,8 +694,19 @@ def _kl_clip_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def _stopped_note(stopped: Sequence[Mapping[str, Any]]) -> str:
+    """ "; 12 more trial(s) stopped (...)": the trials that left no finished run."""
+    if not stopped:
+        return ""
+    pruned = sum(s.get("status") == "pruned" for s in stopped)
+    return (
+        f"; {len(stopped)} more trial(s) stopped: {pruned} pruned (tune.pruner), {len(stopped) - pruned} failed or "
+        "diverged. Not runs; listed in trials/<cell>.json"
+    )
+
+
 def _report_heading(
-    runs: Sequence[Mapping[str, Any]], title: str, variants: Sequence[str], pruned: int = 0
+    runs: Sequence[Mapping[str, Any]], title: str, variants: Sequence[str], stopped: Sequence[Mapping[str, Any]]
 ) -> list[str]:
     """The title, what the study covered, and the table of every cell's best run."""
     optimizers = sorted({str(r.get("optimizer") or "") for r in runs}, key=_optimizer_rank)
@@ -704,8 +715,7 @@ def _report_heading(
     lines = [
         f"# {title}",
         "",
-        f"- runs: {len(runs)} in {len(_by_cell(runs))} cells"
-        + (f"; {pruned} more trial(s) pruned (tune.pruner: not runs, listed in trials/<cell>.json)" if pruned else ""),
+        f"- runs: {len(runs)} in {len(_by_cell(runs))} cells" + _stopped_note(stopped),
         f"- optimizers: {', '.join(report_label(o) for o in optimizers) or MISSING}",
         f"- batch sizes: {', '.join(map(str, batches)) or MISSING}",
     ]
@@ -749,18 +759,24 @@ def _fit_section(fits: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [*lines, markdown_table(header, fit_rows) if fit_rows else "(no runs)", ""]
 
 
-def _cell_uncertainty(tuned: list[Mapping[str, Any]], repeats: list[Mapping[str, Any]]) -> list[str]:
+def _cell_uncertainty(
+    tuned: list[Mapping[str, Any]], stopped: list[Mapping[str, Any]], repeats: list[Mapping[str, Any]]
+) -> list[str]:
     """One row of the uncertainty table: the search's best with its resampled interval, the first half's best, and
-    the best setting's repeats over seeds."""
+    the best setting's repeats over seeds. Stopped trials (pruned, diverged) count as trials that missed the
+    target: the pruner is the objective's own early stop."""
     from study.uncertainty import bootstrap_best_of_trials, bootstrap_mean, budget_halves
 
-    ordered = sorted(tuned, key=lambda r: _num(r.get("trial")) or 0.0)  # trial ids count up in search order
-    steps = [_num(r.get("steps_to_target")) if _reached(r) else None for r in ordered]
+    trials = [(_num(r.get("trial")) or 0.0, _num(r.get("steps_to_target")) if _reached(r) else None) for r in tuned]
+    trials += [(_num(r.get("trial")) or 0.0, None) for r in stopped]
+    steps = [value for _, value in sorted(trials, key=lambda t: t[0])]  # trial ids count up in search order
     best = bootstrap_best_of_trials(steps).text() if steps else MISSING
     half = _fmt_int(budget_halves(steps)[0]) if len(steps) >= 2 else MISSING
+    pruned = sum(r.get("status") == "pruned" for r in stopped)
+    count = f"{len(steps)}: {len(tuned)} / {pruned} / {len(stopped) - pruned}"
     reached = [s for r in repeats if _reached(r) and (s := _num(r.get("steps_to_target"))) is not None]
     mean = bootstrap_mean(reached).text() if len(reached) >= 2 else MISSING
-    return [str(len(steps)), best, half, mean, f"{len(reached)}/{len(repeats)}"]
+    return [count, best, half, mean, f"{len(reached)}/{len(repeats)}"]
 
 
 def _fit_uncertainty(repeats: list[Mapping[str, Any]], best: Mapping[CellKey, Mapping[str, Any]]) -> list[str]:
@@ -791,31 +807,30 @@ def _fit_uncertainty(repeats: list[Mapping[str, Any]], best: Mapping[CellKey, Ma
     return [markdown_table(header, rows), ""]
 
 
-def _uncertainty_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+def _uncertainty_section(runs: Sequence[Mapping[str, Any]], stopped: Sequence[Mapping[str, Any]] = ()) -> list[str]:
     """How sure the study is (study.uncertainty): per cell, the search and the seed; per series, the fit."""
     tuned = [r for r in runs if r.get("source") == "tuned"]
     repeats = [r for r in runs if r.get("source") == "repeat"]
-    if not tuned:
+    if not tuned and not stopped:
         return []
-    tuned_by_cell, repeats_by_cell = _by_cell(tuned), _by_cell(repeats)
-    rows = [
-        [
-            _series_label(variant, optimizer),
-            str(batch),
-            *_cell_uncertainty(cell, repeats_by_cell.get((variant, optimizer, batch), [])),
-        ]
-        for (variant, optimizer, batch), cell in ((k, tuned_by_cell[k]) for k in _sorted_keys(tuned_by_cell))
-    ]
-    header = ["series", "batch", "trials", "best steps [resampled trials, 90%]", "best of the first half",
+    tuned_by_cell, repeats_by_cell, stopped_by_cell = _by_cell(tuned), _by_cell(repeats), _by_cell(stopped)
+    rows = []
+    for key in _sorted_keys({*tuned_by_cell, *stopped_by_cell}):
+        cell = _cell_uncertainty(tuned_by_cell.get(key, []), stopped_by_cell.get(key, []), repeats_by_cell.get(key, []))
+        rows.append([_series_label(key[0], key[1]), str(key[2]), *cell])
+    header = ["series", "batch", "trials: finished / pruned / failed", "best steps [resampled trials, 90%]",
+              "best of the first half",
               "repeats: steps, geometric mean [90%]", "repeats reached"]  # fmt: skip
     lines = [
         "## Uncertainty",
         "",
         "The best steps to target of the search, with the 90% range of the best over the trials resampled with "
-        "replacement (the spread of the search; biased towards the observed best), and the best of the first half "
-        "of the trials (equal to the best: the second half of the budget found nothing better). Repeats: the best "
-        "trial trained again with other seeds, the geometric mean of their steps to target with its expanded "
-        "percentile bootstrap interval. The fit: S(B) refitted to the repeats resampled cell by cell.",
+        "replacement (the spread of the search; biased towards the observed best; ∞: no trial of the resample "
+        "reached the target), and the best of the first half of the trials (equal to the best: the second half of "
+        "the budget found nothing better). Pruned and failed (diverged) trials count as trials that did not reach "
+        "the target: the pruner is the objective's own early stop, and a setting that diverges is a miss. "
+        "Repeats: the best trial trained again with other seeds, the geometric mean of their steps to target with "
+        "its expanded percentile bootstrap interval. The fit: S(B) refitted to the repeats resampled cell by cell.",
         "",
         markdown_table(header, rows),
         "",
@@ -833,9 +848,16 @@ def _plot_section(skipped: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: int = 100, pruned: int = 0) -> Path:
+def write_report(
+    out_dir: Path,
+    runs: list[dict[str, Any]],
+    title: str,
+    top_k: int = 100,
+    stopped: Sequence[Mapping[str, Any]] = (),
+) -> Path:
     """Write runs.csv, fits.json, the plots and report.md into ``out_dir``; returns the path of report.md.
-    ``pruned``: trials that tune.pruner stopped, which are not runs (the heading counts them)."""
+    ``stopped``: the tuning trials that left no finished run (pruned or failed: ``study.runner._stopped``), which
+    the heading counts and the search's uncertainty counts as trials that did not reach the target."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(runs, out_dir / "runs.csv")
@@ -844,7 +866,7 @@ def write_report(out_dir: Path, runs: list[dict[str, Any]], title: str, top_k: i
     skipped = _plot_all(out_dir, runs, fits) if runs else {name: "no runs" for name in PLOTS}
 
     variants = sorted({str(r.get("variant") or "") for r in runs})
-    lines = _report_heading(runs, title, variants, pruned) + _fit_section(fits) + _uncertainty_section(runs)
+    lines = _report_heading(runs, title, variants, stopped) + _fit_section(fits) + _uncertainty_section(runs, stopped)
     lines += _plot_section(skipped)
     lines += _budget_table(runs) + _kl_clip_lines(runs)
     if len(variants) > 1:

@@ -191,22 +191,33 @@ def _diagnose_best(
 # ------------------------------------------------------------------------------------------------------------ tuning
 
 
-def _run_tuned(study: StudyConfig, cells: list[Cell], out: Path, log: Log) -> tuple[list[dict[str, Any]], int]:
-    """The rows of the trials that finished, and how many trials tune.pruner stopped."""
+def _stopped(cell: Cell, trial: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial that left no finished run: pruned by tune.pruner, or failed (diverged, or an error)."""
+    outcome = trial["result"]
+    return {
+        "variant": cell.variant, "optimizer": cell.optimizer, "batch_size": cell.batch_size, "trial": trial["tid"],
+        "status": "pruned" if outcome.get("status") == "pruned" else "failed", "steps": outcome.get("steps"),
+        "reason": outcome.get("pruned") or outcome.get("failure") or trial.get("error") or "",
+    }  # fmt: skip
+
+
+def _run_tuned(
+    study: StudyConfig, cells: list[Cell], out: Path, log: Log
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of the trials that finished, and the trials that did not (:func:`_stopped`)."""
     from study.tuning import tune_cells  # hyperopt and pymongo: only for a study that tunes
 
     trials = tune_cells(study, cells, out, log)
-    rows = []
-    pruned = 0
+    rows, stopped = [], []
     for cell in cells:
         for trial in trials[cell.slug]:
             outcome = trial["result"]
-            pruned += outcome.get("status") == "pruned"
             if outcome.get("status") != "ok":
-                continue  # failed, diverged or pruned trials have no final accuracy; the trial JSON keeps them
+                stopped.append(_stopped(cell, trial))  # no final accuracy; the trial JSON keeps the whole record
+                continue
             run_dir = Path(outcome["out_dir"]) / "run"
             rows.append(_row(cell, "tuned", trial["tid"], outcome, run_dir, trial["params"]))
-    return rows, pruned
+    return rows, stopped
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -240,11 +251,11 @@ def run_study(study: StudyConfig, log: Log | None = None) -> Path:
     say = log or _stderr_log
     out, cells = _prepare(study, say)
     started = time.monotonic()
-    rows, pruned = _run_tuned(study, cells, out, say) if study.tune else (_run_given(study, cells, out, say), 0)
+    rows, stopped = _run_tuned(study, cells, out, say) if study.tune else (_run_given(study, cells, out, say), [])
     if study.tune is not None and study.tune.repeats:
         rows += _repeat_best(study, cells, rows, out, say)
     title = f"Batch-size scaling study: {study.name}"
-    report = write_report(out, rows, title=title, top_k=study.top_k, pruned=pruned)
+    report = write_report(out, rows, title=title, top_k=study.top_k, stopped=stopped)
     say(f"{len(rows)} runs in {time.monotonic() - started:.0f} s")
     if study.fisher is not None:
         from study.fisher_report import write_fisher_report

@@ -44,8 +44,12 @@ class Interval:
         return self.low <= value <= self.high
 
     def text(self, digits: int = 0) -> str:
-        """``"120 [104, 141]"``: the estimate and the interval, for reports."""
-        return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        """``"120 [104, 141]"``: the estimate and the interval, for reports (∞: none reached the target)."""
+
+        def number(value: float) -> str:
+            return f"{value:.{digits}f}" if math.isfinite(value) else "∞"
+
+        return f"{number(self.estimate)} [{number(self.low)}, {number(self.high)}]"
 
 
 def _reached(steps: Sequence[float | None]) -> np.ndarray:
@@ -87,7 +91,8 @@ def bootstrap_best_of_trials(
         raise ValueError("bootstrap_best_of_trials needs at least one trial")
     rng = np.random.default_rng(seed)
     best = data[rng.integers(0, len(data), size=(resamples, len(data)))].min(axis=1)
-    low, high = np.quantile(best, [(1 - level) / 2, (1 + level) / 2])
+    # Order statistics without interpolation: between two resamples that missed, inf - inf would give NaN.
+    low, high = np.quantile(best, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
     return Interval(float(data.min()), float(low), float(high), level)
 
 

@@ -4,6 +4,8 @@ that trials proposed in one round see each other, that it never changes the docu
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 from typing import Any
 
 import pytest
@@ -65,3 +67,19 @@ def test_the_lie_enters_tpe_and_one_round_sees_its_own_proposals() -> None:
                                                                       pending="ignore")][1]  # fmt: skip
     for doc in make_trial_docs(space, "e", [30], history, seed=5, pending="best"):
         assert doc["state"] == TrialState.NEW and doc["result"] == {"status": "new"}  # what the store receives
+
+
+def test_tpe_models_the_history_after_startup_trials_and_draws_from_the_prior_before() -> None:
+    """With 8 finished trials, TPE with startup_trials=4 concentrates its learning rates where the history was good;
+    with startup_trials=20 (hyperopt's own: 8 < 20 trials is random search) they spread like the log-uniform
+    prior (a standard deviation of ln(1e4) / sqrt(12) = 2.66 in log lr)."""
+    space, history = load_space("sgd"), _history(8, 0)
+    spread = {}
+    for startup in (4, 20):
+        log_lrs = [
+            math.log(float(doc["spec"]["params"]["lr"]))
+            for tid in range(8, 48)
+            for doc in make_trial_docs(space, "e", [tid], history, seed=tid, startup_trials=startup)
+        ]
+        spread[startup] = statistics.stdev(log_lrs)
+    assert spread[4] < 0.5 * spread[20] and 1.8 < spread[20] < 3.5, spread

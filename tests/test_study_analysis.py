@@ -361,8 +361,17 @@ def test_report_survives_missing_values(tmp_path: Path) -> None:
     assert "`steps_to_target.png` not drawn: no runs" in nothing
     assert compute_fits([]) == {}
     assert "pruned" not in nothing
-    cut = write_report(tmp_path / "cut", runs, "Pruned", pruned=3).read_text()
-    assert f"- runs: {len(runs)} in " in cut and "; 3 more trial(s) pruned (tune.pruner: not runs" in cut
+    stopped = [
+        {"variant": "", "optimizer": "sgd", "batch_size": 512, "trial": t, "status": status, "steps": 20}
+        for t, status in ((1, "pruned"), (2, "pruned"), (3, "failed"))
+    ] + [{"variant": "", "optimizer": "adam", "batch_size": 64, "trial": 0, "status": "pruned", "steps": 20}]
+    for run in runs:
+        run["source"] = "tuned"
+    cut = write_report(tmp_path / "cut", runs, "Pruned", stopped=stopped).read_text()
+    assert f"- runs: {len(runs)} in " in cut and "; 4 more trial(s) stopped: 3 pruned (tune.pruner), 1 failed" in cut
+    # The search counts them as trials that missed: sgd/b512's 4 trials, of which only trial 0 reached (100 steps).
+    assert "| sgd | 512 | 4: 1 / 2 / 1 | 100 [100, ∞] | 100 |" in cut
+    assert "| adam | 64 | 1: 0 / 1 / 0 | ∞ [∞, ∞] | – |" in cut  # a cell where every trial was stopped
 
 
 def test_fit_notes_a_critical_batch_outside_the_measured_range(tmp_path: Path) -> None:
@@ -411,7 +420,7 @@ def test_report_states_the_uncertainty_of_search_seed_and_fit(tmp_path: Path) ->
     report = write_report(tmp_path, runs, title="t").read_text()
     section = report[report.index("## Uncertainty") :]
     truth = 100 * (1 + 500 / 256)
-    assert f"| sgd | 256 | 4 | {1.1 * truth:.0f} [" in section  # the best of the 4 trials and its range
+    assert f"| sgd | 256 | 4: 4 / 0 / 0 | {1.1 * truth:.0f} [" in section  # the best of the 4 trials and its range
     assert f"| {3 * truth:.0f} |" in section  # the first half (trials 0, 1) found only 3x the truth
     assert "| 6/6 |" in section and "| 5/5 |" in section
     fit_line = next(line for line in section.splitlines() if line.startswith("| sgd |") and "–" in line)

@@ -60,3 +60,11 @@ def test_best_of_trials_and_budget_halves() -> None:
     assert budget_halves([None, None, None, 90]) == (math.inf, 90.0)
     with pytest.raises(ValueError, match="at least one trial"):
         bootstrap_best_of_trials([])
+
+
+def test_best_of_trials_when_most_trials_missed_the_target() -> None:
+    """Resamples that hold no trial that reached the target give an infinite bound, never NaN (inf - inf)."""
+    interval = bootstrap_best_of_trials([None] * 9 + [63], level=0.9)
+    assert interval.estimate == 63 and interval.low == 63 and interval.high == math.inf
+    assert interval.text() == "63 [63, ∞]"
+    assert bootstrap_best_of_trials([None, None]).text() == "∞ [∞, ∞]"
