@@ -1,0 +1,97 @@
+"""Seconds per training step of each optimizer at each batch size, for a critical-batch study's cost section.
+
+Run from the repository root, with nothing else running (the study's own runs share the cores, so their wall times
+are not step costs)::
+
+    python -m benchmarks.step_cost --config jobs/configs/studies/critical_fashion_mlp.toml
+
+Each (optimizer, batch size) trains the study's cell config for ``--steps`` steps in its own ``jobs.train`` process
+at one thread, with a small learning rate (the cost does not depend on it; a large one could diverge and end the
+run), without evaluations or noise-scale measurements (the protocol's, not the optimizer's, costs). The cost is the
+mean of the step records' ``seconds`` after ``--warmup`` steps: a whole number of K-FAC decomposition intervals, so
+the decompositions are counted at their share. The result goes to ``<study out_dir>/step_cost.json``, which the
+study's report reads (study.report, "Cost"); rerun the study command to redraw it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jobs.files import atomic_write_text
+from jobs.metrics import read_metrics
+from study.config import Cell, StudyConfig, cell_toml, load_study
+from study.cost import STEP_COST_JSON
+
+MEASURE_OVERRIDES = (
+    "optim.lr=0.001", "run.noise_every=0", "run.eval_every_steps=0", "run.eval_every=0", "run.target_accuracy=0",
+    "run.train_eval_examples=1", "run.checkpoint_every=0", "run.epochs=0",
+)  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the study's TOML file (jobs/configs/studies/)")
+    parser.add_argument("--steps", type=int, default=60, help="steps per measurement (default 60)")
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out first (default 10)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: one worker's)")
+    parser.add_argument("--out", help=f"output file (default <study out_dir>/{STEP_COST_JSON})")
+    return parser.parse_args(argv)
+
+
+def measure_cell(study: StudyConfig, cell: Cell, steps: int, warmup: int, threads: int) -> float:
+    """Mean seconds per training step of ``cell`` after ``warmup`` steps, in a fresh ``jobs.train`` process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "cell.toml"
+        config.write_text(cell_toml(study, cell))
+        overrides = [*MEASURE_OVERRIDES, f"run.steps={steps}", f"run.threads={threads}", f"run.out_dir={tmp}/run"]
+        command = [sys.executable, "-m", "jobs.train", "--config", str(config), *overrides]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"cell {cell.name}: jobs.train failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        records = [r for r in read_metrics(Path(tmp) / "run") if r.get("kind") == "step"]
+    timed = [float(r["seconds"]) for r in records if int(r["step"]) > warmup]
+    if not timed:
+        raise RuntimeError(f"cell {cell.name}: no step records after step {warmup} (raise --steps)")
+    return sum(timed) / len(timed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.steps <= args.warmup:
+        raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    study = load_study(args.config)
+    costs: dict[str, dict[str, float]] = {}
+    started = time.monotonic()
+    for cell in study.cells():
+        seconds = measure_cell(study, cell, args.steps, args.warmup, args.threads)
+        costs.setdefault(cell.optimizer, {})[str(cell.batch_size)] = seconds
+        print(f"{cell.name}: {seconds * 1e3:.2f} ms/step", flush=True)
+    result: dict[str, Any] = {
+        "study": str(args.config),
+        "command": "python -m benchmarks.step_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "threads": args.threads,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()}",
+        "seconds_per_step": costs,
+    }
+    out = Path(args.out) if args.out else study.out_dir / STEP_COST_JSON
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"{out} ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Wall time to target: steps to target times the cost of a step, and the best batch size for a number of devices.
+
+Steps alone favour the optimizer whose steps are dearest (K-FAC's step costs more than SGD's). A user choosing an
+optimizer for P devices needs the time: with data parallelism at global batch B, each device computes a local batch
+of B / P, so
+
+    time(P, B) = S(B) * t(B / P)
+
+where S(B) is the study's steps to target and t(b) the measured cost of one training step at local batch b
+(``benchmarks/step_cost.py``, one thread). For each P the best B gives the *frontier* time(P) = min_B time(P, B);
+local batches below the smallest measured one are left out. What this leaves out, and says so in the report:
+communication (the gradient allreduce, and K-FAC's factor and decomposition exchanges: docs/benchmarks.md, "K-FAC
+at scale"), evaluation, and any loss of efficiency from running P devices; so it is a lower bound that flatters the
+optimizer that communicates most.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = ["STEP_COST_JSON", "FrontierPoint", "cost_section", "frontier", "load_step_costs", "time_to_target"]
+
+STEP_COST_JSON: Final = "step_cost.json"  # in the study's out_dir, written by benchmarks/step_cost.py
+COST_PLOT: Final = "cost_frontier.png"
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """The fastest way to the target on ``devices`` devices: the global batch and the time it takes."""
+
+    devices: int
+    batch_size: int
+    seconds: float
+
+
+def load_step_costs(path: Path) -> dict[str, dict[int, float]]:
+    """Seconds per step by optimizer and batch size, from ``benchmarks/step_cost.py``'s JSON file."""
+    raw = json.loads(path.read_text())
+    try:
+        return {o: {int(b): float(s) for b, s in by_batch.items()} for o, by_batch in raw["seconds_per_step"].items()}
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: not a step-cost file ({exc!r}); make it with python -m benchmarks.step_cost --config <study>"
+        ) from None
+
+
+def time_to_target(steps: Mapping[int, float], seconds: Mapping[int, float], devices: int) -> dict[int, float]:
+    """time(P, B) = S(B) * t(B / P) for every global batch B whose local batch B / P was measured."""
+    return {
+        batch: s * seconds[batch // devices]
+        for batch, s in steps.items()
+        if batch % devices == 0 and batch // devices in seconds
+    }
+
+
+def frontier(
+    steps: Mapping[str, Mapping[int, float]], seconds: Mapping[str, Mapping[int, float]]
+) -> dict[str, list[FrontierPoint]]:
+    """Per optimizer, the best global batch and time for P = 1, 2, 4, ... devices, as long as some batch size
+    leaves a measured local batch."""
+    result: dict[str, list[FrontierPoint]] = {}
+    for optimizer in steps:
+        if optimizer not in seconds:
+            continue
+        points, devices = [], 1
+        while times := time_to_target(steps[optimizer], seconds[optimizer], devices):
+            batch = min(times, key=lambda b: times[b])
+            points.append(FrontierPoint(devices, batch, times[batch]))
+            devices *= 2
+        result[optimizer] = points
+    return result
+
+
+def fastest_by_devices(curves: Mapping[str, list[FrontierPoint]]) -> list[dict[str, Any]]:
+    """Per device count: every optimizer's frontier point, the fastest, and its lead over the runner-up."""
+    by_devices: dict[int, dict[str, FrontierPoint]] = {}
+    for optimizer, points in curves.items():
+        for point in points:
+            by_devices.setdefault(point.devices, {})[optimizer] = point
+    rows = []
+    for devices, points in sorted(by_devices.items()):
+        ranked = sorted(points, key=lambda o: points[o].seconds)
+        lead = points[ranked[1]].seconds / points[ranked[0]].seconds if len(ranked) > 1 else None
+        rows.append({"devices": devices, "points": points, "fastest": ranked[0], "lead": lead})
+    return rows
+
+
+def _cell_table(
+    steps: Mapping[str, Mapping[int, float]], seconds: Mapping[str, Mapping[int, float]], wall: Mapping[str, Any]
+) -> list[str]:
+    """Per cell on one device: steps, the step's cost, their product, and the best run's measured wall time."""
+    from study.report import markdown_table
+
+    rows = []
+    for optimizer, by_batch in steps.items():
+        for batch, s in sorted(by_batch.items()):
+            cost = seconds.get(optimizer, {}).get(batch)
+            measured = wall.get(optimizer, {}).get(batch)
+            rows.append([
+                optimizer, str(batch), f"{s:.0f}", f"{cost * 1e3:.2f}" if cost else "–",
+                f"{s * cost:.2f}" if cost else "–", f"{measured:.1f}" if measured else "–",
+            ])  # fmt: skip
+    header = ["optimizer", "batch", "steps to target", "ms per step", "steps × step (s)", "best run's wall time (s)"]
+    return [markdown_table(header, rows), ""]
+
+
+def _frontier_table(curves: Mapping[str, list[FrontierPoint]]) -> list[str]:
+    from study.report import markdown_table
+
+    optimizers = list(curves)
+    rows = []
+    for row in fastest_by_devices(curves):
+        cells = [
+            f"{row['points'][o].seconds:.2f} s at B = {row['points'][o].batch_size}" if o in row["points"] else "–"
+            for o in optimizers
+        ]
+        lead = f" ({row['lead']:.2f}x)" if row["lead"] else ""
+        rows.append([str(row["devices"]), *cells, f"{row['fastest']}{lead}"])
+    header = ["devices", *optimizers, "fastest (lead over the next)"]
+    return [markdown_table(header, rows), ""]
+
+
+def _plot(out_dir: Path, steps: Mapping[str, Mapping[int, float]], seconds: Mapping[str, Mapping[int, float]],
+          curves: Mapping[str, list[FrontierPoint]]) -> bool:  # fmt: skip
+    """Left: steps x step cost against the batch on one device; right: the frontier against the devices."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, optimizer in enumerate(curves):
+        one = time_to_target(steps[optimizer], seconds[optimizer], 1)
+        left.plot(sorted(one), [one[b] for b in sorted(one)], "o-", color=f"C{i}", label=optimizer)
+        points = curves[optimizer]
+        right.plot([p.devices for p in points], [p.seconds for p in points], "o-", color=f"C{i}", label=optimizer)
+        for p in points:
+            right.annotate(str(p.batch_size), (p.devices, p.seconds), fontsize=6, color=f"C{i}")
+    for ax, xlabel, title in (
+        (left, "batch size (one device)", "Steps to target × step cost"),
+        (right, "devices P (labels: the best global batch)", "Fastest time to target on P devices"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("seconds to target (compute only)")
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_dir / COST_PLOT, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def cost_section(
+    out_dir: Path, steps: Mapping[str, Mapping[int, float]], wall: Mapping[str, Mapping[int, float]]
+) -> list[str]:
+    """The report's "Cost" section from ``out_dir/step_cost.json``: per cell, and the frontier with its plot.
+    ``steps``: steps to target by optimizer and batch size; ``wall``: the best runs' measured wall times."""
+    lines = ["## Cost", ""]
+    path = out_dir / STEP_COST_JSON
+    if not path.is_file():
+        return [*lines, "No step costs measured: run `python -m benchmarks.step_cost --config <the study file>` "
+                "with nothing else running, then the study command again to redraw this report.", ""]  # fmt: skip
+    seconds = load_step_costs(path)
+    measured = json.loads(path.read_text())
+    curves = frontier(steps, seconds)
+    lines += [
+        f"Step costs from `{measured.get('command', '')}` ({measured.get('machine', '')}, "
+        f"{measured.get('threads', '?')} thread(s), training steps only). Time to target on P devices = steps to "
+        "target at global batch B × the step cost at local batch B / P (study/cost.py): communication, evaluation "
+        "and parallel inefficiency are left out, so it is a lower bound that flatters the optimizer that "
+        "communicates most (K-FAC). The best run's wall time was measured during the study, two runs at a time on "
+        "this machine's cores, evaluations included.",
+        "",
+        *_cell_table(steps, seconds, wall),
+        *_frontier_table(curves),
+    ]
+    if _plot(out_dir, steps, seconds, curves):
+        lines += [f"![cost frontier]({COST_PLOT})", ""]
+    return lines
