@@ -11,7 +11,7 @@ A config file has up to five tables; every key is optional and falls back to the
              gamma, end_lr, end_factor, warmup_steps, warmup_epochs, base_batch_size, layer_order, skip_*
     [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac"), and damping_adaptive,
              damping_interval, damping_min, damping_max (adaptive Levenberg-Marquardt damping)
-    [run]    out_dir, epochs or steps, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
+    [run]    out_dir, epochs or steps, step_cap, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
              log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic,
              target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every,
              fisher_every_epochs, fisher_layer, fisher_examples, fisher_trim, outlier_k, fisher_save, loss,
@@ -186,6 +186,7 @@ class RunConfig:
     out_dir: str = ""  # "" = runs/<config file name without .toml>
     epochs: int = 0  # give epochs or steps
     steps: int = 0
+    step_cap: int = 0  # with epochs: the run ends at this step if its epochs have not ended it (0 = no cap)
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # the newest N are kept (0 = all)
@@ -593,7 +594,7 @@ def _validate_run(r: RunConfig, d: DataConfig) -> None:
         raise ConfigError(
             f"give exactly one of run.epochs and run.steps (> 0); got epochs = {r.epochs}, steps = {r.steps}"
         )
-    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads"):
+    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads", "step_cap"):
         _positive(f"run.{key}", getattr(r, key), zero_ok=True)
     _positive("run.log_every", r.log_every)
     for key in ("eval_every_steps", "noise_every", "train_eval_examples", "fisher_every", "fisher_every_epochs"):

@@ -366,6 +366,8 @@ class TrainingRun:
         self.batches = ShardedBatches(examples, self.global_batch, context.rank, context.world_size, run.seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = run.steps or run.epochs * self.steps_per_epoch
+        if run.step_cap:
+            self.total_steps = min(self.total_steps, run.step_cap)
         if run.noise_every and self.batches.local_batch < 2:
             raise ConfigError(
                 f"run.noise_every needs at least 2 examples per rank (it splits each rank's batch in two halves); "

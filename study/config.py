@@ -8,7 +8,7 @@ A study file is TOML (examples: ``jobs/configs/studies/``)::
     optimizers = ["sgd", "adam", "kfac"]          # sgd | adam | adamw | kfac
     batch_sizes = [128, 512, 2048]
     target_accuracy = 0.80                        # on the test split; 0 = none (then only the step budget)
-    max_steps = 300                               # step budget of every run (or max_epochs)
+    max_steps = 300                               # step budget of every run (or max_epochs; both: the smaller)
     eval_every_steps = 10                         # evaluations that place steps-to-target
     eval_every_examples = 0                       # or every N examples: max(1, N / batch) steps, the same
                                                   # relative resolution at every batch size
@@ -188,8 +188,10 @@ class StudyConfig:
         return (f"run.eval_every_steps={max(1, round(self.eval_every_examples / batch))}",)
 
     def cells(self) -> list[Cell]:
-        # Both keys: the study's budget replaces whichever one the base config gives.
-        budget = [f"run.steps={self.max_steps}", f"run.epochs={self.max_epochs}"]
+        # Both keys: the study's budget replaces whichever one the base config gives. With both max_epochs and
+        # max_steps, the epochs are the budget and max_steps caps it (run.step_cap).
+        budget = [f"run.steps={0 if self.max_epochs else self.max_steps}", f"run.epochs={self.max_epochs}"]
+        budget += [f"run.step_cap={self.max_steps}"] if self.max_epochs and self.max_steps else []
         run = [
             *budget,
             f"run.target_accuracy={self.target_accuracy}",
@@ -407,11 +409,12 @@ def _read_tables(path: Path) -> dict[str, Any]:
 
 
 def _budget_and_cadence(path: Path, study: Mapping[str, Any], target: float) -> tuple[int, int, int, int]:
-    """max_steps, max_epochs (exactly one), eval_every_steps and eval_every_examples (one needed with a target)."""
+    """max_steps, max_epochs (one or both: then the smaller), eval_every_steps and eval_every_examples (one needed
+    with a target)."""
     max_steps = _int(path, "study.max_steps", study.get("max_steps", 0), 0)
     max_epochs = _int(path, "study.max_epochs", study.get("max_epochs", 0), 0)
-    if bool(max_steps) == bool(max_epochs):
-        raise key_error(path, "study.max_steps", "give exactly one budget: max_steps or max_epochs (> 0)")
+    if not (max_steps or max_epochs):
+        raise key_error(path, "study.max_steps", "give a budget: max_steps or max_epochs (> 0), or both (the smaller)")
     eval_every = _int(path, "study.eval_every_steps", study.get("eval_every_steps", 0), 0)
     eval_examples = _int(path, "study.eval_every_examples", study.get("eval_every_examples", 0), 0)
     if target and not (eval_every or eval_examples):

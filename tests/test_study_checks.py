@@ -3,6 +3,7 @@ extreme samples give an invalid config, fails ``--check`` and the study itself a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,4 +72,28 @@ def test_evaluations_every_n_examples_give_each_batch_size_its_own_cadence(tmp_p
     assert cadence == {32: 64, 512: 4, 8192: 1}
     (tmp_path / "study.toml").write_text(text.replace("eval_every_steps = 5", ""))
     with pytest.raises(ValueError, match=r"or study\.eval_every_examples"):
+        load_study(tmp_path / "study.toml")
+
+
+def test_a_budget_of_epochs_capped_in_steps_ends_each_run_at_the_smaller(tmp_path: Path) -> None:
+    """study.max_epochs = 3 with max_steps = 20 on 512 examples: batch 32 (16 steps an epoch, 48 in all) stops at
+    step 20, batch 128 (4 an epoch) after its 12; a real run of the capped cell ends at step 20."""
+    from jobs.config import load_config
+    from jobs.train import main as train
+    from study.config import cell_toml, load_study
+    from tests.test_study import BASE
+
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "space.toml").write_text(SPACE)
+    (tmp_path / "study.toml").write_text(TUNED.replace("max_steps = 40", "max_epochs = 3\nmax_steps = 20"))
+    study = load_study(tmp_path / "study.toml", tmp_path / "out")
+    cell = next(c for c in study.cells() if c.batch_size == 32 and c.optimizer == "sgd")
+    (tmp_path / "cell.toml").write_text(cell_toml(study, cell))
+    run = load_config(tmp_path / "cell.toml").run
+    assert (run.epochs, run.steps, run.step_cap) == (3, 0, 20)
+    assert train(["--config", str(tmp_path / "cell.toml"), "run.target_accuracy=0", f"run.out_dir={tmp_path}/run"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == summary["total_steps"] == 20, summary
+    (tmp_path / "study.toml").write_text(TUNED.replace("max_steps = 40", ""))
+    with pytest.raises(ValueError, match=r"give a budget: max_steps or max_epochs"):
         load_study(tmp_path / "study.toml")
