@@ -72,8 +72,9 @@ FIT_FORMULA: Final = "S(B) = S_min * (1 + B_crit / B)"
 ANSWER_RULES: Final = (
     "Each claim is answered from the repeats' intervals (90%), by rules fixed before the runs (study/claims.py): "
     "two estimates differ only when their intervals do not overlap (a conservative test); B_crit ~ B_simple holds "
-    "within a factor of 2 and is 'the same order' within 10; 'harder to tune' is a smaller share of tuning trials "
-    "reaching the target over the three largest batch sizes, by Fisher's exact test at p < 0.1."
+    "within a factor of 2 and is 'the same order' within 10; 'no more robust to its hyperparameters' compares the "
+    "share of tuning trials reaching the target over the three largest batch sizes, by Fisher's exact test at "
+    "p < 0.1."
 )
 PLOTS: Final = ("steps_to_target.png", "best_lr.png", "final_accuracy.png", "learning_curves.png", "noise_scale.png")
 

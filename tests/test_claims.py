@@ -11,8 +11,8 @@ from study.claims import (
     budget_stable,
     compare,
     critical_vs_noise,
-    harder_to_tune,
     largest_critical_batch,
+    no_more_robust,
     steps_at_largest_batch,
 )
 from study.uncertainty import Interval
@@ -60,16 +60,16 @@ def test_critical_batch_against_the_noise_scale_within_2x_10x_or_beyond() -> Non
     assert verdicts["K-FAC"].verdict == "disagree"
 
 
-def test_harder_to_tune_needs_a_significant_difference_over_the_largest_batches() -> None:
+def test_no_more_robust_than_sgd_needs_a_significant_difference_over_the_largest_batches() -> None:
     few = {b: TuningCount(20, 2) for b in (512, 1024, 2048, 4096)}
     many = {b: TuningCount(20, 12) for b in (512, 1024, 2048, 4096)}
-    (agree,) = harder_to_tune({"kfac": few, "sgd": many})
+    (agree,) = no_more_robust({"kfac": few, "sgd": many})
     assert agree.verdict == "agree" and "K-FAC 6/60 (10%), SGD 36/60 (60%)" in agree.evidence
     assert "batch 1024, 2048, 4096" in agree.evidence  # the three largest only
-    (disagree,) = harder_to_tune({"kfac": many, "sgd": few})
+    (disagree,) = no_more_robust({"kfac": many, "sgd": few})
     assert disagree.verdict == "disagree"
-    (same,) = harder_to_tune({"kfac": few, "sgd": {b: TuningCount(20, 3) for b in few}})
-    assert same.verdict == "inconclusive"
+    (same,) = no_more_robust({"kfac": few, "sgd": {b: TuningCount(20, 3) for b in few}})
+    assert same.verdict == "inconclusive" and "consistent with similar sensitivity, not a proof" in same.evidence
 
 
 def test_budget_stability_names_the_cells_whose_second_half_found_better() -> None:
