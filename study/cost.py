@@ -78,8 +78,8 @@ def frontier(
 def fastest_by_devices(curves: Mapping[str, list[FrontierPoint]]) -> list[dict[str, Any]]:
     """Per device count: every optimizer's frontier point, the fastest, and its lead over the runner-up."""
     by_devices: dict[int, dict[str, FrontierPoint]] = {}
-    for optimizer, points in curves.items():
-        for point in points:
+    for optimizer, curve in curves.items():
+        for point in curve:
             by_devices.setdefault(point.devices, {})[optimizer] = point
     rows = []
     for devices, points in sorted(by_devices.items()):
