@@ -11,7 +11,7 @@ A config file has up to five tables; every key is optional and falls back to the
              gamma, end_lr, end_factor, warmup_steps, warmup_epochs, base_batch_size, layer_order, skip_*
     [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac"), and damping_adaptive,
              damping_interval, damping_min, damping_max (adaptive Levenberg-Marquardt damping)
-    [run]    out_dir, epochs or steps, step_cap, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
+    [run]    out_dir, epochs or steps, step_cap, diverge_above, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
              log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic,
              target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every,
              fisher_every_epochs, fisher_layer, fisher_examples, fisher_trim, outlier_k, fisher_save, loss,
@@ -205,6 +205,7 @@ class RunConfig:
     target_accuracy: float = 0.0  # record the first evaluated step whose test accuracy reaches it (0 = no target)
     stop_at_target: bool = True  # with a target: end the run (checkpoint, summary) at the step that reaches it
     noise_every: int = 0  # measure the gradient noise scale every N steps (0 = off; jobs.noise_scale)
+    diverge_above: float = 0.0  # > 0: a training loss above this also ends the run as diverged (besides NaN/inf)
     train_eval_examples: int = 10000  # at the end, evaluate on the first N training examples (0 = all)
     # Fisher-spectrum and gradient-outlier diagnostics (jobs.diagnostics, docs/fisher.md):
     fisher_every: int = 0  # every N steps (0 = off)
@@ -594,7 +595,8 @@ def _validate_run(r: RunConfig, d: DataConfig) -> None:
         raise ConfigError(
             f"give exactly one of run.epochs and run.steps (> 0); got epochs = {r.epochs}, steps = {r.steps}"
         )
-    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads", "step_cap"):
+    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads", "step_cap",
+                "diverge_above"):  # fmt: skip
         _positive(f"run.{key}", getattr(r, key), zero_ok=True)
     _positive("run.log_every", r.log_every)
     for key in ("eval_every_steps", "noise_every", "train_eval_examples", "fisher_every", "fisher_every_epochs"):

@@ -581,10 +581,12 @@ class TrainingRun:
         loss_sum, correct, count, stop = _summed(torch.cat([batch_totals, asked]), self.context, "step sums")
         if stop > 0 and self.step < self.total_steps:
             self.prune_reason = request or "asked by the program that started the run"
-        if not torch.isfinite(torch.tensor(loss_sum)):
+        limit = self.config.run.diverge_above
+        if not torch.isfinite(torch.tensor(loss_sum)) or (limit and loss_sum / count > limit):
+            above = f", above run.diverge_above = {limit:g}" if limit and math.isfinite(loss_sum) else ""
             raise TrainingDiverged(
-                f"the training loss is {loss_sum / count} at step {self.step} (lr {lr:g}): lower optim.lr, or "
-                "add warmup (optim.warmup_epochs)"
+                f"the training loss is {loss_sum / count} at step {self.step}{above} (lr {lr:g}): lower optim.lr, "
+                "or add warmup (optim.warmup_epochs)"
             )
         seconds = time.perf_counter() - tick
         self.metrics.write(

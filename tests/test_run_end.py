@@ -63,6 +63,21 @@ def test_a_diverging_run_in_process_raises_after_writing_its_summary(tmp_path: P
     assert summary is not None and summary["end"] == RunEnd.DIVERGED and summary["reason"] == str(raised.value)
 
 
+def test_a_loss_above_run_diverge_above_ends_the_run_as_diverged(tmp_path: Path) -> None:
+    """A finite loss that exploded is a divergence too when run.diverge_above says so: the same run with a
+    learning rate that leaves the loss finite (but far above its start) finishes without the limit."""
+    lr = "optim.lr=30"  # the smoke MLP's loss grows to thousands without overflowing within 8 steps
+    assert train(tmp_path / "free", lr) == 0
+    free = read_summary(tmp_path / "free")
+    assert free is not None and free["end"] == RunEnd.FINISHED
+    assert train(tmp_path / "capped", lr, "run.diverge_above=50") == EXIT_STATUS[RunEnd.DIVERGED]
+    capped = read_summary(tmp_path / "capped")
+    assert capped is not None and capped["end"] == RunEnd.DIVERGED, capped
+    assert "above run.diverge_above = 50" in capped["reason"] and capped["steps"] < 8
+    with pytest.raises(ConfigError, match="run.diverge_above must be >= 0"):
+        load_config(SMOKE, ["run.diverge_above=-1"])
+
+
 def test_a_failing_run_writes_what_is_known_then_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
