@@ -11,9 +11,9 @@ A config file has up to five tables; every key is optional and falls back to the
              gamma, end_lr, end_factor, warmup_steps, warmup_epochs, base_batch_size, layer_order, skip_*
     [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac"), and damping_adaptive,
              damping_interval, damping_min, damping_max (adaptive Levenberg-Marquardt damping)
-    [run]    out_dir, epochs or steps, step_cap, diverge_above, seed, checkpoint_every, keep_checkpoints, eval_every, eval_every_steps,
-             log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard, deterministic,
-             target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every,
+    [run]    out_dir, epochs or steps, step_cap, diverge_above, seed, checkpoint_every, keep_checkpoints, eval_every,
+             eval_every_steps, log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard,
+             deterministic, target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every,
              fisher_every_epochs, fisher_layer, fisher_examples, fisher_trim, outlier_k, fisher_save, loss,
              dynamics_every, rank_threshold, phase_tolerance, phase_min_steps
     [job]    not read here: the batch job's resources, for ``python -m launch submit`` (docs/launch.md)

@@ -74,7 +74,7 @@ def test_a_loss_above_run_diverge_above_ends_the_run_as_diverged(tmp_path: Path)
     capped = read_summary(tmp_path / "capped")
     assert capped is not None and capped["end"] == RunEnd.DIVERGED, capped
     assert "above run.diverge_above = 50" in capped["reason"] and capped["steps"] < 8
-    with pytest.raises(ConfigError, match="run.diverge_above must be >= 0"):
+    with pytest.raises(ConfigError, match=r"run\.diverge_above must be >= 0"):
         load_config(SMOKE, ["run.diverge_above=-1"])
 
 
