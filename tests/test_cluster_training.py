@@ -77,9 +77,11 @@ def test_training_job_through_the_scheduler(tmp_path: Path, scheduler: str, laun
 @pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
 @pytest.mark.usefixtures("slurm_cluster")
 def test_a_failing_training_job_passes_its_exit_status_through(tmp_path: Path, scheduler: str) -> None:
-    # A global batch of 66 does not split over 4 ranks: jobs.train exits 2 on every rank, and so must the job.
+    # A global batch of 66 does not split over 4 ranks: jobs.train exits 2 on every rank, and so must the job. Under
+    # Slurm the job's status is srun's, the highest of its tasks': when the first rank's exit has the step cancelled
+    # before the others exit on their own (a race, seen about one run in three), they are killed and it is 137.
     result, where = _submit(tmp_path, scheduler, 4, f"run.out_dir={tmp_path / 'run'}", "data.batch_size=66")
-    assert result.returncode == 2, where
+    assert result.returncode == 2 or (scheduler == "slurm" and result.returncode == 137 and "CANCELLED" in where), where
     assert "66" in where and "4 ranks" in where
 
 

@@ -105,10 +105,21 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     assert not (out / "hpo_data" / "mongo-url").exists(), "the embedded server was stopped"
     _check_best_runs_diagnosed(out, rows)
 
-    # Run again: the experiments are complete, so nothing is trained again and the report is the same.
+    assert "No step costs measured: run `python -m benchmarks.step_cost" in (out / "report.md").read_text()
+    # The step costs, measured by the benchmark (real jobs.train runs of each cell's config), then the study again:
+    # the experiments are complete, so nothing is trained again, and the report gains its Cost section.
+    costs = out / "step_cost.json"
+    measure = [PYTHON, "-m", "benchmarks.step_cost", "--config", str(tmp_path / "study.toml"), "--steps", "12",
+               "--warmup", "10", "--out", str(costs)]  # fmt: skip
+    measured = subprocess.run(measure, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert measured.returncode == 0, measured.stderr[-4000:]
+    assert set(json.loads(costs.read_text())["seconds_per_step"]) == {"sgd", "kfac"}
     trained = {row["metrics_path"]: Path(row["metrics_path"]).stat().st_mtime_ns for row in rows}
     again = _study(tmp_path, TUNED)
     assert again.returncode == 0, again.stderr[-4000:]
+    cost = (out / "report.md").read_text().split("## Cost")[1]
+    assert "| optimizer | batch | steps to target | ms per step |" in cost and "fastest (lead over the next) |" in cost
+    assert (out / "cost_frontier.png").read_bytes()[:8] == PNG
     assert [r["metrics_path"] for r in csv.DictReader((out / "runs.csv").open())] == list(trained)
     assert {path: Path(path).stat().st_mtime_ns for path in trained} == trained, "a finished trial ran again"
 
