@@ -11,7 +11,8 @@ where S(B) is the study's steps to target and t(b) the measured cost of one trai
 local batches below the smallest measured one are left out. What this leaves out, and says so in the report:
 communication (the gradient allreduce, and K-FAC's factor and decomposition exchanges: docs/benchmarks.md, "K-FAC
 at scale"), evaluation, and any loss of efficiency from running P devices; so it is a lower bound that flatters the
-optimizer that communicates most.
+optimizer that communicates most. In the other direction, K-FAC's measured step includes all of its
+decompositions, which distkfac shares out among the ranks (docs/kfac.md), so on P devices its step is cheaper.
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ COST_PLOT: Final = "cost_frontier.png"
 
 @dataclass(frozen=True)
 class FrontierPoint:
-    """The fastest way to the target on ``devices`` devices: the global batch and the time it takes."""
+    """The fastest way to the target with ``devices`` devices available: the global batch, the time it takes, and
+    the devices it uses (fewer than ``devices`` when more would not be faster)."""
 
     devices: int
     batch_size: int
     seconds: float
+    used: int
+
+    def text(self) -> str:
+        on = f" on {self.used}" if self.used != self.devices else ""
+        return f"{self.seconds:.2f} s at B = {self.batch_size}{on}"
 
 
 def load_step_costs(path: Path) -> dict[str, dict[int, float]]:
@@ -60,16 +67,21 @@ def time_to_target(steps: Mapping[int, float], seconds: Mapping[int, float], dev
 def frontier(
     steps: Mapping[str, Mapping[int, float]], seconds: Mapping[str, Mapping[int, float]]
 ) -> dict[str, list[FrontierPoint]]:
-    """Per optimizer, the best global batch and time for P = 1, 2, 4, ... devices, as long as some batch size
-    leaves a measured local batch."""
+    """Per optimizer, the best global batch and time with P = 1, 2, 4, ... devices available, as long as some batch
+    size leaves a measured local batch. A user may leave devices idle, so the time never rises with P: where using
+    all P is slower, the point keeps the best of fewer devices (``used``)."""
     result: dict[str, list[FrontierPoint]] = {}
     for optimizer in steps:
         if optimizer not in seconds:
             continue
-        points, devices = [], 1
+        points: list[FrontierPoint] = []
+        devices = 1
         while times := time_to_target(steps[optimizer], seconds[optimizer], devices):
             batch = min(times, key=lambda b: times[b])
-            points.append(FrontierPoint(devices, batch, times[batch]))
+            best = FrontierPoint(devices, batch, times[batch], devices)
+            if points and points[-1].seconds < best.seconds:
+                best = FrontierPoint(devices, points[-1].batch_size, points[-1].seconds, points[-1].used)
+            points.append(best)
             devices *= 2
         result[optimizer] = points
     return result
@@ -114,10 +126,7 @@ def _frontier_table(curves: Mapping[str, list[FrontierPoint]]) -> list[str]:
     optimizers = list(curves)
     rows = []
     for row in fastest_by_devices(curves):
-        cells = [
-            f"{row['points'][o].seconds:.2f} s at B = {row['points'][o].batch_size}" if o in row["points"] else "–"
-            for o in optimizers
-        ]
+        cells = [row["points"][o].text() if o in row["points"] else "–" for o in optimizers]
         lead = f" ({row['lead']:.2f}x)" if row["lead"] else ""
         rows.append([str(row["devices"]), *cells, f"{row['fastest']}{lead}"])
     header = ["devices", *optimizers, "fastest (lead over the next)"]
@@ -141,10 +150,15 @@ def _plot(out_dir: Path, steps: Mapping[str, Mapping[int, float]], seconds: Mapp
         points = curves[optimizer]
         right.plot([p.devices for p in points], [p.seconds for p in points], "o-", color=f"C{i}", label=optimizer)
         for p in points:
-            right.annotate(str(p.batch_size), (p.devices, p.seconds), fontsize=6, color=f"C{i}")
+            if p.used == p.devices:
+                right.annotate(str(p.batch_size), (p.devices, p.seconds), fontsize=6, color=f"C{i}")
     for ax, xlabel, title in (
         (left, "batch size (one device)", "Steps to target × step cost"),
-        (right, "devices P (labels: the best global batch)", "Fastest time to target on P devices"),
+        (
+            right,
+            "devices P (labels: the best global batch; flat: more devices do not help)",
+            "Fastest time to target with P devices",
+        ),
     ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -174,10 +188,12 @@ def cost_section(
     lines += [
         f"Step costs from `{measured.get('command', '')}` ({measured.get('machine', '')}, "
         f"{measured.get('threads', '?')} thread(s), training steps only). Time to target on P devices = steps to "
-        "target at global batch B × the step cost at local batch B / P (study/cost.py): communication, evaluation "
-        "and parallel inefficiency are left out, so it is a lower bound that flatters the optimizer that "
-        "communicates most (K-FAC). The best run's wall time was measured during the study, two runs at a time on "
-        "this machine's cores, evaluations included.",
+        "target at global batch B × the step cost at local batch B / P, with idle devices allowed (study/cost.py). "
+        "Two biases, in opposite directions for K-FAC: communication, evaluation and parallel inefficiency are left "
+        "out (flattering the optimizer that communicates most, K-FAC), and K-FAC's step cost includes all of its "
+        "decompositions on every device, which distkfac shares out among the ranks (penalising K-FAC). The best "
+        "run's wall time was measured during the study, two runs at a time on this machine's cores, evaluations "
+        "included.",
         "",
         *_cell_table(steps, seconds, wall),
         *_frontier_table(curves),

@@ -60,3 +60,14 @@ def test_cost_section_without_and_with_step_costs(tmp_path: Path) -> None:
     assert "| 1 | 1.26 s at B = 128 | 2.40 s at B = 128 | sgd (1.90x) |" in text
     assert "| 2 | 0.84 s at B = 128 | 2.00 s at B = 128 | sgd (2.38x) |" in text
     assert (tmp_path / "cost_frontier.png").stat().st_size > 1000
+
+
+def test_more_devices_never_make_the_frontier_slower() -> None:
+    """Where using all P devices is slower (here a local batch of 32 costs twice 64's), the frontier keeps the best
+    of fewer devices and says how many it uses."""
+    steps = {128: 100.0, 256: 100.0}  # no gain from a larger batch
+    seconds = {32: 2.0, 64: 1.0, 128: 1.0, 256: 1.0}
+    (curve,) = frontier({"sgd": steps}, {"sgd": seconds}).values()
+    assert [(p.devices, p.seconds, p.used) for p in curve] == [(1, 100.0, 1), (2, 100.0, 2), (4, 100.0, 4),
+                                                               (8, 100.0, 4)]  # fmt: skip
+    assert curve[-1].text() == "100.00 s at B = 256 on 4"
