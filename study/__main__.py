@@ -54,6 +54,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seeds", help="run only these of study.seeds now, e.g. 0 or 0,1 (the rest stay for a later run)"
     )
     scaling.add_argument("--check", action="store_true", help="check the study file and every cell's config, then exit")
+    report = sub.add_parser("report", help="draw a finished study's report again from its runs.csv and trials")
+    report.add_argument("--config", required=True, help="study file (jobs/configs/studies/)")
+    report.add_argument("--out", help="output folder (default: the file's study.out_dir)")
     status = sub.add_parser("status", help="a tuned study's cells: trials per state, best, workers, rate, ETA")
     status.add_argument("--config", required=True, help="study file (jobs/configs/studies/)")
     status.add_argument("--out", help="output folder (default: the file's study.out_dir)")
@@ -185,6 +188,17 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from study.runner import rewrite_report
+
+    try:
+        rewrite_report(load_study(args.config, out_dir=args.out))
+    except (StudyError, OSError) as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _run_to_the_end(run: Callable[[], object]) -> int:
     """Runs a study (a scheduler's SIGTERM unwinds it); the exit status: 0, 1 when a run failed, 130 when stopped."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -207,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _saddle(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "report":
+        return _report(args)
     try:
         study = _load(args)
         cells = check_cells(study)

@@ -29,6 +29,7 @@ __all__ = [
     "format_table",
     "markdown_table",
     "mean_se",
+    "read_csv",
     "read_metrics_file",
     "top_k_means",
     "top_k_seed_means",
@@ -345,6 +346,34 @@ def write_csv(runs: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
                     row.append(value)
             writer.writerow(row)
     return path
+
+
+_TEXT_COLUMNS: Final = frozenset({"cell", "variant", "optimizer", "source", "hparams", "metrics_path"})
+_INT_COLUMNS: Final = frozenset(
+    {"batch_size", "trial", "steps_to_target", "examples_to_target", "steps", "seed", "best_val_step"}
+)
+
+
+def _csv_value(column: str, text: str) -> Any:
+    """A runs.csv cell as :func:`write_csv` wrote it: "" is None, then text, int, bool or float by column."""
+    if column in _TEXT_COLUMNS:
+        return text
+    if text == "":
+        return None
+    if column == "reached":
+        return text == "True"
+    if column in _INT_COLUMNS:
+        return int(float(text))
+    try:
+        return float(text)
+    except ValueError:
+        return text  # a column of another program's: left as written
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The runs of a runs.csv, typed back (the inverse of :func:`write_csv`, for re-rendering a report)."""
+    with Path(path).open(newline="") as f:
+        return [{column: _csv_value(column, text) for column, text in row.items()} for row in csv.DictReader(f)]
 
 
 _TABLE_HEADER: Final = (
@@ -882,7 +911,7 @@ def _claim_inputs(runs: Sequence[Mapping[str, Any]], stopped: Sequence[Mapping[s
     halted = _by_cell(stopped)
     counts: dict[str, dict[int, TuningCount]] = {}
     halves: dict[str, dict[int, tuple[float, float]]] = {}
-    for key in {*tuned, *halted}:
+    for key in _sorted_keys({*tuned, *halted}):
         cell, steps = tuned.get(key, []), _search_steps(tuned.get(key, []), halted.get(key, []))
         counts.setdefault(key[1], {})[key[2]] = TuningCount(len(steps), sum(_reached(r) for r in cell))
         if len(steps) >= 2:

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from study.config import Cell, StudyConfig, cell_toml, check_cells, config_toml
+from study.config import Cell, StudyConfig, StudyError, cell_toml, check_cells, config_toml
 
 __all__ = ["run_study"]
 
@@ -265,6 +265,28 @@ def run_study(study: StudyConfig, log: Log | None = None) -> Path:
         fisher = write_fisher_report(out / "fisher", diagnosed, title=f"Fisher diagnostics of {study.name}")
         say(f"Fisher diagnostics of {'the best runs' if study.tune else 'the runs'}: {fisher}")
     print(format_table(rows), flush=True)
+    print(f"report: {report}", flush=True)
+    return report
+
+
+def rewrite_report(study: StudyConfig, log: Log | None = None) -> Path:
+    """The report of a study that has run, drawn again from its runs.csv and trials/<cell>.json (no training, no
+    database): after a change to the report's code, or to add the Cost section once step_cost.json exists."""
+    from study.report import read_csv, write_report
+
+    say = log or _stderr_log
+    out = study.out_dir.resolve()
+    if not (out / "runs.csv").is_file():
+        raise StudyError(f"{out / 'runs.csv'} does not exist: run the study first (python -m study scaling)")
+    rows = read_csv(out / "runs.csv")
+    stopped = []
+    for cell in study.cells():
+        trials = out / "trials" / f"{cell.slug}.json"
+        if trials.is_file():
+            stopped += [_stopped(cell, t) for t in json.loads(trials.read_text()) if t["result"].get("status") != "ok"]
+    report = write_report(out, rows, title=f"Batch-size scaling study: {study.name}", top_k=study.top_k,
+                          stopped=stopped)  # fmt: skip
+    say(f"{len(rows)} runs and {len(stopped)} stopped trials from {out}")
     print(f"report: {report}", flush=True)
     return report
 

@@ -120,6 +120,12 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     cost = (out / "report.md").read_text().split("## Cost")[1]
     assert "| optimizer | batch | steps to target | ms per step |" in cost and "fastest (lead over the next) |" in cost
     assert (out / "cost_frontier.png").read_bytes()[:8] == PNG
+    # The report drawn again from runs.csv and trials/*.json alone (python -m study report) is the same report.
+    first = (out / "report.md").read_text()
+    redrawn = subprocess.run([PYTHON, "-m", "study", "report", "--config", str(tmp_path / "study.toml"), "--out",
+                              str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert redrawn.returncode == 0, redrawn.stderr[-4000:]
+    assert (out / "report.md").read_text() == first
     assert [r["metrics_path"] for r in csv.DictReader((out / "runs.csv").open())] == list(trained)
     assert {path: Path(path).stat().st_mtime_ns for path in trained} == trained, "a finished trial ran again"
 

@@ -97,3 +97,15 @@ def test_a_budget_of_epochs_capped_in_steps_ends_each_run_at_the_smaller(tmp_pat
     (tmp_path / "study.toml").write_text(TUNED.replace("max_steps = 40", ""))
     with pytest.raises(ValueError, match=r"give a budget: max_steps or max_epochs"):
         load_study(tmp_path / "study.toml")
+
+
+def test_report_of_a_study_that_has_not_run_says_to_run_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from study.__main__ import main
+    from tests.test_study import BASE
+
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "space.toml").write_text(SPACE)
+    (tmp_path / "study.toml").write_text(TUNED)
+    assert main(["report", "--config", str(tmp_path / "study.toml"), "--out", str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none" / "report.md").exists()
+    assert "runs.csv does not exist: run the study first (python -m study scaling)" in capsys.readouterr().err
