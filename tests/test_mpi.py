@@ -27,7 +27,14 @@ SMOKE = ROOT / "jobs" / "configs" / "smoke.toml"
 TIMEOUT = 300
 # Open MPI reaches the "hosts" of a hostfile through this agent instead of ssh: each host runs its ranks here, so a
 # run over two named hosts is two nodes to Open MPI (a local size of 1 each) on one machine.
-FAKE_SSH = '#!/bin/sh\n# Open MPI rsh agent: "reach" any host by running here.\nshift\nexec /bin/sh -c "$*"\n'
+# Open MPI's rsh agent: "reach" a host by running here. Each daemon it starts gets a session directory of its own,
+# as a real remote node would: mpirun and the "remote" daemon of one job otherwise both create
+# /tmp/ompi.<host>.<uid>/jf.<job> at once, and the loser of that race fails with "File exists".
+FAKE_SSH = """#!/bin/sh
+node=$(mktemp -d "{nodes}/$1.XXXXXX")
+shift
+OMPI_MCA_orte_tmpdir_base="$node" exec /bin/sh -c "$*"
+"""
 
 
 def _run(argv: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -186,7 +193,9 @@ def test_rank0_address_falls_back_to_the_route_towards_another_host() -> None:
 def two_hosts(tmp_path: Path) -> tuple[str, ...]:
     """mpirun arguments for a hostfile of two hosts, nodea and nodeb, that are this machine."""
     agent = tmp_path / "fake-ssh"
-    agent.write_text(FAKE_SSH)
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    agent.write_text(FAKE_SSH.format(nodes=nodes))
     agent.chmod(0o755)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodea slots=1\nnodeb slots=1\n")
