@@ -886,7 +886,7 @@ def kaisa_speedup(layer_set: LayerSet, world: int, fraction: float, colocate: bo
         from kfac.assignment import KAISAAssignment
     except Exception as error:  # ImportError, or anything its import runs into
         return f"n/a ({type(error).__name__}: kfac-pytorch not importable from {PEERS_DIR})"
-    work = {f"layer{i}": {"A": float(x.a.dim) ** 3, "G": float(x.g.dim) ** 3} for i, x in enumerate(layer_set.layers)}
+    work = decomposition_work(layer_set)
     assignment = KAISAAssignment(
         work,
         local_rank=0,
@@ -895,10 +895,20 @@ def kaisa_speedup(layer_set: LayerSet, world: int, fraction: float, colocate: bo
         group_func=lambda ranks: None,
         colocate_factors=colocate,
     )
+    return busiest_rank_speedup(work, assignment.inv_worker, world)
+
+
+def decomposition_work(layer_set: LayerSet) -> dict[str, dict[str, float]]:
+    """Each layer's ``A`` and ``G`` decomposition costs (``n^3``), keyed as kfac-pytorch's assignments take them."""
+    return {f"layer{i}": {"A": float(x.a.dim) ** 3, "G": float(x.g.dim) ** 3} for i, x in enumerate(layer_set.layers)}
+
+
+def busiest_rank_speedup(work: dict[str, dict[str, float]], owner: Callable[[str, str], int], world: int) -> float:
+    """The sum of all costs over the busiest rank's, where ``owner(layer, factor)`` is the rank that decomposes it."""
     loads = [0.0] * world
     for layer, factors in work.items():
         for factor, cost in factors.items():
-            loads[assignment.inv_worker(layer, factor)] += cost
+            loads[owner(layer, factor)] += cost
     return sum(loads) / max(loads)
 
 
