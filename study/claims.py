@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from study.uncertainty import Interval
+from study.uncertainty import Interval, geometric_mean
 
 __all__ = [
     "TuningCount",
@@ -121,10 +121,6 @@ def steps_at_largest_batch(means: Mapping[str, Mapping[int, Interval]], subject:
     return verdicts
 
 
-def _geometric_mean(values: Sequence[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def critical_vs_noise(b_crit: Mapping[str, Interval], b_simple: Mapping[str, Sequence[float]]) -> list[Verdict]:
     """McCandlish et al.'s B_crit ~ B_simple, per optimizer (:data:`NOISE_CLOSE`, :data:`NOISE_ORDER`)."""
     verdicts = []
@@ -132,7 +128,7 @@ def critical_vs_noise(b_crit: Mapping[str, Interval], b_simple: Mapping[str, Seq
         scales = [s for s in b_simple.get(optimizer, ()) if s > 0]
         if not scales:
             continue
-        noise = _geometric_mean(scales)
+        noise = geometric_mean(scales)
         ratio = interval.estimate / noise
         far = max(ratio, 1 / ratio)
         verdict = AGREE if far <= NOISE_CLOSE else (INCONCLUSIVE if far <= NOISE_ORDER else DISAGREE)

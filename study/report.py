@@ -18,9 +18,7 @@ from typing import Any, Final
 from hpo_worker.report import mean_std
 from jobs.metrics import METRICS_JSONL, read_metrics
 from jobs.optimizers import OPTIMIZER_NAMES, report_label
-from study.claims import TuningCount
 from study.fit import ScalingFit, fit_steps_to_target
-from study.uncertainty import Interval
 
 __all__ = [
     "RUN_COLUMNS",
@@ -70,13 +68,6 @@ SeriesKey = tuple[str, str]  # (variant, optimizer)
 
 MISSING: Final = "–"
 FIT_FORMULA: Final = "S(B) = S_min * (1 + B_crit / B)"
-ANSWER_RULES: Final = (
-    "Each claim is answered from the repeats' intervals (90%), by rules fixed before the runs (study/claims.py): "
-    "two estimates differ only when their intervals do not overlap (a conservative test); B_crit ~ B_simple holds "
-    "within a factor of 2 and is 'the same order' within 10; 'no more robust to its hyperparameters' compares the "
-    "share of tuning trials reaching the target over the three largest batch sizes, by Fisher's exact test at "
-    "p < 0.1."
-)
 PLOTS: Final = ("steps_to_target.png", "best_lr.png", "final_accuracy.png", "learning_curves.png", "noise_scale.png")
 
 
@@ -797,177 +788,6 @@ def _fit_section(fits: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [*lines, markdown_table(header, fit_rows) if fit_rows else "(no runs)", ""]
 
 
-def _cell_uncertainty(
-    tuned: list[Mapping[str, Any]], stopped: list[Mapping[str, Any]], repeats: list[Mapping[str, Any]]
-) -> list[str]:
-    """One row of the uncertainty table: the search's best with its resampled interval, the first half's best, and
-    the best setting's repeats over seeds. Stopped trials (pruned, diverged) count as trials that missed the
-    target: the pruner is the objective's own early stop."""
-    from study.uncertainty import bootstrap_best_of_trials, bootstrap_mean, budget_halves
-
-    steps = _search_steps(tuned, stopped)
-    best = bootstrap_best_of_trials(steps).text() if steps else MISSING
-    half = _fmt_int(budget_halves(steps)[0]) if len(steps) >= 2 else MISSING
-    pruned = sum(r.get("status") == "pruned" for r in stopped)
-    count = f"{len(steps)}: {len(tuned)} / {pruned} / {len(stopped) - pruned}"
-    reached = [s for r in repeats if _reached(r) and (s := _num(r.get("steps_to_target"))) is not None]
-    mean = bootstrap_mean(reached).text() if len(reached) >= 2 else MISSING
-    return [count, best, half, mean, f"{len(reached)}/{len(repeats)}"]
-
-
-def _repeat_steps(repeats: Sequence[Mapping[str, Any]]) -> dict[SeriesKey, dict[int, list[float]]]:
-    """Steps to target of the repeats that reached it, by series and batch size."""
-    series: dict[SeriesKey, dict[int, list[float]]] = {}
-    for run in repeats:
-        if _reached(run) and (steps := _num(run.get("steps_to_target"))) is not None:
-            key = (str(run.get("variant") or ""), str(run.get("optimizer")))
-            series.setdefault(key, {}).setdefault(int(run["batch_size"]), []).append(steps)
-    return series
-
-
-def _repeat_fits(repeats: Sequence[Mapping[str, Any]]) -> dict[SeriesKey, dict[str, Interval]]:
-    """The S(B) fit's 90% intervals (b_crit, s_min) of every series with repeats at two batch sizes or more."""
-    from study.uncertainty import fit_interval
-
-    series = _repeat_steps(repeats)
-    return {key: fit_interval(by_batch, resamples=500) for key, by_batch in series.items() if len(by_batch) >= 2}
-
-
-def _noise_scales(best: Mapping[CellKey, Mapping[str, Any]], series: SeriesKey) -> list[float]:
-    """The best runs' final B_simple estimates of one series, over its batch sizes."""
-    return [n for (v, o, _), run in best.items() if (v, o) == series and (n := _num(run.get("noise_scale")))]
-
-
-def _fit_uncertainty(
-    fits: Mapping[SeriesKey, Mapping[str, Interval]], best: Mapping[CellKey, Mapping[str, Any]]
-) -> list[str]:
-    """The S(B) fit's 90% intervals from the repeats of each series, beside the best runs' noise scales."""
-    rows = []
-    for key in sorted({*fits, *((v, o) for v, o, _ in best)}, key=lambda k: _optimizer_rank(k[1])):
-        scales = _noise_scales(best, key)
-        noise = f"{min(scales):.4g} – {max(scales):.4g}" if scales else MISSING
-        fit = fits.get(key)
-        interval = [fit["b_crit"].text(), fit["s_min"].text()] if fit else [MISSING, MISSING]
-        rows.append([_series_label(*key), *interval, noise])
-    if not fits:
-        return []
-    header = ["series", "B_crit [90%]", "S_min [90%]", "B_simple of the best runs (range over batch sizes)"]
-    return [markdown_table(header, rows), ""]
-
-
-def _uncertainty_section(
-    runs: Sequence[Mapping[str, Any]],
-    stopped: Sequence[Mapping[str, Any]],
-    fits: Mapping[SeriesKey, Mapping[str, Interval]],
-) -> list[str]:
-    """How sure the study is (study.uncertainty): per cell, the search and the seed; per series, the fit."""
-    tuned = [r for r in runs if r.get("source") == "tuned"]
-    repeats = [r for r in runs if r.get("source") == "repeat"]
-    if not tuned and not stopped:
-        return []
-    tuned_by_cell, repeats_by_cell, stopped_by_cell = _by_cell(tuned), _by_cell(repeats), _by_cell(stopped)
-    rows = []
-    for key in _sorted_keys({*tuned_by_cell, *stopped_by_cell}):
-        cell = _cell_uncertainty(tuned_by_cell.get(key, []), stopped_by_cell.get(key, []), repeats_by_cell.get(key, []))
-        rows.append([_series_label(key[0], key[1]), str(key[2]), *cell])
-    header = ["series", "batch", "trials: finished / pruned / failed", "best steps [resampled trials, 90%]",
-              "best of the first half",
-              "repeats: steps, geometric mean [90%]", "repeats reached"]  # fmt: skip
-    lines = [
-        "## Uncertainty",
-        "",
-        "The best steps to target of the search, with the 90% range of the best over the trials resampled with "
-        "replacement (the spread of the search; biased towards the observed best; ∞: no trial of the resample "
-        "reached the target), and the best of the first half of the trials (equal to the best: the second half of "
-        "the budget found nothing better). Pruned and failed (diverged) trials count as trials that did not reach "
-        "the target: the pruner is the objective's own early stop, and a setting that diverges is a miss. "
-        "Repeats: the best trial trained again with other seeds, the geometric mean of their steps to target with "
-        "its expanded percentile bootstrap interval. The fit: S(B) refitted to the repeats resampled cell by cell.",
-        "",
-        markdown_table(header, rows),
-        "",
-    ]
-    return lines + _fit_uncertainty(fits, best_runs(runs))
-
-
-def _search_steps(tuned: Sequence[Mapping[str, Any]], stopped: Sequence[Mapping[str, Any]]) -> list[float | None]:
-    """A cell's steps to target in the order the search ran its trials; None where a trial missed (stopped
-    trials, pruned or failed, count as misses)."""
-    trials = [(_num(r.get("trial")) or 0.0, _num(r.get("steps_to_target")) if _reached(r) else None) for r in tuned]
-    trials += [(_num(r.get("trial")) or 0.0, None) for r in stopped]
-    return [value for _, value in sorted(trials, key=lambda t: t[0])]  # trial ids count up in search order
-
-
-def _claim_inputs(runs: Sequence[Mapping[str, Any]], stopped: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per optimizer: the repeats' geometric means by batch size (means), the tuning trials (counts) and the two
-    halves of the search (halves) by batch size, and the batch sizes whose best run reached the target (reached)."""
-    from study.uncertainty import bootstrap_mean, budget_halves
-
-    means = {
-        optimizer: {b: bootstrap_mean(steps) for b, steps in by_batch.items() if len(steps) >= 2}
-        for (_, optimizer), by_batch in _repeat_steps([r for r in runs if r.get("source") == "repeat"]).items()
-    }
-    tuned = _by_cell([r for r in runs if r.get("source") == "tuned"])
-    halted = _by_cell(stopped)
-    counts: dict[str, dict[int, TuningCount]] = {}
-    halves: dict[str, dict[int, tuple[float, float]]] = {}
-    for key in _sorted_keys({*tuned, *halted}):
-        cell, steps = tuned.get(key, []), _search_steps(tuned.get(key, []), halted.get(key, []))
-        counts.setdefault(key[1], {})[key[2]] = TuningCount(len(steps), sum(_reached(r) for r in cell))
-        if len(steps) >= 2:
-            halves.setdefault(key[1], {})[key[2]] = budget_halves(steps)
-    reached: dict[str, list[int]] = {}
-    for (_, optimizer, batch), run in best_runs(runs).items():
-        if _reached(run):
-            reached.setdefault(optimizer, []).append(batch)
-    return {"means": means, "counts": counts, "reached": reached, "halves": halves}
-
-
-def _answers_section(
-    runs: Sequence[Mapping[str, Any]],
-    stopped: Sequence[Mapping[str, Any]],
-    fits: Mapping[SeriesKey, Mapping[str, Interval]],
-) -> list[str]:
-    """The critical-batch question in plain words (study.claims), for a study of one variant with repeats."""
-    from study.claims import answers
-
-    if not fits or any(variant for variant, _ in fits):
-        return []
-    best = best_runs(runs)
-    grouped = answers(
-        b_crit={optimizer: fit["b_crit"] for (_, optimizer), fit in fits.items()},
-        b_simple={o: _noise_scales(best, ("", o)) for (_, o) in fits},
-        batches=sorted({int(r["batch_size"]) for r in runs}),
-        **_claim_inputs(runs, stopped),
-    )
-    lines = ["## Answers", "", ANSWER_RULES, ""]
-    for heading, verdicts in grouped.items():
-        lines += [f"### {heading}", "", *(v.line() for v in verdicts), ""]
-    return lines
-
-
-def _cost(out_dir: Path, runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The "Cost" section (study.cost) of a tuned study of one variant: steps to target are the repeats' geometric
-    mean where two or more reached it, else the best run's."""
-    from study.cost import cost_section
-
-    best = best_runs(runs)
-    if not any(r.get("source") == "tuned" for r in runs) or any(variant for variant, _, _ in best):
-        return []
-    steps: dict[str, dict[int, float]] = {}
-    wall: dict[str, dict[int, float]] = {}
-    for (_, optimizer, batch), run in best.items():
-        if _reached(run) and (s := _num(run.get("steps_to_target"))):
-            steps.setdefault(optimizer, {})[batch] = s
-        if (seconds := _num(run.get("wall_seconds"))) is not None:
-            wall.setdefault(optimizer, {})[batch] = seconds
-    for (_, optimizer), by_batch in _repeat_steps([r for r in runs if r.get("source") == "repeat"]).items():
-        for batch, values in by_batch.items():
-            if len(values) >= 2:
-                steps.setdefault(optimizer, {})[batch] = math.exp(statistics.fmean(math.log(v) for v in values))
-    return cost_section(out_dir, steps, wall)
-
-
 def _plot_section(skipped: Mapping[str, str]) -> list[str]:
     lines = ["## Plots", ""]
     for name in PLOTS:
@@ -995,10 +815,12 @@ def write_report(
     (out_dir / "fits.json").write_text(json.dumps({"formula": FIT_FORMULA, "fits": fits}, indent=2) + "\n")
     skipped = _plot_all(out_dir, runs, fits) if runs else {name: "no runs" for name in PLOTS}
 
+    from study.critical_report import answers_section, cost_lines, summarise_repeats, uncertainty_section
+
     variants = sorted({str(r.get("variant") or "") for r in runs})
-    intervals = _repeat_fits([r for r in runs if r.get("source") == "repeat"])
-    lines = _report_heading(runs, title, variants, stopped) + _answers_section(runs, stopped, intervals)
-    lines += _fit_section(fits) + _uncertainty_section(runs, stopped, intervals) + _cost(out_dir, runs)
+    repeats = summarise_repeats(runs)
+    lines = _report_heading(runs, title, variants, stopped) + answers_section(runs, stopped, repeats)
+    lines += _fit_section(fits) + uncertainty_section(runs, stopped, repeats) + cost_lines(out_dir, runs, repeats)
     lines += _plot_section(skipped)
     lines += _budget_table(runs) + _kl_clip_lines(runs)
     if len(variants) > 1:

@@ -66,6 +66,11 @@ def _expanded_alpha(level: float, n: int) -> float:
     return float(2 * stats.norm.sf(math.sqrt(n / (n - 1)) * t))
 
 
+def geometric_mean(values: Sequence[float]) -> float:
+    """exp(mean(log(values))) of positive ``values``: the mean of steps to target, which spread multiplicatively."""
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 def bootstrap_mean(
     values: Sequence[float] | np.ndarray, level: float = 0.9, resamples: int = 4000, seed: int = 0
 ) -> Interval:

@@ -1,0 +1,223 @@
+"""The critical-batch sections of a tuned study's report: how sure it is (Uncertainty), the plain-word answers
+(Answers, from :mod:`study.claims`) and the time to target (Cost, from :mod:`study.cost`).
+
+All three read the repeats of each cell's best setting over seeds; :func:`summarise_repeats` resamples them once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from study.claims import TuningCount
+from study.report import (
+    MISSING,
+    CellKey,
+    SeriesKey,
+    _by_cell,
+    _fmt_int,
+    _num,
+    _optimizer_rank,
+    _reached,
+    _series_label,
+    _sorted_keys,
+    best_runs,
+    markdown_table,
+)
+from study.uncertainty import Interval
+
+ANSWER_RULES: Final = (
+    "Each claim is answered from the repeats' intervals (90%), by rules fixed before the runs (study/claims.py): "
+    "two estimates differ only when their intervals do not overlap (a conservative test); B_crit ~ B_simple holds "
+    "within a factor of 2 and is 'the same order' within 10; 'no more robust to its hyperparameters' compares the "
+    "share of tuning trials reaching the target over the three largest batch sizes, by Fisher's exact test at "
+    "p < 0.1."
+)
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """The repeats of each cell's best setting over seeds, summarised once for every section."""
+
+    runs: dict[CellKey, list[Mapping[str, Any]]]  # every repeat, reached or not
+    steps: dict[CellKey, list[float]]  # steps to target of those that reached it
+    means: dict[CellKey, Interval]  # their geometric mean [90%], where two or more reached it
+    fits: dict[SeriesKey, dict[str, Interval]]  # the S(B) fit's b_crit and s_min [90%], refitted to them resampled
+
+
+def summarise_repeats(runs: Sequence[Mapping[str, Any]]) -> Repeats:
+    """Bootstrap the repeats (``source == "repeat"``) of ``runs``: each cell's mean, and each series' fit where it
+    has cells with two or more repeats that reached the target at two batch sizes or more."""
+    from study.uncertainty import bootstrap_mean, fit_interval
+
+    by_cell = _by_cell([r for r in runs if r.get("source") == "repeat"])
+    steps = {
+        key: [s for r in cell if _reached(r) and (s := _num(r.get("steps_to_target"))) is not None]
+        for key, cell in by_cell.items()
+    }
+    series: dict[SeriesKey, dict[int, list[float]]] = {}
+    for (variant, optimizer, batch), values in steps.items():
+        if values:
+            series.setdefault((variant, optimizer), {})[batch] = values
+    return Repeats(
+        runs=by_cell,
+        steps=steps,
+        means={key: bootstrap_mean(values) for key, values in steps.items() if len(values) >= 2},
+        fits={key: fit_interval(by_batch, resamples=500) for key, by_batch in series.items() if len(by_batch) >= 2},
+    )
+
+
+def _search_steps(tuned: Sequence[Mapping[str, Any]], stopped: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    """A cell's steps to target in the order the search ran its trials; None where a trial missed (stopped
+    trials, pruned or failed, count as misses)."""
+    trials = [(_num(r.get("trial")) or 0.0, _num(r.get("steps_to_target")) if _reached(r) else None) for r in tuned]
+    trials += [(_num(r.get("trial")) or 0.0, None) for r in stopped]
+    return [value for _, value in sorted(trials, key=lambda t: t[0])]  # trial ids count up in search order
+
+
+def _noise_scales(best: Mapping[CellKey, Mapping[str, Any]], series: SeriesKey) -> list[float]:
+    """The best runs' final B_simple estimates of one series, over its batch sizes."""
+    return [n for (v, o, _), run in best.items() if (v, o) == series and (n := _num(run.get("noise_scale")))]
+
+
+# ------------------------------------------------------------------------------------------------------ uncertainty
+
+
+def _cell_uncertainty(
+    tuned: list[Mapping[str, Any]], stopped: list[Mapping[str, Any]], key: CellKey, repeats: Repeats
+) -> list[str]:
+    """One row of the uncertainty table: the search's best with its resampled interval, the first half's best, and
+    the best setting's repeats over seeds. Stopped trials (pruned, diverged) count as trials that missed the
+    target: the pruner is the objective's own early stop."""
+    from study.uncertainty import bootstrap_best_of_trials, budget_halves
+
+    steps = _search_steps(tuned, stopped)
+    best = bootstrap_best_of_trials(steps).text() if steps else MISSING
+    half = _fmt_int(budget_halves(steps)[0]) if len(steps) >= 2 else MISSING
+    pruned = sum(r.get("status") == "pruned" for r in stopped)
+    count = f"{len(steps)}: {len(tuned)} / {pruned} / {len(stopped) - pruned}"
+    mean = repeats.means[key].text() if key in repeats.means else MISSING
+    reached = f"{len(repeats.steps.get(key, []))}/{len(repeats.runs.get(key, []))}"
+    return [count, best, half, mean, reached]
+
+
+def _fit_uncertainty(repeats: Repeats, best: Mapping[CellKey, Mapping[str, Any]]) -> list[str]:
+    """The S(B) fit's 90% intervals from the repeats of each series, beside the best runs' noise scales."""
+    if not repeats.fits:
+        return []
+    rows = []
+    for key in sorted({*repeats.fits, *((v, o) for v, o, _ in best)}, key=lambda k: _optimizer_rank(k[1])):
+        scales = _noise_scales(best, key)
+        noise = f"{min(scales):.4g} – {max(scales):.4g}" if scales else MISSING
+        fit = repeats.fits.get(key)
+        interval = [fit["b_crit"].text(), fit["s_min"].text()] if fit else [MISSING, MISSING]
+        rows.append([_series_label(*key), *interval, noise])
+    header = ["series", "B_crit [90%]", "S_min [90%]", "B_simple of the best runs (range over batch sizes)"]
+    return [markdown_table(header, rows), ""]
+
+
+def uncertainty_section(
+    runs: Sequence[Mapping[str, Any]], stopped: Sequence[Mapping[str, Any]], repeats: Repeats
+) -> list[str]:
+    """How sure the study is (study.uncertainty): per cell, the search and the seed; per series, the fit."""
+    tuned = _by_cell([r for r in runs if r.get("source") == "tuned"])
+    halted = _by_cell(stopped)
+    if not tuned and not halted:
+        return []
+    rows = []
+    for key in _sorted_keys({*tuned, *halted}):
+        cell = _cell_uncertainty(tuned.get(key, []), halted.get(key, []), key, repeats)
+        rows.append([_series_label(key[0], key[1]), str(key[2]), *cell])
+    header = ["series", "batch", "trials: finished / pruned / failed", "best steps [resampled trials, 90%]",
+              "best of the first half",
+              "repeats: steps, geometric mean [90%]", "repeats reached"]  # fmt: skip
+    lines = [
+        "## Uncertainty",
+        "",
+        "The best steps to target of the search, with the 90% range of the best over the trials resampled with "
+        "replacement (the spread of the search; biased towards the observed best; ∞: no trial of the resample "
+        "reached the target), and the best of the first half of the trials (equal to the best: the second half of "
+        "the budget found nothing better). Pruned and failed (diverged) trials count as trials that did not reach "
+        "the target: the pruner is the objective's own early stop, and a setting that diverges is a miss. "
+        "Repeats: the best trial trained again with other seeds, the geometric mean of their steps to target with "
+        "its expanded percentile bootstrap interval. The fit: S(B) refitted to the repeats resampled cell by cell.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+    return lines + _fit_uncertainty(repeats, best_runs(runs))
+
+
+# ---------------------------------------------------------------------------------------------------------- answers
+
+
+def _claim_inputs(
+    runs: Sequence[Mapping[str, Any]], stopped: Sequence[Mapping[str, Any]], repeats: Repeats
+) -> dict[str, Any]:
+    """Per optimizer: the repeats' geometric means by batch size (means), the tuning trials (counts) and the two
+    halves of the search (halves) by batch size, and the batch sizes whose best run reached the target (reached)."""
+    from study.uncertainty import budget_halves
+
+    means: dict[str, dict[int, Interval]] = {}
+    for (_, optimizer, batch), mean in repeats.means.items():
+        means.setdefault(optimizer, {})[batch] = mean
+    tuned = _by_cell([r for r in runs if r.get("source") == "tuned"])
+    halted = _by_cell(stopped)
+    counts: dict[str, dict[int, TuningCount]] = {}
+    halves: dict[str, dict[int, tuple[float, float]]] = {}
+    for key in _sorted_keys({*tuned, *halted}):
+        cell, steps = tuned.get(key, []), _search_steps(tuned.get(key, []), halted.get(key, []))
+        counts.setdefault(key[1], {})[key[2]] = TuningCount(len(steps), sum(_reached(r) for r in cell))
+        if len(steps) >= 2:
+            halves.setdefault(key[1], {})[key[2]] = budget_halves(steps)
+    reached: dict[str, list[int]] = {}
+    for (_, optimizer, batch), run in best_runs(runs).items():
+        if _reached(run):
+            reached.setdefault(optimizer, []).append(batch)
+    return {"means": means, "counts": counts, "reached": reached, "halves": halves}
+
+
+def answers_section(
+    runs: Sequence[Mapping[str, Any]], stopped: Sequence[Mapping[str, Any]], repeats: Repeats
+) -> list[str]:
+    """The critical-batch question in plain words (study.claims), for a study of one variant with repeats."""
+    from study.claims import answers
+
+    if not repeats.fits or any(variant for variant, _ in repeats.fits):
+        return []
+    best = best_runs(runs)
+    grouped = answers(
+        b_crit={optimizer: fit["b_crit"] for (_, optimizer), fit in repeats.fits.items()},
+        b_simple={o: _noise_scales(best, ("", o)) for (_, o) in repeats.fits},
+        batches=sorted({int(r["batch_size"]) for r in runs}),
+        **_claim_inputs(runs, stopped, repeats),
+    )
+    lines = ["## Answers", "", ANSWER_RULES, ""]
+    for heading, verdicts in grouped.items():
+        lines += [f"### {heading}", "", *(v.line() for v in verdicts), ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------------- cost
+
+
+def cost_lines(out_dir: Path, runs: Sequence[Mapping[str, Any]], repeats: Repeats) -> list[str]:
+    """The "Cost" section (study.cost) of a tuned study of one variant: steps to target are the repeats' geometric
+    mean where two or more reached it, else the best run's."""
+    from study.cost import cost_section
+
+    best = best_runs(runs)
+    if not any(r.get("source") == "tuned" for r in runs) or any(variant for variant, _, _ in best):
+        return []
+    steps: dict[str, dict[int, float]] = {}
+    wall: dict[str, dict[int, float]] = {}
+    for (_, optimizer, batch), run in best.items():
+        if _reached(run) and (s := _num(run.get("steps_to_target"))):
+            steps.setdefault(optimizer, {})[batch] = s
+        if (seconds := _num(run.get("wall_seconds"))) is not None:
+            wall.setdefault(optimizer, {})[batch] = seconds
+    for (_, optimizer, batch), mean in repeats.means.items():
+        steps.setdefault(optimizer, {})[batch] = mean.estimate
+    return cost_section(out_dir, steps, wall)
