@@ -1035,6 +1035,12 @@ class KFACPreconditioner:
         """The names of the preconditioned layers, in model order."""
         return [layer.name for layer in self._layers]
 
+    @property
+    def factor_shapes(self) -> list[tuple[FactorShape, FactorShape]]:
+        """Each preconditioned layer's (A, G) factor shapes, in model order: what :func:`distkfac.assign_work`
+        balances, e.g. to plan how far the decompositions share out over P ranks."""
+        return [(layer.helper.a_shape, layer.helper.g_shape) for layer in self._layers]
+
     def remove_hooks(self) -> None:
         """Detach from the model: later forward passes capture nothing."""
         for handle in self._hooks:

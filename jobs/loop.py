@@ -458,6 +458,11 @@ class TrainingRun:
             "schedule": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(schedule).items()},
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "kfac_layers": self.precond.layer_names if self.precond is not None else [],
+            "kfac_factor_shapes": [
+                [[a.structure.value, a.dim], [g.structure.value, g.dim]] for a, g in self.precond.factor_shapes
+            ]
+            if self.precond is not None
+            else [],
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),

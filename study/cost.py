@@ -11,19 +11,23 @@ where S(B) is the study's steps to target and t(b) the measured cost of one trai
 local batches below the smallest measured one are left out. What this leaves out, and says so in the report:
 communication (the gradient allreduce, and K-FAC's factor and decomposition exchanges: docs/benchmarks.md, "K-FAC
 at scale"), evaluation, and any loss of efficiency from running P devices; so it is a lower bound that flatters the
-optimizer that communicates most. In the other direction, K-FAC's measured step includes all of its
-decompositions, which distkfac shares out among the ranks (docs/kfac.md), so on P devices its step is cheaper.
+optimizer that communicates most. K-FAC's measured step includes all of its decompositions, which distkfac shares
+out among the ranks (docs/kfac.md); where the benchmark also measured their part d(b) and distkfac's share-out
+s(P) (the sum of their ``n^3`` costs over the busiest rank's), K-FAC's step on P devices is t(b) - d(b) + d(b) / s(P),
+and the report says how much that changes.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["STEP_COST_JSON", "FrontierPoint", "cost_section", "frontier", "load_step_costs", "time_to_target"]
+__all__ = [
+    "STEP_COST_JSON", "FrontierPoint", "StepCosts", "cost_section", "frontier", "load_step_costs", "time_to_target",
+]  # fmt: skip
 
 STEP_COST_JSON: Final = "step_cost.json"  # in the study's out_dir, written by benchmarks/step_cost.py
 COST_PLOT: Final = "cost_frontier.png"
@@ -44,15 +48,44 @@ class FrontierPoint:
         return f"{self.seconds:.2f} s at B = {self.batch_size}{on}"
 
 
-def load_step_costs(path: Path) -> dict[str, dict[int, float]]:
-    """Seconds per step by optimizer and batch size, from ``benchmarks/step_cost.py``'s JSON file."""
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds per training step by optimizer and local batch on one device (``benchmarks/step_cost.py``); for
+    K-FAC also the part that is decompositions, and how far distkfac shares them out over P devices."""
+
+    seconds: Mapping[str, Mapping[int, float]]
+    decompositions: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    speedup: Mapping[int, float] = field(default_factory=dict)  # devices -> sum of costs / the busiest rank's
+
+    def on(self, optimizer: str, devices: int, shared: bool = True) -> dict[int, float]:
+        """The step cost by local batch on ``devices`` devices: with ``shared``, t(b) - d(b) + d(b) / s(P) (beyond
+        the largest P measured, its s); without, every decomposition on every device, t(b)."""
+        measured = self.seconds.get(optimizer, {})
+        part = self.decompositions.get(optimizer, {})
+        if not shared or not part or not self.speedup:
+            return dict(measured)
+        speedup = self.speedup.get(devices) or self.speedup[max(self.speedup)]
+        return {b: t - part.get(b, 0.0) * (1 - 1 / speedup) for b, t in measured.items()}
+
+
+def load_step_costs(path: Path) -> StepCosts:
+    """Step costs from ``benchmarks/step_cost.py``'s JSON file (files from before the decompositions were measured
+    have none)."""
     raw = json.loads(path.read_text())
     try:
-        return {o: {int(b): float(s) for b, s in by_batch.items()} for o, by_batch in raw["seconds_per_step"].items()}
+        return StepCosts(
+            seconds=_by_batch(raw["seconds_per_step"]),
+            decompositions=_by_batch(raw.get("decomposition_seconds_per_step", {})),
+            speedup={int(p): float(s) for p, s in raw.get("decomposition_speedup", {}).items()},
+        )
     except (KeyError, AttributeError, TypeError, ValueError) as exc:
         raise ValueError(
             f"{path}: not a step-cost file ({exc!r}); make it with python -m benchmarks.step_cost --config <study>"
         ) from None
+
+
+def _by_batch(raw: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, float]]:
+    return {o: {int(b): float(s) for b, s in by_batch.items()} for o, by_batch in raw.items()}
 
 
 def time_to_target(steps: Mapping[int, float], seconds: Mapping[int, float], devices: int) -> dict[int, float]:
@@ -65,18 +98,22 @@ def time_to_target(steps: Mapping[int, float], seconds: Mapping[int, float], dev
 
 
 def frontier(
-    steps: Mapping[str, Mapping[int, float]], seconds: Mapping[str, Mapping[int, float]]
+    steps: Mapping[str, Mapping[int, float]],
+    costs: StepCosts | Mapping[str, Mapping[int, float]],
+    shared: bool = True,
 ) -> dict[str, list[FrontierPoint]]:
     """Per optimizer, the best global batch and time with P = 1, 2, 4, ... devices available, as long as some batch
     size leaves a measured local batch. A user may leave devices idle, so the time never rises with P: where using
-    all P is slower, the point keeps the best of fewer devices (``used``)."""
+    all P is slower, the point keeps the best of fewer devices (``used``). ``shared``: K-FAC's decompositions
+    shared out as distkfac does, where measured (:meth:`StepCosts.on`)."""
+    costs = costs if isinstance(costs, StepCosts) else StepCosts(costs)
     result: dict[str, list[FrontierPoint]] = {}
     for optimizer in steps:
-        if optimizer not in seconds:
+        if optimizer not in costs.seconds:
             continue
         points: list[FrontierPoint] = []
         devices = 1
-        while times := time_to_target(steps[optimizer], seconds[optimizer], devices):
+        while times := time_to_target(steps[optimizer], costs.on(optimizer, devices, shared), devices):
             batch = min(times, key=lambda b: times[b])
             best = FrontierPoint(devices, batch, times[batch], devices)
             if points and points[-1].seconds < best.seconds:
@@ -101,22 +138,25 @@ def fastest_by_devices(curves: Mapping[str, list[FrontierPoint]]) -> list[dict[s
     return rows
 
 
-def _cell_table(
-    steps: Mapping[str, Mapping[int, float]], seconds: Mapping[str, Mapping[int, float]], wall: Mapping[str, Any]
-) -> list[str]:
-    """Per cell on one device: steps, the step's cost, their product, and the best run's measured wall time."""
+def _cell_table(steps: Mapping[str, Mapping[int, float]], costs: StepCosts, wall: Mapping[str, Any]) -> list[str]:
+    """Per cell on one device: steps, the step's cost (and its decompositions, where measured), their product, and
+    the best run's measured wall time."""
     from study.report import markdown_table
 
+    parts = any(costs.decompositions.values())
     rows = []
     for optimizer, by_batch in steps.items():
         for batch, s in sorted(by_batch.items()):
-            cost = seconds.get(optimizer, {}).get(batch)
+            cost = costs.seconds.get(optimizer, {}).get(batch)
+            part = costs.decompositions.get(optimizer, {}).get(batch)
             measured = wall.get(optimizer, {}).get(batch)
-            rows.append([
-                optimizer, str(batch), f"{s:.0f}", f"{cost * 1e3:.2f}" if cost else "–",
-                f"{s * cost:.2f}" if cost else "–", f"{measured:.1f}" if measured else "–",
-            ])  # fmt: skip
-    header = ["optimizer", "batch", "steps to target", "ms per step", "steps × step (s)", "best run's wall time (s)"]
+            row = [optimizer, str(batch), f"{s:.0f}", f"{cost * 1e3:.2f}" if cost else "–"]
+            row += [f"{part * 1e3:.2f}" if part is not None else "–"] if parts else []
+            row += [f"{s * cost:.2f}" if cost else "–", f"{measured:.1f}" if measured else "–"]
+            rows.append(row)
+    header = ["optimizer", "batch", "steps to target", "ms per step"]
+    header += ["of which decompositions (ms)"] if parts else []
+    header += ["steps × step (s)", "best run's wall time (s)"]
     return [markdown_table(header, rows), ""]
 
 
@@ -133,9 +173,10 @@ def _frontier_table(curves: Mapping[str, list[FrontierPoint]]) -> list[str]:
     return [markdown_table(header, rows), ""]
 
 
-def _plot(out_dir: Path, steps: Mapping[str, Mapping[int, float]], seconds: Mapping[str, Mapping[int, float]],
-          curves: Mapping[str, list[FrontierPoint]]) -> bool:  # fmt: skip
-    """Left: steps x step cost against the batch on one device; right: the frontier against the devices."""
+def _plot(out_dir: Path, steps: Mapping[str, Mapping[int, float]], costs: StepCosts,
+          curves: Mapping[str, list[FrontierPoint]], unshared: Mapping[str, list[FrontierPoint]]) -> bool:  # fmt: skip
+    """Left: steps x step cost against the batch on one device; right: the frontier against the devices (dashed:
+    K-FAC with every decomposition on every device, where that differs)."""
     try:
         import matplotlib
     except ImportError:
@@ -145,13 +186,16 @@ def _plot(out_dir: Path, steps: Mapping[str, Mapping[int, float]], seconds: Mapp
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, optimizer in enumerate(curves):
-        one = time_to_target(steps[optimizer], seconds[optimizer], 1)
+        one = time_to_target(steps[optimizer], costs.on(optimizer, 1), 1)
         left.plot(sorted(one), [one[b] for b in sorted(one)], "o-", color=f"C{i}", label=optimizer)
         points = curves[optimizer]
         right.plot([p.devices for p in points], [p.seconds for p in points], "o-", color=f"C{i}", label=optimizer)
         for p in points:
             if p.used == p.devices:
                 right.annotate(str(p.batch_size), (p.devices, p.seconds), fontsize=6, color=f"C{i}")
+        if (alone := unshared.get(optimizer)) and alone != points:
+            label = f"{optimizer}, every decomposition on every device"
+            right.plot([p.devices for p in alone], [p.seconds for p in alone], "--", color=f"C{i}", label=label)
     for ax, xlabel, title in (
         (left, "batch size (one device)", "Steps to target × step cost"),
         (
@@ -172,6 +216,27 @@ def _plot(out_dir: Path, steps: Mapping[str, Mapping[int, float]], seconds: Mapp
     return True
 
 
+def _sharing_lines(costs: StepCosts, curves: Mapping[str, list[FrontierPoint]],
+                   unshared: Mapping[str, list[FrontierPoint]]) -> list[str]:  # fmt: skip
+    """What sharing the decompositions out changes: their part of the step, and the frontier's largest gain."""
+    lines = []
+    for optimizer, parts in costs.decompositions.items():
+        measured = costs.seconds.get(optimizer, {})
+        shares = [parts[b] / measured[b] for b in parts if measured.get(b)]
+        pairs = zip(unshared.get(optimizer, []), curves.get(optimizer, []), strict=True)  # the same device counts
+        gains = [alone.seconds / shared.seconds for alone, shared in pairs]
+        if not shares or not gains:
+            continue
+        largest = max(costs.speedup.values(), default=1.0)
+        lines.append(
+            f"{optimizer}'s decompositions are {min(shares):.0%}–{max(shares):.0%} of its step on one device; "
+            f"distkfac shares them out up to {largest:.2f}x (the sum of their n^3 costs over the busiest rank's, "
+            f"at {max(costs.speedup)} ranks). The frontier above charges them so; with every decomposition on "
+            f"every device it would be up to {max(gains):.2f}x slower."
+        )
+    return [" ".join(lines), ""] if lines else []
+
+
 def cost_section(
     out_dir: Path, steps: Mapping[str, Mapping[int, float]], wall: Mapping[str, Mapping[int, float]]
 ) -> list[str]:
@@ -182,22 +247,27 @@ def cost_section(
     if not path.is_file():
         return [*lines, "No step costs measured: run `python -m benchmarks.step_cost --config <the study file>` "
                 "with nothing else running, then the study command again to redraw this report.", ""]  # fmt: skip
-    seconds = load_step_costs(path)
+    costs = load_step_costs(path)
     measured = json.loads(path.read_text())
-    curves = frontier(steps, seconds)
+    curves, unshared = frontier(steps, costs), frontier(steps, costs, shared=False)
+    decompositions = (
+        "K-FAC's decompositions are charged as distkfac shares them out among the devices (below)"
+        if any(costs.decompositions.values())
+        else "K-FAC's step cost includes all of its decompositions on every device, which distkfac shares out "
+        "among the ranks (penalising K-FAC)"
+    )
     lines += [
         f"Step costs from `{measured.get('command', '')}` ({measured.get('machine', '')}, "
         f"{measured.get('threads', '?')} thread(s), training steps only). Time to target on P devices = steps to "
         "target at global batch B × the step cost at local batch B / P, with idle devices allowed (study/cost.py). "
-        "Two biases, in opposite directions for K-FAC: communication, evaluation and parallel inefficiency are left "
-        "out (flattering the optimizer that communicates most, K-FAC), and K-FAC's step cost includes all of its "
-        "decompositions on every device, which distkfac shares out among the ranks (penalising K-FAC). The best "
-        "run's wall time was measured during the study, two runs at a time on this machine's cores, evaluations "
-        "included.",
+        "Communication, evaluation and parallel inefficiency are left out (flattering the optimizer that "
+        f"communicates most, K-FAC); {decompositions}. The best run's wall time was measured during the study, two "
+        "runs at a time on this machine's cores, evaluations included.",
         "",
-        *_cell_table(steps, seconds, wall),
+        *_cell_table(steps, costs, wall),
         *_frontier_table(curves),
+        *_sharing_lines(costs, curves, unshared),
     ]
-    if _plot(out_dir, steps, seconds, curves):
+    if _plot(out_dir, steps, costs, curves, unshared):
         lines += [f"![cost frontier]({COST_PLOT})", ""]
     return lines

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from study.cost import cost_section, fastest_by_devices, frontier, load_step_costs, time_to_target
+from benchmarks.step_cost import decomposition_speedups
+from study.cost import StepCosts, cost_section, fastest_by_devices, frontier, load_step_costs, time_to_target
 
 
 def test_time_to_target_uses_the_local_batch_of_each_device_count() -> None:
@@ -40,7 +41,7 @@ def test_frontier_moves_to_larger_batches_as_devices_are_added_and_names_the_fas
 def test_step_cost_file_is_read_or_refused_with_the_fix(tmp_path: Path) -> None:
     good = tmp_path / "step_cost.json"
     good.write_text(json.dumps({"seconds_per_step": {"sgd": {"32": 0.001, "64": 0.002}}}))
-    assert load_step_costs(good) == {"sgd": {32: 0.001, 64: 0.002}}
+    assert load_step_costs(good).seconds == {"sgd": {32: 0.001, 64: 0.002}}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"sgd": 1}))
     with pytest.raises(ValueError, match=r"not a step-cost file.*python -m benchmarks\.step_cost"):
@@ -71,3 +72,53 @@ def test_more_devices_never_make_the_frontier_slower() -> None:
     assert [(p.devices, p.seconds, p.used) for p in curve] == [(1, 100.0, 1), (2, 100.0, 2), (4, 100.0, 4),
                                                                (8, 100.0, 4)]  # fmt: skip
     assert curve[-1].text() == "100.00 s at B = 256 on 4"
+
+
+def test_shared_decompositions_cost_a_share_of_their_time_on_p_devices() -> None:
+    """K-FAC's step on P devices: t(b) - d(b) + d(b) / s(P), with s beyond the largest measured P held there."""
+    costs = StepCosts(
+        seconds={"kfac": {64: 0.010, 128: 0.012}, "sgd": {64: 0.002, 128: 0.003}},
+        decompositions={"kfac": {64: 0.008, 128: 0.008}},
+        speedup={1: 1.0, 2: 2.0, 4: 2.5},
+    )
+    assert costs.on("kfac", 1) == {64: pytest.approx(0.010), 128: pytest.approx(0.012)}
+    assert costs.on("kfac", 2) == {64: pytest.approx(0.006), 128: pytest.approx(0.008)}
+    assert costs.on("kfac", 8) == {64: pytest.approx(0.0052), 128: pytest.approx(0.0072)}  # s(8) = s(4) = 2.5
+    assert costs.on("kfac", 2, shared=False) == {64: 0.010, 128: 0.012}
+    assert costs.on("sgd", 4) == {64: 0.002, 128: 0.003}  # nothing to share
+    steps = {"kfac": {128: 100.0, 256: 60.0}, "sgd": {128: 300.0, 256: 200.0}}
+    shared, alone = frontier(steps, costs), frontier(steps, costs, shared=False)
+    assert [p.seconds for p in shared["kfac"]] == pytest.approx([1.2, 0.48, 0.312])  # 256 on 2: 60 x 0.008 (local 128)
+    assert [p.seconds for p in alone["kfac"]] == pytest.approx([1.2, 0.72, 0.6])  # 256 on 2: 60 x 0.012
+    assert shared["sgd"] == alone["sgd"]
+
+
+def test_cost_section_charges_shared_decompositions_and_says_what_sharing_changes(tmp_path: Path) -> None:
+    steps = {"sgd": {64: 800.0, 128: 420.0}, "kfac": {64: 300.0, 128: 200.0}}
+    (tmp_path / "step_cost.json").write_text(json.dumps({
+        "command": "python -m benchmarks.step_cost --config x.toml", "machine": "test", "threads": 1,
+        "seconds_per_step": {"sgd": {"64": 0.002, "128": 0.003}, "kfac": {"64": 0.01, "128": 0.012}},
+        "decomposition_seconds_per_step": {"kfac": {"64": 0.006, "128": 0.006}},
+        "decomposition_speedup": {"1": 1.0, "2": 1.5},
+    }))  # fmt: skip
+    text = "\n".join(cost_section(tmp_path, steps, {}))
+    assert "| kfac | 128 | 200 | 12.00 | 6.00 | 2.40 | – |" in text
+    # On 2 devices K-FAC at B = 128 (local 64): 0.01 - 0.006 + 0.006 / 1.5 = 0.008 s a step, 200 steps.
+    assert "| 2 | 0.84 s at B = 128 | 1.60 s at B = 128 | sgd (1.90x) |" in text
+    assert "kfac's decompositions are 50%–60% of its step on one device" in text
+    assert "with every decomposition on every device it would be up to 1.25x slower" in text  # 2.00 / 1.60
+
+
+def test_decomposition_speedups_follow_distkfac_assignment_of_the_runs_factors() -> None:
+    # An MLP 784-512-10: factors A 785, G 512, A 513, G 10. The largest alone bounds the share-out.
+    resolved = {
+        "kfac": {"strategy": "comm-opt", "grad_worker_fraction": 0.0, "split_factors_above": 0},
+        "derived": {"kfac_factor_shapes": [[["dense", 785], ["dense", 512]], [["dense", 513], ["dense", 10]]]},
+    }
+    costs = [785.0**3, 512.0**3, 513.0**3, 10.0**3]
+    speedups = decomposition_speedups(resolved, 8)
+    assert list(speedups) == ["1", "2", "4", "8"] and speedups["1"] == 1.0
+    assert speedups["2"] == pytest.approx(sum(costs) / 785.0**3)  # 785 alone; the rest on the other rank
+    assert speedups["8"] == pytest.approx(sum(costs) / 785.0**3)
+    resolved["kfac"]["split_factors_above"] = 256  # blocks of at most 256: the share-out goes on
+    assert decomposition_speedups(resolved, 8)["8"] > 2 * speedups["8"]

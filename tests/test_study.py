@@ -113,12 +113,21 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
                "--warmup", "10", "--out", str(costs)]  # fmt: skip
     measured = subprocess.run(measure, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert measured.returncode == 0, measured.stderr[-4000:]
-    assert set(json.loads(costs.read_text())["seconds_per_step"]) == {"sgd", "kfac"}
+    measured_costs = json.loads(costs.read_text())
+    assert set(measured_costs["seconds_per_step"]) == {"sgd", "kfac"}
+    assert set(measured_costs["decomposition_seconds_per_step"]) == {"kfac"}  # measured again without them
+    assert set(measured_costs["decomposition_seconds_per_step"]["kfac"]) == {"32", "128"}
+    assert measured_costs["decomposition_speedup"]["1"] == 1.0 and set(measured_costs["decomposition_speedup"]) == {
+        "1",
+        "2",
+        "4",
+    }  # P up to 128 / 32
     trained = {row["metrics_path"]: Path(row["metrics_path"]).stat().st_mtime_ns for row in rows}
     again = _study(tmp_path, TUNED)
     assert again.returncode == 0, again.stderr[-4000:]
     cost = (out / "report.md").read_text().split("## Cost")[1]
-    assert "| optimizer | batch | steps to target | ms per step |" in cost and "fastest (lead over the next) |" in cost
+    assert "| optimizer | batch | steps to target | ms per step | of which decompositions (ms) |" in cost
+    assert "fastest (lead over the next) |" in cost and "kfac's decompositions are " in cost
     assert (out / "cost_frontier.png").read_bytes()[:8] == PNG
     # The report drawn again from runs.csv and trials/*.json alone (python -m study report) is the same report.
     first = (out / "report.md").read_text()
