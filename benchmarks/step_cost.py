@@ -8,10 +8,10 @@ are not step costs)::
 Each (optimizer, batch size) trains the study's cell config for ``--steps`` steps in its own ``jobs.train`` process
 at one thread, with a small learning rate (the cost does not depend on it; a large one could diverge and end the
 run), without evaluations or noise-scale measurements (the protocol's, not the optimizer's, costs). The cost is the
-mean of the step records' ``seconds`` after ``--warmup`` steps: a whole number of K-FAC decomposition intervals, so
-the decompositions are counted at their share. Each K-FAC cell is measured a second time with its only
-decomposition at the first step (inside the warm-up): the difference is the part of its step that is
-decompositions, which distkfac shares out among the ranks; with it go the share-out factors for P = 1, 2, 4, ...
+median of the step records' ``seconds`` after ``--warmup`` steps (a median: on a shared VM a few slow steps moved
+the mean of a cell by up to 50% between runs). For K-FAC, the median of the steps that do not decompose, plus the
+part that is decompositions: the decomposing steps' median excess over the others, spread over the interval, which
+distkfac shares out among the ranks; with it go the share-out factors for P = 1, 2, 4, ...
 ranks, from ``distkfac.assign_work`` on the run's factor shapes (config.json's ``derived.kfac_factor_shapes``). The
 result goes to ``<study out_dir>/step_cost.json``, which the study's report reads (study.critical_report, "Cost");
 ``python -m study report --config <study>`` redraws it.
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,30 +51,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60, help="steps per measurement (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out first (default 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: one worker's)")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of every cell, interleaved (default 3)")
     parser.add_argument("--out", help=f"output file (default <study out_dir>/{STEP_COST_JSON})")
     return parser.parse_args(argv)
 
 
 def measure_cell(
-    study: StudyConfig, cell: Cell, steps: int, warmup: int, threads: int, extra: Sequence[str] = ()
-) -> tuple[float, dict[str, Any]]:
-    """Mean seconds per training step of ``cell`` after ``warmup`` steps, in a fresh ``jobs.train`` process run with
-    the ``extra`` overrides; and the run's resolved configuration (its config.json)."""
+    study: StudyConfig, cell: Cell, steps: int, warmup: int, threads: int
+) -> tuple[dict[int, float], dict[str, Any]]:
+    """Seconds of each training step of ``cell`` after ``warmup`` steps, in a fresh ``jobs.train`` process; and the
+    run's resolved configuration (its config.json)."""
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "cell.toml"
         config.write_text(cell_toml(study, cell))
         overrides = [*MEASURE_OVERRIDES, f"run.steps={steps}", f"run.threads={threads}", f"run.out_dir={tmp}/run"]
-        command = [sys.executable, "-m", "jobs.train", "--config", str(config), *overrides, *extra]
+        command = [sys.executable, "-m", "jobs.train", "--config", str(config), *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"cell {cell.name}: jobs.train failed ({done.returncode}):\n{done.stderr[-2000:]}")
         records = [r for r in read_metrics(Path(tmp) / "run") if r.get("kind") == "step"]
         resolved = json.loads((Path(tmp) / "run" / "config.json").read_text())
-    timed = [float(r["seconds"]) for r in records if int(r["step"]) > warmup]
+    timed = {int(r["step"]): float(r["seconds"]) for r in records if int(r["step"]) > warmup}
     if not timed:
         raise RuntimeError(f"cell {cell.name}: no step records after step {warmup} (raise --steps)")
-    return sum(timed) / len(timed), resolved
+    return timed, resolved
+
+
+def step_cost(step_seconds: dict[int, float], interval: int | None) -> tuple[float, float | None]:
+    """(seconds per step, of which decompositions) from one run's timed steps. Without a decomposition ``interval``
+    (not K-FAC), the median step and None. With one, the decomposing steps are the residue of the step number
+    modulo ``interval`` whose steps take longest: the cost is the others' median plus the decompositions' part, the
+    decomposing steps' median excess over the others spread over the interval (same run, same machine state).
+    None for the part where the timed steps do not tell them apart (every step decomposes, or one residue only)."""
+    classes: dict[int, list[float]] = {}
+    for step, seconds in step_seconds.items():
+        classes.setdefault(step % interval if interval else 0, []).append(seconds)
+    if len(classes) < 2:
+        return statistics.median(step_seconds.values()), None
+    medians = {residue: statistics.median(values) for residue, values in classes.items()}
+    slowest = max(medians, key=lambda residue: medians[residue])
+    others = statistics.median(s for residue, values in classes.items() if residue != slowest for s in values)
+    part = max(0.0, (medians[slowest] - others) / (interval or 1))
+    return others + part, part
 
 
 def decomposition_speedups(resolved: dict[str, Any], largest: int) -> dict[str, float]:
@@ -94,44 +114,54 @@ def decomposition_speedups(resolved: dict[str, Any], largest: int) -> dict[str, 
     return speedups
 
 
-def measure_kfac_decompositions(study: StudyConfig, cell: Cell, args: argparse.Namespace, seconds: float) -> float:
-    """The part of K-FAC's step that is decompositions: the step measured again with its only decomposition at the
-    first step (inside the warm-up), subtracted; 0 where noise makes it negative."""
-    without, _ = measure_cell(
-        study, cell, args.steps, args.warmup, args.threads, extra=(f"kfac.inv_update_steps={args.steps + 1}",)
-    )
-    return max(0.0, seconds - without)
+def measure_rounds(study: StudyConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Every cell measured once per round, ``args.rounds`` rounds (a drift of the machine touches every cell alike),
+    and the median over rounds: seconds per step, decompositions' part, distkfac's share-out, and the spread."""
+    samples: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+    speedups: dict[str, float] = {}
+    for round_index in range(args.rounds):
+        for cell in study.cells():
+            step_seconds, resolved = measure_cell(study, cell, args.steps, args.warmup, args.threads)
+            kfac = bool(resolved["derived"]["kfac_factor_shapes"])
+            seconds, share = step_cost(step_seconds, int(resolved["kfac"]["inv_update_steps"]) if kfac else None)
+            samples.setdefault((cell.optimizer, str(cell.batch_size)), []).append((seconds, share))
+            line = f"round {round_index + 1}, {cell.name}: {seconds * 1e3:.2f} ms/step"
+            if share is not None:
+                speedups = decomposition_speedups(resolved, max(study.batch_sizes) // min(study.batch_sizes))
+                line += f", of which decompositions {share * 1e3:.2f}"
+            print(line, flush=True)
+    costs: dict[str, dict[str, float]] = {}
+    spread: dict[str, dict[str, float]] = {}
+    decompositions: dict[str, dict[str, float]] = {}
+    for (optimizer, batch), values in samples.items():
+        rounds = [s for s, _ in values]
+        costs.setdefault(optimizer, {})[batch] = statistics.median(rounds)
+        spread.setdefault(optimizer, {})[batch] = max(rounds) / min(rounds)
+        if parts := [part for _, part in values if part is not None]:
+            decompositions.setdefault(optimizer, {})[batch] = statistics.median(parts)
+    return {
+        "seconds_per_step": costs,
+        "max_over_min_of_rounds": spread,
+        "decomposition_seconds_per_step": decompositions,
+        "decomposition_speedup": speedups,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.steps <= args.warmup:
-        raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    if args.steps <= args.warmup or args.rounds < 1:
+        raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}, and --rounds be at least 1")
     study = load_study(args.config)
-    costs: dict[str, dict[str, float]] = {}
-    decompositions: dict[str, dict[str, float]] = {}
-    speedups: dict[str, float] = {}
     started = time.monotonic()
-    for cell in study.cells():
-        seconds, resolved = measure_cell(study, cell, args.steps, args.warmup, args.threads)
-        costs.setdefault(cell.optimizer, {})[str(cell.batch_size)] = seconds
-        line = f"{cell.name}: {seconds * 1e3:.2f} ms/step"
-        if resolved["derived"]["kfac_factor_shapes"] and cell.optimizer == "kfac":
-            share = measure_kfac_decompositions(study, cell, args, seconds)
-            decompositions.setdefault(cell.optimizer, {})[str(cell.batch_size)] = share
-            speedups = decomposition_speedups(resolved, max(study.batch_sizes) // min(study.batch_sizes))
-            line += f", of which decompositions {share * 1e3:.2f}"
-        print(line, flush=True)
     result: dict[str, Any] = {
         "study": str(args.config),
         "command": "python -m benchmarks.step_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": args.threads,
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()}",
-        "seconds_per_step": costs,
-        "decomposition_seconds_per_step": decompositions,
-        "decomposition_speedup": speedups,
+        **measure_rounds(study, args),
     }
     out = Path(args.out) if args.out else study.out_dir / STEP_COST_JSON
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -216,6 +216,19 @@ def _plot(out_dir: Path, steps: Mapping[str, Mapping[int, float]], costs: StepCo
     return True
 
 
+def _spread_lines(measured: Mapping[str, Any]) -> list[str]:
+    """How far the step costs moved between the benchmark's rounds: a lead smaller than that is not measured."""
+    spreads = [r for by_batch in measured.get("max_over_min_of_rounds", {}).values() for r in by_batch.values()]
+    if not spreads:
+        return []
+    return [
+        f"A cell's step cost moved by up to {max(spreads):.2f}x between the benchmark's {measured.get('rounds')} "
+        f"rounds (median {sorted(spreads)[len(spreads) // 2]:.2f}x; the table uses each cell's median over them): "
+        "a lead smaller than that is within the machine's noise.",
+        "",
+    ]
+
+
 def _sharing_lines(costs: StepCosts, curves: Mapping[str, list[FrontierPoint]],
                    unshared: Mapping[str, list[FrontierPoint]]) -> list[str]:  # fmt: skip
     """What sharing the decompositions out changes: their part of the step, and the frontier's largest gain."""
@@ -266,6 +279,7 @@ def cost_section(
         "",
         *_cell_table(steps, costs, wall),
         *_frontier_table(curves),
+        *_spread_lines(measured),
         *_sharing_lines(costs, curves, unshared),
     ]
     if _plot(out_dir, steps, costs, curves, unshared):

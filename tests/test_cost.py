@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from benchmarks.step_cost import decomposition_speedups
+from benchmarks.step_cost import decomposition_speedups, step_cost
 from study.cost import StepCosts, cost_section, fastest_by_devices, frontier, load_step_costs, time_to_target
 
 
@@ -99,7 +100,8 @@ def test_cost_section_charges_shared_decompositions_and_says_what_sharing_change
         "command": "python -m benchmarks.step_cost --config x.toml", "machine": "test", "threads": 1,
         "seconds_per_step": {"sgd": {"64": 0.002, "128": 0.003}, "kfac": {"64": 0.01, "128": 0.012}},
         "decomposition_seconds_per_step": {"kfac": {"64": 0.006, "128": 0.006}},
-        "decomposition_speedup": {"1": 1.0, "2": 1.5},
+        "decomposition_speedup": {"1": 1.0, "2": 1.5}, "rounds": 3,
+        "max_over_min_of_rounds": {"sgd": {"64": 1.1, "128": 1.3}, "kfac": {"64": 1.2, "128": 1.05}},
     }))  # fmt: skip
     text = "\n".join(cost_section(tmp_path, steps, {}))
     assert "| kfac | 128 | 200 | 12.00 | 6.00 | 2.40 | – |" in text
@@ -107,12 +109,14 @@ def test_cost_section_charges_shared_decompositions_and_says_what_sharing_change
     assert "| 2 | 0.84 s at B = 128 | 1.60 s at B = 128 | sgd (1.90x) |" in text
     assert "kfac's decompositions are 50%–60% of its step on one device" in text
     assert "with every decomposition on every device it would be up to 1.25x slower" in text  # 2.00 / 1.60
+    assert "moved by up to 1.30x between the benchmark's 3 rounds (median 1.20x;" in text
 
 
 def test_decomposition_speedups_follow_distkfac_assignment_of_the_runs_factors() -> None:
     # An MLP 784-512-10: factors A 785, G 512, A 513, G 10. The largest alone bounds the share-out.
+    kfac: dict[str, Any] = {"strategy": "comm-opt", "grad_worker_fraction": 0.0, "split_factors_above": 0}
     resolved = {
-        "kfac": {"strategy": "comm-opt", "grad_worker_fraction": 0.0, "split_factors_above": 0},
+        "kfac": kfac,
         "derived": {"kfac_factor_shapes": [[["dense", 785], ["dense", 512]], [["dense", 513], ["dense", 10]]]},
     }
     costs = [785.0**3, 512.0**3, 513.0**3, 10.0**3]
@@ -120,5 +124,16 @@ def test_decomposition_speedups_follow_distkfac_assignment_of_the_runs_factors()
     assert list(speedups) == ["1", "2", "4", "8"] and speedups["1"] == 1.0
     assert speedups["2"] == pytest.approx(sum(costs) / 785.0**3)  # 785 alone; the rest on the other rank
     assert speedups["8"] == pytest.approx(sum(costs) / 785.0**3)
-    resolved["kfac"]["split_factors_above"] = 256  # blocks of at most 256: the share-out goes on
+    kfac["split_factors_above"] = 256  # blocks of at most 256: the share-out goes on
     assert decomposition_speedups(resolved, 8)["8"] > 2 * speedups["8"]
+
+
+def test_step_cost_adds_the_decomposing_steps_excess_spread_over_the_interval() -> None:
+    # Every 10th step (here those with step % 10 == 1) also decomposes, for 50 ms more than the others' 10 ms; two
+    # slow outliers (a shared machine) move neither the median nor the decompositions' part.
+    step_seconds = {step: 0.010 + (0.050 if step % 10 == 1 else 0.0) for step in range(11, 61)}
+    step_seconds[15] = step_seconds[27] = 0.5
+    assert step_cost(step_seconds, 10) == (pytest.approx(0.015), pytest.approx(0.005))
+    assert step_cost({step: 0.01 for step in range(11, 61)}, 10) == (0.01, 0.0)
+    assert step_cost(step_seconds, 1) == (0.010, None)  # every step decomposes: nothing to tell apart
+    assert step_cost(step_seconds, None) == (0.010, None)  # not K-FAC: the median step

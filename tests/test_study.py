@@ -110,7 +110,7 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     # the experiments are complete, so nothing is trained again, and the report gains its Cost section.
     costs = out / "step_cost.json"
     measure = [PYTHON, "-m", "benchmarks.step_cost", "--config", str(tmp_path / "study.toml"), "--steps", "12",
-               "--warmup", "10", "--out", str(costs)]  # fmt: skip
+               "--warmup", "10", "--rounds", "1", "--out", str(costs)]  # fmt: skip
     measured = subprocess.run(measure, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert measured.returncode == 0, measured.stderr[-4000:]
     measured_costs = json.loads(costs.read_text())
