@@ -25,9 +25,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from study.config import Cell, StudyConfig, StudyError, cell_toml, check_cells, config_toml
+
+if TYPE_CHECKING:
+    from jobs.config import Config
 
 __all__ = ["run_study"]
 
@@ -95,25 +98,42 @@ def _run_given(study: StudyConfig, cells: list[Cell], out: Path, log: Log) -> li
 def _given_summary(config_path: Path, run_dir: Path, target: float, log: Log, name: str) -> dict[str, Any]:
     """The summary of the run of ``config_path`` in ``run_dir``: a run that ended before (finished or diverged, as its
     summary.json says) is not trained again; one that stopped or failed is continued from its newest checkpoint."""
+    from jobs.config import load_config
     from jobs.outcome import RunEnd, read_summary
 
+    config = load_config(config_path, [f"run.out_dir={json.dumps(str(run_dir))}"])
+    _set_aside_other_run(run_dir, config, log, name)
     diverged = {"target_accuracy": target or None, "reached_target": False}
     before = read_summary(run_dir)
     if before is not None and before["end"] in (RunEnd.FINISHED, RunEnd.DIVERGED):
         log(f"{name}: done before ({before['end']}), reusing {run_dir / 'summary.json'}")
         return before if before["end"] == RunEnd.FINISHED else diverged
-    from jobs.config import load_config
     from jobs.loop import TrainingDiverged, run_training
     from jobs.parallel import SingleContext
 
     log(f"{name}: training")
-    config = load_config(config_path, [f"run.out_dir={json.dumps(str(run_dir))}"])
     config.run.resume = True  # a run killed before is continued from its newest checkpoint
     try:
         return asdict(run_training(config, SingleContext(), log=lambda message: None))
     except TrainingDiverged as exc:
         log(f"  {name}: diverged: {exc}")
         return diverged
+
+
+def _set_aside_other_run(run_dir: Path, config: Config, log: Log, name: str) -> None:
+    """Renames ``run_dir`` to ``<name>.superseded<n>`` when it holds a run of another configuration (a cell's best
+    trial that changed when its search went on, or a changed given value), so that it is neither reused as this
+    run's result nor lost."""
+    from jobs.config import trajectory_differences
+
+    saved = run_dir / "config.json"
+    if not saved.is_file() or not (differences := trajectory_differences(json.loads(saved.read_text()), config)):
+        return
+    number = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.superseded{number}")).exists():
+        number += 1
+    run_dir.rename(aside)
+    log(f"{name}: {run_dir} held a run of another configuration ({'; '.join(differences)}): moved to {aside}")
 
 
 def parse_pairs(overrides: tuple[str, ...]) -> list[tuple[str, Any]]:

@@ -221,6 +221,18 @@ def test_given_study_with_variants_on_real_mnist_continues_where_it_stopped(tmp_
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stderr.count("done before") == 6 and again.stderr.count(": training") == 2
 
+    # A given value changed: SGD's finished runs are of another configuration now. They are trained again, and the
+    # old runs are moved aside, not reused as the new value's result and not deleted.
+    changed = _study(tmp_path, text.replace('[given.sgd]\n"optim.lr" = 0.05', '[given.sgd]\n"optim.lr" = 0.04'))
+    assert changed.returncode == 0, changed.stderr[-4000:]
+    assert changed.stderr.count("done before") == 4 and changed.stderr.count(": training") == 4
+    assert changed.stderr.count("held a run of another configuration (optim.lr: checkpoint 0.05, now 0.04)") == 4
+    for cell in ("plain-sgd-b64", "residual-sgd-b256"):
+        assert json.loads((out / "runs" / cell / "config.json").read_text())["optim"]["lr"] == 0.04
+        aside = out / "runs" / f"{cell}.superseded1"
+        assert json.loads((aside / "config.json").read_text())["optim"]["lr"] == 0.05
+        assert (aside / "summary.json").is_file()
+
 
 @pytest.mark.parametrize(
     ("change", "message"),
