@@ -236,7 +236,7 @@ def test_ranks_with_different_models_are_told_so(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_scale_model_predicts_the_bytes_and_calls_of_every_rank(world: int, out_root: Path) -> None:
-    """benchmarks/scale_model.py counts, from the exchanges' plans and the cost model alone, exactly the bytes and
+    """benchmarks/scale_model/ counts, from the exchanges' plans and the cost model alone, exactly the bytes and
     collectives each rank counted over gloo, purpose by purpose, for every configuration (DDP ones average their
     gradients outside the counters; two passes launch every bucket twice; asynchronous decompositions are shared one
     interval late)."""

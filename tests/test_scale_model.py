@@ -1,4 +1,4 @@
-"""benchmarks/scale_model.py: its byte and memory counts against a real preconditioner driven by a counting
+"""benchmarks/scale_model/: its byte and memory counts against a real preconditioner driven by a counting
 communicator (one process, rank by rank), the alpha-beta formulas, the decomposition speed-ups and KAISA's column.
 
 The torchrun runs of tests/test_distributed.py check the same byte counts against real gloo runs at P = 2 and 4.
