@@ -245,8 +245,9 @@ def _sharing_lines(costs: StepCosts, curves: Mapping[str, list[FrontierPoint]],
             f"{optimizer}'s decompositions are {min(shares):.0%}–{max(shares):.0%} of its step on one device; "
             f"distkfac shares them out up to {largest:.2f}x (the sum of their n^3 costs over the busiest rank's, "
             f"at {max(costs.speedup)} ranks). The frontier above charges them so; with every decomposition on "
-            f"every device it would be up to {max(gains):.2f}x slower."
-        )
+            + (f"every device it would be up to {max(gains):.2f}x slower." if max(gains) >= 1.005 else
+               "every device it would be the same, within 0.5%.")
+        )  # fmt: skip
     return [" ".join(lines), ""] if lines else []
 
 

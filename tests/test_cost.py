@@ -110,6 +110,10 @@ def test_cost_section_charges_shared_decompositions_and_says_what_sharing_change
     assert "kfac's decompositions are 50%–60% of its step on one device" in text
     assert "with every decomposition on every device it would be up to 1.25x slower" in text  # 2.00 / 1.60
     assert "moved by up to 1.30x between the benchmark's 3 rounds (median 1.20x;" in text
+    unshareable = json.loads((tmp_path / "step_cost.json").read_text()) | {"decomposition_speedup": {"1": 1, "2": 1}}
+    (tmp_path / "step_cost.json").write_text(json.dumps(unshareable))  # one factor holds all the work
+    text = "\n".join(cost_section(tmp_path, steps, {}))
+    assert "with every decomposition on every device it would be the same, within 0.5%." in text
 
 
 def test_decomposition_speedups_follow_distkfac_assignment_of_the_runs_factors() -> None:
