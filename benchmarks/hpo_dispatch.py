@@ -49,7 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "jobs" / "configs" / "smoke.toml"  # validated by the driver, never trained here
 
 
-def sleep_trial(experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path, launch: Any) -> dict[str, Any]:
+def sleep_trial(
+    experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path, launch: Any, checkpoint_every_s: float
+) -> dict[str, Any]:
     """The trivial objective: sleeps, and returns a loss from the proposed learning rate (so TPE has a signal).
     With a pruner (``--pruner``), it writes a run folder whose metrics.jsonl gains 4 evaluations during the sleep,
     which the worker's curve thread stores and judges as it would a real run's."""

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from hpo_worker.attempts import CHECKPOINT_EVERY_S
 from hpo_worker.pending import PENDING_LIES, STARTUP_TRIALS
 from hpo_worker.pruning import PRUNED_HISTORY, PRUNERS, PrunerSettings
 from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
@@ -137,6 +138,11 @@ def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="while idle, requeue trials without heartbeat for this long (0 = leave it to the driver)",
     )
     worker.add_argument("--max-retries", type=int, default=2)
+    worker.add_argument(
+        "--checkpoint-every-s", type=float, default=CHECKPOINT_EVERY_S, metavar="SECONDS",
+        help=f"each trial checkpoints this often, and a trial reserved again continues from its earlier attempt's "
+        f"newest checkpoint (default {CHECKPOINT_EVERY_S:g}; 0 = only at the end)",
+    )  # fmt: skip
     worker.add_argument("--poll", type=float, default=0.2, help="seconds between polls of an empty queue")
     trials = worker.add_argument_group("distributed trials (default: each trial in this process, one rank)")
     trials.add_argument(
@@ -299,10 +305,12 @@ def _worker(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     if launch.launcher != "none" and shutil.which(launch.command([])[0]) is None:
         raise UsageError(f"--launcher {launch.launcher}: {launch.command([])[0]} is not on PATH")
+    if args.checkpoint_every_s < 0:
+        raise UsageError(f"--checkpoint-every-s must be >= 0 (0 = only at the end), not {args.checkpoint_every_s:g}")
     options = WorkerOptions(
         exp_key=args.exp, workdir=args.workdir, idle_timeout_s=args.idle_timeout, heartbeat_s=args.heartbeat,
         poll_s=args.poll, max_trials=args.max_trials, grace_s=args.grace, max_retries=args.max_retries,
-        launch=launch,
+        launch=launch, checkpoint_every_s=args.checkpoint_every_s,
     )  # fmt: skip
     with _store(args, may_start=False) as store:
         return run_worker(store, options)

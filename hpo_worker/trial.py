@@ -1,7 +1,8 @@
 """Running one trial: a ``jobs`` training run, in this process or as a distributed run under a launcher.
 
 A trial's configuration is the experiment's base config (its TOML text is stored with the experiment, so the worker
-needs no file from the driver's machine) plus the trial's ``spec.overrides`` plus ``run.out_dir=<out_dir>/run``.
+needs no file from the driver's machine) plus the trial's ``spec.overrides`` plus ``run.out_dir=<out_dir>/run`` and
+``run.checkpoint_every_s`` (the worker's ``--checkpoint-every-s``), so that a stopped trial loses little.
 
 - ``TrialLaunch("none")``: ``jobs.loop.run_training`` in this process (one rank).
 - ``TrialLaunch("srun" | "mpirun" | "torchrun", ranks=N)``: ``python -m jobs.train`` as N ranks under that launcher,
@@ -35,7 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hpo_worker.attempts import CHECKPOINT_EVERY_S, RUN_DIR
 from hpo_worker.pruning import Report
+from jobs.checkpoint import has_checkpoint
 from jobs.metrics import read_metrics
 from jobs.outcome import RunEnd, end_from_exit_status, read_summary
 
@@ -51,7 +54,7 @@ OBJECTIVES = ("test_loss", "test_error", "train_error", "steps_to_target", "best
 SUMMARY_KEYS = (
     "test_loss", "test_accuracy", "train_loss", "train_accuracy", "steps", "total_steps", "seconds",
     "target_accuracy", "reached_target", "steps_to_target", "examples_to_target", "noise_scale",
-    "best_test_accuracy", "best_test_step", "kl_clipped_fraction",
+    "best_test_accuracy", "best_test_step", "kl_clipped_fraction", "resumed_from",
 )  # fmt: skip
 
 
@@ -184,20 +187,29 @@ def _diverged(message: str, out_dir: Path, started: float) -> dict[str, Any]:
     }
 
 
-def _prepare(experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path) -> tuple[Path, list[str]]:
+def _prepare(
+    experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path, checkpoint_every_s: float
+) -> tuple[Path, list[str]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / f"{experiment.get('config_name') or 'base'}.toml"
     base.write_text(str(experiment["config_text"]))
-    overrides = [*doc["spec"]["overrides"], f"run.out_dir={json.dumps(str(out_dir / 'run'))}", "run.progress=false"]
+    run_dir = out_dir / RUN_DIR
+    overrides = [*doc["spec"]["overrides"], f"run.out_dir={json.dumps(str(run_dir))}", "run.progress=false"]
+    overrides.append(f"run.checkpoint_every_s={checkpoint_every_s!r}")
+    if has_checkpoint(run_dir) is not None:  # an earlier attempt's run, copied here (hpo_worker.attempts)
+        overrides.append("run.resume=true")
     return base, overrides
 
 
 def run_trial(
-    experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path, launch: TrialLaunch | None = None
-) -> dict[str, Any]:
-    """Trains the trial and returns its hyperopt result. Bad configs and failed runs raise ``ValueError``."""
+    experiment: Mapping[str, Any], doc: Mapping[str, Any], out_dir: Path, launch: TrialLaunch | None = None,
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+) -> dict[str, Any]:  # fmt: skip
+    """Trains the trial and returns its hyperopt result. Bad configs and failed runs raise ``ValueError``. A run
+    already in ``out_dir/run`` (an earlier attempt's, :mod:`hpo_worker.attempts`) is continued from its checkpoint.
+    """
     launch = launch or TrialLaunch()
-    base, overrides = _prepare(experiment, doc, out_dir)
+    base, overrides = _prepare(experiment, doc, out_dir, checkpoint_every_s)
     objective = str(experiment.get("objective", "test_loss"))
     if launch.launcher == "none":
         return _run_here(base, overrides, out_dir, objective)

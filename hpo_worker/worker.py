@@ -1,8 +1,10 @@
 """The worker: reserves queued trials one at a time and runs each as a ``jobs`` training run.
 
 Each trial runs in ``<workdir>/<exp>/trial<tid>.<attempt>``, in this process or under a launcher as a distributed run
-(:mod:`hpo_worker.trial`). The result (``loss``, ``status``, ``test_accuracy``, ``test_loss``, the learning curve
-from the run's ``metrics.jsonl``) is stored in the trial document. While it trains, a thread stores its curve of
+(:mod:`hpo_worker.trial`), checkpointing every ``checkpoint_every_s``; a trial reserved again continues from its
+earlier attempt's newest checkpoint (:mod:`hpo_worker.attempts`). The result (``loss``, ``status``,
+``test_accuracy``, ``test_loss``, the learning curve from the run's ``metrics.jsonl``) is stored in the trial
+document. While it trains, a thread stores its curve of
 intermediate values and asks the experiment's pruner whether to stop it (:mod:`hpo_worker.curves`); a pruned trial
 is stored in its own state.
 
@@ -29,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from hpo_worker.attempts import CHECKPOINT_EVERY_S, prepare_attempt
 from hpo_worker.curves import CurveWatcher
 from hpo_worker.liveness import Heartbeat, StaleMonitor
 from hpo_worker.result_file import KeptResult, find_kept, keep, mark_stored, trial_dir
@@ -38,7 +41,8 @@ from hpo_worker.trial import TrialLaunch, run_trial
 __all__ = ["WorkerOptions", "WorkerTerminated", "make_owner", "run_worker"]
 
 EXIT_TERMINATED = 143
-TrialFn = Callable[[Mapping[str, Any], Mapping[str, Any], Path, TrialLaunch], dict[str, Any]]
+# (experiment, trial document, the attempt's folder, launch, checkpoint_every_s) -> the trial's result
+TrialFn = Callable[[Mapping[str, Any], Mapping[str, Any], Path, TrialLaunch, float], dict[str, Any]]
 Log = Callable[[str], None]
 
 
@@ -69,6 +73,7 @@ class WorkerOptions:
     grace_s: float = 60.0  # for requeueing other workers' trials while idle (0 = never)
     max_retries: int = 2
     launch: TrialLaunch = field(default_factory=TrialLaunch)
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S  # the trials' run.checkpoint_every_s
     # What runs a trial: jobs training (the default). The dispatch benchmark swaps in a trivial objective.
     trial_fn: TrialFn = run_trial
 
@@ -132,7 +137,8 @@ def _run(
             try:
                 if signals.terminate:  # SIGTERM came after the reservation, before the trial started
                     raise WorkerTerminated()
-                outcome: Outcome = (options.trial_fn(experiment, doc, out_dir, options.launch), None)
+                result = options.trial_fn(experiment, doc, out_dir, options.launch, options.checkpoint_every_s)
+                outcome: Outcome = (result, None)
             finally:
                 signals.running = False
         except WorkerTerminated:
@@ -160,6 +166,9 @@ def _train(
     else:
         say(f"trial {tid} of {doc['exp_key']}: {' '.join(doc['spec']['overrides'])}")
         out_dir = trial_dir(options.workdir, doc)
+        carried = prepare_attempt(out_dir, doc, experiment, options.launch.ranks)
+        if carried:
+            say(f"trial {tid}: {carried}")
         (result, error), lost = _run(store, doc, owner, experiment, out_dir, options, signals, say)
         kept = KeptResult(keep(out_dir, doc, result, error), result, error)
         if lost:

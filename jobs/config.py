@@ -11,8 +11,9 @@ A config file has up to five tables; every key is optional and falls back to the
              gamma, end_lr, end_factor, warmup_steps, warmup_epochs, base_batch_size, layer_order, skip_*
     [kfac]   the arguments of distkfac.KFACPreconditioner (used when optim.name = "kfac"), and damping_adaptive,
              damping_interval, damping_min, damping_max (adaptive Levenberg-Marquardt damping)
-    [run]    out_dir, epochs or steps, step_cap, diverge_above, seed, checkpoint_every, keep_checkpoints, eval_every,
-             eval_every_steps, log_every, resume, stop_after_steps, progress, backend, ddp, threads, tensorboard,
+    [run]    out_dir, epochs or steps, step_cap, diverge_above, seed, checkpoint_every, checkpoint_every_s,
+             keep_checkpoints, eval_every, eval_every_steps, log_every, resume, stop_after_steps, progress, backend,
+             ddp, threads, tensorboard,
              deterministic, target_accuracy, stop_at_target, noise_every, train_eval_examples, fisher_every,
              fisher_every_epochs, fisher_layer, fisher_examples, fisher_trim, outlier_k, fisher_save, loss,
              dynamics_every, rank_threshold, phase_tolerance, phase_min_steps
@@ -189,6 +190,9 @@ class RunConfig:
     step_cap: int = 0  # with epochs: the run ends at this step if its epochs have not ended it (0 = no cap)
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
+    # Also a checkpoint once this many seconds have passed since the last one (0 = off): rank 0's clock, read at the
+    # logged steps (run.log_every), decides for every rank. For runs of unknown step cost, e.g. tuning trials.
+    checkpoint_every_s: float = 0.0
     keep_checkpoints: int = 2  # the newest N are kept (0 = all)
     eval_every: int = 1  # epochs between evaluations on the test split (0 = only at the end)
     log_every: int = 1  # steps between per-step metric records
@@ -266,7 +270,8 @@ _OPTIM_KEYS: Final[dict[str, frozenset[str]]] = {name: entry.keys for name, entr
 # Not here: target_accuracy and stop_at_target (they decide where the run ends and what steps_to_target means) and
 # noise_every (the noise-scale average in the checkpoint is only meaningful for one measuring interval).
 _BOOKKEEPING_RUN_KEYS: Final = frozenset(
-    {"out_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "resume", "stop_after_steps"}
+    {"out_dir", "checkpoint_every", "checkpoint_every_s", "keep_checkpoints", "eval_every", "log_every", "resume"}
+    | {"stop_after_steps"}
     | {"progress", "tensorboard", "backend", "threads", "eval_every_steps", "train_eval_examples"}
     | {"fisher_every", "fisher_every_epochs", "fisher_layer", "fisher_examples", "fisher_trim", "outlier_k"}
     | {"fisher_save"}  # the diagnostics only read the model
@@ -595,8 +600,8 @@ def _validate_run(r: RunConfig, d: DataConfig) -> None:
         raise ConfigError(
             f"give exactly one of run.epochs and run.steps (> 0); got epochs = {r.epochs}, steps = {r.steps}"
         )
-    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "stop_after_steps", "threads", "step_cap",
-                "diverge_above"):  # fmt: skip
+    for key in ("checkpoint_every", "checkpoint_every_s", "keep_checkpoints", "eval_every", "stop_after_steps",
+                "threads", "step_cap", "diverge_above"):  # fmt: skip
         _positive(f"run.{key}", getattr(r, key), zero_ok=True)
     _positive("run.log_every", r.log_every)
     for key in ("eval_every_steps", "noise_every", "train_eval_examples", "fisher_every", "fisher_every_epochs"):

@@ -353,6 +353,8 @@ class TrainingRun:
         self.train_accuracy: float | None = None
         self.stopped_early = False
         self.prune_reason: str | None = None  # why the starter asked the run to stop (jobs.outcome.PRUNE_REQUEST)
+        self.last_checkpoint = time.monotonic()  # rank 0's clock for run.checkpoint_every_s
+        self.checkpoint_due = False  # run.checkpoint_every_s has passed (rank 0's answer, shared at a logged step)
         # A resumed run that had stopped at its target is finished: it only reports.
         self.at_target = config.run.stop_at_target and self.steps_to_target is not None
 
@@ -580,12 +582,15 @@ class TrainingRun:
         self, epoch: int, lr: float, tick: float, batch_totals: torch.Tensor, extra_fields: dict[str, Any]
     ) -> None:
         """The step's record (its batch over all ranks); a NaN or infinite loss ends the run as diverged. Rank 0's
-        answer to "was the run asked to stop?" rides on the same all-reduce, so every rank stops after this step."""
+        answers to "was the run asked to stop?" and "is a timed checkpoint due?" ride on the same all-reduce, so
+        every rank acts on them after this step."""
         request = self._prune_request()
-        asked = torch.tensor([float(request is not None)], dtype=batch_totals.dtype, device=batch_totals.device)
-        loss_sum, correct, count, stop = _summed(torch.cat([batch_totals, asked]), self.context, "step sums")
+        asks = [float(request is not None), float(self._checkpoint_time_here())]
+        asked = torch.tensor(asks, dtype=batch_totals.dtype, device=batch_totals.device)
+        loss_sum, correct, count, stop, due = _summed(torch.cat([batch_totals, asked]), self.context, "step sums")
         if stop > 0 and self.step < self.total_steps:
             self.prune_reason = request or "asked by the program that started the run"
+        self.checkpoint_due = due > 0
         limit = self.config.run.diverge_above
         if not torch.isfinite(torch.tensor(loss_sum)) or (limit and loss_sum / count > limit):
             above = f", above run.diverge_above = {limit:g}" if limit and math.isfinite(loss_sum) else ""
@@ -620,6 +625,11 @@ class TrainingRun:
         except FileNotFoundError:
             return None
 
+    def _checkpoint_time_here(self) -> bool:
+        """Rank 0: whether run.checkpoint_every_s has passed since the last checkpoint (or the start)."""
+        every = self.config.run.checkpoint_every_s
+        return self.is_main and every > 0 and time.monotonic() - self.last_checkpoint >= every
+
     def _after_step(self, epoch: int, lr: float) -> None:
         """The epoch's record, an evaluation, a checkpoint and run.stop_after_steps, when they fall on this step."""
         run, step = self.config.run, self.step
@@ -639,7 +649,8 @@ class TrainingRun:
                 self.at_target = run.stop_at_target
                 if self.at_target and not (epoch_done or last):
                     self.log_epoch(epoch, lr)  # the partial epoch, as at the end of a run
-        if self.at_target or last or (run.checkpoint_every and step % run.checkpoint_every == 0):
+        periodic = run.checkpoint_every and step % run.checkpoint_every == 0
+        if self.at_target or last or periodic or self.checkpoint_due:
             self.checkpoint(epoch + int(epoch_done))
         if run.stop_after_steps and step >= run.stop_after_steps and step < self.total_steps and not self.at_target:
             self.stopped_early = True
@@ -709,6 +720,7 @@ class TrainingRun:
             ckpt.write_manifest(folder, name, digests)
             ckpt.mark_latest(folder, name)
             ckpt.prune_checkpoints(folder, self.config.run.keep_checkpoints)
+        self.last_checkpoint, self.checkpoint_due = time.monotonic(), False
 
     def _rank_state(self) -> dict[str, Any]:
         return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -383,6 +384,34 @@ def test_sigterm_puts_trial_back(mongo: str, db: Any, tmp_path: Path) -> None:
     assert doc["state"] == TrialState.NEW and doc["owner"] is None and doc["attempts"] == 0
     driver.kill()
     driver.wait()
+
+
+def test_a_trial_stopped_by_sigterm_continues_from_its_checkpoint(mongo: str, db: Any, tmp_path: Path) -> None:
+    driver = _driver(mongo, tmp_path, "again", 1, "--queue-size", "1", steps=3000)
+    first = _worker(mongo, tmp_path, "--idle-timeout", "20", "--checkpoint-every-s", "0.2")
+    exp_dir = tmp_path / "runs" / "again"
+    _wait_for(lambda: list(exp_dir.glob("trial0.*/run/checkpoints/latest")), timeout=60, what="a timed checkpoint")
+    first.send_signal(signal.SIGTERM)
+    rc, out = _finish(first, 20)
+    assert rc == 143 and "back in the queue" in out, out
+    second = _worker(mongo, tmp_path, "--idle-timeout", "5", "--checkpoint-every-s", "0.2")
+    rc, out = _finish(driver, 120)
+    assert rc == 0, out
+    rc, out = _finish(second)
+    (doc,) = _check_complete(db, "again", 1)
+    earlier = sorted(exp_dir.glob("trial0.*"))[0].name
+    assert f"trial 0: continues from {earlier}'s checkpoint at step " in out, out
+    assert 0 < doc["result"]["resumed_from"] < 3000
+    # The same trial trained without a stop ends with the same test loss, bit for bit.
+    attempt = Path(doc["result"]["out_dir"])
+    whole = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", str(attempt / "base.toml"), *doc["spec"]["overrides"],
+         f"run.out_dir={tmp_path / 'whole'}", "run.progress=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert summary["test_loss"] == doc["result"]["test_loss"] and summary["steps"] == doc["result"]["steps"] == 3000
 
 
 def test_unreachable_url_is_a_clear_error(tmp_path: Path) -> None:

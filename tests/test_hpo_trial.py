@@ -1,6 +1,6 @@
 """hpo_worker.trial without a server: the objectives TPE minimises, launcher command lines and their errors, how a
 launched run's end is read (exit status and summary.json, never its log), the JSON export that the study reads, the
-typed trial states, and a worker that runs without hyperopt."""
+typed trial states, a worker that runs without hyperopt, and which earlier attempt a trial continues from."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("hyperopt")
 
+from hpo_worker.attempts import ATTEMPT_FILE, prepare_attempt
 from hpo_worker.report import trials_json
 from hpo_worker.store import TrialState
 from hpo_worker.trial import TrialLaunch, learning_curve, objective_value, run_trial
@@ -181,3 +182,32 @@ def test_a_launched_run_that_diverges_is_a_diverged_trial(tmp_path: Path, monkey
     summary = read_summary(tmp_path / "t" / "run")
     assert summary is not None and summary["end"] == RunEnd.DIVERGED
     assert result["failure"] == f"diverged: {summary['reason']}"
+
+
+def test_an_attempt_continues_only_the_same_trials_furthest_run(tmp_path: Path) -> None:
+    doc = {"exp_key": "e", "tid": 0, "spec": {"overrides": ["optim.lr=0.1"]}}
+    experiment = {"config_text": "[run]\nsteps = 100\n"}
+    exp_dir = tmp_path / "e"
+    assert prepare_attempt(exp_dir / "trial0.0", doc, experiment, ranks=1) is None  # nothing earlier
+
+    def earlier(version: int, step: int, **changed: Any) -> None:
+        folder = exp_dir / f"trial0.{version}"
+        ranks = changed.pop("ranks", 1)
+        prepare_attempt(folder, {**doc, **changed}, experiment, ranks=ranks)  # may copy an earlier one: replaced
+        shutil.rmtree(folder / "run", ignore_errors=True)
+        (folder / "run" / "checkpoints").mkdir(parents=True)
+        (folder / "run" / "checkpoints" / f"ckpt-step{step:08d}.manifest.json").write_text("{}")
+        (folder / "run" / "metrics.jsonl").write_text(f'{{"step": {step}}}\n')
+
+    earlier(1, 5)
+    earlier(2, 9)
+    earlier(3, 20, spec={"overrides": ["optim.lr=0.2"]})  # another trial under the same folder name
+    earlier(4, 30, ranks=2)  # its checkpoint cannot resume on one rank
+    (exp_dir / "trial0.5").mkdir()
+    (exp_dir / "trial0.5" / ATTEMPT_FILE).write_text("{not json")
+    said = prepare_attempt(exp_dir / "trial0.6", doc, experiment, ranks=1)
+    assert said == "continues from trial0.2's checkpoint at step 9"
+    assert (exp_dir / "trial0.6" / "run" / "metrics.jsonl").read_text() == '{"step": 9}\n'
+    assert (exp_dir / "trial0.2" / "run" / "metrics.jsonl").exists()  # copied, not moved
+    other_config = {"config_text": "[run]\nsteps = 200\n"}
+    assert prepare_attempt(exp_dir / "trial0.7", doc, other_config, ranks=1) is None

@@ -481,6 +481,22 @@ def test_resume_ends_where_the_uninterrupted_run_ends(tmp_path: Path, overrides:
     assert without_timing(read_metrics(tmp_path / "parts")) == without_timing(read_metrics(tmp_path / "whole"))
 
 
+def _checkpoint_steps(out_dir: Path) -> list[int]:
+    return sorted(int(p.name[9:17]) for p in (out_dir / "checkpoints").glob("ckpt-step*.manifest.json"))
+
+
+def test_timed_checkpoints_fall_on_logged_steps_and_leave_the_run_unchanged(tmp_path: Path) -> None:
+    common = (*KFAC, "run.checkpoint_every=0", "run.keep_checkpoints=0", "run.log_every=3")
+    assert train(tmp_path / "timed", *common, "run.checkpoint_every_s=1e-6") == 0
+    assert train(tmp_path / "hourly", *common, "run.checkpoint_every_s=3600") == 0
+    # Every logged step finds the interval passed (and the last step is logged and checkpointed once).
+    assert _checkpoint_steps(tmp_path / "timed") == [3, 6, 9, 12, 15, 16]
+    assert _checkpoint_steps(tmp_path / "hourly") == [16]
+    timed, hourly = final_model(tmp_path / "timed"), final_model(tmp_path / "hourly")
+    assert all(torch.equal(timed[k], hourly[k]) for k in timed)
+    assert train(tmp_path / "bad", "run.checkpoint_every_s=-1") == 2
+
+
 def test_resume_refuses_another_config_and_a_fresh_run_refuses_an_old_out_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -530,8 +546,12 @@ def test_cli_prints_a_summary_and_exits_zero(tmp_path: Path) -> None:
 
 def test_two_ranks_under_torchrun_resume_like_the_uninterrupted_run(tmp_path: Path) -> None:
     common = ["--config", str(SMOKE), *KFAC, "run.checkpoint_every=5"]
-    whole = _launch([*common, f"run.out_dir={tmp_path / 'whole'}"], world=2)
+    # The whole run also checkpoints on rank 0's clock, at every step: rank 1 must follow rank 0's decision.
+    timed = ["run.checkpoint_every_s=1e-6", "run.keep_checkpoints=0"]
+    whole = _launch([*common, f"run.out_dir={tmp_path / 'whole'}", *timed], world=2)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    assert _checkpoint_steps(tmp_path / "whole") == list(range(1, 17))
+    assert len(list((tmp_path / "whole" / "checkpoints").glob("ckpt-step*.rank1.pt"))) == 16
     stopped = _launch([*common, f"run.out_dir={tmp_path / 'parts'}", "run.stop_after_steps=7"], world=2)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()) == [
