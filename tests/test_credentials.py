@@ -109,7 +109,6 @@ def _secrets_in(text: str) -> list[str]:
 
 
 def test_a_study_keeps_a_password_out_of_ps_logs_reports_and_the_store(tmp_path: Path, mongo: str, db: Any) -> None:
-    pytest.importorskip("hyperopt")
     from tests.mongo_auth_proxy import auth_proxy
     from tests.test_study import BASE, SPACE
 

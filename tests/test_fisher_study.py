@@ -14,8 +14,6 @@ import torch
 from jobs.diagnostics import load_fisher_values
 from tests.processes import ENV, PYTHON, ROOT
 
-pytest.importorskip("matplotlib")
-
 BASE = """
 [model]
 name = "mlp"

@@ -14,14 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.mongo_server import free_port
-from tests.processes import MPI_ENV
-
-pytest.importorskip("hyperopt")
-pytest.importorskip("nx_27017")
-
 from hpo_worker.driver import ExperimentView, build_trials
 from hpo_worker.store import ExperimentMismatch, TrialState, connect, mask_url
+from tests.mongo_server import free_port
+from tests.processes import MPI_ENV
 from tests.synthetic_configs import synthetic_mlp_toml
 
 ROOT = Path(__file__).resolve().parents[1]

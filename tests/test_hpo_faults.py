@@ -16,14 +16,10 @@ import pymongo
 import pymongo.errors
 import pytest
 
-from tests.mongo_server import MongoProcess
-
-pytest.importorskip("hyperopt")
-pytest.importorskip("nx_27017")
-
 from hpo_worker.result_file import RESULT_FILE, STORED_FILE, keep
 from hpo_worker.store import EXIT_STORE_UNREACHABLE, TrialState, TrialStore, connect, patience_from_env
 from hpo_worker.worker import WorkerOptions, run_worker
+from tests.mongo_server import MongoProcess
 from tests.test_hpo import _check_complete, _driver, _finish, _wait_for, _worker
 
 

@@ -14,9 +14,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("hyperopt")
-pytest.importorskip("nx_27017")
-
 from hpo_worker.curves import CurveWatcher
 from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_meta, make_point_docs
 from hpo_worker.pruning import PrunerSettings, Report, asha_rungs, tell_pruned

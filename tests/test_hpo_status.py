@@ -13,9 +13,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("hyperopt")
-pytest.importorskip("nx_27017")
-
 from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_meta, make_point_docs
 from hpo_worker.spaces import load_space
 from hpo_worker.status import experiment_status, format_status

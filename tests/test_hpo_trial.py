@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("hyperopt")
-
 from hpo_worker.attempts import ATTEMPT_FILE, prepare_attempt
 from hpo_worker.report import trials_json
 from hpo_worker.store import TrialState
@@ -170,7 +168,6 @@ DIVERGING = synthetic_mlp_toml(
 )
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun")
 def test_a_launched_run_that_diverges_is_a_diverged_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real `mpirun -np 1 python -m jobs.train` whose loss becomes infinite: jobs.train writes summary.json with
     end = diverged and exits 3 (jobs.outcome), and the trial is a diverged failure, not an error."""

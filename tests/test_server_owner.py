@@ -15,11 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import ENV, PYTHON, ROOT, processes_mentioning, wait_until_gone
-
-pytest.importorskip("nx_27017")
-
 from hpo_worker.server import EmbeddedServer, ServerError
+from tests.processes import ENV, PYTHON, ROOT, processes_mentioning, wait_until_gone
 
 
 def _wait_for(path: Path, timeout_s: float = 30.0) -> None:

@@ -13,9 +13,6 @@ import pytest
 from tests.processes import ENV, PYTHON, ROOT
 from tests.synthetic_configs import synthetic_mlp_toml
 
-pytest.importorskip("hyperopt")
-pytest.importorskip("nx_27017")
-
 BASE = synthetic_mlp_toml(
     batch_size=32, train_size=512, test_size=256, lr="0.1", run="steps = 40\neval_every = 0\ntensorboard = false"
 )

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("hyperopt")
-
 from hpo_worker.spaces import ParamSpec, SearchSpace
 from tests.test_study import SPACE, TUNED, _study
 

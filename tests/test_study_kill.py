@@ -20,15 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.processes import ENV, PYTHON, ROOT, processes_mentioning, wait_until_gone
-
-pytest.importorskip("hyperopt")
-pytest.importorskip("nx_27017")
-
 from hpo_worker.server import EmbeddedServer
 from hpo_worker.store import TrialState, connect
+from tests.processes import ENV, PYTHON, ROOT, processes_mentioning, wait_until_gone
 from tests.test_study import BASE, SPACE
 
 STUDY = """

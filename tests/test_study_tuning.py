@@ -10,16 +10,12 @@ from typing import Any
 
 import pytest
 
-from tests.processes import ENV, PYTHON, ROOT
-
-pytest.importorskip("hyperopt")
-pytest.importorskip("nx_27017")
-
 import study.tuning
 from hpo_worker.liveness import BeatClock
 from hpo_worker.store import TrialState, connect
 from study.config import StudyError, cell_toml, load_study
 from study.tuning import progress, tune_cells
+from tests.processes import ENV, PYTHON, ROOT
 from tests.test_study import BASE
 
 STUDY = """
