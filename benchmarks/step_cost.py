@@ -127,7 +127,10 @@ def measure_rounds(study: StudyConfig, args: argparse.Namespace) -> dict[str, An
             samples.setdefault((cell.optimizer, str(cell.batch_size)), []).append((seconds, share))
             line = f"round {round_index + 1}, {cell.name}: {seconds * 1e3:.2f} ms/step"
             if share is not None:
-                speedups = decomposition_speedups(resolved, max(study.batch_sizes) // min(study.batch_sizes))
+                # The same factor shapes at every batch size: the share-out model needs one run's.
+                speedups = speedups or decomposition_speedups(
+                    resolved, max(study.batch_sizes) // min(study.batch_sizes)
+                )
                 line += f", of which decompositions {share * 1e3:.2f}"
             print(line, flush=True)
     costs: dict[str, dict[str, float]] = {}

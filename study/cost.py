@@ -99,14 +99,13 @@ def time_to_target(steps: Mapping[int, float], seconds: Mapping[int, float], dev
 
 def frontier(
     steps: Mapping[str, Mapping[int, float]],
-    costs: StepCosts | Mapping[str, Mapping[int, float]],
+    costs: StepCosts,
     shared: bool = True,
 ) -> dict[str, list[FrontierPoint]]:
     """Per optimizer, the best global batch and time with P = 1, 2, 4, ... devices available, as long as some batch
     size leaves a measured local batch. A user may leave devices idle, so the time never rises with P: where using
     all P is slower, the point keeps the best of fewer devices (``used``). ``shared``: K-FAC's decompositions
     shared out as distkfac does, where measured (:meth:`StepCosts.on`)."""
-    costs = costs if isinstance(costs, StepCosts) else StepCosts(costs)
     result: dict[str, list[FrontierPoint]] = {}
     for optimizer in steps:
         if optimizer not in costs.seconds:

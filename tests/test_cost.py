@@ -28,14 +28,16 @@ def test_frontier_moves_to_larger_batches_as_devices_are_added_and_names_the_fas
     steps_a = {b: 100.0 * 1024 / min(b, 1024) for b in batches}
     seconds = {b: b / 1000 for b in batches}
     curves = frontier({"a": steps_a, "b": {b: s / 2 for b, s in steps_a.items()}},
-                      {"a": seconds, "b": {b: 2 * t for b, t in seconds.items()}})  # fmt: skip
+                      StepCosts({"a": seconds, "b": {b: 2 * t for b, t in seconds.items()}}))  # fmt: skip
     assert [p.devices for p in curves["a"]] == [1, 2, 4, 8, 16]
     first, last = curves["a"][0], curves["a"][-1]
     assert (first.devices, first.batch_size, first.seconds) == (1, 128, pytest.approx(102.4))
     assert (last.devices, last.batch_size, last.seconds) == (16, 2048, pytest.approx(12.8))  # 2048 / 16 = 128 only
     rows = fastest_by_devices(curves)
     assert all(row["lead"] == pytest.approx(1.0) for row in rows)  # same time: half the steps at twice the cost
-    cheaper = frontier({"a": steps_a, "b": steps_a}, {"a": seconds, "b": {b: 3 * t for b, t in seconds.items()}})
+    cheaper = frontier(
+        {"a": steps_a, "b": steps_a}, StepCosts({"a": seconds, "b": {b: 3 * t for b, t in seconds.items()}})
+    )
     assert [(row["fastest"], round(row["lead"], 2)) for row in fastest_by_devices(cheaper)] == [("a", 3.0)] * 5
 
 
@@ -69,7 +71,7 @@ def test_more_devices_never_make_the_frontier_slower() -> None:
     of fewer devices and says how many it uses."""
     steps = {128: 100.0, 256: 100.0}  # no gain from a larger batch
     seconds = {32: 2.0, 64: 1.0, 128: 1.0, 256: 1.0}
-    (curve,) = frontier({"sgd": steps}, {"sgd": seconds}).values()
+    (curve,) = frontier({"sgd": steps}, StepCosts({"sgd": seconds})).values()
     assert [(p.devices, p.seconds, p.used) for p in curve] == [(1, 100.0, 1), (2, 100.0, 2), (4, 100.0, 4),
                                                                (8, 100.0, 4)]  # fmt: skip
     assert curve[-1].text() == "100.00 s at B = 256 on 4"
