@@ -12,7 +12,8 @@ median of the step records' ``seconds`` after ``--warmup`` steps (a median: on a
 the mean of a cell by up to 50% between runs). For K-FAC, the median of the steps that do not decompose, plus the
 part that is decompositions: the decomposing steps' median excess over the others, spread over the interval, which
 distkfac shares out among the ranks; with it go the share-out factors for P = 1, 2, 4, ...
-ranks, from ``distkfac.assign_work`` on the run's factor shapes (config.json's ``derived.kfac_factor_shapes``). The
+ranks, from ``distkfac.assign_work`` on the run's factor shapes (config.json's ``derived.kfac_factor_shapes``). With
+them, each optimizer's modelled communication per step on P devices (``benchmarks/step_comm.py``). The
 result goes to ``<study out_dir>/step_cost.json``, which the study's report reads (study.critical_report, "Cost");
 ``python -m study report --config <study>`` redraws it.
 """
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.step_comm import communication_seconds, network
 from distkfac.assignment import assign_work, grad_workers_for
 from distkfac.factors import FactorShape, Structure
 from jobs.files import atomic_write_text
@@ -53,6 +55,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: one worker's)")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of every cell, interleaved (default 3)")
     parser.add_argument("--out", help=f"output file (default <study out_dir>/{STEP_COST_JSON})")
+    parser.add_argument(
+        "--communication-only", action="store_true",
+        help="only (re)compute the modelled communication into the existing output file (no timing: a 2-step run of "
+        "each optimizer for its config.json; the machine may be busy)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -119,9 +126,13 @@ def measure_rounds(study: StudyConfig, args: argparse.Namespace) -> dict[str, An
     and the median over rounds: seconds per step, decompositions' part, distkfac's share-out, and the spread."""
     samples: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
     speedups: dict[str, float] = {}
+    communication: dict[str, dict[str, float]] = {}
+    largest = max(study.batch_sizes) // min(study.batch_sizes)
     for round_index in range(args.rounds):
         for cell in study.cells():
             step_seconds, resolved = measure_cell(study, cell, args.steps, args.warmup, args.threads)
+            if cell.optimizer not in communication:  # the same at every batch size
+                communication[cell.optimizer] = communication_seconds(resolved, largest)
             kfac = bool(resolved["derived"]["kfac_factor_shapes"])
             seconds, share = step_cost(step_seconds, int(resolved["kfac"]["inv_update_steps"]) if kfac else None)
             samples.setdefault((cell.optimizer, str(cell.batch_size)), []).append((seconds, share))
@@ -147,11 +158,32 @@ def measure_rounds(study: StudyConfig, args: argparse.Namespace) -> dict[str, An
         "max_over_min_of_rounds": spread,
         "decomposition_seconds_per_step": decompositions,
         "decomposition_speedup": speedups,
+        "communication_seconds_per_step": communication,
+        "network": network().name,
     }
+
+
+def add_communication(study: StudyConfig, path: Path, threads: int) -> None:
+    """The modelled communication of each optimizer, written into the step-cost file ``path``."""
+    result = json.loads(path.read_text())
+    largest = max(study.batch_sizes) // min(study.batch_sizes)
+    communication = {}
+    for cell in study.cells():
+        if cell.optimizer not in communication:
+            _, resolved = measure_cell(study, cell, 2, 0, threads)
+            communication[cell.optimizer] = communication_seconds(resolved, largest)
+    result.update({"communication_seconds_per_step": communication, "network": network().name})
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.communication_only:
+        study = load_study(args.config)
+        path = Path(args.out) if args.out else study.out_dir / STEP_COST_JSON
+        add_communication(study, path, args.threads)
+        print(path)
+        return 0
     if args.steps <= args.warmup or args.rounds < 1:
         raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}, and --rounds be at least 1")
     study = load_study(args.config)

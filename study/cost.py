@@ -8,10 +8,10 @@ of B / P, so
 
 where S(B) is the study's steps to target and t(b) the measured cost of one training step at local batch b
 (``benchmarks/step_cost.py``, one thread). For each P the best B gives the *frontier* time(P) = min_B time(P, B);
-local batches below the smallest measured one are left out. What this leaves out, and says so in the report:
-communication (the gradient allreduce, and K-FAC's factor and decomposition exchanges: docs/benchmarks.md, "K-FAC
-at scale"), evaluation, and any loss of efficiency from running P devices; so it is a lower bound that flatters the
-optimizer that communicates most. K-FAC's measured step includes all of its decompositions, which distkfac shares
+local batches below the smallest measured one are left out. Communication is modelled, where the benchmark wrote
+it (``benchmarks/step_comm.py``: the gradient allreduce, and K-FAC's factor and decomposition exchanges, on a stated
+network, not overlapped): t(b) + c(P). Left out, and the report says so: evaluation, and any other loss of
+efficiency from running P devices. K-FAC's measured step includes all of its decompositions, which distkfac shares
 out among the ranks (docs/kfac.md); where the benchmark also measured their part d(b) and distkfac's share-out
 s(P) (the sum of their ``n^3`` costs over the busiest rank's), K-FAC's step on P devices is t(b) - d(b) + d(b) / s(P),
 and the report says how much that changes.
@@ -56,16 +56,23 @@ class StepCosts:
     seconds: Mapping[str, Mapping[int, float]]
     decompositions: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
     speedup: Mapping[int, float] = field(default_factory=dict)  # devices -> sum of costs / the busiest rank's
+    communication: Mapping[str, Mapping[int, float]] = field(default_factory=dict)  # optimizer -> devices -> s
 
-    def on(self, optimizer: str, devices: int, shared: bool = True) -> dict[int, float]:
+    def on(self, optimizer: str, devices: int, shared: bool = True, communicate: bool = True) -> dict[int, float]:
         """The step cost by local batch on ``devices`` devices: with ``shared``, t(b) - d(b) + d(b) / s(P) (beyond
-        the largest P measured, its s); without, every decomposition on every device, t(b)."""
+        the largest P measured, its s); without, every decomposition on every device, t(b). With ``communicate``,
+        plus the modelled communication c(P), where the file has it (beyond the largest P modelled, its c)."""
         measured = self.seconds.get(optimizer, {})
         part = self.decompositions.get(optimizer, {})
-        if not shared or not part or not self.speedup:
-            return dict(measured)
-        speedup = self.speedup.get(devices) or self.speedup[max(self.speedup)]
-        return {b: t - part.get(b, 0.0) * (1 - 1 / speedup) for b, t in measured.items()}
+        costs = dict(measured)
+        if shared and part and self.speedup:
+            speedup = self.speedup.get(devices) or self.speedup[max(self.speedup)]
+            costs = {b: t - part.get(b, 0.0) * (1 - 1 / speedup) for b, t in measured.items()}
+        comm = self.communication.get(optimizer, {})
+        if communicate and comm:
+            extra = comm.get(devices, comm[max(comm)])
+            costs = {b: t + extra for b, t in costs.items()}
+        return costs
 
 
 def load_step_costs(path: Path) -> StepCosts:
@@ -77,6 +84,7 @@ def load_step_costs(path: Path) -> StepCosts:
             seconds=_by_batch(raw["seconds_per_step"]),
             decompositions=_by_batch(raw.get("decomposition_seconds_per_step", {})),
             speedup={int(p): float(s) for p, s in raw.get("decomposition_speedup", {}).items()},
+            communication=_by_batch(raw.get("communication_seconds_per_step", {})),  # keyed by devices, not batch
         )
     except (KeyError, AttributeError, TypeError, ValueError) as exc:
         raise ValueError(
@@ -101,18 +109,20 @@ def frontier(
     steps: Mapping[str, Mapping[int, float]],
     costs: StepCosts,
     shared: bool = True,
+    communicate: bool = True,
 ) -> dict[str, list[FrontierPoint]]:
     """Per optimizer, the best global batch and time with P = 1, 2, 4, ... devices available, as long as some batch
     size leaves a measured local batch. A user may leave devices idle, so the time never rises with P: where using
     all P is slower, the point keeps the best of fewer devices (``used``). ``shared``: K-FAC's decompositions
-    shared out as distkfac does, where measured (:meth:`StepCosts.on`)."""
+    shared out as distkfac does, where measured; ``communicate``: the modelled communication added, where the file
+    has it (:meth:`StepCosts.on`)."""
     result: dict[str, list[FrontierPoint]] = {}
     for optimizer in steps:
         if optimizer not in costs.seconds:
             continue
         points: list[FrontierPoint] = []
         devices = 1
-        while times := time_to_target(steps[optimizer], costs.on(optimizer, devices, shared), devices):
+        while times := time_to_target(steps[optimizer], costs.on(optimizer, devices, shared, communicate), devices):
             batch = min(times, key=lambda b: times[b])
             best = FrontierPoint(devices, batch, times[batch], devices)
             if points and points[-1].seconds < best.seconds:
@@ -206,7 +216,7 @@ def _plot(out_dir: Path, steps: Mapping[str, Mapping[int, float]], costs: StepCo
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("seconds to target (compute only)")
+        ax.set_ylabel("seconds to target" + (" (with modelled communication)" if costs.communication else ""))
         ax.set_title(title)
         ax.legend(fontsize="small")
     fig.tight_layout()
@@ -250,6 +260,30 @@ def _sharing_lines(costs: StepCosts, curves: Mapping[str, list[FrontierPoint]],
     return [" ".join(lines), ""] if lines else []
 
 
+def _communication_lines(measured: Mapping[str, Any], costs: StepCosts, curves: Mapping[str, list[FrontierPoint]],
+                         compute_only: Mapping[str, list[FrontierPoint]]) -> list[str]:  # fmt: skip
+    """What the modelled communication is, how large at the largest P, and how much it slows the frontier."""
+    if not any(costs.communication.values()):
+        return []
+    largest = max(max(by_devices) for by_devices in costs.communication.values() if by_devices)
+    at_largest = ", ".join(
+        f"{optimizer} {by_devices[largest] * 1e3:.2f} ms" for optimizer, by_devices in costs.communication.items()
+    )
+    slower = []
+    for optimizer, points in curves.items():
+        pairs = zip(compute_only.get(optimizer, []), points, strict=False)  # the same device counts
+        ratio, devices = max(((p.seconds / c.seconds, p.devices) for c, p in pairs), default=(1.0, 1))
+        slower.append(f"{optimizer} {ratio:.2f}x (P = {devices})")
+    return [
+        f"Communication is modelled, not measured (benchmarks/step_comm.py): each device's collectives per step on "
+        f"{measured.get('network', 'the stated network')}, never overlapped with compute (an upper bound): the "
+        "gradient allreduce, and for K-FAC also its factor reductions, checks, and decomposition and gradient "
+        f"broadcasts as distkfac plans them. Per step at P = {largest}: {at_largest}. The frontier above includes it; "
+        f"it makes each optimizer's frontier at most this much slower than compute alone: {', '.join(slower)}.",
+        "",
+    ]
+
+
 def cost_section(
     out_dir: Path, steps: Mapping[str, Mapping[int, float]], wall: Mapping[str, Mapping[int, float]]
 ) -> list[str]:
@@ -263,6 +297,13 @@ def cost_section(
     costs = load_step_costs(path)
     measured = json.loads(path.read_text())
     curves, unshared = frontier(steps, costs), frontier(steps, costs, shared=False)
+    compute_only = frontier(steps, costs, communicate=False)
+    communication = (
+        "Communication is modelled (below); evaluation and parallel inefficiency are left out"
+        if any(costs.communication.values())
+        else "Communication, evaluation and parallel inefficiency are left out (flattering the optimizer that "
+        "communicates most, K-FAC)"
+    )
     decompositions = (
         "K-FAC's decompositions are charged as distkfac shares them out among the devices (below)"
         if any(costs.decompositions.values())
@@ -273,14 +314,14 @@ def cost_section(
         f"Step costs from `{measured.get('command', '')}` ({measured.get('machine', '')}, "
         f"{measured.get('threads', '?')} thread(s), training steps only). Time to target on P devices = steps to "
         "target at global batch B × the step cost at local batch B / P, with idle devices allowed (study/cost.py). "
-        "Communication, evaluation and parallel inefficiency are left out (flattering the optimizer that "
-        f"communicates most, K-FAC); {decompositions}. The best run's wall time was measured during the study, two "
+        f"{communication}; {decompositions}. The best run's wall time was measured during the study, two "
         "runs at a time on this machine's cores, evaluations included.",
         "",
         *_cell_table(steps, costs, wall),
         *_frontier_table(curves),
         *_spread_lines(measured),
         *_sharing_lines(costs, curves, unshared),
+        *_communication_lines(measured, costs, curves, compute_only),
     ]
     if _plot(out_dir, steps, costs, curves, unshared):
         lines += [f"![cost frontier]({COST_PLOT})", ""]

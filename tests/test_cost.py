@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from benchmarks.step_comm import communication_seconds, network
 from benchmarks.step_cost import decomposition_speedups, step_cost
+from jobs.config import build_config
 from study.cost import StepCosts, cost_section, fastest_by_devices, frontier, load_step_costs, time_to_target
 
 
@@ -143,3 +145,42 @@ def test_step_cost_adds_the_decomposing_steps_excess_spread_over_the_interval() 
     assert step_cost({step: 0.01 for step in range(11, 61)}, 10) == (0.01, 0.0)
     assert step_cost(step_seconds, 1) == (0.010, None)  # every step decomposes: nothing to tell apart
     assert step_cost(step_seconds, None) == (0.010, None)  # not K-FAC: the median step
+
+
+def test_modelled_communication_is_added_per_device_count_and_reported(tmp_path: Path) -> None:
+    steps = {"sgd": {64: 800.0, 128: 420.0}, "kfac": {64: 300.0, 128: 200.0}}
+    seconds = {"sgd": {64: 0.002, 128: 0.003}, "kfac": {64: 0.01, 128: 0.012}}
+    costs = StepCosts(seconds, communication={"sgd": {1: 0.0, 2: 0.0005}, "kfac": {1: 0.0, 2: 0.002}})
+    assert costs.on("sgd", 1) == seconds["sgd"]
+    assert costs.on("sgd", 2) == {64: pytest.approx(0.0025), 128: pytest.approx(0.0035)}
+    assert costs.on("kfac", 4) == {64: pytest.approx(0.012), 128: pytest.approx(0.014)}  # beyond: the largest P's
+    assert costs.on("kfac", 2, communicate=False) == seconds["kfac"]
+    # On 2 devices, B = 128 (local 64): sgd 420 x 2.5 ms = 1.05 s instead of 0.84; kfac 200 x 12 ms = 2.4 s.
+    assert [p.seconds for p in frontier(steps, costs)["sgd"]] == pytest.approx([1.26, 1.05])
+    (tmp_path / "step_cost.json").write_text(json.dumps({
+        "command": "python -m benchmarks.step_cost --config x.toml", "machine": "test", "threads": 1,
+        "seconds_per_step": seconds, "network": "a test network",
+        "communication_seconds_per_step": {"sgd": {"1": 0.0, "2": 0.0005}, "kfac": {"1": 0.0, "2": 0.002}},
+    }))  # fmt: skip
+    text = "\n".join(cost_section(tmp_path, steps, {}))
+    assert "Communication is modelled (below)" in text and "| 2 | 1.05 s at B = 128 | 2.40 s at B = 128 |" in text
+    assert "on a test network, never overlapped" in text and "Per step at P = 2: sgd 0.50 ms, kfac 2.00 ms." in text
+    assert "compute alone: sgd 1.25x (P = 2), kfac 1.20x (P = 2)." in text  # 1.05 / 0.84, 2.4 / 2.0
+
+
+def test_communication_model_of_a_run_is_the_gradient_allreduce_plus_kfacs_exchanges() -> None:
+    """An MLP 784-64-10 on P devices: SGD's step sends its 50890 gradients once (an allreduce); K-FAC's also sends
+    its factors (the 785 x 785 one alone, packed as its upper triangle, at least a reduce-scatter's worth) and the
+    decompositions."""
+    config = build_config({"model": {"name": "mlp", "hidden": [64]}, "data": {"name": "fashion-mnist"},
+                           "optim": {"name": "kfac"}, "run": {"steps": 1}})  # fmt: skip
+    parameters = 784 * 64 + 64 + 64 * 10 + 10
+    derived = {"parameters": parameters, "input_shape": [1, 28, 28], "classes": 10}
+    kfac_run = {**config.to_dict(), "derived": derived}
+    sgd_run = {**kfac_run, "optim": {**kfac_run["optim"], "name": "sgd"}}
+    sgd, kfac = communication_seconds(sgd_run, 8), communication_seconds(kfac_run, 8)
+    assert list(sgd) == list(kfac) == ["1", "2", "4", "8"] and sgd["1"] == kfac["1"] == 0.0
+    assert sgd["2"] == pytest.approx(network().seconds("allreduce", 4 * parameters, 2))
+    for ranks in ("2", "4", "8"):
+        assert kfac[ranks] - sgd[ranks] >= network().seconds("reduce_scatter", 4 * 785 * 786 / 2, int(ranks))
+    assert sgd["2"] < sgd["4"] < sgd["8"]

@@ -119,12 +119,14 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
         "2",
         "4",
     }  # P up to 128 / 32
+    assert set(measured_costs["communication_seconds_per_step"]["kfac"]) == {"1", "2", "4"}
     trained = {row["metrics_path"]: Path(row["metrics_path"]).stat().st_mtime_ns for row in rows}
     again = _study(tmp_path, TUNED)
     assert again.returncode == 0, again.stderr[-4000:]
     cost = (out / "report.md").read_text().split("## Cost")[1]
     assert "| optimizer | batch | steps to target | ms per step | of which decompositions (ms) |" in cost
     assert "fastest (lead over the next) |" in cost and "kfac's decompositions are " in cost
+    assert "Communication is modelled, not measured" in cost
     assert (out / "cost_frontier.png").read_bytes()[:8] == PNG
     # The report drawn again from runs.csv and trials/*.json alone (python -m study report) is the same report.
     first = (out / "report.md").read_text()
