@@ -4,9 +4,8 @@ Each trial runs in ``<workdir>/<exp>/trial<tid>.<attempt>``, in this process or 
 (:mod:`hpo_worker.trial`), checkpointing every ``checkpoint_every_s``; a trial reserved again continues from its
 earlier attempt's newest checkpoint (:mod:`hpo_worker.attempts`). The result (``loss``, ``status``,
 ``test_accuracy``, ``test_loss``, the learning curve from the run's ``metrics.jsonl``) is stored in the trial
-document. While it trains, a thread stores its curve of
-intermediate values and asks the experiment's pruner whether to stop it (:mod:`hpo_worker.curves`); a pruned trial
-is stored in its own state.
+document. While it trains, a thread stores its curve of intermediate values and asks the experiment's pruner
+whether to stop it (:mod:`hpo_worker.curves`); a pruned trial is stored in its own state.
 
 While a trial runs, a thread refreshes its heartbeat. A finished trial's result is kept in its folder until the store
 has it (:mod:`hpo_worker.result_file`): if the trial was taken away meanwhile (requeued after a missed grace period),
