@@ -55,6 +55,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: one worker's)")
     parser.add_argument("--rounds", type=int, default=3, help="measurements of every cell, interleaved (default 3)")
     parser.add_argument("--out", help=f"output file (default <study out_dir>/{STEP_COST_JSON})")
+    parser.add_argument("--cells", help="only these cells, as optimizer:batch, comma-separated (default: all)")
+    parser.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE",
+        help="a jobs.train override for every cell, after the benchmark's own (repeatable): e.g. to time a variant",
+    )  # fmt: skip
     parser.add_argument(
         "--communication-only", action="store_true",
         help="only (re)compute the modelled communication into the existing output file (no timing: a 2-step run of "
@@ -64,7 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def measure_cell(
-    study: StudyConfig, cell: Cell, steps: int, warmup: int, threads: int
+    study: StudyConfig, cell: Cell, steps: int, warmup: int, threads: int, extra: Sequence[str] = ()
 ) -> tuple[dict[int, float], dict[str, Any]]:
     """Seconds of each training step of ``cell`` after ``warmup`` steps, in a fresh ``jobs.train`` process; and the
     run's resolved configuration (its config.json)."""
@@ -72,6 +77,7 @@ def measure_cell(
         config = Path(tmp) / "cell.toml"
         config.write_text(cell_toml(study, cell))
         overrides = [*MEASURE_OVERRIDES, f"run.steps={steps}", f"run.threads={threads}", f"run.out_dir={tmp}/run"]
+        overrides += extra
         command = [sys.executable, "-m", "jobs.train", "--config", str(config), *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -121,6 +127,18 @@ def decomposition_speedups(resolved: dict[str, Any], largest: int) -> dict[str, 
     return speedups
 
 
+def selected_cells(study: StudyConfig, chosen: str | None) -> list[Cell]:
+    """The study's cells, or those that ``chosen`` names (``optimizer:batch,...``); an unknown name is an error."""
+    cells = study.cells()
+    if not chosen:
+        return cells
+    by_name = {f"{cell.optimizer}:{cell.batch_size}": cell for cell in cells}
+    unknown = [name for name in chosen.split(",") if name not in by_name]
+    if unknown:
+        raise SystemExit(f"--cells: no cell {', '.join(unknown)} in the study; its cells: {', '.join(by_name)}")
+    return [by_name[name] for name in chosen.split(",")]
+
+
 def measure_rounds(study: StudyConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Every cell measured once per round, ``args.rounds`` rounds (a drift of the machine touches every cell alike),
     and the median over rounds: seconds per step, decompositions' part, distkfac's share-out, and the spread."""
@@ -129,8 +147,8 @@ def measure_rounds(study: StudyConfig, args: argparse.Namespace) -> dict[str, An
     communication: dict[str, dict[str, float]] = {}
     largest = max(study.batch_sizes) // min(study.batch_sizes)
     for round_index in range(args.rounds):
-        for cell in study.cells():
-            step_seconds, resolved = measure_cell(study, cell, args.steps, args.warmup, args.threads)
+        for cell in selected_cells(study, args.cells):
+            step_seconds, resolved = measure_cell(study, cell, args.steps, args.warmup, args.threads, args.override)
             if cell.optimizer not in communication:  # the same at every batch size
                 communication[cell.optimizer] = communication_seconds(resolved, largest)
             kfac = bool(resolved["derived"]["kfac_factor_shapes"])

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from benchmarks.step_comm import communication_seconds, network
-from benchmarks.step_cost import decomposition_speedups, step_cost
+from benchmarks.step_cost import decomposition_speedups, selected_cells, step_cost
 from jobs.config import build_config
+from study.config import load_study
 from study.cost import StepCosts, cost_section, fastest_by_devices, frontier, load_step_costs, time_to_target
 
 
@@ -184,3 +185,12 @@ def test_communication_model_of_a_run_is_the_gradient_allreduce_plus_kfacs_excha
     for ranks in ("2", "4", "8"):
         assert kfac[ranks] - sgd[ranks] >= network().seconds("reduce_scatter", 4 * 785 * 786 / 2, int(ranks))
     assert sgd["2"] < sgd["4"] < sgd["8"]
+
+
+def test_the_benchmark_times_the_cells_it_is_told_and_names_an_unknown_one() -> None:
+    study = load_study(Path(__file__).resolve().parents[1] / "jobs/configs/studies/critical_cifar10_cnn.toml")
+    assert len(selected_cells(study, None)) == 27
+    chosen = selected_cells(study, "kfac:64,sgd:2048")
+    assert [(cell.optimizer, cell.batch_size) for cell in chosen] == [("kfac", 64), ("sgd", 2048)]
+    with pytest.raises(SystemExit, match=r"--cells: no cell kfac:100 in the study; its cells: sgd:32, "):
+        selected_cells(study, "kfac:100")
