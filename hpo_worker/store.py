@@ -450,6 +450,12 @@ class TrialStore:
         """How many of the experiment's trials are in each state (every state present, 0 when none)."""
         return state_counts(self.trials.find({"exp_key": exp_key}, {"state": 1}))
 
+    @_retrying
+    def count_diverged(self, exp_key: str) -> int:
+        """How many of the experiment's done trials diverged: state done with status fail, which only a run that
+        diverged gets (``hpo_worker.trial``; a trial that raised is in state error)."""
+        return self.trials.count_documents({"exp_key": exp_key, "state": TrialState.DONE, "result.status": "fail"})
+
     def _reserved_already(self, owner: str, exp_key: str | None = None) -> dict[str, Any] | None:
         """The trial a reservation whose reply was lost gave ``owner`` (unique to its process, one trial at a time)."""
         query: dict[str, Any] = {"state": TrialState.RUNNING, "owner": owner}

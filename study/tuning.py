@@ -315,10 +315,12 @@ def _wait_for_drivers(
 
 
 def progress(store: TrialStore, experiments: Sequence[str], trials: int, clock: BeatClock | None = None) -> str:
-    """``  7/16 trials finished (1 failed), 2 running``: the study's trials by state, from the store; with a
+    """``  7/16 trials finished (1 failed, 2 diverged), 2 running``: the study's trials by state, from the store (a
+    diverged trial is done, with status fail; pruned and diverged are named when there are any); with a
     ``clock`` (read at every call), also the running trials whose heartbeat stopped and the grace they wait out."""
     try:
         counts = [store.count_states(exp_key) for exp_key in experiments]
+        diverged = sum(store.count_diverged(exp_key) for exp_key in experiments)
         running_docs = [doc for exp_key in experiments for doc in store.running_docs(exp_key)] if clock else []
     except pymongo.errors.PyMongoError as exc:  # a hiccup of the server: the drivers and workers retry; so do we
         return f"  progress unavailable: MongoDB {type(exc).__name__}"
@@ -326,7 +328,7 @@ def progress(store: TrialStore, experiments: Sequence[str], trials: int, clock: 
     pruned = sum(c[TrialState.PRUNED] for c in counts)
     finished = sum(c[TrialState.DONE] for c in counts) + failed + pruned
     running = sum(c[TrialState.RUNNING] for c in counts)
-    also = f", {pruned} pruned" if pruned else ""
+    also = (f", {pruned} pruned" if pruned else "") + (f", {diverged} diverged" if diverged else "")
     line = f"  {finished}/{trials * len(experiments)} trials finished ({failed} failed{also}), {running} running"
     silent = [s for s in clock.silences(running_docs).values() if s >= SILENT_AFTER_S] if clock else []
     if silent:
