@@ -52,6 +52,7 @@ __all__ = ["connect_store", "experiment_name", "progress", "tune_cells"]
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 15.0
+PROGRESS_PATIENCE_S = 1.0  # how long a progress line waits for an unreachable database
 # One driver per cell: 27 drivers polling every 0.5 s (the driver's default) took a third of a 2-core machine,
 # with the database. Workers never wait for a driver (each cell keeps tune.queue_size trials queued), so 2 s costs
 # no training time.
@@ -319,10 +320,13 @@ def progress(store: TrialStore, experiments: Sequence[str], trials: int, clock: 
     diverged trial is done, with status fail; pruned and diverged are named when there are any); with a
     ``clock`` (read at every call), also the running trials whose heartbeat stopped and the grace they wait out."""
     try:
-        counts = [store.count_states(exp_key) for exp_key in experiments]
-        diverged = sum(store.count_diverged(exp_key) for exp_key in experiments)
-        running_docs = [doc for exp_key in experiments for doc in store.running_docs(exp_key)] if clock else []
-    except pymongo.errors.PyMongoError as exc:  # a hiccup of the server: the drivers and workers retry; so do we
+        # A progress line waits little for the database and never ends the study: the drivers and workers wait out
+        # its patience, and their exit status says whether it was lost.
+        with store.reconnect.limited(PROGRESS_PATIENCE_S):
+            counts = [store.count_states(exp_key) for exp_key in experiments]
+            diverged = sum(store.count_diverged(exp_key) for exp_key in experiments)
+            running_docs = [doc for exp_key in experiments for doc in store.running_docs(exp_key)] if clock else []
+    except (pymongo.errors.PyMongoError, StoreUnreachable) as exc:
         return f"  progress unavailable: MongoDB {type(exc).__name__}"
     failed = sum(c[TrialState.ERROR] for c in counts)
     pruned = sum(c[TrialState.PRUNED] for c in counts)

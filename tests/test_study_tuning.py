@@ -15,6 +15,7 @@ from hpo_worker.liveness import BeatClock
 from hpo_worker.store import TrialState, connect
 from study.config import StudyError, cell_toml, load_study
 from study.tuning import progress, tune_cells
+from tests.mongo_server import MongoProcess
 from tests.processes import ENV, PYTHON, ROOT
 from tests.test_study import BASE
 
@@ -54,6 +55,22 @@ def test_progress_counts_the_studys_trials_by_state_in_the_store(mongo: str, db:
         assert progress(store, ["a", "b"], 4) == "  4/8 trials finished (1 failed, 1 diverged), 1 running"
     finally:
         store.close()
+
+
+def test_progress_waits_little_for_a_lost_database_and_does_not_raise(tmp_path: Path) -> None:
+    """The study's progress line is no reason to end the study: the drivers and workers decide, by exit status, that
+    the database is lost (tests/test_study_kill.py)."""
+    server = MongoProcess(tmp_path / "mongo")
+    store = connect(server.start())
+    try:
+        assert progress(store, ["a"], 2) == "  0/2 trials finished (0 failed), 0 running"
+        server.kill()
+        started = time.monotonic()
+        assert progress(store, ["a"], 2) == "  progress unavailable: MongoDB StoreUnreachable"
+        assert time.monotonic() - started < 10  # the store's own patience is 60 s
+    finally:
+        store.close()
+        server.stop()
 
 
 def test_progress_names_running_trials_whose_heartbeat_stopped(
