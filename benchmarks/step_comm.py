@@ -17,7 +17,7 @@ on what communication adds. None of this depends on the batch size, so it is one
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,14 +25,15 @@ import torch
 from benchmarks.scale_model.configs import Config
 from benchmarks.scale_model.layer_sets import layer_set_from_module
 from benchmarks.scale_model.network import Network, infiniband_hdr
-from benchmarks.scale_model.rank_traffic import Call, busiest_rank, traffic
+from benchmarks.scale_model.projection import network_seconds
+from benchmarks.scale_model.rank_traffic import busiest_rank, traffic
 from jobs.config import build_config
 from jobs.models import build_model
+from jobs.optim import DTYPES
 
 __all__ = ["DDP_BUCKET_BYTES", "communication_seconds", "network"]
 
 DDP_BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket_cap_mb
-_DTYPES = {"": None, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def network() -> Network:
@@ -45,17 +46,13 @@ def _gradient_allreduce_s(net: Network, parameters: int, ranks: int) -> float:
     return buckets * net.seconds("allreduce", nbytes / buckets, ranks)
 
 
-def _calls_s(net: Network, calls: Iterable[Call]) -> float:
-    return sum(net.seconds(call.op, call.nbytes, call.ranks) for call in calls)
-
-
 def _traffic_config(resolved: Mapping[str, Any]) -> Config:
     """The run's K-FAC settings as the traffic model takes them (jobs has no setting for the rest: defaults)."""
     kfac = resolved["kfac"]
     return Config.from_settings({
         "strategy": kfac["strategy"], "grad_worker_fraction": kfac["grad_worker_fraction"] or None,
         "compute_method": kfac["compute_method"], "damping_form": kfac["damping_form"] or None,
-        "overlap_comm": kfac["overlap_comm"], "comm_dtype": _DTYPES[kfac["comm_dtype"]],
+        "overlap_comm": kfac["overlap_comm"], "comm_dtype": DTYPES.get(kfac["comm_dtype"]),
         "bucket_cap_mb": kfac["bucket_cap_mb"], "split_factors_above": kfac["split_factors_above"] or None,
         "async_decompositions": kfac["async_decompositions"], "ddp": True,  # the gradients: DDP's allreduce, above
     })  # fmt: skip
@@ -70,9 +67,9 @@ def _kfac_s(resolved: Mapping[str, Any], net: Network, ranks: int) -> float:
     layer_set = layer_set_from_module(config.model.name, model, example)
     settings = _traffic_config(resolved)
     plan = traffic(layer_set, settings, ranks, busiest_rank(layer_set, settings, ranks))
-    factors = _calls_s(net, plan.factor_calls()) / config.kfac.factor_update_steps
-    decompositions = _calls_s(net, plan.checks + plan.decompositions) / config.kfac.inv_update_steps
-    return factors + decompositions + _calls_s(net, plan.gradients)
+    factors = network_seconds(net, plan.factor_calls()) / config.kfac.factor_update_steps
+    decompositions = network_seconds(net, plan.checks + plan.decompositions) / config.kfac.inv_update_steps
+    return factors + decompositions + network_seconds(net, plan.gradients)
 
 
 def communication_seconds(resolved: Mapping[str, Any], largest: int) -> dict[str, float]:

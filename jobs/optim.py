@@ -27,9 +27,9 @@ from distkfac.saddle_optim import LayerwiseGD, PlateauSkippingGD
 from jobs.config import KFACConfig, OptimConfig
 from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
 
-__all__ = ["LRSchedule", "build_kfac", "build_optimizer", "make_lr_schedule", "peak_lr", "set_lr"]
+__all__ = ["DTYPES", "LRSchedule", "build_kfac", "build_optimizer", "make_lr_schedule", "peak_lr", "set_lr"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -172,11 +172,11 @@ def build_kfac(config: KFACConfig, model: nn.Module, lr: LRSchedule, comm: Commu
         weight_sharing=config.weight_sharing,  # type: ignore[arg-type]
         fisher=config.fisher,  # type: ignore[arg-type]
         skip_layers=tuple(config.skip_layers),
-        factor_dtype=_DTYPES.get(config.factor_dtype),
-        inv_dtype=_DTYPES.get(config.inv_dtype),
+        factor_dtype=DTYPES.get(config.factor_dtype),
+        inv_dtype=DTYPES.get(config.inv_dtype),
         strategy=config.strategy,  # type: ignore[arg-type]
         grad_worker_fraction=config.grad_worker_fraction or None,
-        comm_dtype=_DTYPES.get(config.comm_dtype),
+        comm_dtype=DTYPES.get(config.comm_dtype),
         bucket_cap_mb=config.bucket_cap_mb,
         overlap_comm=config.overlap_comm,
         split_factors_above=config.split_factors_above or None,

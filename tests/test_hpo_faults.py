@@ -101,12 +101,19 @@ def test_database_gone_longer_than_the_patience_is_one_line_and_its_own_exit_sta
 ) -> None:
     driver = _driver(server.url, tmp_path, "gone", 2, "--queue-size", "2", "--db-patience", "3")
     idle = _worker(server.url, tmp_path, "--exp", "other", "--idle-timeout", "120", "--db-patience", "3")
+    # The kill must find the idle worker connected: one still starting fails to connect instead (exit 2).
+    assert idle.stdout is not None
+    head = ""
+    while "started" not in head and (line := idle.stdout.readline()):
+        head += line
+    assert "started" in head, head
     db = _client(server.url)
     _wait_for(lambda: db.jobs.count_documents({"exp_key": "gone"}) == 2, 60, "the driver's trials")
     server.kill()
     started = time.monotonic()
-    for process in (driver, idle):
+    for process, before in ((driver, ""), (idle, head)):
         rc, out = _finish(process, 40)
+        out = before + out
         assert rc == EXIT_STORE_UNREACHABLE, out
         said = [line for line in out.splitlines() if "unreachable" in line]
         assert len(said) == 1 and said[0] == out.strip().splitlines()[-1], out

@@ -53,7 +53,7 @@ def precondition_s(layer: Layer, kernels: Kernels, method: str) -> float:
     return pairs * (kernels.gemm_s(g, g, a) + kernels.gemm_s(g, a, a))
 
 
-def _network_s(network: Network, calls: Iterable[Call]) -> float:
+def network_seconds(network: Network, calls: Iterable[Call]) -> float:
     return sum(network.seconds(call.op, call.nbytes, call.ranks) for call in calls)
 
 
@@ -71,7 +71,7 @@ def exposed_factor_s(
     free = 0.0
     for layers, calls in buckets:
         start = max(max(done[i] for i in layers) if overlap else clock, free)
-        free = start + _network_s(network, calls)
+        free = start + network_seconds(network, calls)
     return max(0.0, free - clock)
 
 
@@ -144,9 +144,9 @@ def project(
     shown = {
         "compute": forward + sum(backward) + parts["extra_backward"],
         "factor comm": exposed_factor_s(mine.buckets, backward, forward, network, config.overlap),
-        "averaging": _network_s(network, mine.averaging),
+        "averaging": network_seconds(network, mine.averaging),
         "precondition": max(parts["precondition"].values(), default=0.0),
-        "gradient comm": _network_s(network, mine.gradients),
+        "gradient comm": network_seconds(network, mine.gradients),
         "elementwise": every_s + factor_elementwise_s,
     }
     factor_step = sum(shown.values())
@@ -155,7 +155,7 @@ def project(
     fus, inv = schedule.factor_update_steps, schedule.inv_update_steps
     normal = ((fus - 1) * plain_step + factor_step) / fus
     decompose, broadcasts = _decomposition_s(layer_set, config, world, parts, network)
-    checks = _network_s(network, mine.checks)
+    checks = network_seconds(network, mine.checks)
     late = max(0.0, decompose + broadcasts - inv * normal) if config.asynchronous else decompose + broadcasts
     shown.update({"decompose": decompose, "decomposition comm": broadcasts, "checks": checks, "shown": late})
     return Projection(
@@ -180,6 +180,6 @@ def _decomposition_s(
     slowest = (0.0, 0.0)
     for group in assignment.worker_groups:
         calls = decomposition_calls(layer_set, config, world, group[0]) if len(group) > 1 else []
-        candidate = (max(decompose[r] for r in group), _network_s(network, calls))
+        candidate = (max(decompose[r] for r in group), network_seconds(network, calls))
         slowest = max(slowest, candidate, key=sum)
     return slowest
