@@ -5,7 +5,9 @@ training (docs/fisher.md);
 Adam and steepest descent (docs/hinf.md);
 ``python -m study saddle --config STUDY.toml``: seed 004's saddle-to-saddle study, plateaus and steps to target against
 the initial scale for gradient descent and plateau skipping (docs/saddle.md);
-``python -m study status --config STUDY.toml [--watch SECONDS]``: the live view of a tuned study's cells (docs/hpo.md).
+``python -m study status --config STUDY.toml [--watch SECONDS]``: the live view of a tuned study's cells (docs/hpo.md);
+``python -m study save --config STUDY.toml --to DIR`` and ``restore --from DIR``: a tuned study's progress as text
+files, carried to another machine, past a scratch purge or into version control (docs/study.md).
 
 Examples::
 
@@ -18,6 +20,7 @@ Examples::
     python -m study hinf-xor --config jobs/configs/studies/hinf_xor.toml     # seed 001's Tables 1 and 2
     python -m study hinf-xor --config jobs/configs/studies/hinf_xor.toml --methods adam --depths 5,101
     python -m study saddle --config jobs/configs/studies/saddle.toml --cases teacher   # seed 004's Figures 1, 2
+    python -m study save --config STUDY.toml --to state/   # then, on a fresh machine: restore --from state/
 
 Exit status: 0 when the report is written, 2 for a bad study file (nothing was trained), 1 when a run or the tuning
 failed (the message says why).
@@ -63,6 +66,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     status.add_argument("--mongo", help="MongoDB URL (replaces tune.mongo); default: the running study's server")
     status.add_argument("--mongo-file", help="file holding the MongoDB URL (keeps a password out of ps)")
     status.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="redraw every SECONDS")
+    for name, flag, helps in (
+        ("save", "--to", "write a tuned study's database and finished runs as text files"),
+        ("restore", "--from", "restore a save into an empty output folder, then continue"),
+    ):
+        carry = sub.add_parser(name, help=helps)
+        carry.add_argument("--config", required=True, help="study file (jobs/configs/studies/)")
+        carry.add_argument("--out", help="output folder (default: the file's study.out_dir)")
+        carry.add_argument(flag, dest="folder", required=True, help="the save's folder")
     fisher = sub.add_parser("fisher", help="a study with given values and a [fisher] table: spectra, outliers, report")
     fisher.add_argument("--config", required=True, help="study file with [given] and [fisher] tables")
     fisher.add_argument("--out", help="output folder (default: the file's study.out_dir)")
@@ -188,6 +199,31 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _carry(args: argparse.Namespace) -> int:
+    """``save`` and ``restore`` (:mod:`study.archive`)."""
+    from study.archive import restore_study, save_study
+
+    try:
+        study = load_study(args.config, out_dir=args.out)
+        if study.tune is None:
+            raise StudyError(f"{args.config} has no [tune] table: only a tuned study has a database to save")
+        if args.command == "save":
+            manifest = save_study(study, Path(args.folder), log=_stderr_log)
+            counts = ", ".join(f"{n} {state}" for state, n in manifest["trials"].items() if n)
+            print(f"study: saved trials ({counts or 'none'}; {manifest['requeued']} running saved as queued, to be "
+                  f"trained again) and {manifest['files']} files of finished runs to {args.folder}")  # fmt: skip
+        else:
+            restore_study(study, Path(args.folder), log=_stderr_log)
+    except (StudyError, OSError) as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _stderr_log(message: str) -> None:
+    print(f"study: {message}", file=sys.stderr, flush=True)
+
+
 def _report(args: argparse.Namespace) -> int:
     from study.runner import rewrite_report
 
@@ -223,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command == "report":
         return _report(args)
+    if args.command in ("save", "restore"):
+        return _carry(args)
     try:
         study = _load(args)
         cells = check_cells(study)

@@ -48,7 +48,7 @@ from hpo_worker.warm_start import WarmStartError, load_points, point_of, points_
 from jobs.files import atomic_file, atomic_write_text
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
 
-__all__ = ["connect_store", "experiment_name", "progress", "tune_cells"]
+__all__ = ["connect_store", "experiment_name", "progress", "study_mongo_url", "tune_cells"]
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 15.0
@@ -79,7 +79,7 @@ def tune_cells(study: StudyConfig, cells: Sequence[Cell], out: Path, log: Log) -
     ``hpo_worker.report.trials_json`` records; each cell's are also written to ``trials/<cell>.json``."""
     with (
         _database_lost_is_a_study_error(),
-        _mongo_url(study, out, log) as url,
+        study_mongo_url(study, out, log) as url,
         contextlib.closing(connect_store(url)) as store,
     ):
         options = {cell.slug: _driver_options(study, cell, out) for cell in cells}
@@ -90,7 +90,7 @@ def tune_cells(study: StudyConfig, cells: Sequence[Cell], out: Path, log: Log) -
 
 
 @contextlib.contextmanager
-def _mongo_url(study: StudyConfig, out: Path, log: Log) -> Iterator[str]:
+def study_mongo_url(study: StudyConfig, out: Path, log: Log) -> Iterator[str]:
     """tune.mongo, or the URL of an embedded server in ``<out>/hpo_data``: this process's, stopped at exit or when
     this process is killed; one left running by a killed study is stopped first (and ``log`` says so)."""
     if _tune(study).mongo:

@@ -1,0 +1,236 @@
+"""A tuned study's progress as a folder of text files, to carry it past a purge of scratch space, to another machine,
+or into version control: ``python -m study save --config C --to DIR``, then ``python -m study restore --config C
+--from DIR`` into an empty output folder, then ``python -m study scaling --config C`` continues.
+
+DIR holds three files:
+
+- ``manifest.json``: the study, when it was saved, the output folder it came from, and counts;
+- ``database.jsonl``: the study's MongoDB documents (its experiments, their tid counters, their trials), one per
+  line as MongoDB extended JSON, sorted;
+- ``files.jsonl``: the text files of every finished run (config.json, summary.json, metrics.jsonl, attempt.json,
+  ...; not its checkpoints, nor metrics.csv, which repeats metrics.jsonl), one per line, sorted by path.
+
+Paths inside the output folder are written as ``${out}/...`` and restored under the new output folder. A trial that
+was running is saved as queued: restored, it is trained again from step 0 (checkpoints are binary and large, and
+are not saved). Everything is sorted text so that version control stores a later save of the same study as a small
+delta of the earlier one. Saving reads the database of the running study, or starts the study's embedded server
+when the study is stopped; restoring refuses to overwrite anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bson import json_util
+
+from hpo_worker.server import read_url_file
+from hpo_worker.store import TrialState, TrialStore
+from jobs.files import atomic_write_text
+from study.config import StudyConfig, StudyError
+from study.tuning import URL_FILE, connect_store, experiment_name, study_mongo_url
+
+__all__ = ["restore_study", "save_study"]
+
+Log = Callable[[str], None]
+
+FORMAT = 1
+OUT_TOKEN = "${out}"
+MANIFEST, DATABASE, FILES = "manifest.json", "database.jsonl", "files.jsonl"
+COLLECTIONS = ("hpo_experiments", "hpo_counters", "jobs")  # in the order they are restored
+TEXT_SUFFIXES = frozenset({".json", ".jsonl", ".toml", ".txt", ".sh", ".log", ".csv"})
+SKIPPED = "metrics.csv"
+RUN_FOLDERS = ("repeats", "runs")  # the given values' and the best trials' repeats' runs, beside trials/
+
+
+def _replace_paths(value: Any, pattern: re.Pattern[str], new: str) -> Any:
+    """``value`` with every match of ``pattern`` in its strings (keys included) replaced by ``new``."""
+    if isinstance(value, str):
+        return pattern.sub(lambda _: new, value)
+    if isinstance(value, Mapping):
+        return {_replace_paths(k, pattern, new): _replace_paths(v, pattern, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_paths(item, pattern, new) for item in value]
+    return value
+
+
+def _path_pattern(prefix: str) -> re.Pattern[str]:
+    """``prefix`` as a whole path or the start of one: not ``/a/out-v1`` for ``/a/out``."""
+    return re.compile(re.escape(prefix) + r"(?=[/\"']|$)")
+
+
+# ---------------------------------------------------------------------------------------------------------- saving
+
+
+def _as_queued(doc: dict[str, Any]) -> dict[str, Any]:
+    """A running trial as :meth:`TrialStore.release` leaves it: queued, and its attempt not counted."""
+    return {**doc, "state": int(TrialState.NEW), "owner": None, "book_time": None, "refresh_time": None,
+            "version": int(doc.get("version", 0)) + 1, "attempts": max(0, int(doc.get("attempts", 1)) - 1)}  # fmt: skip
+
+
+def _database_lines(store: TrialStore, exp_keys: Sequence[str]) -> tuple[list[str], list[dict[str, Any]], int]:
+    """The lines of database.jsonl, the trial documents as saved, and how many were running (saved as queued)."""
+    experiments = [doc for key in exp_keys if (doc := store.get_experiment(key)) is not None]
+    for doc in experiments:
+        doc.update(lease_holder=None, lease_expires=None)  # the driver that held it is not carried over
+    counters = list(store.counters.find({"_id": {"$in": list(exp_keys)}}))
+    trials = [doc for key in exp_keys for doc in store.trial_docs(key)]
+    running = sum(doc["state"] == TrialState.RUNNING for doc in trials)
+    trials = [_as_queued(doc) if doc["state"] == TrialState.RUNNING else doc for doc in trials]
+    documents = [("hpo_experiments", experiments), ("hpo_counters", counters), ("jobs", trials)]
+    lines = [
+        json_util.dumps({"collection": name, "doc": doc}, sort_keys=True, json_options=json_util.RELAXED_JSON_OPTIONS)
+        for name, docs in documents
+        for doc in docs
+    ]
+    return lines, trials, running
+
+
+def _finished_run_folders(trials: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
+    """The folders of the trials that finished with a result, and of the study's given and repeated runs."""
+    folders = [
+        Path(doc["result"]["out_dir"])
+        for doc in trials
+        if doc["state"] == TrialState.DONE and doc.get("result", {}).get("out_dir")
+    ]
+    for name in RUN_FOLDERS:
+        folders += [summary.parent for summary in (out / name).glob("**/summary.json")]
+    return sorted({folder for folder in folders if folder.is_dir()})
+
+
+def _text_files(folder: Path) -> Iterator[Path]:
+    """The text files in ``folder`` and below it: not the checkpoints (binary, and their manifests without them),
+    nor metrics.csv (metrics.jsonl's records again, for spreadsheets)."""
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if path.is_file() and path.suffix in TEXT_SUFFIXES and "checkpoints" not in parts and path.name != SKIPPED:
+            yield path
+
+
+def _file_lines(folders: Sequence[Path], out: Path) -> list[str]:
+    pattern, lines = _path_pattern(str(out)), []
+    for folder in folders:
+        for path in _text_files(folder):
+            relative = path.relative_to(out).as_posix()
+            text = pattern.sub(lambda _: OUT_TOKEN, path.read_text())
+            lines.append(json.dumps({"path": relative, "text": text}, sort_keys=True))
+    return sorted(lines)
+
+
+@contextlib.contextmanager
+def _study_store(study: StudyConfig, out: Path, log: Log, *, running_ok: bool) -> Iterator[TrialStore]:
+    """The study's store: tune.mongo, or its embedded server started now; with ``running_ok``, that of the study
+    running now when it holds the embedded server (it writes the URL to ``<out>/mongo-url`` while it runs)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(study_mongo_url(study, out, log))
+        except StudyError:
+            if not (running_ok and (out / URL_FILE).is_file()):
+                raise
+            url = read_url_file(out / URL_FILE)
+        yield stack.enter_context(contextlib.closing(connect_store(url)))
+
+
+def save_study(study: StudyConfig, dest: Path, log: Log = print) -> dict[str, Any]:
+    """Writes the study's database and finished runs to ``dest`` (see the module); returns the manifest."""
+    out = study.out_dir.resolve()
+    exp_keys = [experiment_name(study, cell) for cell in study.cells()]
+    with _study_store(study, out, log, running_ok=True) as store:
+        stored, trials, running = _database_lines(store, exp_keys)
+    pattern = _path_pattern(str(out))
+    database = [pattern.sub(lambda _: OUT_TOKEN, line) for line in stored]
+    files = _file_lines(_finished_run_folders(trials, out), out)
+    states = {state.name.lower(): sum(doc["state"] == state for doc in trials) for state in TrialState}
+    manifest = {
+        "format": FORMAT, "study": study.name, "saved": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "out_dir": str(out), "experiments": len(exp_keys), "trials": states,
+        "requeued": running, "files": len(files),
+    }  # fmt: skip
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dest / DATABASE, "".join(line + "\n" for line in sorted(database)))
+    atomic_write_text(dest / FILES, "".join(line + "\n" for line in files))
+    atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last: a complete save has one
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------------- restoring
+
+
+def _read_saved(src: Path, study: StudyConfig) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The manifest and the lines of a save of ``study``; a StudyError naming what is wrong."""
+    try:
+        manifest = json.loads((src / MANIFEST).read_text())
+        database = (src / DATABASE).read_text().splitlines()
+        files = (src / FILES).read_text().splitlines()
+    except (OSError, ValueError) as exc:
+        raise StudyError(f"{src} is not a complete save of a study (python -m study save): {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise StudyError(f"{src / MANIFEST}: format {manifest.get('format')!r}, this version reads {FORMAT}")
+    if manifest.get("study") != study.name:
+        raise StudyError(
+            f"{src} holds study {manifest.get('study')!r}, not {study.name!r}: restore it with its own study file"
+        )
+    return manifest, database, files
+
+
+def _restored_files(lines: Sequence[str], out: Path) -> dict[Path, str]:
+    """The files to write, by path; a StudyError when one exists with other contents (nothing is overwritten)."""
+    files, clashes = {}, []
+    for line in lines:
+        record = json.loads(line)
+        path = out / record["path"]
+        if ".." in Path(record["path"]).parts or Path(record["path"]).is_absolute():
+            raise StudyError(f"a saved file's path {record['path']!r} leaves the output folder: the save is damaged")
+        text = record["text"].replace(OUT_TOKEN, str(out))
+        if path.exists() and path.read_text() != text:
+            clashes.append(str(path))
+        files[path] = text
+    if clashes:
+        raise StudyError(
+            f"{len(clashes)} file(s) of the save exist with other contents, e.g. {clashes[0]}: restore into an empty "
+            "output folder (--out DIR)"
+        )
+    return files
+
+
+def _saved_documents(store: TrialStore, lines: Sequence[str], out: Path) -> dict[str, list[dict[str, Any]]]:
+    """The saved documents by collection, their paths under ``out``; a StudyError when the store holds any of the
+    experiments already."""
+    pattern = re.compile(re.escape(OUT_TOKEN))
+    by_collection: dict[str, list[dict[str, Any]]] = {name: [] for name in COLLECTIONS}
+    for line in lines:
+        record = json_util.loads(line)
+        by_collection[record["collection"]].append(_replace_paths(record["doc"], pattern, str(out)))
+    present = [doc["_id"] for doc in by_collection["hpo_experiments"] if store.get_experiment(doc["_id"])]
+    if present:
+        raise StudyError(
+            f"the database already holds {len(present)} of the saved experiments ({present[0]}, ...): restore into "
+            "a new output folder (--out DIR) or a database without them"
+        )
+    return by_collection
+
+
+def restore_study(study: StudyConfig, src: Path, log: Log = print) -> dict[str, int]:
+    """Restores a save of ``study`` (:func:`save_study`) into its output folder and database; returns the counts
+    of documents restored per collection. The study must not be running (its embedded server would be in use).
+    Nothing is written unless all of it can be: the files first, then the documents (a trial in the database always
+    has its folder)."""
+    out = study.out_dir.resolve()
+    manifest, database, lines = _read_saved(src, study)
+    files = _restored_files(lines, out)
+    with _study_store(study, out, log, running_ok=False) as store:
+        documents = _saved_documents(store, database, out)
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, text)
+        for name in COLLECTIONS:
+            if documents[name]:
+                store.db[name].insert_many(documents[name])
+    log(f"restored {sum(map(len, documents.values()))} documents and {len(files)} files saved {manifest['saved']} "
+        f"into {out}")  # fmt: skip
+    return {name: len(docs) for name, docs in documents.items()}

@@ -1,0 +1,160 @@
+"""study save / restore: a tuned study killed mid-way (real embedded server, real workers), saved as text, restored
+into another folder, finishes there without training its finished trials again; and the refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from study.archive import OUT_TOKEN, _as_queued, _path_pattern
+from tests.processes import ENV, PYTHON, ROOT
+from tests.synthetic_configs import synthetic_mlp_toml
+
+BASE = synthetic_mlp_toml(
+    batch_size=32, train_size=512, test_size=256, lr="0.1", run="steps = 60\neval_every = 0\ntensorboard = false"
+)
+SPACE = """
+[fixed]
+"optim.schedule" = "constant"
+[params."optim.lr"]
+dist = "loguniform"
+low = 0.05
+high = 0.5
+"""
+STUDY = """
+[study]
+name = "carried"
+base_config = "base.toml"
+optimizers = ["sgd", "kfac"]
+batch_sizes = [32]
+target_accuracy = 0.6
+max_steps = 60
+eval_every_steps = 5
+top_k = 2
+[tune]
+trials = 4
+workers = 2
+spaces = { sgd = "space.toml", kfac = "space.toml" }
+"""
+
+
+def _files(tmp_path: Path, name: str = "carried") -> Path:
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "space.toml").write_text(SPACE)
+    (tmp_path / "study.toml").write_text(STUDY.replace('"carried"', f'"{name}"'))
+    return tmp_path / "study.toml"
+
+
+def _study(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [PYTHON, "-m", "study", *args[:1], "--config", str(config), *args[1:]]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _kill_after_finished_trials(config: Path, out: Path, finished: int) -> None:
+    """Starts the study and SIGKILLs its whole process group once ``finished`` trials have left a summary."""
+    command = [PYTHON, "-m", "study", "scaling", "--config", str(config), "--out", str(out)]
+    study = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("trials/*/trial*/run/summary.json"))) < finished:
+        assert study.poll() is None, study.stderr.read().decode()[-3000:] if study.stderr else ""
+        assert time.monotonic() < deadline, "the study finished no trial in 300 s"
+        time.sleep(0.2)
+    os.killpg(study.pid, signal.SIGKILL)  # no SIGTERM handler runs: the running trials stay running in the database
+    study.wait()
+
+
+def _rows(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    return {(row["cell"], row["trial"]): row for row in csv.DictReader((out / "runs.csv").open())}
+
+
+def test_a_killed_study_saved_and_restored_elsewhere_finishes_without_training_finished_trials(tmp_path: Path) -> None:
+    config, first, second, saved = _files(tmp_path), tmp_path / "first", tmp_path / "second", tmp_path / "saved"
+    _kill_after_finished_trials(config, first, finished=2)
+    save = _study(config, "save", "--out", str(first), "--to", str(saved))
+    assert save.returncode == 0, save.stderr[-3000:]
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["study"] == "carried" and manifest["experiments"] == 2
+    done = manifest["trials"]["done"]
+    assert done >= 2 and manifest["trials"]["running"] == 0  # the running ones were saved as queued
+    assert f"{manifest['requeued']} running saved as queued" in save.stdout
+    database, files = (saved / "database.jsonl").read_text(), (saved / "files.jsonl").read_text()
+    assert str(first) not in database and str(first) not in files and OUT_TOKEN in database and OUT_TOKEN in files
+    finished = {json.loads(line)["path"] for line in files.splitlines()}
+    assert not any("checkpoint" in path or path.endswith("metrics.csv") for path in finished)
+    assert len([path for path in finished if path.endswith("/run/summary.json")]) == done
+
+    restore = _study(config, "restore", "--out", str(second), "--from", str(saved))
+    assert restore.returncode == 0, restore.stderr[-3000:]
+    restored = {path: (second / path).read_text() for path in finished}
+    again = _study(config, "restore", "--out", str(second), "--from", str(saved))
+    assert again.returncode == 2 and "already holds 2 of the saved experiments" in again.stderr, again.stderr
+
+    finish = _study(config, "scaling", "--out", str(second))
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    rows = _rows(second)
+    trials = [
+        t for cell in ("sgd-b32", "kfac-b32") for t in json.loads((second / "trials" / f"{cell}.json").read_text())
+    ]
+    assert len(trials) == 2 * 4 and len(rows) == sum(t["result"].get("status") == "ok" for t in trials)
+    for path, text in restored.items():  # finished before the kill: read, not trained again (no second attempt)
+        assert (second / path).read_text() == text, path
+        trial_dir = second.joinpath(*Path(path).parts[:3])  # trials/<experiment>/trial<tid>.<version>
+        assert [p.name for p in trial_dir.parent.glob(trial_dir.name.split(".")[0] + ".*")] == [trial_dir.name]
+    saved_summaries = [json.loads(text) for path, text in restored.items() if path.endswith("/run/summary.json")]
+    steps = sorted(int(row["steps_to_target"]) for row in rows.values() if row["steps_to_target"])
+    for summary in saved_summaries:
+        if summary["reached_target"]:
+            assert summary["steps_to_target"] in steps
+    assert all(str(second) in row["metrics_path"] for row in rows.values() if row["metrics_path"])
+
+
+def test_restore_refuses_another_studys_save_a_damaged_one_and_changed_files(tmp_path: Path) -> None:
+    config = _files(tmp_path)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    missing = _study(config, "restore", "--out", str(tmp_path / "out"), "--from", str(saved))
+    assert missing.returncode == 2 and "is not a complete save of a study" in missing.stderr
+    (saved / "manifest.json").write_text(json.dumps({"format": 1, "study": "other", "saved": "then"}))
+    (saved / "database.jsonl").write_text("")
+    (saved / "files.jsonl").write_text(json.dumps({"path": "trials/x/trial0.1/run/summary.json", "text": "{}"}) + "\n")
+    other = _study(config, "restore", "--out", str(tmp_path / "out"), "--from", str(saved))
+    assert other.returncode == 2 and "holds study 'other', not 'carried'" in other.stderr
+    (saved / "manifest.json").write_text(json.dumps({"format": 1, "study": "carried", "saved": "then"}))
+    clash = tmp_path / "out" / "trials" / "x" / "trial0.1" / "run" / "summary.json"
+    clash.parent.mkdir(parents=True)
+    clash.write_text('{"mine": 1}')
+    refused = _study(config, "restore", "--out", str(tmp_path / "out"), "--from", str(saved))
+    assert refused.returncode == 2 and "exist with other contents" in refused.stderr, refused.stderr
+    assert clash.read_text() == '{"mine": 1}'
+    (saved / "files.jsonl").write_text(json.dumps({"path": "../escape.json", "text": "{}"}) + "\n")
+    escape = _study(config, "restore", "--out", str(tmp_path / "out"), "--from", str(saved))
+    assert escape.returncode == 2 and "leaves the output folder" in escape.stderr
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_saved_paths_and_running_trials() -> None:
+    pattern = _path_pattern("/a/out")
+    assert pattern.sub(OUT_TOKEN, '"/a/out/trials/x", /a/out-v1/y, /a/outer, /a/out') == (
+        f'"{OUT_TOKEN}/trials/x", /a/out-v1/y, /a/outer, {OUT_TOKEN}'
+    )
+    queued = _as_queued({"state": 1, "owner": "host:12", "version": 3, "attempts": 2, "book_time": 1, "tid": 7})
+    assert queued == {"state": 0, "owner": None, "version": 4, "attempts": 1, "book_time": None, "refresh_time": None,
+                      "tid": 7}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["save", "restore"])
+def test_save_and_restore_need_a_tuned_study(tmp_path: Path, command: str) -> None:
+    config = tmp_path / "given.toml"
+    given = '[given.sgd]\n"optim.lr" = 0.1\n[given.kfac]\n"optim.lr" = 0.1\n'
+    config.write_text(STUDY.split("[tune]")[0] + given)
+    (tmp_path / "base.toml").write_text(BASE)
+    result = _study(config, command, "--to" if command == "save" else "--from", str(tmp_path / "saved"))
+    assert result.returncode == 2 and "only a tuned study has a database to save" in result.stderr, result.stderr
