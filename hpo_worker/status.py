@@ -7,6 +7,8 @@
   :data:`ALIVE_S` old; running trials with an older heartbeat are counted as silent. An idle worker holds no trial
   and is not seen. Heartbeats are stamped with the workers' clocks: hosts whose clocks differ by more than
   :data:`ALIVE_S` seconds show as silent.
+- **done** and **diverged**: the done trials whose run finished, and those whose run diverged (a done trial with
+  status fail: the objective's value of a diverged run, not an error);
 - **rate**: trials that finished (done, pruned or failed) in the last :data:`RATE_WINDOW_S` seconds, per minute;
   **ETA**: the trials still to finish (``max_evals`` less the finished ones) at that rate.
 """
@@ -35,6 +37,7 @@ class ExperimentStatus:
     exp_key: str
     max_evals: int | None
     counts: Mapping[TrialState, int]
+    diverged: int  # of the done trials: the runs that diverged (done with status fail, hpo_worker.trial)
     best_tid: int | None
     best_loss: float | None
     workers_alive: int
@@ -68,6 +71,7 @@ def experiment_status(store: TrialStore, exp_key: str, now: dt.datetime | None =
     now = now or utcnow()
     docs = store.trial_docs(exp_key, curves=False)
     counts = state_counts(docs)
+    diverged = sum(d["state"] == TrialState.DONE and (d.get("result") or {}).get("status") == "fail" for d in docs)
     running = [d for d in docs if d["state"] == TrialState.RUNNING]
     fresh = [d for d in running if (t := _naive(d.get("refresh_time"))) and (now - t).total_seconds() <= ALIVE_S]
     best = summarize(docs, top_k=1)["best"]
@@ -75,7 +79,7 @@ def experiment_status(store: TrialStore, exp_key: str, now: dt.datetime | None =
     rate = _rate(docs, now)
     left = max(int(max_evals) - sum(counts[s] for s in FINISHED_STATES), 0) if max_evals else None
     return ExperimentStatus(
-        exp_key=exp_key, max_evals=int(max_evals) if max_evals else None, counts=counts,
+        exp_key=exp_key, max_evals=int(max_evals) if max_evals else None, counts=counts, diverged=diverged,
         best_tid=best["tid"] if best else None, best_loss=best["loss"] if best else None,
         workers_alive=len({d.get("owner") for d in fresh}), silent=len(running) - len(fresh),
         rate_per_min=rate, eta_s=60.0 * left / rate if rate and left is not None else None,
@@ -92,13 +96,14 @@ def _duration(seconds: float | None) -> str:
 
 def format_status(statuses: Sequence[ExperimentStatus], now: dt.datetime | None = None) -> str:
     """One row per experiment, then the totals when there are several."""
-    header = ("experiment", "finished", "done", "pruned", "failed", "running", "queued", "best loss", "best tid",
+    header = ("experiment", "finished", "done", "diverged", "pruned", "failed", "running", "queued", "best loss", "best tid",
               "workers", "silent", "per min", "ETA")  # fmt: skip
     rows: list[tuple[str, ...]] = [header]
     for s in statuses:
         c = s.counts
         rows.append((
-            s.exp_key, f"{s.finished}/{s.max_evals or '?'}", str(c[TrialState.DONE]), str(c[TrialState.PRUNED]),
+            s.exp_key, f"{s.finished}/{s.max_evals or '?'}", str(c[TrialState.DONE] - s.diverged), str(s.diverged),
+            str(c[TrialState.PRUNED]),
             str(c[TrialState.ERROR]), str(c[TrialState.RUNNING]), str(c[TrialState.NEW]),
             "-" if s.best_loss is None else f"{s.best_loss:.6g}", "-" if s.best_tid is None else str(s.best_tid),
             str(s.workers_alive), str(s.silent), "-" if s.rate_per_min is None else f"{s.rate_per_min:.2f}",
@@ -109,7 +114,7 @@ def format_status(statuses: Sequence[ExperimentStatus], now: dt.datetime | None 
         total = sum(s.max_evals or 0 for s in statuses)
         rate = sum(s.rate_per_min or 0.0 for s in statuses)
         eta = 60.0 * (total - finished) / rate if rate and total else None
-        rows.append(("all", f"{finished}/{total or '?'}", *[""] * 7, str(sum(s.workers_alive for s in statuses)),
+        rows.append(("all", f"{finished}/{total or '?'}", *[""] * 8, str(sum(s.workers_alive for s in statuses)),
                      str(sum(s.silent for s in statuses)), f"{rate:.2f}" if rate else "-", _duration(eta)))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]

@@ -28,6 +28,7 @@ TRIALS = [
     (TrialState.DONE, 0.10, 8, 5, "w2"),
     (TrialState.PRUNED, 0.90, 6, 4, "w1"),
     (TrialState.ERROR, None, 5, 3, "w2"),
+    (TrialState.DONE, None, 7, 6, "w1"),  # done without a loss: its run diverged (status fail)
     (TrialState.RUNNING, None, 2, 0.1, "w1"),  # beating: w1 is alive
     (TrialState.RUNNING, None, 3, 2, "w3"),  # silent for 2 minutes
     (TrialState.NEW, None, None, None, None),
@@ -49,7 +50,8 @@ def _experiment(store: TrialStore, tmp_path: Path, exp: str, now: dt.datetime = 
             doc["book_time"] = now - dt.timedelta(minutes=started)
             doc["refresh_time"] = now - dt.timedelta(minutes=last)
         if state in (TrialState.DONE, TrialState.PRUNED):
-            doc["result"] = {"status": "ok" if state == TrialState.DONE else "pruned", "loss": loss, "steps": 4}
+            status = "pruned" if state == TrialState.PRUNED else "ok" if loss is not None else "fail"
+            doc["result"] = {"status": status, "loss": loss, "steps": 4}
     store.insert_trials(docs)
 
 
@@ -63,13 +65,15 @@ def store(mongo: str) -> Any:
 def test_status_counts_states_best_workers_rate_and_eta(store: TrialStore, tmp_path: Path) -> None:
     _experiment(store, tmp_path, "live")
     status = experiment_status(store, "live", NOW)
-    assert status.counts[TrialState.DONE] == 2 and status.counts[TrialState.PRUNED] == 1 and status.finished == 4
+    assert status.counts[TrialState.DONE] == 3 and status.counts[TrialState.PRUNED] == 1 and status.finished == 5
+    assert status.diverged == 1
     assert (status.best_tid, status.best_loss) == (1, 0.10)  # the pruned trial's 0.9 is never ranked
     assert (status.workers_alive, status.silent) == (1, 1)
-    # 4 trials ended within the 9 minutes since the first start: 4/9 per minute; 6 to go of max_evals 10
-    assert status.rate_per_min == pytest.approx(4 / 9) and status.eta_s == pytest.approx(6 / (4 / 9) * 60)
+    # 5 trials ended within the 9 minutes since the first start: 5/9 per minute; 5 to go of max_evals 10
+    assert status.rate_per_min == pytest.approx(5 / 9) and status.eta_s == pytest.approx(5 / (5 / 9) * 60)
     text = format_status([status], NOW)
-    assert re.search(r"live\s+4/10\s+2\s+1\s+1\s+2\s+1\s+0\.1\s+1\s+1\s+1\s+0\.44\s+13m30s", text), text
+    assert text.splitlines()[1].split()[2:4] == ["done", "diverged"], text
+    assert re.search(r"live\s+5/10\s+2\s+1\s+1\s+1\s+2\s+1\s+0\.1\s+1\s+1\s+1\s+0\.56\s+9m00s", text), text
 
 
 def test_python_m_hpo_worker_status_prints_the_view(mongo: str, store: TrialStore, tmp_path: Path) -> None:
@@ -80,7 +84,7 @@ def test_python_m_hpo_worker_status_prints_the_view(mongo: str, store: TrialStor
     assert done.returncode == 0, done.stderr
     rows = done.stdout.splitlines()
     assert rows[1].split()[:3] == ["experiment", "finished", "done"] and rows[-1].startswith("all"), done.stdout
-    assert rows[-1].split()[1] == "8/20" and rows[-1].split()[2:4] == ["2", "2"], done.stdout  # workers, silent
+    assert rows[-1].split()[1] == "10/20" and rows[-1].split()[2:4] == ["2", "2"], done.stdout  # workers, silent
     missing = subprocess.run([*command[:-4], "--exp", "nope"], capture_output=True, text=True, timeout=60, env=ENV)
     assert missing.returncode == 2 and "no experiment 'nope' in this database" in missing.stderr, missing.stderr
 
