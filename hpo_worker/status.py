@@ -96,8 +96,8 @@ def _duration(seconds: float | None) -> str:
 
 def format_status(statuses: Sequence[ExperimentStatus], now: dt.datetime | None = None) -> str:
     """One row per experiment, then the totals when there are several."""
-    header = ("experiment", "finished", "done", "diverged", "pruned", "failed", "running", "queued", "best loss", "best tid",
-              "workers", "silent", "per min", "ETA")  # fmt: skip
+    header = ("experiment", "finished", "done", "diverged", "pruned", "failed", "running", "queued", "best loss",
+              "best tid", "workers", "silent", "per min", "ETA")  # fmt: skip
     rows: list[tuple[str, ...]] = [header]
     for s in statuses:
         c = s.counts
