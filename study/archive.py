@@ -7,8 +7,11 @@ DIR holds three files:
 - ``manifest.json``: the study, when it was saved, the output folder it came from, and counts;
 - ``database.jsonl``: the study's MongoDB documents (its experiments, their tid counters, their trials), one per
   line as MongoDB extended JSON, sorted;
-- ``files.jsonl``: the text files of every finished run (config.json, summary.json, metrics.jsonl, attempt.json,
-  ...; not its checkpoints, nor metrics.csv, which repeats metrics.jsonl), one per line, sorted by path.
+- ``files.jsonl``: the text files of every finished run (config.json, summary.json, attempt.json, the kept result,
+  ...), one per line, sorted by path. Not saved: checkpoints; metrics.csv, which repeats metrics.jsonl; and
+  metrics.jsonl itself except for each cell's 5 best trials and the runs outside the search (repeats, given
+  values). It holds a record per step, megabytes for a long run, and the report reads only the best runs' (each
+  trial's evaluations are also in its database document, as its learning curve).
 
 Paths inside the output folder are written as ``${out}/...`` and restored under the new output folder. A trial that
 was running is saved as queued: restored, it is trained again from step 0 (checkpoints are binary and large, and
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,7 +48,7 @@ OUT_TOKEN = "${out}"
 MANIFEST, DATABASE, FILES = "manifest.json", "database.jsonl", "files.jsonl"
 COLLECTIONS = ("hpo_experiments", "hpo_counters", "jobs")  # in the order they are restored
 TEXT_SUFFIXES = frozenset({".json", ".jsonl", ".toml", ".txt", ".sh", ".log", ".csv"})
-SKIPPED = "metrics.csv"
+METRICS_OF_BEST = 5  # per experiment: the trials whose metrics.jsonl is saved (_finished_run_folders)
 RUN_FOLDERS = ("repeats", "runs")  # the given values' and the best trials' repeats' runs, beside trials/
 
 
@@ -91,31 +95,49 @@ def _database_lines(store: TrialStore, exp_keys: Sequence[str]) -> tuple[list[st
     return lines, trials, running
 
 
-def _finished_run_folders(trials: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
-    """The folders of the trials that finished with a result, and of the study's given and repeated runs."""
-    folders = [
-        Path(doc["result"]["out_dir"])
-        for doc in trials
-        if doc["state"] == TrialState.DONE and doc.get("result", {}).get("out_dir")
-    ]
+def _ranked(docs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Trials that finished with a result, best first: the search's loss, ties broken by the higher test accuracy
+    (as :func:`study.report.best_runs` ranks a cell's runs)."""
+    ok = [doc for doc in docs if doc["state"] == TrialState.DONE and doc["result"].get("status") == "ok"]
+
+    def rank(doc: Mapping[str, Any]) -> tuple[float, float]:
+        loss, accuracy = doc["result"].get("loss"), doc["result"].get("test_accuracy")
+        return (math.inf if loss is None else float(loss), -float(accuracy or 0.0))
+
+    return sorted(ok, key=rank)
+
+
+def _finished_run_folders(trials: Sequence[Mapping[str, Any]], out: Path) -> dict[Path, bool]:
+    """The folders of the trials that finished, and of the study's given and repeated runs; for each, whether its
+    metrics.jsonl is saved: for runs outside the search, and for each experiment's METRICS_OF_BEST best trials
+    (the report reads the metrics of each cell's best run only; a step record per step makes a long run's file
+    megabytes)."""
+    folders: dict[Path, bool] = {}
+    for exp_key in sorted({doc["exp_key"] for doc in trials}):
+        mine = [doc for doc in trials if doc["exp_key"] == exp_key]
+        best = {id(doc) for doc in _ranked(mine)[:METRICS_OF_BEST]}
+        for doc in mine:
+            if doc["state"] == TrialState.DONE and doc["result"].get("out_dir"):
+                folders[Path(doc["result"]["out_dir"])] = id(doc) in best
     for name in RUN_FOLDERS:
-        folders += [summary.parent for summary in (out / name).glob("**/summary.json")]
-    return sorted({folder for folder in folders if folder.is_dir()})
+        folders.update({summary.parent: True for summary in (out / name).glob("**/summary.json")})
+    return {folder: metrics for folder, metrics in sorted(folders.items()) if folder.is_dir()}
 
 
-def _text_files(folder: Path) -> Iterator[Path]:
+def _text_files(folder: Path, metrics: bool) -> Iterator[Path]:
     """The text files in ``folder`` and below it: not the checkpoints (binary, and their manifests without them),
-    nor metrics.csv (metrics.jsonl's records again, for spreadsheets)."""
+    nor metrics.csv (metrics.jsonl's records again, for spreadsheets), nor metrics.jsonl unless ``metrics``."""
+    skipped = {"metrics.csv"} if metrics else {"metrics.csv", "metrics.jsonl"}
     for path in sorted(folder.rglob("*")):
         parts = path.relative_to(folder).parts
-        if path.is_file() and path.suffix in TEXT_SUFFIXES and "checkpoints" not in parts and path.name != SKIPPED:
+        if path.is_file() and path.suffix in TEXT_SUFFIXES and "checkpoints" not in parts and path.name not in skipped:
             yield path
 
 
-def _file_lines(folders: Sequence[Path], out: Path) -> list[str]:
+def _file_lines(folders: Mapping[Path, bool], out: Path) -> list[str]:
     pattern, lines = _path_pattern(str(out)), []
-    for folder in folders:
-        for path in _text_files(folder):
+    for folder, metrics in folders.items():
+        for path in _text_files(folder, metrics):
             relative = path.relative_to(out).as_posix()
             text = pattern.sub(lambda _: OUT_TOKEN, path.read_text())
             lines.append(json.dumps({"path": relative, "text": text}, sort_keys=True))

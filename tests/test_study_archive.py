@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from study.archive import OUT_TOKEN, _as_queued, _path_pattern
+from study.archive import METRICS_OF_BEST, OUT_TOKEN, _as_queued, _finished_run_folders, _path_pattern
 from tests.processes import ENV, PYTHON, ROOT
 from tests.synthetic_configs import synthetic_mlp_toml
 
@@ -158,3 +158,27 @@ def test_save_and_restore_need_a_tuned_study(tmp_path: Path, command: str) -> No
     (tmp_path / "base.toml").write_text(BASE)
     result = _study(config, command, "--to" if command == "save" else "--from", str(tmp_path / "saved"))
     assert result.returncode == 2 and "only a tuned study has a database to save" in result.stderr, result.stderr
+
+
+def test_metrics_are_saved_for_each_experiments_best_trials_and_the_repeats_only(tmp_path: Path) -> None:
+    def doc(exp: str, tid: int, loss: float | None, accuracy: float, status: str = "ok") -> dict[str, object]:
+        folder = tmp_path / "trials" / exp / f"trial{tid}.1"
+        folder.mkdir(parents=True)
+        return {"exp_key": exp, "tid": tid, "state": 2, "result": {"status": status, "loss": loss,
+                "test_accuracy": accuracy, "out_dir": str(folder)}}  # fmt: skip
+
+    losses = [0.5, 0.1, 0.9, 0.3, 0.5, 0.4, 0.2, 0.8]  # tids 0 and 4 tie for 5th place: 4 has the higher accuracy
+    trials = [doc("a", tid, loss, 0.5 + tid / 100) for tid, loss in enumerate(losses)]
+    trials += [doc("a", 8, None, 0.1, status="fail"), doc("b", 0, 0.99, 0.2)]
+    (tmp_path / "repeats" / "a-b32" / "seed1001").mkdir(parents=True)
+    (tmp_path / "repeats" / "a-b32" / "seed1001" / "summary.json").write_text("{}")
+    kept = {
+        path.relative_to(tmp_path).as_posix(): metrics
+        for path, metrics in _finished_run_folders(trials, tmp_path).items()
+    }
+    with_metrics = sorted(path for path, metrics in kept.items() if metrics)
+    assert METRICS_OF_BEST == 5 and with_metrics == sorted(
+        ["trials/a/trial1.1", "trials/a/trial6.1", "trials/a/trial3.1", "trials/a/trial5.1", "trials/a/trial4.1",
+         "trials/b/trial0.1", "repeats/a-b32/seed1001"]
+    )  # fmt: skip
+    assert len(kept) == 11 and kept["trials/a/trial8.1"] is False  # the diverged run: its small files only
