@@ -8,10 +8,10 @@ DIR holds three files:
 - ``database.jsonl``: the study's MongoDB documents (its experiments, their tid counters, their trials), one per
   line as MongoDB extended JSON, sorted;
 - ``files.jsonl``: the text files of every finished run (config.json, summary.json, attempt.json, the kept result,
-  ...), one per line, sorted by path. Not saved: checkpoints; metrics.csv, which repeats metrics.jsonl; and
-  metrics.jsonl itself except for each cell's 5 best trials and the runs outside the search (repeats, given
-  values). It holds a record per step, megabytes for a long run, and the report reads only the best runs' (each
-  trial's evaluations are also in its database document, as its learning curve).
+  ...), one per line, sorted by path. Not saved: checkpoints; ``ranks/`` (each rank's first batch); metrics.csv,
+  which repeats metrics.jsonl; and metrics.jsonl itself except for each cell's 5 best trials and the runs outside
+  the search (repeats, given values). It holds a record per step, megabytes for a long run, and the report reads
+  only the best runs' (each trial's evaluations are also in its database document, as its learning curve).
 
 Paths inside the output folder are written as ``${out}/...`` and restored under the new output folder. A trial that
 was running is saved as queued: restored, it is trained again from step 0 (checkpoints are binary and large, and
@@ -48,6 +48,7 @@ OUT_TOKEN = "${out}"
 MANIFEST, DATABASE, FILES = "manifest.json", "database.jsonl", "files.jsonl"
 COLLECTIONS = ("hpo_experiments", "hpo_counters", "jobs")  # in the order they are restored
 TEXT_SUFFIXES = frozenset({".json", ".jsonl", ".toml", ".txt", ".sh", ".log", ".csv"})
+SKIPPED_FOLDERS = frozenset({"checkpoints", "ranks"})
 METRICS_OF_BEST = 5  # per experiment: the trials whose metrics.jsonl is saved (_finished_run_folders)
 RUN_FOLDERS = ("repeats", "runs")  # the given values' and the best trials' repeats' runs, beside trials/
 
@@ -126,11 +127,17 @@ def _finished_run_folders(trials: Sequence[Mapping[str, Any]], out: Path) -> dic
 
 def _text_files(folder: Path, metrics: bool) -> Iterator[Path]:
     """The text files in ``folder`` and below it: not the checkpoints (binary, and their manifests without them),
-    nor metrics.csv (metrics.jsonl's records again, for spreadsheets), nor metrics.jsonl unless ``metrics``."""
+    nor ``ranks/`` (each rank's first batch, to check sharding: tens of kilobytes at large batches), nor metrics.csv
+    (metrics.jsonl's records again, for spreadsheets), nor metrics.jsonl unless ``metrics``."""
     skipped = {"metrics.csv"} if metrics else {"metrics.csv", "metrics.jsonl"}
     for path in sorted(folder.rglob("*")):
         parts = path.relative_to(folder).parts
-        if path.is_file() and path.suffix in TEXT_SUFFIXES and "checkpoints" not in parts and path.name not in skipped:
+        if (
+            path.is_file()
+            and path.suffix in TEXT_SUFFIXES
+            and not SKIPPED_FOLDERS & set(parts)
+            and path.name not in skipped
+        ):
             yield path
 
 
