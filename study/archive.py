@@ -2,7 +2,7 @@
 or into version control: ``python -m study save --config C --to DIR``, then ``python -m study restore --config C
 --from DIR`` into an empty output folder, then ``python -m study scaling --config C`` continues.
 
-DIR holds three files:
+DIR holds:
 
 - ``manifest.json``: the study, when it was saved, the output folder it came from, and counts;
 - ``database.jsonl``: the study's MongoDB documents (its experiments, their tid counters, their trials), one per
@@ -11,11 +11,14 @@ DIR holds three files:
   ...), one per line, sorted by path. Not saved: checkpoints; ``ranks/`` (each rank's first batch); metrics.csv,
   which repeats metrics.jsonl; and metrics.jsonl itself except for each cell's 5 best trials and the runs outside
   the search (repeats, given values). It holds a record per step, megabytes for a long run, and the report reads
-  only the best runs' (each trial's evaluations are also in its database document, as its learning curve).
+  only the best runs' (each trial's evaluations are also in its database document, as its learning curve). Also
+  every text file of the trials that were running;
+- ``checkpoints.tar``: the newest checkpoint of each trial that was running (binary: about a megabyte each).
 
-Paths inside the output folder are written as ``${out}/...`` and restored under the new output folder. A trial that
-was running is saved as queued: restored, it is trained again from step 0 (checkpoints are binary and large, and
-are not saved). Everything is sorted text so that version control stores a later save of the same study as a small
+A trial that was running is saved as queued, as :meth:`TrialStore.release` leaves a trial whose worker was stopped.
+Restored, it continues from its saved checkpoint (:mod:`hpo_worker.attempts` finds its earlier attempt's folder),
+or from step 0 when it had none. Paths inside the output folder are written as ``${out}/...`` and restored under
+the new output folder. The text is sorted so that version control stores a later save of the same study as a small
 delta of the earlier one. Saving reads the database of the running study, or starts the study's embedded server
 when the study is stopped; restoring refuses to overwrite anything.
 """
@@ -27,15 +30,28 @@ import datetime as dt
 import json
 import math
 import re
+import shutil
+import tarfile
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from bson import json_util
 
+from hpo_worker.attempts import RUN_DIR
+from hpo_worker.result_file import trial_dir
 from hpo_worker.server import read_url_file
 from hpo_worker.store import TrialState, TrialStore
-from jobs.files import atomic_write_text
+from jobs.checkpoint import (
+    CHECKPOINT_DIR,
+    LATEST,
+    CheckpointRef,
+    has_checkpoint,
+    manifest_file,
+    verify_checkpoint,
+)
+from jobs.files import atomic_write_bytes, atomic_write_text
 from study.config import StudyConfig, StudyError
 from study.tuning import URL_FILE, connect_store, experiment_name, study_mongo_url
 
@@ -45,7 +61,7 @@ Log = Callable[[str], None]
 
 FORMAT = 1
 OUT_TOKEN = "${out}"
-MANIFEST, DATABASE, FILES = "manifest.json", "database.jsonl", "files.jsonl"
+MANIFEST, DATABASE, FILES, CHECKPOINTS = "manifest.json", "database.jsonl", "files.jsonl", "checkpoints.tar"
 COLLECTIONS = ("hpo_experiments", "hpo_counters", "jobs")  # in the order they are restored
 TEXT_SUFFIXES = frozenset({".json", ".jsonl", ".toml", ".txt", ".sh", ".log", ".csv"})
 SKIPPED_FOLDERS = frozenset({"checkpoints", "ranks"})
@@ -78,14 +94,17 @@ def _as_queued(doc: dict[str, Any]) -> dict[str, Any]:
             "version": int(doc.get("version", 0)) + 1, "attempts": max(0, int(doc.get("attempts", 1)) - 1)}  # fmt: skip
 
 
-def _database_lines(store: TrialStore, exp_keys: Sequence[str]) -> tuple[list[str], list[dict[str, Any]], int]:
-    """The lines of database.jsonl, the trial documents as saved, and how many were running (saved as queued)."""
+def _database_lines(
+    store: TrialStore, exp_keys: Sequence[str]
+) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The lines of database.jsonl, the trial documents as saved, and those that were running (saved as queued) as
+    they were."""
     experiments = [doc for key in exp_keys if (doc := store.get_experiment(key)) is not None]
     for doc in experiments:
         doc.update(lease_holder=None, lease_expires=None)  # the driver that held it is not carried over
     counters = list(store.counters.find({"_id": {"$in": list(exp_keys)}}))
     trials = [doc for key in exp_keys for doc in store.trial_docs(key)]
-    running = sum(doc["state"] == TrialState.RUNNING for doc in trials)
+    running = [doc for doc in trials if doc["state"] == TrialState.RUNNING]
     trials = [_as_queued(doc) if doc["state"] == TrialState.RUNNING else doc for doc in trials]
     documents = [("hpo_experiments", experiments), ("hpo_counters", counters), ("jobs", trials)]
     lines = [
@@ -125,30 +144,74 @@ def _finished_run_folders(trials: Sequence[Mapping[str, Any]], out: Path) -> dic
     return {folder: metrics for folder, metrics in sorted(folders.items()) if folder.is_dir()}
 
 
-def _text_files(folder: Path, metrics: bool) -> Iterator[Path]:
+def _text_files(folder: Path, metrics: bool, whole: bool = False) -> Iterator[Path]:
     """The text files in ``folder`` and below it: not the checkpoints (binary, and their manifests without them),
     nor ``ranks/`` (each rank's first batch, to check sharding: tens of kilobytes at large batches), nor metrics.csv
-    (metrics.jsonl's records again, for spreadsheets), nor metrics.jsonl unless ``metrics``."""
-    skipped = {"metrics.csv"} if metrics else {"metrics.csv", "metrics.jsonl"}
+    (metrics.jsonl's records again, for spreadsheets), nor metrics.jsonl unless ``metrics``; ``whole``: all but the
+    checkpoints (a run that will resume appends to its files)."""
+    skipped = set() if whole else {"metrics.csv"} if metrics else {"metrics.csv", "metrics.jsonl"}
+    skipped_folders = {CHECKPOINT_DIR} if whole else SKIPPED_FOLDERS
     for path in sorted(folder.rglob("*")):
         parts = path.relative_to(folder).parts
         if (
             path.is_file()
             and path.suffix in TEXT_SUFFIXES
-            and not SKIPPED_FOLDERS & set(parts)
+            and not skipped_folders & set(parts)
             and path.name not in skipped
         ):
             yield path
 
 
-def _file_lines(folders: Mapping[Path, bool], out: Path) -> list[str]:
+def _file_lines(folders: Mapping[Path, bool], running: Sequence[Path], out: Path) -> list[str]:
+    """The lines of files.jsonl: the finished runs' files (and their metrics where ``folders`` says so), and all
+    the text files of the attempts of the trials that were ``running``."""
     pattern, lines = _path_pattern(str(out)), []
-    for folder, metrics in folders.items():
-        for path in _text_files(folder, metrics):
-            relative = path.relative_to(out).as_posix()
+    found = [path for folder, metrics in folders.items() for path in _text_files(folder, metrics)]
+    found += [path for folder in running for path in _text_files(folder, True, whole=True)]
+    for path in found:
+        with contextlib.suppress(FileNotFoundError):  # a running trial's file may go meanwhile
             text = pattern.sub(lambda _: OUT_TOKEN, path.read_text())
-            lines.append(json.dumps({"path": relative, "text": text}, sort_keys=True))
+            lines.append(json.dumps({"path": path.relative_to(out).as_posix(), "text": text}, sort_keys=True))
     return sorted(lines)
+
+
+def _copy_newest_checkpoint(run_dir: Path, staging: Path) -> int | None:
+    """Copies the newest checkpoint of ``run_dir`` into ``staging/checkpoints`` and returns its step, or None when
+    there is none. The copy is verified against the checkpoint's manifest: the run may write a newer one and prune
+    this one meanwhile, and then the newer one is copied instead."""
+    target = staging / CHECKPOINT_DIR
+    for _ in range(3):
+        shutil.rmtree(target, ignore_errors=True)
+        ref = has_checkpoint(run_dir)
+        if ref is None:
+            return None
+        target.mkdir(parents=True)
+        try:
+            listed = json.loads(manifest_file(ref.folder, ref.name).read_text())["files"]
+            for name in [manifest_file(ref.folder, ref.name).name, *(Path(file).name for file in listed)]:
+                shutil.copy2(ref.folder / name, target / name)
+        except (OSError, ValueError, KeyError):
+            continue
+        (target / LATEST).write_text(ref.name + "\n")
+        if verify_checkpoint(CheckpointRef(target, ref.name)) is None:
+            return ref.step
+    shutil.rmtree(target, ignore_errors=True)
+    return None
+
+
+def _write_checkpoints(running: Sequence[Path], out: Path, dest: Path) -> dict[str, int]:
+    """``dest/checkpoints.tar``: the newest checkpoint of each running attempt (``running``), by its path relative
+    to ``out``; returns the step of each, by attempt."""
+    steps = {}
+    with tempfile.TemporaryDirectory() as staging, tarfile.open(dest / f"{CHECKPOINTS}.tmp", "w") as tar:
+        for attempt in running:
+            relative = (attempt / RUN_DIR).relative_to(out)
+            step = _copy_newest_checkpoint(attempt / RUN_DIR, Path(staging) / relative)
+            if step is not None:
+                tar.add(Path(staging) / relative / CHECKPOINT_DIR, arcname=(relative / CHECKPOINT_DIR).as_posix())
+                steps[attempt.relative_to(out).as_posix()] = step
+    (dest / f"{CHECKPOINTS}.tmp").replace(dest / CHECKPOINTS)
+    return steps
 
 
 @contextlib.contextmanager
@@ -166,21 +229,24 @@ def _study_store(study: StudyConfig, out: Path, log: Log, *, running_ok: bool) -
 
 
 def save_study(study: StudyConfig, dest: Path, log: Log = print) -> dict[str, Any]:
-    """Writes the study's database and finished runs to ``dest`` (see the module); returns the manifest."""
+    """Writes the study's database, finished runs and running trials' newest checkpoints to ``dest`` (see the
+    module); returns the manifest."""
     out = study.out_dir.resolve()
     exp_keys = [experiment_name(study, cell) for cell in study.cells()]
     with _study_store(study, out, log, running_ok=True) as store:
         stored, trials, running = _database_lines(store, exp_keys)
+    attempts = [trial_dir(out / "trials", doc) for doc in running]  # the layout of the study's workers (--workdir)
+    dest.mkdir(parents=True, exist_ok=True)
+    checkpoints = _write_checkpoints(attempts, out, dest)
     pattern = _path_pattern(str(out))
     database = [pattern.sub(lambda _: OUT_TOKEN, line) for line in stored]
-    files = _file_lines(_finished_run_folders(trials, out), out)
+    files = _file_lines(_finished_run_folders(trials, out), [a for a in attempts if a.is_dir()], out)
     states = {state.name.lower(): sum(doc["state"] == state for doc in trials) for state in TrialState}
     manifest = {
         "format": FORMAT, "study": study.name, "saved": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "out_dir": str(out), "experiments": len(exp_keys), "trials": states,
-        "requeued": running, "files": len(files),
+        "out_dir": str(out), "experiments": len(exp_keys), "trials": states, "requeued": len(running),
+        "checkpoints": checkpoints, "files": len(files),
     }  # fmt: skip
-    dest.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dest / DATABASE, "".join(line + "\n" for line in sorted(database)))
     atomic_write_text(dest / FILES, "".join(line + "\n" for line in files))
     atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last: a complete save has one
@@ -227,6 +293,26 @@ def _restored_files(lines: Sequence[str], out: Path) -> dict[Path, str]:
     return files
 
 
+def _saved_checkpoints(src: Path, out: Path) -> dict[Path, bytes]:
+    """The files of ``src/checkpoints.tar`` by their path under ``out`` (none for a save without one); a StudyError
+    for a member outside the output folder, or one that exists with other contents."""
+    if not (src / CHECKPOINTS).is_file():
+        return {}
+    files = {}
+    with tarfile.open(src / CHECKPOINTS) as tar:
+        for member in tar.getmembers():
+            if member.isdir():
+                continue
+            name = Path(member.name)
+            handle = tar.extractfile(member) if member.isfile() else None
+            if handle is None or name.is_absolute() or ".." in name.parts:
+                raise StudyError(f"{src / CHECKPOINTS}: {member.name!r} is not a file inside the output folder")
+            files[out / name] = handle.read()
+            if (out / name).exists() and (out / name).read_bytes() != files[out / name]:
+                raise StudyError(f"{out / name} exists with other contents: restore into an empty output folder")
+    return files
+
+
 def _saved_documents(store: TrialStore, lines: Sequence[str], out: Path) -> dict[str, list[dict[str, Any]]]:
     """The saved documents by collection, their paths under ``out``; a StudyError when the store holds any of the
     experiments already."""
@@ -252,14 +338,18 @@ def restore_study(study: StudyConfig, src: Path, log: Log = print) -> dict[str, 
     out = study.out_dir.resolve()
     manifest, database, lines = _read_saved(src, study)
     files = _restored_files(lines, out)
+    checkpoints = _saved_checkpoints(src, out)
     with _study_store(study, out, log, running_ok=False) as store:
         documents = _saved_documents(store, database, out)
         for path, text in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, text)
+        for path, payload in checkpoints.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, payload)
         for name in COLLECTIONS:
             if documents[name]:
                 store.db[name].insert_many(documents[name])
-    log(f"restored {sum(map(len, documents.values()))} documents and {len(files)} files saved {manifest['saved']} "
-        f"into {out}")  # fmt: skip
+    log(f"restored {sum(map(len, documents.values()))} documents, {len(files)} files and the checkpoints of "
+        f"{len(manifest.get('checkpoints', {}))} running trials saved {manifest['saved']} into {out}")  # fmt: skip
     return {name: len(docs) for name, docs in documents.items()}

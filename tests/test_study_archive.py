@@ -17,9 +17,8 @@ from study.archive import METRICS_OF_BEST, OUT_TOKEN, _as_queued, _finished_run_
 from tests.processes import ENV, PYTHON, ROOT
 from tests.synthetic_configs import synthetic_mlp_toml
 
-BASE = synthetic_mlp_toml(
-    batch_size=32, train_size=512, test_size=256, lr="0.1", run="steps = 60\neval_every = 0\ntensorboard = false"
-)
+RUN = "steps = 300\neval_every = 0\ntensorboard = false\ncheckpoint_every = 20"
+BASE = synthetic_mlp_toml(batch_size=32, train_size=512, test_size=256, lr="0.1", run=RUN)
 SPACE = """
 [fixed]
 "optim.schedule" = "constant"
@@ -34,9 +33,9 @@ name = "carried"
 base_config = "base.toml"
 optimizers = ["sgd", "kfac"]
 batch_sizes = [32]
-target_accuracy = 0.6
-max_steps = 60
-eval_every_steps = 5
+target_accuracy = 0.99
+max_steps = 300
+eval_every_steps = 20
 top_k = 2
 [tune]
 trials = 4
@@ -57,13 +56,20 @@ def _study(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+def _checkpointed_running_trial(out: Path) -> bool:
+    """Whether a trial that has not finished has a checkpoint."""
+    return any(not (m.parents[1] / "summary.json").exists() for m in out.glob("trials/*/trial*/run/checkpoints/*.json"))
+
+
 def _kill_after_finished_trials(config: Path, out: Path, finished: int) -> None:
-    """Starts the study and SIGKILLs its whole process group once ``finished`` trials have left a summary."""
+    """Starts the study and SIGKILLs its whole process group once ``finished`` trials have left a summary and a
+    running one has a checkpoint (the target is out of reach: every trial runs its 300 steps, checkpointing every
+    20)."""
     command = [PYTHON, "-m", "study", "scaling", "--config", str(config), "--out", str(out)]
     study = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while len(list(out.glob("trials/*/trial*/run/summary.json"))) < finished:
+    while len(list(out.glob("trials/*/trial*/run/summary.json"))) < finished or not _checkpointed_running_trial(out):
         assert study.poll() is None, study.stderr.read().decode()[-3000:] if study.stderr else ""
         assert time.monotonic() < deadline, "the study finished no trial in 300 s"
         time.sleep(0.2)
@@ -85,11 +91,20 @@ def test_a_killed_study_saved_and_restored_elsewhere_finishes_without_training_f
     done = manifest["trials"]["done"]
     assert done >= 2 and manifest["trials"]["running"] == 0  # the running ones were saved as queued
     assert f"{manifest['requeued']} running saved as queued" in save.stdout
+    assert manifest["checkpoints"] and all(step % 20 == 0 for step in manifest["checkpoints"].values()), manifest
     database, files = (saved / "database.jsonl").read_text(), (saved / "files.jsonl").read_text()
     assert str(first) not in database and str(first) not in files and OUT_TOKEN in database and OUT_TOKEN in files
-    finished = {json.loads(line)["path"] for line in files.splitlines()}
-    assert not any("checkpoint" in path or "/ranks/" in path or path.endswith("metrics.csv") for path in finished)
-    assert len([path for path in finished if path.endswith("/run/summary.json")]) == done
+    paths = {json.loads(line)["path"] for line in files.splitlines()}
+
+    def trial_folder(path: str) -> str:  # trials/<experiment>/trial<tid>.<version>
+        return "/".join(path.split("/")[:3])
+
+    folders = {trial_folder(path) for path in paths if path.endswith("/run/summary.json")}
+    assert len(folders) == done and not any("/checkpoints/" in path for path in paths)
+    finished = {path for path in paths if trial_folder(path) in folders}
+    assert not any("/ranks/" in path or path.endswith("metrics.csv") for path in finished)
+    for attempt in manifest["checkpoints"]:  # a running trial's files, whole: its run appends to them
+        assert {f"{attempt}/run/metrics.jsonl", f"{attempt}/run/metrics.csv", f"{attempt}/attempt.json"} <= paths
 
     restore = _study(config, "restore", "--out", str(second), "--from", str(saved))
     assert restore.returncode == 0, restore.stderr[-3000:]
@@ -106,13 +121,15 @@ def test_a_killed_study_saved_and_restored_elsewhere_finishes_without_training_f
     assert len(trials) == 2 * 4 and len(rows) == sum(t["result"].get("status") == "ok" for t in trials)
     for path, text in restored.items():  # finished before the kill: read, not trained again (no second attempt)
         assert (second / path).read_text() == text, path
-        trial_dir = second.joinpath(*Path(path).parts[:3])  # trials/<experiment>/trial<tid>.<version>
+        trial_dir = second / trial_folder(path)
         assert [p.name for p in trial_dir.parent.glob(trial_dir.name.split(".")[0] + ".*")] == [trial_dir.name]
-    saved_summaries = [json.loads(text) for path, text in restored.items() if path.endswith("/run/summary.json")]
-    steps = sorted(int(row["steps_to_target"]) for row in rows.values() if row["steps_to_target"])
-    for summary in saved_summaries:
-        if summary["reached_target"]:
-            assert summary["steps_to_target"] in steps
+    # A trial running at the save continued from its saved checkpoint, in a new attempt folder.
+    cells = [second / "trials" / f"{cell}.json" for cell in ("sgd-b32", "kfac-b32")]
+    by_tid = {(f"carried-{path.stem}", t["tid"]): t for path in cells for t in json.loads(path.read_text())}
+    for attempt, step in manifest["checkpoints"].items():
+        _, exp_key, folder = attempt.split("/")
+        resumed = by_tid[exp_key, int(folder.removeprefix("trial").split(".")[0])]
+        assert resumed["result"].get("resumed_from") == step and resumed["result"]["steps"] == 300, resumed
     assert all(str(second) in row["metrics_path"] for row in rows.values() if row["metrics_path"])
 
 
