@@ -210,8 +210,9 @@ def _carry(args: argparse.Namespace) -> int:
         if args.command == "save":
             manifest = save_study(study, Path(args.folder), log=_stderr_log)
             counts = ", ".join(f"{n} {state}" for state, n in manifest["trials"].items() if n)
-            print(f"study: saved trials ({counts or 'none'}; {manifest['requeued']} running saved as queued, to be "
-                  f"trained again) and {manifest['files']} files of finished runs to {args.folder}")  # fmt: skip
+            print(f"study: saved trials ({counts or 'none'}; {manifest['requeued']} running saved as queued, "
+                  f"{len(manifest['checkpoints'])} of them with their newest checkpoint) and {manifest['files']} files "
+                  f"to {args.folder}")  # fmt: skip
         else:
             restore_study(study, Path(args.folder), log=_stderr_log)
     except (StudyError, OSError) as exc:

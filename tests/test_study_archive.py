@@ -90,7 +90,8 @@ def test_a_killed_study_saved_and_restored_elsewhere_finishes_without_training_f
     assert manifest["study"] == "carried" and manifest["experiments"] == 2
     done = manifest["trials"]["done"]
     assert done >= 2 and manifest["trials"]["running"] == 0  # the running ones were saved as queued
-    assert f"{manifest['requeued']} running saved as queued" in save.stdout
+    saved_checkpoints = f"{manifest['requeued']} running saved as queued, {len(manifest['checkpoints'])} of them with"
+    assert saved_checkpoints in save.stdout, save.stdout
     assert manifest["checkpoints"] and all(step % 20 == 0 for step in manifest["checkpoints"].values()), manifest
     database, files = (saved / "database.jsonl").read_text(), (saved / "files.jsonl").read_text()
     assert str(first) not in database and str(first) not in files and OUT_TOKEN in database and OUT_TOKEN in files
