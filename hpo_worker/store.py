@@ -39,7 +39,8 @@ import pymongo.errors
 from pymongo import ReturnDocument, uri_parser
 
 __all__ = [
-    "DEFAULT_PATIENCE_S", "ENV_PATIENCE", "EXIT_STORE_UNREACHABLE", "FINISHED_STATES", "ExperimentMismatch",
+    "COUNTERS", "DEFAULT_PATIENCE_S", "ENV_PATIENCE", "EXIT_STORE_UNREACHABLE", "EXPERIMENTS", "FINISHED_STATES",
+    "TRIALS", "ExperimentMismatch",
     "Reconnect", "StoreError", "StoreUnreachable", "TrialState", "TrialStore", "connect", "mask_url", "state_counts",
 ]  # fmt: skip
 
@@ -397,6 +398,33 @@ class TrialStore:
             {"_id": exp_key, "lease_holder": holder}, {"$set": {"lease_holder": None, "lease_expires": None}}
         )
 
+    # -- every document of some experiments, to carry them to another database ---------------------------------
+
+    @_retrying
+    def experiment_documents(self, exp_keys: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Every document of these experiments, by collection (experiments, counters, trials), in a fixed order."""
+        keys = list(exp_keys)
+        return {
+            EXPERIMENTS: list(self.experiments.find({"_id": {"$in": keys}}).sort("_id", 1)),
+            COUNTERS: list(self.counters.find({"_id": {"$in": keys}}).sort("_id", 1)),
+            TRIALS: list(self.trials.find({"exp_key": {"$in": keys}}).sort([("exp_key", 1), ("tid", 1)])),
+        }
+
+    def insert_documents(self, documents: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Inserts documents of :meth:`experiment_documents` (the experiments first, the trials last); a retry after
+        a lost reply finds some already there, which is not an error."""
+        for collection in (EXPERIMENTS, COUNTERS, TRIALS):
+            if documents.get(collection):
+                self._insert_new(collection, documents[collection])
+
+    @_retrying
+    def _insert_new(self, collection: str, docs: Sequence[Mapping[str, Any]]) -> None:
+        try:
+            self.db[collection].insert_many([dict(d) for d in docs], ordered=False)
+        except pymongo.errors.BulkWriteError as exc:
+            if any(error.get("code") != 11000 for error in exc.details.get("writeErrors", [])):
+                raise
+
     # -- trials ------------------------------------------------------------------------------------------------
 
     @_retrying
@@ -408,17 +436,11 @@ class TrialStore:
         end = int(doc["next_tid"]) if doc else n
         return list(range(end - n, end))
 
-    @_retrying
     def insert_trials(self, docs: Sequence[Mapping[str, Any]]) -> None:
         """Inserts new trials; a retry after a lost reply finds some already there (their tids are this caller's own,
         from :meth:`new_tids`), which is not an error."""
-        if not docs:
-            return
-        try:
-            self.trials.insert_many([dict(d) for d in docs], ordered=False)
-        except pymongo.errors.BulkWriteError as exc:
-            if any(error.get("code") != 11000 for error in exc.details.get("writeErrors", [])):
-                raise
+        if docs:
+            self._insert_new(TRIALS, docs)
 
     @_retrying
     def trial_docs(self, exp_key: str, *, curves: bool = True) -> list[dict[str, Any]]:

@@ -42,7 +42,7 @@ from bson import json_util
 from hpo_worker.attempts import RUN_DIR
 from hpo_worker.result_file import trial_dir
 from hpo_worker.server import read_url_file
-from hpo_worker.store import TrialState, TrialStore
+from hpo_worker.store import COUNTERS, EXPERIMENTS, TRIALS, TrialState, TrialStore
 from jobs.checkpoint import (
     CHECKPOINT_DIR,
     LATEST,
@@ -62,7 +62,6 @@ Log = Callable[[str], None]
 FORMAT = 1
 OUT_TOKEN = "${out}"
 MANIFEST, DATABASE, FILES, CHECKPOINTS = "manifest.json", "database.jsonl", "files.jsonl", "checkpoints.tar"
-COLLECTIONS = ("hpo_experiments", "hpo_counters", "jobs")  # in the order they are restored
 TEXT_SUFFIXES = frozenset({".json", ".jsonl", ".toml", ".txt", ".sh", ".log", ".csv"})
 SKIPPED_FOLDERS = frozenset({"checkpoints", "ranks"})
 METRICS_OF_BEST = 5  # per experiment: the trials whose metrics.jsonl is saved (_finished_run_folders)
@@ -99,20 +98,17 @@ def _database_lines(
 ) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
     """The lines of database.jsonl, the trial documents as saved, and those that were running (saved as queued) as
     they were."""
-    experiments = [doc for key in exp_keys if (doc := store.get_experiment(key)) is not None]
-    for doc in experiments:
+    documents = store.experiment_documents(exp_keys)
+    for doc in documents[EXPERIMENTS]:
         doc.update(lease_holder=None, lease_expires=None)  # the driver that held it is not carried over
-    counters = list(store.counters.find({"_id": {"$in": list(exp_keys)}}))
-    trials = [doc for key in exp_keys for doc in store.trial_docs(key)]
-    running = [doc for doc in trials if doc["state"] == TrialState.RUNNING]
-    trials = [_as_queued(doc) if doc["state"] == TrialState.RUNNING else doc for doc in trials]
-    documents = [("hpo_experiments", experiments), ("hpo_counters", counters), ("jobs", trials)]
+    running = [doc for doc in documents[TRIALS] if doc["state"] == TrialState.RUNNING]
+    documents[TRIALS] = [_as_queued(doc) if doc["state"] == TrialState.RUNNING else doc for doc in documents[TRIALS]]
     lines = [
         json_util.dumps({"collection": name, "doc": doc}, sort_keys=True, json_options=json_util.RELAXED_JSON_OPTIONS)
-        for name, docs in documents
+        for name, docs in documents.items()
         for doc in docs
     ]
-    return lines, trials, running
+    return lines, documents[TRIALS], running
 
 
 def _ranked(docs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -276,12 +272,14 @@ def _read_saved(src: Path, study: StudyConfig) -> tuple[dict[str, Any], list[str
 def _restored_files(lines: Sequence[str], out: Path) -> dict[Path, str]:
     """The files to write, by path; a StudyError when one exists with other contents (nothing is overwritten)."""
     files, clashes = {}, []
-    for line in lines:
-        record = json.loads(line)
-        path = out / record["path"]
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            path, text = out / record["path"], record["text"].replace(OUT_TOKEN, str(out))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StudyError(f"line {number} of {FILES} is damaged ({type(exc).__name__}: {exc})") from exc
         if ".." in Path(record["path"]).parts or Path(record["path"]).is_absolute():
             raise StudyError(f"a saved file's path {record['path']!r} leaves the output folder: the save is damaged")
-        text = record["text"].replace(OUT_TOKEN, str(out))
         if path.exists() and path.read_text() != text:
             clashes.append(str(path))
         files[path] = text
@@ -298,18 +296,25 @@ def _saved_checkpoints(src: Path, out: Path) -> dict[Path, bytes]:
     for a member outside the output folder, or one that exists with other contents."""
     if not (src / CHECKPOINTS).is_file():
         return {}
+    try:
+        with tarfile.open(src / CHECKPOINTS) as tar:
+            return _checkpoint_members(tar, src, out)
+    except tarfile.TarError as exc:
+        raise StudyError(f"{src / CHECKPOINTS} is damaged: {exc}") from exc
+
+
+def _checkpoint_members(tar: tarfile.TarFile, src: Path, out: Path) -> dict[Path, bytes]:
     files = {}
-    with tarfile.open(src / CHECKPOINTS) as tar:
-        for member in tar.getmembers():
-            if member.isdir():
-                continue
-            name = Path(member.name)
-            handle = tar.extractfile(member) if member.isfile() else None
-            if handle is None or name.is_absolute() or ".." in name.parts:
-                raise StudyError(f"{src / CHECKPOINTS}: {member.name!r} is not a file inside the output folder")
-            files[out / name] = handle.read()
-            if (out / name).exists() and (out / name).read_bytes() != files[out / name]:
-                raise StudyError(f"{out / name} exists with other contents: restore into an empty output folder")
+    for member in tar.getmembers():
+        if member.isdir():
+            continue
+        name = Path(member.name)
+        handle = tar.extractfile(member) if member.isfile() else None
+        if handle is None or name.is_absolute() or ".." in name.parts:
+            raise StudyError(f"{src / CHECKPOINTS}: {member.name!r} is not a file inside the output folder")
+        files[out / name] = handle.read()
+        if (out / name).exists() and (out / name).read_bytes() != files[out / name]:
+            raise StudyError(f"{out / name} exists with other contents: restore into an empty output folder")
     return files
 
 
@@ -317,11 +322,14 @@ def _saved_documents(store: TrialStore, lines: Sequence[str], out: Path) -> dict
     """The saved documents by collection, their paths under ``out``; a StudyError when the store holds any of the
     experiments already."""
     pattern = re.compile(re.escape(OUT_TOKEN))
-    by_collection: dict[str, list[dict[str, Any]]] = {name: [] for name in COLLECTIONS}
-    for line in lines:
-        record = json_util.loads(line)
-        by_collection[record["collection"]].append(_replace_paths(record["doc"], pattern, str(out)))
-    present = [doc["_id"] for doc in by_collection["hpo_experiments"] if store.get_experiment(doc["_id"])]
+    by_collection: dict[str, list[dict[str, Any]]] = {name: [] for name in (EXPERIMENTS, COUNTERS, TRIALS)}
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json_util.loads(line)
+            by_collection[record["collection"]].append(_replace_paths(record["doc"], pattern, str(out)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StudyError(f"line {number} of {DATABASE} is damaged ({type(exc).__name__}: {exc})") from exc
+    present = [doc["_id"] for doc in by_collection[EXPERIMENTS] if store.get_experiment(doc["_id"])]
     if present:
         raise StudyError(
             f"the database already holds {len(present)} of the saved experiments ({present[0]}, ...): restore into "
@@ -347,9 +355,7 @@ def restore_study(study: StudyConfig, src: Path, log: Log = print) -> dict[str, 
         for path, payload in checkpoints.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, payload)
-        for name in COLLECTIONS:
-            if documents[name]:
-                store.db[name].insert_many(documents[name])
+        store.insert_documents(documents)
     log(f"restored {sum(map(len, documents.values()))} documents, {len(files)} files and the checkpoints of "
         f"{len(manifest.get('checkpoints', {}))} running trials saved {manifest['saved']} into {out}")  # fmt: skip
     return {name: len(docs) for name, docs in documents.items()}

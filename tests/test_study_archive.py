@@ -152,6 +152,18 @@ def test_restore_refuses_another_studys_save_a_damaged_one_and_changed_files(tmp
     refused = _study(config, "restore", "--out", str(tmp_path / "out"), "--from", str(saved))
     assert refused.returncode == 2 and "exist with other contents" in refused.stderr, refused.stderr
     assert clash.read_text() == '{"mine": 1}'
+    (saved / "files.jsonl").write_text("{not json\n")
+    damaged = _study(config, "restore", "--out", str(tmp_path / "out"), "--from", str(saved))
+    assert damaged.returncode == 2 and "line 1 of files.jsonl is damaged" in damaged.stderr, damaged.stderr
+    (saved / "files.jsonl").write_text("")
+    (saved / "checkpoints.tar").write_bytes(b"not a tar")
+    damaged = _study(config, "restore", "--out", str(tmp_path / "out"), "--from", str(saved))
+    assert damaged.returncode == 2 and "checkpoints.tar is damaged" in damaged.stderr, damaged.stderr
+    (saved / "checkpoints.tar").unlink()
+    (saved / "database.jsonl").write_text('{"collection": "elsewhere", "doc": {}}\n')
+    damaged = _study(config, "restore", "--out", str(tmp_path / "out"), "--from", str(saved))
+    assert damaged.returncode == 2 and "line 1 of database.jsonl is damaged" in damaged.stderr, damaged.stderr
+    (saved / "database.jsonl").write_text("")
     (saved / "files.jsonl").write_text(json.dumps({"path": "../escape.json", "text": "{}"}) + "\n")
     escape = _study(config, "restore", "--out", str(tmp_path / "out"), "--from", str(saved))
     assert escape.returncode == 2 and "leaves the output folder" in escape.stderr
