@@ -233,6 +233,7 @@ def save_study(study: StudyConfig, dest: Path, log: Log = print) -> dict[str, An
         stored, trials, running = _database_lines(store, exp_keys)
     attempts = [trial_dir(out / "trials", doc) for doc in running]  # the layout of the study's workers (--workdir)
     dest.mkdir(parents=True, exist_ok=True)
+    (dest / MANIFEST).unlink(missing_ok=True)  # an earlier save's: until the new one is written, the save is incomplete
     checkpoints = _write_checkpoints(attempts, out, dest)
     pattern = _path_pattern(str(out))
     database = [pattern.sub(lambda _: OUT_TOKEN, line) for line in stored]
