@@ -420,7 +420,8 @@ class TrialStore:
     @_retrying
     def _insert_new(self, collection: str, docs: Sequence[Mapping[str, Any]]) -> None:
         try:
-            self.db[collection].insert_many([dict(d) for d in docs], ordered=False)
+            target = {TRIALS: self.trials, EXPERIMENTS: self.experiments, COUNTERS: self.counters}[collection]
+            target.insert_many([dict(d) for d in docs], ordered=False)
         except pymongo.errors.BulkWriteError as exc:
             if any(error.get("code") != 11000 for error in exc.details.get("writeErrors", [])):
                 raise
