@@ -208,21 +208,17 @@ def _carry(args: argparse.Namespace) -> int:
         if study.tune is None:
             raise StudyError(f"{args.config} has no [tune] table: only a tuned study has a database to save")
         if args.command == "save":
-            manifest = save_study(study, Path(args.folder), log=_stderr_log)
+            manifest = save_study(study, Path(args.folder))
             counts = ", ".join(f"{n} {state}" for state, n in manifest["trials"].items() if n)
             print(f"study: saved trials ({counts or 'none'}; {manifest['requeued']} running saved as queued, "
                   f"{len(manifest['checkpoints'])} of them with their newest checkpoint) and {manifest['files']} files "
                   f"to {args.folder}")  # fmt: skip
         else:
-            restore_study(study, Path(args.folder), log=_stderr_log)
+            restore_study(study, Path(args.folder))
     except (StudyError, OSError) as exc:
         print(f"study: error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def _stderr_log(message: str) -> None:
-    print(f"study: {message}", file=sys.stderr, flush=True)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -53,6 +53,7 @@ from jobs.checkpoint import (
 )
 from jobs.files import atomic_write_bytes, atomic_write_text
 from study.config import StudyConfig, StudyError
+from study.runner import stderr_log
 from study.tuning import URL_FILE, connect_store, experiment_name, study_mongo_url
 
 __all__ = ["restore_study", "save_study"]
@@ -224,7 +225,7 @@ def _study_store(study: StudyConfig, out: Path, log: Log, *, running_ok: bool) -
         yield stack.enter_context(contextlib.closing(connect_store(url)))
 
 
-def save_study(study: StudyConfig, dest: Path, log: Log = print) -> dict[str, Any]:
+def save_study(study: StudyConfig, dest: Path, log: Log = stderr_log) -> dict[str, Any]:
     """Writes the study's database, finished runs and running trials' newest checkpoints to ``dest`` (see the
     module); returns the manifest."""
     out = study.out_dir.resolve()
@@ -339,7 +340,7 @@ def _saved_documents(store: TrialStore, lines: Sequence[str], out: Path) -> dict
     return by_collection
 
 
-def restore_study(study: StudyConfig, src: Path, log: Log = print) -> dict[str, int]:
+def restore_study(study: StudyConfig, src: Path, log: Log = stderr_log) -> dict[str, int]:
     """Restores a save of ``study`` (:func:`save_study`) into its output folder and database; returns the counts
     of documents restored per collection. The study must not be running (its embedded server would be in use).
     Nothing is written unless all of it can be: the files first, then the documents (a trial in the database always

@@ -32,7 +32,7 @@ from study.config import Cell, StudyConfig, StudyError, cell_toml, check_cells, 
 if TYPE_CHECKING:
     from jobs.config import Config
 
-__all__ = ["run_study"]
+__all__ = ["run_study", "stderr_log"]
 
 Log = Callable[[str], None]
 
@@ -260,7 +260,7 @@ def _prepare(study: StudyConfig, say: Log) -> tuple[Path, list[Cell]]:
     return out, cells
 
 
-def _stderr_log(message: str) -> None:
+def stderr_log(message: str) -> None:
     print(f"study: {message}", file=sys.stderr, flush=True)
 
 
@@ -268,7 +268,7 @@ def run_study(study: StudyConfig, log: Log | None = None) -> Path:
     """Runs every cell of ``study`` and writes the report; returns the path of report.md."""
     from study.report import format_table, write_report
 
-    say = log or _stderr_log
+    say = log or stderr_log
     out, cells = _prepare(study, say)
     started = time.monotonic()
     rows, stopped = _run_tuned(study, cells, out, say) if study.tune else (_run_given(study, cells, out, say), [])
@@ -294,7 +294,7 @@ def rewrite_report(study: StudyConfig, log: Log | None = None) -> Path:
     database): after a change to the report's code, or to add the Cost section once step_cost.json exists."""
     from study.report import read_csv, write_report
 
-    say = log or _stderr_log
+    say = log or stderr_log
     out = study.out_dir.resolve()
     if not (out / "runs.csv").is_file():
         raise StudyError(f"{out / 'runs.csv'} does not exist: run the study first (python -m study scaling)")
@@ -314,7 +314,7 @@ def rewrite_report(study: StudyConfig, log: Log | None = None) -> Path:
 def run_fisher_study(study: StudyConfig, log: Log | None = None) -> Path:
     """Runs every cell of a study with given values and a [fisher] table, then the Fisher report
     (:mod:`study.fisher_report`); returns the path of its fisher.md."""
-    say = log or _stderr_log
+    say = log or stderr_log
     out, cells = _prepare(study, say)
     started = time.monotonic()
     rows = _run_given(study, cells, out, say)
