@@ -51,6 +51,13 @@ class ExperimentStatus:
 
 
 def _naive(value: Any) -> dt.datetime | None:
+    """A stored time as a naive UTC datetime, or None. nx-27017 (0.8.1) hands back a time written by ``$set`` (every
+    heartbeat) as text, ``2026-12-02 13:39:27.752000``: read as that time, not as no time."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return None
     if not isinstance(value, dt.datetime):
         return None
     return value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value

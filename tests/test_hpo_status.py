@@ -76,6 +76,16 @@ def test_status_counts_states_best_workers_rate_and_eta(store: TrialStore, tmp_p
     assert re.search(r"live\s+5/10\s+2\s+1\s+1\s+1\s+2\s+1\s+0\.1\s+1\s+1\s+1\s+0\.56\s+9m00s", text), text
 
 
+def test_a_heartbeat_written_by_the_store_counts_its_worker_alive(store: TrialStore, tmp_path: Path) -> None:
+    # nx-27017 hands back a time written by $set as text: the worker that just beat must not show as silent.
+    _experiment(store, tmp_path, "beats", now=utcnow() - dt.timedelta(minutes=5))
+    silent = next(doc for doc in store.running_docs("beats") if doc["owner"] == "w3")
+    assert store.beat(silent, "w3")
+    status = experiment_status(store, "beats")
+    assert (status.workers_alive, status.silent) == (1, 1), status  # w3 beat now; w1's last beat was 5 min ago
+    assert status.rate_per_min is not None and status.rate_per_min > 0
+
+
 def test_python_m_hpo_worker_status_prints_the_view(mongo: str, store: TrialStore, tmp_path: Path) -> None:
     for exp in ("a", "b"):
         _experiment(store, tmp_path, exp, now=utcnow())
