@@ -16,17 +16,10 @@ import pytest
 from study.archive import METRICS_OF_BEST, OUT_TOKEN, _as_queued, _finished_run_folders, _path_pattern
 from tests.processes import ENV, PYTHON, ROOT
 from tests.synthetic_configs import synthetic_mlp_toml
+from tests.test_study import SPACE
 
 RUN = "steps = 300\neval_every = 0\ntensorboard = false\ncheckpoint_every = 20"
 BASE = synthetic_mlp_toml(batch_size=32, train_size=512, test_size=256, lr="0.1", run=RUN)
-SPACE = """
-[fixed]
-"optim.schedule" = "constant"
-[params."optim.lr"]
-dist = "loguniform"
-low = 0.05
-high = 0.5
-"""
 STUDY = """
 [study]
 name = "carried"
@@ -57,8 +50,12 @@ def _study(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _checkpointed_running_trial(out: Path) -> bool:
-    """Whether a trial that has not finished has a checkpoint."""
-    return any(not (m.parents[1] / "summary.json").exists() for m in out.glob("trials/*/trial*/run/checkpoints/*.json"))
+    """Whether a trial that has not finished has a checkpoint at most at step 200 of its 300 (so that it is still
+    running when the study is killed a moment later)."""
+    return any(
+        not (m.parents[1] / "summary.json").exists() and int(m.name[len("ckpt-step") :].split(".")[0]) <= 200
+        for m in out.glob("trials/*/trial*/run/checkpoints/ckpt-step*.manifest.json")
+    )
 
 
 def _kill_after_finished_trials(config: Path, out: Path, finished: int) -> None:
