@@ -47,7 +47,7 @@ from jobs.checkpoint import (
     CHECKPOINT_DIR,
     LATEST,
     CheckpointRef,
-    has_checkpoint,
+    choose_checkpoint,
     manifest_file,
     verify_checkpoint,
 )
@@ -173,15 +173,17 @@ def _file_lines(folders: Mapping[Path, bool], running: Sequence[Path], out: Path
 
 
 def _copy_newest_checkpoint(run_dir: Path, staging: Path) -> int | None:
-    """Copies the newest checkpoint of ``run_dir`` into ``staging/checkpoints`` and returns its step, or None when
-    there is none. The copy is verified against the checkpoint's manifest: the run may write a newer one and prune
-    this one meanwhile, and then the newer one is copied instead."""
+    """Copies the checkpoint that a resume of ``run_dir`` would choose (the newest valid one: not one whose writing
+    was interrupted by a kill, nor one being written now) into ``staging/checkpoints`` and returns its step, or None
+    when there is none. The copy is verified against the checkpoint's manifest: the run may write a newer one and
+    prune this one meanwhile, and then the newer one is copied instead."""
     target = staging / CHECKPOINT_DIR
     for _ in range(3):
         shutil.rmtree(target, ignore_errors=True)
-        ref = has_checkpoint(run_dir)
-        if ref is None:
+        choice = choose_checkpoint(run_dir)
+        if choice.ref is None or not choice.verified:  # none, or one from before manifests: nothing to verify
             return None
+        ref = choice.ref
         target.mkdir(parents=True)
         try:
             listed = json.loads(manifest_file(ref.folder, ref.name).read_text())["files"]

@@ -3,6 +3,7 @@ into another folder, finishes there without training its finished trials again; 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -13,7 +14,31 @@ from pathlib import Path
 
 import pytest
 
-from study.archive import METRICS_OF_BEST, OUT_TOKEN, _as_queued, _finished_run_folders, _path_pattern
+from hpo_worker.result_file import trial_dir
+from hpo_worker.server import read_url_file
+from hpo_worker.store import TrialState, connect
+from jobs.checkpoint import (
+    CHECKPOINT_DIR,
+    LATEST,
+    CheckpointRef,
+    atomic_torch_save,
+    checkpoint_name,
+    choose_checkpoint,
+    mark_latest,
+    rank_file,
+    shared_file,
+    verify_checkpoint,
+    write_manifest,
+)
+from study.archive import (
+    METRICS_OF_BEST,
+    OUT_TOKEN,
+    _as_queued,
+    _copy_newest_checkpoint,
+    _finished_run_folders,
+    _path_pattern,
+)
+from study.tuning import URL_FILE
 from tests.processes import ENV, PYTHON, ROOT
 from tests.synthetic_configs import synthetic_mlp_toml
 from tests.test_study import SPACE
@@ -49,27 +74,38 @@ def _study(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
-def _checkpointed_running_trial(out: Path) -> bool:
-    """Whether a trial that has not finished has a checkpoint at most at step 200 of its 300 (so that it is still
-    running when the study is killed a moment later)."""
-    return any(
-        not (m.parents[1] / "summary.json").exists() and int(m.name[len("ckpt-step") :].split(".")[0]) <= 200
-        for m in out.glob("trials/*/trial*/run/checkpoints/ckpt-step*.manifest.json")
+def _ready_to_kill(out: Path, finished: int) -> bool:
+    """Whether the database holds ``finished`` done trials and a running one whose run has a complete checkpoint
+    but no summary yet (a summary is written before the worker records the trial done: such a trial is running in
+    the database, and would be saved whole)."""
+    if not (out / URL_FILE).is_file():
+        return False
+    with contextlib.closing(connect(read_url_file(out / URL_FILE))) as store:
+        done = store.trials.count_documents({"state": int(TrialState.DONE)})
+        running = [
+            trial_dir(out / "trials", doc) / "run" for doc in store.trials.find({"state": int(TrialState.RUNNING)})
+        ]
+    return done >= finished and any(
+        choose_checkpoint(run).ref is not None and not (run / "summary.json").exists() for run in running
     )
 
 
 def _kill_after_finished_trials(config: Path, out: Path, finished: int) -> None:
-    """Starts the study and SIGKILLs its whole process group once ``finished`` trials have left a summary and a
-    running one has a checkpoint (the target is out of reach: every trial runs its 300 steps, checkpointing every
-    20)."""
+    """Starts the study and SIGKILLs its whole process group (the driver and its in-process workers) once the
+    database holds ``finished`` done trials and a running one has a checkpoint (the target is out of reach: every
+    trial runs its 300 steps, checkpointing every 20)."""
     command = [PYTHON, "-m", "study", "scaling", "--config", str(config), "--out", str(out)]
     study = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while len(list(out.glob("trials/*/trial*/run/summary.json"))) < finished or not _checkpointed_running_trial(out):
+    while True:
         assert study.poll() is None, study.stderr.read().decode()[-3000:] if study.stderr else ""
-        assert time.monotonic() < deadline, "the study finished no trial in 300 s"
-        time.sleep(0.2)
+        assert time.monotonic() < deadline, f"the study did not finish {finished} trials in 300 s"
+        os.killpg(study.pid, signal.SIGSTOP)  # frozen while looked at (its server runs in a session of its own)
+        if _ready_to_kill(out, finished):
+            break
+        os.killpg(study.pid, signal.SIGCONT)
+        time.sleep(0.5)
     os.killpg(study.pid, signal.SIGKILL)  # no SIGTERM handler runs: the running trials stay running in the database
     study.wait()
 
@@ -209,3 +245,25 @@ def test_metrics_are_saved_for_each_experiments_best_trials_and_the_repeats_only
          "trials/b/trial0.1", "repeats/a-b32/seed1001"]
     )  # fmt: skip
     assert len(kept) == 11 and kept["trials/a/trial8.1"] is False  # the diverged run: its small files only
+
+
+def test_the_saved_checkpoint_is_the_newest_valid_one_not_one_whose_writing_was_interrupted(tmp_path: Path) -> None:
+    folder = tmp_path / "run" / CHECKPOINT_DIR
+    folder.mkdir(parents=True)
+    for step in (20, 40):
+        name = checkpoint_name(step)
+        digests = {f.name: atomic_torch_save({"step": step}, f) for f in (shared_file(folder, name),
+                   rank_file(folder, name, 0))}  # fmt: skip
+        write_manifest(folder, name, digests)
+        mark_latest(folder, name)
+    atomic_torch_save({"step": 60}, shared_file(folder, checkpoint_name(60)))  # killed before its manifest
+    shared_file(folder, checkpoint_name(40)).write_bytes(b"damaged")  # and the one before it is corrupt
+    assert _copy_newest_checkpoint(tmp_path / "run", tmp_path / "staging") == 20
+    copied = tmp_path / "staging" / CHECKPOINT_DIR
+    assert sorted(p.name for p in copied.iterdir()) == [
+        "ckpt-step00000020.manifest.json", "ckpt-step00000020.pt", "ckpt-step00000020.rank0.pt", LATEST
+    ]  # fmt: skip
+    assert verify_checkpoint(CheckpointRef(copied, checkpoint_name(20))) is None
+    shared_file(folder, checkpoint_name(20)).unlink()  # none valid left: nothing is saved, not a broken copy
+    assert _copy_newest_checkpoint(tmp_path / "run", tmp_path / "staging2") is None
+    assert not (tmp_path / "staging2" / CHECKPOINT_DIR).exists()
