@@ -211,8 +211,8 @@ def _carry(args: argparse.Namespace) -> int:
             manifest = save_study(study, Path(args.folder))
             counts = ", ".join(f"{n} {state}" for state, n in manifest["trials"].items() if n)
             print(f"study: saved trials ({counts or 'none'}; {manifest['requeued']} running saved as queued, "
-                  f"{len(manifest['checkpoints'])} of them with their newest checkpoint) and {manifest['files']} files "
-                  f"to {args.folder}")  # fmt: skip
+                  f"{len(manifest['checkpoints'])} of them with their newest complete checkpoint) and "
+                  f"{manifest['files']} files to {args.folder}")  # fmt: skip
         else:
             restore_study(study, Path(args.folder))
     except (StudyError, OSError) as exc:
