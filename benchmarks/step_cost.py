@@ -16,11 +16,18 @@ ranks, from ``distkfac.assign_work`` on the run's factor shapes (config.json's `
 them, each optimizer's modelled communication per step on P devices (``benchmarks/step_comm.py``). The
 result goes to ``<study out_dir>/step_cost.json``, which the study's report reads (study.critical_report, "Cost");
 ``python -m study report --config <study>`` redraws it.
+
+A measurement takes long at large batches (tens of seconds a step for K-FAC on CIFAR-10 at 8192 on one core), so
+each cell's is kept in ``<out>.partial.json`` as it is made: a run that is interrupted (a session's end, Ctrl-C, a
+kill) continues when the same command runs again, and measures only the cells it had not, unless a cell's
+configuration changed meanwhile. Other ``--steps``, ``--warmup``, ``--threads`` or ``--override`` are refused while
+that file exists. The file is removed when the result is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -139,44 +146,93 @@ def selected_cells(study: StudyConfig, chosen: str | None) -> list[Cell]:
     return [by_name[name] for name in chosen.split(",")]
 
 
-def measure_rounds(study: StudyConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """Every cell measured once per round, ``args.rounds`` rounds (a drift of the machine touches every cell alike),
-    and the median over rounds: seconds per step, decompositions' part, distkfac's share-out, and the spread."""
-    samples: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
-    speedups: dict[str, float] = {}
-    communication: dict[str, dict[str, float]] = {}
+def partial_file(out: Path) -> Path:
+    """Where a run keeps its measurements until it ends, so that an interrupted run continues (run it again)."""
+    return out.with_name(out.name + ".partial.json")
+
+
+def _earlier_measurements(path: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The measurements an interrupted run with the same ``settings`` left in ``path``; a SystemExit naming the file
+    and the fix when it was made with other settings (its figures would not be comparable)."""
+    if not path.is_file():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+        kept, measurements = earlier["settings"], list(earlier["measurements"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{path} is damaged ({exc}): delete it to measure every cell again") from exc
+    if kept != settings:
+        raise SystemExit(
+            f"{path} holds the measurements of an interrupted run with other settings ({kept}, not {settings}): run "
+            "with those to continue it, or delete the file to start again"
+        )
+    return measurements
+
+
+def _config_sha256(study: StudyConfig, cell: Cell) -> str:
+    """What identifies a cell's configuration: a measurement of an earlier one is not reused."""
+    return hashlib.sha256(cell_toml(study, cell).encode()).hexdigest()
+
+
+def _measurement(study: StudyConfig, cell: Cell, round_index: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One timed run of ``cell``: its step cost, decompositions' part, and what its configuration implies (the
+    modelled communication, and for K-FAC the decompositions' share-out)."""
+    step_seconds, resolved = measure_cell(study, cell, args.steps, args.warmup, args.threads, args.override)
+    kfac = bool(resolved["derived"]["kfac_factor_shapes"])
+    seconds, share = step_cost(step_seconds, int(resolved["kfac"]["inv_update_steps"]) if kfac else None)
     largest = max(study.batch_sizes) // min(study.batch_sizes)
+    return {
+        "round": round_index, "cell": cell.name, "config_sha256": _config_sha256(study, cell),
+        "optimizer": cell.optimizer, "batch": str(cell.batch_size), "seconds": seconds, "decompositions": share,
+        "communication": communication_seconds(resolved, largest),
+        # the same factor shapes at every batch size: one run's make the share-out model
+        "speedups": decomposition_speedups(resolved, largest) if share is not None else None,
+    }  # fmt: skip
+
+
+def measure_rounds(study: StudyConfig, args: argparse.Namespace, partial: Path) -> dict[str, Any]:
+    """Every cell measured once per round, ``args.rounds`` rounds (a drift of the machine touches every cell alike),
+    and the median over rounds: seconds per step, decompositions' part, distkfac's share-out, and the spread. Each
+    measurement is kept in ``partial`` as it is made; a run started again with the same settings reuses those of
+    its cells whose configuration is unchanged."""
+    settings = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads, "override": args.override}
+    earlier = {(m["round"], m["cell"], m["config_sha256"]): m for m in _earlier_measurements(partial, settings)}
+    measurements = []
     for round_index in range(args.rounds):
         for cell in selected_cells(study, args.cells):
-            step_seconds, resolved = measure_cell(study, cell, args.steps, args.warmup, args.threads, args.override)
-            if cell.optimizer not in communication:  # the same at every batch size
-                communication[cell.optimizer] = communication_seconds(resolved, largest)
-            kfac = bool(resolved["derived"]["kfac_factor_shapes"])
-            seconds, share = step_cost(step_seconds, int(resolved["kfac"]["inv_update_steps"]) if kfac else None)
-            samples.setdefault((cell.optimizer, str(cell.batch_size)), []).append((seconds, share))
-            line = f"round {round_index + 1}, {cell.name}: {seconds * 1e3:.2f} ms/step"
-            if share is not None:
-                # The same factor shapes at every batch size: the share-out model needs one run's.
-                speedups = speedups or decomposition_speedups(
-                    resolved, max(study.batch_sizes) // min(study.batch_sizes)
-                )
-                line += f", of which decompositions {share * 1e3:.2f}"
-            print(line, flush=True)
+            found = earlier.get((round_index, cell.name, _config_sha256(study, cell)))
+            measurement = found or _measurement(study, cell, round_index, args)
+            measurements.append(measurement)
+            if found is None:
+                kept = [*measurements, *(m for m in earlier.values() if m not in measurements)]
+                atomic_write_text(partial, json.dumps({"settings": settings, "measurements": kept}) + "\n")
+            line = f"round {round_index + 1}, {cell.name}: {measurement['seconds'] * 1e3:.2f} ms/step"
+            if measurement["decompositions"] is not None:
+                line += f", of which decompositions {measurement['decompositions'] * 1e3:.2f}"
+            print(line + (" (measured before the interruption)" if found else ""), flush=True)
+    return _summary(measurements)
+
+
+def _summary(measurements: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The median over rounds of each cell, the rounds' spread, and the share-out and communication models."""
+    samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for m in measurements:
+        samples.setdefault((m["optimizer"], m["batch"]), []).append(m)
     costs: dict[str, dict[str, float]] = {}
     spread: dict[str, dict[str, float]] = {}
     decompositions: dict[str, dict[str, float]] = {}
     for (optimizer, batch), values in samples.items():
-        rounds = [s for s, _ in values]
+        rounds = [m["seconds"] for m in values]
         costs.setdefault(optimizer, {})[batch] = statistics.median(rounds)
         spread.setdefault(optimizer, {})[batch] = max(rounds) / min(rounds)
-        if parts := [part for _, part in values if part is not None]:
+        if parts := [m["decompositions"] for m in values if m["decompositions"] is not None]:
             decompositions.setdefault(optimizer, {})[batch] = statistics.median(parts)
     return {
         "seconds_per_step": costs,
         "max_over_min_of_rounds": spread,
         "decomposition_seconds_per_step": decompositions,
-        "decomposition_speedup": speedups,
-        "communication_seconds_per_step": communication,
+        "decomposition_speedup": next((m["speedups"] for m in measurements if m["speedups"]), {}),
+        "communication_seconds_per_step": {m["optimizer"]: m["communication"] for m in measurements},
         "network": network().name,
     }
 
@@ -206,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--steps {args.steps} must exceed --warmup {args.warmup}, and --rounds be at least 1")
     study = load_study(args.config)
     started = time.monotonic()
+    out = Path(args.out) if args.out else study.out_dir / STEP_COST_JSON
+    out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "study": str(args.config),
         "command": "python -m benchmarks.step_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -214,11 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup": args.warmup,
         "rounds": args.rounds,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()}",
-        **measure_rounds(study, args),
+        **measure_rounds(study, args, partial_file(out)),
     }
-    out = Path(args.out) if args.out else study.out_dir / STEP_COST_JSON
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    partial_file(out).unlink(missing_ok=True)
     print(f"{out} ({time.monotonic() - started:.0f} s)")
     return 0
 

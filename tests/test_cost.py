@@ -4,16 +4,22 @@ devices, the global batch that reaches the target soonest, and a bad step-cost f
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.step_comm import communication_seconds, network
-from benchmarks.step_cost import decomposition_speedups, selected_cells, step_cost
+from benchmarks.step_cost import decomposition_speedups, partial_file, selected_cells, step_cost
 from jobs.config import build_config
 from study.config import load_study
 from study.cost import StepCosts, cost_section, fastest_by_devices, frontier, load_step_costs, time_to_target
+from tests.processes import ENV, PYTHON, ROOT
+from tests.test_study_archive import BASE, STUDY
 
 
 def test_time_to_target_uses_the_local_batch_of_each_device_count() -> None:
@@ -194,3 +200,35 @@ def test_the_benchmark_times_the_cells_it_is_told_and_names_an_unknown_one() -> 
     assert [(cell.optimizer, cell.batch_size) for cell in chosen] == [("kfac", 64), ("sgd", 2048)]
     with pytest.raises(SystemExit, match=r"--cells: no cell kfac:100 in the study; its cells: sgd:32, "):
         selected_cells(study, "kfac:100")
+
+
+def test_an_interrupted_benchmark_continues_where_it_stopped(tmp_path: Path) -> None:
+    """Real jobs.train runs of a tiny study's 2 cells: killed once the first is measured, the same command again
+    measures only the second; other settings are refused while the interrupted run's measurements are kept."""
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "study.toml").write_text(STUDY.split("[tune]")[0] + '[given.sgd]\n"optim.lr" = 0.1\n'
+                                         '[given.kfac]\n"optim.lr" = 0.1\n')  # fmt: skip
+    out = tmp_path / "step_cost.json"
+    command = [PYTHON, "-m", "benchmarks.step_cost", "--config", str(tmp_path / "study.toml"), "--steps", "12",
+               "--warmup", "2", "--rounds", "1", "--out", str(out)]  # fmt: skip
+    first = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not partial_file(out).exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first cell was not measured"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the second cell's jobs.train with it
+    first.wait()
+    kept = json.loads(partial_file(out).read_text())
+    assert [m["cell"] for m in kept["measurements"]] == ["sgd/b32"] and not out.exists()
+    other_steps = [*command[:6], "13", *command[7:]]
+    other = subprocess.run(other_steps, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "holds the measurements of an interrupted run with other settings" in other.stderr
+    assert json.loads(partial_file(out).read_text()) == kept
+    again = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sgd/b32" in again.stdout and "(measured before the interruption)" in again.stdout.split("kfac/b32")[0]
+    assert "(measured before the interruption)" not in again.stdout.split("kfac/b32")[1]
+    costs = json.loads(out.read_text())
+    assert costs["seconds_per_step"]["sgd"]["32"] == kept["measurements"][0]["seconds"]
+    assert set(costs["seconds_per_step"]) == {"sgd", "kfac"} and set(costs["decomposition_speedup"]) == {"1"}
+    assert not partial_file(out).exists()
