@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from jobs.checkpoint import find_latest, shared_file
@@ -32,7 +33,7 @@ from jobs.datasets import (
     resolve_data_path,
 )
 from jobs.metrics import CSV_COLUMNS, ProgressLine, read_metrics
-from jobs.models import MLP, CifarResNet, LeNet5, ResidualLinear, SigmoidResNet, build_model
+from jobs.models import MLP, CifarResNet, LeNet5, ResidualLinear, SigmoidResNet, build_model, set_channels_last
 from jobs.optim import LRSchedule, make_lr_schedule, peak_lr
 from jobs.train import main
 
@@ -102,6 +103,95 @@ def test_model_classes_and_resnet_depth() -> None:
     assert dict(convnet.named_modules())["classifier.1"].in_features == 32 * 4 * 4
     with pytest.raises(ValueError, match=r"model\.channels is empty"):
         build_config({"model": {"name": "convnet", "channels": []}, "run": {"epochs": 1}})
+
+
+CONV_MODELS = [
+    ModelConfig(name="convnet", channels=[16, 32, 32, 32], hidden=[128]),
+    ModelConfig(name="lenet5"),
+    ModelConfig(name="resnet", depth=8),
+]
+
+
+@pytest.mark.parametrize("config", CONV_MODELS, ids=lambda c: c.name)
+def test_conv_models_run_channels_last_on_cpu_with_the_same_values_and_gradients(config: ModelConfig) -> None:
+    """The CPU speed-up (jobs.models.cpu_channels_last) changes the memory order only: the same outputs and
+    gradients as the NCHW model, activations channels-last, weights and gradients in the layout distkfac views."""
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config, (3, 32, 32), 10)
+        set_channels_last(model, channels_last)
+        first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        seen: list[torch.Tensor] = []
+        first_conv.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out))
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        assert seen[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert seen[0].is_contiguous() != channels_last
+        assert all(p.is_contiguous() and p.grad is not None and p.grad.is_contiguous() for p in model.parameters())
+        results.append((out.detach(), [p.grad for p in model.parameters()]))
+    (out_nchw, grads_nchw), (out_cl, grads_cl) = results
+    torch.testing.assert_close(out_cl, out_nchw, rtol=1e-4, atol=1e-5)
+    for cl, nchw in zip(grads_cl, grads_nchw, strict=True):
+        torch.testing.assert_close(cl, nchw, rtol=1e-3, atol=1e-5)
+
+
+def test_kfac_factors_and_step_are_the_same_on_channels_last_activations() -> None:
+    """distkfac's conv factors read channels-last inputs and output gradients as the NCHW ones (a_columns and
+    g_columns take any memory order): the same factors and the same preconditioned step."""
+    from distkfac import KFACPreconditioner
+
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_model(CONV_MODELS[0], (3, 32, 32), 10)
+        set_channels_last(model, channels_last)
+        precond = KFACPreconditioner(model, damping=0.1, factor_decay=0.95, inv_update_steps=1)
+        F.cross_entropy(model(x), y).backward()
+        precond.step()
+        layers = precond.state_dict()["layers"]
+        factors = {f"{name}.{kind}": layer[kind] for name, layer in layers.items() for kind in ("A", "G")}
+        results.append((factors, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (factors_nchw, grads_nchw), (factors_cl, grads_cl) = results
+    assert factors_nchw.keys() == factors_cl.keys() and factors_nchw
+    for name, value in factors_cl.items():
+        torch.testing.assert_close(value, factors_nchw[name], rtol=1e-4, atol=1e-6, msg=name)
+    for cl, nchw in zip(grads_cl, grads_nchw, strict=True):
+        torch.testing.assert_close(cl, nchw, rtol=1e-3, atol=1e-6)
+
+
+def test_per_example_gradients_of_a_conv_model_run_under_vmap_and_match_channels_last_backward() -> None:
+    """torch.func's vmap cannot change a layout: the models leave it alone there, and each example's gradient
+    equals one channels-last backward of that example."""
+    from distkfac.diagnostics.per_example import per_example_gradients
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="convnet", channels=[8, 8], hidden=[16]), (3, 32, 32), 10)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    rows = torch.cat(list(per_example_gradients(model, (x, y))))
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        expected = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        torch.testing.assert_close(rows[i], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_benchmark_times_both_orders_and_names_an_unknown_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import channels_last
+
+    out = tmp_path / "cl.json"
+    assert channels_last.main(["--models", "lenet5", "--batch-size", "8", "--steps", "1", "--rounds", "1",
+                               "--out", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["model"], row["kind"]) for row in rows] == [("lenet5", kind) for kind in ("sgd", "kfac", "eval")]
+    assert all(row["nchw_s"] > 0 and row["channels_last_s"] > 0 for row in rows)
+    assert "| lenet5 | kfac |" in capsys.readouterr().out
+    assert channels_last.main(["--models", "vgg"]) == 2
+    assert "unknown model(s) vgg: choose from convnet, lenet5, resnet20" in capsys.readouterr().err
 
 
 def test_sigmoid_resnet_is_seed_001s_network() -> None:
