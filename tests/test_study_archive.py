@@ -75,9 +75,10 @@ def _study(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _ready_to_kill(out: Path, finished: int) -> bool:
-    """Whether the database holds ``finished`` done trials and a running one whose run has a complete checkpoint
-    but no summary yet (a summary is written before the worker records the trial done: such a trial is running in
-    the database, and would be saved whole)."""
+    """Whether the database holds ``finished`` done trials, a running one whose run has a complete checkpoint, and
+    no running one with a summary yet (a summary is written before the worker records the trial done: such a trial
+    is running in the database, and would be saved whole, summary and all, so that the test could not tell it from
+    a finished one; with 2 workers, the other running trial may be in that moment)."""
     if not (out / URL_FILE).is_file():
         return False
     with contextlib.closing(connect(read_url_file(out / URL_FILE))) as store:
@@ -85,8 +86,10 @@ def _ready_to_kill(out: Path, finished: int) -> bool:
         running = [
             trial_dir(out / "trials", doc) / "run" for doc in store.trials.find({"state": int(TrialState.RUNNING)})
         ]
-    return done >= finished and any(
-        choose_checkpoint(run).ref is not None and not (run / "summary.json").exists() for run in running
+    return (
+        done >= finished
+        and not any((run / "summary.json").exists() for run in running)
+        and any(choose_checkpoint(run).ref is not None for run in running)
     )
 
 

@@ -133,8 +133,10 @@ def test_conv_models_run_channels_last_on_cpu_with_the_same_values_and_gradients
         results.append((out.detach(), [p.grad for p in model.parameters()]))
     (out_nchw, grads_nchw), (out_cl, grads_cl) = results
     torch.testing.assert_close(out_cl, out_nchw, rtol=1e-4, atol=1e-5)
+    # Per tensor, in norm: another summation order moves single entries near zero by more than any elementwise
+    # tolerance (the resnet's batch norms amplify it, and how much depends on the machine's kernels).
     for cl, nchw in zip(grads_cl, grads_nchw, strict=True):
-        torch.testing.assert_close(cl, nchw, rtol=1e-3, atol=1e-5)
+        assert (cl - nchw).norm() <= 1e-4 * nchw.norm() + 1e-7, ((cl - nchw).norm(), nchw.norm())
 
 
 def test_kfac_factors_and_step_are_the_same_on_channels_last_activations() -> None:
