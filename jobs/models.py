@@ -36,8 +36,10 @@ def cpu_channels_last(x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
     """A batch of images in channels-last memory order on the CPU (the values unchanged), as is on other devices or
     when not ``enabled`` (the conv models' ``channels_last`` attribute: :func:`set_channels_last`).
 
-    oneDNN's CPU convolutions, pools and ReLUs run 1.3-1.7x faster per training step on channels-last activations
-    (the CIFAR ConvNet, LeNet-5, ResNet-20; eval forwards 2.2x; docs/benchmarks.md, "Channels-last"). The weights
+    oneDNN's CPU convolutions, pools and ReLUs run faster on channels-last activations: an SGD step 1.34x (the
+    CIFAR-10 study's ConvNet, batch 256, one thread), 1.37x (ResNet-20), 1.09x (LeNet-5); an evaluation forward
+    2.12x (ConvNet); a K-FAC step 1.02-1.10x, as its factors' products dominate (docs/benchmarks.md,
+    "Channels-last"). The weights
     stay contiguous, so their gradients keep the layout distkfac and DDP read. GPUs are left as they were: not
     measured here. Inside torch.func's transforms (per-example gradients: vmap) the order is left alone: vmap
     cannot change a layout.
