@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 from distkfac.factors import FactorShape, Structure
 
@@ -35,6 +36,9 @@ WeightSharing = Literal["expand", "reduce"]
 CONV_FACTORS: tuple[str, ...] = ("mean", "kfc")
 G_SCALES: tuple[str, ...] = ("example", "batch")
 WEIGHT_SHARINGS: tuple[str, ...] = ("expand", "reduce")
+# Conv2dHelper.a_sum_by_weight_grads sums its products in chunks of about this many output positions (16 examples of
+# 32 x 32): measured, the most accurate and among the fastest (docs/benchmarks.md, "Conv input factors").
+WEIGHT_GRAD_POSITIONS = 16384
 
 
 class LayerHelper(ABC):
@@ -206,11 +210,82 @@ class Conv2dHelper(ColumnHelper):
         self.conv_factors = conv_factors
 
     def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``A_b = (1/rows) sum a a^T`` over the im2col columns (``"kfc"``: ``1/N``), in ``dtype`` (default: x's)."""
-        a = self.a_columns(x).to(dtype or x.dtype)
+        """``A_b = (1/rows) sum a a^T`` over the im2col columns (``"kfc"``: ``1/N``), in ``dtype`` (default: x's).
+
+        On the CPU, from oneDNN's weight-gradient kernels (:meth:`a_sum_by_weight_grads`: 1.7-4x faster on the
+        study's convolutions, docs/benchmarks.md, "Conv input factors"); elsewhere from the im2col columns' product
+        (:meth:`a_sum_by_columns`, as kfac-pytorch; the other way is not measured on GPUs).
+        """
+        x = x.to(dtype or x.dtype)
+        total = self.a_sum_by_weight_grads(x) if x.device.type == "cpu" else self.a_sum_by_columns(x)
         # KFC's Omega sums over the T positions of an example and averages over examples: (1/N), not (1/NT).
-        weight = 1.0 / x.shape[0] if self.conv_factors == "kfc" else 1.0 / a.shape[1]
-        return torch.mm(a, a.t()).mul_(weight)
+        rows = x.shape[0] if self.conv_factors == "kfc" else x.shape[0] * self._out_positions(x)
+        return total.div_(rows)
+
+    def a_sum_by_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """``sum a a^T`` as the product of the im2col columns with themselves."""
+        a = self.a_columns(x)
+        return torch.mm(a, a.t())
+
+    def a_sum_by_weight_grads(self, x: torch.Tensor) -> torch.Tensor:
+        """``sum a a^T`` without the im2col columns: the block of kernel offset (i, j) against all offsets is the
+        weight gradient of this convolution (without padding, on the padded input) whose output gradient is the
+        input seen at offset (i, j): ``sum_{n,y,x} x[n, c', s*y + d*i, s*x + d*j] * x[n, c, s*y + d*k, s*x + d*l]``.
+        The same products as the columns', in kernels that read the input in place instead of copying it kh*kw
+        times; the bias column's sums are the offsets' views summed.
+
+        In chunks of about WEIGHT_GRAD_POSITIONS output positions, summed: oneDNN accumulates a weight gradient
+        serially, and over a whole batch its error grew with the batch (5e-4 of the largest entry for a 3-channel
+        layer at batch 2048, against 2e-6 for the columns' product); in chunks it is at most the columns' error,
+        and the chunks stay in cache (docs/benchmarks.md, "Conv input factors")."""
+        padded = self._padded(x).contiguous(memory_format=torch.channels_last)
+        out_h, out_w = self._out_size(padded)
+        chunk = max(1, WEIGHT_GRAD_POSITIONS // (out_h * out_w))
+        blocks, sums = self._offset_products(padded[:chunk], out_h, out_w)
+        for part in padded[chunk:].split(chunk):
+            more_blocks, more_sums = self._offset_products(part, out_h, out_w)
+            blocks.add_(more_blocks)
+            sums.add_(more_sums)
+        d = sums.numel()
+        if not self.has_bias:
+            return blocks.view(d, d)
+        out = padded.new_empty(d + 1, d + 1)
+        out[:d, :d] = blocks.view(d, d)
+        out[:d, d] = out[d, :d] = sums.view(d)
+        out[d, d] = x.shape[0] * out_h * out_w
+        return out
+
+    def _offset_products(self, padded: torch.Tensor, out_h: int, out_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the padded input: each kernel offset's products with all offsets ``(C, kh, kw, C, kh, kw)`` and the
+        input's sums at each offset ``(C, kh, kw)``."""
+        m = self.module
+        c, (kh, kw), (sh, sw), (dh, dw) = padded.shape[1], m.kernel_size, m.stride, m.dilation
+        blocks = padded.new_empty(c, kh, kw, c, kh, kw)
+        sums = padded.new_empty(c, kh, kw)
+        for i in range(kh):
+            for j in range(kw):
+                seen = padded[:, :, dh * i :: sh, dw * j :: sw][:, :, :out_h, :out_w]
+                blocks[:, i, j] = conv2d_weight(padded, (c, c, kh, kw), seen, stride=(sh, sw), dilation=(dh, dw))
+                sums[:, i, j] = seen.sum(dim=(0, 2, 3))
+        return blocks, sums
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if x.dim() != 4:
+            raise ValueError(f"distkfac: Conv2d expects batched 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        if any(m._reversed_padding_repeated_twice):
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        return x
+
+    def _out_size(self, padded: torch.Tensor) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.module.kernel_size, self.module.stride, self.module.dilation
+        h, w = padded.shape[-2:]
+        return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+
+    def _out_positions(self, x: torch.Tensor) -> int:
+        out_h, out_w = self._out_size(self._padded(x[:1]))
+        return out_h * out_w
 
     @property
     def a_dim(self) -> int:
@@ -223,16 +298,12 @@ class Conv2dHelper(ColumnHelper):
         return self.module.out_channels
 
     def a_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """The im2col columns, ``a_dim x (N * out_h * out_w)``."""
         m = self.module
-        if x.dim() != 4:
-            raise ValueError(f"distkfac: Conv2d expects batched 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        if any(m._reversed_padding_repeated_twice):
-            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-        x = x.contiguous()
-        n, c, h, w = x.shape
+        x = self._padded(x).contiguous()
+        n, c = x.shape[:2]
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-        out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        out_h, out_w = self._out_size(x)
         stride_n, stride_c, stride_h, stride_w = x.stride()
         # im2col as a strided view (C, kh, kw, N, H_out, W_out) and one copy into the columns. This order keeps the
         # innermost copy loop on image rows (long contiguous runs); rows-first layouts copy 3-5 floats at a time.

@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import distkfac.layers
 from distkfac import KFACPreconditioner
 from distkfac.factors import Structure
+from distkfac.layers import Conv2dHelper
 from tests.kfac_reference import (
     SequenceClassifier,
+    conv_rows,
     grad_of,
     normalised,
     rows_factor,
@@ -309,3 +312,52 @@ def test_the_new_layers_take_every_option(options: dict[str, Any]) -> None:
         after = [grad_of(p) for p in model.parameters()]
         assert all(bool(torch.isfinite(g).all()) for g in after)
         assert all(not torch.equal(a, b) for a, b in zip(plain, after, strict=True))
+
+
+CONV_SHAPES = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, bias=False),
+    dict(kernel_size=(2, 3), dilation=2, padding="same"),
+    dict(kernel_size=3, padding=2, padding_mode="reflect"),
+    dict(kernel_size=(3, 1), stride=(1, 2), padding=(1, 0), padding_mode="circular"),
+    dict(kernel_size=1),
+    dict(kernel_size=4, stride=3),
+]
+
+
+@pytest.mark.parametrize("options", CONV_SHAPES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_input_factor_from_weight_gradients_is_the_columns_product(
+    options: dict[str, Any], dtype: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU's A (oneDNN weight gradients of the input against itself at each kernel offset) equals the im2col
+    columns' product for strides, dilations, padding modes and odd kernels, on channels-last inputs too, in one chunk
+    of the batch or several, under both conventions; and the columns are the reference's slices."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, **options)
+    x = torch.randn(5, 3, 9, 8, dtype=dtype)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    reference = conv_rows(F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), conv_unpadded(conv))
+    for conv_factors in ("mean", "kfc"):
+        helper = Conv2dHelper(conv, conv_factors=conv_factors)
+        columns = helper.a_columns(x)
+        torch.testing.assert_close(columns[: reference.shape[-1]].t(), reference.reshape(-1, reference.shape[-1]))
+        by_columns = helper.a_sum_by_columns(x)
+        # Sums of hundreds of products in another order: float32 entries differ by ~1e-7 of the largest.
+        atol, rtol = (1e-6 * float(by_columns.abs().max()), 0.0) if dtype == torch.float32 else (None, None)
+        torch.testing.assert_close(helper.a_sum_by_weight_grads(x), by_columns, atol=atol, rtol=rtol)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(helper.a_sum_by_weight_grads(cl), by_columns, atol=atol, rtol=rtol)
+        with monkeypatch.context() as patch:  # chunks of 2 examples, the last of 1
+            patch.setattr(distkfac.layers, "WEIGHT_GRAD_POSITIONS", 2 * columns.shape[1] // x.shape[0])
+            torch.testing.assert_close(helper.a_sum_by_weight_grads(x), by_columns, atol=atol, rtol=rtol)
+        count = x.shape[0] if conv_factors == "kfc" else columns.shape[1]
+        factor = helper.a_factor(x)
+        assert factor.dtype == dtype
+        torch.testing.assert_close(factor, by_columns / count, atol=atol and atol / count, rtol=rtol)
+
+
+def conv_unpadded(conv: nn.Conv2d) -> nn.Conv2d:
+    """The same convolution without padding (the reference pads with zeros only: it is given the padded input)."""
+    options = dict(stride=conv.stride, dilation=conv.dilation, bias=conv.bias is not None)
+    return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, **options)  # type: ignore[arg-type]

@@ -136,6 +136,7 @@ def test_conv_models_run_channels_last_on_cpu_with_the_same_values_and_gradients
     # Per tensor, in norm: another summation order moves single entries near zero by more than any elementwise
     # tolerance (the resnet's batch norms amplify it, and how much depends on the machine's kernels).
     for cl, nchw in zip(grads_cl, grads_nchw, strict=True):
+        assert cl is not None and nchw is not None
         assert (cl - nchw).norm() <= 1e-4 * nchw.norm() + 1e-7, ((cl - nchw).norm(), nchw.norm())
 
 
