@@ -36,6 +36,10 @@ WeightSharing = Literal["expand", "reduce"]
 CONV_FACTORS: tuple[str, ...] = ("mean", "kfc")
 G_SCALES: tuple[str, ...] = ("example", "batch")
 WEIGHT_SHARINGS: tuple[str, ...] = ("expand", "reduce")
+# Conv2dHelper.a_factor on the CPU: weight gradients from this many input channels on. Measured at batch 256: 2.1-2.6x
+# faster than the columns' product with 16 to 64 channels, 1.8-2.3x slower with 3 (an image's: the columns are
+# small).
+WEIGHT_GRAD_MIN_CHANNELS = 8
 # Conv2dHelper.a_sum_by_weight_grads sums its products in chunks of about this many output positions (16 examples of
 # 32 x 32): measured, the most accurate and among the fastest (docs/benchmarks.md, "Conv input factors").
 WEIGHT_GRAD_POSITIONS = 16384
@@ -212,12 +216,14 @@ class Conv2dHelper(ColumnHelper):
     def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``A_b = (1/rows) sum a a^T`` over the im2col columns (``"kfc"``: ``1/N``), in ``dtype`` (default: x's).
 
-        On the CPU, from oneDNN's weight-gradient kernels (:meth:`a_sum_by_weight_grads`: 1.7-4x faster on the
-        study's convolutions, docs/benchmarks.md, "Conv input factors"); elsewhere from the im2col columns' product
-        (:meth:`a_sum_by_columns`, as kfac-pytorch; the other way is not measured on GPUs).
+        On the CPU, from WEIGHT_GRAD_MIN_CHANNELS input channels on, from oneDNN's weight-gradient kernels
+        (:meth:`a_sum_by_weight_grads`: 1.5-2.6x faster on the CIFAR models' convolutions, docs/benchmarks.md,
+        "Conv input factors"); otherwise from the im2col columns' product (:meth:`a_sum_by_columns`, as kfac-pytorch;
+        the other way is not measured on GPUs).
         """
         x = x.to(dtype or x.dtype)
-        total = self.a_sum_by_weight_grads(x) if x.device.type == "cpu" else self.a_sum_by_columns(x)
+        by_weight_grads = x.device.type == "cpu" and self.module.in_channels >= WEIGHT_GRAD_MIN_CHANNELS
+        total = self.a_sum_by_weight_grads(x) if by_weight_grads else self.a_sum_by_columns(x)
         # KFC's Omega sums over the T positions of an example and averages over examples: (1/N), not (1/NT).
         rows = x.shape[0] if self.conv_factors == "kfc" else x.shape[0] * self._out_positions(x)
         return total.div_(rows)

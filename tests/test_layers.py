@@ -361,3 +361,27 @@ def conv_unpadded(conv: nn.Conv2d) -> nn.Conv2d:
     """The same convolution without padding (the reference pads with zeros only: it is given the padded input)."""
     options = dict(stride=conv.stride, dilation=conv.dilation, bias=conv.bias is not None)
     return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, **options)  # type: ignore[arg-type]
+
+
+def test_conv_input_factor_takes_the_columns_below_the_channel_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU, a_factor sums by weight gradients from WEIGHT_GRAD_MIN_CHANNELS input channels on, and by the
+    columns below (an image's 3 channels: there the columns were faster)."""
+    calls: list[str] = []
+
+    def spy(way: str) -> Any:
+        method = getattr(Conv2dHelper, f"a_sum_by_{way}")
+
+        def called(self: Conv2dHelper, x: torch.Tensor) -> torch.Tensor:
+            calls.append(way)
+            return method(self, x)
+
+        return called
+
+    for way in ("columns", "weight_grads"):
+        monkeypatch.setattr(Conv2dHelper, f"a_sum_by_{way}", spy(way))
+    threshold = distkfac.layers.WEIGHT_GRAD_MIN_CHANNELS
+    for channels in (threshold - 1, threshold):
+        helper = Conv2dHelper(nn.Conv2d(channels, 2, 3, padding=1))
+        factor = helper.a_factor(torch.randn(2, channels, 5, 5))
+        assert factor.shape == (helper.a_dim, helper.a_dim)
+    assert calls == ["columns", "weight_grads"]
