@@ -88,6 +88,8 @@ TRANSIENT_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 2.0
 ATTEMPT_MIN_S = 1.0  # the least time one attempt gets, even when the patience is nearly used up
+# An attempt that fails this long after its deadline was not waiting on the database: its process was suspended.
+SUSPENDED_AFTER_S = 2.0
 
 
 class StoreError(RuntimeError):
@@ -261,6 +263,7 @@ class Reconnect:
             # Each attempt gets what is left of the patience (pymongo's own server selection would wait its
             # serverSelectionTimeoutMS, whatever the patience).
             left = max(self.patience_s - (time.monotonic() - started), ATTEMPT_MIN_S)
+            attempt_started = time.monotonic()
             try:
                 with pymongo.timeout(left):
                     if failed and recover is not None and (done := recover()) is not None:
@@ -269,6 +272,10 @@ class Reconnect:
             except pymongo.errors.PyMongoError as exc:
                 if not is_transient(exc):
                     raise
+                if time.monotonic() - attempt_started > left + SUSPENDED_AFTER_S:
+                    # Ended long after its deadline: this process was suspended (SIGSTOP, as when a study is paused
+                    # with its server; a host's sleep), not waiting on the database. The patience starts again.
+                    started = time.monotonic()
                 waited = time.monotonic() - started
                 if waited >= self.patience_s:
                     raise StoreUnreachable(self.address, self.patience_s, exc) from exc  # (the last try ran over)

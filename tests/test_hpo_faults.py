@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,3 +280,28 @@ def test_the_study_names_a_lost_database_by_exit_status_not_by_log_text(tmp_path
     other.wait(30)
     with pytest.raises(StudyError, match="failed \\(exit 1\\)"):  # any other failure: not the database's message
         _wait_for_drivers({"c": other}, [], tmp_path, "127.0.0.1:9", lambda: None)
+
+
+def test_a_process_suspended_mid_operation_past_its_patience_goes_on(server: MongoProcess) -> None:
+    """A study paused with SIGSTOP, server and all, for longer than the patience: an operation in flight finds its
+    deadline gone when the process resumes. That is not an outage: the retry, with the patience started again,
+    succeeds (a driver gave up with exit status 4 after such a pause, 2026-12-03). Here this very process is
+    stopped for real, inside the operation, and a child sends SIGCONT 5 s later; the patience is 2 s."""
+    store = connect(server.url, patience_s=2)
+    calls: list[float] = []
+
+    def operation() -> Any:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            waker = subprocess.Popen(
+                [sys.executable, "-c", f"import os, time; time.sleep(5); os.kill({os.getpid()}, {signal.SIGCONT})"]
+            )
+            os.kill(os.getpid(), signal.SIGSTOP)
+            waker.wait(timeout=30)
+        return store.db.command("ping")
+
+    try:
+        assert store.reconnect.run(operation)["ok"] == 1
+    finally:
+        store.close()
+    assert len(calls) == 2 and calls[1] - calls[0] >= 5, calls  # the first attempt ran out of time while stopped
