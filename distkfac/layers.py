@@ -216,13 +216,18 @@ class Conv2dHelper(ColumnHelper):
     def a_factor(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``A_b = (1/rows) sum a a^T`` over the im2col columns (``"kfc"``: ``1/N``), in ``dtype`` (default: x's).
 
-        On the CPU, from WEIGHT_GRAD_MIN_CHANNELS input channels on, from oneDNN's weight-gradient kernels
-        (:meth:`a_sum_by_weight_grads`: 1.5-2.6x faster on the CIFAR models' convolutions, docs/benchmarks.md,
-        "Conv input factors"); otherwise from the im2col columns' product (:meth:`a_sum_by_columns`, as kfac-pytorch;
-        the other way is not measured on GPUs).
+        On the CPU, for kernels above 1x1 with WEIGHT_GRAD_MIN_CHANNELS input channels or more, from oneDNN's
+        weight-gradient kernels (:meth:`a_sum_by_weight_grads`: 1.1-2.8x faster on the CIFAR models' convolutions,
+        docs/benchmarks.md, "Conv input factors"); otherwise from the im2col columns' product
+        (:meth:`a_sum_by_columns`, as kfac-pytorch; the other way is not measured on GPUs).
         """
         x = x.to(dtype or x.dtype)
-        by_weight_grads = x.device.type == "cpu" and self.module.in_channels >= WEIGHT_GRAD_MIN_CHANNELS
+        # A 1x1 kernel's columns are its input, not kh*kw copies of it: nothing to save (measured 0.6-0.9x).
+        by_weight_grads = (
+            x.device.type == "cpu"
+            and self.module.in_channels >= WEIGHT_GRAD_MIN_CHANNELS
+            and self.module.kernel_size != (1, 1)
+        )
         total = self.a_sum_by_weight_grads(x) if by_weight_grads else self.a_sum_by_columns(x)
         # KFC's Omega sums over the T positions of an example and averages over examples: (1/N), not (1/NT).
         rows = x.shape[0] if self.conv_factors == "kfc" else x.shape[0] * self._out_positions(x)

@@ -363,9 +363,12 @@ def conv_unpadded(conv: nn.Conv2d) -> nn.Conv2d:
     return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, **options)  # type: ignore[arg-type]
 
 
-def test_conv_input_factor_takes_the_columns_below_the_channel_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_conv_input_factor_takes_the_columns_below_the_channel_threshold_and_for_1x1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """On the CPU, a_factor sums by weight gradients from WEIGHT_GRAD_MIN_CHANNELS input channels on, and by the
-    columns below (an image's 3 channels: there the columns were faster)."""
+    columns below (an image's 3 channels: there the columns were faster) and for 1x1 kernels (their columns are the
+    input itself)."""
     calls: list[str] = []
 
     def spy(way: str) -> Any:
@@ -380,8 +383,8 @@ def test_conv_input_factor_takes_the_columns_below_the_channel_threshold(monkeyp
     for way in ("columns", "weight_grads"):
         monkeypatch.setattr(Conv2dHelper, f"a_sum_by_{way}", spy(way))
     threshold = distkfac.layers.WEIGHT_GRAD_MIN_CHANNELS
-    for channels in (threshold - 1, threshold):
-        helper = Conv2dHelper(nn.Conv2d(channels, 2, 3, padding=1))
+    for channels, kernel in ((threshold - 1, 3), (threshold, 3), (threshold, 1)):
+        helper = Conv2dHelper(nn.Conv2d(channels, 2, kernel, padding=kernel // 2))
         factor = helper.a_factor(torch.randn(2, channels, 5, 5))
         assert factor.shape == (helper.a_dim, helper.a_dim)
-    assert calls == ["columns", "weight_grads"]
+    assert calls == ["columns", "weight_grads", "columns"]
