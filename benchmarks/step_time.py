@@ -23,9 +23,10 @@ The peers are benchmark-only dependencies, never imported by the package:
 
   It imports and runs unpatched on torch 2.13 (CPU): no workaround is applied for it.
 
-Models: ``mlp``, ``mlp6x100``, ``cnn`` (LeNet-5 on CIFAR-10 shapes) and ``transformer``, the small ViT of
-``jobs.models.VisionTransformer`` on Fashion-MNIST shapes (1x28x28, patch 7: 16 tokens, width 64, depth 2, 4 heads,
-MLP 128; its 14 Linear layers are applied over the tokens, so every K-FAC factor sums over 16 positions per example).
+Models: ``mlp``, ``mlp6x100``, ``cnn`` (LeNet-5 on CIFAR-10 shapes), ``convnet`` (the CIFAR-10 study's) and
+``transformer``, the small ViT of ``jobs.models.VisionTransformer`` on Fashion-MNIST shapes (1x28x28, patch 7: 16
+tokens, width 64, depth 2, 4 heads, MLP 128; its 14 Linear layers are applied over the tokens, so every K-FAC factor
+sums over 16 positions per example).
 ``--batch-sizes`` runs every model at each batch size; ``--compute-methods`` keeps the K-FAC methods of those compute
 methods (``eigen``: distkfac-eigen, distkfac-eigen-bf16, kfac-pytorch-eigen; ``inverse``: distkfac-inverse,
 kfac-pytorch-inverse and ASDL, whose K-FAC inverts damped factors by Cholesky).
@@ -95,6 +96,7 @@ MODELS: dict[str, str] = {
     "mlp": "4-layer MLP 784-256-256-256-10, ReLU",
     "mlp6x100": "linear MLP 784-100-100-100-100-100-10 (6 Linear layers, no nonlinearity)",
     "cnn": "LeNet-5, CIFAR-10 shapes (3x32x32)",
+    "convnet": "the CIFAR-10 study's ConvNet (jobs.models): 3x3 convs of 16, 32, 32, 32 channels, hidden 128",
     "transformer": "ViT (jobs.models), Fashion-MNIST shapes (1x28x28): patch 7, width 64, depth 2, 4 heads",
 }
 METHODS: dict[str, str] = {
@@ -155,6 +157,11 @@ def build_model(name: str) -> nn.Module:
             nn.ReLU(),
             nn.Linear(84, NUM_CLASSES),
         )
+    if name == "convnet":
+        from jobs.config import ModelConfig
+        from jobs.models import build_model as build_jobs_model
+
+        return build_jobs_model(ModelConfig(name="convnet", channels=[16, 32, 32, 32], hidden=[128]), (3, 32, 32), 10)
     if name == "transformer":
         from jobs.models import VisionTransformer
 
@@ -165,7 +172,11 @@ def build_model(name: str) -> nn.Module:
 def make_batch(name: str, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One fixed random batch of inputs and labels, the same for every method."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = {"cnn": (batch_size, 3, 32, 32), "transformer": (batch_size, 1, 28, 28)}
+    shapes = {
+        "cnn": (batch_size, 3, 32, 32),
+        "convnet": (batch_size, 3, 32, 32),
+        "transformer": (batch_size, 1, 28, 28),
+    }
     shape = shapes.get(name, (batch_size, 784))
     x = torch.randn(shape, generator=gen)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
