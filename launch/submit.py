@@ -115,18 +115,27 @@ def _make_log_dirs(spec: JobSpec) -> None:
 
 def _sbatch(argv: list[str], out: TextIO) -> Submitted:
     """sbatch --parsable prints ``ID[;cluster]`` at once; with --wait it then waits and exits with the job's status."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None
     first = process.stdout.readline().strip()
     job_id = first.split(";")[0]
     if job_id:
         print(job_id, file=out, flush=True)
-    rest = process.stdout.read()
-    status = process.wait()
-    if rest.strip():
-        print(rest.rstrip(), file=sys.stderr)
+    rest, errors = process.communicate()
+    status = process.returncode
+    for text in (rest, errors):
+        if text.strip():
+            print(text.rstrip(), file=sys.stderr)
     if not job_id:
         raise LaunchError(f"launch: sbatch failed (exit status {status}); its message is above")
+    if "no longer found and exit code not found" in errors:
+        # sbatch --wait then exits 0 whatever the job did: the controller purged the finished job (MinJobAge)
+        # between two of its polls. Success must not be reported for a status nobody read.
+        raise LaunchError(
+            f"launch: Slurm forgot job {job_id} before sbatch --wait read its exit status (the controller keeps a "
+            "finished job MinJobAge seconds; sbatch polls every 2 s or more): its status is unknown; read the job's "
+            "output, and raise MinJobAge in slurm.conf to at least twice sbatch's poll interval"
+        )
     waited = "--wait" in argv
     return Submitted(job_id, status if waited else None)
 

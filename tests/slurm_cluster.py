@@ -112,8 +112,10 @@ SlurmdPidFile={SLURMD_PIDFILE}
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 ReturnToService=2
-# sbatch --wait polls every 2 s instead of backing off to 32 s; finished jobs leave scontrol after 2 s.
-MinJobAge=2
+# sbatch --wait polls every 2 s instead of backing off to 32 s (Slurm 22.05 multiplies its 2 s by 4 only while that
+# is below MinJobAge/2); finished jobs leave scontrol after 4 s, two polls. With 2 s, a poll that came late on a
+# loaded machine found the job gone, and sbatch exited 0 for a job that had failed (2026-12-03).
+MinJobAge=4
 KillWait=5
 # 8 CPUs whatever the machine has, so that 4-rank jobs fit on 2 real cores.
 SlurmdParameters=config_overrides
