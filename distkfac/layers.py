@@ -250,7 +250,7 @@ class Conv2dHelper(ColumnHelper):
         layer at batch 2048, against 2e-6 for the columns' product); in chunks it is at most the columns' error,
         and the chunks stay in cache (docs/benchmarks.md, "Conv input factors")."""
         padded = self._padded(x).contiguous(memory_format=torch.channels_last)
-        out_h, out_w = self._out_size(padded)
+        out_h, out_w = self._out_size(*padded.shape[-2:])
         chunk = max(1, WEIGHT_GRAD_POSITIONS // (out_h * out_w))
         blocks, sums = self._offset_products(padded[:chunk], out_h, out_w)
         for part in padded[chunk:].split(chunk):
@@ -290,13 +290,14 @@ class Conv2dHelper(ColumnHelper):
             x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
         return x
 
-    def _out_size(self, padded: torch.Tensor) -> tuple[int, int]:
+    def _out_size(self, padded_h: int, padded_w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (dh, dw) = self.module.kernel_size, self.module.stride, self.module.dilation
-        h, w = padded.shape[-2:]
-        return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        return (padded_h - dh * (kh - 1) - 1) // sh + 1, (padded_w - dw * (kw - 1) - 1) // sw + 1
 
     def _out_positions(self, x: torch.Tensor) -> int:
-        out_h, out_w = self._out_size(self._padded(x[:1]))
+        """Output positions per example, from the input's shape and the padding (no padded copy is made)."""
+        left, right, top, bottom = self.module._reversed_padding_repeated_twice
+        out_h, out_w = self._out_size(x.shape[-2] + top + bottom, x.shape[-1] + left + right)
         return out_h * out_w
 
     @property
@@ -315,7 +316,7 @@ class Conv2dHelper(ColumnHelper):
         x = self._padded(x).contiguous()
         n, c = x.shape[:2]
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-        out_h, out_w = self._out_size(x)
+        out_h, out_w = self._out_size(*x.shape[-2:])
         stride_n, stride_c, stride_h, stride_w = x.stride()
         # im2col as a strided view (C, kh, kw, N, H_out, W_out) and one copy into the columns. This order keeps the
         # innermost copy loop on image rows (long contiguous runs); rows-first layouts copy 3-5 floats at a time.

@@ -318,6 +318,7 @@ CONV_SHAPES = [
     dict(kernel_size=3, padding=1),
     dict(kernel_size=3, stride=2, padding=1, bias=False),
     dict(kernel_size=(2, 3), dilation=2, padding="same"),
+    dict(kernel_size=(2, 4), padding="same"),  # "same" padding one more at the bottom and right than the top and left
     dict(kernel_size=3, padding=2, padding_mode="reflect"),
     dict(kernel_size=(3, 1), stride=(1, 2), padding=(1, 0), padding_mode="circular"),
     dict(kernel_size=1),
