@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,16 +117,21 @@ def _make_log_dirs(spec: JobSpec) -> None:
 def _sbatch(argv: list[str], out: TextIO) -> Submitted:
     """sbatch --parsable prints ``ID[;cluster]`` at once; with --wait it then waits and exits with the job's status."""
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout is not None
+    assert process.stdout is not None and process.stderr is not None
+    error_lines: list[str] = []
+    # sbatch's messages are passed on as they come (with --wait it may run for the whole job) and kept for the check.
+    relay = threading.Thread(target=_relay_lines, args=(process.stderr, error_lines), daemon=True)
+    relay.start()
     first = process.stdout.readline().strip()
     job_id = first.split(";")[0]
     if job_id:
         print(job_id, file=out, flush=True)
-    rest, errors = process.communicate()
-    status = process.returncode
-    for text in (rest, errors):
-        if text.strip():
-            print(text.rstrip(), file=sys.stderr)
+    rest = process.stdout.read()
+    status = process.wait()
+    relay.join()
+    errors = "".join(error_lines)
+    if rest.strip():
+        print(rest.rstrip(), file=sys.stderr)
     if not job_id:
         raise LaunchError(f"launch: sbatch failed (exit status {status}); its message is above")
     if "no longer found and exit code not found" in errors:
@@ -138,6 +144,12 @@ def _sbatch(argv: list[str], out: TextIO) -> Submitted:
         )
     waited = "--wait" in argv
     return Submitted(job_id, status if waited else None)
+
+
+def _relay_lines(stream: TextIO, kept: list[str]) -> None:
+    for line in stream:
+        kept.append(line)
+        print(line, end="", file=sys.stderr, flush=True)
 
 
 def _qsub(argv: list[str]) -> str:

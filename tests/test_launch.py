@@ -9,6 +9,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -581,3 +582,31 @@ def test_an_unknown_container_is_refused_with_the_choices(capsys: pytest.Capture
     _, config = _files(tmp_path)
     assert main(["submit", "--dry-run", "--config", config, "--container", "docker", "--image", "img"]) == 2
     assert "apptainer, singularity, podman" in capsys.readouterr().err
+
+
+def test_sbatch_messages_are_passed_on_while_sbatch_waits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --wait, sbatch runs as long as the job, so its stderr is relayed as it comes, not when it exits. A
+    stand-in sbatch prints a message and then waits until the test has seen it (a real sbatch prints such messages
+    only on Slurm's faults, which cannot be made to happen on demand)."""
+    from launch.submit import _sbatch
+
+    seen = tmp_path / "seen"
+    sbatch = tmp_path / "sbatch"
+    sbatch.write_text(
+        "#!/bin/bash\necho 41\necho 'sbatch: warning: slow controller' >&2\n"
+        f"for i in $(seq 200); do [ -e {seen} ] && exit 3; sleep 0.05; done\nexit 9\n"
+    )
+    sbatch.chmod(0o755)
+    result: list[Any] = []
+    waiting = threading.Thread(target=lambda: result.append(_sbatch([str(sbatch), "--wait", "job.sh"], sys.stdout)))
+    waiting.start()
+    err = ""
+    for _ in range(100):
+        err += capsys.readouterr().err
+        if "slow controller" in err:
+            break
+        time.sleep(0.05)
+    seen.touch()
+    waiting.join(timeout=20)
+    assert "slow controller" in err, "sbatch's message was held back until it exited"
+    assert result and result[0].job_id == "41" and result[0].exit_status == 3
