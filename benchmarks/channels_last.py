@@ -40,15 +40,21 @@ MODELS = {
 KINDS = ("sgd", "kfac", "eval")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+def interleaved_parser(description: str | None, models: str, compared: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that times two ways of the same work on MODELS in interleaved rounds."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=models, help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--batch-size", type=int, default=256, help="training batch (default 256)")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per measurement (default 10)")
+    parser.add_argument("--steps", type=int, default=10, help="timed calls or steps per measurement (default 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one study worker's)")
-    parser.add_argument("--rounds", type=int, default=3, help="measurements of each order, interleaved (default 3)")
+    rounds_help = f"measurements of each {compared}, interleaved (default 3)"
+    parser.add_argument("--rounds", type=int, default=3, help=rounds_help)
     parser.add_argument("--out", help="also write the result as JSON here")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return interleaved_parser(__doc__, ",".join(MODELS), "order").parse_args(argv)
 
 
 def _timed(run: Callable[[], None], repeats: int) -> float:

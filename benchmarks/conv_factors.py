@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.channels_last import MODELS, _step, _timed
+from benchmarks.channels_last import MODELS, _step, _timed, interleaved_parser
 from distkfac.layers import Conv2dHelper
 from jobs.models import build_model
 
@@ -39,14 +39,7 @@ WAYS = ("columns", "weight_grads")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="convnet,resnet20", help=f"comma-separated, of {', '.join(MODELS)}")
-    parser.add_argument("--batch-size", type=int, default=256, help="training batch (default 256)")
-    parser.add_argument("--steps", type=int, default=10, help="timed calls or steps per measurement (default 10)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one study worker's)")
-    parser.add_argument("--rounds", type=int, default=3, help="measurements of each way, interleaved (default 3)")
-    parser.add_argument("--out", help="also write the result as JSON here")
-    return parser.parse_args(argv)
+    return interleaved_parser(__doc__, "convnet,resnet20", "way").parse_args(argv)
 
 
 def conv_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Conv2d, torch.Tensor]]:
