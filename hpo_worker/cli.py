@@ -86,6 +86,13 @@ def _add_driver(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     driver.add_argument("--poll", type=float, default=0.5, help="seconds between rounds (default 0.5)")
     driver.add_argument(
+        "--idle-poll",
+        type=float,
+        default=0.0,
+        help="rounds that see no change in the trials wait longer, doubling up to this many seconds (at most 10; "
+        "default 0: always --poll)",
+    )
+    driver.add_argument(
         "--pending",
         choices=PENDING_LIES,
         default="worst",
@@ -272,7 +279,8 @@ def _driver(args: argparse.Namespace) -> int:
     options = DriverOptions(
         exp_key=args.exp, space=space, config_path=args.config, max_evals=args.max_evals,
         queue_size=args.queue_size, seed=args.seed, grace_s=args.grace, max_retries=args.max_retries,
-        objective=args.objective, poll_s=args.poll, pending=args.pending, warm_start=tuple(points),
+        objective=args.objective, poll_s=args.poll, idle_poll_s=args.idle_poll, pending=args.pending,
+        warm_start=tuple(points),
         pruner=_pruner(args, base.run.eval_every or base.run.eval_every_steps), startup_trials=args.startup_trials,
     )  # fmt: skip
     with _store(args, may_start=True) as store:

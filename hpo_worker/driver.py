@@ -207,6 +207,7 @@ class DriverOptions:
     max_retries: int = 2
     objective: str = "test_loss"
     poll_s: float = 0.5
+    idle_poll_s: float = 0.0  # rounds that see no change wait longer, doubling up to this (0 or <= poll_s: never)
     pending: str = "worst"  # what TPE is told about queued and running trials (hpo_worker.pending.PENDING_LIES)
     warm_start: tuple[Mapping[str, Any], ...] = ()  # points queued as the first trials (hpo_worker.warm_start)
     pruner: PrunerSettings = field(default_factory=PrunerSettings)  # what workers stop early (hpo_worker.pruning)
@@ -231,6 +232,14 @@ def experiment_meta(options: DriverOptions) -> dict[str, Any]:
         "startup_trials": options.startup_trials,
         "driver": f"{socket.gethostname()}:{os.getpid()}",
     }
+
+
+def round_pause(poll_s: float, idle_poll_s: float, quiet_rounds: int) -> float:
+    """Seconds before the next round: ``poll_s`` after a change of the trials' counts, then doubling with each quiet
+    round up to ``idle_poll_s``. A study's 27 drivers polling every 2 s kept its database server busy 9% of a core
+    while trials ran for minutes; a change (a trial taken or finished) brings the short pause back at once. At most a
+    third of the driver's lease, which each round renews."""
+    return max(poll_s, min(idle_poll_s, LEASE_S / 3, poll_s * 2.0 ** min(quiet_rounds, 32)))
 
 
 def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], None] | None = None) -> int:
@@ -280,6 +289,7 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
     view = ExperimentView(store, options.exp_key)
     _queue_warm_start(store, options, view, say)
     last_line = ""
+    quiet_rounds = 0
     while True:
         if not store.renew_driver_lease(options.exp_key, holder, LEASE_S):
             raise StoreError(f"another driver took over experiment {options.exp_key!r}: this one stops")
@@ -295,6 +305,7 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
         )
         if monitor.silent():  # each is named in the log with its grace period and the time left
             line += f", {monitor.silent()} silent (waiting for the {options.grace_s:g} s grace period)"
+        quiet_rounds = quiet_rounds + 1 if line == last_line else 0
         if line != last_line:
             say(line)
             last_line = line
@@ -310,7 +321,7 @@ def _drive(store: TrialStore, options: DriverOptions, holder: str, say: Callable
             store.insert_trials(new_docs)
             view.added(new_docs)
             continue
-        time.sleep(options.poll_s)
+        time.sleep(round_pause(options.poll_s, options.idle_poll_s, quiet_rounds))
     store.update_experiment(options.exp_key, {"finished": utcnow()})
     trials = build_trials(store.trial_docs(options.exp_key, curves=False), options.exp_key)
     ok = [t for t in trials.trials if t["result"].get("status") == "ok"]

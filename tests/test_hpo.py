@@ -468,3 +468,54 @@ def test_embedded_server_shared_through_data_dir(tmp_path: Path) -> None:
     assert not (data / "mongo-url").exists()  # removed when the driver stopped its server
     assert list((data / "db").glob("*.db"))
     _finish(worker)
+
+
+def test_a_driver_whose_trials_do_not_change_polls_less_until_one_does(
+    mongo: str, db: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing taken or finished, the pause between rounds doubles up to --idle-poll (a study's 27 idle
+    drivers kept its database busy); a trial taken brings the short pause back at once. The rounds are timed where
+    each renews the driver's lease, on a real store; taking the lease away ends the driver."""
+    import threading
+
+    from hpo_worker.driver import DriverOptions, round_pause, run_driver
+    from hpo_worker.spaces import load_space
+    from hpo_worker.store import StoreError
+
+    assert [round_pause(0.1, 0.5, n) for n in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    assert round_pause(0.1, 0.0, 9) == 0.1 and round_pause(2.0, 600.0, 99) == 10.0  # off; a third of the lease
+    config, space = _files(tmp_path)
+    options = DriverOptions("idle", load_space(str(space)), str(config), max_evals=50, queue_size=2, poll_s=0.05,
+                            idle_poll_s=0.8)  # fmt: skip
+    store, rounds, taken = connect(mongo), list[float](), threading.Event()
+    renew = store.renew_driver_lease
+
+    def timed_renew(*args: Any) -> bool:
+        rounds.append(time.monotonic())
+        return not taken.is_set() and bool(renew(*args))
+
+    monkeypatch.setattr(store, "renew_driver_lease", timed_renew)
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _catch(lambda: run_driver(store, options, log=lambda _: None), errors))
+    thread.start()
+    _wait_for(lambda: db.jobs.count_documents({"exp_key": "idle"}) == 2, what="the queue filled")
+    time.sleep(3.0)
+    quiet = [b - a for a, b in zip(rounds[-3:-1], rounds[-2:], strict=True)]
+    assert all(0.7 < pause < 1.5 for pause in quiet), quiet  # backed off to --idle-poll, not 0.05 s
+    assert len(rounds) < 20, len(rounds)  # 60 rounds at 0.05 s
+    connect(mongo).reserve("w", "idle")  # a worker takes a trial: the driver queues another, then polls fast again
+    _wait_for(lambda: db.jobs.count_documents({"exp_key": "idle"}) == 3, timeout=5, what="a trial queued again")
+    seen = len(rounds)
+    time.sleep(0.6)
+    assert len(rounds) - seen >= 2, rounds[-6:]  # backed off, the next round would come 0.8 s later
+    taken.set()
+    thread.join(timeout=10)
+    store.close()
+    assert len(errors) == 1 and isinstance(errors[0], StoreError), errors
+
+
+def _catch(run: Callable[[], Any], errors: list[BaseException]) -> None:
+    try:
+        run()
+    except BaseException as exc:  # handed to the test's thread
+        errors.append(exc)
