@@ -40,11 +40,17 @@ MODELS = {
 KINDS = ("sgd", "kfac", "eval")
 
 
-def interleaved_parser(description: str | None, models: str, compared: str) -> argparse.ArgumentParser:
-    """The options of a benchmark that times two ways of the same work on MODELS in interleaved rounds."""
+def interleaved_parser(
+    description: str | None, models: str, compared: str, batch_sizes: str | None = None
+) -> argparse.ArgumentParser:
+    """The options of a benchmark that times ways of the same work on MODELS in interleaved rounds: at one batch
+    size, or with ``batch_sizes`` (their default) at several."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=models, help=f"comma-separated, of {', '.join(MODELS)}")
-    parser.add_argument("--batch-size", type=int, default=256, help="training batch (default 256)")
+    if batch_sizes is None:
+        parser.add_argument("--batch-size", type=int, default=256, help="training batch (default 256)")
+    else:
+        parser.add_argument("--batch-sizes", default=batch_sizes, help=f"comma-separated (default {batch_sizes})")
     parser.add_argument("--steps", type=int, default=10, help="timed calls or steps per measurement (default 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one study worker's)")
     rounds_help = f"measurements of each {compared}, interleaved (default 3)"

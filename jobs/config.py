@@ -202,6 +202,9 @@ class RunConfig:
     backend: str = "auto"  # launch.distributed backend: auto | gloo | nccl | horovod | mpi | single
     ddp: bool = True  # wrap the model in DistributedDataParallel under torch.distributed
     threads: int = 0  # torch.set_num_threads (0 = leave as is)
+    # Examples per forward/backward pass, the step's gradient the mean over its passes (0 = chosen automatically:
+    # 128 on the CPU where that changes only the rounding; jobs.passes). Set it to the rank's batch for one pass.
+    micro_batch: int = 0
     tensorboard: bool = True  # also log to TensorBoard when the tensorboard package is installed
     deterministic: bool = True  # cuDNN deterministic algorithms, no autotuning
     # Batch-size scaling study (docs/train.md):
@@ -273,6 +276,7 @@ _BOOKKEEPING_RUN_KEYS: Final = frozenset(
     {"out_dir", "checkpoint_every", "checkpoint_every_s", "keep_checkpoints", "eval_every", "log_every", "resume"}
     | {"stop_after_steps"}
     | {"progress", "tensorboard", "backend", "threads", "eval_every_steps", "train_eval_examples"}
+    | {"micro_batch"}  # the same step up to rounding (jobs.passes)
     | {"fisher_every", "fisher_every_epochs", "fisher_layer", "fisher_examples", "fisher_trim", "outlier_k"}
     | {"fisher_save"}  # the diagnostics only read the model
     | {"dynamics_every", "rank_threshold", "phase_tolerance", "phase_min_steps"}  # so do the saddle instruments

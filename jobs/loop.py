@@ -50,6 +50,7 @@ from jobs.objective import batch_loss, hits
 from jobs.optim import build_kfac, build_optimizer, make_lr_schedule, set_lr
 from jobs.outcome import PRUNE_REQUEST, SUMMARY_JSON, RunEnd
 from jobs.parallel import Context
+from jobs.passes import backward_in_passes, pass_examples
 
 __all__ = ["RunSummary", "TrainingDiverged", "TrainingRun", "evaluate", "history_fields", "run_training"]
 
@@ -402,6 +403,10 @@ class TrainingRun:
             if config.optim.name == "kfac"
             else None
         )
+        g_scale = config.kfac.g_scale if self.precond is not None else None
+        self.pass_size = pass_examples(
+            config.run.micro_batch, self.batches.local_batch, self.model, context.device, g_scale
+        )
         self.epoch_totals = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss sum, correct, examples
         self.steps_to_target: int | None = None
         self.noise = NoiseScaleEstimator() if config.run.noise_every else None
@@ -450,6 +455,7 @@ class TrainingRun:
             "distributed": context.kind,
             "device": str(context.device),
             "local_batch_size": self.batches.local_batch,
+            "pass_examples": self.pass_size,  # run.micro_batch as chosen (jobs.passes)
             "train_examples": len(data.train_x),
             "test_examples": len(data.test_x),
             "input_shape": list(data.input_shape),
@@ -528,11 +534,7 @@ class TrainingRun:
         """Forward, backward, gradients averaged (by DDP, K-FAC or here), the step; this batch's (loss sum, hits, n)."""
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.train_model(x)
-        loss = batch_loss(logits, y, self.config.run.loss)
-        if self.precond is not None and self.precond.fisher == "mc":
-            self.precond.mc_backward(logits)
-        loss.backward()
+        loss, correct = self._backward(x, y)
         kept = self._keep_for_damping()
         if self.precond is not None:
             try:
@@ -546,10 +548,20 @@ class TrainingRun:
         self.optimizer.step()
         self.adapted = self._adapt_damping(x, y, loss, *kept) if kept is not None else {}
         with torch.no_grad():
-            correct = hits(logits, y)
             batch_totals = torch.stack([loss.detach().double() * len(y), correct, torch.full_like(correct, len(y))])
             self.epoch_totals += batch_totals
         return batch_totals
+
+    def _backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's gradients, in passes of ``pass_size`` examples: the batch's mean loss and its hits."""
+        precond = self.precond
+        sample = precond.mc_backward if precond is not None and precond.fisher == "mc" else None
+        kind = self.config.run.loss
+
+        def loss_of(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return batch_loss(outputs, labels, kind)
+
+        return backward_in_passes(self.train_model, x, y, self.pass_size, loss_of, sample)
 
     def _keep_for_damping(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
         """On the steps the adaptive damping judges: theta and the raw gradient (before K-FAC), by name."""
