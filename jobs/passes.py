@@ -6,10 +6,10 @@ batch's mean gradient, and distkfac's factors are the mean of the passes' batch 
 accumulation"), which is the batch's factor: the step is the one-pass step up to float32 rounding.
 
 On the CPU, smaller passes keep the activations in cache. On the CIFAR-10 study's ConvNet (one thread, batches of
-2048 and 8192), SGD's step was 1.30-1.33x faster in passes of 128 examples, 1.10x at batch 512; K-FAC's
-1.06-1.15x, as its factor products dominate (docs/benchmarks.md, "Micro-batches"). ``run.micro_batch = 0`` (auto)
-takes passes of AUTO_PASS_EXAMPLES there: on the CPU, for a rank batch of at least twice that and a multiple of it,
-in a model without batch statistics or dropout (whose steps would change, not only their rounding), and not with
+512, 2048 and 8192), SGD's step was 1.26-1.31x faster in passes of 64 examples, K-FAC's 1.09-1.12x, as its factor
+products dominate (docs/benchmarks.md, "Micro-batches"). ``run.micro_batch = 0`` (auto) takes passes of
+AUTO_PASS_EXAMPLES there: on the CPU, for a rank batch of at least AUTO_FROM_BATCH and a multiple of the pass, in a
+model without batch statistics or dropout (whose steps would change, not only their rounding), and not with
 K-FAC's ``g_scale = "batch"`` (whose G depends on the pass's size). GPUs keep one pass: not measured here.
 """
 
@@ -31,7 +31,10 @@ __all__ = ["AUTO_PASS_EXAMPLES", "backward_in_passes", "pass_examples"]
 
 LossOf = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-AUTO_PASS_EXAMPLES = 128  # the fastest pass size measured, with 64 (docs/benchmarks.md, "Micro-batches")
+# Passes of 64 were the fastest of 64, 128 and 256 in 5 of the 6 measured cases, from batch 512 on, the smallest
+# measured (docs/benchmarks.md, "Micro-batches").
+AUTO_PASS_EXAMPLES = 64
+AUTO_FROM_BATCH = 512
 
 
 def pass_examples(requested: int, batch: int, model: nn.Module, device: torch.device, g_scale: str | None) -> int:
@@ -52,7 +55,7 @@ def pass_examples(requested: int, batch: int, model: nn.Module, device: torch.de
             )
         return requested
     changes_the_step = any(isinstance(m, _BatchNorm | _DropoutNd) for m in model.modules()) or g_scale == "batch"
-    if device.type != "cpu" or changes_the_step or batch < 2 * AUTO_PASS_EXAMPLES or batch % AUTO_PASS_EXAMPLES:
+    if device.type != "cpu" or changes_the_step or batch < AUTO_FROM_BATCH or batch % AUTO_PASS_EXAMPLES:
         return batch
     return AUTO_PASS_EXAMPLES
 

@@ -61,12 +61,12 @@ def test_a_step_in_passes_is_the_one_pass_step(tmp_path: Path, optimizer: str) -
 
 
 def test_the_automatic_pass_size_on_the_cpu() -> None:
-    """128 examples a pass where that changes only the rounding; the whole batch elsewhere."""
+    """Passes of 64 from batch 512 on where that changes only the rounding; the whole batch elsewhere."""
     plain = build_model(ModelConfig(name="convnet", channels=[4], hidden=[8]), (3, 32, 32), 10)
-    assert pass_examples(0, 8192, plain, CPU, None) == AUTO_PASS_EXAMPLES == 128
-    assert pass_examples(0, 256, plain, CPU, "example") == 128
-    assert pass_examples(0, 128, plain, CPU, None) == 128  # one pass already
-    assert pass_examples(0, 384 + 64, plain, CPU, None) == 448  # not a multiple of 128
+    assert pass_examples(0, 8192, plain, CPU, None) == AUTO_PASS_EXAMPLES == 64
+    assert pass_examples(0, 512, plain, CPU, "example") == 64
+    assert pass_examples(0, 256, plain, CPU, None) == 256  # below the measured batches
+    assert pass_examples(0, 512 + 32, plain, CPU, None) == 544  # not a multiple of 64
     assert pass_examples(0, 8192, plain, torch.device("meta"), None) == 8192  # not the CPU: not measured
     assert pass_examples(0, 8192, plain, CPU, "batch") == 8192  # K-FAC's G would depend on the pass's size
     for layer in (nn.BatchNorm1d(8), nn.Dropout(0.1)):  # the step itself would change
