@@ -8,9 +8,11 @@ accumulation"), which is the batch's factor: the step is the one-pass step up to
 On the CPU, smaller passes keep the activations in cache. On the CIFAR-10 study's ConvNet (one thread, batches of
 512, 2048 and 8192), SGD's step was 1.26-1.31x faster in passes of 64 examples, K-FAC's 1.09-1.12x, as its factor
 products dominate (docs/benchmarks.md, "Micro-batches"). ``run.micro_batch = 0`` (auto) takes passes of
-AUTO_PASS_EXAMPLES there: on the CPU, for a rank batch of at least AUTO_FROM_BATCH and a multiple of the pass, in a
-model without batch statistics or dropout (whose steps would change, not only their rounding), and not with
-K-FAC's ``g_scale = "batch"`` (whose G depends on the pass's size). GPUs keep one pass: not measured here.
+AUTO_PASS_EXAMPLES there: on the CPU, in a model with convolutions (whose activations, one per image position,
+outgrow the caches), for a rank batch of at least AUTO_FROM_BATCH and a multiple of the pass, in a model without
+batch statistics or dropout (whose steps would change, not only their rounding), and not with K-FAC's
+``g_scale = "batch"`` (whose G depends on the pass's size). GPUs and models without convolutions (an MLP's
+activations are a few megabytes at batch 8192) keep one pass: not measured here.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ def pass_examples(requested: int, batch: int, model: nn.Module, device: torch.de
                 "use kfac.g_scale = 'example', or set run.micro_batch to the rank's batch"
             )
         return requested
-    changes_the_step = any(isinstance(m, _BatchNorm | _DropoutNd) for m in model.modules()) or g_scale == "batch"
-    if device.type != "cpu" or changes_the_step or batch < AUTO_FROM_BATCH or batch % AUTO_PASS_EXAMPLES:
+    modules = list(model.modules())
+    changes_the_step = any(isinstance(m, _BatchNorm | _DropoutNd) for m in modules) or g_scale == "batch"
+    measured = device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in modules)
+    if not measured or changes_the_step or batch < AUTO_FROM_BATCH or batch % AUTO_PASS_EXAMPLES:
         return batch
     return AUTO_PASS_EXAMPLES
 

@@ -61,13 +61,15 @@ def test_a_step_in_passes_is_the_one_pass_step(tmp_path: Path, optimizer: str) -
 
 
 def test_the_automatic_pass_size_on_the_cpu() -> None:
-    """Passes of 64 from batch 512 on where that changes only the rounding; the whole batch elsewhere."""
+    """Passes of 64 from batch 512 on in conv models on the CPU, where that changes only the rounding; the whole
+    batch elsewhere."""
     plain = build_model(ModelConfig(name="convnet", channels=[4], hidden=[8]), (3, 32, 32), 10)
     assert pass_examples(0, 8192, plain, CPU, None) == AUTO_PASS_EXAMPLES == 64
     assert pass_examples(0, 512, plain, CPU, "example") == 64
     assert pass_examples(0, 256, plain, CPU, None) == 256  # below the measured batches
     assert pass_examples(0, 512 + 32, plain, CPU, None) == 544  # not a multiple of 64
     assert pass_examples(0, 8192, plain, torch.device("meta"), None) == 8192  # not the CPU: not measured
+    assert pass_examples(0, 8192, nn.Sequential(nn.Linear(4, 4)), CPU, None) == 8192  # no convolution: neither
     assert pass_examples(0, 8192, plain, CPU, "batch") == 8192  # K-FAC's G would depend on the pass's size
     for layer in (nn.BatchNorm1d(8), nn.Dropout(0.1)):  # the step itself would change
         assert pass_examples(0, 8192, nn.Sequential(plain, layer), CPU, None) == 8192
