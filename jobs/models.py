@@ -350,7 +350,22 @@ def build_model(config: ModelConfig, input_shape: Sequence[int], classes: int) -
                     module.weight.normal_(0.0, config.init_scale)
                     if module.bias is not None:
                         module.bias.zero_()
+    if channels_last_faults(model):
+        set_channels_last(model, False)
     return model
+
+
+def channels_last_faults(model: nn.Module) -> list[str]:
+    """The convolutions of ``model`` whose weight gradient torch 2.13's CPU kernels get wrong on channels-last
+    input: 1x1 kernels with a stride above 1 and 2 to 7 input channels (a ResNet's shortcut at width 2 to 7). Found
+    on 2026-12-03: wrong by far more than rounding at 2 threads, and a corrupted heap at 1 (``free(): invalid size``);
+    3x3 kernels, stride 1 and 1 or 8 to 16 input channels were right (tests/test_train.py). A model with one runs
+    NCHW (:func:`build_model`)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8
+    ]
 
 
 def _named_model(config: ModelConfig, input_shape: Sequence[int], classes: int) -> nn.Module:
@@ -378,7 +393,14 @@ def _named_model(config: ModelConfig, input_shape: Sequence[int], classes: int) 
 
 
 def set_channels_last(model: nn.Module, enabled: bool) -> None:
-    """Turns the CPU channels-last order (:func:`cpu_channels_last`) of the conv models in ``model`` on or off."""
+    """Turns the CPU channels-last order (:func:`cpu_channels_last`) of the conv models in ``model`` on or off; on
+    is refused for a model with a convolution that order gets wrong (:func:`channels_last_faults`)."""
+    faults = channels_last_faults(model) if enabled else []
+    if faults:
+        raise ValueError(
+            f"channels-last on the CPU gives wrong weight gradients for the 1x1 strided convolution(s) "
+            f"{', '.join(faults)} with fewer than 8 input channels (torch 2.13): keep this model NCHW"
+        )
     for module in model.modules():
         if isinstance(module, LeNet5 | ConvNet | CifarResNet):
             module.channels_last = enabled
