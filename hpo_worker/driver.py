@@ -236,9 +236,9 @@ def experiment_meta(options: DriverOptions) -> dict[str, Any]:
 
 def round_pause(poll_s: float, idle_poll_s: float, quiet_rounds: int) -> float:
     """Seconds before the next round: ``poll_s`` after a change of the trials' counts, then doubling with each quiet
-    round up to ``idle_poll_s``. A study's 27 drivers polling every 2 s kept its database server busy 9% of a core
-    while trials ran for minutes; a change (a trial taken or finished) brings the short pause back at once. At most a
-    third of the driver's lease, which each round renews."""
+    round up to ``idle_poll_s``, so that a driver whose trials run for minutes reads the database a few times a
+    minute (a study runs one per cell: 27 on CIFAR-10); a change (a trial taken or finished) brings the short pause
+    back at once. At most a third of the driver's lease, which each round renews."""
     return max(poll_s, min(idle_poll_s, LEASE_S / 3, poll_s * 2.0 ** min(quiet_rounds, 32)))
 
 

@@ -481,10 +481,20 @@ class TrialStore:
         return state_counts(self.trials.find({"exp_key": exp_key}, {"state": 1}))
 
     @_retrying
-    def count_diverged(self, exp_key: str) -> int:
-        """How many of the experiment's done trials diverged: state done with status fail, which only a run that
-        diverged gets (``hpo_worker.trial``; a trial that raised is in state error)."""
-        return self.trials.count_documents({"exp_key": exp_key, "state": TrialState.DONE, "result.status": "fail"})
+    def trial_states(self, exp_keys: Sequence[str]) -> list[dict[str, Any]]:
+        """Every trial of these experiments as ``exp_key``, ``state`` and ``status`` (its result's, None before
+        one), in one query: what a study's progress line counts (a query per experiment and count kept nx-27017 8%
+        of a core busy). MongoDB nests a projected ``result.status``; nx-27017 returns it under that dotted key."""
+        fields = {"exp_key": 1, "state": 1, "result.status": 1}
+        docs = self.trials.find({"exp_key": {"$in": list(exp_keys)}}, fields)
+        return [
+            {
+                "exp_key": d["exp_key"],
+                "state": d["state"],
+                "status": d.get("result.status", d.get("result", {}).get("status")),
+            }
+            for d in docs
+        ]
 
     def _reserved_already(self, owner: str, exp_key: str | None = None) -> dict[str, Any] | None:
         """The trial a reservation whose reply was lost gave ``owner`` (unique to its process, one trial at a time)."""

@@ -53,6 +53,8 @@ def test_progress_counts_the_studys_trials_by_state_in_the_store(mongo: str, db:
         assert progress(store, ["a", "b", "c"], 2) == "  3/6 trials finished (1 failed), 1 running"
         db.jobs.insert_one({"exp_key": "b", "tid": 2, "state": TrialState.DONE, "result": {"status": "fail"}})
         assert progress(store, ["a", "b"], 4) == "  4/8 trials finished (1 failed, 1 diverged), 1 running"
+        db.jobs.insert_one({"exp_key": "z", "tid": 0, "state": TrialState.DONE, "result": {"status": "fail"}})
+        assert progress(store, ["a", "b"], 4) == "  4/8 trials finished (1 failed, 1 diverged), 1 running"  # not ours
     finally:
         store.close()
 
