@@ -25,7 +25,7 @@ from typing import Any
 
 from hpo_worker.attempts import CHECKPOINT_EVERY_S
 from hpo_worker.pending import PENDING_LIES, STARTUP_TRIALS
-from hpo_worker.pruning import PRUNED_HISTORY, PRUNERS, PrunerSettings
+from hpo_worker.pruning import PRUNED_HISTORY, PRUNERS, PrunerSettings, check_objective
 from hpo_worker.server import EmbeddedServer, ServerError, read_url_file
 from hpo_worker.store import (
     DEFAULT_PATIENCE_S,
@@ -127,6 +127,11 @@ def _add_pruner(driver: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--pruned-history", choices=PRUNED_HISTORY, default="last",
         help="what TPE sees of a pruned trial: its last intermediate value as its loss (default), or nothing",
+    )  # fmt: skip
+    group.add_argument(
+        "--prune-behind-best", action="store_true",
+        help="steps_to_target: stop a trial once it is past the steps an earlier completed trial needed to reach the "
+        "target (exact: it can no longer beat that trial); with --pruner or alone",
     )  # fmt: skip
 
 
@@ -292,13 +297,15 @@ def _pruner(args: argparse.Namespace, evaluates: int) -> PrunerSettings:
     try:
         settings = PrunerSettings(
             args.pruner, args.prune_warmup_steps, args.prune_min_trials, args.asha_min_fraction,
-            args.asha_reduction_factor, args.pruned_history,
+            args.asha_reduction_factor, args.pruned_history, args.prune_behind_best,
         )  # fmt: skip
+        check_objective(settings, args.objective)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if settings.name != "none" and not evaluates and args.objective != "train_error":
+    if settings.active and not evaluates and args.objective != "train_error":
+        which = f"--pruner {settings.name}" if settings.name != "none" else "--prune-behind-best"
         raise UsageError(
-            f"--pruner {settings.name} compares the trials' evaluations while they train, and {args.config} has "
+            f"{which} compares the trials' evaluations while they train, and {args.config} has "
             "none (run.eval_every = 0, run.eval_every_steps = 0): set one of them"
         )
     return settings

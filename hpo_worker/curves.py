@@ -89,17 +89,20 @@ class CurveWatcher:
         if not self.store.report_curve(self.doc, self.owner, [asdict(r) for r in reports]):
             return  # no longer this worker's trial: the heartbeat stops it
         self.stored = len(reports)
-        if self.requested is None and self.settings.name != "none":
-            reason = prune_reason(self.settings, reports, self._others())
+        if self.requested is None and self.settings.active:
+            reason = prune_reason(self.settings, reports, *self._others())
             if reason is not None:
                 atomic_write_text(self.run_dir / PRUNE_REQUEST, reason + "\n")
                 self.requested = reason
                 self.say(f"trial {self.doc['tid']}: pruned at step {reports[-1].step}: {reason}")
 
-    def _others(self) -> list[tuple[list[Report], bool]]:
-        """The other trials' curves, each with whether it completed (done with an ok result)."""
-        return [
-            (curve_of(doc), doc["state"] == TrialState.DONE and doc["status"] == "ok")
+    def _others(self) -> tuple[list[tuple[list[Report], bool]], list[list[Report]]]:
+        """The other trials' curves, each with whether it completed (done with an ok result); and the curves of the
+        completed ones with smaller tids (the behind-best stop)."""
+        tid = int(self.doc["tid"])
+        others = [
+            (curve_of(doc), doc["state"] == TrialState.DONE and doc["status"] == "ok", int(doc["tid"]))
             for doc in self.store.curves(str(self.doc["exp_key"]))
-            if doc["tid"] != self.doc["tid"]
+            if doc["tid"] != tid
         ]
+        return [(curve, done) for curve, done, _ in others], [curve for curve, done, t in others if done and t < tid]

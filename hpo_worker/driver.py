@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from hpo_worker.pruning import PrunerSettings, tell_pruned
 from hpo_worker.spaces import SearchSpace, plain_value
 from hpo_worker.store import (
     FINISHED_STATES,
+    ExperimentMismatch,
     StoreError,
     StoreUnreachable,
     TrialState,
@@ -43,16 +44,17 @@ from hpo_worker.store import (
 from hpo_worker.warm_start import hyperopt_vals
 
 __all__ = [
-    "EXPERIMENT_IDENTITY", "DriverOptions", "ExperimentView", "build_trials", "experiment_meta", "make_point_docs",
-    "make_trial_docs", "run_driver",
+    "EXPERIMENT_IDENTITY", "DriverOptions", "ExperimentView", "build_trials", "check_experiment", "experiment_meta",
+    "make_point_docs", "make_trial_docs", "pruner_changed", "run_driver",
 ]  # fmt: skip
 
 CMD = ["hpo_worker", "jobs.train"]  # misc.cmd: what runs a trial (a name, never code)
 # A driver renews its lease on the experiment every round; a second driver is refused while the lease is valid.
 # A killed driver's lease is taken over at once on the same host (its pid is gone), else after LEASE_S.
 LEASE_S = 30.0
-# What makes an experiment the same one: a driver resumes an experiment only when these agree with the stored ones.
-EXPERIMENT_IDENTITY = ("space", "space_definition", "config_text", "objective", "seed", "pruner")
+# What makes an experiment the same one: a driver resumes an experiment only when these agree with the stored ones,
+# and its pruner too, but for one change that leaves every result as it was (pruner_changed).
+EXPERIMENT_IDENTITY = ("space", "space_definition", "config_text", "objective", "seed")
 
 
 def _hyperopt_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -234,6 +236,39 @@ def experiment_meta(options: DriverOptions) -> dict[str, Any]:
     }
 
 
+def pruner_changed(exp_key: str, stored: Mapping[str, Any] | None, new: PrunerSettings) -> bool:
+    """Whether an experiment stored with the pruner ``stored`` continues under another one, ``new``: False when
+    they agree (or none is stored: an experiment made before pruning existed), True when ``new`` only turns the
+    behind-best stop on, which leaves the best of every prefix of the trials as it was (hpo_worker.pruning).
+    Raises :class:`ExperimentMismatch` for any other change: two searches would mix."""
+    if stored is None:
+        return False
+    old = PrunerSettings.from_doc(stored)
+    if old == new:
+        return False
+    if new.behind_best and not old.behind_best and replace(old, behind_best=True) == new:
+        return True
+    raise ExperimentMismatch(exp_key, ["pruner"])
+
+
+def check_experiment(store: TrialStore, options: DriverOptions) -> bool:
+    """Raises :class:`ExperimentMismatch` when ``options`` cannot continue the stored experiment; True when its
+    pruner is to change (:func:`pruner_changed`)."""
+    store.check_experiment(options.exp_key, experiment_meta(options), EXPERIMENT_IDENTITY)
+    existing = store.get_experiment(options.exp_key) or {}
+    return pruner_changed(options.exp_key, existing.get("pruner"), options.pruner)
+
+
+def _change_pruner(store: TrialStore, options: DriverOptions, say: Callable[[str], None]) -> None:
+    """Stores the new pruner, and when it came: ``pruner_changes`` lists each change with the trials made before."""
+    made = sum(store.count_states(options.exp_key).values())
+    existing = store.get_experiment(options.exp_key) or {}
+    change = {"at": utcnow(), "trials_before": made, "from": existing.get("pruner"), "to": options.pruner.to_doc()}
+    changes = [*existing.get("pruner_changes", []), change]
+    store.update_experiment(options.exp_key, {"pruner": options.pruner.to_doc(), "pruner_changes": changes})
+    say(f"experiment {options.exp_key!r}: the behind-best stop is on from now; {made} trial(s) were made before")
+
+
 def round_pause(poll_s: float, idle_poll_s: float, quiet_rounds: int) -> float:
     """Seconds before the next round: ``poll_s`` after a change of the trials' counts, then doubling with each quiet
     round up to ``idle_poll_s``, so that a driver whose trials run for minutes reads the database a few times a
@@ -247,6 +282,8 @@ def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], N
     store.ensure_indexes()
     meta = experiment_meta(options)
     created = store.create_or_check_experiment(options.exp_key, meta, compare=EXPERIMENT_IDENTITY)
+    if not created and check_experiment(store, options):
+        _change_pruner(store, options, say)
     say(
         f"{'new' if created else 'resuming'} experiment {options.exp_key!r}: space {options.space.name}, "
         f"max-evals {options.max_evals}, queue {options.queue_size}, pending trials told {options.pending!r}, "

@@ -12,6 +12,11 @@ are better, as for TPE's loss. Two rules:
   below 1. When a trial first reaches a rung, it goes on only if its best value so far is among the best
   ``1/reduction_factor`` of the values of every trial that reached that rung (at least the best one goes on).
 
+And one exact stop for the ``steps_to_target`` objective, with either rule or alone (``behind_best``): a trial that
+has not reached the target by the step at which an earlier completed trial (a smaller tid) reached it can no longer
+beat that trial, so it stops there. The best of every prefix of the trials, in tid order, is what it would have
+been without the stop (:func:`behind_best_reason`).
+
 Our choices where the usual descriptions differ: both rules compare best-so-far values, not the value at one
 step, so that evaluation noise does not prune a good trial; a completed trial whose curve ended before a step or a
 rung (it reached its target and stopped) counts there with its final best value, since it would not get worse.
@@ -27,7 +32,8 @@ from typing import Any, Final
 from hpo_worker.store import TrialState
 
 __all__ = [
-    "PRUNED_HISTORY", "PRUNERS", "PrunerSettings", "Report", "asha_rungs", "curve_of", "prune_reason", "tell_pruned",
+    "PRUNED_HISTORY", "PRUNERS", "PrunerSettings", "Report", "asha_rungs", "behind_best_reason", "check_objective",
+    "curve_of", "prune_reason", "tell_pruned",
 ]  # fmt: skip
 
 PRUNERS: Final = ("none", "median", "asha")
@@ -51,8 +57,11 @@ class PrunerSettings:
     min_fraction: float = 0.1  # asha: the first rung, as a fraction of the budget
     reduction_factor: int = 3  # asha: one trial in reduction_factor goes on at each rung
     pruned_history: str = "last"  # PRUNED_HISTORY
+    behind_best: bool = False  # steps_to_target: stop where an earlier completed trial had reached the target
 
     def __post_init__(self) -> None:
+        if not isinstance(self.behind_best, bool):
+            raise ValueError(f"behind_best must be true or false, not {self.behind_best!r}")
         if self.name not in PRUNERS:
             raise ValueError(f"unknown pruner {self.name!r}: choose one of {', '.join(PRUNERS)}")
         if self.pruned_history not in PRUNED_HISTORY:
@@ -77,13 +86,30 @@ class PrunerSettings:
                 f"{self.min_fraction:g})"
             )
 
+    @property
+    def active(self) -> bool:
+        """Whether any trial can be stopped (a rule, or the behind-best stop)."""
+        return self.name != "none" or self.behind_best
+
     def to_doc(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        if not self.behind_best:
+            del doc["behind_best"]  # as experiments stored before the stop existed: they compare equal
+        return doc
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any] | None) -> PrunerSettings:
         """The settings stored in an experiment document (none: an experiment made without pruning)."""
         return cls(**dict(doc)) if doc else cls()
+
+
+def check_objective(settings: PrunerSettings, objective: str) -> None:
+    """Raises ValueError when ``settings`` do not apply to ``objective``."""
+    if settings.behind_best and objective != "steps_to_target":
+        raise ValueError(
+            f"the behind-best stop needs the steps_to_target objective (it reads a trial's value as the budget "
+            f"fraction at which it reached the target), not {objective!r}: drop behind_best or change the objective"
+        )
 
 
 def asha_rungs(settings: PrunerSettings) -> list[float]:
@@ -156,14 +182,42 @@ def _asha_reason(
     return None
 
 
+def behind_best_reason(own: Sequence[Report], earlier: Sequence[Sequence[Report]]) -> str | None:
+    """The exact stop of ``steps_to_target``: ``own`` has not reached the target (its values are 1 + the accuracy
+    missing, above 1), and its last report is at or past the budget fraction at which one of the ``earlier``
+    completed trials reached it (a value of at most 1). Its steps to target, if it ever reaches it, are then more
+    than that trial's, so no prefix of the trials that contains both has a different best without it."""
+    if not own or min(r.value for r in own) <= 1.0:
+        return None
+    reached = [min(curve, key=lambda r: r.value) for curve in earlier if curve]
+    reached = [r for r in reached if r.value <= 1.0]
+    if not reached:
+        return None
+    best = min(reached, key=lambda r: r.value)
+    if own[-1].fraction < best.value - 1e-12:
+        return None
+    return (
+        f"behind the best: not at the target by step {own[-1].step}, where an earlier trial had reached it "
+        f"(step {best.step}); it can no longer need fewer steps"
+    )
+
+
 def prune_reason(
-    settings: PrunerSettings, own: Sequence[Report], others: Sequence[tuple[Sequence[Report], bool]]
+    settings: PrunerSettings,
+    own: Sequence[Report],
+    others: Sequence[tuple[Sequence[Report], bool]],
+    earlier: Sequence[Sequence[Report]] = (),
 ) -> str | None:
     """Why the trial whose curve is ``own`` should stop now (after its last report), or None to let it go on.
 
     ``others``: the other trials' curves, each with whether that trial completed (finished its budget or its
-    target); running and pruned ones count only where their curves reach."""
-    if settings.name == "none" or not own:
+    target); running and pruned ones count only where their curves reach. ``earlier``: the curves of the completed
+    trials with smaller tids (the behind-best stop)."""
+    if not own:
+        return None
+    if settings.behind_best and (reason := behind_best_reason(own, earlier)) is not None:
+        return reason
+    if settings.name == "none":
         return None
     if settings.name == "median":
         return _median_reason(own, [curve for curve, done in others if done], settings)

@@ -189,7 +189,6 @@ def run_worker(store: TrialStore, options: WorkerOptions, log: Log | None = None
     signals = _SigtermState()
     previous = signal.signal(signal.SIGTERM, signals.on_sigterm)
     monitor = StaleMonitor(store, options.grace_s, options.max_retries, log=say)
-    experiments: dict[str, dict[str, Any]] = {}
     done = 0
     idle_since = time.monotonic()
     say(f"{owner} started (exp {options.exp_key or 'any'}, workdir {options.workdir}, {_describe(options.launch)})")
@@ -204,11 +203,11 @@ def run_worker(store: TrialStore, options: WorkerOptions, log: Log | None = None
                 time.sleep(options.poll_s)
                 continue
             exp_key = str(doc["exp_key"])
-            experiment = experiments.get(exp_key) or store.get_experiment(exp_key)
+            # Read for every trial: a resumed driver may have changed the pruner (hpo_worker.driver.pruner_changed).
+            experiment = store.get_experiment(exp_key)
             if experiment is None:
                 store.finish(doc, owner, {"status": "fail"}, error=("NoExperiment", f"no experiment {exp_key!r}"))
                 continue
-            experiments[exp_key] = experiment
             try:
                 _train(store, doc, owner, experiment, options, signals, say)
             except WorkerTerminated:

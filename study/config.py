@@ -35,6 +35,7 @@ A study file is TOML (examples: ``jobs/configs/studies/``)::
     seed = 0
     pending = "worst"                             # TPE's lie for queued/running trials (docs/hpo.md)
     pruner = { name = "asha", min_fraction = 0.1, reduction_factor = 3 }   # default: none; or "median"
+                                                  # behind_best = true: steps_to_target's exact stop (docs/hpo.md)
     warm_start = { sgd = "table1_sgd.toml" }      # [[points]] files, queued first in every cell of the optimizer
     seed_from_neighbour = false                   # true: each cell also starts from the best point of the next
                                                   # smaller batch size's cell, tuned before it
@@ -72,7 +73,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from hpo_worker.pending import PENDING_LIES, STARTUP_TRIALS
-from hpo_worker.pruning import PrunerSettings
+from hpo_worker.pruning import PrunerSettings, check_objective
 from hpo_worker.trial import OBJECTIVES
 from jobs.config import Config, ConfigError, load_config, parse_override, read_toml, toml_value
 from jobs.optimizers import OPTIMIZER_NAMES, OPTIMIZERS
@@ -293,11 +294,11 @@ def _tune(path: Path, raw: Any, optimizers: Sequence[str]) -> TuneSettings:
         queue_size=_int(path, "tune.queue_size", raw.get("queue_size", 0), 0), grace=float(grace),
         repeats=_int(path, "tune.repeats", raw.get("repeats", 0), 0),
         startup_trials=_int(path, "tune.startup_trials", raw.get("startup_trials", STARTUP_TRIALS), 1),
-        **_search(path, raw, optimizers),
+        **_search(path, raw, optimizers, objective),
     )  # fmt: skip
 
 
-def _search(path: Path, raw: Mapping[str, Any], optimizers: Sequence[str]) -> dict[str, Any]:
+def _search(path: Path, raw: Mapping[str, Any], optimizers: Sequence[str], objective: str) -> dict[str, Any]:
     """tune.pending, tune.pruner, tune.warm_start and tune.seed_from_neighbour, checked."""
     pending = raw.get("pending", "worst")
     if pending not in PENDING_LIES:
@@ -307,6 +308,7 @@ def _search(path: Path, raw: Mapping[str, Any], optimizers: Sequence[str]) -> di
         raise key_error(path, "tune.pruner", 'must be a table such as { name = "asha", reduction_factor = 3 }')
     try:
         pruner = PrunerSettings(**pruner_raw)
+        check_objective(pruner, objective)
     except (TypeError, ValueError) as exc:
         raise key_error(
             path, "tune.pruner", f"{exc} (keys: {', '.join(PrunerSettings.__dataclass_fields__)})"

@@ -140,7 +140,9 @@ def uncertainty_section(
         "replacement (the spread of the search; biased towards the observed best; ∞: no trial of the resample "
         "reached the target), and the best of the first half of the trials (equal to the best: the second half of "
         "the budget found nothing better). Pruned and failed (diverged) trials count as trials that did not reach "
-        "the target: the pruner is the objective's own early stop, and a setting that diverges is a miss. "
+        "the target: the pruner is the objective's own early stop, and a setting that diverges is a miss (a trial "
+        "stopped behind an earlier trial's best might have reached the target later: the range's upper end is "
+        "conservative). "
         "Repeats: the best trial trained again with other seeds, the geometric mean of their steps to target with "
         "its expanded percentile bootstrap interval. The fit: S(B) refitted to the repeats resampled cell by cell.",
         "",

@@ -27,7 +27,7 @@ from typing import Any
 
 import pymongo.errors
 
-from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_meta
+from hpo_worker.driver import DriverOptions, check_experiment
 from hpo_worker.liveness import BeatClock
 from hpo_worker.report import format_report, summarize, trials_json, write_trials_json
 from hpo_worker.server import EmbeddedServer, ServerError, terminate
@@ -161,7 +161,7 @@ def _check_experiments(store: TrialStore, cells: Sequence[Cell], options: Mappin
     changed = []
     for cell in cells:
         try:
-            store.check_experiment(options[cell.slug].exp_key, experiment_meta(options[cell.slug]), EXPERIMENT_IDENTITY)
+            check_experiment(store, options[cell.slug])
         except ExperimentMismatch as exc:
             changed.append(f"cell {cell.name}: experiment {exc.exp_key!r} already exists with another "
                            f"{', '.join(exc.different)}")  # fmt: skip
@@ -175,7 +175,8 @@ def _driver_command(options: DriverOptions, space: str, url_file: Path, warm_sta
         "--pruner", pruner.name, "--prune-warmup-steps", str(pruner.warmup_steps),
         "--prune-min-trials", str(pruner.min_trials), "--asha-min-fraction", str(pruner.min_fraction),
         "--asha-reduction-factor", str(pruner.reduction_factor), "--pruned-history", pruner.pruned_history,
-    ] if pruner.name != "none" else []  # fmt: skip
+        *(["--prune-behind-best"] if pruner.behind_best else []),
+    ] if pruner.active else []  # fmt: skip
     return [
         sys.executable, "-m", "hpo_worker", "driver", "--mongo-file", str(url_file), "--exp", options.exp_key,
         "--space", space, "--config", options.config_path,

@@ -9,16 +9,24 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hpo_worker.curves import CurveWatcher
-from hpo_worker.driver import EXPERIMENT_IDENTITY, DriverOptions, experiment_meta, make_point_docs
+from hpo_worker.driver import (
+    EXPERIMENT_IDENTITY,
+    DriverOptions,
+    check_experiment,
+    experiment_meta,
+    make_point_docs,
+    run_driver,
+)
 from hpo_worker.pruning import PrunerSettings, Report, asha_rungs, tell_pruned
 from hpo_worker.spaces import load_space
-from hpo_worker.store import TrialState, TrialStore, connect
+from hpo_worker.store import ExperimentMismatch, TrialState, TrialStore, connect
 from hpo_worker.trial import intermediate_values
 from jobs.outcome import PRUNE_REQUEST
 from tests.processes import processes_mentioning, wait_until_gone
@@ -26,6 +34,7 @@ from tests.synthetic_configs import synthetic_mlp_toml
 from tests.test_hpo import SPACE, _finish, _wait_for, _worker
 
 TOTAL = 100  # the hand-made runs' budget in steps
+TARGET = 0.999  # steps_to_target's accuracy: out of reach of the synthetic runs
 POINT = {"optim.lr": 0.05, "optim.momentum": 0.5}
 
 
@@ -37,13 +46,17 @@ def store(mongo: str) -> Iterator[TrialStore]:
     store.close()
 
 
-def _options(tmp_path: Path, exp: str, pruner: PrunerSettings, steps: int = TOTAL) -> DriverOptions:
+def _options(
+    tmp_path: Path, exp: str, pruner: PrunerSettings, steps: int = TOTAL, objective: str = "test_loss",
+    max_evals: int = 10,
+) -> DriverOptions:  # fmt: skip
     config = tmp_path / "base.toml"
     run = f"steps = {steps}\neval_every = 0\neval_every_steps = 5\nprogress = false\ntensorboard = false"
+    run += f"\ntarget_accuracy = {TARGET}" if objective == "steps_to_target" else ""
     config.write_text(synthetic_mlp_toml(batch_size=32, train_size=256, test_size=128, lr="0.05", run=run))
     (tmp_path / "space.toml").write_text(SPACE)
     space = load_space(str(tmp_path / "space.toml"))
-    return DriverOptions(exp, space, str(config), max_evals=10, pruner=pruner)
+    return DriverOptions(exp, space, str(config), max_evals=max_evals, pruner=pruner, objective=objective)
 
 
 def _experiment(store: TrialStore, options: DriverOptions) -> dict[str, Any]:
@@ -80,18 +93,25 @@ def _other(store: TrialStore, options: DriverOptions, values: dict[int, float], 
 
 
 def _watch(
-    store: TrialStore, options: DriverOptions, tmp_path: Path, losses: dict[int, float]
-) -> tuple[CurveWatcher, dict[str, Any]]:
-    """Our trial, reserved, with a run folder whose metrics.jsonl holds evaluations with these test losses; the
-    watcher has read it once."""
+    store: TrialStore, options: DriverOptions, tmp_path: Path, losses: dict[int, float],
+    accuracies: dict[int, float] | None = None, queue: bool = True,
+) -> tuple[CurveWatcher, dict[str, Any]]:  # fmt: skip
+    """Our trial (queued now, or the first queued one), reserved, with a run folder whose metrics.jsonl holds
+    evaluations with these test losses (and test accuracies, else 0.5); the watcher has read it once."""
     experiment = _experiment(store, options)
-    _queue(store, options)
+    if queue:
+        _queue(store, options)
     doc = store.reserve("me", options.exp_key)
     assert doc is not None
     run_dir = tmp_path / f"run{doc['tid']}"
     run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({"derived": {"total_steps": TOTAL}, "run": {}}))
-    lines = [{"kind": "eval", "step": step, "test_loss": loss, "test_accuracy": 0.5} for step, loss in losses.items()]
+    target = {"target_accuracy": TARGET} if options.objective == "steps_to_target" else {}
+    (run_dir / "config.json").write_text(json.dumps({"derived": {"total_steps": TOTAL}, "run": target}))
+    accuracy = accuracies or {}
+    lines = [
+        {"kind": "eval", "step": step, "test_loss": loss, "test_accuracy": accuracy.get(step, 0.5)}
+        for step, loss in losses.items()
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     watcher = CurveWatcher(store, doc, "me", run_dir, experiment, say=print)
     watcher.poll()
@@ -169,6 +189,85 @@ def test_asha_on_hand_made_curves_in_a_real_store(
     assert verdict is None or verdict in str(request), request
 
 
+BEHIND = PrunerSettings("median", warmup_steps=20, min_trials=3, behind_best=True)  # the median never decides here
+REACHED_AT_20 = {10: 1.3, 20: 0.2}  # steps_to_target's values: 1 + the accuracy missing, then the budget fraction
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "other", "state", "earlier", "verdict"),
+    [
+        ({10: 0.5, 20: 0.6}, REACHED_AT_20, TrialState.DONE, True,
+         "behind the best: not at the target by step 20, where an earlier trial had reached it (step 20)"),
+        ({10: 0.5, 30: 0.6}, REACHED_AT_20, TrialState.DONE, True, "not at the target by step 30"),
+        ({10: 0.5}, REACHED_AT_20, TrialState.DONE, True, None),  # it may still reach the target first
+        ({10: 0.5, 20: 0.6}, REACHED_AT_20, TrialState.DONE, False, None),  # a later trial: every prefix's best kept
+        ({10: 0.5, 20: 0.6}, REACHED_AT_20, TrialState.RUNNING, True, None),  # not completed
+        ({10: 0.5, 20: 0.6}, {10: 1.3, 20: 1.2}, TrialState.DONE, True, None),  # it never reached the target
+        ({10: 0.5, 20: TARGET}, REACHED_AT_20, TrialState.DONE, True, None),  # a tie at step 20 is not behind
+    ],
+)  # fmt: skip
+def test_the_behind_best_stop_on_hand_made_curves_in_a_real_store(
+    store: TrialStore, tmp_path: Path, accuracies: dict[int, float], other: dict[int, float], state: TrialState,
+    earlier: bool, verdict: str | None,
+) -> None:  # fmt: skip
+    options = _options(tmp_path, "behind", BEHIND, objective="steps_to_target")
+    _experiment(store, options)
+    if not earlier:
+        _queue(store, options)  # ours first: the other trial gets the larger tid
+    _other(store, options, other, state)
+    watcher, doc = _watch(store, options, tmp_path, dict.fromkeys(accuracies, 1.0), accuracies, queue=earlier)
+    assert (doc["tid"] > 0) == earlier
+    values = [r["value"] for r in _doc(store, {"_id": doc["_id"]})["intermediate"]]
+    assert values == pytest.approx([s / TOTAL if a >= TARGET else 1 + TARGET - a for s, a in accuracies.items()])
+    request = _request(watcher)
+    assert (request is None) == (verdict is None), request
+    assert verdict is None or verdict in str(request), request
+
+
+def test_a_real_trial_behind_the_best_stops_there(mongo: str, store: TrialStore, tmp_path: Path) -> None:
+    steps = 200000  # hours, unless it is stopped
+    options = _options(tmp_path, "behind-run", PrunerSettings(behind_best=True), steps=steps,
+                       objective="steps_to_target")  # fmt: skip
+    _experiment(store, options)
+    _other(store, options, {10: 10 / steps}, TrialState.DONE)  # reached the target at step 10 of the same budget
+    tid = _queue(store, options)
+    worker = _worker(mongo, tmp_path, "--exp", "behind-run", "--max-trials", "1", "--idle-timeout", "5")
+    rc, out = _finish(worker, timeout=120)
+    assert rc == 0, out
+    doc = _doc(store, {"exp_key": "behind-run", "tid": tid})
+    result = doc["result"]
+    assert doc["state"] == TrialState.PRUNED and "behind the best: not at the target by step" in result["pruned"]
+    assert "had reached it (step 10)" in result["pruned"], result
+    # evaluations every 5 steps; the watcher reads them every 0.25 s, so the stop comes a few evaluations late
+    assert [r["step"] for r in doc["intermediate"]][:2] == [5, 10] and 10 <= result["steps"] < 2000, doc
+    assert result["loss"] > 1 and result["loss"] == doc["intermediate"][-1]["value"], result
+
+
+def test_a_resumed_experiment_may_turn_the_behind_best_stop_on_and_change_nothing_else(
+    store: TrialStore, tmp_path: Path
+) -> None:
+    median = PrunerSettings("median", warmup_steps=20, min_trials=3)
+    options = _options(tmp_path, "resume", median, objective="steps_to_target", max_evals=1)
+    _experiment(store, options)
+    assert "behind_best" not in _experiment(store, options)["pruner"]  # as stored before the stop existed
+    assert check_experiment(store, options) is False
+    _other(store, options, {10: 0.2}, TrialState.DONE)  # the one trial of max_evals 1: a driver only resumes
+    store.trials.update_one({"exp_key": "resume"}, {"$set": {"result": {"status": "ok", "loss": 0.2}}})
+    with pytest.raises(ExperimentMismatch, match="another pruner"):
+        check_experiment(store, replace(options, pruner=replace(median, min_trials=4)))
+    said: list[str] = []
+    behind = replace(options, pruner=replace(median, behind_best=True))
+    assert run_driver(store, behind, log=said.append) == 0
+    experiment = _experiment(store, options)
+    assert experiment["pruner"] == behind.pruner.to_doc() and experiment["pruner"]["behind_best"] is True
+    [change] = experiment["pruner_changes"]
+    assert change["trials_before"] == 1 and change["from"] == median.to_doc() and change["to"] == behind.pruner.to_doc()
+    assert any("the behind-best stop is on from now; 1 trial(s) were made before" in line for line in said), said
+    assert check_experiment(store, behind) is False  # stored now: a second resume changes nothing
+    with pytest.raises(ExperimentMismatch, match="another pruner"):
+        check_experiment(store, options)  # and it cannot be turned off again
+
+
 def test_intermediate_values_follow_the_objective() -> None:
     records = [
         {"kind": "epoch", "step": 10, "accuracy": 0.6},
@@ -211,6 +310,7 @@ def test_bad_pruner_settings_are_refused(settings: dict[str, Any], message: str)
     [
         (["--pruner", "median"], "the median pruner needs warm-up steps (--prune-warmup-steps, now 0)"),
         (["--pruner", "asha", "--asha-reduction-factor", "1"], "ASHA's reduction factor must be an integer of"),
+        (["--prune-behind-best"], "the behind-best stop needs the steps_to_target objective (it reads a trial's"),
     ],
 )
 def test_the_driver_refuses_bad_pruner_flags_in_one_line(tmp_path: Path, flags: list[str], message: str) -> None:
