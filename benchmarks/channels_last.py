@@ -19,7 +19,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,29 @@ def interleaved_parser(
     parser.add_argument("--rounds", type=int, default=3, help=rounds_help)
     parser.add_argument("--out", help="also write the result as JSON here")
     return parser
+
+
+def chosen_models(text: str) -> list[str] | None:
+    """``--models`` as names; None, after a message naming the choices, when one is unknown."""
+    models = [name.strip() for name in text.split(",")]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        print(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}", file=sys.stderr)
+        return None
+    return models
+
+
+def print_result(
+    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], result: Mapping[str, Any], out: str | None
+) -> None:
+    """The benchmark's markdown table (the first two columns text, the others numbers), and its JSON to ``out``."""
+    print(title)
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -127,21 +150,19 @@ def measure(models: Sequence[str], batch_size: int, steps: int, rounds: int) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    models = [name.strip() for name in args.models.split(",")]
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        print(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}", file=sys.stderr)
+    models = chosen_models(args.models)
+    if models is None:
         return 2
     torch.set_num_threads(args.threads)
     result = measure(models, args.batch_size, args.steps, args.rounds)
-    print(f"batch {args.batch_size} (eval: 100), {result['threads']} thread(s), median of {args.rounds} rounds")
-    print("| model | step | NCHW (ms) | channels-last (ms) | NCHW / channels-last | rounds' max/min |")
-    print("|---|---|---:|---:|---:|---:|")
-    for row in result["rows"]:
-        print(f"| {row['model']} | {row['kind']} | {1000 * row['nchw_s']:.1f} | {1000 * row['channels_last_s']:.1f} "
-              f"| {row['speedup']:.2f} | {row['max_over_min_of_rounds']:.2f} |")  # fmt: skip
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        [row["model"], row["kind"], f"{1000 * row['nchw_s']:.1f}", f"{1000 * row['channels_last_s']:.1f}",
+         f"{row['speedup']:.2f}", f"{row['max_over_min_of_rounds']:.2f}"]
+        for row in result["rows"]
+    ]  # fmt: skip
+    title = f"batch {args.batch_size} (eval: 100), {result['threads']} thread(s), median of {args.rounds} rounds"
+    header = ["model", "step", "NCHW (ms)", "channels-last (ms)", "NCHW / channels-last", "rounds' max/min"]
+    print_result(title, header, rows, result, args.out)
     return 0
 
 

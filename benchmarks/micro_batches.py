@@ -17,17 +17,15 @@ one pass / passes (above 1: the passes are faster).
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.channels_last import MODELS, _timed, interleaved_parser
+from benchmarks.channels_last import MODELS, _timed, chosen_models, interleaved_parser, print_result
 from distkfac import KFACPreconditioner
 from jobs.models import build_model
 from jobs.passes import backward_in_passes
@@ -81,10 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = interleaved_parser(__doc__, "convnet", "pass size", batch_sizes="512,2048,8192")
     parser.add_argument("--pass-sizes", default="64,128,256", help="comma-separated (default 64,128,256)")
     args = parser.parse_args(argv)
-    models = [name.strip() for name in args.models.split(",")]
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        print(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}", file=sys.stderr)
+    models = chosen_models(args.models)
+    if models is None:
         return 2
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     pass_sizes = [int(p) for p in args.pass_sizes.split(",")]
@@ -94,16 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     result = measure(models, batch_sizes, pass_sizes, args.steps, args.rounds, say)
-    rounds, steps = args.rounds, args.steps
-    print(f"{result['threads']} thread(s), median of {rounds} rounds; {steps} steps at batch 256, fewer above")
-    print("| model | step | batch | examples a pass | ms a step | one pass / passes | rounds' max/min |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for row in result["rows"]:
-        print(f"| {row['model']} | {row['kind']} | {row['batch_size']} | {row['pass_size']} "
-              f"| {1000 * row['seconds']:.0f} | {row['one_pass_over_passes']:.2f} "
-              f"| {row['max_over_min_of_rounds']:.2f} |")  # fmt: skip
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        [row["model"], row["kind"], str(row["batch_size"]), str(row["pass_size"]), f"{1000 * row['seconds']:.0f}",
+         f"{row['one_pass_over_passes']:.2f}", f"{row['max_over_min_of_rounds']:.2f}"]
+        for row in result["rows"]
+    ]  # fmt: skip
+    title = f"{result['threads']} thread(s), median of {args.rounds} rounds; {args.steps} steps at batch 256, "
+    title += "fewer above"
+    header = ["model", "step", "batch", "examples a pass", "ms a step", "one pass / passes", "rounds' max/min"]
+    print_result(title, header, rows, result, args.out)
     return 0
 
 

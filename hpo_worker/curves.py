@@ -89,6 +89,9 @@ class CurveWatcher:
         if not self.store.report_curve(self.doc, self.owner, [asdict(r) for r in reports]):
             return  # no longer this worker's trial: the heartbeat stops it
         self.stored = len(reports)
+        # Read again at each new evaluation: a resumed driver may have turned the behind-best stop on since.
+        experiment = self.store.get_experiment(str(self.doc["exp_key"])) or {}
+        self.settings = PrunerSettings.from_doc(experiment.get("pruner"))
         if self.requested is None and self.settings.active:
             reason = prune_reason(self.settings, reports, *self._others())
             if reason is not None:

@@ -32,11 +32,12 @@ from typing import Any, Final
 from hpo_worker.store import TrialState
 
 __all__ = [
-    "PRUNED_HISTORY", "PRUNERS", "PrunerSettings", "Report", "asha_rungs", "behind_best_reason", "check_objective",
-    "curve_of", "prune_reason", "tell_pruned",
+    "BEHIND_BEST", "PRUNED_HISTORY", "PRUNERS", "PrunerSettings", "Report", "asha_rungs", "behind_best_reason",
+    "check_objective", "curve_of", "prune_reason", "tell_pruned",
 ]  # fmt: skip
 
 PRUNERS: Final = ("none", "median", "asha")
+BEHIND_BEST: Final = "behind the best:"  # how the reason of a trial stopped by the behind-best stop begins
 PRUNED_HISTORY: Final = ("last", "ignore")  # what TPE sees of a pruned trial: its last value as its loss, or nothing
 
 
@@ -197,7 +198,7 @@ def behind_best_reason(own: Sequence[Report], earlier: Sequence[Sequence[Report]
     if own[-1].fraction < best.value - 1e-12:
         return None
     return (
-        f"behind the best: not at the target by step {own[-1].step}, where an earlier trial had reached it "
+        f"{BEHIND_BEST} not at the target by step {own[-1].step}, where an earlier trial had reached it "
         f"(step {best.step}); it can no longer need fewer steps"
     )
 

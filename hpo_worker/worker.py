@@ -203,7 +203,7 @@ def run_worker(store: TrialStore, options: WorkerOptions, log: Log | None = None
                 time.sleep(options.poll_s)
                 continue
             exp_key = str(doc["exp_key"])
-            # Read for every trial: a resumed driver may have changed the pruner (hpo_worker.driver.pruner_changed).
+            # Read for every trial: a resumed driver may have changed its settings (hpo_worker.driver.pruner_changed).
             experiment = store.get_experiment(exp_key)
             if experiment is None:
                 store.finish(doc, owner, {"status": "fail"}, error=("NoExperiment", f"no experiment {exp_key!r}"))

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from hpo_worker.pruning import BEHIND_BEST
 from hpo_worker.report import mean_std
 from jobs.metrics import METRICS_JSONL, read_metrics
 from jobs.optimizers import OPTIMIZER_NAMES, report_label
@@ -728,8 +729,10 @@ def _stopped_note(stopped: Sequence[Mapping[str, Any]]) -> str:
     if not stopped:
         return ""
     pruned = sum(s.get("status") == "pruned" for s in stopped)
+    behind = sum(str(s.get("reason", "")).startswith(BEHIND_BEST) for s in stopped)
+    how = f"tune.pruner; {behind} of them behind an earlier trial's best" if behind else "tune.pruner"
     return (
-        f"; {len(stopped)} more trial(s) stopped: {pruned} pruned (tune.pruner), {len(stopped) - pruned} failed or "
+        f"; {len(stopped)} more trial(s) stopped: {pruned} pruned ({how}), {len(stopped) - pruned} failed or "
         "diverged. Not runs; listed in trials/<cell>.json"
     )
 

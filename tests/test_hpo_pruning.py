@@ -224,6 +224,20 @@ def test_the_behind_best_stop_on_hand_made_curves_in_a_real_store(
     assert verdict is None or verdict in str(request), request
 
 
+def test_a_running_trial_takes_the_behind_best_stop_at_its_next_evaluation(store: TrialStore, tmp_path: Path) -> None:
+    median = PrunerSettings("median", warmup_steps=20, min_trials=3)
+    options = _options(tmp_path, "turned", median, objective="steps_to_target")
+    _experiment(store, options)
+    _other(store, options, REACHED_AT_20, TrialState.DONE)
+    watcher, _ = _watch(store, options, tmp_path, {10: 1.0, 20: 1.0}, {10: 0.5, 20: 0.5})
+    assert _request(watcher) is None  # past the best's step, but the stop is off
+    store.update_experiment("turned", {"pruner": replace(median, behind_best=True).to_doc()})  # as a resumed driver
+    with (watcher.run_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"kind": "eval", "step": 30, "test_loss": 1.0, "test_accuracy": 0.5}) + "\n")
+    watcher.poll()
+    assert "behind the best: not at the target by step 30" in str(_request(watcher))
+
+
 def test_a_real_trial_behind_the_best_stops_there(mongo: str, store: TrialStore, tmp_path: Path) -> None:
     steps = 200000  # hours, unless it is stopped
     options = _options(tmp_path, "behind-run", PrunerSettings(behind_best=True), steps=steps,
