@@ -321,7 +321,7 @@ trials = 3
 workers = 1
 spaces = { sgd = "space.toml" }
 pending = "mean"
-pruner = { name = "median", warmup_steps = 10 }
+pruner = { name = "median", warmup_steps = 10, behind_best = true }
 warm_start = { sgd = "points.toml" }
 seed_from_neighbour = true
 """
@@ -335,6 +335,7 @@ def test_study_search_keys_reach_the_drivers_and_cells_start_from_their_neighbou
     for cell in ("sgd-b32", "sgd-b128"):
         log = (out / "logs" / f"driver-{cell}.log").read_text()
         assert "pending trials told 'mean', pruner median" in log, log
+        assert " --prune-behind-best" in log.splitlines()[0], log  # the driver's command line, in the log's header
     small, large = (json.loads((out / "trials" / f"sgd-b{b}.json").read_text()) for b in (32, 128))
     best = min((t for t in small if t["result"].get("status") == "ok"), key=lambda t: t["result"]["loss"])
     # b32 starts from the given point; b128 from it and from b32's best, queued first, after b32 was tuned
