@@ -282,7 +282,8 @@ def run_driver(store: TrialStore, options: DriverOptions, log: Callable[[str], N
     store.ensure_indexes()
     meta = experiment_meta(options)
     created = store.create_or_check_experiment(options.exp_key, meta, compare=EXPERIMENT_IDENTITY)
-    if not created and check_experiment(store, options):
+    stored_pruner = None if created else (store.get_experiment(options.exp_key) or {}).get("pruner")
+    if pruner_changed(options.exp_key, stored_pruner, options.pruner):  # the identity's other keys were checked above
         _change_pruner(store, options, say)
     say(
         f"{'new' if created else 'resuming'} experiment {options.exp_key!r}: space {options.space.name}, "

@@ -267,8 +267,11 @@ def test_a_resumed_experiment_may_turn_the_behind_best_stop_on_and_change_nothin
     assert check_experiment(store, options) is False
     _other(store, options, {10: 0.2}, TrialState.DONE)  # the one trial of max_evals 1: a driver only resumes
     store.trials.update_one({"exp_key": "resume"}, {"$set": {"result": {"status": "ok", "loss": 0.2}}})
+    other = replace(options, pruner=replace(median, min_trials=4))
     with pytest.raises(ExperimentMismatch, match="another pruner"):
-        check_experiment(store, replace(options, pruner=replace(median, min_trials=4)))
+        check_experiment(store, other)  # what a study checks before it starts any process
+    with pytest.raises(ExperimentMismatch, match="another pruner"):
+        run_driver(store, other, log=print)  # what a driver checks
     said: list[str] = []
     behind = replace(options, pruner=replace(median, behind_best=True))
     assert run_driver(store, behind, log=said.append) == 0
