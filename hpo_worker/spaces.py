@@ -104,6 +104,15 @@ class ParamSpec:
     def log_scale(self) -> bool:
         return self.dist in _LOG_DISTRIBUTIONS
 
+    def position(self, value: float) -> float | None:
+        """Where ``value`` lies in the range on the scale it is sampled on: 0 at ``low``, 1 at ``high`` (None for a
+        choice, whose options have no order)."""
+        if self.dist == "choice":
+            return None
+        if self.log_scale:
+            return math.log(value / self.low) / math.log(self.high / self.low)
+        return (value - self.low) / (self.high - self.low)
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -174,6 +183,22 @@ class SearchSpace:
             if param.dist == "choice":
                 samples += [{**low, param.label: option} for option in param.options[1:]]
         return samples
+
+    def edges(self, values: Mapping[str, Any], within: float) -> list[str]:
+        """The ranges in which a sample (values by label) lies within ``within`` of an end, as a fraction of the
+        range on its sampling scale: ``"optim.lr 0.0011 at the low end (1e-3 – 3)"``. A best trial there suggests
+        that a wider range would hold a better one."""
+        found = []
+        for param in self.params:
+            if param.dist == "choice" or param.label not in values:
+                continue
+            value = float(values[param.label])
+            position = param.position(value)
+            if position is None or within <= position <= 1 - within:
+                continue
+            end = "low" if position < within else "high"
+            found.append(f"{param.label} {value:.3g} at the {end} end ({param.low:g} – {param.high:g})")
+        return found
 
     def to_overrides(self, values: Mapping[str, Any]) -> list[str]:
         """``section.key=value`` overrides (values in TOML) for one sample: the fixed ones, then the sampled ones.

@@ -13,6 +13,10 @@ into the report:
   over the batch sizes.
 - **The search budget is large enough** (Shallue et al. 2019) when, in every cell, the best of the first half of
   the trials is within 10% of the best of all (:data:`STABLE_WITHIN`); the cells where it is not are named.
+- **The search spaces are wide enough** when no cell's best trial lies within 5% of an end of a searched range, on
+  the scale it is sampled on (:data:`EDGE_WITHIN`, our tolerance). The Deep Learning Tuning Playbook (Godbole,
+  Dahl, Gilmer, Shallue and Nado 2023) asks the same of a search: best trials near a boundary mean that a wider
+  space may hold better ones. The cells and values at an edge are named.
 - **No more robust to its hyperparameters** (Ma et al. 2020) compares the share of tuning trials that reached the
   target, pooled over the three largest batch sizes, with SGD's, by Fisher's exact test at p < 0.1.
 """
@@ -35,6 +39,7 @@ __all__ = [
     "critical_vs_noise",
     "largest_critical_batch",
     "no_more_robust",
+    "search_space_edges",
     "steps_at_largest_batch",
 ]
 
@@ -43,6 +48,7 @@ NOISE_CLOSE: Final = 2.0  # B_crit / B_simple within this factor: "holds"
 NOISE_ORDER: Final = 10.0  # within this factor: "the same order of magnitude"
 TUNING_P: Final = 0.1  # Fisher's exact test level for "no more robust to its hyperparameters"
 STABLE_WITHIN: Final = 1.1  # the first half's best within 10% of the whole budget's best: the budget was enough
+EDGE_WITHIN: Final = 0.05  # a best value in the outer 5% of its searched range (sampling scale) is at an edge
 LABELS: Final = {"sgd": "SGD", "adam": "Adam", "kfac": "K-FAC"}
 
 
@@ -198,6 +204,27 @@ def budget_stable(halves: Mapping[str, Mapping[int, tuple[float, float]]]) -> Ve
     )
 
 
+def search_space_edges(edges: Mapping[str, Mapping[int, Sequence[str]]]) -> Verdict:
+    """Whether every cell's best trial lies inside its search space (``edges``: per optimizer and batch size, the
+    best trial's values within :data:`EDGE_WITHIN` of an end of their range, from ``SearchSpace.edges``)."""
+    at_edge = [
+        f"{_label(o)}/{b}: {', '.join(found)}"
+        for o, by_batch in edges.items()
+        for b, found in sorted(by_batch.items())
+        if found
+    ]
+    cells = sum(len(by_batch) for by_batch in edges.values())
+    claim = "Do the search spaces hold each cell's best inside them (not in the outer 5% of a range)?"
+    if not at_edge:
+        return Verdict(claim, "yes", f"In all {cells} cells the best trial's values are inside their ranges.")
+    return Verdict(
+        claim,
+        "no" if len(at_edge) > cells // 4 else "mostly",
+        f"In {len(at_edge)} of {cells} cells the best trial lies at an edge: {'; '.join(at_edge)}. A wider range "
+        "might hold a better setting there, as a larger budget might.",
+    )
+
+
 def _zhang(b_crit: Mapping[str, Interval]) -> list[Verdict]:
     """Zhang et al. 2019: preconditioning (K-FAC, Adam) extends perfect scaling beyond momentum SGD's."""
     if "sgd" not in b_crit:
@@ -251,11 +278,14 @@ def answers(
     reached: Mapping[str, Sequence[int]],
     batches: Sequence[int],
     halves: Mapping[str, Mapping[int, tuple[float, float]]],
+    edges: Mapping[str, Mapping[int, Sequence[str]]] | None = None,
 ) -> dict[str, list[Verdict]]:
-    """Every verdict, grouped under the questions of issue 20 and the papers they test."""
+    """Every verdict, grouped under the questions of issue 20 and the papers they test (``edges``: None where the
+    search spaces are not known, as for a study of given values)."""
     return {
         "The study's questions": [
             budget_stable(halves),
+            *([search_space_edges(edges)] if edges else []),
             largest_critical_batch(b_crit),
             *steps_at_largest_batch(means),
             *critical_vs_noise(b_crit, b_simple),

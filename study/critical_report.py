@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from study.claims import TuningCount
 from study.report import (
@@ -25,13 +25,18 @@ from study.report import (
     _sorted_keys,
     best_runs,
     markdown_table,
+    run_hparams,
 )
 from study.uncertainty import Interval
+
+if TYPE_CHECKING:  # hyperopt, which hpo_worker.spaces imports, only for tuned studies
+    from hpo_worker.spaces import SearchSpace
 
 ANSWER_RULES: Final = (
     "Each claim is answered from the repeats' intervals (90%), by rules fixed before the runs (study/claims.py): "
     "two estimates differ only when their intervals do not overlap (a conservative test); B_crit ~ B_simple holds "
-    "within a factor of 2 and is 'the same order' within 10; 'no more robust to its hyperparameters' compares the "
+    "within a factor of 2 and is 'the same order' within 10; a best trial in the outer 5% of a searched range (on "
+    "its sampling scale) lies at an edge of the search space; 'no more robust to its hyperparameters' compares the "
     "share of tuning trials reaching the target over the three largest batch sizes, by Fisher's exact test at "
     "p < 0.1."
 )
@@ -181,10 +186,28 @@ def _claim_inputs(
     return {"means": means, "counts": counts, "reached": reached, "halves": halves}
 
 
+def _best_trial_edges(
+    runs: Sequence[Mapping[str, Any]], spaces: Mapping[str, SearchSpace]
+) -> dict[str, dict[int, list[str]]]:
+    """Per optimizer and batch size, the values of the cell's best tuning trial that lie at an edge of their
+    searched range (study.claims.EDGE_WITHIN); cells whose best trial missed the target are left out."""
+    from study.claims import EDGE_WITHIN
+
+    edges: dict[str, dict[int, list[str]]] = {}
+    for (_, optimizer, batch), run in best_runs([r for r in runs if r.get("source") == "tuned"]).items():
+        if optimizer in spaces and _reached(run):
+            edges.setdefault(optimizer, {})[batch] = spaces[optimizer].edges(run_hparams(run), EDGE_WITHIN)
+    return edges
+
+
 def answers_section(
-    runs: Sequence[Mapping[str, Any]], stopped: Sequence[Mapping[str, Any]], repeats: Repeats
+    runs: Sequence[Mapping[str, Any]],
+    stopped: Sequence[Mapping[str, Any]],
+    repeats: Repeats,
+    spaces: Mapping[str, SearchSpace] | None = None,
 ) -> list[str]:
-    """The critical-batch question in plain words (study.claims), for a study of one variant with repeats."""
+    """The critical-batch question in plain words (study.claims), for a study of one variant with repeats;
+    ``spaces`` (each optimizer's search space) adds whether the best trials lie at an edge of them."""
     from study.claims import answers
 
     if not repeats.fits or any(variant for variant, _ in repeats.fits):
@@ -194,6 +217,7 @@ def answers_section(
         b_crit={optimizer: fit["b_crit"] for (_, optimizer), fit in repeats.fits.items()},
         b_simple={o: _noise_scales(best, ("", o)) for (_, o) in repeats.fits},
         batches=sorted({int(r["batch_size"]) for r in runs}),
+        edges=_best_trial_edges(runs, spaces) if spaces else None,
         **_claim_inputs(runs, stopped, repeats),
     )
     lines = ["## Answers", "", ANSWER_RULES, ""]

@@ -13,13 +13,16 @@ import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from hpo_worker.pruning import BEHIND_BEST
 from hpo_worker.report import mean_std
 from jobs.metrics import METRICS_JSONL, read_metrics
 from jobs.optimizers import OPTIMIZER_NAMES, report_label
 from study.fit import ScalingFit, fit_steps_to_target
+
+if TYPE_CHECKING:  # hyperopt, which hpo_worker.spaces imports, only for tuned studies
+    from hpo_worker.spaces import SearchSpace
 
 __all__ = [
     "RUN_COLUMNS",
@@ -30,6 +33,7 @@ __all__ = [
     "mean_se",
     "read_csv",
     "read_metrics_file",
+    "run_hparams",
     "top_k_means",
     "top_k_seed_means",
     "write_csv",
@@ -667,6 +671,12 @@ def _top_k_tables(runs: Sequence[Mapping[str, Any]], top_k: int) -> list[str]:
     return lines
 
 
+def run_hparams(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's tuned values by label: its ``hparams`` column (JSON text in runs.csv, a mapping in memory)."""
+    hparams = run.get("hparams") or "{}"
+    return json.loads(hparams) if isinstance(hparams, str) else dict(hparams)
+
+
 def _budget_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """The large-batch tuning study's Table 1: per cell, the best val accuracy within the budget and its values."""
     rows = []
@@ -676,8 +686,7 @@ def _budget_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
             continue
         best = max(scored, key=lambda r: _num(r.get("best_val_accuracy")) or 0.0)
         variant, optimizer, batch = key
-        hparams = best.get("hparams") or "{}"
-        values = json.loads(hparams) if isinstance(hparams, str) else dict(hparams)
+        values = run_hparams(best)
         shown = ", ".join(f"{name.split('.')[-1]}={_fmt(v, '.4g') if _num(v) is not None else v}"
                           for name, v in sorted(values.items()))  # fmt: skip
         rows.append([
@@ -807,10 +816,12 @@ def write_report(
     title: str,
     top_k: int = 100,
     stopped: Sequence[Mapping[str, Any]] = (),
+    spaces: Mapping[str, SearchSpace] | None = None,
 ) -> Path:
     """Write runs.csv, fits.json, the plots and report.md into ``out_dir``; returns the path of report.md.
     ``stopped``: the tuning trials that left no finished run (pruned or failed: ``study.runner._stopped``), which
-    the heading counts and the search's uncertainty counts as trials that did not reach the target."""
+    the heading counts and the search's uncertainty counts as trials that did not reach the target. ``spaces``:
+    each optimizer's search space, for the answer on whether the best trials lie at an edge of them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(runs, out_dir / "runs.csv")
@@ -822,7 +833,7 @@ def write_report(
 
     variants = sorted({str(r.get("variant") or "") for r in runs})
     repeats = summarise_repeats(runs)
-    lines = _report_heading(runs, title, variants, stopped) + answers_section(runs, stopped, repeats)
+    lines = _report_heading(runs, title, variants, stopped) + answers_section(runs, stopped, repeats, spaces)
     lines += _fit_section(fits) + uncertainty_section(runs, stopped, repeats) + cost_lines(out_dir, runs, repeats)
     lines += _plot_section(skipped)
     lines += _budget_table(runs) + _kl_clip_lines(runs)

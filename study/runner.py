@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from study.config import Cell, StudyConfig, StudyError, cell_toml, check_cells, config_toml
 
 if TYPE_CHECKING:
+    from hpo_worker.spaces import SearchSpace
     from jobs.config import Config
 
 __all__ = ["run_study", "stderr_log"]
@@ -264,6 +265,15 @@ def stderr_log(message: str) -> None:
     print(f"study: {message}", file=sys.stderr, flush=True)
 
 
+def _spaces(study: StudyConfig) -> dict[str, SearchSpace] | None:
+    """Each optimizer's search space for the report, or None for a study of given values."""
+    if study.tune is None:
+        return None
+    from hpo_worker.spaces import load_space
+
+    return {optimizer: load_space(space) for optimizer, space in study.tune.spaces.items()}
+
+
 def run_study(study: StudyConfig, log: Log | None = None) -> Path:
     """Runs every cell of ``study`` and writes the report; returns the path of report.md."""
     from study.report import format_table, write_report
@@ -275,7 +285,7 @@ def run_study(study: StudyConfig, log: Log | None = None) -> Path:
     if study.tune is not None and study.tune.repeats:
         rows += _repeat_best(study, cells, rows, out, say)
     title = f"Batch-size scaling study: {study.name}"
-    report = write_report(out, rows, title=title, top_k=study.top_k, stopped=stopped)
+    report = write_report(out, rows, title=title, top_k=study.top_k, stopped=stopped, spaces=_spaces(study))
     say(f"{len(rows)} runs in {time.monotonic() - started:.0f} s")
     if study.fisher is not None:
         from study.fisher_report import write_fisher_report
@@ -305,7 +315,7 @@ def rewrite_report(study: StudyConfig, log: Log | None = None) -> Path:
         if trials.is_file():
             stopped += [_stopped(cell, t) for t in json.loads(trials.read_text()) if t["result"].get("status") != "ok"]
     report = write_report(out, rows, title=f"Batch-size scaling study: {study.name}", top_k=study.top_k,
-                          stopped=stopped)  # fmt: skip
+                          stopped=stopped, spaces=_spaces(study))  # fmt: skip
     say(f"{len(rows)} runs and {len(stopped)} stopped trials from {out}")
     print(f"report: {report}", flush=True)
     return report

@@ -13,6 +13,7 @@ from study.claims import (
     critical_vs_noise,
     largest_critical_batch,
     no_more_robust,
+    search_space_edges,
     steps_at_largest_batch,
 )
 from study.uncertainty import Interval
@@ -81,6 +82,19 @@ def test_budget_stability_names_the_cells_whose_second_half_found_better() -> No
     )
 
 
+def test_search_space_edges_name_the_cells_whose_best_lies_at_an_edge() -> None:
+    inside = search_space_edges({"sgd": {32: [], 64: []}, "kfac": {32: []}})
+    assert inside.verdict == "yes" and "all 3 cells" in inside.evidence
+    one: dict[str, dict[int, list[str]]] = {
+        "sgd": {b: [] for b in (32, 64, 128, 256)}, "kfac": {32: ["optim.lr 0.00105 at the low end (0.001 – 3)"]},
+    }  # fmt: skip
+    mostly = search_space_edges(one)
+    assert mostly.verdict == "mostly" and "In 1 of 5 cells" in mostly.evidence
+    assert "K-FAC/32: optim.lr 0.00105 at the low end (0.001 – 3)" in mostly.evidence
+    many = search_space_edges({"adam": {32: ["optim.betas 0.52 at the low end (0.5 – 0.99)"], 64: ["x"], 128: []}})
+    assert many.verdict == "no" and "Adam/32" in many.evidence and "Adam/128" not in many.evidence
+
+
 def test_answers_group_every_claim_under_its_source() -> None:
     b_crit = {"sgd": _iv(900, 850, 1000), "kfac": _iv(2000, 1500, 2600), "adam": _iv(1900, 1400, 2500)}
     grouped = answers(
@@ -96,6 +110,7 @@ def test_answers_group_every_claim_under_its_source() -> None:
     assert [v.verdict for v in zhang] == ["agree", "agree"]
     ma = grouped["Ma et al. 2020 (AAAI), inefficiency of K-FAC at large batch"]
     assert ma[0].verdict == "disagree" and ma[1].verdict == "inconclusive"
+    assert not any("search spaces" in v.claim for v in grouped["The study's questions"])  # no spaces given
     (seed,) = grouped["Seed 002 (Naganuma et al.), K-FAC's accuracy at large batch"]
     assert seed.verdict == "inconclusive" and "K-FAC missed it at batch [32]" in seed.evidence
     assert seed.line().startswith("- **K-FAC's best validation accuracy falls faster")

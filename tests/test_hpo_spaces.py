@@ -224,6 +224,28 @@ def test_custom_space_file(tmp_path: Path) -> None:
     assert _config_for(space, evaluated).optim.milestones == [1, 2]
 
 
+def test_edges_name_the_values_in_the_outer_part_of_their_range_on_the_sampling_scale(tmp_path: Path) -> None:
+    path = tmp_path / "space.toml"
+    path.write_text(CUSTOM_SPACE)
+    space = load_space(path)
+    lr, steps, momentum = (next(p for p in space.params if p.label == label) for label in
+                           ("optim.lr", "kfac.inv_update_steps", "optim.momentum"))  # fmt: skip
+    assert lr.position(1e-3) == pytest.approx(0.0) and lr.position(1.0) == pytest.approx(1.0)
+    assert lr.position(math.sqrt(1e-3)) == pytest.approx(0.5)  # log scale: the geometric middle
+    assert momentum.position(0.7) == pytest.approx(0.5)  # linear scale: the arithmetic middle
+    assert steps.position(50**0.5) == pytest.approx(0.5)
+    assert next(p for p in space.params if p.dist == "choice").position(1) is None
+    inside = {"optim.lr": 0.03, "optim.milestones": [1], "kfac.inv_update_steps": 7, "optim.momentum": 0.7}
+    assert space.edges(inside, 0.05) == []
+    # 1.3e-3 is 3.8% of the three decades above 1e-3; 0.885 is 96% of the way from 0.5 to 0.9
+    edge = {**inside, "optim.lr": 1.3e-3, "optim.momentum": 0.885}
+    assert space.edges(edge, 0.05) == [
+        "optim.lr 0.0013 at the low end (0.001 – 1)", "optim.momentum 0.885 at the high end (0.5 – 0.9)",
+    ]  # fmt: skip
+    assert space.edges(edge, 0.03) == []  # within 3% of neither end
+    assert space.edges({"optim.lr": 1.3e-3}, 0.05) == ["optim.lr 0.0013 at the low end (0.001 – 1)"]  # others absent
+
+
 def test_custom_space_name_defaults_to_stem(tmp_path: Path) -> None:
     path = tmp_path / "wide_lr.toml"
     path.write_text('[params."optim.lr"]\ndist = "uniform"\nlow = 0.01\nhigh = 0.2\n')

@@ -430,3 +430,28 @@ def test_report_states_the_uncertainty_of_search_seed_and_fit(tmp_path: Path) ->
     fit_line = next(line for line in section.splitlines() if line.startswith("| sgd |") and "–" in line)
     low, high = (float(x) for x in fit_line.split("|")[2].split("[")[1].rstrip("] ").split(","))
     assert low <= 500 <= high
+
+
+def test_report_names_the_cells_whose_best_trial_lies_at_an_edge_of_its_search_space(tmp_path: Path) -> None:
+    """With the search spaces given, the Answers say which cells' best trials lie in the outer 5% of a range (here
+    batch 4096's, whose learning rate is 1.2e-3 in [1e-3, 10]); a trial at the edge that is not its cell's best,
+    and a repeat, are not counted. Without the spaces the answer is left out."""
+    from hpo_worker.spaces import ParamSpec, SearchSpace
+
+    space = SearchSpace("sgd-test", (ParamSpec("optim.lr", "loguniform", "optim.lr", low=1e-3, high=10.0),))
+    runs = []
+    for batch in (64, 256, 1024, 4096):
+        truth = 100 * (1 + 500 / batch)
+        best_lr = 1.2e-3 if batch == 4096 else 0.1
+        for trial, (steps, lr) in enumerate([(2 * truth, 9.9), (truth, best_lr)]):  # trial 0 at the high end
+            runs.append({**_row("sgd", batch, "tuned", trial, steps), "hparams": json.dumps({"optim.lr": lr})})
+        runs += [
+            {**_row("sgd", batch, "repeat", 1, truth * (1 + 0.01 * s)), "hparams": json.dumps({"optim.lr": 9.9})}
+            for s in range(3)
+        ]
+    answers = write_report(tmp_path, runs, title="t", spaces={"sgd": space}).read_text().split("## Answers")[1]
+    line = next(line for line in answers.splitlines() if "search spaces hold" in line)
+    assert "Mostly. In 1 of 4 cells" in line and "SGD/4096: optim.lr 0.0012 at the low end (0.001 – 10)" in line
+    assert "9.9" not in line
+    without = write_report(tmp_path / "plain", runs, title="t").read_text()
+    assert "## Answers" in without and "search spaces hold" not in without
