@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from jobs.checkpoint import has_checkpoint
 from jobs.files import atomic_write_text
 
-__all__ = ["ATTEMPT_FILE", "CHECKPOINT_EVERY_S", "RUN_DIR", "prepare_attempt"]
+__all__ = ["ATTEMPT_FILE", "CHECKPOINT_EVERY_S", "RUN_DIR", "interrupted_attempt", "prepare_attempt"]
 
 ATTEMPT_FILE = "attempt.json"
 RUN_DIR = "run"  # the training run's out_dir inside the attempt's folder
@@ -42,20 +42,36 @@ def _identity(doc: Mapping[str, Any], experiment: Mapping[str, Any], ranks: int)
     }
 
 
-def _furthest_earlier_run(out_dir: Path, identity: Mapping[str, Any]) -> tuple[Path, int] | None:
-    """(run folder, checkpoint step) of the earlier attempt of the same trial whose checkpoint is newest."""
+def _furthest_run(
+    experiment_dir: Path, tid: int, same: Callable[[Mapping[str, Any]], bool], skip: Path | None = None
+) -> tuple[Path, int] | None:
+    """(run folder, checkpoint step) of the attempt of trial ``tid`` in ``experiment_dir`` (other than ``skip``)
+    whose attempt record is ``same`` and whose checkpoint is newest."""
     best: tuple[Path, int] | None = None
-    for record in out_dir.parent.glob(f"trial{identity['tid']}.*/{ATTEMPT_FILE}"):
-        if record.parent == out_dir:
+    for record in experiment_dir.glob(f"trial{tid}.*/{ATTEMPT_FILE}"):
+        if record.parent == skip:
             continue
         try:
-            same = json.loads(record.read_text()) == identity
-        except (OSError, ValueError):  # unreadable: not this trial's, as far as anyone can tell
+            matches = same(json.loads(record.read_text()))
+        except (OSError, ValueError, AttributeError):  # unreadable: not this trial's, as far as anyone can tell
             continue
-        ref = has_checkpoint(record.parent / RUN_DIR) if same else None
+        ref = has_checkpoint(record.parent / RUN_DIR) if matches else None
         if ref is not None and (best is None or ref.step > best[1]):
             best = (record.parent / RUN_DIR, ref.step)
     return best
+
+
+def interrupted_attempt(experiment_dir: Path, doc: Mapping[str, Any]) -> Path | None:
+    """The attempt folder in ``experiment_dir`` (a worker's ``<workdir>/<exp>``) that a reservation of the queued
+    trial ``doc`` would continue from: its attempt with the newest checkpoint, of the same experiment, trial and
+    overrides (the worker also compares the base config's digest and the ranks, which the trial does not hold)."""
+
+    def same(record: Mapping[str, Any]) -> bool:
+        keys = (record.get("exp_key"), record.get("tid"), record.get("overrides"))
+        return keys == (doc["exp_key"], doc["tid"], list(doc["spec"]["overrides"]))
+
+    furthest = _furthest_run(experiment_dir, int(doc["tid"]), same)
+    return furthest[0].parent if furthest else None
 
 
 def prepare_attempt(out_dir: Path, doc: Mapping[str, Any], experiment: Mapping[str, Any], ranks: int) -> str | None:
@@ -64,7 +80,7 @@ def prepare_attempt(out_dir: Path, doc: Mapping[str, Any], experiment: Mapping[s
     identity = _identity(doc, experiment, ranks)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / ATTEMPT_FILE, json.dumps(identity, indent=1) + "\n")
-    earlier = _furthest_earlier_run(out_dir, identity)
+    earlier = _furthest_run(out_dir.parent, int(doc["tid"]), lambda record: record == identity, skip=out_dir)
     if earlier is None or (out_dir / RUN_DIR).exists():
         return None
     source, step = earlier

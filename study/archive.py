@@ -12,8 +12,9 @@ DIR holds:
   which repeats metrics.jsonl; and metrics.jsonl itself except for each cell's 5 best trials and the runs outside
   the search (repeats, given values). It holds a record per step, megabytes for a long run, and the report reads
   only the best runs' (each trial's evaluations are also in its database document, as its learning curve). Also
-  every text file of the trials that were running;
-- ``checkpoints.tar``: the newest checkpoint of each trial that was running (binary: about a megabyte each).
+  every text file of the trials that were running, and of the attempt that each queued trial which had begun
+  would continue from (a trial released when its worker stopped: a study stopped before its save);
+- ``checkpoints.tar``: the newest checkpoint of each of those trials (binary: about a megabyte each).
 
 A trial that was running is saved as queued, as :meth:`TrialStore.release` leaves a trial whose worker was stopped.
 Restored, it continues from its saved checkpoint (:mod:`hpo_worker.attempts` finds its earlier attempt's folder),
@@ -39,7 +40,7 @@ from typing import Any
 
 from bson import json_util
 
-from hpo_worker.attempts import RUN_DIR
+from hpo_worker.attempts import RUN_DIR, interrupted_attempt
 from hpo_worker.result_file import trial_dir
 from hpo_worker.server import read_url_file
 from hpo_worker.store import COUNTERS, EXPERIMENTS, TRIALS, TrialState, TrialStore
@@ -159,6 +160,17 @@ def _text_files(folder: Path, metrics: bool, whole: bool = False) -> Iterator[Pa
             yield path
 
 
+def _interrupted_attempts(
+    trials: Sequence[Mapping[str, Any]], running: Sequence[Mapping[str, Any]], out: Path
+) -> list[Path]:
+    """The attempt folders that the queued trials which had begun (released when their worker stopped, as in a
+    stopped study) would continue from: saved as a running trial's, so that a restore loses none of their steps."""
+    was_running = {(doc["exp_key"], doc["tid"]) for doc in running}
+    queued = [d for d in trials if d["state"] == TrialState.NEW and (d["exp_key"], d["tid"]) not in was_running]
+    found = (interrupted_attempt(out / "trials" / str(doc["exp_key"]), doc) for doc in queued)
+    return [folder for folder in found if folder is not None]
+
+
 def _file_lines(folders: Mapping[Path, bool], running: Sequence[Path], out: Path) -> list[str]:
     """The lines of files.jsonl: the finished runs' files (and their metrics where ``folders`` says so), and all
     the text files of the attempts of the trials that were ``running``."""
@@ -235,6 +247,7 @@ def save_study(study: StudyConfig, dest: Path, log: Log = stderr_log) -> dict[st
     with _study_store(study, out, log, running_ok=True) as store:
         stored, trials, running = _database_lines(store, exp_keys)
     attempts = [trial_dir(out / "trials", doc) for doc in running]  # the layout of the study's workers (--workdir)
+    attempts += _interrupted_attempts(trials, running, out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MANIFEST).unlink(missing_ok=True)  # an earlier save's: until the new one is written, the save is incomplete
     checkpoints = _write_checkpoints(attempts, out, dest)

@@ -93,10 +93,11 @@ def _ready_to_kill(out: Path, finished: int) -> bool:
     )
 
 
-def _kill_after_finished_trials(config: Path, out: Path, finished: int) -> None:
-    """Starts the study and SIGKILLs its whole process group (the driver and its in-process workers) once the
-    database holds ``finished`` done trials and a running one has a checkpoint (the target is out of reach: every
-    trial runs its 300 steps, checkpointing every 20)."""
+def _kill_after_finished_trials(config: Path, out: Path, finished: int, how: int = signal.SIGKILL) -> None:
+    """Starts the study and sends ``how`` to its whole process group (the driver and its in-process workers) once
+    the database holds ``finished`` done trials and a running one has a checkpoint (the target is out of reach:
+    every trial runs its 300 steps, checkpointing every 20). SIGKILL leaves the running trials running in the
+    database; after SIGTERM the workers have put them back in the queue, as a study stopped by its user."""
     command = [PYTHON, "-m", "study", "scaling", "--config", str(config), "--out", str(out)]
     study = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True)  # fmt: skip
@@ -109,24 +110,34 @@ def _kill_after_finished_trials(config: Path, out: Path, finished: int) -> None:
             break
         os.killpg(study.pid, signal.SIGCONT)
         time.sleep(0.5)
-    os.killpg(study.pid, signal.SIGKILL)  # no SIGTERM handler runs: the running trials stay running in the database
-    study.wait()
+    os.killpg(study.pid, how)  # SIGKILL: no SIGTERM handler runs, the running trials stay running in the database
+    os.killpg(study.pid, signal.SIGCONT)  # a stopped process takes SIGTERM once it runs again
+    study.wait(timeout=120)
 
 
 def _rows(out: Path) -> dict[tuple[str, str], dict[str, str]]:
     return {(row["cell"], row["trial"]): row for row in csv.DictReader((out / "runs.csv").open())}
 
 
-def test_a_killed_study_saved_and_restored_elsewhere_finishes_without_training_finished_trials(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_killed_study_saved_and_restored_elsewhere_finishes_without_training_finished_trials(
+    tmp_path: Path, how: int
+) -> None:
+    """Killed, the running trials are running in the database at the save; stopped (SIGTERM), the workers have
+    released them to the queue, and the save still carries the checkpoint each would continue from."""
     config, first, second, saved = _files(tmp_path), tmp_path / "first", tmp_path / "second", tmp_path / "saved"
-    _kill_after_finished_trials(config, first, finished=2)
+    _kill_after_finished_trials(config, first, finished=2, how=how)
     save = _study(config, "save", "--out", str(first), "--to", str(saved))
     assert save.returncode == 0, save.stderr[-3000:]
     manifest = json.loads((saved / "manifest.json").read_text())
     assert manifest["study"] == "carried" and manifest["experiments"] == 2
     done = manifest["trials"]["done"]
     assert done >= 2 and manifest["trials"]["running"] == 0  # the running ones were saved as queued
-    saved_checkpoints = f"{manifest['requeued']} running saved as queued, {len(manifest['checkpoints'])} of them with"
+    assert (manifest["requeued"] > 0) == (how == signal.SIGKILL), manifest  # after SIGTERM, none was running
+    saved_checkpoints = (
+        f"{manifest['requeued']} running saved as queued; the newest complete checkpoint of "
+        f"{len(manifest['checkpoints'])} begun trial(s)"
+    )
     assert saved_checkpoints in save.stdout, save.stdout
     assert manifest["checkpoints"] and all(step % 20 == 0 for step in manifest["checkpoints"].values()), manifest
     database, files = (saved / "database.jsonl").read_text(), (saved / "files.jsonl").read_text()
@@ -136,7 +147,8 @@ def test_a_killed_study_saved_and_restored_elsewhere_finishes_without_training_f
     def trial_folder(path: str) -> str:  # trials/<experiment>/trial<tid>.<version>
         return "/".join(path.split("/")[:3])
 
-    folders = {trial_folder(path) for path in paths if path.endswith("/run/summary.json")}
+    begun = set(manifest["checkpoints"])  # a stopped run writes its summary too: how it ended
+    folders = {trial_folder(path) for path in paths if path.endswith("/run/summary.json")} - begun
     assert len(folders) == done and not any("/checkpoints/" in path for path in paths)
     finished = {path for path in paths if trial_folder(path) in folders}
     assert not any("/ranks/" in path or path.endswith("metrics.csv") for path in finished)
