@@ -193,15 +193,21 @@ def budget_stable(halves: Mapping[str, Mapping[int, tuple[float, float]]]) -> Ve
         if math.isfinite(best) and not first <= STABLE_WITHIN * best
     ]
     cells = sum(len(by_batch) for by_batch in halves.values())
-    claim = "Is each cell's trial budget large enough (the best stable between the two halves of the budget)?"
-    if not moved:
-        return Verdict(claim, "yes", f"In all {cells} cells the first half's best is within 10% of the best.")
-    return Verdict(
-        claim,
-        "no" if len(moved) > cells // 4 else "mostly",
+    return _cells_verdict(
+        "Is each cell's trial budget large enough (the best stable between the two halves of the budget)?",
+        moved,
+        cells,
+        f"In all {cells} cells the first half's best is within 10% of the best.",
         f"In {len(moved)} of {cells} cells the second half improved the best by more than 10% (first half → all): "
         f"{'; '.join(moved)}. There the best is less certain; the repeats' intervals carry the seed's part only.",
     )
+
+
+def _cells_verdict(claim: str, flagged: Sequence[str], cells: int, none_flagged: str, evidence: str) -> Verdict:
+    """A check of every cell: yes when none is ``flagged``, "mostly" when at most a quarter are, else no."""
+    if not flagged:
+        return Verdict(claim, "yes", none_flagged)
+    return Verdict(claim, "no" if len(flagged) > cells // 4 else "mostly", evidence)
 
 
 def search_space_edges(edges: Mapping[str, Mapping[int, Sequence[str]]]) -> Verdict:
@@ -214,12 +220,11 @@ def search_space_edges(edges: Mapping[str, Mapping[int, Sequence[str]]]) -> Verd
         if found
     ]
     cells = sum(len(by_batch) for by_batch in edges.values())
-    claim = "Do the search spaces hold each cell's best inside them (not in the outer 5% of a range)?"
-    if not at_edge:
-        return Verdict(claim, "yes", f"In all {cells} cells the best trial's values are inside their ranges.")
-    return Verdict(
-        claim,
-        "no" if len(at_edge) > cells // 4 else "mostly",
+    return _cells_verdict(
+        "Do the search spaces hold each cell's best inside them (not in the outer 5% of a range)?",
+        at_edge,
+        cells,
+        f"In all {cells} cells the best trial's values are inside their ranges.",
         f"In {len(at_edge)} of {cells} cells the best trial lies at an edge: {'; '.join(at_edge)}. A wider range "
         "might hold a better setting there, as a larger budget might.",
     )
