@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from hpo_worker.pruning import PrunerSettings, Report, curve_of, prune_reason
-from hpo_worker.store import StoreError, TrialState, TrialStore
+from hpo_worker.store import FINISHED_STATES, StoreError, TrialState, TrialStore
 from hpo_worker.trial import intermediate_values
 from jobs.files import atomic_write_text
 from jobs.metrics import MetricsTail
@@ -47,6 +47,7 @@ class CurveWatcher:
         self.plan: tuple[int, float | None] | None = None  # the run's total steps and target accuracy
         self.stored = 0  # how many intermediate values the store has
         self.requested: str | None = None  # the reason of the stop request written
+        self.seen: dict[int, dict[str, Any]] = {}  # the experiment's trials as last read, by tid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"curve-{doc['tid']}", daemon=True)
 
@@ -99,13 +100,23 @@ class CurveWatcher:
                 self.requested = reason
                 self.say(f"trial {self.doc['tid']}: pruned at step {reports[-1].step}: {reason}")
 
+    def _read_others(self) -> list[dict[str, Any]]:
+        """The experiment's trials that train or trained, read again except those seen finished: a finished trial
+        never changes again (FINISHED_STATES), and a new one has a larger tid than any seen."""
+        own = int(self.doc["tid"])
+        unfinished = [t for t, doc in self.seen.items() if doc["state"] not in FINISHED_STATES and t != own]
+        for doc in self.store.curves(str(self.doc["exp_key"]), unfinished, max(self.seen, default=-1)):
+            self.seen[int(doc["tid"])] = doc
+        trained = (TrialState.RUNNING, TrialState.DONE, TrialState.PRUNED)
+        return [doc for tid, doc in sorted(self.seen.items()) if doc["state"] in trained]
+
     def _others(self) -> tuple[list[tuple[list[Report], bool]], list[list[Report]]]:
         """The other trials' curves, each with whether it completed (done with an ok result); and the curves of the
         completed ones with smaller tids (the behind-best stop)."""
         tid = int(self.doc["tid"])
         others = [
             (curve_of(doc), doc["state"] == TrialState.DONE and doc["status"] == "ok", int(doc["tid"]))
-            for doc in self.store.curves(str(self.doc["exp_key"]))
+            for doc in self._read_others()
             if doc["tid"] != tid
         ]
         return [(curve, done) for curve, done, _ in others], [curve for curve, done, t in others if done and t < tid]

@@ -557,11 +557,16 @@ class TrialStore:
         return result.matched_count == 1
 
     @_retrying
-    def curves(self, exp_key: str) -> list[dict[str, Any]]:
-        """``tid``, ``state``, ``intermediate`` and ``status`` (the result's) of the trials that train or trained:
-        what a pruner compares."""
-        query = {"exp_key": exp_key, "state": {"$in": [TrialState.RUNNING, TrialState.DONE, TrialState.PRUNED]}}
-        docs = list(self.trials.find(query, {"tid": 1, "state": 1, "intermediate": 1, "result.status": 1}))
+    def curves(self, exp_key: str, tids: Sequence[int] = (), after_tid: int = -1) -> list[dict[str, Any]]:
+        """``tid``, ``state``, ``intermediate`` and ``status`` (the result's) of the trials ``tids`` and of those
+        whose tid is larger than ``after_tid``, in any state: what a pruner compares. All of them by default; a
+        reader that keeps the finished trials' curves (which never change again) asks only for the others and the
+        newer ones, which the database finds by its index without reading the rest (nx-27017 decodes every
+        document it returns: the whole experiment's curves at each evaluation kept it busy)."""
+        fields = {"tid": 1, "state": 1, "intermediate": 1, "result.status": 1}
+        docs = list(self.trials.find({"exp_key": exp_key, "tid": {"$gt": after_tid}}, fields))
+        if tids:
+            docs += self.trials.find({"exp_key": exp_key, "tid": {"$in": [int(t) for t in tids]}}, fields)
         for doc in docs:  # MongoDB nests a dotted projection; nx-27017 answers with the flat key "result.status"
             doc["status"] = (doc.get("result") or {}).get("status", doc.get("result.status"))
         return docs

@@ -224,6 +224,38 @@ def test_the_behind_best_stop_on_hand_made_curves_in_a_real_store(
     assert verdict is None or verdict in str(request), request
 
 
+def test_the_watcher_reads_the_finished_trials_once_and_the_others_at_each_evaluation(
+    store: TrialStore, tmp_path: Path
+) -> None:
+    """Two completed trials (the median rule needs 3) and one running: no stop. Then the running one completes,
+    and the watcher's next read asks for it and for newer trials only, not for the finished ones again; with the
+    third completed curve, the median stops our trial."""
+    options = _options(tmp_path, "cached", MEDIAN)
+    _experiment(store, options)
+    for values in COMPLETED[:2]:
+        _other(store, options, values, TrialState.DONE)
+    _other(store, options, {10: 0.95}, TrialState.RUNNING)  # tid 2
+    asked: list[tuple[list[int], int]] = []
+    curves = store.curves
+
+    def spy(exp_key: str, tids: Sequence[int] = (), after_tid: int = -1) -> list[dict[str, Any]]:
+        asked.append((sorted(tids), after_tid))
+        return curves(exp_key, tids, after_tid)
+
+    store.curves = spy  # type: ignore[method-assign]
+    watcher, doc = _watch(store, options, tmp_path, {10: 0.9, 20: 0.65})  # ours: tid 3
+    assert _request(watcher) is None and asked == [([], -1)]
+    store.trials.update_one(
+        {"exp_key": "cached", "tid": 2},
+        {"$set": {"state": TrialState.DONE, "intermediate": _curve(COMPLETED[2]), "result": {"status": "ok"}}},
+    )
+    with (watcher.run_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"kind": "eval", "step": 30, "test_loss": 0.65, "test_accuracy": 0.5}) + "\n")
+    watcher.poll()
+    assert asked[1] == ([2], doc["tid"])  # the running one, and any trial newer than ours
+    assert "worse than the median 0.5 of 3 completed trial(s)" in str(_request(watcher))
+
+
 def test_a_running_trial_takes_the_behind_best_stop_at_its_next_evaluation(store: TrialStore, tmp_path: Path) -> None:
     median = PrunerSettings("median", warmup_steps=20, min_trials=3)
     options = _options(tmp_path, "turned", median, objective="steps_to_target")
