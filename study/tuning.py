@@ -32,6 +32,7 @@ from hpo_worker.liveness import BeatClock
 from hpo_worker.report import format_report, summarize, trials_json, write_trials_json
 from hpo_worker.server import EmbeddedServer, ServerError, terminate
 from hpo_worker.spaces import load_space
+from hpo_worker.status import StateReader
 from hpo_worker.store import (
     ENV_PATIENCE,
     EXIT_STORE_UNREACHABLE,
@@ -285,6 +286,7 @@ def _drive(
         )
         experiments = [options[cell.slug].exp_key for cell in cells]
         clock = BeatClock(blind_after_s=3 * PROGRESS_EVERY_S)
+        reader = StateReader(store, experiments)
         for wave in _waves(cells, tune.seed_from_neighbour):
             for cell in wave:
                 warm = _warm_start_file(study, cell, cells, options, store, out, log)
@@ -292,7 +294,7 @@ def _drive(
                 drivers[cell.slug] = _start(command, logs / f"driver-{cell.slug}.log")
             _wait_for_drivers(
                 {cell.slug: drivers[cell.slug] for cell in wave}, workers, logs, server_address(url),
-                lambda: log(progress(store, experiments, tune.trials, clock)),
+                lambda: log(progress(store, experiments, tune.trials, clock, reader)),
             )  # fmt: skip
     finally:  # SIGTERM puts a worker's running trial back in the queue: a restarted study runs it again
         for process in [*workers, *drivers.values()]:
@@ -322,15 +324,19 @@ def _wait_for_drivers(
         time.sleep(0.5)
 
 
-def progress(store: TrialStore, experiments: Sequence[str], trials: int, clock: BeatClock | None = None) -> str:
+def progress(
+    store: TrialStore, experiments: Sequence[str], trials: int, clock: BeatClock | None = None,
+    reader: StateReader | None = None,
+) -> str:  # fmt: skip
     """``  7/16 trials finished (1 failed, 2 diverged), 2 running``: the study's trials by state, from the store (a
     diverged trial is done, with status fail; pruned and diverged are named when there are any); with a
-    ``clock`` (read at every call), also the running trials whose heartbeat stopped and the grace they wait out."""
+    ``clock`` (read at every call), also the running trials whose heartbeat stopped and the grace they wait out.
+    A ``reader`` of the same experiments, kept from call to call, reads only what may have changed."""
     try:
         # A progress line waits little for the database and never ends the study: the drivers and workers wait out
         # its patience, and their exit status says whether it was lost.
         with store.reconnect.limited(PROGRESS_PATIENCE_S):
-            docs = store.trial_states(experiments)
+            docs = reader.read() if reader is not None else store.trial_states(experiments)
             ours = set(experiments)
             running_docs = [doc for doc in store.running_docs() if doc["exp_key"] in ours] if clock else []
     except (pymongo.errors.PyMongoError, StoreUnreachable) as exc:

@@ -12,6 +12,7 @@ import pytest
 
 import study.tuning
 from hpo_worker.liveness import BeatClock
+from hpo_worker.status import StateReader
 from hpo_worker.store import TrialState, connect
 from study.config import StudyError, cell_toml, load_study
 from study.tuning import progress, tune_cells
@@ -55,6 +56,34 @@ def test_progress_counts_the_studys_trials_by_state_in_the_store(mongo: str, db:
         assert progress(store, ["a", "b"], 4) == "  4/8 trials finished (1 failed, 1 diverged), 1 running"
         db.jobs.insert_one({"exp_key": "z", "tid": 0, "state": TrialState.DONE, "result": {"status": "fail"}})
         assert progress(store, ["a", "b"], 4) == "  4/8 trials finished (1 failed, 1 diverged), 1 running"  # not ours
+    finally:
+        store.close()
+
+
+def test_a_state_reader_reads_the_finished_trials_once_and_counts_as_a_whole_read(mongo: str, db: Any) -> None:
+    """Between two lines a running trial finishes, a queued one starts, and two new trials come (one finishing at
+    once): the reader's line is the line of a whole read; its later reads ask only for the unfinished and newer
+    trials (a finished trial changed behind its back, which never happens, stays as first read)."""
+    db.jobs.insert_many([
+        {"exp_key": "a", "tid": 0, "state": TrialState.DONE, "result": {"status": "ok"}},
+        {"exp_key": "a", "tid": 1, "state": TrialState.RUNNING},
+        {"exp_key": "b", "tid": 0, "state": TrialState.NEW},
+    ])  # fmt: skip
+    store = connect(mongo)
+    try:
+        reader = StateReader(store, ["a", "b"])
+        assert progress(store, ["a", "b"], 4, reader=reader) == "  1/8 trials finished (0 failed), 1 running"
+        db.jobs.update_one({"exp_key": "a", "tid": 1}, {"$set": {"state": TrialState.PRUNED}})
+        db.jobs.update_one({"exp_key": "b", "tid": 0}, {"$set": {"state": TrialState.RUNNING}})
+        db.jobs.insert_many([
+            {"exp_key": "b", "tid": 1, "state": TrialState.DONE, "result": {"status": "fail"}},
+            {"exp_key": "a", "tid": 2, "state": TrialState.NEW},
+        ])  # fmt: skip
+        whole = progress(store, ["a", "b"], 4)
+        assert whole == "  3/8 trials finished (0 failed, 1 pruned, 1 diverged), 1 running"
+        assert progress(store, ["a", "b"], 4, reader=reader) == whole
+        db.jobs.update_one({"exp_key": "a", "tid": 0}, {"$set": {"state": TrialState.ERROR}})  # finished: not read
+        assert progress(store, ["a", "b"], 4, reader=reader) == whole
     finally:
         store.close()
 
