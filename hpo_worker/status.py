@@ -45,15 +45,14 @@ class StateReader:
         self.seen: dict[tuple[str, int], dict[str, Any]] = {}
 
     def read(self) -> list[dict[str, Any]]:
-        """Every trial of the experiments as ``TrialStore.trial_states`` gives them, as they are now."""
-        if not self.seen:
-            docs = self.store.trial_states(self.exp_keys)
-        else:
-            newest: dict[str, int] = {}
-            for exp_key, tid in self.seen:
-                newest[exp_key] = max(tid, newest.get(exp_key, -1))
-            unfinished = [d["_id"] for d in self.seen.values() if d["state"] not in FINISHED_STATES]
-            docs = self.store.trial_states(self.exp_keys, newer_than=newest, ids=unfinished)
+        """Every trial of the experiments as ``TrialStore.trial_states`` gives them, as they are now. One query
+        per experiment, each within the store's patience (a progress line's is a second)."""
+        newest: dict[str, int] = {}
+        for exp_key, tid in self.seen:
+            newest[exp_key] = max(tid, newest.get(exp_key, -1))
+        unfinished = [d["_id"] for d in self.seen.values() if d["state"] not in FINISHED_STATES]
+        docs = [doc for k in self.exp_keys for doc in self.store.trial_states([k], newest.get(k, -1))]
+        docs += self.store.trial_states_of(unfinished) if unfinished else []
         for doc in docs:
             self.seen[(doc["exp_key"], int(doc["tid"]))] = doc
         return list(self.seen.values())

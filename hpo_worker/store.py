@@ -60,6 +60,16 @@ class TrialState(enum.IntEnum):
 FINISHED_STATES: Final = (TrialState.DONE, TrialState.ERROR, TrialState.PRUNED)  # these never change again
 
 
+_STATE_FIELDS: Final = {"exp_key": 1, "tid": 1, "state": 1, "result.status": 1}
+
+
+def _state_of(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's ``_id``, ``exp_key``, ``tid``, ``state`` and ``status`` from a document read with _STATE_FIELDS.
+    MongoDB nests a projected ``result.status``; nx-27017 returns it under that dotted key."""
+    status = doc.get("result.status", doc.get("result", {}).get("status"))
+    return {"_id": doc["_id"], "exp_key": doc["exp_key"], "tid": doc["tid"], "state": doc["state"], "status": status}
+
+
 def state_counts(docs: Iterable[Mapping[str, Any]]) -> dict[TrialState, int]:
     """How many of ``docs`` are in each state (every state present, 0 when none)."""
     counts = dict.fromkeys(TrialState, 0)
@@ -481,31 +491,19 @@ class TrialStore:
         return state_counts(self.trials.find({"exp_key": exp_key}, {"state": 1}))
 
     @_retrying
-    def trial_states(
-        self, exp_keys: Sequence[str], newer_than: Mapping[str, int] | None = None, ids: Sequence[Any] = ()
-    ) -> list[dict[str, Any]]:
-        """Trials of these experiments as ``_id``, ``exp_key``, ``tid``, ``state`` and ``status`` (its result's,
-        None before one): what a study's progress line counts. All of them, in one query; or, with ``newer_than``
-        (the largest tid read per experiment), only the newer trials and those with these ``ids``, which the
-        database finds by its index (:class:`hpo_worker.status.StateReader`). MongoDB nests a projected
-        ``result.status``; nx-27017 returns it under that dotted key."""
-        fields = {"exp_key": 1, "tid": 1, "state": 1, "result.status": 1}
-        if newer_than is None:
-            docs = list(self.trials.find({"exp_key": {"$in": list(exp_keys)}}, fields))
-        else:
-            docs = [
-                d
-                for k in exp_keys
-                for d in self.trials.find({"exp_key": k, "tid": {"$gt": newer_than.get(k, -1)}}, fields)
-            ]
-            docs += self.trials.find({"_id": {"$in": list(ids)}}, fields) if ids else []
-        return [
-            {
-                "_id": d["_id"], "exp_key": d["exp_key"], "tid": d["tid"], "state": d["state"],
-                "status": d.get("result.status", d.get("result", {}).get("status")),
-            }
-            for d in docs
-        ]  # fmt: skip
+    def trial_states(self, exp_keys: Sequence[str], after_tid: int = -1) -> list[dict[str, Any]]:
+        """The trials of these experiments whose tid is larger than ``after_tid`` (all by default), in one query,
+        as ``_id``, ``exp_key``, ``tid``, ``state`` and ``status`` (its result's, None before one): what a study's
+        progress line counts (:class:`hpo_worker.status.StateReader`)."""
+        # One experiment by equality: nx-27017 answers exp_key and tid from its index then, not with $in.
+        keys: Any = exp_keys[0] if len(exp_keys) == 1 else {"$in": list(exp_keys)}
+        query = {"exp_key": keys, "tid": {"$gt": after_tid}}
+        return [_state_of(d) for d in self.trials.find(query, _STATE_FIELDS)]
+
+    @_retrying
+    def trial_states_of(self, ids: Sequence[Any]) -> list[dict[str, Any]]:
+        """The trials with these ``_id`` values, as :meth:`trial_states` gives them."""
+        return [_state_of(d) for d in self.trials.find({"_id": {"$in": list(ids)}}, _STATE_FIELDS)]
 
     def _reserved_already(self, owner: str, exp_key: str | None = None) -> dict[str, Any] | None:
         """The trial a reservation whose reply was lost gave ``owner`` (unique to its process, one trial at a time)."""
