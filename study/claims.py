@@ -24,9 +24,9 @@ into the report:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from study.uncertainty import Interval, geometric_mean
 
@@ -43,6 +43,7 @@ __all__ = [
     "steps_at_largest_batch",
 ]
 
+T = TypeVar("T")
 AGREE, DISAGREE, INCONCLUSIVE = "agree", "disagree", "inconclusive"
 NOISE_CLOSE: Final = 2.0  # B_crit / B_simple within this factor: "holds"
 NOISE_ORDER: Final = 10.0  # within this factor: "the same order of magnitude"
@@ -186,12 +187,13 @@ def no_more_robust(counts: Mapping[str, Mapping[int, TuningCount]], subject: str
 def budget_stable(halves: Mapping[str, Mapping[int, tuple[float, float]]]) -> Verdict:
     """Whether the second half of every cell's trial budget found nothing more than 10% better than the first half
     (``halves``: per optimizer and batch size, the first half's best and the whole budget's best steps)."""
-    moved = [
-        f"{_label(o)}/{b}: {'none' if math.isinf(first) else f'{first:.0f}'} → {best:.0f}"
-        for o, by_batch in halves.items()
-        for b, (first, best) in sorted(by_batch.items())
-        if math.isfinite(best) and not first <= STABLE_WITHIN * best
-    ]
+
+    def moved_by(first: float, best: float) -> str | None:
+        if not math.isfinite(best) or first <= STABLE_WITHIN * best:
+            return None
+        return f"{'none' if math.isinf(first) else f'{first:.0f}'} → {best:.0f}"
+
+    moved = _flagged_cells(halves, lambda half: moved_by(*half))
     cells = sum(len(by_batch) for by_batch in halves.values())
     return _cells_verdict(
         "Is each cell's trial budget large enough (the best stable between the two halves of the budget)?",
@@ -201,6 +203,16 @@ def budget_stable(halves: Mapping[str, Mapping[int, tuple[float, float]]]) -> Ve
         f"In {len(moved)} of {cells} cells the second half improved the best by more than 10% (first half → all): "
         f"{'; '.join(moved)}. There the best is less certain; the repeats' intervals carry the seed's part only.",
     )
+
+
+def _flagged_cells(table: Mapping[str, Mapping[int, T]], flag: Callable[[T], str | None]) -> list[str]:
+    """``"K-FAC/32: <what flag says>"`` for each cell (optimizer, batch size) of ``table`` that ``flag`` names."""
+    return [
+        f"{_label(optimizer)}/{batch}: {text}"
+        for optimizer, by_batch in table.items()
+        for batch, entry in sorted(by_batch.items())
+        if (text := flag(entry)) is not None
+    ]
 
 
 def _cells_verdict(claim: str, flagged: Sequence[str], cells: int, none_flagged: str, evidence: str) -> Verdict:
@@ -213,12 +225,7 @@ def _cells_verdict(claim: str, flagged: Sequence[str], cells: int, none_flagged:
 def search_space_edges(edges: Mapping[str, Mapping[int, Sequence[str]]]) -> Verdict:
     """Whether every cell's best trial lies inside its search space (``edges``: per optimizer and batch size, the
     best trial's values within :data:`EDGE_WITHIN` of an end of their range, from ``SearchSpace.edges``)."""
-    at_edge = [
-        f"{_label(o)}/{b}: {', '.join(found)}"
-        for o, by_batch in edges.items()
-        for b, found in sorted(by_batch.items())
-        if found
-    ]
+    at_edge = _flagged_cells(edges, lambda found: ", ".join(found) or None)
     cells = sum(len(by_batch) for by_batch in edges.values())
     return _cells_verdict(
         "Do the search spaces hold each cell's best inside them (not in the outer 5% of a range)?",
