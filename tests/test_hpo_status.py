@@ -163,3 +163,16 @@ def test_watch_redraws_until_every_experiment_has_its_trials(store: TrialStore, 
     command = [sys.executable, "-m", "hpo_worker", "report", "--mongo", "mongodb://127.0.0.1:1/x", "--exp", "w"]
     bad = subprocess.run([*command, "--watch", "5"], capture_output=True, text=True, timeout=60, env=ENV, cwd=ROOT)
     assert bad.returncode == 2 and "--watch rewrites the --html page: give --html FILE" in bad.stderr, bad.stderr
+
+
+def test_store_reads_benchmark_checks_incremental_reads_against_whole_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks.store_reads on a real server: both incremental reads give what a whole read gives (it raises
+    otherwise), and one row per read and store size comes out."""
+    from benchmarks.store_reads import main
+
+    assert main(["--cells", "3", "--trials", "4,6", "--points", "5", "--repeats", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1")]
+    assert [row.split(" | ")[0:2] for row in rows] == [
+        ["| 12", "pruner's (one cell of 4)"], ["| 12", "progress line's (all cells)"],
+        ["| 18", "pruner's (one cell of 6)"], ["| 18", "progress line's (all cells)"],
+    ]  # fmt: skip
