@@ -13,6 +13,9 @@ batch 256 and proportionally fewer above (at least one, after one untimed): the 
 large batches the timed steps may hold no decomposition, which costs the same in each way. Inputs are random
 CIFAR-10-shaped batches: a dense convolution's time does not depend on the values. It reports the medians and
 one pass / passes (above 1: the passes are faster).
+
+``--kinds noise`` times the gradient noise scale's measurement instead (``jobs.noise_scale.measure_noise``, every
+``run.noise_every`` steps of a study): two half-batch gradients, each in one pass or in passes of the given size.
 """
 
 from __future__ import annotations
@@ -28,15 +31,25 @@ import torch.nn.functional as F
 from benchmarks.channels_last import MODELS, _timed, chosen_models, interleaved_parser, print_result
 from distkfac import KFACPreconditioner
 from jobs.models import build_model
+from jobs.noise_scale import measure_noise
+from jobs.parallel import SingleContext
 from jobs.passes import backward_in_passes
 
-KINDS = ("sgd", "kfac")
+KINDS = ("sgd", "kfac", "noise")
 
 
 def measure_once(name: str, kind: str, batch_size: int, pass_size: int, steps: int) -> float:
-    """Seconds per step of a fresh model whose batch is backpropagated in passes of ``pass_size``."""
+    """Seconds per step of a fresh model whose batch is backpropagated in passes of ``pass_size`` (per noise
+    measurement, ``kind`` noise)."""
     torch.manual_seed(0)
     model = build_model(MODELS[name], (3, 32, 32), 10)
+    if kind == "noise":
+        xs, ys = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
+
+        def measurement() -> None:
+            measure_noise(model, xs, ys, SingleContext(), pass_size)
+
+        return _timed(measurement, steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     precond = KFACPreconditioner(model, damping=1.0, factor_decay=0.95, inv_update_steps=10) if kind == "kfac" else None
     x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
@@ -52,9 +65,9 @@ def measure_once(name: str, kind: str, batch_size: int, pass_size: int, steps: i
 
 
 def measure(models: Sequence[str], batch_sizes: Sequence[int], pass_sizes: Sequence[int], steps: int, rounds: int,
-            say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+            say: Callable[[str], None], kinds: Sequence[str] = KINDS[:2]) -> dict[str, Any]:  # fmt: skip
     """Per model, kind and batch size: the median seconds of one pass and of each pass size, and the ratios."""
-    cases = [(name, kind, b, p) for name in models for kind in KINDS for b in batch_sizes
+    cases = [(name, kind, b, p) for name in models for kind in kinds for b in batch_sizes
              for p in (b, *[p for p in pass_sizes if p < b and b % p == 0])]  # fmt: skip
     seconds: dict[tuple[str, str, int, int], list[float]] = {case: [] for case in cases}
     for round_ in range(rounds):
@@ -78,7 +91,14 @@ def _steps_at(batch_size: int, steps: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = interleaved_parser(__doc__, "convnet", "pass size", batch_sizes="512,2048,8192")
     parser.add_argument("--pass-sizes", default="64,128,256", help="comma-separated (default 64,128,256)")
+    parser.add_argument(
+        "--kinds", default="sgd,kfac", help=f"comma-separated, of {', '.join(KINDS)} (default sgd,kfac)"
+    )
     args = parser.parse_args(argv)
+    kinds = [k.strip() for k in args.kinds.split(",")]
+    if set(kinds) - set(KINDS):
+        print(f"unknown --kinds {sorted(set(kinds) - set(KINDS))}: choose from {', '.join(KINDS)}", file=sys.stderr)
+        return 2
     models = chosen_models(args.models)
     if models is None:
         return 2
@@ -89,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    result = measure(models, batch_sizes, pass_sizes, args.steps, args.rounds, say)
+    result = measure(models, batch_sizes, pass_sizes, args.steps, args.rounds, say, kinds)
     rows = [
         [row["model"], row["kind"], str(row["batch_size"]), str(row["pass_size"]), f"{1000 * row['seconds']:.0f}",
          f"{row['one_pass_over_passes']:.2f}", f"{row['max_over_min_of_rounds']:.2f}"]

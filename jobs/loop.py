@@ -276,11 +276,13 @@ def _noise_record(
     context: Context,
     precond: KFACPreconditioner | None,
     estimator: NoiseScaleEstimator,
+    pass_size: int,
 ) -> dict[str, float | None]:
-    """Measures the noise scale on this step's batch, updates ``estimator``; the fields for the step's record."""
+    """Measures the noise scale on this step's batch, in the step's passes of ``pass_size`` examples, updates
+    ``estimator``; the fields for the step's record."""
     # The extra passes must not add to the K-FAC factors of the coming step.
     with precond.paused() if precond is not None else contextlib.nullcontext():
-        small, b_small, big, b_big = measure_noise(model, x, y, context)
+        small, b_small, big, b_big = measure_noise(model, x, y, context, pass_size)
     small_sq, big_sq = torch.stack([small, big]).tolist()  # the measurement's one host synchronisation
     estimator.update(small_sq, b_small, big_sq, b_big)
     return {
@@ -497,7 +499,7 @@ class TrainingRun:
         noise_fields: dict[str, float | None] = {}
         if self.noise is not None and (self.step + 1) % self.config.run.noise_every == 0:
             # Before the training pass, on the unwrapped model: no gradient sync, .grad untouched.
-            noise_fields = _noise_record(self.model, x, y, self.context, self.precond, self.noise)
+            noise_fields = _noise_record(self.model, x, y, self.context, self.precond, self.noise, self.pass_size)
         if dynamics_due(self.config, self.step) and self.is_main:
             self.metrics.write(dynamics_record(self.model, x, y, self.config, self.step))
         lr = self.schedule(self.step)

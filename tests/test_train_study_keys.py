@@ -161,7 +161,8 @@ def test_measure_noise_keeps_batch_norm_statistics_grads_and_kfac_factors() -> N
     assert any(a is not None for a, _ in pairs)
 
 
-def test_measure_noise_norms_are_those_of_the_half_and_full_batch_gradients() -> None:
+@pytest.mark.parametrize("pass_size", [None, 4, 3, 1])  # one pass per half; passes of 3 + 1 examples; of 1
+def test_measure_noise_norms_are_those_of_the_half_and_full_batch_gradients(pass_size: int | None) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))  # odd: the last example is left out
@@ -170,7 +171,7 @@ def test_measure_noise_norms_are_those_of_the_half_and_full_batch_gradients() ->
         grads = torch.autograd.grad(F.cross_entropy(model(xs), ys), list(model.parameters()))
         return float(sum(g.square().sum() for g in grads))
 
-    small, b_small, big, b_big = measure_noise(model, x, y, SingleContext())
+    small, b_small, big, b_big = measure_noise(model, x, y, SingleContext(), pass_size)
     assert (b_small, b_big) == (4, 8)
     assert float(small) == pytest.approx((grad_sq(x[:4], y[:4]) + grad_sq(x[4:8], y[4:8])) / 2, rel=1e-5)
     assert float(big) == pytest.approx(grad_sq(x[:8], y[:8]), rel=1e-5)
