@@ -133,6 +133,15 @@ def _add_pruner(driver: argparse.ArgumentParser) -> None:
         help="steps_to_target: stop a trial once it is past the steps an earlier completed trial needed to reach the "
         "target (exact: it can no longer beat that trial); with --pruner or alone",
     )  # fmt: skip
+    group.add_argument(
+        "--prune-threshold", type=float, metavar="VALUE",
+        help="stop a trial whose best value so far is still >= VALUE once it has trained --prune-threshold-after of "
+        "its budget (e.g. steps_to_target: 1 + target - 0.11, a 10-class run still at chance); with --pruner or alone",
+    )  # fmt: skip
+    group.add_argument(
+        "--prune-threshold-after", type=float, default=0.0, metavar="FRACTION",
+        help="the budget fraction a trial trains before --prune-threshold applies (default 0)",
+    )  # fmt: skip
 
 
 def _add_worker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -297,13 +306,14 @@ def _pruner(args: argparse.Namespace, evaluates: int) -> PrunerSettings:
     try:
         settings = PrunerSettings(
             args.pruner, args.prune_warmup_steps, args.prune_min_trials, args.asha_min_fraction,
-            args.asha_reduction_factor, args.pruned_history, args.prune_behind_best,
+            args.asha_reduction_factor, args.pruned_history, args.prune_behind_best, args.prune_threshold,
+            args.prune_threshold_after,
         )  # fmt: skip
         check_objective(settings, args.objective)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if settings.active and not evaluates and args.objective != "train_error":
-        which = f"--pruner {settings.name}" if settings.name != "none" else "--prune-behind-best"
+        which = f"--pruner {settings.name}" if settings.name != "none" else "--prune-behind-best or --prune-threshold"
         raise UsageError(
             f"{which} compares the trials' evaluations while they train, and {args.config} has "
             "none (run.eval_every = 0, run.eval_every_steps = 0): set one of them"

@@ -238,15 +238,22 @@ def experiment_meta(options: DriverOptions) -> dict[str, Any]:
 
 def pruner_changed(exp_key: str, stored: Mapping[str, Any] | None, new: PrunerSettings) -> bool:
     """Whether an experiment stored with the pruner ``stored`` continues under another one, ``new``: False when
-    they agree (or none is stored: an experiment made before pruning existed), True when ``new`` only turns the
-    behind-best stop on, which leaves the best of every prefix of the trials as it was (hpo_worker.pruning).
-    Raises :class:`ExperimentMismatch` for any other change: two searches would mix."""
+    they agree (or none is stored: an experiment made before pruning existed), True when ``new`` only turns stops
+    on: the behind-best stop, which leaves the best of every prefix of the trials as it was, or the threshold stop,
+    which stops only trials still at the objective's bad end (hpo_worker.pruning; not exact, so the change and the
+    trials made before it are recorded, ``pruner_changes``). Raises :class:`ExperimentMismatch` for any other
+    change: two searches would mix."""
     if stored is None:
         return False
     old = PrunerSettings.from_doc(stored)
     if old == new:
         return False
-    if new.behind_best and not old.behind_best and replace(old, behind_best=True) == new:
+    turned_on: dict[str, Any] = {}
+    if new.behind_best and not old.behind_best:
+        turned_on["behind_best"] = True
+    if new.threshold is not None and old.threshold is None:
+        turned_on.update(threshold=new.threshold, threshold_after=new.threshold_after)
+    if turned_on and replace(old, **turned_on) == new:
         return True
     raise ExperimentMismatch(exp_key, ["pruner"])
 
@@ -266,7 +273,12 @@ def _change_pruner(store: TrialStore, options: DriverOptions, say: Callable[[str
     change = {"at": utcnow(), "trials_before": made, "from": existing.get("pruner"), "to": options.pruner.to_doc()}
     changes = [*existing.get("pruner_changes", []), change]
     store.update_experiment(options.exp_key, {"pruner": options.pruner.to_doc(), "pruner_changes": changes})
-    say(f"experiment {options.exp_key!r}: the behind-best stop is on from now; {made} trial(s) were made before")
+    old = PrunerSettings.from_doc(existing.get("pruner"))
+    stops = ["the behind-best stop"] if options.pruner.behind_best and not old.behind_best else []
+    if options.pruner.threshold is not None and old.threshold is None:
+        stops.append(f"the threshold stop ({options.pruner.threshold:g} after {options.pruner.threshold_after:g})")
+    verb = "are" if len(stops) > 1 else "is"
+    say(f"experiment {options.exp_key!r}: {' and '.join(stops)} {verb} on from now; {made} trial(s) were made before")
 
 
 def round_pause(poll_s: float, idle_poll_s: float, quiet_rounds: int) -> float:

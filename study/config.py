@@ -36,6 +36,8 @@ A study file is TOML (examples: ``jobs/configs/studies/``)::
     pending = "worst"                             # TPE's lie for queued/running trials (docs/hpo.md)
     pruner = { name = "asha", min_fraction = 0.1, reduction_factor = 3 }   # default: none; or "median"
                                                   # behind_best = true: steps_to_target's exact stop (docs/hpo.md)
+                                                  # threshold = 1.44, threshold_after = 0.2: stop trials still at
+                                                  # the objective's bad end after 20% of their budget
     warm_start = { sgd = "table1_sgd.toml" }      # [[points]] files, queued first in every cell of the optimizer
     seed_from_neighbour = false                   # true: each cell also starts from the best point of the next
                                                   # smaller batch size's cell, tuned before it

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from hpo_worker.pruning import BEHIND_BEST
+from hpo_worker.pruning import AT_THRESHOLD, BEHIND_BEST
 from hpo_worker.report import mean_std
 from jobs.metrics import METRICS_JSONL, read_metrics
 from jobs.optimizers import OPTIMIZER_NAMES, report_label
@@ -739,7 +739,10 @@ def _stopped_note(stopped: Sequence[Mapping[str, Any]]) -> str:
         return ""
     pruned = sum(s.get("status") == "pruned" for s in stopped)
     behind = sum(str(s.get("reason", "")).startswith(BEHIND_BEST) for s in stopped)
-    how = f"tune.pruner; {behind} of them behind an earlier trial's best" if behind else "tune.pruner"
+    at_threshold = sum(str(s.get("reason", "")).startswith(AT_THRESHOLD) for s in stopped)
+    which = [f"{behind} of them behind an earlier trial's best"] if behind else []
+    which += [f"{at_threshold} of them still at the threshold"] if at_threshold else []
+    how = "; ".join(["tune.pruner", *which])
     return (
         f"; {len(stopped)} more trial(s) stopped: {pruned} pruned ({how}), {len(stopped) - pruned} failed or "
         "diverged. Not runs; listed in trials/<cell>.json"

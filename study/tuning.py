@@ -177,6 +177,8 @@ def _driver_command(options: DriverOptions, space: str, url_file: Path, warm_sta
         "--prune-min-trials", str(pruner.min_trials), "--asha-min-fraction", str(pruner.min_fraction),
         "--asha-reduction-factor", str(pruner.reduction_factor), "--pruned-history", pruner.pruned_history,
         *(["--prune-behind-best"] if pruner.behind_best else []),
+        *(["--prune-threshold", repr(pruner.threshold), "--prune-threshold-after", repr(pruner.threshold_after)]
+          if pruner.threshold is not None else []),
     ] if pruner.active else []  # fmt: skip
     return [
         sys.executable, "-m", "hpo_worker", "driver", "--mongo-file", str(url_file), "--exp", options.exp_key,

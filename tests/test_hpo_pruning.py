@@ -224,6 +224,33 @@ def test_the_behind_best_stop_on_hand_made_curves_in_a_real_store(
     assert verdict is None or verdict in str(request), request
 
 
+CHANCE = 1 + TARGET - 0.11  # steps_to_target's value of a best accuracy of 11%: a 10-class run still at chance
+AT_CHANCE = PrunerSettings(threshold=CHANCE, threshold_after=0.2)  # alone: no rule, no behind-best stop
+
+
+@pytest.mark.parametrize(
+    ("accuracies", "settings", "verdict"),
+    [
+        ({10: 0.1, 20: 0.1}, AT_CHANCE,
+         f"threshold: best value 1.899 by step 20 (20% of the budget) is still at or above {CHANCE:g}"),
+        ({10: 0.1, 30: 0.105}, AT_CHANCE, "by step 30 (30% of the budget)"),  # its first report past 20%
+        ({10: 0.1}, AT_CHANCE, None),  # before 20% of the budget
+        ({10: 0.1, 20: 0.12}, AT_CHANCE, None),  # it left chance
+        ({10: 0.3, 20: 0.1}, AT_CHANCE, None),  # its best so far is above chance: not at the bad end
+        ({10: 0.1, 20: 0.1}, replace(MEDIAN, threshold=CHANCE, threshold_after=0.2), "threshold: best value"),
+        ({10: 0.1, 20: 0.1}, MEDIAN, None),  # the median alone: too few completed trials to compare
+    ],
+)  # fmt: skip
+def test_the_threshold_stop_on_hand_made_curves_in_a_real_store(
+    store: TrialStore, tmp_path: Path, accuracies: dict[int, float], settings: PrunerSettings, verdict: str | None
+) -> None:
+    options = _options(tmp_path, "threshold", settings, objective="steps_to_target")
+    watcher, _ = _watch(store, options, tmp_path, dict.fromkeys(accuracies, 1.0), accuracies)
+    request = _request(watcher)
+    assert (request is None) == (verdict is None), request
+    assert verdict is None or verdict in str(request), request
+
+
 def test_the_watcher_reads_the_finished_trials_once_and_the_others_at_each_evaluation(
     store: TrialStore, tmp_path: Path
 ) -> None:
@@ -317,6 +344,31 @@ def test_a_resumed_experiment_may_turn_the_behind_best_stop_on_and_change_nothin
         check_experiment(store, options)  # and it cannot be turned off again
 
 
+def test_a_resumed_experiment_may_turn_the_threshold_stop_on_and_it_is_recorded(
+    store: TrialStore, tmp_path: Path
+) -> None:
+    options = _options(tmp_path, "resume-threshold", MEDIAN, objective="steps_to_target", max_evals=1)
+    assert "threshold" not in _experiment(store, options)["pruner"]  # as stored before the stop existed
+    _other(store, options, {10: 0.2}, TrialState.DONE)
+    store.trials.update_one({"exp_key": "resume-threshold"}, {"$set": {"result": {"status": "ok", "loss": 0.2}}})
+    both = replace(MEDIAN, behind_best=True, threshold=CHANCE, threshold_after=0.2)
+    said: list[str] = []
+    assert run_driver(store, replace(options, pruner=both), log=said.append) == 0
+    experiment = _experiment(store, options)
+    assert experiment["pruner"] == both.to_doc() and experiment["pruner"]["threshold"] == CHANCE
+    [change] = experiment["pruner_changes"]
+    assert change["trials_before"] == 1 and change["from"] == MEDIAN.to_doc() and change["to"] == both.to_doc()
+    expected = f"the behind-best stop and the threshold stop ({CHANCE:g} after 0.2) are on from now; 1 trial(s)"
+    assert any(expected in line for line in said), said
+    for other in (
+        replace(both, threshold=1.5),
+        replace(both, threshold_after=0.5),
+        replace(both, threshold=None, threshold_after=0),
+    ):
+        with pytest.raises(ExperimentMismatch, match="another pruner"):
+            check_experiment(store, replace(options, pruner=other))  # a stop once on cannot move or go
+
+
 def test_intermediate_values_follow_the_objective() -> None:
     records = [
         {"kind": "epoch", "step": 10, "accuracy": 0.6},
@@ -347,6 +399,9 @@ def test_tpe_sees_a_pruned_trial_as_its_last_value_or_not_at_all() -> None:
         ({"name": "asha", "reduction_factor": 1}, "ASHA's reduction factor must be an integer of at least 2"),
         ({"name": "asha", "min_fraction": 1.0}, "ASHA's first rung must be a fraction of the budget in"),
         ({"name": "hyperband"}, "unknown pruner 'hyperband': choose one of none, median, asha"),
+        ({"threshold_after": 0.2}, "threshold_after needs a threshold"),
+        ({"threshold": 1.4, "threshold_after": 1.0}, r"the fraction of its budget a trial trains .* in \[0, 1\)"),
+        ({"threshold": float("nan")}, "the pruning threshold must be a finite number, not nan"),
     ],
 )
 def test_bad_pruner_settings_are_refused(settings: dict[str, Any], message: str) -> None:
@@ -360,6 +415,7 @@ def test_bad_pruner_settings_are_refused(settings: dict[str, Any], message: str)
         (["--pruner", "median"], "the median pruner needs warm-up steps (--prune-warmup-steps, now 0)"),
         (["--pruner", "asha", "--asha-reduction-factor", "1"], "ASHA's reduction factor must be an integer of"),
         (["--prune-behind-best"], "the behind-best stop needs the steps_to_target objective (it reads a trial's"),
+        (["--prune-threshold", "1.4", "--prune-threshold-after", "2"], "(--prune-threshold-after) is the fraction"),
     ],
 )
 def test_the_driver_refuses_bad_pruner_flags_in_one_line(tmp_path: Path, flags: list[str], message: str) -> None:
@@ -432,3 +488,30 @@ def test_a_sigkilled_worker_during_a_pruned_experiment_leaves_nothing_running_an
     counts = store.count_states("kill")
     assert counts[TrialState.RUNNING] == counts[TrialState.NEW] == 0 and counts[TrialState.PRUNED] == 1, counts
     assert not processes_mentioning(run_dir)
+
+
+def test_the_threshold_replay_merges_a_trials_attempts_and_judges_as_a_worker(tmp_path: Path) -> None:
+    """benchmarks.threshold_replay on hand-made run folders: a trial resumed in a second attempt is one curve (the
+    later attempt's records win), stopped at its first evaluation past 20% of the budget; one that left chance is
+    not."""
+    from benchmarks.threshold_replay import replay, trial_records
+
+    def attempt(name: str, evals: dict[int, float]) -> None:
+        run = tmp_path / name / "run"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"derived": {"total_steps": 100}}))
+        lines = [{"kind": "step", "step": s, "seconds": 1.0} for s in evals]
+        lines += [{"kind": "eval", "step": s, "test_accuracy": a, "seconds": 0.5} for s, a in evals.items()]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    attempt("trial0.1", {10: 0.1, 20: 0.3})  # interrupted after step 20: its step-20 evaluation is replaced
+    attempt("trial0.3", {20: 0.1, 30: 0.1, 40: 0.6})
+    attempt("trial1.1", {10: 0.1, 20: 0.15, 30: 0.6})
+    attempt("trial2.1", {})  # no evaluation yet
+    trials = trial_records(tmp_path)
+    assert sorted(trials) == [0, 1, 2] and trials[0][0] == 100
+    assert [(r["kind"], r["step"]) for r in trials[0][1] if r["kind"] == "eval"] == [
+        ("eval", s) for s in (10, 20, 30, 40)
+    ]
+    settings = PrunerSettings(threshold=1 + 0.55 - 0.11, threshold_after=0.2)
+    assert [replay(trials[t][1], 100, 0.55, settings) for t in (0, 1, 2)] == [20, None, None]

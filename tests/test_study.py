@@ -253,6 +253,8 @@ def test_given_study_with_variants_on_real_mnist_continues_where_it_stopped(tmp_
          "tune.pruner: the behind-best stop needs the steps_to_target objective"),
         (("workers = 2\n", 'workers = 2\npruner = { behind_best = "yes" }\n'),
          "tune.pruner: behind_best must be true or false, not 'yes'"),
+        (("workers = 2\n", "workers = 2\npruner = { threshold_after = 0.2 }\n"),
+         "tune.pruner: threshold_after needs a threshold (--prune-threshold): give both, or neither"),
         (("workers = 2\n", 'workers = 2\npending = "often"\n'), "tune.pending: 'often' is not one of worst, mean"),
         (("workers = 2\n", 'workers = 2\nwarm_start = { sgd = "nope.toml" }\n'), "nope.toml does not exist"),
     ],
@@ -321,7 +323,7 @@ trials = 3
 workers = 1
 spaces = { sgd = "space.toml" }
 pending = "mean"
-pruner = { name = "median", warmup_steps = 10, behind_best = true }
+pruner = { name = "median", warmup_steps = 10, behind_best = true, threshold = 1.6, threshold_after = 0.5 }
 warm_start = { sgd = "points.toml" }
 seed_from_neighbour = true
 """
@@ -335,7 +337,8 @@ def test_study_search_keys_reach_the_drivers_and_cells_start_from_their_neighbou
     for cell in ("sgd-b32", "sgd-b128"):
         log = (out / "logs" / f"driver-{cell}.log").read_text()
         assert "pending trials told 'mean', pruner median" in log, log
-        assert " --prune-behind-best" in log.splitlines()[0], log  # the driver's command line, in the log's header
+        header = log.splitlines()[0]  # the driver's command line
+        assert " --prune-behind-best --prune-threshold 1.6 --prune-threshold-after 0.5" in header, log
     small, large = (json.loads((out / "trials" / f"sgd-b{b}.json").read_text()) for b in (32, 128))
     best = min((t for t in small if t["result"].get("status") == "ok"), key=lambda t: t["result"]["loss"])
     # b32 starts from the given point; b128 from it and from b32's best, queued first, after b32 was tuned

@@ -368,11 +368,15 @@ def test_report_survives_missing_values(tmp_path: Path) -> None:
     behind = "behind the best: not at the target by step 20, where an earlier trial had reached it"
     stopped.append({"variant": "", "optimizer": "adam", "batch_size": 64, "trial": 0, "status": "pruned", "steps": 20,
                     "reason": behind})  # fmt: skip
+    stopped[1]["reason"] = "threshold: best value 1.45 by step 20 (20% of the budget) is still at or above 1.44"
     for run in runs:
         run["source"] = "tuned"
     cut = write_report(tmp_path / "cut", runs, "Pruned", stopped=stopped).read_text()
     assert f"- runs: {len(runs)} in " in cut
-    assert "; 4 more trial(s) stopped: 3 pruned (tune.pruner; 1 of them behind an earlier trial's best), 1" in cut
+    assert (
+        "; 4 more trial(s) stopped: 3 pruned (tune.pruner; 1 of them behind an earlier trial's best; 1 of them still "
+        "at the threshold), 1" in cut
+    )
     # The search counts them as trials that missed: sgd/b512's 4 trials, of which only trial 0 reached (100 steps).
     assert "| sgd | 512 | 4: 1 / 2 / 1 | 100 [100, ∞] | 100 |" in cut
     assert "| adam | 64 | 1: 0 / 1 / 0 | ∞ [∞, ∞] | – |" in cut  # a cell where every trial was stopped
