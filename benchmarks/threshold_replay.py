@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accuracy", type=float, default=0.11, help="best accuracy still stopped (default 0.11)")
     parser.add_argument("--after", type=float, default=0.2, help="budget fraction before the stop (default 0.2)")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "-m", "benchmarks.threshold_replay", *(sys.argv[1:] if argv is None else argv)])
     study = load_study(args.config, out_dir=args.out)
     target = study.target_accuracy
     settings = PrunerSettings(threshold=1 + target - args.accuracy, threshold_after=args.after)
@@ -108,7 +110,7 @@ def _best_when_judged(records: Sequence[dict[str, Any]], total: int, after: floa
 
 
 def _print(args: argparse.Namespace, target: float, counts: Any, stopped: Sequence[tuple[Any, ...]]) -> None:
-    print(f"# python -m benchmarks.threshold_replay {' '.join(sys.argv[1:] if args else [])}".rstrip())
+    print(f"# {args.command}")
     print(f"threshold stop: best test accuracy <= {args.accuracy:g} (value >= {1 + target - args.accuracy:g}) "
           f"after {args.after:g} of the budget; target {target:g}")  # fmt: skip
     print(
