@@ -66,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--accuracy", type=float, default=0.11, help="best accuracy still stopped (default 0.11)")
     parser.add_argument("--after", type=float, default=0.2, help="budget fraction before the stop (default 0.2)")
     args = parser.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "benchmarks.threshold_replay", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.command = shlex.join(["python", "-m", "benchmarks.threshold_replay", *given])
     study = load_study(args.config, out_dir=args.out)
     target = study.target_accuracy
     settings = PrunerSettings(threshold=1 + target - args.accuracy, threshold_after=args.after)
