@@ -248,14 +248,20 @@ def pruner_changed(exp_key: str, stored: Mapping[str, Any] | None, new: PrunerSe
     old = PrunerSettings.from_doc(stored)
     if old == new:
         return False
+    turned_on = _stops_turned_on(old, new)
+    if turned_on and replace(old, **turned_on) == new:
+        return True
+    raise ExperimentMismatch(exp_key, ["pruner"])
+
+
+def _stops_turned_on(old: PrunerSettings, new: PrunerSettings) -> dict[str, Any]:
+    """The settings of the stops that ``new`` turns on and ``old`` had off (behind-best, threshold)."""
     turned_on: dict[str, Any] = {}
     if new.behind_best and not old.behind_best:
         turned_on["behind_best"] = True
     if new.threshold is not None and old.threshold is None:
         turned_on.update(threshold=new.threshold, threshold_after=new.threshold_after)
-    if turned_on and replace(old, **turned_on) == new:
-        return True
-    raise ExperimentMismatch(exp_key, ["pruner"])
+    return turned_on
 
 
 def check_experiment(store: TrialStore, options: DriverOptions) -> bool:
@@ -273,10 +279,10 @@ def _change_pruner(store: TrialStore, options: DriverOptions, say: Callable[[str
     change = {"at": utcnow(), "trials_before": made, "from": existing.get("pruner"), "to": options.pruner.to_doc()}
     changes = [*existing.get("pruner_changes", []), change]
     store.update_experiment(options.exp_key, {"pruner": options.pruner.to_doc(), "pruner_changes": changes})
-    old = PrunerSettings.from_doc(existing.get("pruner"))
-    stops = ["the behind-best stop"] if options.pruner.behind_best and not old.behind_best else []
-    if options.pruner.threshold is not None and old.threshold is None:
-        stops.append(f"the threshold stop ({options.pruner.threshold:g} after {options.pruner.threshold_after:g})")
+    turned_on = _stops_turned_on(PrunerSettings.from_doc(existing.get("pruner")), options.pruner)
+    stops = ["the behind-best stop"] if "behind_best" in turned_on else []
+    if "threshold" in turned_on:
+        stops.append(f"the threshold stop ({turned_on['threshold']:g} after {turned_on['threshold_after']:g})")
     verb = "are" if len(stops) > 1 else "is"
     say(f"experiment {options.exp_key!r}: {' and '.join(stops)} {verb} on from now; {made} trial(s) were made before")
 
