@@ -57,9 +57,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seeds", help="run only these of study.seeds now, e.g. 0 or 0,1 (the rest stay for a later run)"
     )
     scaling.add_argument("--check", action="store_true", help="check the study file and every cell's config, then exit")
-    report = sub.add_parser("report", help="draw a finished study's report again from its runs.csv and trials")
+    report = sub.add_parser(
+        "report",
+        help="draw a finished study's report again from its runs.csv and trials (--interim: one still running)",
+    )
     report.add_argument("--config", required=True, help="study file (jobs/configs/studies/)")
     report.add_argument("--out", help="output folder (default: the file's study.out_dir)")
+    report.add_argument(
+        "--interim", action="store_true",
+        help="a study still running or stopped early: draw the report from the trials finished so far into "
+        "<out>/interim/ (search trials only, no repeats)",
+    )  # fmt: skip
     status = sub.add_parser("status", help="a tuned study's cells: trials per state, best, workers, rate, ETA")
     status.add_argument("--config", required=True, help="study file (jobs/configs/studies/)")
     status.add_argument("--out", help="output folder (default: the file's study.out_dir)")
@@ -222,10 +230,10 @@ def _carry(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from study.runner import rewrite_report
+    from study.runner import rewrite_report, write_interim_report
 
     try:
-        rewrite_report(load_study(args.config, out_dir=args.out))
+        (write_interim_report if args.interim else rewrite_report)(load_study(args.config, out_dir=args.out))
     except (StudyError, OSError) as exc:
         print(f"study: error: {exc}", file=sys.stderr)
         return 2

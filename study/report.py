@@ -696,11 +696,18 @@ def _budget_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     if not rows:
         return []
     header = ["optimizer", "batch", "best val acc", "at step", "runs", "its hyperparameters"]
+    stopped_early = any(_reached(run) for run in runs)  # runs with a target stop at it (run.stop_at_target)
+    how = (
+        "Runs that reached the target stopped there, so in their cells the table shows little more than the target; "
+        "it tells most in the cells that missed it."
+        if stopped_early
+        else "Every run trained its whole budget."
+    )
     return [
         "## Best validation accuracy within the budget",
         "",
-        "Per cell, the highest validation accuracy any run reached at any evaluation within the step budget (runs "
-        "train the whole budget), and that run's tuned values: the layout of Table 1 of the large-batch tuning study.",
+        "Per cell, the highest validation accuracy any run reached at any evaluation within the step budget, and that "
+        f"run's tuned values: the layout of Table 1 of the large-batch tuning study. {how}",
         "",
         markdown_table(header, rows),
         "",
@@ -820,11 +827,13 @@ def write_report(
     top_k: int = 100,
     stopped: Sequence[Mapping[str, Any]] = (),
     spaces: Mapping[str, SearchSpace] | None = None,
+    preface: Sequence[str] = (),
 ) -> Path:
     """Write runs.csv, fits.json, the plots and report.md into ``out_dir``; returns the path of report.md.
     ``stopped``: the tuning trials that left no finished run (pruned or failed: ``study.runner._stopped``), which
     the heading counts and the search's uncertainty counts as trials that did not reach the target. ``spaces``:
-    each optimizer's search space, for the answer on whether the best trials lie at an edge of them."""
+    each optimizer's search space, for the answer on whether the best trials lie at an edge of them. ``preface``:
+    markdown lines put under the title (what the report is drawn from, when that is not a finished study)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(runs, out_dir / "runs.csv")
@@ -836,7 +845,8 @@ def write_report(
 
     variants = sorted({str(r.get("variant") or "") for r in runs})
     repeats = summarise_repeats(runs)
-    lines = _report_heading(runs, title, variants, stopped) + answers_section(runs, stopped, repeats, spaces)
+    heading = _report_heading(runs, title, variants, stopped)
+    lines = heading[:2] + list(preface) + heading[2:] + answers_section(runs, stopped, repeats, spaces)
     lines += _fit_section(fits) + uncertainty_section(runs, stopped, repeats) + cost_lines(out_dir, runs, repeats)
     lines += _plot_section(skipped)
     lines += _budget_table(runs) + _kl_clip_lines(runs)

@@ -19,7 +19,9 @@ are not run again (half-done ones resume from their checkpoint).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from hpo_worker.spaces import SearchSpace
     from jobs.config import Config
 
-__all__ = ["run_study", "stderr_log"]
+__all__ = ["rewrite_report", "run_study", "stderr_log", "write_interim_report"]
 
 Log = Callable[[str], None]
 
@@ -228,7 +230,13 @@ def _run_tuned(
     """The rows of the trials that finished, and the trials that did not (:func:`_stopped`)."""
     from study.tuning import tune_cells  # hyperopt and pymongo: only for a study that tunes
 
-    trials = tune_cells(study, cells, out, log)
+    return _tuned_rows(cells, tune_cells(study, cells, out, log))
+
+
+def _tuned_rows(
+    cells: Sequence[Cell], trials: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of the trials (by cell slug) that finished a run, and the others (:func:`_stopped`)."""
     rows, stopped = [], []
     for cell in cells:
         for trial in trials[cell.slug]:
@@ -317,6 +325,39 @@ def rewrite_report(study: StudyConfig, log: Log | None = None) -> Path:
     report = write_report(out, rows, title=f"Batch-size scaling study: {study.name}", top_k=study.top_k,
                           stopped=stopped, spaces=_spaces(study))  # fmt: skip
     say(f"{len(rows)} runs and {len(stopped)} stopped trials from {out}")
+    print(f"report: {report}", flush=True)
+    return report
+
+
+def write_interim_report(study: StudyConfig, log: Log | None = None) -> Path:
+    """The report of a tuned study that is still running (or stopped before its end), drawn from the search trials
+    finished so far into ``<out>/interim/``: no repeats, and cells short of their trials, as its heading says. The
+    study's own files are left as they are; ``step_cost.json`` is copied for the Cost section."""
+    from study.report import write_report
+    from study.tuning import finished_trials_now
+
+    say = log or stderr_log
+    if study.tune is None:
+        raise StudyError(f"{study.path} has no [tune] table: a study of given values has no interim report")
+    out = study.out_dir.resolve()
+    cells = study.cells()
+    rows, stopped = _tuned_rows(cells, finished_trials_now(study, cells, out, say))
+    interim = out / "interim"
+    interim.mkdir(parents=True, exist_ok=True)
+    if (out / "step_cost.json").is_file():
+        shutil.copyfile(out / "step_cost.json", interim / "step_cost.json")
+    finished, budget = len(rows) + len(stopped), len(cells) * study.tune.trials
+    drawn = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    preface = [
+        f"**Interim, not a result.** Drawn at {drawn} from the {finished} of {budget} search trials finished so far "
+        f"(`python -m study report --interim`). Every cell is short of its {study.tune.trials} trials, and the best "
+        f"settings are not yet repeated over seeds ({study.tune.repeats} repeats each at the end): a cell's best, and "
+        "the halves of its budget, will change.",
+        "",
+    ]
+    report = write_report(interim, rows, title=f"Batch-size scaling study: {study.name} (interim)",
+                          top_k=study.top_k, stopped=stopped, spaces=_spaces(study), preface=preface)  # fmt: skip
+    say(f"interim: {len(rows)} finished runs and {len(stopped)} stopped trials of {budget}")
     print(f"report: {report}", flush=True)
     return report
 

@@ -10,24 +10,21 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from hpo_worker.server import read_url_file
 from hpo_worker.status import ExperimentStatus, experiment_status, format_status, watch
 from study.config import StudyConfig, StudyError
-from study.tuning import URL_FILE, connect_store, experiment_name
+from study.tuning import URL_FILE, connect_store, experiment_name, live_url
 
 __all__ = ["show_status"]
 
 
 def _url(study: StudyConfig, out: Path) -> str:
-    if study.tune is not None and study.tune.mongo:
-        return study.tune.mongo
-    url_file = out / URL_FILE
-    if not url_file.is_file():
+    url = live_url(study, out)
+    if url is None:
         raise StudyError(
-            f"no {url_file}: the study's embedded server runs only while the study does; start the study, or give "
-            "the URL of its MongoDB (--mongo-file FILE or tune.mongo)"
+            f"no {out / URL_FILE}: the study's embedded server runs only while the study does; start the study, or "
+            "give the URL of its MongoDB (--mongo-file FILE or tune.mongo)"
         )
-    return read_url_file(url_file)
+    return url
 
 
 def show_status(study: StudyConfig, watch_s: float = 0) -> None:

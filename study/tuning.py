@@ -30,12 +30,13 @@ import pymongo.errors
 from hpo_worker.driver import DriverOptions, check_experiment
 from hpo_worker.liveness import BeatClock
 from hpo_worker.report import format_report, summarize, trials_json, write_trials_json
-from hpo_worker.server import EmbeddedServer, ServerError, terminate
+from hpo_worker.server import EmbeddedServer, ServerError, read_url_file, terminate
 from hpo_worker.spaces import load_space
 from hpo_worker.status import StateReader
 from hpo_worker.store import (
     ENV_PATIENCE,
     EXIT_STORE_UNREACHABLE,
+    FINISHED_STATES,
     ExperimentMismatch,
     StoreError,
     StoreUnreachable,
@@ -50,7 +51,15 @@ from hpo_worker.warm_start import WarmStartError, load_points, point_of, points_
 from jobs.files import atomic_file, atomic_write_text
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
 
-__all__ = ["connect_store", "experiment_name", "progress", "study_mongo_url", "tune_cells"]
+__all__ = [
+    "connect_store",
+    "experiment_name",
+    "finished_trials_now",
+    "live_url",
+    "progress",
+    "study_mongo_url",
+    "tune_cells",
+]
 
 Log = Callable[[str], None]
 PROGRESS_EVERY_S = 15.0
@@ -367,6 +376,34 @@ def _cell_trials(store: TrialStore, study: StudyConfig, cell: Cell, out: Path) -
     write_trials_json(docs, out / "trials" / f"{cell.slug}.json")
     (out / "logs" / f"report-{cell.slug}.log").write_text(format_report(summarize(docs, top_k=study.top_k)) + "\n")
     return trials_json(docs)
+
+
+def live_url(study: StudyConfig, out: Path) -> str | None:
+    """``tune.mongo``, or the URL of the embedded server of the study running now (in ``<out>/mongo-url`` while it
+    runs); None when the study has neither."""
+    if _tune(study).mongo:
+        return _tune(study).mongo
+    url_file = out / URL_FILE
+    return read_url_file(url_file) if url_file.is_file() else None
+
+
+def finished_trials_now(
+    study: StudyConfig, cells: Sequence[Cell], out: Path, log: Log
+) -> dict[str, list[dict[str, Any]]]:
+    """The trials of each cell that have finished so far, by cell slug, as ``hpo_worker.report.trials_json`` records,
+    read from the store as it is now: that of the study running now (its ``mongo-url``), or ``tune.mongo``, or the
+    embedded server of a study that is not running, started for this read and stopped after it. Writes nothing."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_database_lost_is_a_study_error())
+        url = live_url(study, out) or stack.enter_context(study_mongo_url(study, out, log))
+        store = stack.enter_context(contextlib.closing(connect_store(url)))
+        trials = {}
+        for cell in cells:
+            if store.get_experiment(experiment_name(study, cell)) is None:
+                raise StudyError(f"cell {cell.name} has no experiment in the database yet: start the study first")
+            docs = store.trial_docs(experiment_name(study, cell))
+            trials[cell.slug] = trials_json([doc for doc in docs if doc.get("state") in FINISHED_STATES])
+        return trials
 
 
 # -- the database lost for longer than hpo_worker's patience: its cause, not a log tail ---------------------------

@@ -143,6 +143,31 @@ def test_study_status_shows_the_cells_of_a_tuned_study(mongo: str, store: TrialS
     assert away.returncode == 2 and "the study's embedded server runs only while the study does" in away.stderr
 
 
+def test_interim_reads_only_finished_trials_from_the_running_studys_server(
+    mongo: str, store: TrialStore, tmp_path: Path
+) -> None:
+    from study.config import StudyError, load_study
+    from study.tuning import URL_FILE, finished_trials_now
+
+    (tmp_path / "base.toml").write_text(
+        synthetic_mlp_toml(batch_size=32, train_size=64, test_size=32, lr="0.1", run="steps = 4")
+    )
+    text = '[study]\nname = "st"\nbase_config = "base.toml"\noptimizers = ["sgd"]\nbatch_sizes = [32]\n'
+    text += f'max_steps = 4\nout_dir = "{tmp_path / "out"}"\n[tune]\ntrials = 10\nobjective = "test_loss"\n'
+    (tmp_path / "study.toml").write_text(text)
+    study = load_study(tmp_path / "study.toml")
+    _experiment(store, tmp_path, "st-sgd-b32")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / URL_FILE).write_text(mongo + "\n")  # what a running study leaves for its readers
+    trials = finished_trials_now(study, study.cells(), tmp_path / "out", print)
+    finished = [tid for tid, (state, *_) in enumerate(TRIALS) if state not in (TrialState.RUNNING, TrialState.NEW)]
+    assert [t["tid"] for t in trials["sgd-b32"]] == finished, trials
+    (tmp_path / "study.toml").write_text(text.replace("[32]", "[32, 64]"))
+    wider = load_study(tmp_path / "study.toml")
+    with pytest.raises(StudyError, match="cell sgd/b64 has no experiment in the database yet"):
+        finished_trials_now(wider, wider.cells(), tmp_path / "out", print)
+
+
 def test_watch_redraws_until_every_experiment_has_its_trials(store: TrialStore, tmp_path: Path) -> None:
     import io
 

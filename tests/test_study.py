@@ -73,6 +73,7 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
                                                                  ("kfac", "128")}  # fmt: skip
     assert all(r["source"] in ("tuned", "repeat") and r["trial"] != "" for r in rows)
     _check_repeats(out, rows)
+    _check_interim(tmp_path, rows)
     noise_measured = 0
     for row in rows:
         metrics = [json.loads(line) for line in Path(row["metrics_path"]).read_text().splitlines()]
@@ -158,6 +159,35 @@ def _check_repeats(out: Path, rows: list[dict[str, str]]) -> None:
     report = (out / "report.md").read_text()
     assert "## Uncertainty" in report and "best steps [resampled trials, 90%]" in report
     assert report.count("/2 |") == 4, "every cell's row says how many of its 2 repeats reached the target"
+
+
+def _check_interim(tmp_path: Path, rows: list[dict[str, str]]) -> None:
+    """python -m study report --interim, the study not running: its own server started for the read; the search
+    trials only, in out/interim/, under a heading that says so; the study's own report left as it was."""
+    out = tmp_path / "out"
+    report = (out / "report.md").read_text()
+    command = [
+        PYTHON,
+        "-m",
+        "study",
+        "report",
+        "--interim",
+        "--config",
+        str(tmp_path / "study.toml"),
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    interim = list(csv.DictReader((out / "interim" / "runs.csv").open()))
+    assert sorted(r["metrics_path"] for r in interim) == sorted(
+        r["metrics_path"] for r in rows if r["source"] == "tuned"
+    )
+    text = (out / "interim" / "report.md").read_text()
+    assert text.startswith("# Batch-size scaling study: tiny (interim)\n\n**Interim, not a result.**"), text[:300]
+    assert "from the 8 of 8 search trials finished so far" in text and "(2 repeats each at the end)" in text
+    assert "Runs that reached the target stopped there" in text
+    assert (out / "report.md").read_text() == report and not (out / "hpo_data" / "mongo-url").exists()
 
 
 def _check_best_runs_diagnosed(out: Path, rows: list[dict[str, str]]) -> None:
@@ -306,6 +336,7 @@ def test_fixed_budget_study_trains_every_step_and_ranks_by_the_best_evaluation(t
     report = (out / "report.md").read_text()
     top = max(float(r["best_val_accuracy"]) for r in rows)
     assert "## Best validation accuracy within the budget" in report and f"| {top:.4f} |" in report
+    assert "Every run trained its whole budget." in report
     assert "| – | 32 | 4 | off | – |" in report  # the KL-clip section: the clip was off in every K-FAC run
 
 
