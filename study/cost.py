@@ -20,17 +20,52 @@ and the report says how much that changes.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import statistics
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 __all__ = [
-    "STEP_COST_JSON", "FrontierPoint", "StepCosts", "cost_section", "frontier", "load_step_costs", "time_to_target",
+    "STEP_COST_JSON", "FrontierPoint", "OwnTime", "StepCosts", "cost_section", "frontier", "load_step_costs",
+    "own_time_to_target", "time_to_target",
 ]  # fmt: skip
 
 STEP_COST_JSON: Final = "step_cost.json"  # in the study's out_dir, written by benchmarks/step_cost.py
 COST_PLOT: Final = "cost_frontier.png"
+
+
+# A step or evaluation this many times the run's median of its kind was a paused process (SIGSTOP, a suspended
+# machine), not work: on CIFAR-10 the study's paused trials held single steps of 58-72 minutes, and the slowest real
+# steps (those that also measure the noise scale) cost 2-3x the median.
+PAUSED_FACTOR: Final = 10.0
+
+
+@dataclass(frozen=True)
+class OwnTime:
+    """A run's own time to its target (:func:`own_time_to_target`), and how many records counted at the median."""
+
+    seconds: float
+    paused: int
+
+
+def own_time_to_target(records: Iterable[Mapping[str, Any]], steps_to_target: float) -> OwnTime | None:
+    """The seconds a run's training steps and evaluations took up to the step that reached the target, from its
+    metrics records (those of every attempt of a resumed run); None without step times. A summary's ``seconds`` is
+    neither: it holds only the last attempt, and the time the process spent stopped. A record longer than
+    PAUSED_FACTOR times the median of its kind counts at the median."""
+    mine = [r for r in records if isinstance(r.get("seconds"), int | float) and r.get("step", 0) <= steps_to_target]
+    total, paused = 0.0, 0
+    for kind in ("step", "eval"):
+        times = [float(r["seconds"]) for r in mine if r.get("kind") == kind]
+        if not times:
+            continue
+        median = statistics.median(times)
+        paused += sum(t > PAUSED_FACTOR * median for t in times)
+        total += sum(median if t > PAUSED_FACTOR * median else t for t in times)
+    if not any(r.get("kind") == "step" for r in mine):
+        return None
+    return OwnTime(total, paused)
 
 
 @dataclass(frozen=True)
@@ -147,9 +182,9 @@ def fastest_by_devices(curves: Mapping[str, list[FrontierPoint]]) -> list[dict[s
     return rows
 
 
-def _cell_table(steps: Mapping[str, Mapping[int, float]], costs: StepCosts, wall: Mapping[str, Any]) -> list[str]:
+def _cell_table(steps: Mapping[str, Mapping[int, float]], costs: StepCosts, own: Mapping[str, Any]) -> list[str]:
     """Per cell on one device: steps, the step's cost (and its decompositions, where measured), their product, and
-    the best run's measured wall time."""
+    the best run's own time to target (:func:`own_time_to_target`)."""
     from study.report import markdown_table
 
     parts = any(costs.decompositions.values())
@@ -158,14 +193,14 @@ def _cell_table(steps: Mapping[str, Mapping[int, float]], costs: StepCosts, wall
         for batch, s in sorted(by_batch.items()):
             cost = costs.seconds.get(optimizer, {}).get(batch)
             part = costs.decompositions.get(optimizer, {}).get(batch)
-            measured = wall.get(optimizer, {}).get(batch)
+            measured = own.get(optimizer, {}).get(batch)
             row = [optimizer, str(batch), f"{s:.0f}", f"{cost * 1e3:.2f}" if cost else "–"]
             row += [f"{part * 1e3:.2f}" if part is not None else "–"] if parts else []
-            row += [f"{s * cost:.2f}" if cost else "–", f"{measured:.1f}" if measured else "–"]
+            row += [f"{s * cost:.2f}" if cost else "–", f"{measured.seconds:.1f}" if measured else "–"]
             rows.append(row)
     header = ["optimizer", "batch", "steps to target", "ms per step"]
     header += ["of which decompositions (ms)"] if parts else []
-    header += ["steps × step (s)", "best run's wall time (s)"]
+    header += ["steps × step (s)", "best run's own time to target (s)"]
     return [markdown_table(header, rows), ""]
 
 
@@ -284,11 +319,26 @@ def _communication_lines(measured: Mapping[str, Any], costs: StepCosts, curves: 
     ]
 
 
+def _own_time_note(own: Mapping[str, Mapping[int, OwnTime]]) -> str:
+    paused = sum(time.paused for by_batch in own.values() for time in by_batch.values())
+    counted = (
+        f"; {paused} step(s) or evaluation(s) of these runs took over {PAUSED_FACTOR:g}x their run's median (a "
+        "process stopped or a machine suspended, not work) and count at that median"
+        if paused
+        else ""
+    )
+    return (
+        "The best run's own time to target is the sum of its training steps' and evaluations' times up to the target, "
+        "as its metrics recorded them during the study, two runs at a time on this machine's cores, over every "
+        f"attempt of a resumed run{counted}."
+    )
+
+
 def cost_section(
-    out_dir: Path, steps: Mapping[str, Mapping[int, float]], wall: Mapping[str, Mapping[int, float]]
+    out_dir: Path, steps: Mapping[str, Mapping[int, float]], own: Mapping[str, Mapping[int, OwnTime]]
 ) -> list[str]:
     """The report's "Cost" section from ``out_dir/step_cost.json``: per cell, and the frontier with its plot.
-    ``steps``: steps to target by optimizer and batch size; ``wall``: the best runs' measured wall times."""
+    ``steps``: steps to target by optimizer and batch size; ``own``: the best runs' own times to target."""
     lines = ["## Cost", ""]
     path = out_dir / STEP_COST_JSON
     if not path.is_file():
@@ -314,10 +364,9 @@ def cost_section(
         f"Step costs from `{measured.get('command', '')}` ({measured.get('machine', '')}, "
         f"{measured.get('threads', '?')} thread(s), training steps only). Time to target on P devices = steps to "
         "target at global batch B × the step cost at local batch B / P, with idle devices allowed (study/cost.py). "
-        f"{communication}; {decompositions}. The best run's wall time was measured during the study, two "
-        "runs at a time on this machine's cores, evaluations included.",
+        f"{communication}; {decompositions}. {_own_time_note(own)}",
         "",
-        *_cell_table(steps, costs, wall),
+        *_cell_table(steps, costs, own),
         *_frontier_table(curves),
         *_spread_lines(measured),
         *_sharing_lines(costs, curves, unshared),

@@ -25,6 +25,7 @@ from study.report import (
     _sorted_keys,
     best_runs,
     markdown_table,
+    read_metrics_file,
     run_hparams,
 )
 from study.uncertainty import Interval
@@ -232,18 +233,19 @@ def answers_section(
 def cost_lines(out_dir: Path, runs: Sequence[Mapping[str, Any]], repeats: Repeats) -> list[str]:
     """The "Cost" section (study.cost) of a tuned study of one variant: steps to target are the repeats' geometric
     mean where two or more reached it, else the best run's."""
-    from study.cost import cost_section
+    from study.cost import OwnTime, cost_section, own_time_to_target
 
     best = best_runs(runs)
     if not any(r.get("source") == "tuned" for r in runs) or any(variant for variant, _, _ in best):
         return []
     steps: dict[str, dict[int, float]] = {}
-    wall: dict[str, dict[int, float]] = {}
+    own: dict[str, dict[int, OwnTime]] = {}
     for (_, optimizer, batch), run in best.items():
-        if _reached(run) and (s := _num(run.get("steps_to_target"))):
-            steps.setdefault(optimizer, {})[batch] = s
-        if (seconds := _num(run.get("wall_seconds"))) is not None:
-            wall.setdefault(optimizer, {})[batch] = seconds
+        if not _reached(run) or not (s := _num(run.get("steps_to_target"))):
+            continue
+        steps.setdefault(optimizer, {})[batch] = s
+        if (time := own_time_to_target(read_metrics_file(run.get("metrics_path") or ""), s)) is not None:
+            own.setdefault(optimizer, {})[batch] = time
     for (_, optimizer, batch), mean in repeats.means.items():
         steps.setdefault(optimizer, {})[batch] = mean.estimate
-    return cost_section(out_dir, steps, wall)
+    return cost_section(out_dir, steps, own)

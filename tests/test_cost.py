@@ -17,7 +17,16 @@ from benchmarks.step_comm import communication_seconds, network
 from benchmarks.step_cost import decomposition_speedups, partial_file, selected_cells, step_cost
 from jobs.config import build_config
 from study.config import load_study
-from study.cost import StepCosts, cost_section, fastest_by_devices, frontier, load_step_costs, time_to_target
+from study.cost import (
+    OwnTime,
+    StepCosts,
+    cost_section,
+    fastest_by_devices,
+    frontier,
+    load_step_costs,
+    own_time_to_target,
+    time_to_target,
+)
 from tests.processes import ENV, PYTHON, ROOT
 from tests.test_study_archive import BASE, STUDY
 
@@ -68,11 +77,32 @@ def test_cost_section_without_and_with_step_costs(tmp_path: Path) -> None:
         "command": "python -m benchmarks.step_cost --config x.toml", "machine": "test", "threads": 1,
         "seconds_per_step": {"sgd": {"64": 0.002, "128": 0.003}, "kfac": {"64": 0.01, "128": 0.012}},
     }))  # fmt: skip
-    text = "\n".join(cost_section(tmp_path, steps, {"sgd": {64: 5.0}}))
+    text = "\n".join(cost_section(tmp_path, steps, {"sgd": {64: OwnTime(5.0, 0)}}))
     assert "| sgd | 64 | 800 | 2.00 | 1.60 | 5.0 |" in text and "| kfac | 128 | 200 | 12.00 | 2.40 | – |" in text
+    assert "over every attempt of a resumed run." in text and "count at that median" not in text
+    paused = "\n".join(cost_section(tmp_path, steps, {"sgd": {64: OwnTime(5.0, 2)}}))
+    assert "2 step(s) or evaluation(s) of these runs took over 10x their run's median" in paused
     assert "| 1 | 1.26 s at B = 128 | 2.40 s at B = 128 | sgd (1.90x) |" in text
     assert "| 2 | 0.84 s at B = 128 | 2.00 s at B = 128 | sgd (2.38x) |" in text
     assert (tmp_path / "cost_frontier.png").stat().st_size > 1000
+
+
+def _own(records: list[dict[str, Any]], steps_to_target: float) -> tuple[float, int] | None:
+    time = own_time_to_target(records, steps_to_target)
+    return None if time is None else (round(time.seconds, 9), time.paused)
+
+
+def test_own_time_to_target_sums_steps_and_evaluations_to_the_target_and_counts_pauses_at_the_median() -> None:
+    steps: list[dict[str, Any]] = [{"kind": "step", "step": n, "seconds": 0.5} for n in range(1, 11)]
+    steps[3]["seconds"] = 3600.0  # SIGSTOP for an hour inside step 4
+    steps[5]["seconds"] = 1.4  # a step that also measured the noise scale: slow, but work
+    evals: list[dict[str, Any]] = [{"kind": "eval", "step": n, "seconds": 2.0} for n in (5, 10)]
+    records = [*steps, *evals, {"kind": "noise", "step": 2}, {"kind": "eval", "step": 5}]  # no seconds: not summed
+    assert _own(records, 10) == (8 * 0.5 + 1.4 + 0.5 + 2 * 2.0, 1), "the paused step counts at the median, 0.5"
+    assert _own(records, 5) == (4 * 0.5 + 0.5 + 2.0, 1), "up to the target's step only"
+    evals[0]["seconds"] = 900.0  # the evaluations' median is now 451: 900 is not 10x it
+    assert _own(records, 10) == (5.9 + 900.0 + 2.0, 1)
+    assert _own(evals, 10) is None, "no step times: no time to target"
 
 
 def test_more_devices_never_make_the_frontier_slower() -> None:
