@@ -81,7 +81,7 @@ def test_cost_section_without_and_with_step_costs(tmp_path: Path) -> None:
     assert "| sgd | 64 | 800 | 2.00 | 1.60 | 5.0 |" in text and "| kfac | 128 | 200 | 12.00 | 2.40 | – |" in text
     assert "over every attempt of a resumed run." in text and "count at that median" not in text
     paused = "\n".join(cost_section(tmp_path, steps, {"sgd": {64: OwnTime(5.0, 2)}}))
-    assert "2 step(s) or evaluation(s) of these runs took over 10x their run's median" in paused
+    assert "2 step(s) or evaluation(s) of these runs took over 10x their run's median and over 60 s" in paused
     assert "| 1 | 1.26 s at B = 128 | 2.40 s at B = 128 | sgd (1.90x) |" in text
     assert "| 2 | 0.84 s at B = 128 | 2.00 s at B = 128 | sgd (2.38x) |" in text
     assert (tmp_path / "cost_frontier.png").stat().st_size > 1000
@@ -102,6 +102,8 @@ def test_own_time_to_target_sums_steps_and_evaluations_to_the_target_and_counts_
     assert _own(records, 5) == (4 * 0.5 + 0.5 + 2.0, 1), "up to the target's step only"
     evals[0]["seconds"] = 900.0  # the evaluations' median is now 451: 900 is not 10x it
     assert _own(records, 10) == (5.9 + 900.0 + 2.0, 1)
+    steps[3]["seconds"] = 50.0  # 100x the median, but under a minute: a hiccup of the machine, counted as work
+    assert _own(records, 10) == (8 * 0.5 + 50.0 + 1.4 + 902.0, 0)
     assert _own(evals, 10) is None, "no step times: no time to target"
 
 
