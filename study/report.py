@@ -54,7 +54,7 @@ RUN_COLUMNS: Final = (
     "steps_to_target",  # int or None: optimizer steps at the first evaluation at or above the target
     "examples_to_target",  # int or None: steps_to_target * batch_size
     "steps",  # int: steps run
-    "wall_seconds",  # float: wall-clock time of the run
+    "wall_seconds",  # float: wall-clock time of the run's last invocation (a resumed run's earlier ones left out)
     "train_accuracy",  # float: final (fractions, not percent)
     "val_accuracy",  # float: final
     "train_loss",  # float: final
