@@ -69,6 +69,22 @@ def test_the_lie_enters_tpe_and_one_round_sees_its_own_proposals() -> None:
         assert doc["state"] == TrialState.NEW and doc["result"] == {"status": "new"}  # what the store receives
 
 
+def test_a_diverged_trial_enters_tpe_as_the_worst_not_left_out() -> None:
+    """A diverged run is stored as status fail with no loss (hpo_worker.trial); hyperopt's TPE gives it an infinite
+    loss, so TPE steers away from it. Its proposals are those of the same trial told the worst loss, and differ from
+    those of a history without it."""
+    space, history = load_space("sgd"), _history(24, 0)
+    diverged = max(history, key=lambda d: float(d["spec"]["params"]["lr"]))
+    diverged["result"] = {"status": "fail", "failure": "diverged: the training loss is 1e6"}
+
+    def proposed(docs: list[dict[str, Any]]) -> list[Any]:
+        return [d["spec"]["params"] for d in make_trial_docs(space, "e", [30, 31, 32], docs, seed=5)]
+
+    worst = [{**d, "result": {"status": "ok", "loss": 1e9}} if d is diverged else d for d in history]
+    assert proposed(history) == proposed(worst)
+    assert proposed(history) != proposed([d for d in history if d is not diverged])
+
+
 def test_tpe_models_the_history_after_startup_trials_and_draws_from_the_prior_before() -> None:
     """With 8 finished trials, TPE with startup_trials=4 concentrates its learning rates where the history was good;
     with startup_trials=20 (hyperopt's own: 8 < 20 trials is random search) they spread like the log-uniform
