@@ -165,7 +165,7 @@ class EigenMethod(ComputeMethod):
             q_a, d_a = a_state
             q_g, d_g = g_state
             rotated = _chain(q_g.transpose(1, 2), grads, q_a)
-            rotated.div_(self._denominators(d_a, d_g, damping))
+            rotated.div_(self.damped_eigenvalues(d_a, d_g, damping))
             return _chain(q_g, rotated, q_a.transpose(1, 2))
         a_structure, g_structure = structures
         q_a, q_g = (a_state or [grads])[0], (g_state or [grads])[0]  # unused for the structures without a basis
@@ -173,10 +173,10 @@ class EigenMethod(ComputeMethod):
         if a_structure is Structure.NONE:  # unit-wise blocks: the whole damping on each block's eigenvalues
             rotated = rotated / (g_state[-1] + damping)
         else:
-            rotated = rotated / self._denominators(a_state[-1], g_state[-1], damping)
+            rotated = rotated / self.damped_eigenvalues(a_state[-1], g_state[-1], damping)
         return _apply_right(_apply_left(q_g, rotated, g_structure, False), q_a, a_structure, True)
 
-    def _denominators(self, d_a: torch.Tensor, d_g: torch.Tensor, damping: float) -> torch.Tensor:
+    def damped_eigenvalues(self, d_a: torch.Tensor, d_g: torch.Tensor, damping: float) -> torch.Tensor:
         """The damped eigenvalues of the preconditioned system, ``k x g_dim x a_dim``."""
         if self.damping_form == "tikhonov":
             return (d_g.unsqueeze(2) * d_a.unsqueeze(1)).add_(damping)
