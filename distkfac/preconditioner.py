@@ -833,6 +833,24 @@ class KFACPreconditioner:
         for index in sorted(directions):
             self._layers[index].helper.write_grad(directions[index], scale)
 
+    def decompositions(self) -> dict[str, Any]:
+        """The parts of :meth:`state_dict` that describe the preconditioner now, not copied (read them; never change
+        them): compute method, conventions, adaptive damping and each layer's decompositions ("a_state", "g_state";
+        None where another rank holds them). What distkfac.diagnostics.curvature_share reads, at no copy's cost."""
+        layers = {}
+        for layer in self._layers:
+            group = self._groups[layer.group] if layer.group >= 0 and layer.decomposed else None
+            layers[layer.name] = {
+                "a_state": [t[layer.slot] for t in group.a_state] if group is not None else None,
+                "g_state": [t[layer.slot] for t in group.g_state] if group is not None else None,
+            }
+        return {
+            "compute_method": self.compute_method,
+            "conventions": self._conventions(),
+            "damping": self.damping.state_dict() if isinstance(self.damping, LevenbergMarquardt) else None,
+            "layers": layers,
+        }
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:

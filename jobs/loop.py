@@ -36,6 +36,7 @@ from torch import nn
 from distkfac import KFACPreconditioner, LevenbergMarquardt
 from distkfac.comm import average_gradients, barrier, broadcast_from
 from distkfac.damping import Likelihood, measure_and_adapt
+from distkfac.diagnostics.curvature_share import gathered_shares, overall_share
 from distkfac.saddle_optim import PlateauSkippingGD
 from jobs import checkpoint as ckpt
 from jobs.config import Config, ConfigError, ignored_keys, trajectory_differences
@@ -85,6 +86,9 @@ class RunSummary:
     best_test_step: int | None = None
     # K-FAC with a KL clip: the fraction of logged steps whose update the clip set (None without a clip).
     kl_clipped_fraction: float | None = None
+    # K-FAC (eigen): the curvature share of its preconditioner at the last evaluation (distkfac.diagnostics.
+    # curvature_share: 0 = the step is the gradient / damping, towards 1 = curvature sets it), over all weights.
+    curvature_share: float | None = None
     # How the run ended (jobs.outcome.RunEnd's value) and, unless it finished or stopped, why.
     end: str = RunEnd.FINISHED.value
     reason: str | None = None
@@ -160,7 +164,8 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def history_fields(out_dir: Path) -> dict[str, Any]:
-    """What the whole run's records say: the best test accuracy and its step, and the fraction of clipped steps.
+    """What the whole run's records say: the best test accuracy and its step, the fraction of clipped steps, and
+    the last evaluation's curvature share.
 
     Read from ``metrics.jsonl`` at the end, so a resumed run counts the records of its earlier invocations too.
     """
@@ -168,10 +173,12 @@ def history_fields(out_dir: Path) -> dict[str, Any]:
     evals = [r for r in records if r.get("kind") == "eval" and r.get("test_accuracy") is not None]
     best = max(evals, key=lambda r: (r["test_accuracy"], -r["step"]), default=None)
     clipped = [bool(r["kl_clipped"]) for r in records if r.get("kind") == "step" and "kl_clipped" in r]
+    shares = [r["curvature_share"] for r in evals if r.get("curvature_share") is not None]
     return {
         "best_test_accuracy": best["test_accuracy"] if best is not None else None,
         "best_test_step": best["step"] if best is not None else None,
         "kl_clipped_fraction": sum(clipped) / len(clipped) if clipped else None,
+        "curvature_share": shares[-1] if shares else None,
     }
 
 
@@ -183,6 +190,19 @@ def _kl_fields(precond: KFACPreconditioner | None) -> dict[str, Any]:
     scale = precond.kl_scale
     fields = {} if scale is None else {"kl_scale": scale, "kl_clipped": scale < 1.0}
     return {**fields, "kfac_staleness": precond.decomposition_staleness}
+
+
+def _curvature_fields(precond: KFACPreconditioner | None, damping: float, context: Context) -> dict[str, Any]:
+    """The eval record's curvature share of K-FAC's eigen preconditioner (collective), pooled over the weights and by
+    layer: how far its step is from the gradient divided by the damping (distkfac.diagnostics.curvature_share)."""
+    if precond is None or precond.compute_method != "eigen":
+        return {}
+    shares = gathered_shares(precond.decompositions(), damping, precond.layer_names, context.comm, context.device)
+    if not shares:  # nothing decomposed yet
+        return {}
+    pooled = overall_share(shares)
+    by_layer = {share.layer: share.share for share in shares}
+    return {"curvature_share": pooled.share, "curvature_led": pooled.led, "curvature_layers": by_layer}
 
 
 def _damping_fields(precond: KFACPreconditioner | None) -> dict[str, Any]:
@@ -702,6 +722,7 @@ class TrainingRun:
                 "test_loss": self.test_loss,
                 "test_accuracy": self.test_accuracy,
                 "seconds": time.perf_counter() - eval_start,
+                **_curvature_fields(self.precond, self.config.kfac.damping, self.context),
             }
         )
         accuracy, loss = self.test_accuracy, self.test_loss

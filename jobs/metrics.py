@@ -49,6 +49,10 @@ CSV_COLUMNS: Final = (
     "kfac_staleness",  # K-FAC: steps between the factors behind the step's decompositions and the step
     "damping",  # K-FAC with kfac.damping_adaptive: lambda after the step (docs/kfac.md, "Adaptive damping")
     "damping_rho",  # and on adaptation steps the reduction ratio rho of the step's update
+    # "eval" records of K-FAC (eigen): how far its step is from gradient / damping (diagnostics.curvature_share)
+    "curvature_share",  # over all weights: 0 = the damping sets every direction's step (SGD), towards 1 = curvature
+    "curvature_led",  # the fraction of eigen-directions whose share is at least 1/2
+    "curvature_layers",  # {layer: its share}
     # "fisher" records (run.fisher_every; jobs.diagnostics): the empirical Fisher's top eigenvalue, without the top
     # run.fisher_trim of |v1 . g_i| (eigenvector kept, and recomputed), the examples, and the gradient-norm outliers
     "fisher_top",

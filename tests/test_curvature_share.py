@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distkfac import KFACPreconditioner
-from distkfac.diagnostics.curvature_share import curvature_shares, overall_share
+from distkfac import KFACPreconditioner, SingleProcessCommunicator
+from distkfac.diagnostics.curvature_share import curvature_shares, gathered_shares, overall_share
 from distkfac.methods import EigenMethod
 from tests.test_layers import NormModel
 
@@ -72,6 +72,17 @@ def test_damping_far_above_the_curvature_is_sgd_and_far_below_is_curvature() -> 
     assert above.share < 1e-4 and above.led == 0.0
     below = overall_share(curvature_shares(decomposed(small).state_dict(), small))
     assert 0.2 < below.led < 0.9 and below.share == pytest.approx(below.led, abs=1e-3)
+
+
+def test_the_uncopied_decompositions_and_one_process_gather_give_the_state_dicts_shares() -> None:
+    """Two ranks with disjoint layers: tests/test_train.py (mem-opt); here the single-process communicator."""
+    precond = decomposed(1e-3)
+    want = curvature_shares(precond.state_dict(), 1e-3)
+    assert curvature_shares(precond.decompositions(), 1e-3) == want
+    names = precond.layer_names
+    got = gathered_shares(precond.decompositions(), 1e-3, names, SingleProcessCommunicator(), torch.device("cpu"))
+    assert [(s.layer, s.directions) for s in got] == [(s.layer, s.directions) for s in want]
+    assert [s.share for s in got] == pytest.approx([s.share for s in want], rel=1e-12)
 
 
 def test_the_adaptive_damping_in_force_is_read_from_the_state() -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distkfac.diagnostics.curvature_share import curvature_shares, overall_share
 from jobs.checkpoint import find_latest, shared_file
 from jobs.config import ConfigError, DataConfig, ModelConfig, OptimConfig, build_config, load_config, parse_override
 from jobs.data import FASHION_MNIST_ROOT, MNIST_ROOT
@@ -561,6 +562,22 @@ def test_smoke_run_writes_metrics_and_checkpoints_and_learns(tmp_path: Path, ove
     rank0 = torch.load(out / "checkpoints" / "ckpt-step00000016.rank0.pt", weights_only=True)
     assert (rank0["kfac"] is not None) == ("optim.name=kfac" in overrides) and "torch" in rank0["rng"]
     assert not list(out.glob("**/*.tmp"))
+    summary = json.loads((out / "summary.json").read_text())
+    if rank0["kfac"] is None:
+        assert "curvature_share" not in evals[-1] and summary["curvature_share"] is None
+    else:  # the last evaluation's share is the one of the final checkpoint's decompositions, read another way
+        assert evals[-1]["curvature_share"] == pytest.approx(checkpoint_share(out, 16, resolved), rel=1e-9)
+        assert 0 < evals[-1]["curvature_share"] < 1 and summary["curvature_share"] == evals[-1]["curvature_share"]
+        assert list(evals[-1]["curvature_layers"]) == ["1", "3", "5"]  # the MLP's Linear layers
+
+
+def checkpoint_share(out: Path, step: int, resolved: dict[str, Any]) -> float:
+    """The pooled curvature share of the K-FAC states of every rank's checkpoint file at ``step``, each layer once."""
+    layers = {}
+    for path in sorted((out / "checkpoints").glob(f"ckpt-step{step:08d}.rank*.pt")):
+        state = torch.load(path, weights_only=True)["kfac"]
+        layers.update({s.layer: s for s in curvature_shares(state, resolved["kfac"]["damping"])})
+    return overall_share(list(layers.values())).share
 
 
 @pytest.mark.parametrize(
@@ -671,6 +688,20 @@ def test_two_ranks_under_torchrun_resume_like_the_uninterrupted_run(tmp_path: Pa
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "whole" / "config.json").read_text())["derived"]["local_batch_size"] == 32
     assert without_timing(read_metrics(tmp_path / "parts")) == without_timing(read_metrics(tmp_path / "whole"))
+
+
+def test_two_mem_opt_ranks_record_the_curvature_share_of_every_layer_once(tmp_path: Path) -> None:
+    """mem-opt: each rank holds the decompositions of its own layers only; the eval record pools them all, each once."""
+    out = tmp_path / "mem-opt"
+    done = _launch(["--config", str(SMOKE), *KFAC, "kfac.strategy='mem-opt'", f"run.out_dir={out}"], world=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(p, weights_only=True)["kfac"] for p in sorted(out.glob("checkpoints/ckpt-step00000016.rank*"))]
+    held = [{name for name, layer in state["layers"].items() if layer["a_state"] is not None} for state in ranks]
+    assert len(held) == 2 and held[0] and held[1] and not held[0] & held[1], held
+    resolved = json.loads((out / "config.json").read_text())
+    last = [r for r in read_metrics(out) if r["kind"] == "eval"][-1]
+    assert last["step"] == 16 and sorted(last["curvature_layers"]) == sorted(held[0] | held[1])
+    assert last["curvature_share"] == pytest.approx(checkpoint_share(out, 16, resolved), rel=1e-9)
 
 
 def test_a_model_whose_strided_1x1_convolution_channels_last_gets_wrong_runs_nchw() -> None:

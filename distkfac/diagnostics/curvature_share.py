@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
+from distkfac.comm import Communicator
 from distkfac.methods import EigenMethod
 
+PURPOSE = "curvature share"
 HALF: float = 0.5  # a direction counts as curvature-led where curvature at least halves the step of gradient / damping
 
 
@@ -81,3 +83,24 @@ def overall_share(layers: Sequence[CurvatureShare]) -> CurvatureShare:
     share = sum(layer.share * layer.directions for layer in layers) / total
     led = sum(layer.led * layer.directions for layer in layers) / total
     return CurvatureShare("all", total, share, led)
+
+
+def gathered_shares(
+    state: Mapping[str, Any], damping: float, names: Sequence[str], comm: Communicator, device: torch.device
+) -> list[CurvatureShare]:
+    """Collective: the share of every layer in ``names`` that some rank has decomposed, on every rank, in ``names``'
+    order. Each rank reads the layers its ``state`` holds; a layer held on several ranks has the same decomposition
+    on each, and counts once. ``device`` is where the communicator reduces (a CUDA device for NCCL)."""
+    mine = {share.layer: share for share in curvature_shares(state, damping)}
+    sums = torch.zeros(len(names), 4, dtype=torch.float64)
+    for row, name in enumerate(names):
+        if (share := mine.get(name)) is not None:
+            count = share.directions
+            sums[row] = torch.tensor([1.0, count, share.share * count, share.led * count], dtype=torch.float64)
+    total = sums.to(device)
+    comm.allreduce_sum(total, PURPOSE).wait()
+    return [
+        CurvatureShare(name, round(directions / held), shared / directions, led / directions)
+        for name, (held, directions, shared, led) in zip(names, total.tolist(), strict=True)
+        if held > 0
+    ]
