@@ -843,6 +843,7 @@ def write_report(
     skipped = _plot_all(out_dir, runs, fits) if runs else {name: "no runs" for name in PLOTS}
 
     from study.critical_report import answers_section, cost_lines, summarise_repeats, uncertainty_section
+    from study.curvature import curvature_lines
 
     variants = sorted({str(r.get("variant") or "") for r in runs})
     repeats = summarise_repeats(runs)
@@ -850,7 +851,7 @@ def write_report(
     lines = heading[:2] + list(preface) + heading[2:] + answers_section(runs, stopped, repeats, spaces)
     lines += _fit_section(fits) + uncertainty_section(runs, stopped, repeats) + cost_lines(out_dir, runs, repeats)
     lines += _plot_section(skipped)
-    lines += _budget_table(runs) + _kl_clip_lines(runs)
+    lines += _budget_table(runs) + _kl_clip_lines(runs) + curvature_lines(runs)
     if len(variants) > 1:
         lines += [f"## Top-{top_k} means", "", *_top_k_tables(runs, top_k)]
     path = out_dir / "report.md"

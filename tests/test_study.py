@@ -159,6 +159,10 @@ def _check_repeats(out: Path, rows: list[dict[str, str]]) -> None:
     report = (out / "report.md").read_text()
     assert "## Uncertainty" in report and "best steps [resampled trials, 90%]" in report
     assert report.count("/2 |") == 4, "every cell's row says how many of its 2 repeats reached the target"
+    curvature = report.split("## K-FAC: curvature or damping?")[1]  # the repeats' share, each run's last record
+    assert "| 32 | – | 2 of 2 | " in curvature and "| 128 | – | 2 of 2 | " in curvature
+    assert all(0 < float(r["curvature_share"]) < 1 for r in rows if r["optimizer"] == "kfac")
+    assert all(r["curvature_share"] == "" for r in rows if r["optimizer"] == "sgd")
 
 
 def _check_interim(tmp_path: Path, rows: list[dict[str, str]]) -> None:
@@ -243,6 +247,8 @@ def test_given_study_with_variants_on_real_mnist_continues_where_it_stopped(tmp_
     assert residual["model"]["residual"] is True and residual["optim"]["lr"] == 0.05
     report = (out / "report.md").read_text()
     assert "plain" in report and "residual" in report  # the skip-connection study's tables
+    curvature = report.split("## K-FAC: curvature or damping?")[1]  # a column for the variant
+    assert "| variant | batch |" in curvature and "| plain | 64 | – | 1 of 1 |" in curvature
 
     # A study stopped half-way: remove two runs' results; only those two are trained again.
     for cell in ("plain-sgd-b64", "residual-kfac-b256"):

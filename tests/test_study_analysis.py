@@ -459,3 +459,34 @@ def test_report_names_the_cells_whose_best_trial_lies_at_an_edge_of_its_search_s
     assert "9.9" not in line
     without = write_report(tmp_path / "plain", runs, title="t").read_text()
     assert "## Answers" in without and "search spaces hold" not in without
+
+
+# ------------------------------------------------------------------------------------ K-FAC: curvature or damping?
+
+
+def test_a_runs_curvature_share_is_read_from_its_record_or_else_from_its_checkpoint(tmp_path: Path) -> None:
+    """A run made before runs recorded the share (its eval records stripped of it) gives the same value from its
+    latest checkpoint; a run without either gives None, and so does a run that is not K-FAC."""
+    from jobs.train import main
+    from study.curvature import curvature_lines, run_curvature
+
+    out = tmp_path / "run"
+    smoke = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "smoke.toml"
+    assert main(["--config", str(smoke), f"run.out_dir='{out}'", "optim.name=kfac", "optim.momentum=0.5"]) == 0
+    row = {"metrics_path": str(out / "metrics.jsonl"), "optimizer": "kfac", "batch_size": 64, "source": "tuned",
+           "hparams": {"kfac.damping": 1e-3}, "reached": True, "steps_to_target": 16}  # fmt: skip
+    recorded = run_curvature(row)
+    assert recorded is not None and 0 < recorded.share < 1 and list(recorded.layers) == ["1", "3", "5"]
+    metrics = out / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    stripped = [{k: v for k, v in r.items() if not k.startswith("curvature")} for r in lines]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in stripped))
+    from_checkpoint = run_curvature(row)
+    assert from_checkpoint is not None and from_checkpoint.share == pytest.approx(recorded.share, rel=1e-9)
+    assert from_checkpoint.layers == pytest.approx(recorded.layers, rel=1e-9)
+    section = "\n".join(curvature_lines([row]))
+    assert "## K-FAC: curvature or damping?" in section and f"| 64 | 0.001 | 1 of 1 | {recorded.share:.3f} |" in section
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "optim": {**config["optim"], "name": "sgd"}}))
+    assert run_curvature(row) is None and curvature_lines([row]) == []  # no section without a measured cell
+    assert run_curvature({**row, "metrics_path": str(tmp_path / "none" / "metrics.jsonl")}) is None
