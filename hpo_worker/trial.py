@@ -54,7 +54,8 @@ OBJECTIVES = ("test_loss", "test_error", "train_error", "steps_to_target", "best
 SUMMARY_KEYS = (
     "test_loss", "test_accuracy", "train_loss", "train_accuracy", "steps", "total_steps", "seconds",
     "target_accuracy", "reached_target", "steps_to_target", "examples_to_target", "noise_scale",
-    "best_test_accuracy", "best_test_step", "kl_clipped_fraction", "curvature_share", "resumed_from",
+    "best_test_accuracy", "best_test_step", "kl_clipped_fraction", "curvature_share",
+    "curvature_energy", "resumed_from",
 )  # fmt: skip
 
 

@@ -87,8 +87,10 @@ class RunSummary:
     # K-FAC with a KL clip: the fraction of logged steps whose update the clip set (None without a clip).
     kl_clipped_fraction: float | None = None
     # K-FAC (eigen): the curvature share of its preconditioner at the last evaluation (distkfac.diagnostics.
-    # curvature_share: 0 = the step is the gradient / damping, towards 1 = curvature sets it), over all weights.
+    # curvature_share: 0 = the step is the gradient / damping, towards 1 = curvature sets it), over all weights,
+    # and weighted by the gradient's expected energy.
     curvature_share: float | None = None
+    curvature_energy: float | None = None
     # How the run ended (jobs.outcome.RunEnd's value) and, unless it finished or stopped, why.
     end: str = RunEnd.FINISHED.value
     reason: str | None = None
@@ -173,12 +175,13 @@ def history_fields(out_dir: Path) -> dict[str, Any]:
     evals = [r for r in records if r.get("kind") == "eval" and r.get("test_accuracy") is not None]
     best = max(evals, key=lambda r: (r["test_accuracy"], -r["step"]), default=None)
     clipped = [bool(r["kl_clipped"]) for r in records if r.get("kind") == "step" and "kl_clipped" in r]
-    shares = [r["curvature_share"] for r in evals if r.get("curvature_share") is not None]
+    shares = [r for r in evals if r.get("curvature_share") is not None]
     return {
         "best_test_accuracy": best["test_accuracy"] if best is not None else None,
         "best_test_step": best["step"] if best is not None else None,
         "kl_clipped_fraction": sum(clipped) / len(clipped) if clipped else None,
-        "curvature_share": shares[-1] if shares else None,
+        "curvature_share": shares[-1]["curvature_share"] if shares else None,
+        "curvature_energy": shares[-1].get("curvature_energy") if shares else None,
     }
 
 
@@ -201,8 +204,11 @@ def _curvature_fields(precond: KFACPreconditioner | None, damping: float, contex
     if not shares:  # nothing decomposed yet
         return {}
     pooled = overall_share(shares)
-    by_layer = {share.layer: share.share for share in shares}
-    return {"curvature_share": pooled.share, "curvature_led": pooled.led, "curvature_layers": by_layer}
+    by_layer = {share.layer: {"share": share.share, "energy": share.energy} for share in shares}
+    return {
+        "curvature_share": pooled.share, "curvature_led": pooled.led, "curvature_energy": pooled.energy,
+        "curvature_layers": by_layer,
+    }  # fmt: skip
 
 
 def _damping_fields(precond: KFACPreconditioner | None) -> dict[str, Any]:

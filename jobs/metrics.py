@@ -52,7 +52,8 @@ CSV_COLUMNS: Final = (
     # "eval" records of K-FAC (eigen): how far its step is from gradient / damping (diagnostics.curvature_share)
     "curvature_share",  # over all weights: 0 = the damping sets every direction's step (SGD), towards 1 = curvature
     "curvature_led",  # the fraction of eigen-directions whose share is at least 1/2
-    "curvature_layers",  # {layer: its share}
+    "curvature_energy",  # weighted by the gradient's expected energy in each direction, each layer by its weights
+    "curvature_layers",  # {layer: {"share", "energy"}}
     # "fisher" records (run.fisher_every; jobs.diagnostics): the empirical Fisher's top eigenvalue, without the top
     # run.fisher_trim of |v1 . g_i| (eigenvector kept, and recomputed), the examples, and the gradient-norm outliers
     "fisher_top",

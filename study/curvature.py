@@ -2,8 +2,9 @@
 (distkfac.diagnostics.curvature_share) at the end of each K-FAC cell's runs, at their tuned damping.
 
 A share of 0 means the damping sets the step in every eigen-direction (K-FAC is then SGD with learning rate
-``lr / damping``); towards 1, the curvature sets it. Runs record it at each evaluation (``jobs.loop``); for runs made
-before they did, it is read from the run's latest checkpoint, when the run folder still has one.
+``lr / damping``); towards 1, the curvature sets it. Its mean over the weights and its mean weighted by the gradient's
+expected energy can differ a lot (the module's docstring). Runs record both at each evaluation (``jobs.loop``); for
+runs made before they did, they are read from the run's latest checkpoint, when the run folder still has one.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ EXPLANATION: Final = (
     "In the eigenbasis of a layer's Kronecker factors, K-FAC divides each gradient coordinate by `d_G d_A + damping`"
     " (tikhonov). The curvature share of a direction is `1 - damping / (d_G d_A + damping)`: 0 where the damping "
     "alone sets the step (there K-FAC is SGD with learning rate lr / damping), towards 1 where the curvature does. "
-    "Below, its mean over all weights at the end of each cell's runs (the repeats of the best setting, else the best "
-    "run; ± the standard error over them), the fraction of directions where the curvature at least halves the step, "
-    "and each layer's share, first layer to last (distkfac.diagnostics.curvature_share)."
+    "Below, at the end of each cell's runs (the repeats of the best setting, else the best run; ± the standard error "
+    "over them): its mean over the weights; its mean weighted by `d_G d_A`, which is also the expected squared "
+    "gradient coordinate of one example under K-FAC's model (how much of a gradient the curvature sets; layers "
+    "pooled by their weights); the fraction of directions where the curvature at least halves the step; and each "
+    "layer's two means, first layer to last (distkfac.diagnostics.curvature_share)."
 )
 
 
@@ -36,18 +39,20 @@ class RunCurvature:
     """A run's curvature share at its end: over all weights, the fraction of curvature-led directions, by layer."""
 
     share: float
-    led: float | None
-    layers: dict[str, float]
+    energy: float
+    led: float
+    layers: dict[str, tuple[float, float]]  # each layer's share and energy
 
 
 def run_curvature(run: Mapping[str, Any]) -> RunCurvature | None:
     """The last evaluation's record of the run; for a run made before runs recorded it, its latest checkpoint's
     decompositions. None for a run that is not K-FAC (eigen), or has neither."""
     path = str(run.get("metrics_path") or "")
-    recorded = [r for r in read_metrics_file(path) if r.get("kind") == "eval" and "curvature_share" in r]
+    recorded = [r for r in read_metrics_file(path) if r.get("kind") == "eval" and "curvature_energy" in r]
     if recorded:
         last = recorded[-1]
-        return RunCurvature(float(last["curvature_share"]), last.get("curvature_led"), last.get("curvature_layers", {}))
+        layers = {name: (v["share"], v["energy"]) for name, v in last["curvature_layers"].items()}
+        return RunCurvature(last["curvature_share"], last["curvature_energy"], last["curvature_led"], layers)
     return checkpoint_curvature(Path(path).parent) if path else None
 
 
@@ -69,7 +74,8 @@ def checkpoint_curvature(run_dir: Path) -> RunCurvature | None:
     if not layers:
         return None
     pooled = overall_share(list(layers.values()))
-    return RunCurvature(pooled.share, pooled.led, {name: share.share for name, share in layers.items()})
+    by_layer = {name: (x.share, x.energy) for name, x in layers.items()}
+    return RunCurvature(pooled.share, pooled.energy, pooled.led, by_layer)
 
 
 def _mean_se(values: Sequence[float]) -> str:
@@ -81,17 +87,17 @@ def _mean_se(values: Sequence[float]) -> str:
 
 def _row(key: CellKey, runs: Sequence[Mapping[str, Any]], measured: Sequence[RunCurvature]) -> list[str]:
     damping = run_hparams(runs[0]).get("kfac.damping")
-    leds = [m.led for m in measured if m.led is not None]
-    names = list(measured[0].layers)
-    by_layer = [statistics.fmean(m.layers[name] for m in measured if name in m.layers) for name in names]
+    layers = [[m.layers[name] for m in measured if name in m.layers] for name in measured[0].layers]
+    by_layer = [f"{statistics.fmean(s for s, _ in v):.3f} / {statistics.fmean(e for _, e in v):.3f}" for v in layers]
     return [
         key[0] or "–",
         str(key[2]),
         f"{damping:.3g}" if isinstance(damping, int | float) else "–",
         f"{len(measured)} of {len(runs)}",
         _mean_se([m.share for m in measured]),
-        f"{100 * statistics.fmean(leds):.1f}%" if leds else "–",
-        ", ".join(f"{value:.3f}" for value in by_layer),
+        _mean_se([m.energy for m in measured]),
+        f"{100 * statistics.fmean(m.led for m in measured):.1f}%",
+        ", ".join(by_layer),
     ]
 
 
@@ -106,7 +112,8 @@ def curvature_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
             rows.append(_row(key, chosen, measured))
     if not rows:
         return []
-    header = ["variant", "batch", "damping", "runs", "curvature share", "curvature-led directions", "by layer"]
+    header = ["variant", "batch", "damping", "runs", "share, by weights", "share, by gradient energy",
+              "curvature-led directions", "by layer (weights / energy)"]  # fmt: skip
     if not any(key[0] for key in {*repeats, *best}):  # one variant: no column for it
         header, rows = header[1:], [row[1:] for row in rows]
     return ["## K-FAC: curvature or damping?", "", EXPLANATION, "", markdown_table(header, rows), ""]

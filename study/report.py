@@ -65,7 +65,8 @@ RUN_COLUMNS: Final = (
     "best_val_accuracy",  # float or None: the highest val accuracy over the run's evaluations
     "best_val_step",  # int or None: the step of that evaluation
     "kl_clipped_fraction",  # float or None: K-FAC, fraction of logged steps whose size the KL clip set
-    "curvature_share",  # float or None: K-FAC, how much curvature (not damping) set its step, at the end
+    "curvature_share",  # float or None: K-FAC, how much curvature (not damping) set its step, at the end, by weights
+    "curvature_energy",  # float or None: the same, weighted by the gradient's expected energy
     "metrics_path",  # str: the run's metrics.jsonl, or ""
 )
 

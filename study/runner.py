@@ -79,6 +79,7 @@ def _row(
         "best_val_step": summary.get("best_test_step"),
         "kl_clipped_fraction": summary.get("kl_clipped_fraction"),
         "curvature_share": summary.get("curvature_share"),
+        "curvature_energy": summary.get("curvature_energy"),
         "metrics_path": str(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else "",
     }
 

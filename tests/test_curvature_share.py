@@ -41,11 +41,16 @@ def test_tikhonov_share_is_the_mean_of_curvature_over_curvature_plus_damping() -
         assert shares[name].directions == want.numel()
         assert shares[name].share == pytest.approx(float(want.mean()), rel=1e-9, abs=1e-12)
         assert shares[name].led == pytest.approx(float((curvature >= damping).double().mean()))
+        weighted = float((curvature * curvature / (curvature + damping)).sum() / curvature.sum())
+        assert shares[name].energy == pytest.approx(weighted, rel=1e-9)
+        assert shares[name].energy > shares[name].share  # the gradient's energy lies where the curvature is large
     weights = {"conv": 3 * 2 * 9 + 3, "bn2": 2 * 3, "fc": 6 * 75 + 6, "bn1": 2 * 6, "head": 3 * 6 + 3}
     assert {name: s.directions for name, s in shares.items()} == weights  # one direction per weight
     pooled = overall_share(list(shares.values()))
     assert pooled.directions == sum(weights.values())
     assert min(s.share for s in shares.values()) < pooled.share < max(s.share for s in shares.values())
+    by_weights = sum(s.energy * s.directions for s in shares.values()) / pooled.directions
+    assert pooled.energy == pytest.approx(by_weights)  # layers pooled by their weights, not by their curvature
 
 
 @pytest.mark.parametrize("form", ["tikhonov", "factored", "factored-pi"])
@@ -69,9 +74,10 @@ def test_damping_far_above_the_curvature_is_sgd_and_far_below_is_curvature() -> 
     the factors have curvature and 0 in their null space: 16 examples leave most of fc's 76-dim A without any."""
     big, small = 1e6, 1e-12
     above = overall_share(curvature_shares(decomposed(big).state_dict(), big))
-    assert above.share < 1e-4 and above.led == 0.0
+    assert above.share < 1e-4 and above.energy < 1e-4 and above.led == 0.0
     below = overall_share(curvature_shares(decomposed(small).state_dict(), small))
     assert 0.2 < below.led < 0.9 and below.share == pytest.approx(below.led, abs=1e-3)
+    assert below.energy == pytest.approx(1.0, abs=1e-6)  # the null space holds no gradient energy
 
 
 def test_the_uncopied_decompositions_and_one_process_gather_give_the_state_dicts_shares() -> None:
@@ -82,7 +88,7 @@ def test_the_uncopied_decompositions_and_one_process_gather_give_the_state_dicts
     names = precond.layer_names
     got = gathered_shares(precond.decompositions(), 1e-3, names, SingleProcessCommunicator(), torch.device("cpu"))
     assert [(s.layer, s.directions) for s in got] == [(s.layer, s.directions) for s in want]
-    assert [s.share for s in got] == pytest.approx([s.share for s in want], rel=1e-12)
+    assert [(s.share, s.led, s.energy) for s in got] == [(s.share, s.led, s.energy) for s in want]
 
 
 def test_the_adaptive_damping_in_force_is_read_from_the_state() -> None:

@@ -483,9 +483,13 @@ def test_a_runs_curvature_share_is_read_from_its_record_or_else_from_its_checkpo
     metrics.write_text("".join(json.dumps(r) + "\n" for r in stripped))
     from_checkpoint = run_curvature(row)
     assert from_checkpoint is not None and from_checkpoint.share == pytest.approx(recorded.share, rel=1e-9)
-    assert from_checkpoint.layers == pytest.approx(recorded.layers, rel=1e-9)
+    assert from_checkpoint.energy == pytest.approx(recorded.energy, rel=1e-9)
+    assert list(from_checkpoint.layers) == list(recorded.layers)
+    for name, values in recorded.layers.items():
+        assert from_checkpoint.layers[name] == pytest.approx(values, rel=1e-9)
     section = "\n".join(curvature_lines([row]))
-    assert "## K-FAC: curvature or damping?" in section and f"| 64 | 0.001 | 1 of 1 | {recorded.share:.3f} |" in section
+    cells = f"| 64 | 0.001 | 1 of 1 | {recorded.share:.3f} | {recorded.energy:.3f} |"
+    assert "## K-FAC: curvature or damping?" in section and cells in section
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "optim": {**config["optim"], "name": "sgd"}}))
     assert run_curvature(row) is None and curvature_lines([row]) == []  # no section without a measured cell

@@ -566,18 +566,22 @@ def test_smoke_run_writes_metrics_and_checkpoints_and_learns(tmp_path: Path, ove
     if rank0["kfac"] is None:
         assert "curvature_share" not in evals[-1] and summary["curvature_share"] is None
     else:  # the last evaluation's share is the one of the final checkpoint's decompositions, read another way
-        assert evals[-1]["curvature_share"] == pytest.approx(checkpoint_share(out, 16, resolved), rel=1e-9)
+        assert [evals[-1]["curvature_share"], evals[-1]["curvature_energy"]] == pytest.approx(
+            checkpoint_share(out, 16, resolved), rel=1e-9
+        )
         assert 0 < evals[-1]["curvature_share"] < 1 and summary["curvature_share"] == evals[-1]["curvature_share"]
         assert list(evals[-1]["curvature_layers"]) == ["1", "3", "5"]  # the MLP's Linear layers
 
 
-def checkpoint_share(out: Path, step: int, resolved: dict[str, Any]) -> float:
-    """The pooled curvature share of the K-FAC states of every rank's checkpoint file at ``step``, each layer once."""
+def checkpoint_share(out: Path, step: int, resolved: dict[str, Any]) -> list[float]:
+    """The pooled curvature share and energy of the K-FAC states of every rank's checkpoint file at ``step``, each
+    layer once."""
     layers = {}
     for path in sorted((out / "checkpoints").glob(f"ckpt-step{step:08d}.rank*.pt")):
         state = torch.load(path, weights_only=True)["kfac"]
         layers.update({s.layer: s for s in curvature_shares(state, resolved["kfac"]["damping"])})
-    return overall_share(list(layers.values())).share
+    pooled = overall_share(list(layers.values()))
+    return [pooled.share, pooled.energy]
 
 
 @pytest.mark.parametrize(
@@ -701,7 +705,9 @@ def test_two_mem_opt_ranks_record_the_curvature_share_of_every_layer_once(tmp_pa
     resolved = json.loads((out / "config.json").read_text())
     last = [r for r in read_metrics(out) if r["kind"] == "eval"][-1]
     assert last["step"] == 16 and sorted(last["curvature_layers"]) == sorted(held[0] | held[1])
-    assert last["curvature_share"] == pytest.approx(checkpoint_share(out, 16, resolved), rel=1e-9)
+    assert [last["curvature_share"], last["curvature_energy"]] == pytest.approx(
+        checkpoint_share(out, 16, resolved), rel=1e-9
+    )
 
 
 def test_a_model_whose_strided_1x1_convolution_channels_last_gets_wrong_runs_nchw() -> None:
