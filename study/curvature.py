@@ -10,6 +10,7 @@ runs made before they did, they are read from the run's latest checkpoint, when 
 from __future__ import annotations
 
 import json
+import pickle
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any, Final
 import torch
 
 from distkfac.diagnostics.curvature_share import CurvatureShare, curvature_shares, overall_share
-from jobs.checkpoint import find_latest
+from jobs.checkpoint import CheckpointRef, find_latest
 from study.report import CellKey, _by_cell, _sorted_keys, best_runs, markdown_table, read_metrics_file, run_hparams
 
 EXPLANATION: Final = (
@@ -36,7 +37,8 @@ EXPLANATION: Final = (
 
 @dataclass(frozen=True)
 class RunCurvature:
-    """A run's curvature share at its end: over all weights, the fraction of curvature-led directions, by layer."""
+    """A run's curvature share at its end: over the weights, by gradient energy, the fraction of curvature-led
+    directions, and each layer's share and energy."""
 
     share: float
     energy: float
@@ -58,24 +60,36 @@ def run_curvature(run: Mapping[str, Any]) -> RunCurvature | None:
 
 def checkpoint_curvature(run_dir: Path) -> RunCurvature | None:
     """The curvature share of the K-FAC decompositions in the run's latest checkpoint (every rank's file, each layer
-    once), at the damping of its config.json; None without a K-FAC (eigen) checkpoint."""
+    once), at the damping of its config.json. None without a K-FAC (eigen) checkpoint, and with one that cannot be
+    read: one old run's damaged checkpoint does not stop the report."""
     config_path = run_dir / "config.json"
-    ref = find_latest(run_dir) if config_path.is_file() else None
-    if ref is None:
+    try:
+        ref = find_latest(run_dir) if config_path.is_file() else None
+        config = json.loads(config_path.read_text()) if ref is not None else None
+        if (
+            ref is None
+            or config is None
+            or config["optim"]["name"] != "kfac"
+            or config["kfac"]["compute_method"] != "eigen"
+        ):
+            return None
+        layers = _checkpoint_layers(ref, config["kfac"]["damping"])
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
         return None
-    config = json.loads(config_path.read_text())
-    if config["optim"]["name"] != "kfac" or config["kfac"]["compute_method"] != "eigen":
-        return None
-    layers: dict[str, CurvatureShare] = {}
-    for path in sorted(ref.folder.glob(f"{ref.name}.rank*.pt")):
-        state = torch.load(path, map_location="cpu", weights_only=True).get("kfac")
-        if state is not None:
-            layers.update({share.layer: share for share in curvature_shares(state, config["kfac"]["damping"])})
     if not layers:
         return None
     pooled = overall_share(list(layers.values()))
     by_layer = {name: (x.share, x.energy) for name, x in layers.items()}
     return RunCurvature(pooled.share, pooled.energy, pooled.led, by_layer)
+
+
+def _checkpoint_layers(ref: CheckpointRef, damping: float) -> dict[str, CurvatureShare]:
+    layers: dict[str, CurvatureShare] = {}
+    for path in sorted(ref.folder.glob(f"{ref.name}.rank*.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=True).get("kfac")
+        if state is not None:
+            layers.update({share.layer: share for share in curvature_shares(state, damping)})
+    return layers
 
 
 def _mean_se(values: Sequence[float]) -> str:

@@ -494,3 +494,6 @@ def test_a_runs_curvature_share_is_read_from_its_record_or_else_from_its_checkpo
     (out / "config.json").write_text(json.dumps({**config, "optim": {**config["optim"], "name": "sgd"}}))
     assert run_curvature(row) is None and curvature_lines([row]) == []  # no section without a measured cell
     assert run_curvature({**row, "metrics_path": str(tmp_path / "none" / "metrics.jsonl")}) is None
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "checkpoints" / "ckpt-step00000016.rank0.pt").write_bytes(b"cut short")  # damaged: skipped, not raised
+    assert run_curvature(row) is None
