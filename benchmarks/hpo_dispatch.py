@@ -147,6 +147,12 @@ def _run(
         proc.wait(60)
     server_cpu = sum(server.cpu_times()[:2]) - cpu_before if server else float("nan")
 
+    setting = {"workers": workers, "experiments": experiments, "history": history, "ideal": workers / sleep}
+    return setting | _measure(url, exps, history, trials, server_cpu)
+
+
+def _measure(url: str, exps: list[str], history: int, trials: int, server_cpu: float) -> dict[str, Any]:
+    """The dispatch gaps, throughput and server CPU of the new trials, read back from the store."""
     from hpo_worker.store import connect
 
     store = connect(url)
@@ -167,15 +173,11 @@ def _run(
     end = max(r["t_end"] for r in results)
     gaps_ms = sorted(1000 * g for g in gaps)
     return {
-        "workers": workers,
-        "experiments": experiments,
-        "history": history,
         "server_cpu_ms_per_trial": 1000 * server_cpu / trials,
         "trials": trials,
         "gap_median_ms": statistics.median(gaps_ms),
         "gap_p95_ms": gaps_ms[int(0.95 * (len(gaps_ms) - 1))],
         "throughput": trials / (end - start),
-        "ideal": workers / sleep,
         "owners": len(by_owner),
     }
 

@@ -175,6 +175,49 @@ def train(config: dict[str, Any], rank: int, world: int, comm: Any, die_at: int 
     return model
 
 
+def init_comm(backend: str, timeout: float, owner_reduction: str) -> tuple[Any, int, int, list[str]]:
+    """The communicator of one backend, this rank, the world size and the configurations it runs."""
+    if backend == "torch":
+        import torch.distributed as dist
+
+        from distkfac.comm.torch_dist import TorchDistCommunicator
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+        torch_comm = TorchDistCommunicator(timeout=timedelta(seconds=timeout), owner_reduction=owner_reduction)
+        return torch_comm, dist.get_rank(), dist.get_world_size(), list(CONFIGS)
+    if backend == "mpi":
+        from distkfac.comm.mpi import MPICommunicator
+
+        mpi_comm = MPICommunicator(timeout=timedelta(seconds=timeout))
+        return mpi_comm, mpi_comm.rank, mpi_comm.world_size, list(CONFIGS)
+    import horovod.torch as hvd
+
+    from distkfac.comm.horovod import HorovodCommunicator
+
+    hvd.init(process_sets="dynamic")
+    return HorovodCommunicator(), hvd.rank(), hvd.size(), HOROVOD_CONFIGS
+
+
+def run_equivalence(comm: Any, rank: int, world: int, names: list[str], out: Path) -> None:
+    """Train every configuration; save each rank's model, traffic and the constructor's errors."""
+    for name in names:
+        comm.stats.reset()
+        model = train(CONFIGS[name], rank, world, comm)
+        torch.save(model.state_dict(), out / f"{name}.rank{rank}.pt")
+        stats = {
+            "bytes": dict(comm.stats.bytes_sent),
+            "calls": dict(comm.stats.calls),
+            "in_flight_after_backward": IN_FLIGHT_AFTER_BACKWARD,
+        }
+        (out / f"{name}.rank{rank}.json").write_text(json.dumps(stats))
+    errors = {}
+    try:  # a fraction that leaves no whole number of gradient workers
+        KFACPreconditioner(make_model(), comm=comm, strategy="hybrid", grad_worker_fraction=0.3)
+    except ValueError as error:
+        errors["fraction"] = str(error)
+    (out / f"errors.rank{rank}.json").write_text(json.dumps(errors))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", choices=["torch", "horovod", "mpi"], required=True)
@@ -185,50 +228,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    comm: Any
-    if args.backend == "torch":
-        import torch.distributed as dist
-
-        from distkfac.comm.torch_dist import TorchDistCommunicator
-
-        dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
-        rank, world = dist.get_rank(), dist.get_world_size()
-        comm = TorchDistCommunicator(timeout=timedelta(seconds=args.timeout), owner_reduction=args.owner_reduction)
-        names = list(CONFIGS)
-    elif args.backend == "mpi":
-        from distkfac.comm.mpi import MPICommunicator
-
-        comm = MPICommunicator(timeout=timedelta(seconds=args.timeout))
-        rank, world = comm.rank, comm.world_size
-        names = list(CONFIGS)
-    else:
-        import horovod.torch as hvd
-
-        from distkfac.comm.horovod import HorovodCommunicator
-
-        hvd.init(process_sets="dynamic")
-        rank, world = hvd.rank(), hvd.size()
-        comm = HorovodCommunicator()
-        names = HOROVOD_CONFIGS
+    comm, rank, world, names = init_comm(args.backend, args.timeout, args.owner_reduction)
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.scenario == "equivalence":
-        for name in names:
-            comm.stats.reset()
-            model = train(CONFIGS[name], rank, world, comm)
-            torch.save(model.state_dict(), args.out / f"{name}.rank{rank}.pt")
-            stats = {
-                "bytes": dict(comm.stats.bytes_sent),
-                "calls": dict(comm.stats.calls),
-                "in_flight_after_backward": IN_FLIGHT_AFTER_BACKWARD,
-            }
-            (args.out / f"{name}.rank{rank}.json").write_text(json.dumps(stats))
-        errors = {}
-        try:  # a fraction that leaves no whole number of gradient workers
-            KFACPreconditioner(make_model(), comm=comm, strategy="hybrid", grad_worker_fraction=0.3)
-        except ValueError as error:
-            errors["fraction"] = str(error)
-        (args.out / f"errors.rank{rank}.json").write_text(json.dumps(errors))
+        run_equivalence(comm, rank, world, names, args.out)
     elif args.scenario == "mismatch":
         model = make_model()
         if rank == 1:  # rank 1 builds another model

@@ -74,19 +74,7 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     assert all(r["source"] in ("tuned", "repeat") and r["trial"] != "" for r in rows)
     _check_repeats(out, rows)
     _check_interim(tmp_path, rows)
-    noise_measured = 0
-    for row in rows:
-        metrics = [json.loads(line) for line in Path(row["metrics_path"]).read_text().splitlines()]
-        evals = [m for m in metrics if m["kind"] == "eval"]
-        if row["reached"] == "True":
-            first = next(m["step"] for m in evals if m["test_accuracy"] >= 0.6)
-            assert int(row["steps_to_target"]) == first and int(row["examples_to_target"]) == first * int(
-                row["batch_size"]
-            )
-        assert float(row["generalization_gap"]) == pytest.approx(
-            float(row["train_accuracy"]) - float(row["val_accuracy"])
-        )
-        noise_measured += any("noise_trace" in m for m in metrics if m["kind"] == "step")
+    noise_measured = _check_rows_match_metrics(rows)
     assert any(r["reached"] == "True" for r in rows), "the target is easy: some run must reach it"
     assert noise_measured >= len(rows) // 2, "noise_every = 5: runs longer than 5 steps measure the noise scale"
     for name in ("steps_to_target.png", "best_lr.png", "final_accuracy.png", "learning_curves.png"):
@@ -104,6 +92,34 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     assert not (out / "hpo_data" / "mongo-url").exists(), "the embedded server was stopped"
     _check_best_runs_diagnosed(out, rows)
 
+    _check_step_costs_and_redraw(tmp_path, out, rows)
+    # Other search ranges under the same space name: the study stops and says how to go on, instead of mixing.
+    changed = _study(tmp_path, TUNED, space=SPACE.replace("high = 0.5", "high = 0.4"))
+    assert changed.returncode == 1, changed.stderr[-4000:]
+    assert "another space_definition" in changed.stderr and "settings changed" in changed.stderr, changed.stderr
+    assert len(list(csv.DictReader((out / "runs.csv").open()))) == 16, "the results already written stay"
+
+
+def _check_rows_match_metrics(rows: list[dict[str, str]]) -> int:
+    """Each row's steps to target and gap agree with its metrics; the number of runs that measured the noise."""
+    noise_measured = 0
+    for row in rows:
+        metrics = [json.loads(line) for line in Path(row["metrics_path"]).read_text().splitlines()]
+        evals = [m for m in metrics if m["kind"] == "eval"]
+        if row["reached"] == "True":
+            first = next(m["step"] for m in evals if m["test_accuracy"] >= 0.6)
+            assert int(row["steps_to_target"]) == first and int(row["examples_to_target"]) == first * int(
+                row["batch_size"]
+            )
+        assert float(row["generalization_gap"]) == pytest.approx(
+            float(row["train_accuracy"]) - float(row["val_accuracy"])
+        )
+        noise_measured += any("noise_trace" in m for m in metrics if m["kind"] == "step")
+    return noise_measured
+
+
+def _check_step_costs_and_redraw(tmp_path: Path, out: Path, rows: list[dict[str, str]]) -> None:
+    """The step-cost benchmark, the study again (nothing retrained, a Cost section), and the report redrawn."""
     assert "No step costs measured: run `python -m benchmarks.step_cost" in (out / "report.md").read_text()
     # The step costs, measured by the benchmark (real jobs.train runs of each cell's config), then the study again:
     # the experiments are complete, so nothing is trained again, and the report gains its Cost section.
@@ -138,12 +154,6 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     assert (out / "report.md").read_text() == first
     assert [r["metrics_path"] for r in csv.DictReader((out / "runs.csv").open())] == list(trained)
     assert {path: Path(path).stat().st_mtime_ns for path in trained} == trained, "a finished trial ran again"
-
-    # Other search ranges under the same space name: the study stops and says how to go on, instead of mixing.
-    changed = _study(tmp_path, TUNED, space=SPACE.replace("high = 0.5", "high = 0.4"))
-    assert changed.returncode == 1, changed.stderr[-4000:]
-    assert "another space_definition" in changed.stderr and "settings changed" in changed.stderr, changed.stderr
-    assert len(list(csv.DictReader((out / "runs.csv").open()))) == 16, "the results already written stay"
 
 
 def _check_repeats(out: Path, rows: list[dict[str, str]]) -> None:
