@@ -118,16 +118,22 @@ def _row(key: CellKey, runs: Sequence[Mapping[str, Any]], measured: Sequence[Run
 def curvature_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """The section, for the cells whose runs measured it: K-FAC's, eigen (nothing when none did)."""
     repeats, best = _by_cell(r for r in runs if r.get("source") == "repeat"), best_runs(runs)
-    rows = []
+    rows, unmeasured = [], []
     for key in _sorted_keys({*repeats, *best}):
         chosen = repeats.get(key) or [best[key]]
         measured = [m for run in chosen if (m := run_curvature(run)) is not None]
         if measured:
             rows.append(_row(key, chosen, measured))
+        elif key[1] == "kfac":
+            unmeasured.append(f"{key[0]}/{key[2]}" if key[0] else str(key[2]))
     if not rows:
         return []
     header = ["variant", "batch", "damping", "runs", "share, by weights", "share, by gradient energy",
               "curvature-led directions", "by layer (weights / energy)"]  # fmt: skip
     if not any(key[0] for key in {*repeats, *best}):  # one variant: no column for it
         header, rows = header[1:], [row[1:] for row in rows]
-    return ["## K-FAC: curvature or damping?", "", EXPLANATION, "", markdown_table(header, rows), ""]
+    lines = ["## K-FAC: curvature or damping?", "", EXPLANATION, "", markdown_table(header, rows), ""]
+    if unmeasured:  # say so, rather than leave the reader to count the rows
+        lines += [f"Not measured at batch {', '.join(unmeasured)}: those runs predate the record and their folders "
+                  "hold no K-FAC checkpoint.", ""]  # fmt: skip
+    return lines
