@@ -6,6 +6,8 @@ All three read the repeats of each cell's best setting over seeds; :func:`summar
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,15 +147,10 @@ def _missed_repeats_lines(repeats: Repeats) -> list[str]:
 
 
 def _median_counting_misses(steps: Sequence[float], misses: int) -> float:
-    import math
-    import statistics
-
     return statistics.median([*steps, *[math.inf] * misses])
 
 
 def _median_fit_text(medians: Mapping[int, float]) -> str:
-    import math
-
     from study.fit import fit_steps_to_target
 
     kept = sorted(b for b, m in medians.items() if math.isfinite(m))
