@@ -120,6 +120,15 @@ def _reserve(
             return None
 
 
+# A SIGTERM raises WorkerTerminated wherever the trial's code is, and code that it passes through may turn it into
+# another error: torch.save, stopped inside its writer, raises a RuntimeError from its zip file's close instead.
+# After a SIGTERM, any error that ends the trial is therefore taken as the stop, and the trial goes back in the
+# queue (a real failure fails again on the next attempt, from the same checkpoint).
+def _release(store: TrialStore, doc: Mapping[str, Any], owner: str, say: Log, how: str = "") -> None:
+    released = store.release(doc, owner)
+    say(f"SIGTERM: trial {doc['tid']} {'back in the queue' if released else 'was no longer mine'}{how}")
+
+
 Outcome = tuple[dict[str, Any], tuple[str, str] | None]  # the result, and (type, message) when the trial failed
 
 
@@ -141,10 +150,12 @@ def _run(
             finally:
                 signals.running = False
         except WorkerTerminated:
-            released = store.release(doc, owner)
-            say(f"SIGTERM: trial {tid} {'back in the queue' if released else 'was no longer mine'}")
+            _release(store, doc, owner, say)
             raise
         except Exception as exc:
+            if signals.terminate:  # the stop surfaced as another error: a trial stopped, not a failed one
+                _release(store, doc, owner, say, f" ({type(exc).__name__} as it stopped: {exc})")
+                raise WorkerTerminated() from exc
             error = (type(exc).__name__, str(exc))
             say(f"trial {tid} failed: {error[0]}: {error[1]}")
             traceback.print_exc(file=sys.stderr)

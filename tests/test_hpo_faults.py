@@ -199,6 +199,53 @@ def test_a_result_kept_by_an_earlier_attempt_is_stored_instead_of_training(
     assert any("not trained again" in line for line in lines), lines
 
 
+class _SigtermInside:
+    """A file object whose second write sends this process a real SIGTERM: the worker's handler then raises inside
+    torch.save's writer, as when a scheduler's SIGTERM comes while a trial writes its checkpoint (after the first
+    write and before the last, torch 2.13's zip writer then fails in its close, and that error replaces the stop)."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> int:
+        self.writes += 1
+        if self.writes == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_sigterm_that_surfaces_as_another_error_puts_the_trial_back_in_the_queue(
+    server: MongoProcess, tmp_path: Path
+) -> None:
+    """The stop raised inside torch.save comes out of it as a RuntimeError (its zip file's close fails), not as the
+    worker's own exception: the trial must be released as a stopped one, not stored as failed."""
+    import torch
+
+    store, _ = _store_with_trial(server.url, tmp_path / "runs")
+    surfaced: list[BaseException] = []
+
+    def saves_a_checkpoint(*args: Any) -> dict[str, Any]:
+        try:
+            torch.save({"weights": torch.zeros(1000), "bias": torch.ones(10)}, _SigtermInside())  # type: ignore[arg-type]
+        except BaseException as exc:
+            surfaced.append(exc)
+            raise
+        raise AssertionError("the SIGTERM did not stop torch.save")
+
+    lines: list[str] = []
+    options = WorkerOptions(exp_key="kept", workdir=str(tmp_path / "runs"), idle_timeout_s=0.5, poll_s=0.05)
+    options.trial_fn = saves_a_checkpoint
+    assert run_worker(store, options, log=lines.append) == 143
+    assert surfaced and isinstance(surfaced[0], RuntimeError), surfaced  # what the worker saw was not its own stop
+    doc = store.trial_docs("kept")[0]
+    assert doc["state"] == TrialState.NEW and doc["attempts"] == 0 and doc["owner"] is None, doc
+    assert doc["result"] == {"status": "new"} and "error" not in doc["misc"], doc
+    assert any(f"trial 0 back in the queue ({type(surfaced[0]).__name__} as it stopped" in x for x in lines), lines
+
+
 class _LosesOneReply:
     """A collection whose ``method`` is applied once and then answers with a lost connection, as when the server
     fails over between doing a write and replying."""
