@@ -219,7 +219,8 @@ def _carry(args: argparse.Namespace) -> int:
             manifest = save_study(study, Path(args.folder))
             counts = ", ".join(f"{n} {state}" for state, n in manifest["trials"].items() if n)
             print(f"study: saved trials ({counts or 'none'}; {manifest['requeued']} running saved as queued; "
-                  f"the newest complete checkpoint of {len(manifest['checkpoints'])} begun trial(s)) and "
+                  f"the newest complete checkpoint of {len(manifest['checkpoints'])} begun trial(s) and of "
+                  f"{len(manifest['run_checkpoints'])} unfinished run(s) outside the search) and "
                   f"{manifest['files']} files to {args.folder}")  # fmt: skip
         else:
             restore_study(study, Path(args.folder))

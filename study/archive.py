@@ -13,8 +13,10 @@ DIR holds:
   the search (repeats, given values). It holds a record per step, megabytes for a long run, and the report reads
   only the best runs' (each trial's evaluations are also in its database document, as its learning curve). Also
   every text file of the trials that were running, and of the attempt that each queued trial which had begun
-  would continue from (a trial released when its worker stopped: a study stopped before its save);
-- ``checkpoints.tar``: the newest checkpoint of each of those trials (binary: about a megabyte each).
+  would continue from (a trial released when its worker stopped: a study stopped before its save), and of the runs
+  outside the search that had begun and not ended (a repeat stopped with the study);
+- ``checkpoints.tar``: the newest checkpoint of each of those trials and runs (binary: about a megabyte each), listed
+  in the manifest by attempt folder (``checkpoints``) and by run folder (``run_checkpoints``).
 
 A trial that was running is saved as queued, as :meth:`TrialStore.release` leaves a trial whose worker was stopped.
 Restored, it continues from its saved checkpoint (:mod:`hpo_worker.attempts` finds its earlier attempt's folder),
@@ -139,7 +141,19 @@ def _finished_run_folders(trials: Sequence[Mapping[str, Any]], out: Path) -> dic
                 folders[Path(doc["result"]["out_dir"])] = id(doc) in best
     for name in RUN_FOLDERS:
         folders.update({summary.parent: True for summary in (out / name).glob("**/summary.json")})
+    for folder in _unfinished_runs(out):  # saved whole, with their checkpoints (save_study)
+        folders.pop(folder, None)
     return {folder: metrics for folder, metrics in sorted(folders.items()) if folder.is_dir()}
+
+
+def _unfinished_runs(out: Path) -> list[Path]:
+    """The run folders outside the search (:data:`RUN_FOLDERS`: repeats, given values) that have begun and not ended
+    (neither finished nor diverged): stopped with the study, they continue from their newest checkpoint."""
+    from jobs.outcome import RunEnd, read_summary
+
+    begun = {config.parent for name in RUN_FOLDERS for config in (out / name).glob("**/config.json")}
+    ended = (RunEnd.FINISHED, RunEnd.DIVERGED)
+    return sorted(folder for folder in begun if (read_summary(folder) or {}).get("end") not in ended)
 
 
 def _text_files(folder: Path, metrics: bool, whole: bool = False) -> Iterator[Path]:
@@ -210,17 +224,17 @@ def _copy_newest_checkpoint(run_dir: Path, staging: Path) -> int | None:
     return None
 
 
-def _write_checkpoints(running: Sequence[Path], out: Path, dest: Path) -> dict[str, int]:
-    """``dest/checkpoints.tar``: the newest checkpoint of each running attempt (``running``), by its path relative
-    to ``out``; returns the step of each, by attempt."""
+def _write_checkpoints(run_dirs: Mapping[str, Path], out: Path, dest: Path) -> dict[str, int]:
+    """``dest/checkpoints.tar``: the newest checkpoint of each run folder in ``run_dirs``, by its path relative to
+    ``out``; returns the step of each, by its key in ``run_dirs``."""
     steps = {}
     with tempfile.TemporaryDirectory() as staging, tarfile.open(dest / f"{CHECKPOINTS}.tmp", "w") as tar:
-        for attempt in running:
-            relative = (attempt / RUN_DIR).relative_to(out)
-            step = _copy_newest_checkpoint(attempt / RUN_DIR, Path(staging) / relative)
+        for key, run_dir in run_dirs.items():
+            relative = run_dir.relative_to(out)
+            step = _copy_newest_checkpoint(run_dir, Path(staging) / relative)
             if step is not None:
                 tar.add(Path(staging) / relative / CHECKPOINT_DIR, arcname=(relative / CHECKPOINT_DIR).as_posix())
-                steps[attempt.relative_to(out).as_posix()] = step
+                steps[key] = step
     (dest / f"{CHECKPOINTS}.tmp").replace(dest / CHECKPOINTS)
     return steps
 
@@ -240,8 +254,8 @@ def _study_store(study: StudyConfig, out: Path, log: Log, *, running_ok: bool) -
 
 
 def save_study(study: StudyConfig, dest: Path, log: Log = stderr_log) -> dict[str, Any]:
-    """Writes the study's database, finished runs and running trials' newest checkpoints to ``dest`` (see the
-    module); returns the manifest."""
+    """Writes the study's database, finished runs, and the newest checkpoints of its running trials and of the runs
+    outside the search that have begun and not ended, to ``dest`` (see the module); returns the manifest."""
     out = study.out_dir.resolve()
     exp_keys = [experiment_name(study, cell) for cell in study.cells()]
     with _study_store(study, out, log, running_ok=True) as store:
@@ -250,15 +264,19 @@ def save_study(study: StudyConfig, dest: Path, log: Log = stderr_log) -> dict[st
     attempts += _interrupted_attempts(trials, running, out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MANIFEST).unlink(missing_ok=True)  # an earlier save's: until the new one is written, the save is incomplete
-    checkpoints = _write_checkpoints(attempts, out, dest)
+    unfinished = _unfinished_runs(out)
+    keys = {attempt.relative_to(out).as_posix(): attempt / RUN_DIR for attempt in attempts}
+    steps = _write_checkpoints(keys | {run.relative_to(out).as_posix(): run for run in unfinished}, out, dest)
     pattern = _path_pattern(str(out))
     database = [pattern.sub(lambda _: OUT_TOKEN, line) for line in stored]
-    files = _file_lines(_finished_run_folders(trials, out), [a for a in attempts if a.is_dir()], out)
+    whole = [a for a in attempts if a.is_dir()] + unfinished  # a run that will continue appends to its files
+    files = _file_lines(_finished_run_folders(trials, out), whole, out)
     states = {state.name.lower(): sum(doc["state"] == state for doc in trials) for state in TrialState}
     manifest = {
         "format": FORMAT, "study": study.name, "saved": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "out_dir": str(out), "experiments": len(exp_keys), "trials": states, "requeued": len(running),
-        "checkpoints": checkpoints, "files": len(files),
+        "checkpoints": {key: step for key, step in steps.items() if key in keys},
+        "run_checkpoints": {key: step for key, step in steps.items() if key not in keys}, "files": len(files),
     }  # fmt: skip
     atomic_write_text(dest / DATABASE, "".join(line + "\n" for line in sorted(database)))
     atomic_write_text(dest / FILES, "".join(line + "\n" for line in files))
@@ -374,5 +392,6 @@ def restore_study(study: StudyConfig, src: Path, log: Log = stderr_log) -> dict[
             atomic_write_bytes(path, payload)
         store.insert_documents(documents)
     log(f"restored {sum(map(len, documents.values()))} documents, {len(files)} files and the checkpoints of "
-        f"{len(manifest.get('checkpoints', {}))} running trials saved {manifest['saved']} into {out}")  # fmt: skip
+        f"{len(manifest.get('checkpoints', {}))} running trials and {len(manifest.get('run_checkpoints', {}))} "
+        f"unfinished runs outside the search saved {manifest['saved']} into {out}")  # fmt: skip
     return {name: len(docs) for name, docs in documents.items()}

@@ -24,16 +24,17 @@ import json
 import shutil
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from study.config import Cell, StudyConfig, StudyError, cell_toml, check_cells, config_toml
+from study.config import Cell, StudyConfig, StudyError, cell_toml, check_cells
+from study.replays import Replay, diverged_summary, given_summary, replay_toml, run_in_processes
 
 if TYPE_CHECKING:
     from hpo_worker.spaces import SearchSpace
-    from jobs.config import Config
 
 __all__ = ["rewrite_report", "run_study", "stderr_log", "write_interim_report"]
 
@@ -94,51 +95,10 @@ def _run_given(study: StudyConfig, cells: list[Cell], out: Path, log: Log) -> li
         given = dict(parse_pairs(study.given.get(cell.optimizer, ())))
         config_path = out / "configs" / f"{cell.slug}.toml"
         name = f"[{index}/{len(cells)}] {cell.name}"
-        summary = _given_summary(config_path, run_dir, study.target_accuracy, log, name)
+        summary = given_summary(config_path, run_dir, study.target_accuracy, log, name)
         rows.append(_row(cell, "given", None, summary, run_dir, given))
         log(f"  {_describe(rows[-1])}")
     return rows
-
-
-def _given_summary(config_path: Path, run_dir: Path, target: float, log: Log, name: str) -> dict[str, Any]:
-    """The summary of the run of ``config_path`` in ``run_dir``: a run that ended before (finished or diverged, as its
-    summary.json says) is not trained again; one that stopped or failed is continued from its newest checkpoint."""
-    from jobs.config import load_config
-    from jobs.outcome import RunEnd, read_summary
-
-    config = load_config(config_path, [f"run.out_dir={json.dumps(str(run_dir))}"])
-    _set_aside_other_run(run_dir, config, log, name)
-    diverged = {"target_accuracy": target or None, "reached_target": False}
-    before = read_summary(run_dir)
-    if before is not None and before["end"] in (RunEnd.FINISHED, RunEnd.DIVERGED):
-        log(f"{name}: done before ({before['end']}), reusing {run_dir / 'summary.json'}")
-        return before if before["end"] == RunEnd.FINISHED else diverged
-    from jobs.loop import TrainingDiverged, run_training
-    from jobs.parallel import SingleContext
-
-    log(f"{name}: training")
-    config.run.resume = True  # a run killed before is continued from its newest checkpoint
-    try:
-        return asdict(run_training(config, SingleContext(), log=lambda message: None))
-    except TrainingDiverged as exc:
-        log(f"  {name}: diverged: {exc}")
-        return diverged
-
-
-def _set_aside_other_run(run_dir: Path, config: Config, log: Log, name: str) -> None:
-    """Renames ``run_dir`` to ``<name>.superseded<n>`` when it holds a run of another configuration (a cell's best
-    trial that changed when its search went on, or a changed given value), so that it is neither reused as this
-    run's result nor lost."""
-    from jobs.config import trajectory_differences
-
-    saved = run_dir / "config.json"
-    if not saved.is_file() or not (differences := trajectory_differences(json.loads(saved.read_text()), config)):
-        return
-    number = 1
-    while (aside := run_dir.with_name(f"{run_dir.name}.superseded{number}")).exists():
-        number += 1
-    run_dir.rename(aside)
-    log(f"{name}: {run_dir} held a run of another configuration ({'; '.join(differences)}): moved to {aside}")
 
 
 def parse_pairs(overrides: tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -156,12 +116,6 @@ def _describe(row: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------- diagnostics of the best runs
 
 
-def _replay_toml(run_dir: Path, overrides: Sequence[str], why: str) -> str:
-    """The config of the run in ``run_dir`` (its config.json, every key resolved) with ``overrides``, as TOML."""
-    document = {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items() if k != "derived"}
-    return config_toml(document, overrides, f"# {run_dir}: trained again {why} (study.runner).")
-
-
 def _best_trials(cells: list[Cell], rows: list[dict[str, Any]], log: Log) -> list[tuple[int, Cell, Mapping[str, Any]]]:
     """Each tuned cell's best trial that left a run folder (numbered from 1), in cell order."""
     from study.report import best_runs
@@ -176,23 +130,76 @@ def _best_trials(cells: list[Cell], rows: list[dict[str, Any]], log: Log) -> lis
     return found
 
 
+@dataclass(frozen=True)
+class _Repeat:
+    """A tuned cell's best trial (its row), to be trained again with another seed: ``replay``, of ``config_text``."""
+
+    cell: Cell
+    best: Mapping[str, Any]
+    seed: int
+    config_text: str
+    replay: Replay
+
+    def row(self, summary: Mapping[str, Any]) -> dict[str, Any]:
+        hparams = json.loads(self.best["hparams"])
+        return _row(self.cell, "repeat", self.best["trial"], summary, self.replay.run_dir, hparams)
+
+
+def _planned_repeats(
+    study: StudyConfig, cells: list[Cell], rows: list[dict[str, Any]], out: Path, log: Log
+) -> list[_Repeat]:
+    """Each tuned cell's best trial with ``tune.repeats`` other seeds (1001, 1002, ...), seed by seed: every cell's
+    first repeat before any cell's second, so that a study stopped in this phase has repeats of every cell."""
+    assert study.tune is not None
+    best = _best_trials(cells, rows, log)
+    planned = []
+    for seed in range(1001, 1001 + study.tune.repeats):
+        for index, cell, trial in best:
+            text = replay_toml(Path(trial["metrics_path"]).parent, [f"run.seed={seed}"], f"with seed {seed}")
+            replay = Replay(
+                name=f"[{index}/{len(cells)}] {cell.name}, trial {trial['trial']} with seed {seed}",
+                config_path=out / "configs" / f"{cell.slug}.seed{seed}.toml",
+                run_dir=out / "repeats" / cell.slug / f"seed{seed}",
+                log_path=out / "logs" / "repeats" / f"{cell.slug}.seed{seed}.log",
+            )
+            planned.append(_Repeat(cell, trial, seed, text, replay))
+    return planned
+
+
 def _repeat_best(
     study: StudyConfig, cells: list[Cell], rows: list[dict[str, Any]], out: Path, log: Log
 ) -> list[dict[str, Any]]:
-    """Each tuned cell's best trial trained again with ``tune.repeats`` other seeds (1001, 1002, ...), in
-    ``repeats/<cell>/seed<s>``: the spread of its steps to target over seeds (study.uncertainty). Resumable."""
+    """The rows of the repeats (:func:`_planned_repeats`), in ``repeats/<cell>/seed<s>``, ``tune.workers`` at a
+    time (:func:`study.replays.run_in_processes`): the spread of the best's steps to target over seeds
+    (study.uncertainty). Resumable. The rows in cell order, as the search's."""
     assert study.tune is not None
-    repeats = []
-    for index, cell, best in _best_trials(cells, rows, log):
-        run_of_best = Path(best["metrics_path"]).parent
-        for seed in range(1001, 1001 + study.tune.repeats):
-            config_path = out / "configs" / f"{cell.slug}.seed{seed}.toml"
-            config_path.write_text(_replay_toml(run_of_best, [f"run.seed={seed}"], f"with seed {seed}"))
-            run_dir = out / "repeats" / cell.slug / f"seed{seed}"
-            name = f"[{index}/{len(cells)}] {cell.name}, trial {best['trial']} with seed {seed}"
-            summary = _given_summary(config_path, run_dir, study.target_accuracy, log, name)
-            repeats.append(_row(cell, "repeat", best["trial"], summary, run_dir, json.loads(best["hparams"])))
-    return repeats
+    planned = _planned_repeats(study, cells, rows, out, log)
+    for repeat in planned:
+        repeat.replay.config_path.write_text(repeat.config_text)
+    summaries = run_in_processes([r.replay for r in planned], study.tune.workers, study.target_accuracy, log)
+    done = sorted(zip(planned, summaries, strict=True), key=lambda pair: (cells.index(pair[0].cell), pair[0].seed))
+    return [repeat.row(summary) for repeat, summary in done]
+
+
+def _ended_repeats(
+    study: StudyConfig, cells: list[Cell], rows: list[dict[str, Any]], out: Path
+) -> tuple[list[dict[str, Any]], int]:
+    """The rows of the repeats of each cell's best trial now that have ended (finished or diverged), in cell order,
+    and how many repeats there are to run; a repeat of an earlier best, which the study will set aside, is left out."""
+    from jobs.config import build_config, trajectory_differences
+    from jobs.outcome import RunEnd, read_summary
+
+    planned = _planned_repeats(study, cells, rows, out, log=lambda message: None)
+    ended = []
+    for repeat in sorted(planned, key=lambda r: (cells.index(r.cell), r.seed)):
+        summary, saved = read_summary(repeat.replay.run_dir), repeat.replay.run_dir / "config.json"
+        if summary is None or summary["end"] not in (RunEnd.FINISHED, RunEnd.DIVERGED) or not saved.is_file():
+            continue
+        if trajectory_differences(json.loads(saved.read_text()), build_config(tomllib.loads(repeat.config_text))):
+            continue
+        diverged = summary["end"] == RunEnd.DIVERGED
+        ended.append(repeat.row(diverged_summary(study.target_accuracy) if diverged else summary))
+    return ended, len(planned)
 
 
 def _diagnose_best(
@@ -205,10 +212,10 @@ def _diagnose_best(
     for index, cell, best in _best_trials(cells, rows, log):
         config_path = out / "configs" / f"{cell.slug}.fisher.toml"
         why = "with the study's [fisher] diagnostics"
-        config_path.write_text(_replay_toml(Path(best["metrics_path"]).parent, study.fisher.overrides(), why))
+        config_path.write_text(replay_toml(Path(best["metrics_path"]).parent, study.fisher.overrides(), why))
         run_dir = out / "fisher" / "runs" / cell.slug
         name = f"[{index}/{len(cells)}] {cell.name}, trial {best['trial']} with [fisher]"
-        summary = _given_summary(config_path, run_dir, study.target_accuracy, log, name)
+        summary = given_summary(config_path, run_dir, study.target_accuracy, log, name)
         replays.append(_row(cell, "replay", best["trial"], summary, run_dir, json.loads(best["hparams"])))
     return replays
 
@@ -332,9 +339,10 @@ def rewrite_report(study: StudyConfig, log: Log | None = None) -> Path:
 
 
 def write_interim_report(study: StudyConfig, log: Log | None = None) -> Path:
-    """The report of a tuned study that is still running (or stopped before its end), drawn from the search trials
-    finished so far into ``<out>/interim/``: no repeats, and cells short of their trials, as its heading says. The
-    study's own files are left as they are; ``step_cost.json`` is copied for the Cost section."""
+    """The report of a tuned study that is still running (or stopped before its end), drawn into ``<out>/interim/``
+    from the search trials finished so far and the repeats of the best settings that have ended, under a heading
+    that says how far each has got. The study's own files are left as they are; ``step_cost.json`` is copied for the
+    Cost section."""
     from study.report import write_report
     from study.tuning import finished_trials_now
 
@@ -344,24 +352,39 @@ def write_interim_report(study: StudyConfig, log: Log | None = None) -> Path:
     out = study.out_dir.resolve()
     cells = study.cells()
     rows, stopped = _tuned_rows(cells, finished_trials_now(study, cells, out, say))
+    repeats, planned = _ended_repeats(study, cells, rows, out)
     interim = out / "interim"
     interim.mkdir(parents=True, exist_ok=True)
     if (out / "step_cost.json").is_file():
         shutil.copyfile(out / "step_cost.json", interim / "step_cost.json")
     finished, budget = len(rows) + len(stopped), len(cells) * study.tune.trials
-    drawn = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    preface = [
-        f"**Interim, not a result.** Drawn at {drawn} from the {finished} of {budget} search trials finished so far "
-        f"(`python -m study report --interim`). Every cell is short of its {study.tune.trials} trials, and the best "
-        f"settings are not yet repeated over seeds ({study.tune.repeats} repeats each at the end): a cell's best, and "
-        "the halves of its budget, will change.",
-        "",
-    ]
-    report = write_report(interim, rows, title=f"Batch-size scaling study: {study.name} (interim)",
-                          top_k=study.top_k, stopped=stopped, spaces=_spaces(study), preface=preface)  # fmt: skip
-    say(f"interim: {len(rows)} finished runs and {len(stopped)} stopped trials of {budget}")
+    report = write_report(interim, rows + repeats, title=f"Batch-size scaling study: {study.name} (interim)",
+                          top_k=study.top_k, stopped=stopped, spaces=_spaces(study),
+                          preface=_interim_preface(study, finished, budget, len(repeats), planned))  # fmt: skip
+    say(f"interim: {len(rows)} finished runs and {len(stopped)} stopped trials of {budget}; {len(repeats)} repeats")
     print(f"report: {report}", flush=True)
     return report
+
+
+def _interim_preface(study: StudyConfig, finished: int, budget: int, repeats: int, planned: int) -> list[str]:
+    """The heading of an interim report: how many search trials and repeats it is drawn from, and what may change."""
+    assert study.tune is not None
+    drawn = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = (
+        f"**Interim, not a result.** Drawn at {drawn} from the {finished} of {budget} search trials finished so far "
+        "(`python -m study report --interim`)"
+    )
+    if finished < budget:
+        text += (
+            f". Cells short of their {study.tune.trials} trials may still change their best, and the halves of their "
+            f"budget; the best settings are repeated over seeds ({study.tune.repeats} repeats each) at the end."
+        )
+    else:
+        text += (
+            f", and the {repeats} of {planned} repeats of the best settings over seeds ({study.tune.repeats} per cell) "
+            "that have ended: a cell's repeats, their intervals and the fits on them will change until all have."
+        )
+    return [text, ""]
 
 
 def run_fisher_study(study: StudyConfig, log: Log | None = None) -> Path:

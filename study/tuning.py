@@ -15,9 +15,7 @@ line when it starts, and the study's messages quote only the current run's part 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -50,6 +48,7 @@ from hpo_worker.store import (
 from hpo_worker.warm_start import WarmStartError, load_points, point_of, points_toml
 from jobs.files import atomic_file, atomic_write_text
 from study.config import Cell, StudyConfig, StudyError, TuneSettings
+from study.replays import STOP_GRACE_S, log_tail, shared_threads_env, start_logged
 
 __all__ = [
     "connect_store",
@@ -252,29 +251,6 @@ def _worker_command(tune: TuneSettings, url_file: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-LOG_HEADER = "--- study: started "  # begins the line above each process's output in its log, one per run
-
-
-def _start(command: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as output:  # appended: the logs of earlier runs of the study stay, above the header
-        now = dt.datetime.now().isoformat(timespec="seconds")
-        output.write(f"{LOG_HEADER}{now} by PID {os.getpid()}: {shlex.join(command)}\n".encode())
-        output.flush()
-        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=dict(env or os.environ))
-
-
-STOP_GRACE_S = 15.0  # a worker's SIGTERM puts its running trial back in the queue; this is its time to do so
-
-
-def _tail(path: Path, chars: int = 1500) -> str:
-    """The end of the current run's output in the log ``path``: what follows its last header, never an earlier run's."""
-    if not path.exists():
-        return "(no output)"
-    run = path.read_text(errors="replace").rpartition(LOG_HEADER)[2].partition("\n")[2]
-    return run[-chars:].strip() or "(no output)"
-
-
 def _drive(
     study: StudyConfig, cells: Sequence[Cell], options: Mapping[str, DriverOptions], url: str, url_file: Path,
     out: Path, store: TrialStore, log: Log,
@@ -285,11 +261,9 @@ def _drive(
     drivers: dict[str, subprocess.Popen[bytes]] = {}
     workers: list[subprocess.Popen[bytes]] = []
     try:
-        # The workers share the machine's cores: one thread each, so that N of them do not oversubscribe it.
-        threads = max(1, (os.cpu_count() or 1) // max(tune.workers, 1))
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env = shared_threads_env(tune.workers)  # one thread each here, so that N of them do not oversubscribe it
         worker = _worker_command(tune, url_file, out)
-        workers += [_start(worker, logs / f"worker-{index}.log", env) for index in range(tune.workers)]
+        workers += [start_logged(worker, logs / f"worker-{index}.log", env) for index in range(tune.workers)]
         where = f"{tune.workers} local worker(s)" if tune.workers else "external workers (tune.workers = 0)"
         log(
             f"tuning {len(cells)} cells x {tune.trials} trials ({tune.objective}) with {where}; MongoDB "
@@ -302,7 +276,7 @@ def _drive(
             for cell in wave:
                 warm = _warm_start_file(study, cell, cells, options, store, out, log)
                 command = _driver_command(options[cell.slug], tune.spaces[cell.optimizer], url_file, warm)
-                drivers[cell.slug] = _start(command, logs / f"driver-{cell.slug}.log")
+                drivers[cell.slug] = start_logged(command, logs / f"driver-{cell.slug}.log")
             _wait_for_drivers(
                 {cell.slug: drivers[cell.slug] for cell in wave}, workers, logs, server_address(url),
                 lambda: log(progress(store, experiments, tune.trials, clock, reader)),
@@ -322,13 +296,13 @@ def _wait_for_drivers(
             code = driver.poll()
             if code not in (None, 0):
                 raise _database_lost(f"the driver of cell {slug}", code, address) or StudyError(
-                    f"the driver of cell {slug} failed (exit {code}): {_tail(logs / f'driver-{slug}.log')}"
+                    f"the driver of cell {slug} failed (exit {code}): {log_tail(logs / f'driver-{slug}.log')}"
                 )
         if all(driver.poll() == 0 for driver in drivers.values()):
             return
         if workers and all(worker.poll() is not None for worker in workers):
             lost = _database_lost("every local worker", workers[0].returncode, address)
-            raise lost or StudyError(f"every local worker exited: {_tail(logs / 'worker-0.log')}")
+            raise lost or StudyError(f"every local worker exited: {log_tail(logs / 'worker-0.log')}")
         if time.monotonic() - last_report > PROGRESS_EVERY_S:
             last_report = time.monotonic()
             report_progress()

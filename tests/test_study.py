@@ -72,7 +72,7 @@ def test_tiny_tuned_study_produces_every_artefact(tmp_path: Path) -> None:
     assert {(r["optimizer"], r["batch_size"]) for r in rows} == {("sgd", "32"), ("sgd", "128"), ("kfac", "32"),
                                                                  ("kfac", "128")}  # fmt: skip
     assert all(r["source"] in ("tuned", "repeat") and r["trial"] != "" for r in rows)
-    _check_repeats(out, rows)
+    _check_repeats(out, rows, result.stderr)
     _check_interim(tmp_path, rows)
     noise_measured = _check_rows_match_metrics(rows)
     assert any(r["reached"] == "True" for r in rows), "the target is easy: some run must reach it"
@@ -156,8 +156,14 @@ def _check_step_costs_and_redraw(tmp_path: Path, out: Path, rows: list[dict[str,
     assert {path: Path(path).stat().st_mtime_ns for path in trained} == trained, "a finished trial ran again"
 
 
-def _check_repeats(out: Path, rows: list[dict[str, str]]) -> None:
-    """tune.repeats: each cell's best trial trained again with seeds 1001 and 1002, reported with intervals."""
+def _check_repeats(out: Path, rows: list[dict[str, str]], said: str) -> None:
+    """tune.repeats: each cell's best trial trained again with seeds 1001 and 1002, every cell's first repeat before
+    any cell's second, each in its own process with its own log; reported with intervals."""
+    started = [line for line in said.splitlines() if line.endswith(": training") and " with seed " in line]
+    assert [line.split(" with seed ")[1] for line in started] == ["1001: training"] * 4 + ["1002: training"] * 4
+    logs = sorted(path.name for path in (out / "logs" / "repeats").iterdir())
+    assert logs == sorted(f"{cell}.seed{seed}.log" for cell in ("sgd-b32", "sgd-b128", "kfac-b32", "kfac-b128")
+                          for seed in (1001, 1002))  # fmt: skip
     for cell in ("sgd/b32", "sgd/b128", "kfac/b32", "kfac/b128"):
         tuned = [r for r in rows if r["cell"] == cell and r["source"] == "tuned"]
         repeats = [r for r in rows if r["cell"] == cell and r["source"] == "repeat"]
@@ -194,12 +200,13 @@ def _check_interim(tmp_path: Path, rows: list[dict[str, str]]) -> None:
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     interim = list(csv.DictReader((out / "interim" / "runs.csv").open()))
-    assert sorted(r["metrics_path"] for r in interim) == sorted(
-        r["metrics_path"] for r in rows if r["source"] == "tuned"
-    )
+    assert sorted((r["source"], r["metrics_path"]) for r in interim) == sorted(
+        (r["source"], r["metrics_path"]) for r in rows
+    ), "the search trials, and the repeats of the best settings that have ended: all of them"
     text = (out / "interim" / "report.md").read_text()
     assert text.startswith("# Batch-size scaling study: tiny (interim)\n\n**Interim, not a result.**"), text[:300]
-    assert "from the 8 of 8 search trials finished so far" in text and "(2 repeats each at the end)" in text
+    assert "from the 8 of 8 search trials finished so far" in text and "the 8 of 8 repeats" in text, text[:600]
+    assert text.count("/2 |") == 4, "each cell's repeats, in the Uncertainty section"
     assert "Runs that reached the target stopped there" in text
     assert (out / "report.md").read_text() == report and not (out / "hpo_data" / "mongo-url").exists()
 

@@ -182,6 +182,58 @@ def test_a_killed_study_saved_and_restored_elsewhere_finishes_without_training_f
     assert all(str(second) in row["metrics_path"] for row in rows.values() if row["metrics_path"])
 
 
+def _stop_during_a_repeat(config: Path, out: Path) -> None:
+    """Starts the study and sends SIGTERM to its process group once a repeat of a best trial has a checkpoint and
+    no summary (the study frozen while looked at, as in :func:`_kill_after_finished_trials`)."""
+    command = [PYTHON, "-m", "study", "scaling", "--config", str(config), "--out", str(out)]
+    study = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while True:
+        assert study.poll() is None, study.stderr.read().decode()[-3000:] if study.stderr else ""
+        assert time.monotonic() < deadline, "no repeat had a checkpoint in 300 s"
+        os.killpg(study.pid, signal.SIGSTOP)
+        runs = list(out.glob("repeats/*/seed1001"))
+        if any(choose_checkpoint(run).ref and not (run / "summary.json").exists() for run in runs):
+            break
+        os.killpg(study.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    os.killpg(study.pid, signal.SIGTERM)
+    os.killpg(study.pid, signal.SIGCONT)
+    assert study.wait(timeout=120) == 130
+
+
+def test_a_repeat_stopped_with_the_study_is_saved_with_its_checkpoint_and_continues_after_a_restore(
+    tmp_path: Path,
+) -> None:
+    """The repeats phase: a repeat of a best trial that had begun is saved whole with its newest checkpoint, and the
+    restored study continues it from there; the repeats that had ended are read back, not trained again."""
+    config, first, second, saved = _files(tmp_path, "repeated"), tmp_path / "first", tmp_path / "second", tmp_path / "s"
+    config.write_text(config.read_text().replace("trials = 4", "trials = 2\nrepeats = 1"))
+    _stop_during_a_repeat(config, first)
+    save = _study(config, "save", "--out", str(first), "--to", str(saved))
+    assert save.returncode == 0, save.stderr[-3000:]
+    manifest = json.loads((saved / "manifest.json").read_text())
+    begun = manifest["run_checkpoints"]
+    assert begun and all(key.startswith("repeats/") and step % 20 == 0 for key, step in begun.items()), manifest
+    assert f"and of {len(begun)} unfinished run(s) outside the search" in save.stdout, save.stdout
+    paths = {json.loads(line)["path"] for line in (saved / "files.jsonl").read_text().splitlines()}
+    for key in begun:
+        assert {f"{key}/config.json", f"{key}/metrics.jsonl"} <= paths and f"{key}/summary.json" not in paths
+    ended = {p.rsplit("/", 1)[0] for p in paths if p.startswith("repeats/") and p.endswith("/summary.json")}
+    restore = _study(config, "restore", "--out", str(second), "--from", str(saved))
+    assert restore.returncode == 0 and f"and {len(begun)} unfinished runs" in restore.stderr, restore.stderr
+    finish = _study(config, "scaling", "--out", str(second))
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    for key, step in begun.items():
+        summary = json.loads((second / key / "summary.json").read_text())
+        assert summary["resumed_from"] == step and summary["steps"] == 300, summary
+    for key in ended:
+        assert f"{second / key / 'summary.json'}" in finish.stderr, "an ended repeat is read back"
+    rows = list(csv.DictReader((second / "runs.csv").open()))
+    assert sorted(row["cell"] for row in rows if row["source"] == "repeat") == ["kfac/b32", "sgd/b32"]
+
+
 def test_restore_refuses_another_studys_save_a_damaged_one_and_changed_files(tmp_path: Path) -> None:
     config = _files(tmp_path)
     saved = tmp_path / "saved"
