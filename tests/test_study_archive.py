@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -93,26 +94,33 @@ def _ready_to_kill(out: Path, finished: int) -> bool:
     )
 
 
-def _kill_after_finished_trials(config: Path, out: Path, finished: int, how: int = signal.SIGKILL) -> None:
-    """Starts the study and sends ``how`` to its whole process group (the driver and its in-process workers) once
-    the database holds ``finished`` done trials and a running one has a checkpoint (the target is out of reach:
-    every trial runs its 300 steps, checkpointing every 20). SIGKILL leaves the running trials running in the
-    database; after SIGTERM the workers have put them back in the queue, as a study stopped by its user."""
+def _signal_when(config: Path, out: Path, ready: Callable[[], bool], how: int, what: str) -> int:
+    """Starts the study and sends ``how`` to its whole process group (the driver, its workers, its runs) once
+    ``ready()``, the study frozen (SIGSTOP) while looked at so that it cannot move on meanwhile (its server runs in a
+    session of its own); returns the study's exit status. ``what``: what ``ready`` waits for, for the message."""
     command = [PYTHON, "-m", "study", "scaling", "--config", str(config), "--out", str(out)]
     study = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while True:
         assert study.poll() is None, study.stderr.read().decode()[-3000:] if study.stderr else ""
-        assert time.monotonic() < deadline, f"the study did not finish {finished} trials in 300 s"
-        os.killpg(study.pid, signal.SIGSTOP)  # frozen while looked at (its server runs in a session of its own)
-        if _ready_to_kill(out, finished):
+        assert time.monotonic() < deadline, f"no {what} in 300 s"
+        os.killpg(study.pid, signal.SIGSTOP)
+        if ready():
             break
         os.killpg(study.pid, signal.SIGCONT)
-        time.sleep(0.5)
+        time.sleep(0.2)
     os.killpg(study.pid, how)  # SIGKILL: no SIGTERM handler runs, the running trials stay running in the database
     os.killpg(study.pid, signal.SIGCONT)  # a stopped process takes SIGTERM once it runs again
-    study.wait(timeout=120)
+    return study.wait(timeout=120)
+
+
+def _kill_after_finished_trials(config: Path, out: Path, finished: int, how: int = signal.SIGKILL) -> None:
+    """The study stopped with ``how`` once the database holds ``finished`` done trials and a running one has a
+    checkpoint (the target is out of reach: every trial runs its 300 steps, checkpointing every 20). SIGKILL leaves
+    the running trials running in the database; after SIGTERM the workers have put them back in the queue, as a
+    study stopped by its user."""
+    _signal_when(config, out, lambda: _ready_to_kill(out, finished), how, f"{finished} finished trials")
 
 
 def _rows(out: Path) -> dict[tuple[str, str], dict[str, str]]:
@@ -183,24 +191,13 @@ def test_a_killed_study_saved_and_restored_elsewhere_finishes_without_training_f
 
 
 def _stop_during_a_repeat(config: Path, out: Path) -> None:
-    """Starts the study and sends SIGTERM to its process group once a repeat of a best trial has a checkpoint and
-    no summary (the study frozen while looked at, as in :func:`_kill_after_finished_trials`)."""
-    command = [PYTHON, "-m", "study", "scaling", "--config", str(config), "--out", str(out)]
-    study = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while True:
-        assert study.poll() is None, study.stderr.read().decode()[-3000:] if study.stderr else ""
-        assert time.monotonic() < deadline, "no repeat had a checkpoint in 300 s"
-        os.killpg(study.pid, signal.SIGSTOP)
-        runs = list(out.glob("repeats/*/seed1001"))
-        if any(choose_checkpoint(run).ref and not (run / "summary.json").exists() for run in runs):
-            break
-        os.killpg(study.pid, signal.SIGCONT)
-        time.sleep(0.05)
-    os.killpg(study.pid, signal.SIGTERM)
-    os.killpg(study.pid, signal.SIGCONT)
-    assert study.wait(timeout=120) == 130
+    """The study stopped (SIGTERM) once a repeat of a best trial has a checkpoint and no summary."""
+
+    def repeat_begun() -> bool:
+        runs = out.glob("repeats/*/seed1001")
+        return any(choose_checkpoint(run).ref and not (run / "summary.json").exists() for run in runs)
+
+    assert _signal_when(config, out, repeat_begun, signal.SIGTERM, "repeat with a checkpoint") == 130
 
 
 def test_a_repeat_stopped_with_the_study_is_saved_with_its_checkpoint_and_continues_after_a_restore(
