@@ -17,6 +17,9 @@ into the report:
   the scale it is sampled on (:data:`EDGE_WITHIN`, our tolerance). The Deep Learning Tuning Playbook (Godbole,
   Dahl, Gilmer, Shallue and Nado 2023) asks the same of a search: best trials near a boundary mean that a wider
   space may hold better ones. The cells and values at an edge are named.
+- **Too few repeats.** A cell enters the S(B) fit only when at least two of its repeats reached the target, and a
+  series is fitted only with two such cells or more; a claim about an optimizer without a fit is inconclusive, and
+  says so (interim reports, drawn while the repeats run).
 - **No more robust to its hyperparameters** (Ma et al. 2020) compares the share of tuning trials that reached the
   target, pooled over the three largest batch sizes, with SGD's, by Fisher's exact test at p < 0.1.
 """
@@ -86,12 +89,22 @@ def compare(a: Interval, b: Interval) -> int:
     return 0
 
 
-def largest_critical_batch(b_crit: Mapping[str, Interval]) -> Verdict:
-    """Which optimizer has the largest B_crit: clear when its interval lies above every other's."""
+def _too_few(optimizers: Sequence[str]) -> str:
+    """Why a claim about ``optimizers`` (those without an S(B) fit) cannot be answered yet."""
+    names = ", ".join(_label(o) for o in optimizers)
+    return f"No fit for {names}: too few repeats (fewer than two cells where two or more reached the target)."
+
+
+def largest_critical_batch(b_crit: Mapping[str, Interval], unfitted: Sequence[str] = ()) -> Verdict:
+    """Which optimizer has the largest B_crit: clear when its interval lies above every other's and every
+    optimizer studied has a fit (``unfitted``: those with too few repeats for one)."""
     ranked = sorted(b_crit, key=lambda o: b_crit[o].estimate, reverse=True)
     listing = ", ".join(f"{_label(o)} {b_crit[o].text()}" for o in ranked)
-    if len(ranked) < 2:
-        return Verdict("Which optimizer has the largest critical batch?", INCONCLUSIVE, f"Fits: {listing or 'none'}.")
+    if len(ranked) < 2 or unfitted:
+        reason = f"{_too_few(unfitted)} " if unfitted else ""
+        return Verdict(
+            "Which optimizer has the largest critical batch?", INCONCLUSIVE, f"{reason}Fits: {listing or 'none'}."
+        )
     top, rest = ranked[0], ranked[1:]
     overlapping = [o for o in rest if compare(b_crit[top], b_crit[o]) == 0]
     if not overlapping:
@@ -237,16 +250,27 @@ def search_space_edges(edges: Mapping[str, Mapping[int, Sequence[str]]]) -> Verd
     )
 
 
-def _zhang(b_crit: Mapping[str, Interval]) -> list[Verdict]:
+def _against_sgd(claim: str, optimizer: str, b_crit: Mapping[str, Interval], unfitted: Sequence[str]) -> Verdict | None:
+    """Inconclusive when ``optimizer`` or SGD has too few repeats for a fit; None when either was not studied."""
+    missing = [o for o in (optimizer, "sgd") if o in unfitted]
+    if missing:
+        return Verdict(claim, INCONCLUSIVE, _too_few(missing))
+    return None
+
+
+def _zhang(b_crit: Mapping[str, Interval], unfitted: Sequence[str] = ()) -> list[Verdict]:
     """Zhang et al. 2019: preconditioning (K-FAC, Adam) extends perfect scaling beyond momentum SGD's."""
-    if "sgd" not in b_crit:
-        return []
     verdicts = []
-    for optimizer in (o for o in ("kfac", "adam") if o in b_crit):
+    for optimizer in ("kfac", "adam"):
+        claim = f"{_label(optimizer)}'s critical batch is larger than SGD's (Zhang et al. 2019)?"
+        if (short := _against_sgd(claim, optimizer, b_crit, unfitted)) is not None:
+            verdicts.append(short)
+        if optimizer not in b_crit or "sgd" not in b_crit:
+            continue
         side = compare(b_crit[optimizer], b_crit["sgd"])
         verdicts.append(
             Verdict(
-                f"{_label(optimizer)}'s critical batch is larger than SGD's (Zhang et al. 2019)?",
+                claim,
                 {1: AGREE, -1: DISAGREE, 0: INCONCLUSIVE}[side],
                 f"B_crit [90%]: {_label(optimizer)} {b_crit[optimizer].text()}, SGD {b_crit['sgd'].text()}.",
             )
@@ -254,15 +278,17 @@ def _zhang(b_crit: Mapping[str, Interval]) -> list[Verdict]:
     return verdicts
 
 
-def _ma(b_crit: Mapping[str, Interval]) -> list[Verdict]:
+def _ma(b_crit: Mapping[str, Interval], unfitted: Sequence[str] = ()) -> list[Verdict]:
     """Ma et al. 2020: K-FAC's critical batch is no larger than SGD's."""
+    claim = "K-FAC's critical batch is no larger than SGD's (Ma et al. 2020)?"
+    if (short := _against_sgd(claim, "kfac", b_crit, unfitted)) is not None:
+        return [short]
     if "sgd" not in b_crit or "kfac" not in b_crit:
         return []
     side = compare(b_crit["kfac"], b_crit["sgd"])
     evidence = f"B_crit [90%]: K-FAC {b_crit['kfac'].text()}, SGD {b_crit['sgd'].text()}."
     if side == 0:
         evidence += " The intervals overlap: not rejected, and not shown either."
-    claim = "K-FAC's critical batch is no larger than SGD's (Ma et al. 2020)?"
     return [Verdict(claim, {1: DISAGREE, -1: AGREE, 0: INCONCLUSIVE}[side], evidence)]
 
 
@@ -291,18 +317,23 @@ def answers(
     batches: Sequence[int],
     halves: Mapping[str, Mapping[int, tuple[float, float]]],
     edges: Mapping[str, Mapping[int, Sequence[str]]] | None = None,
+    unfitted: Sequence[str] = (),
 ) -> dict[str, list[Verdict]]:
     """Every verdict, grouped under the questions of issue 20 and the papers they test (``edges``: None where the
-    search spaces are not known, as for a study of given values)."""
+    search spaces are not known, as for a study of given values; ``unfitted``: the optimizers with repeats but too
+    few for an S(B) fit)."""
     return {
         "The study's questions": [
             budget_stable(halves),
             *([search_space_edges(edges)] if edges else []),
-            largest_critical_batch(b_crit),
+            largest_critical_batch(b_crit, unfitted),
             *steps_at_largest_batch(means),
             *critical_vs_noise(b_crit, b_simple),
         ],
-        "Zhang et al. 2019 (NeurIPS), noisy quadratic model and real workloads": _zhang(b_crit),
-        "Ma et al. 2020 (AAAI), inefficiency of K-FAC at large batch": [*_ma(b_crit), *no_more_robust(counts)],
+        "Zhang et al. 2019 (NeurIPS), noisy quadratic model and real workloads": _zhang(b_crit, unfitted),
+        "Ma et al. 2020 (AAAI), inefficiency of K-FAC at large batch": [
+            *_ma(b_crit, unfitted),
+            *no_more_robust(counts),
+        ],
         "Seed 002 (Naganuma et al.), K-FAC's accuracy at large batch": [_seed_002(reached, batches)],
     }

@@ -35,13 +35,15 @@ from study.uncertainty import Interval
 if TYPE_CHECKING:  # hyperopt, which hpo_worker.spaces imports, only for tuned studies
     from hpo_worker.spaces import SearchSpace
 
+MIN_REPEATS: Final = 2  # repeats that reached the target, for a cell's mean and its place in the S(B) fit
 ANSWER_RULES: Final = (
     "Each claim is answered from the repeats' intervals (90%), by rules fixed before the runs (study/claims.py): "
     "two estimates differ only when their intervals do not overlap (a conservative test); B_crit ~ B_simple holds "
-    "within a factor of 2 and is 'the same order' within 10; a best trial in the outer 5% of a searched range (on "
-    "its sampling scale) lies at an edge of the search space; 'no more robust to its hyperparameters' compares the "
-    "share of tuning trials reaching the target over the three largest batch sizes, by Fisher's exact test at "
-    "p < 0.1."
+    "within a factor of 2 and is 'the same order' within 10; a cell enters the S(B) fit when two or more of its "
+    "repeats reached the target, and a claim about an optimizer without a fit is inconclusive; a best trial in the "
+    "outer 5% of a searched range (on its sampling scale) lies at an edge of the search space; 'no more robust to "
+    "its hyperparameters' compares the share of tuning trials reaching the target over the three largest batch "
+    "sizes, by Fisher's exact test at p < 0.1."
 )
 
 
@@ -67,12 +69,12 @@ def summarise_repeats(runs: Sequence[Mapping[str, Any]]) -> Repeats:
     }
     series: dict[SeriesKey, dict[int, list[float]]] = {}
     for (variant, optimizer, batch), values in steps.items():
-        if values:
+        if len(values) >= MIN_REPEATS:
             series.setdefault((variant, optimizer), {})[batch] = values
     return Repeats(
         runs=by_cell,
         steps=steps,
-        means={key: bootstrap_mean(values) for key, values in steps.items() if len(values) >= 2},
+        means={key: bootstrap_mean(values) for key, values in steps.items() if len(values) >= MIN_REPEATS},
         fits={key: fit_interval(by_batch, resamples=500) for key, by_batch in series.items() if len(by_batch) >= 2},
     )
 
@@ -252,11 +254,13 @@ def answers_section(
     if not repeats.fits or any(variant for variant, _ in repeats.fits):
         return []
     best = best_runs(runs)
+    studied = {optimizer for variant, optimizer, _ in repeats.runs if not variant}
     grouped = answers(
         b_crit={optimizer: fit["b_crit"] for (_, optimizer), fit in repeats.fits.items()},
         b_simple={o: _noise_scales(best, ("", o)) for (_, o) in repeats.fits},
         batches=sorted({int(r["batch_size"]) for r in runs}),
         edges=_best_trial_edges(runs, spaces) if spaces else None,
+        unfitted=sorted(studied - {optimizer for _, optimizer in repeats.fits}, key=_optimizer_rank),
         **_claim_inputs(runs, stopped, repeats),
     )
     lines = ["## Answers", "", ANSWER_RULES, ""]

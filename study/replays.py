@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from jobs.config import Config
 
 __all__ = [
-    "LOG_HEADER", "STOP_GRACE_S", "Replay", "diverged_summary", "given_summary", "log_tail", "replay_toml",
-    "run_in_processes", "set_aside_other_run", "shared_threads_env", "start_logged",
+    "LOG_HEADER", "STOP_GRACE_S", "Replay", "diverged_summary", "ended_summary", "given_summary", "log_tail",
+    "replay_toml", "run_in_processes", "set_aside_other_run", "shared_threads_env", "start_logged",
 ]  # fmt: skip
 
 Log = Callable[[str], None]
@@ -98,18 +98,26 @@ def diverged_summary(target: float) -> dict[str, Any]:
     return {"target_accuracy": target or None, "reached_target": False}
 
 
+def ended_summary(run_dir: Path, target: float) -> dict[str, Any] | None:
+    """What a study records of the run in ``run_dir`` if it ended: its summary when it finished,
+    :func:`diverged_summary` when it diverged; None when it never began, was stopped, or failed."""
+    from jobs.outcome import RunEnd, read_summary
+
+    summary = read_summary(run_dir)
+    if summary is None or summary["end"] not in (RunEnd.FINISHED, RunEnd.DIVERGED):
+        return None
+    return summary if summary["end"] == RunEnd.FINISHED else diverged_summary(target)
+
+
 def _earlier_summary(config_path: Path, run_dir: Path, target: float, log: Log, name: str) -> dict[str, Any] | None:
     """The summary of a run in ``run_dir`` of ``config_path`` that ended before (finished or diverged); None when it
     must be trained (never begun, stopped, or failed: continued from its newest checkpoint)."""
     from jobs.config import load_config
-    from jobs.outcome import RunEnd, read_summary
 
     set_aside_other_run(run_dir, load_config(config_path, [f"run.out_dir={json.dumps(str(run_dir))}"]), log, name)
-    before = read_summary(run_dir)
-    if before is None or before["end"] not in (RunEnd.FINISHED, RunEnd.DIVERGED):
-        return None
-    log(f"{name}: done before ({before['end']}), reusing {run_dir / 'summary.json'}")
-    return before if before["end"] == RunEnd.FINISHED else diverged_summary(target)
+    if (before := ended_summary(run_dir, target)) is not None:  # diverged_summary has no "end" key
+        log(f"{name}: done before ({before.get('end', 'diverged')}), reusing {run_dir / 'summary.json'}")
+    return before
 
 
 def given_summary(config_path: Path, run_dir: Path, target: float, log: Log, name: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from study.config import Cell, StudyConfig, StudyError, cell_toml, check_cells
-from study.replays import Replay, diverged_summary, given_summary, replay_toml, run_in_processes
+from study.replays import Replay, ended_summary, given_summary, replay_toml, run_in_processes
 
 if TYPE_CHECKING:
     from hpo_worker.spaces import SearchSpace
@@ -187,18 +187,17 @@ def _ended_repeats(
     """The rows of the repeats of each cell's best trial now that have ended (finished or diverged), in cell order,
     and how many repeats there are to run; a repeat of an earlier best, which the study will set aside, is left out."""
     from jobs.config import build_config, trajectory_differences
-    from jobs.outcome import RunEnd, read_summary
 
     planned = _planned_repeats(study, cells, rows, out, log=lambda message: None)
     ended = []
     for repeat in sorted(planned, key=lambda r: (cells.index(r.cell), r.seed)):
-        summary, saved = read_summary(repeat.replay.run_dir), repeat.replay.run_dir / "config.json"
-        if summary is None or summary["end"] not in (RunEnd.FINISHED, RunEnd.DIVERGED) or not saved.is_file():
+        summary = ended_summary(repeat.replay.run_dir, study.target_accuracy)
+        saved = repeat.replay.run_dir / "config.json"
+        if summary is None or not saved.is_file():
             continue
         if trajectory_differences(json.loads(saved.read_text()), build_config(tomllib.loads(repeat.config_text))):
             continue
-        diverged = summary["end"] == RunEnd.DIVERGED
-        ended.append(repeat.row(diverged_summary(study.target_accuracy) if diverged else summary))
+        ended.append(repeat.row(summary))
     return ended, len(planned)
 
 

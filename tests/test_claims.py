@@ -114,3 +114,30 @@ def test_answers_group_every_claim_under_its_source() -> None:
     (seed,) = grouped["Seed 002 (Naganuma et al.), K-FAC's accuracy at large batch"]
     assert seed.verdict == "inconclusive" and "K-FAC missed it at batch [32]" in seed.evidence
     assert seed.line().startswith("- **K-FAC's best validation accuracy falls faster")
+
+
+def test_an_optimizer_with_too_few_repeats_for_a_fit_leaves_its_claims_inconclusive() -> None:
+    """While the repeats run (an interim report), K-FAC may have no S(B) fit yet: the claims that compare its
+    B_crit are inconclusive and say why, whatever the others' fits say; those without it are answered as usual."""
+    b_crit = {"sgd": _iv(900, 850, 1000), "adam": _iv(2000, 1500, 2600)}
+    grouped = answers(
+        b_crit=b_crit,
+        means={},
+        b_simple={},
+        counts={},
+        reached={},
+        batches=[32, 8192],
+        halves={o: {8192: (40.0, 40.0)} for o in b_crit},
+        unfitted=["kfac"],
+    )
+    largest = next(v for v in grouped["The study's questions"] if "largest critical batch" in v.claim)
+    assert largest.verdict == "inconclusive" and largest.evidence.startswith("No fit for K-FAC: too few repeats")
+    zhang = {
+        v.claim.split("'s")[0]: v
+        for v in grouped["Zhang et al. 2019 (NeurIPS), noisy quadratic model and real workloads"]
+    }
+    assert zhang["K-FAC"].verdict == "inconclusive" and "No fit for K-FAC" in zhang["K-FAC"].evidence
+    assert zhang["Adam"].verdict == "agree"  # Adam's interval lies above SGD's
+    (ma,) = grouped["Ma et al. 2020 (AAAI), inefficiency of K-FAC at large batch"]
+    assert ma.verdict == "inconclusive" and "No fit for K-FAC" in ma.evidence
+    assert largest_critical_batch(b_crit).verdict == "Adam"  # with every optimizer fitted, the same fits decide

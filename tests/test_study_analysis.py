@@ -526,3 +526,24 @@ def test_a_runs_curvature_share_is_read_from_its_record_or_else_from_its_checkpo
     (out / "config.json").write_text(json.dumps(config))
     (out / "checkpoints" / "ckpt-step00000016.rank0.pt").write_bytes(b"cut short")  # damaged: skipped, not raised
     assert run_curvature(row) is None
+
+
+def test_a_series_whose_cells_have_one_repeat_each_gets_no_fit_and_no_verdict(tmp_path: Path) -> None:
+    """A cell enters the S(B) fit only with two or more repeats that reached the target: with one each (an interim
+    report early in the repeats), K-FAC's fit is left out rather than given a zero-width interval, and the Answers
+    say its claims cannot be answered yet."""
+    rng = np.random.default_rng(3)
+    runs = []
+    for batch in (64, 256, 1024, 4096):
+        truth = 100 * (1 + 500 / batch)
+        runs += [_row(o, batch, "tuned", 0, truth) for o in ("sgd", "kfac")]
+        runs += [_row("sgd", batch, "repeat", 0, float(truth * math.exp(rng.normal(0, 0.05)))) for _ in range(3)]
+        runs.append(_row("kfac", batch, "repeat", 0, truth))
+    report = write_report(tmp_path, runs, title="t").read_text()
+    fits = report.split("| series | B_crit [90%] |")[1].split("\n\n")[0].splitlines()
+    assert "| kfac | – | – | 300 – 300 |" in fits  # no interval, where one repeat a cell would give a zero-width one
+    assert "Which optimizer has the largest critical batch?** Inconclusive. No fit for K-FAC: too few" in report
+    assert "K-FAC's critical batch is no larger than SGD's (Ma et al. 2020)?** Inconclusive. No fit" in report
+    sgd_fit = next(line for line in fits if line.startswith("| sgd |"))
+    low, high = (float(x) for x in sgd_fit.split("|")[2].split("[")[1].rstrip("] ").split(","))
+    assert low < high  # SGD, with three repeats a cell, keeps its fit and a real interval
