@@ -274,7 +274,8 @@ def answers_section(
 
 def cost_lines(out_dir: Path, runs: Sequence[Mapping[str, Any]], repeats: Repeats) -> list[str]:
     """The "Cost" section (study.cost) of a tuned study of one variant: steps to target are the repeats' geometric
-    mean where two or more reached it, else the best run's."""
+    mean where two or more reached it, else the best run's; a cell whose repeats mostly missed the target is left
+    out (its setting does not reliably reach it), as from the fit to the medians, and named."""
     from study.cost import OwnTime, cost_section, own_time_to_target
 
     best = best_runs(runs)
@@ -290,4 +291,12 @@ def cost_lines(out_dir: Path, runs: Sequence[Mapping[str, Any]], repeats: Repeat
             own.setdefault(optimizer, {})[batch] = time
     for (_, optimizer, batch), mean in repeats.means.items():
         steps.setdefault(optimizer, {})[batch] = mean.estimate
-    return cost_section(out_dir, steps, own)
+    mostly_missed = [key for key, ran in repeats.runs.items() if 2 * len(repeats.steps.get(key, [])) < len(ran)]
+    left_out = [(v, o, b) for v, o, b in mostly_missed if steps.get(o, {}).pop(b, None) is not None]
+    for _, optimizer, batch in left_out:
+        own.get(optimizer, {}).pop(batch, None)
+    section = cost_section(out_dir, steps, own)
+    if left_out and len(section) > 3:  # the section has numbers (step costs measured)
+        named = "; ".join(f"{_series_label(v, o)} at {b}" for v, o, b in _sorted_keys(left_out))
+        section += [f"Left out, because most of their repeats missed the target: {named}.", ""]
+    return section
