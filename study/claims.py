@@ -251,7 +251,7 @@ def search_space_edges(edges: Mapping[str, Mapping[int, Sequence[str]]]) -> Verd
 
 
 def _against_sgd(claim: str, optimizer: str, b_crit: Mapping[str, Interval], unfitted: Sequence[str]) -> Verdict | None:
-    """Inconclusive when ``optimizer`` or SGD has too few repeats for a fit; None when either was not studied."""
+    """The inconclusive verdict when ``optimizer`` or SGD has too few repeats for a fit; None otherwise."""
     missing = [o for o in (optimizer, "sgd") if o in unfitted]
     if missing:
         return Verdict(claim, INCONCLUSIVE, _too_few(missing))

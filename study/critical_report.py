@@ -276,7 +276,7 @@ def cost_lines(out_dir: Path, runs: Sequence[Mapping[str, Any]], repeats: Repeat
     """The "Cost" section (study.cost) of a tuned study of one variant: steps to target are the repeats' geometric
     mean where two or more reached it, else the best run's; a cell whose repeats mostly missed the target is left
     out (its setting does not reliably reach it), as from the fit to the medians, and named."""
-    from study.cost import OwnTime, cost_section, own_time_to_target
+    from study.cost import STEP_COST_JSON, OwnTime, cost_section, own_time_to_target
 
     best = best_runs(runs)
     if not any(r.get("source") == "tuned" for r in runs) or any(variant for variant, _, _ in best):
@@ -296,7 +296,7 @@ def cost_lines(out_dir: Path, runs: Sequence[Mapping[str, Any]], repeats: Repeat
     for _, optimizer, batch in left_out:
         own.get(optimizer, {}).pop(batch, None)
     section = cost_section(out_dir, steps, own)
-    if left_out and len(section) > 3:  # the section has numbers (step costs measured)
+    if left_out and (out_dir / STEP_COST_JSON).is_file():  # the section has numbers
         named = "; ".join(f"{_series_label(v, o)} at {b}" for v, o, b in _sorted_keys(left_out))
         section += [f"Left out, because most of their repeats missed the target: {named}.", ""]
     return section
