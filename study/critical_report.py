@@ -148,7 +148,16 @@ def _missed_repeats_lines(repeats: Repeats) -> list[str]:
     return [*lines, ""]
 
 
+def mostly_missed(reached: int, ran: int) -> bool:
+    """Whether a cell's repeats mostly missed the target: its median over all of them, a miss counted as never, is
+    a miss. So exactly half missed counts too (an even count's median then averages a finite value with never). The
+    one rule for both the fit to the medians and the cost frontier."""
+    return 2 * reached <= ran
+
+
 def _median_counting_misses(steps: Sequence[float], misses: int) -> float:
+    if mostly_missed(len(steps), len(steps) + misses):
+        return math.inf
     return statistics.median([*steps, *[math.inf] * misses])
 
 
@@ -291,8 +300,8 @@ def cost_lines(out_dir: Path, runs: Sequence[Mapping[str, Any]], repeats: Repeat
             own.setdefault(optimizer, {})[batch] = time
     for (_, optimizer, batch), mean in repeats.means.items():
         steps.setdefault(optimizer, {})[batch] = mean.estimate
-    mostly_missed = [key for key, ran in repeats.runs.items() if 2 * len(repeats.steps.get(key, [])) < len(ran)]
-    left_out = [(v, o, b) for v, o, b in mostly_missed if steps.get(o, {}).pop(b, None) is not None]
+    missed = [key for key, ran in repeats.runs.items() if mostly_missed(len(repeats.steps.get(key, [])), len(ran))]
+    left_out = [(v, o, b) for v, o, b in missed if steps.get(o, {}).pop(b, None) is not None]
     for _, optimizer, batch in left_out:
         own.get(optimizer, {}).pop(batch, None)
     section = cost_section(out_dir, steps, own)
